@@ -1,0 +1,282 @@
+//! The CPU backend: f32, rayon over images or channels, GEMMs from the `gemm` crate. It is the
+//! numerical reference every other backend is checked against.
+//!
+//! Work splits are fixed (images into one contiguous chunk per thread, in order), so results
+//! are bitwise reproducible run to run for a given thread count.
+
+mod conv;
+mod elementwise;
+mod norm;
+mod pool;
+
+use super::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
+use crate::{bail, Result};
+
+/// Raw arena pointer shared by rayon tasks. Every op documents which regions it writes; tasks
+/// write disjoint planes, channels or chunks.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr(*mut f32);
+// SAFETY: the pointer is only dereferenced inside ops whose tasks touch disjoint memory.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// Pointer to arena float `off`.
+    #[inline]
+    pub(crate) fn at(self, off: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the arena (offsets come from the planner).
+        unsafe { self.0.add(off) }
+    }
+
+    /// Shared slice of `len` floats at `off`.
+    ///
+    /// # Safety
+    /// No live mutable slice may overlap it.
+    #[inline]
+    pub(crate) unsafe fn get<'a>(self, off: usize, len: usize) -> &'a [f32] {
+        std::slice::from_raw_parts(self.at(off), len)
+    }
+
+    /// Mutable slice of `len` floats at `off`.
+    ///
+    /// # Safety
+    /// No other live slice may overlap it.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn get_mut<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.at(off), len)
+    }
+
+    /// Arena offset of channel plane (n, c) of a view.
+    #[inline]
+    pub(crate) fn plane_off(v: View, n: usize, c: usize) -> usize {
+        v.off + n * v.img_stride + c * v.hw()
+    }
+}
+
+/// Contiguous image ranges, one per worker thread, in order.
+pub(crate) fn image_chunks(n: usize, threads: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let per = n.div_ceil(threads.max(1)).max(1);
+    (0..threads).map(move |t| (t * per).min(n)..((t + 1) * per).min(n))
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    arena: Vec<f32>,
+    labels: Vec<u32>,
+    workspace: (usize, usize),
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// A backend using rayon's global pool (its size fixes the workspace and the work split).
+    pub fn new() -> Self {
+        CpuBackend {
+            arena: Vec::new(),
+            labels: Vec::new(),
+            workspace: (0, 0),
+            threads: rayon::current_num_threads(),
+        }
+    }
+
+    fn ptr(&mut self) -> Ptr {
+        Ptr(self.arena.as_mut_ptr())
+    }
+
+    fn check(&self, v: View) {
+        assert!(
+            v.end() <= self.arena.len(),
+            "view {v:?} outside the arena ({})",
+            self.arena.len()
+        );
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn workspace_len(&self, convs: &[ConvShape]) -> usize {
+        self.threads * conv::slot_len(convs)
+    }
+
+    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
+        let mut arena = Vec::new();
+        if arena.try_reserve_exact(len).is_err() {
+            bail!("cannot allocate the {} MiB arena", (len * 4) >> 20);
+        }
+        arena.resize(len, 0.0);
+        self.arena = arena;
+        self.labels = Vec::with_capacity(max_batch);
+        self.workspace = workspace;
+        Ok(())
+    }
+
+    fn side_bytes(&self) -> usize {
+        self.labels.capacity() * std::mem::size_of::<u32>()
+    }
+
+    fn write(&mut self, off: usize, data: &[f32]) {
+        self.arena[off..off + data.len()].copy_from_slice(data);
+    }
+
+    fn read(&self, off: usize, len: usize) -> Vec<f32> {
+        self.arena[off..off + len].to_vec()
+    }
+
+    fn set_labels(&mut self, labels: &[u32]) {
+        assert!(
+            labels.len() <= self.labels.capacity(),
+            "more labels than the planned batch"
+        );
+        self.labels.clear();
+        self.labels.extend_from_slice(labels);
+    }
+
+    fn copy(&mut self, src: View, dst: View) {
+        self.check(src);
+        self.check(dst);
+        elementwise::copy(self.ptr(), src, dst);
+    }
+
+    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) {
+        self.check(x);
+        self.check(y);
+        let ws = self.workspace;
+        conv::forward(self.ptr(), ws, self.threads, x, w, y, spec);
+    }
+
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+        self.check(gy);
+        self.check(gx);
+        let ws = self.workspace;
+        conv::backward_data(self.ptr(), ws, self.threads, gy, w, gx, spec);
+    }
+
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) {
+        self.check(x);
+        self.check(gy);
+        let ws = self.workspace;
+        conv::backward_filter(self.ptr(), ws, self.threads, x, gy, gw, spec);
+    }
+
+    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
+        self.check(x);
+        norm::stats(self.ptr(), x, mean, var);
+    }
+
+    fn bn_update_running(
+        &mut self,
+        mean: usize,
+        var: usize,
+        running_mean: usize,
+        running_var: usize,
+        c: usize,
+        count: usize,
+        momentum: f32,
+    ) {
+        norm::update_running(
+            &mut self.arena,
+            mean,
+            var,
+            running_mean,
+            running_var,
+            c,
+            count,
+            momentum,
+        );
+    }
+
+    fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
+        self.check(x);
+        self.check(y);
+        norm::bn_relu(self.ptr(), x, bn, y);
+    }
+
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+        self.check(g);
+        self.check(x);
+        self.check(dx);
+        norm::bn_relu_backward(self.ptr(), g, x, bn, dgamma, dbeta, dx, accumulate);
+    }
+
+    fn dropout(&mut self, x: View, p: f32, key: u64) {
+        self.check(x);
+        elementwise::dropout(self.ptr(), x, p, key);
+    }
+
+    fn avg_pool2(&mut self, x: View, y: View) {
+        self.check(x);
+        self.check(y);
+        pool::avg2(self.ptr(), x, y);
+    }
+
+    fn avg_pool2_backward(&mut self, gy: View, gx: View) {
+        self.check(gy);
+        self.check(gx);
+        pool::avg2_backward(self.ptr(), gy, gx);
+    }
+
+    fn max_pool3(&mut self, x: View, y: View) {
+        self.check(x);
+        self.check(y);
+        pool::max3(self.ptr(), x, y);
+    }
+
+    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
+        self.check(x);
+        self.check(gy);
+        self.check(gx);
+        pool::max3_backward(self.ptr(), x, gy, gx);
+    }
+
+    fn global_avg_pool(&mut self, x: View, y: usize) {
+        self.check(x);
+        pool::global_avg(self.ptr(), x, y);
+    }
+
+    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+        self.check(gx);
+        pool::global_avg_backward(self.ptr(), gy, gx);
+    }
+
+    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
+        elementwise::linear(&mut self.arena, x, w, b, y, n, cin, cout);
+    }
+
+    fn linear_backward(
+        &mut self,
+        x: usize,
+        w: usize,
+        gy: usize,
+        gx: usize,
+        gw: usize,
+        gb: usize,
+        n: usize,
+        cin: usize,
+        cout: usize,
+    ) {
+        elementwise::linear_backward(&mut self.arena, x, w, gy, gx, gw, gb, n, cin, cout);
+    }
+
+    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
+        assert_eq!(
+            self.labels.len(),
+            n,
+            "labels for {} images, batch of {n}",
+            self.labels.len()
+        );
+        elementwise::softmax_xent(&mut self.arena, &self.labels, logits, n, k, out, glogits);
+    }
+
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
+        elementwise::sgd(self.ptr(), params, grads, momentum, len, hp);
+    }
+}

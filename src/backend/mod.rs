@@ -1,0 +1,263 @@
+//! The `Backend` trait: the primitive ops the model is written against, addressed by offsets into
+//! one planned arena of `f32` (llm.c style). The CPU backend is the numerical reference.
+//!
+//! Activations are NCHW; a [`View`] is a channel slice of such a buffer: `c` channels of `h*w`
+//! contiguous pixels per image, images `img_stride` floats apart. Dense-block layers read and
+//! write channel slices of their block buffer in place, so no concatenation is ever copied.
+//!
+//! Aliasing contract: unless an op says otherwise, its output must not overlap its inputs.
+//! Views of the same block buffer with disjoint channel ranges do not overlap.
+
+pub mod cpu;
+
+pub use cpu::CpuBackend;
+
+use crate::Result;
+
+/// A channel slice of an NCHW tensor in the arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    /// Arena offset of image 0, channel 0 of the slice.
+    pub off: usize,
+    /// Images.
+    pub n: usize,
+    /// Channels in the slice.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Floats between consecutive images (at least `c * h * w`).
+    pub img_stride: usize,
+}
+
+impl View {
+    /// A dense [n, c, h, w] tensor at `off`.
+    pub fn dense(off: usize, n: usize, c: usize, h: usize, w: usize) -> View {
+        View {
+            off,
+            n,
+            c,
+            h,
+            w,
+            img_stride: c * h * w,
+        }
+    }
+
+    /// Channels `[c0, c0 + c)` of this view.
+    pub fn channels(self, c0: usize, c: usize) -> View {
+        assert!(c0 + c <= self.c, "channel slice {c0}+{c} out of {}", self.c);
+        View {
+            off: self.off + c0 * self.h * self.w,
+            c,
+            ..self
+        }
+    }
+
+    /// The first `n` images of this view.
+    pub fn batch(self, n: usize) -> View {
+        assert!(n <= self.n, "batch {n} larger than planned {}", self.n);
+        View { n, ..self }
+    }
+
+    /// Pixels per channel plane.
+    pub fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Logical element count n*c*h*w.
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.hw()
+    }
+
+    /// One past the last arena float the view touches.
+    pub fn end(&self) -> usize {
+        if self.n == 0 {
+            return self.off;
+        }
+        self.off + (self.n - 1) * self.img_stride + self.c * self.hw()
+    }
+}
+
+/// A square convolution without bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvSpec {
+    /// Kernel size.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub pad: usize,
+}
+
+impl ConvSpec {
+    /// 1x1, stride 1.
+    pub const POINTWISE: ConvSpec = ConvSpec {
+        k: 1,
+        stride: 1,
+        pad: 0,
+    };
+    /// 3x3, stride 1, pad 1.
+    pub const SAME3: ConvSpec = ConvSpec {
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    /// 7x7, stride 2, pad 3 (ImageNet stem).
+    pub const STEM7: ConvSpec = ConvSpec {
+        k: 7,
+        stride: 2,
+        pad: 3,
+    };
+
+    /// Output size along one axis for an input of size `x`.
+    pub fn out(&self, x: usize) -> usize {
+        (x + 2 * self.pad - self.k) / self.stride + 1
+    }
+}
+
+/// A convolution's full shape, for sizing workspaces (per image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    /// Kernel geometry.
+    pub spec: ConvSpec,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+}
+
+/// Batch-norm operands: statistics (mean, biased variance) and affine parameters, as offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bn {
+    /// Per-channel mean.
+    pub mean: usize,
+    /// Per-channel variance (biased batch variance in training, running variance in eval).
+    pub var: usize,
+    /// Scale (gamma).
+    pub gamma: usize,
+    /// Shift (beta).
+    pub beta: usize,
+}
+
+/// Batch-norm epsilon, as the reference.
+pub const BN_EPS: f32 = 1e-5;
+
+/// SGD hyper-parameters (`torch.optim.SGD` semantics; weight decay applies to every parameter).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum factor.
+    pub momentum: f32,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl Default for Sgd {
+    fn default() -> Self {
+        Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            nesterov: true,
+        }
+    }
+}
+
+/// The primitive ops of a training step. All offsets index the backend's arena of `f32`.
+pub trait Backend {
+    /// What runs the ops, for messages ("cpu (2 threads)").
+    fn describe(&self) -> String;
+    /// Arena floats of convolution workspace the backend needs for these shapes.
+    fn workspace_len(&self, convs: &[ConvShape]) -> usize;
+    /// Allocates the zeroed arena (`len` floats) and the label buffer; `workspace` is the
+    /// region reserved for [`Backend::workspace_len`]. Called once, before any op.
+    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()>;
+    /// Bytes the backend holds outside the arena (labels), for the memory report.
+    fn side_bytes(&self) -> usize;
+
+    /// Copies host data into the arena.
+    fn write(&mut self, off: usize, data: &[f32]);
+    /// Copies arena data to the host.
+    fn read(&self, off: usize, len: usize) -> Vec<f32>;
+    /// Sets the labels of the current batch (class indices).
+    fn set_labels(&mut self, labels: &[u32]);
+    /// `dst = src` (same shape).
+    fn copy(&mut self, src: View, dst: View);
+
+    /// `y = conv(x, w)`; `w` is [cout, cin, k, k].
+    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec);
+    /// `gx = conv_transpose(gy, w)` (overwrites gx).
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec);
+    /// `gw = dL/dw` summed over the batch (overwrites gw).
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec);
+
+    /// Per-channel batch mean and biased variance of `x` into `mean[c]`, `var[c]`.
+    fn bn_stats(&mut self, x: View, mean: usize, var: usize);
+    /// `running = (1 - m) * running + m * batch`, the variance unbiased with `count` samples.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_update_running(
+        &mut self,
+        mean: usize,
+        var: usize,
+        running_mean: usize,
+        running_var: usize,
+        c: usize,
+        count: usize,
+        momentum: f32,
+    );
+    /// `y = relu(gamma * (x - mean) / sqrt(var + eps) + beta)`.
+    fn bn_relu(&mut self, x: View, bn: Bn, y: View);
+    /// Backward of [`Backend::bn_relu`] with batch statistics: the ReLU mask is recomputed
+    /// from `x`; writes `dgamma`, `dbeta`; `dx = ...` or `dx += ...` when `accumulate`.
+    /// `dx` may be the same view as `g` (in place); otherwise no overlap.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool);
+    /// In place: `x *= mask / (1 - p)` with the mask from stream `key` (element index is the
+    /// logical NCHW index in the view). The same call is its own backward.
+    fn dropout(&mut self, x: View, p: f32, key: u64);
+
+    /// 2x2 average pool, stride 2.
+    fn avg_pool2(&mut self, x: View, y: View);
+    /// Backward of [`Backend::avg_pool2`] (overwrites gx).
+    fn avg_pool2_backward(&mut self, gy: View, gx: View);
+    /// 3x3 max pool, stride 2, pad 1 (padding never wins).
+    fn max_pool3(&mut self, x: View, y: View);
+    /// Backward of [`Backend::max_pool3`]: the first maximum of each window gets the gradient.
+    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View);
+    /// Mean over each channel plane into `y` [n, c].
+    fn global_avg_pool(&mut self, x: View, y: usize);
+    /// Backward of [`Backend::global_avg_pool`] (overwrites gx).
+    fn global_avg_pool_backward(&mut self, gy: usize, gx: View);
+
+    /// `y[n, k] = x[n, :] . w[k, :] + b[k]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize);
+    /// Backward of [`Backend::linear`]: overwrites gx, gw, gb.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &mut self,
+        x: usize,
+        w: usize,
+        gy: usize,
+        gx: usize,
+        gw: usize,
+        gb: usize,
+        n: usize,
+        cin: usize,
+        cout: usize,
+    );
+    /// Softmax cross-entropy against the current labels, mean over the batch: writes
+    /// `out[0]` = loss, `out[1]` = top-1 correct count, and `glogits` = dloss/dlogits.
+    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize);
+    /// One SGD step over `len` floats at `params`, with gradients and momentum at the same
+    /// relative layout.
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd);
+}

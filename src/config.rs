@@ -1,0 +1,299 @@
+//! The network description: CIFAR variants (three blocks, 3x3 stem) and the ImageNet presets
+//! (four blocks, 7x7 stride-2 stem and max pool), plus the geometry they imply for an input size.
+
+use crate::{bail, Result};
+
+/// How the image becomes the first dense block's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stem {
+    /// 3x3 convolution, stride 1, padding 1 (CIFAR).
+    Cifar,
+    /// 7x7 stride-2 convolution, BN, ReLU, 3x3 stride-2 max pool (ImageNet).
+    ImageNet,
+}
+
+/// A DenseNet: everything that fixes its parameters and its computation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetConfig {
+    /// Stem type.
+    pub stem: Stem,
+    /// Channels written by the stem into the first block.
+    pub stem_channels: usize,
+    /// Growth rate k: channels each layer adds.
+    pub growth: usize,
+    /// Layers per dense block.
+    pub block_layers: Vec<usize>,
+    /// Bottleneck layers (BN-ReLU-1x1 conv to 4k, then BN-ReLU-3x3 conv) instead of basic ones.
+    pub bottleneck: bool,
+    /// Transition compression: a transition keeps floor(C * reduction) channels.
+    pub reduction: f64,
+    /// Dropout probability after every convolution except the stem (0 disables).
+    pub drop_rate: f32,
+    /// Output classes.
+    pub num_classes: usize,
+}
+
+/// ImageNet presets: (name, growth, layers per block, stem channels).
+const IMAGENET: [(&str, usize, [usize; 4], usize); 5] = [
+    ("densenet121", 32, [6, 12, 24, 16], 64),
+    ("densenet169", 32, [6, 12, 32, 32], 64),
+    ("densenet201", 32, [6, 12, 48, 32], 64),
+    ("densenet161", 48, [6, 12, 36, 24], 96),
+    ("densenet264", 32, [6, 12, 64, 48], 64),
+];
+
+impl NetConfig {
+    /// The reference CIFAR network `DenseNet3(depth, classes, growth, reduction, bottleneck,
+    /// drop)`. The depth must be 3n+4 (basic) or 6n+4 (bottleneck) with n >= 1.
+    pub fn cifar(
+        depth: usize,
+        growth: usize,
+        bottleneck: bool,
+        reduction: f64,
+        drop_rate: f32,
+        num_classes: usize,
+    ) -> Result<Self> {
+        let (step, kind) = if bottleneck {
+            (6, "6n+4 with bottleneck")
+        } else {
+            (3, "3n+4 without bottleneck")
+        };
+        if depth < 4 + step || (depth - 4) % step != 0 {
+            bail!("depth {depth} does not fit the variant: it must be {kind} (n >= 1)");
+        }
+        let n = (depth - 4) / step;
+        let cfg = NetConfig {
+            stem: Stem::Cifar,
+            stem_channels: 2 * growth,
+            growth,
+            block_layers: vec![n; 3],
+            bottleneck,
+            reduction,
+            drop_rate,
+            num_classes,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// An ImageNet preset by name: densenet121, densenet169, densenet201, densenet161,
+    /// densenet264 (bottleneck, compression 0.5, 1000 classes unless changed afterwards).
+    pub fn imagenet(name: &str) -> Result<Self> {
+        let key = name.to_ascii_lowercase().replace(['-', '_'], "");
+        let Some(&(_, growth, layers, stem)) = IMAGENET.iter().find(|p| p.0 == key) else {
+            let names: Vec<&str> = IMAGENET.iter().map(|p| p.0).collect();
+            bail!("unknown ImageNet preset '{name}' (known: {})", names.join(", "));
+        };
+        Ok(NetConfig {
+            stem: Stem::ImageNet,
+            stem_channels: stem,
+            growth,
+            block_layers: layers.to_vec(),
+            bottleneck: true,
+            reduction: 0.5,
+            drop_rate: 0.0,
+            num_classes: 1000,
+        })
+    }
+
+    /// Checks the values that no constructor can make wrong by itself.
+    pub fn validate(&self) -> Result<()> {
+        if self.growth == 0 {
+            bail!("growth rate must be at least 1");
+        }
+        if self.block_layers.is_empty() || self.block_layers.contains(&0) {
+            bail!("every dense block needs at least one layer");
+        }
+        if !(self.reduction > 0.0 && self.reduction <= 1.0) {
+            bail!("reduction must be in (0, 1], got {}", self.reduction);
+        }
+        if !(0.0..1.0).contains(&self.drop_rate) {
+            bail!("dropout rate must be in [0, 1), got {}", self.drop_rate);
+        }
+        if self.num_classes == 0 {
+            bail!("the number of classes must be at least 1");
+        }
+        let mut c = self.stem_channels;
+        for (b, &n) in self.block_layers.iter().enumerate() {
+            c += n * self.growth;
+            if b + 1 < self.block_layers.len() {
+                c = self.transition_channels(c);
+                if c == 0 {
+                    bail!(
+                        "reduction {} leaves transition {} with no channels",
+                        self.reduction,
+                        b + 1
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Output channels of a transition whose input has `c` channels.
+    pub fn transition_channels(&self, c: usize) -> usize {
+        (c as f64 * self.reduction).floor() as usize
+    }
+
+    /// Bottleneck width (channels of the 1x1 convolution's output): 4k.
+    pub fn bottleneck_width(&self) -> usize {
+        4 * self.growth
+    }
+
+    /// Input spatial sizes must be divisible by this.
+    pub fn size_divisor(&self) -> usize {
+        let transitions = 1 << (self.block_layers.len() - 1);
+        match self.stem {
+            Stem::Cifar => transitions,
+            Stem::ImageNet => 4 * transitions,
+        }
+    }
+
+    /// The channel and spatial geometry of every block for an `h` x `w` input.
+    pub fn geometry(&self, h: usize, w: usize) -> Result<Vec<BlockGeom>> {
+        let d = self.size_divisor();
+        if h == 0 || w == 0 || h % d != 0 || w % d != 0 {
+            bail!("input size {h}x{w} must be a positive multiple of {d} for this network");
+        }
+        let (mut h, mut w) = match self.stem {
+            Stem::Cifar => (h, w),
+            Stem::ImageNet => (h / 4, w / 4),
+        };
+        let mut c0 = self.stem_channels;
+        let mut out = Vec::new();
+        for &layers in &self.block_layers {
+            let c_final = c0 + layers * self.growth;
+            out.push(BlockGeom {
+                c0,
+                layers,
+                c_final,
+                h,
+                w,
+            });
+            c0 = self.transition_channels(c_final);
+            h /= 2;
+            w /= 2;
+        }
+        Ok(out)
+    }
+
+    /// Channels entering the classifier.
+    pub fn final_channels(&self) -> usize {
+        let mut c = self.stem_channels;
+        for (b, &n) in self.block_layers.iter().enumerate() {
+            c += n * self.growth;
+            if b + 1 < self.block_layers.len() {
+                c = self.transition_channels(c);
+            }
+        }
+        c
+    }
+
+    /// The conventional name, e.g. `DenseNet-BC-100-12`, `DenseNet-40-12`, `DenseNet-121`.
+    pub fn name(&self) -> String {
+        if self.stem == Stem::ImageNet {
+            if let Some(p) = IMAGENET
+                .iter()
+                .find(|p| p.1 == self.growth && p.2[..] == self.block_layers[..] && p.3 == self.stem_channels)
+            {
+                return format!("DenseNet-{}", &p.0[8..]);
+            }
+        }
+        let per_layer = if self.bottleneck { 2 } else { 1 };
+        let depth = self.block_layers.iter().sum::<usize>() * per_layer + self.block_layers.len() + 1;
+        let tag = match (self.bottleneck, self.reduction < 1.0) {
+            (true, true) => "BC-",
+            (true, false) => "B-",
+            (false, true) => "C-",
+            (false, false) => "",
+        };
+        format!("DenseNet-{tag}{depth}-{}", self.growth)
+    }
+
+    /// A one-line JSON description (for checkpoint metadata and reports).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "stem": match self.stem { Stem::Cifar => "cifar", Stem::ImageNet => "imagenet" },
+            "stem_channels": self.stem_channels,
+            "growth": self.growth,
+            "block_layers": self.block_layers,
+            "bottleneck": self.bottleneck,
+            "reduction": self.reduction,
+            "drop_rate": self.drop_rate,
+            "num_classes": self.num_classes,
+        })
+        .to_string()
+    }
+}
+
+/// One dense block's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockGeom {
+    /// Channels entering the block.
+    pub c0: usize,
+    /// Layers in the block.
+    pub layers: usize,
+    /// Channels leaving the block: c0 + layers * k.
+    pub c_final: usize,
+    /// Feature map height.
+    pub h: usize,
+    /// Feature map width.
+    pub w: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_must_fit_variant() {
+        assert!(NetConfig::cifar(100, 12, true, 0.5, 0.0, 10).is_ok());
+        assert!(NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).is_ok());
+        let e = NetConfig::cifar(40, 12, true, 0.5, 0.0, 10).unwrap_err();
+        assert!(e.0.contains("6n+4"), "{e}");
+        assert!(NetConfig::cifar(41, 12, false, 1.0, 0.0, 10).is_err());
+        assert!(NetConfig::cifar(4, 12, false, 1.0, 0.0, 10).is_err());
+        assert!(NetConfig::cifar(100, 0, true, 0.5, 0.0, 10).is_err());
+        assert!(NetConfig::cifar(100, 12, true, 0.0, 0.0, 10).is_err());
+        assert!(NetConfig::cifar(100, 12, true, 0.5, 1.0, 10).is_err());
+    }
+
+    #[test]
+    fn names_and_geometry() {
+        let c = NetConfig::cifar(100, 12, true, 0.5, 0.0, 10).unwrap();
+        assert_eq!(c.name(), "DenseNet-BC-100-12");
+        let g = c.geometry(32, 32).unwrap();
+        assert_eq!(
+            g[0],
+            BlockGeom {
+                c0: 24,
+                layers: 16,
+                c_final: 216,
+                h: 32,
+                w: 32
+            }
+        );
+        assert_eq!(g[1].c0, 108);
+        assert_eq!(
+            g[2],
+            BlockGeom {
+                c0: 150,
+                layers: 16,
+                c_final: 342,
+                h: 8,
+                w: 8
+            }
+        );
+        assert_eq!(c.final_channels(), 342);
+        assert!(c.geometry(30, 32).is_err());
+        assert_eq!(
+            NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).unwrap().name(),
+            "DenseNet-40-12"
+        );
+        let i = NetConfig::imagenet("DenseNet-121").unwrap();
+        assert_eq!(i.name(), "DenseNet-121");
+        assert_eq!(i.geometry(224, 224).unwrap()[0].h, 56);
+        assert!(i.geometry(200, 224).is_err());
+        assert!(NetConfig::imagenet("densenet99").is_err());
+    }
+}

@@ -1,0 +1,543 @@
+//! The model: forward and backward passes written once against [`Backend`], over the arena
+//! laid out by [`plan::Plan`]. Each piece's forward sits beside its backward.
+//!
+//! Batch statistics of a block's channels are computed once, when the channels are written,
+//! and reused by every later BN that reads them. Running statistics are updated once per step,
+//! in forward; recomputation in backward reuses the saved batch statistics.
+
+pub mod net;
+pub mod params;
+pub mod plan;
+
+use crate::backend::{Backend, Bn, ConvSpec, Sgd, View};
+use crate::config::NetConfig;
+use crate::{bail, rng, Result};
+use net::{Layer, Net, Transition};
+use params::{BnParams, ParamLayout};
+use plan::{HeadPlan, LayerPlan, Mode, Plan, Stats, TransitionPlan};
+
+/// BN running-statistics momentum (the reference's).
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// Loss and accuracy of one batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean cross-entropy over the batch.
+    pub loss: f32,
+    /// Images whose top-1 prediction equals the label.
+    pub correct: usize,
+    /// Images in the batch.
+    pub n: usize,
+}
+
+/// A DenseNet with its planned arena on a backend.
+pub struct Model<B: Backend> {
+    cfg: NetConfig,
+    net: Net,
+    plan: Plan,
+    be: B,
+    seed: u64,
+    steps: u64,
+    h: usize,
+    w: usize,
+}
+
+/// Whether a pass trains (batch statistics, dropout) or evaluates (running statistics).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Train,
+    Eval,
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the network, plans its memory for batches of up to `batch` images of `h` x `w`,
+    /// allocates the arena on `be` and initializes the parameters from `seed`.
+    pub fn new(cfg: NetConfig, batch: usize, h: usize, w: usize, mode: Mode, seed: u64, mut be: B) -> Result<Self> {
+        cfg.validate()?;
+        let net = Net::new(&cfg);
+        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs))?;
+        be.allocate(plan.len, plan.workspace, batch)?;
+        let mut m = Model {
+            cfg,
+            net,
+            plan,
+            be,
+            seed,
+            steps: 0,
+            h,
+            w,
+        };
+        let lay = &m.net.layout;
+        let init = ParamLayout::initial(&lay.params, lay.len, seed);
+        let stats = ParamLayout::initial(&lay.stats, lay.stats_len, seed);
+        m.be.write(m.plan.params, &init);
+        m.be.write(m.plan.stats, &stats);
+        Ok(m)
+    }
+
+    /// The network description.
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// The memory plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Parameter names, shapes and offsets.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.net.layout
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    /// Training steps taken (also each BN's `num_batches_tracked`).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Sets the step counter (restoring a checkpoint).
+    pub fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
+    /// The flat parameter buffer.
+    pub fn params(&self) -> Vec<f32> {
+        self.be.read(self.plan.params, self.net.layout.len)
+    }
+
+    /// The flat gradient buffer (of the last backward pass).
+    pub fn grads(&self) -> Vec<f32> {
+        self.be.read(self.plan.grads, self.net.layout.len)
+    }
+
+    /// The flat momentum buffer.
+    pub fn momentum(&self) -> Vec<f32> {
+        self.be.read(self.plan.momentum, self.net.layout.len)
+    }
+
+    /// The flat BN running-statistics buffer.
+    pub fn running_stats(&self) -> Vec<f32> {
+        self.be.read(self.plan.stats, self.net.layout.stats_len)
+    }
+
+    /// Logits of the last forward pass, [n, classes].
+    pub fn logits(&self, n: usize) -> Vec<f32> {
+        self.be.read(self.plan.head.logits, n * self.cfg.num_classes)
+    }
+
+    /// Overwrites the parameter, momentum and running-statistics buffers (each whole).
+    pub fn load(&mut self, params: &[f32], momentum: &[f32], stats: &[f32]) -> Result<()> {
+        let lay = &self.net.layout;
+        if params.len() != lay.len || momentum.len() != lay.len || stats.len() != lay.stats_len {
+            bail!(
+                "state sizes {}/{}/{} do not match the network's {}/{}/{}",
+                params.len(),
+                momentum.len(),
+                stats.len(),
+                lay.len,
+                lay.len,
+                lay.stats_len
+            );
+        }
+        self.be.write(self.plan.params, params);
+        self.be.write(self.plan.momentum, momentum);
+        self.be.write(self.plan.stats, stats);
+        Ok(())
+    }
+
+    /// Finds a parameter or running statistic by reference name: (is_param, offset, length).
+    fn find(&self, name: &str) -> Option<(bool, usize, usize)> {
+        let lay = &self.net.layout;
+        let p = lay
+            .params
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| (true, t.off, t.len()));
+        p.or_else(|| {
+            lay.stats
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| (false, t.off, t.len()))
+        })
+    }
+
+    /// One parameter or running statistic by reference name.
+    pub fn tensor(&self, name: &str) -> Option<Vec<f32>> {
+        let (param, off, len) = self.find(name)?;
+        Some(
+            self.be
+                .read(if param { self.plan.params } else { self.plan.stats } + off, len),
+        )
+    }
+
+    /// Overwrites one parameter or running statistic by reference name.
+    pub fn set_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let Some((param, off, len)) = self.find(name) else {
+            bail!("the network has no tensor '{name}'")
+        };
+        if data.len() != len {
+            bail!("tensor '{name}' has {} values; the network expects {len}", data.len());
+        }
+        self.be
+            .write(if param { self.plan.params } else { self.plan.stats } + off, data);
+        Ok(())
+    }
+
+    /// Forward, loss, backward and one SGD step on a batch of normalized images
+    /// [n, 3, h, w] with labels.
+    pub fn train_step(&mut self, images: &[f32], labels: &[u32], hp: Sgd) -> Result<StepStats> {
+        let stats = self.forward_backward(images, labels)?;
+        let p = &self.plan;
+        self.be.sgd(p.params, p.grads, p.momentum, self.net.layout.len, hp);
+        Ok(stats)
+    }
+
+    /// Forward, loss and backward (gradients in [`Model::grads`]); updates running statistics
+    /// and the step counter, not the parameters.
+    pub fn forward_backward(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        let n = self.load_batch(images, labels)?;
+        self.forward(n, Pass::Train);
+        self.backward(n);
+        self.steps += 1;
+        Ok(self.result(n))
+    }
+
+    /// Loss and top-1 correct count of a batch in evaluation mode (running statistics, no
+    /// dropout); changes no state.
+    pub fn evaluate(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        let n = self.load_batch(images, labels)?;
+        self.forward(n, Pass::Eval);
+        Ok(self.result(n))
+    }
+
+    fn load_batch(&mut self, images: &[f32], labels: &[u32]) -> Result<usize> {
+        let n = labels.len();
+        let per = 3 * self.h * self.w;
+        if n == 0 || n > self.plan.batch {
+            bail!("batch of {n} images; the plan holds 1 to {}", self.plan.batch);
+        }
+        if images.len() != n * per {
+            bail!(
+                "{} floats of images for {n} labels; expected {} ({n} x 3 x {} x {})",
+                images.len(),
+                n * per,
+                self.h,
+                self.w
+            );
+        }
+        if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.cfg.num_classes) {
+            bail!("label {l} out of range for {} classes", self.cfg.num_classes);
+        }
+        self.be.write(self.plan.image.off, images);
+        self.be.set_labels(labels);
+        Ok(n)
+    }
+
+    fn result(&self, n: usize) -> StepStats {
+        let r = self.be.read(self.plan.head.result, 2);
+        StepStats {
+            loss: r[0],
+            correct: r[1] as usize,
+            n,
+        }
+    }
+
+    /// Stream key of dropout site `site` in the current step.
+    fn drop_key(&self, site: u64) -> u64 {
+        rng::derive(rng::derive(self.seed, self.steps), site)
+    }
+
+    fn drop(&mut self, v: View, site: u64) {
+        if self.cfg.drop_rate > 0.0 {
+            let key = self.drop_key(site);
+            self.be.dropout(v, self.cfg.drop_rate, key);
+        }
+    }
+
+    /// BN operands: batch statistics when training, the layer's running statistics otherwise.
+    fn bn(&self, p: &BnParams, batch: Stats, pass: Pass) -> Bn {
+        let (mean, var) = match pass {
+            Pass::Train => (batch.mean, batch.var),
+            Pass::Eval => (self.plan.stats + p.running_mean, self.plan.stats + p.running_var),
+        };
+        Bn {
+            mean,
+            var,
+            gamma: self.plan.params + p.gamma,
+            beta: self.plan.params + p.beta,
+        }
+    }
+
+    /// Folds this step's batch statistics into the layer's running statistics (once per step).
+    fn update_running(&mut self, p: &BnParams, batch: Stats, count: usize) {
+        let s = self.plan.stats;
+        self.be.bn_update_running(
+            batch.mean,
+            batch.var,
+            s + p.running_mean,
+            s + p.running_var,
+            p.c,
+            count,
+            BN_MOMENTUM,
+        );
+    }
+
+    /// `relu(bn(x)) -> y`, updating running statistics when training and not recomputing.
+    fn bn_relu(&mut self, p: &BnParams, batch: Stats, x: View, y: View, pass: Pass) {
+        if pass == Pass::Train {
+            self.update_running(p, batch, x.n * x.hw());
+        }
+        let bn = self.bn(p, batch, pass);
+        self.be.bn_relu(x, bn, y);
+    }
+
+    /// Backward of `relu(bn(x))` into `dx` (accumulated or in place), writing the BN's
+    /// parameter gradients.
+    fn bn_relu_backward(&mut self, p: &BnParams, batch: Stats, g: View, x: View, dx: View, accumulate: bool) {
+        let bn = self.bn(p, batch, Pass::Train);
+        let grads = self.plan.grads;
+        self.be
+            .bn_relu_backward(g, x, bn, grads + p.gamma, grads + p.beta, dx, accumulate);
+    }
+
+    fn conv(&mut self, x: View, w: usize, y: View, spec: ConvSpec) {
+        self.be.conv_forward(x, self.plan.params + w, y, spec);
+    }
+
+    /// Weight gradient, then (if `gx` is given) the data gradient.
+    fn conv_backward(&mut self, x: View, gy: View, w: usize, gx: Option<View>, spec: ConvSpec) {
+        self.be.conv_backward_filter(x, gy, self.plan.grads + w, spec);
+        if let Some(gx) = gx {
+            self.be.conv_backward_data(gy, self.plan.params + w, gx, spec);
+        }
+    }
+
+    fn forward(&mut self, n: usize, pass: Pass) {
+        let train = pass == Pass::Train;
+        self.stem_forward(n, pass);
+        for b in 0..self.plan.layers.len() {
+            for i in 0..self.plan.layers[b].len() {
+                let (lp, layer) = (self.plan.layers[b][i].clone(), self.net.blocks[b][i].clone());
+                self.layer_forward(&lp, &layer, site(b, i), n, pass, false);
+                if train {
+                    self.be.bn_stats(lp.out.batch(n), lp.stats_out.mean, lp.stats_out.var);
+                }
+            }
+            if b < self.plan.transitions.len() {
+                let (tp, t) = (self.plan.transitions[b].clone(), self.net.transitions[b].clone());
+                self.transition_forward(&tp, &t, b, n, pass, false);
+                if train {
+                    self.be.bn_stats(tp.out.batch(n), tp.stats_out.mean, tp.stats_out.var);
+                }
+            }
+        }
+        let hp = self.plan.head.clone();
+        self.head_forward(&hp, n, pass);
+    }
+
+    fn backward(&mut self, n: usize) {
+        let hp = self.plan.head.clone();
+        self.head_backward(&hp, n);
+        for b in (0..self.plan.layers.len()).rev() {
+            if b < self.plan.transitions.len() {
+                let (tp, t) = (self.plan.transitions[b].clone(), self.net.transitions[b].clone());
+                self.transition_backward(&tp, &t, b, n);
+            }
+            for i in (0..self.plan.layers[b].len()).rev() {
+                let (lp, layer) = (self.plan.layers[b][i].clone(), self.net.blocks[b][i].clone());
+                self.layer_backward(&lp, &layer, site(b, i), n);
+            }
+        }
+        self.stem_backward(n);
+    }
+
+    // ---- stem -------------------------------------------------------------------------------
+
+    fn stem_forward(&mut self, n: usize, pass: Pass) {
+        let sp = self.plan.stem.clone();
+        let image = self.plan.image.batch(n);
+        match (&sp.pool, &self.net.stem_bn.clone()) {
+            (None, _) => self.conv(image, self.net.stem_conv, sp.conv_out.batch(n), ConvSpec::SAME3),
+            (Some((stats, t, _)), Some(bn)) => {
+                let s = sp.conv_out.batch(n);
+                self.conv(image, self.net.stem_conv, s, ConvSpec::STEM7);
+                if pass == Pass::Train {
+                    self.be.bn_stats(s, stats.mean, stats.var);
+                }
+                self.bn_relu(bn, *stats, s, t.batch(n), pass);
+                self.be.max_pool3(t.batch(n), sp.out.batch(n));
+            }
+            _ => unreachable!("ImageNet stem without BN"),
+        }
+        if pass == Pass::Train {
+            self.be.bn_stats(sp.out.batch(n), sp.stats_out.mean, sp.stats_out.var);
+        }
+    }
+
+    fn stem_backward(&mut self, n: usize) {
+        let sp = self.plan.stem.clone();
+        let image = self.plan.image.batch(n);
+        match (&sp.pool, &self.net.stem_bn.clone()) {
+            (None, _) => self.conv_backward(image, sp.g_out.batch(n), self.net.stem_conv, None, ConvSpec::SAME3),
+            (Some((stats, t, gt)), Some(bn)) => {
+                let (s, t, gt) = (sp.conv_out.batch(n), t.batch(n), gt.batch(n));
+                if !self.plan.mode.keeps_bn_outputs() {
+                    let bnp = self.bn(bn, *stats, Pass::Train);
+                    self.be.bn_relu(s, bnp, t);
+                }
+                self.be.max_pool3_backward(t, sp.g_out.batch(n), gt);
+                self.bn_relu_backward(bn, *stats, gt, s, gt, false);
+                self.conv_backward(image, gt, self.net.stem_conv, None, ConvSpec::STEM7);
+            }
+            _ => unreachable!("ImageNet stem without BN"),
+        }
+    }
+
+    // ---- dense layer ------------------------------------------------------------------------
+
+    /// Forward of one dense layer; `recompute` rebuilds a1 (and z, a2) for backward without
+    /// touching running statistics. Returns nothing: results are in the plan's views.
+    fn layer_forward(&mut self, lp: &LayerPlan, l: &Layer, site: u64, n: usize, pass: Pass, recompute: bool) {
+        let input = lp.input.batch(n);
+        if !recompute && lp.input != lp.features {
+            self.be.copy(lp.features.batch(n), input);
+        }
+        let a1 = lp.a1.batch(n);
+        self.bn_relu_maybe(&l.bn1, lp.stats_in, input, a1, pass, recompute);
+        match (&l.second, lp.z, lp.stats_z) {
+            (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
+                let (z, a2) = (z.batch(n), a2.batch(n));
+                if !recompute || !self.plan.mode.keeps_z() {
+                    self.conv(a1, l.conv1, z, ConvSpec::POINTWISE);
+                    if pass == Pass::Train {
+                        self.drop(z, site);
+                    }
+                    if !recompute && pass == Pass::Train {
+                        self.be.bn_stats(z, sz.mean, sz.var);
+                    }
+                }
+                self.bn_relu_maybe(bn2, sz, z, a2, pass, recompute);
+                if !recompute {
+                    self.conv(a2, *conv2, lp.out.batch(n), ConvSpec::SAME3);
+                }
+            }
+            _ => {
+                if !recompute {
+                    self.conv(a1, l.conv1, lp.out.batch(n), ConvSpec::SAME3);
+                }
+            }
+        }
+        if !recompute && pass == Pass::Train {
+            self.drop(lp.out.batch(n), site + 1);
+        }
+    }
+
+    /// [`Self::bn_relu`] in forward; a plain re-application (no running update) in recompute.
+    fn bn_relu_maybe(&mut self, p: &BnParams, batch: Stats, x: View, y: View, pass: Pass, recompute: bool) {
+        if recompute {
+            let bn = self.bn(p, batch, Pass::Train);
+            self.be.bn_relu(x, bn, y);
+        } else {
+            self.bn_relu(p, batch, x, y, pass);
+        }
+    }
+
+    fn layer_backward(&mut self, lp: &LayerPlan, l: &Layer, site: u64, n: usize) {
+        if !self.plan.mode.keeps_bn_outputs() {
+            self.layer_forward(lp, l, site, n, Pass::Train, true);
+        }
+        let (a1, g_out) = (lp.a1.batch(n), lp.g_out.batch(n));
+        self.drop(g_out, site + 1);
+        let g_a1 = match (&l.second, lp.z, lp.stats_z) {
+            (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
+                // g_a2 overwrites a2 once its weight gradient is taken, then becomes g_z.
+                let (z, a2) = (z.batch(n), a2.batch(n));
+                self.conv_backward(a2, g_out, *conv2, Some(a2), ConvSpec::SAME3);
+                self.bn_relu_backward(bn2, sz, a2, z, a2, false);
+                self.drop(a2, site);
+                self.conv_backward(a1, a2, l.conv1, Some(a1), ConvSpec::POINTWISE);
+                a1
+            }
+            _ => {
+                self.conv_backward(a1, g_out, l.conv1, Some(a1), ConvSpec::SAME3);
+                a1
+            }
+        };
+        self.bn_relu_backward(&l.bn1, lp.stats_in, g_a1, lp.input.batch(n), lp.g_in.batch(n), true);
+    }
+
+    // ---- transition -------------------------------------------------------------------------
+
+    fn transition_forward(
+        &mut self,
+        tp: &TransitionPlan,
+        t: &Transition,
+        b: usize,
+        n: usize,
+        pass: Pass,
+        recompute: bool,
+    ) {
+        let (x, a) = (tp.input.batch(n), tp.a.batch(n));
+        self.bn_relu_maybe(&t.bn, tp.stats_in, x, a, pass, recompute);
+        if recompute {
+            return;
+        }
+        let z = tp.z.batch(n);
+        self.conv(a, t.conv, z, ConvSpec::POINTWISE);
+        if pass == Pass::Train {
+            self.drop(z, transition_site(b));
+        }
+        self.be.avg_pool2(z, tp.out.batch(n));
+    }
+
+    fn transition_backward(&mut self, tp: &TransitionPlan, t: &Transition, b: usize, n: usize) {
+        if !self.plan.mode.keeps_bn_outputs() {
+            self.transition_forward(tp, t, b, n, Pass::Train, true);
+        }
+        let (a, z) = (tp.a.batch(n), tp.z.batch(n));
+        self.be.avg_pool2_backward(tp.g_out.batch(n), z);
+        self.drop(z, transition_site(b));
+        self.conv_backward(a, z, t.conv, Some(a), ConvSpec::POINTWISE);
+        self.bn_relu_backward(&t.bn, tp.stats_in, a, tp.input.batch(n), tp.g_in.batch(n), false);
+    }
+
+    // ---- classifier -------------------------------------------------------------------------
+
+    fn head_forward(&mut self, hp: &HeadPlan, n: usize, pass: Pass) {
+        let (x, a) = (hp.input.batch(n), hp.a.batch(n));
+        let bn = self.net.head_bn.clone();
+        self.bn_relu(&bn, hp.stats_in, x, a, pass);
+        self.be.global_avg_pool(a, hp.pooled);
+        let (c, k) = (a.c, self.cfg.num_classes);
+        let p = self.plan.params;
+        self.be
+            .linear(hp.pooled, p + self.net.fc_w, p + self.net.fc_b, hp.logits, n, c, k);
+        self.be.softmax_xent(hp.logits, n, k, hp.result, hp.g_logits);
+    }
+
+    fn head_backward(&mut self, hp: &HeadPlan, n: usize) {
+        let a = hp.a.batch(n);
+        let (c, k) = (a.c, self.cfg.num_classes);
+        let (p, g) = (self.plan.params, self.plan.grads);
+        let (w, bias) = (self.net.fc_w, self.net.fc_b);
+        self.be
+            .linear_backward(hp.pooled, p + w, hp.g_logits, hp.g_pooled, g + w, g + bias, n, c, k);
+        self.be.global_avg_pool_backward(hp.g_pooled, a);
+        let bn = self.net.head_bn.clone();
+        self.bn_relu_backward(&bn, hp.stats_in, a, hp.input.batch(n), hp.g_in.batch(n), false);
+    }
+}
+
+/// Dropout site ids: two per dense layer (after each convolution), one per transition.
+fn site(block: usize, layer: usize) -> u64 {
+    ((block as u64) << 32) | (2 * layer as u64)
+}
+
+fn transition_site(block: usize) -> u64 {
+    ((block as u64) << 32) | 0xffff_fff0
+}

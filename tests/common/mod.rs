@@ -1,0 +1,39 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use densenet::backend::CpuBackend;
+use densenet::config::NetConfig;
+use densenet::model::plan::Mode;
+use densenet::model::Model;
+use densenet::rng;
+
+/// A random batch: normal images [n, 3, h, w] and labels below `classes`.
+pub fn batch(seed: u64, n: usize, h: usize, w: usize, classes: usize) -> (Vec<f32>, Vec<u32>) {
+    let images = (0..n * 3 * h * w).map(|i| rng::normal(seed, i as u64) as f32).collect();
+    let labels = (0..n)
+        .map(|i| (rng::mix64(seed ^ (i as u64 + 1)) % classes as u64) as u32)
+        .collect();
+    (images, labels)
+}
+
+/// A CPU model.
+pub fn model(cfg: &NetConfig, n: usize, h: usize, w: usize, mode: Mode, seed: u64) -> Model<CpuBackend> {
+    Model::new(cfg.clone(), n, h, w, mode, seed, CpuBackend::new()).unwrap()
+}
+
+/// Largest |a - b| / max(|b|, floor) over two slices.
+pub fn max_rel(a: &[f32], b: &[f32], floor: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x - y).abs() / y.abs().max(floor))
+        .fold(0.0, f32::max)
+}
+
+/// Relative error of two vectors as a whole: |a - b| / |b| (Euclidean norms).
+pub fn norm_rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
+    let r: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (d / r.max(1e-30)).sqrt()
+}
