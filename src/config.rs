@@ -249,7 +249,8 @@ mod tests {
     fn depth_must_fit_variant() {
         assert!(NetConfig::cifar(100, 12, true, 0.5, 0.0, 10).is_ok());
         assert!(NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).is_ok());
-        let e = NetConfig::cifar(40, 12, true, 0.5, 0.0, 10).unwrap_err();
+        assert!(NetConfig::cifar(43, 12, false, 1.0, 0.0, 10).is_ok());
+        let e = NetConfig::cifar(43, 12, true, 0.5, 0.0, 10).unwrap_err();
         assert!(e.0.contains("6n+4"), "{e}");
         assert!(NetConfig::cifar(41, 12, false, 1.0, 0.0, 10).is_err());
         assert!(NetConfig::cifar(4, 12, false, 1.0, 0.0, 10).is_err());

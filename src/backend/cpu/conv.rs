@@ -2,16 +2,22 @@
 //! straight into the block buffer; other kernels go through a per-thread im2col buffer.
 //! Per-thread workspace slot: `[col: cin*k*k * ho*wo | dw: cout*cin*k*k]`.
 
+use super::matmul::{matmul, matmul_nt, pack};
 use super::{image_chunks, Ptr};
 use crate::backend::{ConvShape, ConvSpec, View};
 use rayon::prelude::*;
+use std::ops::Range;
 
-/// Floats of one thread's workspace slot for these convolutions.
+/// Floats of one thread's workspace slot for these convolutions: im2col columns (of the input,
+/// or of the output gradient for stride-1 backward-data) and a weight-sized area.
 pub(super) fn slot_len(convs: &[ConvShape]) -> usize {
     let col = convs
         .iter()
         .filter(|s| !is_pointwise(s.spec))
-        .map(|s| s.cin * s.spec.k * s.spec.k * s.spec.out(s.h) * s.spec.out(s.w))
+        .map(|s| {
+            let rows = if flips(s.spec) { s.cin.max(s.cout) } else { s.cin };
+            rows * s.spec.k * s.spec.k * s.spec.out(s.h) * s.spec.out(s.w)
+        })
         .max()
         .unwrap_or(0);
     let dw = convs
@@ -26,44 +32,14 @@ fn is_pointwise(s: ConvSpec) -> bool {
     s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
-/// `dst[m x n] (row stride dst_rs) = [dst +] a[m x k] * b[k x n]`, any strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+/// Stride-1 "same" convolutions take their data gradient as a forward convolution of the
+/// output gradient with the flipped, transposed kernel (im2col of cout rows, not col2im of cin).
+fn flips(s: ConvSpec) -> bool {
+    s.stride == 1 && s.k > 1 && 2 * s.pad + 1 == s.k
 }
+
+/// Floats of one im2col tile.
+const TILE_FLOATS: usize = 1 << 16;
 
 /// Geometry shared by the three passes.
 struct Geo {
@@ -97,32 +73,67 @@ impl Geo {
     fn p(&self) -> usize {
         self.ho * self.wo
     }
+
+    /// Output-row tiles whose im2col block (about 256 KB) stays in L2 between its writing and
+    /// its use.
+    fn tiles(&self) -> impl Iterator<Item = Range<usize>> {
+        let rows = (TILE_FLOATS / (self.r * self.wo)).clamp(1, self.ho);
+        let ho = self.ho;
+        (0..ho).step_by(rows).map(move |r| r..(r + rows).min(ho))
+    }
+
+    /// The geometry of the forward convolution that computes this one's data gradient.
+    fn flipped(&self) -> Geo {
+        let r = self.cout * self.spec.k * self.spec.k;
+        Geo {
+            cin: self.cout,
+            cout: self.cin,
+            h: self.ho,
+            w: self.wo,
+            ho: self.h,
+            wo: self.w,
+            r,
+            spec: self.spec,
+        }
+    }
 }
 
-/// Fills `col` [r, ho*wo] from one image `x` [cin, h, w] (zero padding).
-fn im2col(x: &[f32], col: &mut [f32], g: &Geo) {
-    let (k, s, pad) = (g.spec.k, g.spec.stride, g.spec.pad as isize);
-    let p = g.p();
+/// Fills `col` [r, rows.len()*wo] with output rows `rows` of the im2col matrix of one image
+/// `x` [cin, h, w] (zero padding). Each run is a slice of an input row (stride 1) or a strided
+/// gather, with zeros at the edges.
+fn im2col(x: &[f32], col: &mut [f32], g: &Geo, rows: Range<usize>) {
+    let (k, s, pad) = (g.spec.k, g.spec.stride, g.spec.pad);
+    let p = rows.len() * g.wo;
     for ci in 0..g.cin {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * p..][..p];
-                for oy in 0..g.ho {
-                    let iy = (oy * s) as isize + ky as isize - pad;
-                    let out = &mut row[oy * g.wo..(oy + 1) * g.wo];
-                    if iy < 0 || iy >= g.h as isize {
+                // Output columns whose input column ox*s + kx - pad lies inside [0, w).
+                let lo = pad.saturating_sub(kx).div_ceil(s).min(g.wo);
+                let hi = if g.w + pad > kx {
+                    ((g.w + pad - kx - 1) / s + 1).min(g.wo)
+                } else {
+                    0
+                }
+                .max(lo);
+                for (t, oy) in rows.clone().enumerate() {
+                    let out = &mut row[t * g.wo..(t + 1) * g.wo];
+                    let iy = (oy * s + ky).wrapping_sub(pad);
+                    if iy >= g.h {
                         out.fill(0.0);
                         continue;
                     }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * s) as isize + kx as isize - pad;
-                        *o = if ix >= 0 && ix < g.w as isize {
-                            src[ix as usize]
-                        } else {
-                            0.0
-                        };
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    let first = lo * s + kx - pad;
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                    } else {
+                        for (o, ix) in out[lo..hi].iter_mut().zip((first..).step_by(s)) {
+                            *o = src[ix];
+                        }
                     }
                 }
             }
@@ -158,9 +169,29 @@ fn col2im(col: &[f32], gx: &mut [f32], g: &Geo) {
     }
 }
 
-/// Thread `t`'s workspace slot.
-fn slot(a: Ptr, ws: (usize, usize), threads: usize, t: usize) -> Ptr {
-    Ptr(a.at(ws.0 + t * (ws.1 / threads.max(1))))
+/// Thread `t`'s workspace slot: (columns, weight-sized area at the slot's end).
+fn slot(a: Ptr, ws: (usize, usize), threads: usize, t: usize, wlen: usize) -> (Ptr, *mut f32) {
+    let len = ws.1 / threads.max(1);
+    let base = ws.0 + t * len;
+    (Ptr(a.at(base)), a.at(base + len - wlen))
+}
+
+/// One image: `y = conv(x, w)`; `x` is an image offset, `w` a row-major [cout, r] matrix.
+///
+/// # Safety
+/// `y` is this task's and overlaps neither `x`, `w` nor `col`.
+unsafe fn image_forward(a: Ptr, x: usize, w: *const f32, y: *mut f32, g: &Geo, col: Ptr) {
+    if is_pointwise(g.spec) {
+        matmul(g.cout, g.p(), g.cin, y, g.p(), false, w, a.at(x), g.p());
+    } else {
+        for rows in g.tiles() {
+            let tp = rows.len() * g.wo;
+            let cols = col.get_mut(0, g.r * tp);
+            let y = y.add(rows.start * g.wo);
+            im2col(a.get(x, g.cin * g.h * g.w), cols, g, rows);
+            matmul(g.cout, tp, g.r, y, g.p(), false, w, cols.as_ptr(), tp);
+        }
+    }
 }
 
 /// `y = conv(x, w)`.
@@ -168,46 +199,18 @@ pub(super) fn forward(a: Ptr, ws: (usize, usize), threads: usize, x: View, w: us
     let g = Geo::new(x, y, spec);
     let chunks: Vec<_> = image_chunks(x.n, threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let col = slot(a, ws, threads, t);
+        let (col, _) = slot(a, ws, threads, t, 0);
         for n in range {
-            let yp = a.at(Ptr::plane_off(y, n, 0));
-            let xo = Ptr::plane_off(x, n, 0);
-            // SAFETY: each image's output planes are written by this task only; the weight and
-            // input are read-only here and do not overlap the output (trait contract).
+            // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y.
             unsafe {
-                if is_pointwise(spec) {
-                    gemm(
-                        g.cout,
-                        g.p(),
-                        g.cin,
-                        yp,
-                        g.p(),
-                        false,
-                        a.at(w),
-                        g.cin,
-                        1,
-                        a.at(xo),
-                        g.p(),
-                        1,
-                    );
-                } else {
-                    let cols = col.get_mut(0, g.r * g.p());
-                    im2col(a.get(xo, g.cin * g.h * g.w), cols, &g);
-                    gemm(
-                        g.cout,
-                        g.p(),
-                        g.r,
-                        yp,
-                        g.p(),
-                        false,
-                        a.at(w),
-                        g.r,
-                        1,
-                        cols.as_ptr(),
-                        g.p(),
-                        1,
-                    );
-                }
+                image_forward(
+                    a,
+                    Ptr::plane_off(x, n, 0),
+                    a.at(w),
+                    a.at(Ptr::plane_off(y, n, 0)),
+                    &g,
+                    col,
+                )
             }
         }
     });
@@ -216,44 +219,58 @@ pub(super) fn forward(a: Ptr, ws: (usize, usize), threads: usize, x: View, w: us
 /// `gx = conv_transpose(gy, w)`.
 pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View, w: usize, gx: View, spec: ConvSpec) {
     let g = Geo::new(gx, gy, spec);
+    let (k2, wlen) = (spec.k * spec.k, g.cout * g.r);
+    // The weight as the left operand, packed once into thread 0's weight area (read-only
+    // afterwards): flipped and transposed wf[ci][co][r] = w[co][ci][k2-1-r] for stride-1 "same"
+    // convolutions, else the transpose w^T [cin*k2, cout].
+    let (_, wt) = slot(a, ws, threads, 0, wlen);
+    // SAFETY: the weight area is inside the workspace and no task runs yet; w is read-only.
+    unsafe {
+        let dst = std::slice::from_raw_parts_mut(wt, wlen);
+        let wv = a.get(w, wlen);
+        if flips(spec) {
+            let kk = g.cout * k2;
+            pack(g.cin, kk, dst, |ci, j| {
+                wv[((j / k2) * g.cin + ci) * k2 + k2 - 1 - j % k2]
+            });
+        } else {
+            pack(g.r, g.cout, dst, |i, co| wv[co * g.r + i]);
+        }
+    }
+    let (flipped, wt) = (g.flipped(), Ptr(wt));
     let chunks: Vec<_> = image_chunks(gy.n, threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let col = slot(a, ws, threads, t);
+        let (col, _) = slot(a, ws, threads, t, wlen);
         for n in range {
-            let gyp = a.at(Ptr::plane_off(gy, n, 0));
-            let gxo = Ptr::plane_off(gx, n, 0);
-            // SAFETY: as in `forward`; gx's image n is written by this task only.
+            let (gyo, gxo) = (Ptr::plane_off(gy, n, 0), Ptr::plane_off(gx, n, 0));
+            // SAFETY: image n of gx is this task's; gy and wt are read-only; col is this task's.
             unsafe {
-                if is_pointwise(spec) {
-                    gemm(
+                if flips(spec) {
+                    image_forward(a, gyo, wt.at(0), a.at(gxo), &flipped, col);
+                } else if is_pointwise(spec) {
+                    matmul(
                         g.cin,
                         g.p(),
                         g.cout,
                         a.at(gxo),
                         g.p(),
                         false,
-                        a.at(w),
-                        1,
-                        g.cin,
-                        gyp,
+                        wt.at(0),
+                        a.at(gyo),
                         g.p(),
-                        1,
                     );
                 } else {
                     let cols = col.get_mut(0, g.r * g.p());
-                    gemm(
+                    matmul(
                         g.r,
                         g.p(),
                         g.cout,
                         cols.as_mut_ptr(),
                         g.p(),
                         false,
-                        a.at(w),
-                        1,
-                        g.r,
-                        gyp,
+                        wt.at(0),
+                        a.at(gyo),
                         g.p(),
-                        1,
                     );
                     col2im(cols, a.get_mut(gxo, g.cin * g.h * g.w), &g);
                 }
@@ -263,7 +280,7 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
 }
 
 /// `gw = sum over images of gy[n] * im2col(x[n])^T`. Each thread sums its chunk of images
-/// into its own slot; the slots are then added in thread order (deterministic).
+/// into its slot's weight area; the areas are then added in thread order (deterministic).
 pub(super) fn backward_filter(
     a: Ptr,
     ws: (usize, usize),
@@ -275,49 +292,27 @@ pub(super) fn backward_filter(
 ) {
     let g = Geo::new(x, gy, spec);
     let wlen = g.cout * g.r;
-    let col_len = if is_pointwise(spec) { 0 } else { g.r * g.p() };
     let chunks: Vec<_> = image_chunks(x.n, threads).collect();
     let used = chunks.iter().filter(|r| !r.is_empty()).count();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let col = slot(a, ws, threads, t);
-        let dwp = col.at(col_len);
+        let (col, dw) = slot(a, ws, threads, t, wlen);
         for (i, n) in range.enumerate() {
-            let gyp = a.at(Ptr::plane_off(gy, n, 0));
-            let xo = Ptr::plane_off(x, n, 0);
+            let (gym, xo) = (
+                (a.at(Ptr::plane_off(gy, n, 0)) as *const f32, g.p()),
+                Ptr::plane_off(x, n, 0),
+            );
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
                 if is_pointwise(spec) {
-                    gemm(
-                        g.cout,
-                        g.cin,
-                        g.p(),
-                        dwp,
-                        g.cin,
-                        i > 0,
-                        gyp,
-                        g.p(),
-                        1,
-                        a.at(xo),
-                        1,
-                        g.p(),
-                    );
+                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, gym, (a.at(xo), g.p()));
                 } else {
-                    let cols = col.get_mut(0, col_len);
-                    im2col(a.get(xo, g.cin * g.h * g.w), cols, &g);
-                    gemm(
-                        g.cout,
-                        g.r,
-                        g.p(),
-                        dwp,
-                        g.r,
-                        i > 0,
-                        gyp,
-                        g.p(),
-                        1,
-                        cols.as_ptr(),
-                        1,
-                        g.p(),
-                    );
+                    for rows in g.tiles() {
+                        let (tp, first) = (rows.len() * g.wo, rows.start == 0);
+                        let cols = col.get_mut(0, g.r * tp);
+                        let gyt = (gym.0.add(rows.start * g.wo), g.p());
+                        im2col(a.get(xo, g.cin * g.h * g.w), cols, &g, rows);
+                        matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp));
+                    }
                 }
             }
         }
@@ -326,7 +321,7 @@ pub(super) fn backward_filter(
     unsafe {
         let out = a.get_mut(gw, wlen);
         for t in 0..used {
-            let part = slot(a, ws, threads, t).get(col_len, wlen);
+            let part = std::slice::from_raw_parts(slot(a, ws, threads, t, wlen).1, wlen);
             if t == 0 {
                 out.copy_from_slice(part);
             } else {

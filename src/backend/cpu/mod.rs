@@ -6,6 +6,7 @@
 
 mod conv;
 mod elementwise;
+mod matmul;
 mod norm;
 mod pool;
 

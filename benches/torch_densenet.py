@@ -1,0 +1,257 @@
+"""Reference PyTorch DenseNet (CIFAR) and benchmark worker.
+
+The model follows the "DenseNet3" layout of andreasveit/densenet-pytorch:
+conv1 -> block1 -> trans1 -> block2 -> trans2 -> block3 -> bn1 -> relu ->
+avg_pool(8) -> fc. With ``checkpointed=True`` each bottleneck layer runs its
+concat + bn1 + relu + conv1 under ``torch.utils.checkpoint`` (like
+torchvision's memory-efficient DenseNet), so those activations are recomputed
+in backward instead of stored. State-dict names are the same in both variants.
+
+Usage:
+    python benches/torch_densenet.py params
+    python benches/torch_densenet.py worker --mode naive|checkpointed \
+        --depth 100 --growth 12 --batch 64 --threads 2 [--classes 10]
+
+The worker prints ``ready`` once set up, then reads commands from stdin, one
+per line:
+    step  run one training step, print its wall time in seconds
+    rss   print the peak resident set size of this process in bytes
+    quit  exit (end of input does the same)
+"""
+
+import argparse
+import math
+import resource
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+
+
+class BasicBlock(nn.Module):
+    """bn -> relu -> 3x3 conv producing `out_planes` new channels."""
+
+    def __init__(self, in_planes, out_planes, dropRate=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=1,
+                               padding=1, bias=False)
+        self.droprate = dropRate
+
+    def forward(self, x):
+        out = self.conv1(self.relu(self.bn1(x)))
+        if self.droprate > 0:
+            out = F.dropout(out, p=self.droprate, training=self.training)
+        return torch.cat([x, out], 1)
+
+
+class BottleneckBlock(nn.Module):
+    """bn -> relu -> 1x1 conv (4k) -> bn -> relu -> 3x3 conv (k).
+
+    In the checkpointed variant `forward` receives the list of all feature
+    maps produced so far in the block and returns only the new feature map;
+    the concatenation and the first bn/relu/conv are recomputed in backward.
+    """
+
+    def __init__(self, in_planes, out_planes, dropRate=0.0, checkpointed=False):
+        super().__init__()
+        inter_planes = out_planes * 4
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, inter_planes, kernel_size=1, stride=1,
+                               padding=0, bias=False)
+        self.bn2 = nn.BatchNorm2d(inter_planes)
+        self.conv2 = nn.Conv2d(inter_planes, out_planes, kernel_size=3, stride=1,
+                               padding=1, bias=False)
+        self.droprate = dropRate
+        self.checkpointed = checkpointed
+
+    def _first_half(self, x):
+        out = self.conv1(self.relu(self.bn1(x)))
+        if self.droprate > 0:
+            out = F.dropout(out, p=self.droprate, training=self.training)
+        return out
+
+    def _concat_first_half(self, *features):
+        return self._first_half(torch.cat(features, 1))
+
+    def forward(self, x):
+        if self.checkpointed:
+            # Recomputation in backward updates bn1's running statistics a
+            # second time, as in torchvision's memory-efficient DenseNet.
+            out = cp.checkpoint(self._concat_first_half, *x, use_reentrant=False)
+        else:
+            out = self._first_half(x)
+        out = self.conv2(self.relu(self.bn2(out)))
+        if self.droprate > 0:
+            out = F.dropout(out, p=self.droprate, training=self.training)
+        if self.checkpointed:
+            return out
+        return torch.cat([x, out], 1)
+
+
+class TransitionBlock(nn.Module):
+    """bn -> relu -> 1x1 conv -> 2x2 average pool."""
+
+    def __init__(self, in_planes, out_planes, dropRate=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=1,
+                               padding=0, bias=False)
+        self.droprate = dropRate
+
+    def forward(self, x):
+        out = self.conv1(self.relu(self.bn1(x)))
+        if self.droprate > 0:
+            out = F.dropout(out, p=self.droprate, training=self.training)
+        return F.avg_pool2d(out, 2)
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, nb_layers, in_planes, growth_rate, block, dropRate=0.0,
+                 checkpointed=False):
+        super().__init__()
+        # Only bottleneck layers support the list-of-features interface.
+        self.checkpointed = checkpointed and block is BottleneckBlock
+        layers = []
+        for i in range(nb_layers):
+            extra = {"checkpointed": True} if self.checkpointed else {}
+            layers.append(block(in_planes + i * growth_rate, growth_rate,
+                                dropRate, **extra))
+        self.layer = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if not self.checkpointed:
+            return self.layer(x)
+        features = [x]
+        for layer in self.layer:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class DenseNet3(nn.Module):
+    def __init__(self, depth, num_classes, growth_rate=12, reduction=0.5,
+                 bottleneck=True, dropRate=0.0, checkpointed=False):
+        super().__init__()
+        in_planes = 2 * growth_rate
+        n = (depth - 4) // 3
+        if bottleneck:
+            n = n // 2
+            block = BottleneckBlock
+        else:
+            block = BasicBlock
+
+        self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1,
+                               bias=False)
+        self.block1 = DenseBlock(n, in_planes, growth_rate, block, dropRate,
+                                 checkpointed)
+        in_planes = in_planes + n * growth_rate
+        out_planes = int(math.floor(in_planes * reduction))
+        self.trans1 = TransitionBlock(in_planes, out_planes, dropRate=dropRate)
+        in_planes = out_planes
+        self.block2 = DenseBlock(n, in_planes, growth_rate, block, dropRate,
+                                 checkpointed)
+        in_planes = in_planes + n * growth_rate
+        out_planes = int(math.floor(in_planes * reduction))
+        self.trans2 = TransitionBlock(in_planes, out_planes, dropRate=dropRate)
+        in_planes = out_planes
+        self.block3 = DenseBlock(n, in_planes, growth_rate, block, dropRate,
+                                 checkpointed)
+        in_planes = in_planes + n * growth_rate
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.in_planes = in_planes
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+            elif isinstance(m, nn.Linear):
+                m.bias.data.zero_()
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.trans1(self.block1(out))
+        out = self.trans2(self.block2(out))
+        out = self.block3(out)
+        out = self.relu(self.bn1(out))
+        out = F.avg_pool2d(out, 8)
+        out = out.view(-1, self.in_planes)
+        return self.fc(out)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def print_params():
+    bc = DenseNet3(100, 10, growth_rate=12, reduction=0.5, bottleneck=True)
+    basic = DenseNet3(40, 10, growth_rate=12, reduction=1.0, bottleneck=False)
+    print(f"DenseNet-BC-100-12 CIFAR-10: {count_params(bc)} (expected 769162)")
+    print(f"DenseNet-40-12     CIFAR-10: {count_params(basic)} (expected 1059298)")
+
+
+def run_worker(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = DenseNet3(args.depth, args.classes, growth_rate=args.growth,
+                      reduction=0.5, bottleneck=True,
+                      checkpointed=args.mode == "checkpointed")
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                nesterov=True, weight_decay=1e-4)
+    images = torch.randn(args.batch, 3, 32, 32)
+    labels = torch.randint(0, args.classes, (args.batch,))
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            print(time.perf_counter() - start, flush=True)
+        elif cmd == "rss":
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            print(peak, flush=True)
+        elif cmd == "quit":
+            break
+        elif cmd:
+            print(f"unknown command: {cmd!r}", file=sys.stderr, flush=True)
+            return 2
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("params", help="print reference parameter counts")
+    worker = sub.add_parser("worker", help="benchmark worker driven over stdin")
+    worker.add_argument("--mode", choices=["naive", "checkpointed"], required=True)
+    worker.add_argument("--depth", type=int, default=100)
+    worker.add_argument("--growth", type=int, default=12)
+    worker.add_argument("--batch", type=int, default=64)
+    worker.add_argument("--threads", type=int, default=2)
+    worker.add_argument("--classes", type=int, default=10)
+    args = parser.parse_args()
+
+    if args.command == "params":
+        print_params()
+        return 0
+    return run_worker(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1098 @@
+//! Every op of the `Backend` trait on the CPU backend, at small awkward sizes: batch 1 and 3, odd
+//! channel counts and spatial sizes, activations as channel slices of bigger buffers (so
+//! `img_stride > c * h * w`). Forwards are checked against naive host references, backwards
+//! against central finite differences, and the remaining ops against their written contracts.
+//!
+//! The arena starts filled with NaN, so an op that reads outside its inputs (the channels around
+//! a slice, an output it should overwrite, stale workspace) poisons its result; the channels
+//! around an output slice are filled with a sentinel that must survive the op.
+//!
+//! Tolerances: a forward against its f64 reference, `rel_inf < REF_TOL = 1e-5` (largest error
+//! over the largest reference magnitude); a gradient against finite differences,
+//! `norm_rel < FD_TOL = 1e-2` (Euclidean norm of the error over that of the FD gradient).
+
+mod common;
+
+use common::norm_rel;
+use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
+use densenet::rng;
+
+/// Forward-vs-reference tolerance (`rel_inf`).
+const REF_TOL: f64 = 1e-5;
+/// Backward-vs-finite-differences tolerance (`norm_rel` of the whole gradient).
+const FD_TOL: f64 = 1e-2;
+/// Channels before and after each channel slice in its parent buffer.
+const PRE: usize = 2;
+const POST: usize = 1;
+/// Fills the channels around an output slice; the op must leave it there.
+const SENTINEL: f32 = -777.0;
+
+/// (n, c, h, w).
+type Shape = (usize, usize, usize, usize);
+
+/// Hands out arena regions one after another; the convolution workspace goes last.
+struct Layout {
+    len: usize,
+}
+
+impl Layout {
+    /// Starts at an odd offset so that nothing can rely on offset 0.
+    fn new() -> Layout {
+        Layout { len: 13 }
+    }
+
+    fn take(&mut self, len: usize) -> usize {
+        self.len += len;
+        self.len - len
+    }
+
+    fn dense(&mut self, n: usize, c: usize, h: usize, w: usize) -> View {
+        View::dense(self.take(n * c * h * w), n, c, h, w)
+    }
+
+    /// Channels `[PRE, PRE + c)` of a fresh `[n, PRE + c + POST, h, w]` buffer.
+    fn slice(&mut self, n: usize, c: usize, h: usize, w: usize) -> View {
+        self.dense(n, PRE + c + POST, h, w).channels(PRE, c)
+    }
+
+    /// A backend over this layout plus the workspace for `convs`, every float set to NaN.
+    fn backend(self, convs: &[ConvShape], max_batch: usize) -> CpuBackend {
+        let mut be = CpuBackend::new();
+        let ws = be.workspace_len(convs);
+        be.allocate(self.len + ws, (self.len, ws), max_batch).unwrap();
+        be.write(0, &vec![f32::NAN; self.len + ws]);
+        be
+    }
+}
+
+/// The buffer a [`Layout::slice`] view was cut from.
+fn parent(v: View) -> View {
+    View {
+        off: v.off - PRE * v.hw(),
+        c: PRE + v.c + POST,
+        ..v
+    }
+}
+
+/// Arena offsets of a view's elements, in logical NCHW order.
+fn offsets(v: View) -> Vec<usize> {
+    let per = v.c * v.hw();
+    (0..v.numel())
+        .map(|i| v.off + i / per * v.img_stride + i % per)
+        .collect()
+}
+
+/// A view's elements, dense NCHW.
+fn gather(be: &CpuBackend, v: View) -> Vec<f32> {
+    (0..v.n)
+        .flat_map(|n| be.read(v.off + n * v.img_stride, v.c * v.hw()))
+        .collect()
+}
+
+/// Writes dense NCHW `data` into a view.
+fn scatter(be: &mut CpuBackend, v: View, data: &[f32]) {
+    assert_eq!(data.len(), v.numel());
+    for (n, image) in data.chunks(v.c * v.hw()).enumerate() {
+        be.write(v.off + n * v.img_stride, image);
+    }
+}
+
+/// Fills the whole parent of slice `v` with [`SENTINEL`].
+fn fence(be: &mut CpuBackend, v: View) {
+    let p = parent(v);
+    scatter(be, p, &vec![SENTINEL; p.numel()]);
+}
+
+/// Asserts the channels around slice `v` still hold [`SENTINEL`].
+fn assert_fenced(be: &CpuBackend, v: View, what: &str) {
+    let p = parent(v);
+    let around = gather(be, p)
+        .chunks(p.hw())
+        .enumerate()
+        .filter(|(i, _)| !(PRE..PRE + v.c).contains(&(i % p.c)))
+        .all(|(_, plane)| plane.iter().all(|&x| x == SENTINEL));
+    assert!(around, "{what}: wrote outside its channel slice");
+}
+
+/// `len` standard normal samples of stream `seed`.
+fn randn(seed: u64, len: usize) -> Vec<f32> {
+    (0..len).map(|i| rng::normal(seed, i as u64) as f32).collect()
+}
+
+/// `len` distinct values 0.05 apart in random order: a ±1e-2 perturbation never reorders them.
+fn distinct(seed: u64, len: usize) -> Vec<f32> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.sort_by_key(|&i| rng::mix64(seed ^ i as u64));
+    order
+        .into_iter()
+        .map(|r| (r as f32 - len as f32 / 2.0) * 0.05)
+        .collect()
+}
+
+/// `sum(a * b)` in f64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Asserts `max |got - want| / max |want| < REF_TOL`.
+fn assert_ref(what: &str, got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max);
+    let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
+    assert!(scale > 0.0, "{what}: reference is all zeros");
+    assert!(err < REF_TOL * scale, "{what}: error {err} against magnitude {scale}");
+}
+
+/// Asserts `grad` matches central differences of `loss` w.r.t. the arena floats `offs`, each
+/// perturbed by ±`eps` in f32 (the step is the exact f32 difference, the quotient taken in f64).
+/// Elements with `skip(i)` (near a ReLU kink) are left out; at least half must remain.
+fn check_fd(
+    what: &str,
+    be: &mut CpuBackend,
+    offs: &[usize],
+    grad: &[f32],
+    eps: f32,
+    skip: impl Fn(usize) -> bool,
+    mut loss: impl FnMut(&mut CpuBackend) -> f64,
+) {
+    assert_eq!(offs.len(), grad.len(), "{what}: gradient length");
+    let (mut fd, mut an) = (Vec::new(), Vec::new());
+    for (i, &off) in offs.iter().enumerate().filter(|&(i, _)| !skip(i)) {
+        let x0 = be.read(off, 1)[0];
+        let (hi, lo) = (x0 + eps, x0 - eps);
+        be.write(off, &[hi]);
+        let up = loss(be);
+        be.write(off, &[lo]);
+        let down = loss(be);
+        be.write(off, &[x0]);
+        fd.push(((up - down) / (hi as f64 - lo as f64)) as f32);
+        an.push(grad[i]);
+    }
+    assert!(
+        2 * fd.len() >= offs.len(),
+        "{what}: only {} of {} elements checked",
+        fd.len(),
+        offs.len()
+    );
+    assert!(fd.iter().any(|&g| g != 0.0), "{what}: finite differences are all zero");
+    let err = norm_rel(&an, &fd);
+    assert!(err < FD_TOL, "{what}: gradient off finite differences by {err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolutions
+
+/// (spec, n, cin, cout, h, w).
+const CONVS: [(ConvSpec, usize, usize, usize, usize, usize); 6] = [
+    (ConvSpec::POINTWISE, 1, 5, 7, 5, 7),
+    (ConvSpec::POINTWISE, 3, 7, 3, 9, 9),
+    (ConvSpec::SAME3, 1, 3, 5, 9, 9),
+    (ConvSpec::SAME3, 3, 5, 7, 5, 7),
+    (ConvSpec::STEM7, 1, 5, 3, 5, 7),
+    (ConvSpec::STEM7, 3, 3, 5, 9, 9),
+];
+
+/// A convolution laid out in a fresh arena: random `x`, `gy` and weight `w`; activations are
+/// channel slices, `w` and `gw` dense `[cout, cin, k, k]`.
+struct Conv {
+    spec: ConvSpec,
+    x: View,
+    y: View,
+    gy: View,
+    gx: View,
+    w: usize,
+    gw: usize,
+    wlen: usize,
+}
+
+impl Conv {
+    fn new((spec, n, cin, cout, h, w): (ConvSpec, usize, usize, usize, usize, usize)) -> (CpuBackend, Conv) {
+        let mut l = Layout::new();
+        let x = l.slice(n, cin, h, w);
+        let y = l.slice(n, cout, spec.out(h), spec.out(w));
+        let gy = l.slice(n, cout, spec.out(h), spec.out(w));
+        let gx = l.slice(n, cin, h, w);
+        let wlen = cout * cin * spec.k * spec.k;
+        let (wt, gw) = (l.take(wlen), l.take(wlen));
+        let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w }], n);
+        scatter(&mut be, x, &randn(1, x.numel()));
+        scatter(&mut be, gy, &randn(2, gy.numel()));
+        be.write(wt, &randn(3, wlen));
+        (
+            be,
+            Conv {
+                spec,
+                x,
+                y,
+                gy,
+                gx,
+                w: wt,
+                gw,
+                wlen,
+            },
+        )
+    }
+
+    fn name(&self) -> String {
+        let (s, x) = (self.spec, self.x);
+        format!(
+            "conv {}x{} s{} p{}, x [{}, {}, {}, {}] -> {}",
+            s.k, s.k, s.stride, s.pad, x.n, x.c, x.h, x.w, self.y.c
+        )
+    }
+
+    /// `sum(gy * conv(x, w))`: the loss whose gradients the backward ops compute.
+    fn loss(&self, be: &mut CpuBackend) -> f64 {
+        be.conv_forward(self.x, self.w, self.y, self.spec);
+        dot(&gather(be, self.gy), &gather(be, self.y))
+    }
+}
+
+/// Direct convolution of dense `x` (shape of `xv`) with `wt` `[cout, cin, k, k]`, in f64.
+fn naive_conv(x: &[f32], xv: View, wt: &[f32], cout: usize, s: ConvSpec) -> Vec<f64> {
+    let (cin, h, w, k) = (xv.c, xv.h, xv.w, s.k);
+    let (ho, wo) = (s.out(h), s.out(w));
+    let mut y = vec![0.0; xv.n * cout * ho * wo];
+    for n in 0..xv.n {
+        for co in 0..cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut acc = 0.0;
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * s.stride + ky).wrapping_sub(s.pad);
+                                let ix = (ox * s.stride + kx).wrapping_sub(s.pad);
+                                if iy < h && ix < w {
+                                    let xi = ((n * cin + ci) * h + iy) * w + ix;
+                                    acc += x[xi] as f64 * wt[((co * cin + ci) * k + ky) * k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    y[((n * cout + co) * ho + oy) * wo + ox] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn conv_forward_matches_naive_and_writes_only_its_channel_slice() {
+    for case in CONVS {
+        let (mut be, c) = Conv::new(case);
+        fence(&mut be, c.y);
+        be.conv_forward(c.x, c.w, c.y, c.spec);
+        let want = naive_conv(&gather(&be, c.x), c.x, &be.read(c.w, c.wlen), c.y.c, c.spec);
+        assert_ref(&c.name(), &gather(&be, c.y), &want);
+        assert_fenced(&be, c.y, &c.name());
+    }
+}
+
+#[test]
+fn conv_backward_data_matches_finite_differences() {
+    for case in CONVS {
+        let (mut be, c) = Conv::new(case);
+        fence(&mut be, c.gx);
+        be.conv_backward_data(c.gy, c.w, c.gx, c.spec);
+        assert_fenced(&be, c.gx, &c.name());
+        let grad = gather(&be, c.gx);
+        check_fd(
+            &c.name(),
+            &mut be,
+            &offsets(c.x),
+            &grad,
+            1e-2,
+            |_| false,
+            |be| c.loss(be),
+        );
+    }
+}
+
+#[test]
+fn conv_backward_filter_matches_finite_differences() {
+    for case in CONVS {
+        let (mut be, c) = Conv::new(case);
+        be.conv_backward_filter(c.x, c.gy, c.gw, c.spec);
+        let grad = be.read(c.gw, c.wlen);
+        let offs: Vec<usize> = (c.w..c.w + c.wlen).collect();
+        check_fd(&c.name(), &mut be, &offs, &grad, 1e-2, |_| false, |be| c.loss(be));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch norm
+
+/// (n, c, h, w) of the batch-norm inputs.
+const BNS: [Shape; 2] = [(1, 3, 5, 7), (3, 5, 9, 9)];
+
+/// A batch norm laid out in a fresh arena: `x` with a nonzero mean, gamma around 1, beta around
+/// 0, random `g`; activations are channel slices, per-channel vectors dense.
+struct BnCase {
+    x: View,
+    y: View,
+    g: View,
+    dx: View,
+    bn: Bn,
+    dgamma: usize,
+    dbeta: usize,
+}
+
+impl BnCase {
+    fn new((n, c, h, w): Shape) -> (CpuBackend, BnCase) {
+        let mut l = Layout::new();
+        let (x, y, g, dx) = (
+            l.slice(n, c, h, w),
+            l.slice(n, c, h, w),
+            l.slice(n, c, h, w),
+            l.slice(n, c, h, w),
+        );
+        let bn = Bn {
+            mean: l.take(c),
+            var: l.take(c),
+            gamma: l.take(c),
+            beta: l.take(c),
+        };
+        let (dgamma, dbeta) = (l.take(c), l.take(c));
+        let mut be = l.backend(&[], n);
+        let affine = |seed, a: f32, b: f32, len| randn(seed, len).iter().map(|v| a + b * v).collect::<Vec<_>>();
+        scatter(&mut be, x, &affine(4, 0.5, 2.0, x.numel()));
+        scatter(&mut be, g, &randn(5, g.numel()));
+        be.write(bn.gamma, &affine(6, 1.0, 0.5, c));
+        be.write(bn.beta, &affine(7, 0.0, 0.3, c));
+        (
+            be,
+            BnCase {
+                x,
+                y,
+                g,
+                dx,
+                bn,
+                dgamma,
+                dbeta,
+            },
+        )
+    }
+
+    /// `sum(g * relu(bn(x)))` with the batch statistics of `x` itself.
+    fn loss(&self, be: &mut CpuBackend) -> f64 {
+        be.bn_stats(self.x, self.bn.mean, self.bn.var);
+        be.bn_relu(self.x, self.bn, self.y);
+        dot(&gather(be, self.g), &gather(be, self.y))
+    }
+}
+
+/// Channel of logical element `i` of a view.
+fn channel(v: View, i: usize) -> usize {
+    i / v.hw() % v.c
+}
+
+/// Per-channel mean and biased variance of dense `x` (shape of `v`), in f64.
+fn naive_stats(x: &[f32], v: View) -> (Vec<f64>, Vec<f64>) {
+    let count = (v.n * v.hw()) as f64;
+    let (mut mean, mut var) = (vec![0.0; v.c], vec![0.0; v.c]);
+    for (i, &x) in x.iter().enumerate() {
+        mean[channel(v, i)] += x as f64 / count;
+    }
+    for (i, &x) in x.iter().enumerate() {
+        var[channel(v, i)] += (x as f64 - mean[channel(v, i)]).powi(2) / count;
+    }
+    (mean, var)
+}
+
+/// `v` widened to f64.
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+#[test]
+fn bn_stats_matches_mean_and_biased_variance() {
+    for shape in BNS {
+        let (mut be, b) = BnCase::new(shape);
+        be.bn_stats(b.x, b.bn.mean, b.bn.var);
+        let (mean, var) = naive_stats(&gather(&be, b.x), b.x);
+        assert_ref("bn_stats mean", &be.read(b.bn.mean, b.x.c), &mean);
+        assert_ref("bn_stats var", &be.read(b.bn.var, b.x.c), &var);
+    }
+}
+
+#[test]
+fn bn_relu_matches_formula_and_writes_only_its_channel_slice() {
+    for shape in BNS {
+        let (mut be, b) = BnCase::new(shape);
+        let c = b.x.c;
+        let (mean, var) = (
+            randn(8, c),
+            (0..c).map(|i| 0.1 + rng::uniform(9, i as u64)).collect::<Vec<_>>(),
+        );
+        be.write(b.bn.mean, &mean);
+        be.write(b.bn.var, &var);
+        fence(&mut be, b.y);
+        be.bn_relu(b.x, b.bn, b.y);
+        let (gamma, beta) = (be.read(b.bn.gamma, c), be.read(b.bn.beta, c));
+        let want: Vec<f64> = gather(&be, b.x)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let ch = channel(b.x, i);
+                let xhat = (x as f64 - mean[ch] as f64) / (var[ch] as f64 + 1e-5).sqrt();
+                (gamma[ch] as f64 * xhat + beta[ch] as f64).max(0.0)
+            })
+            .collect();
+        assert_ref("bn_relu", &gather(&be, b.y), &want);
+        assert_fenced(&be, b.y, "bn_relu");
+    }
+}
+
+#[test]
+fn bn_relu_backward_matches_finite_differences_through_batch_statistics() {
+    const EPS: f32 = 1e-3;
+    for shape in BNS {
+        let (mut be, b) = BnCase::new(shape);
+        let c = b.x.c;
+        be.bn_stats(b.x, b.bn.mean, b.bn.var);
+        fence(&mut be, b.dx);
+        be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, false);
+        assert_fenced(&be, b.dx, "bn_relu_backward");
+        let (dx, dgamma, dbeta) = (gather(&be, b.dx), be.read(b.dgamma, c), be.read(b.dbeta, c));
+
+        // Perturbations that move a pre-activation across the ReLU kink are skipped: x_i moves
+        // pre_i by about eps * gamma / std; gamma_c moves every pre_i of channel c by
+        // eps * xhat_i, beta_c by eps.
+        let xs = gather(&be, b.x);
+        let (mean, var) = naive_stats(&xs, b.x);
+        let (gamma, beta) = (to_f64(&be.read(b.bn.gamma, c)), to_f64(&be.read(b.bn.beta, c)));
+        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let chan = |i| channel(b.x, i);
+        let xhat: Vec<f64> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (x as f64 - mean[chan(i)]) * inv_std[chan(i)])
+            .collect();
+        let pre: Vec<f64> = xhat
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| gamma[chan(i)] * v + beta[chan(i)])
+            .collect();
+        let eps = EPS as f64;
+        let skip_x = |i: usize| pre[i].abs() < 2.0 * eps * (gamma[chan(i)] * inv_std[chan(i)]).abs();
+        let skip_gamma = |ch| (0..xs.len()).any(|i| chan(i) == ch && pre[i].abs() < 2.0 * eps * xhat[i].abs());
+        let skip_beta = |ch| (0..xs.len()).any(|i| chan(i) == ch && pre[i].abs() < 2.0 * eps);
+
+        let params = |off| (off..off + c).collect::<Vec<_>>();
+        let skips: [&dyn Fn(usize) -> bool; 3] = [&skip_x, &skip_gamma, &skip_beta];
+        let checks = [
+            ("bn dx", offsets(b.x), dx),
+            ("bn dgamma", params(b.bn.gamma), dgamma),
+            ("bn dbeta", params(b.bn.beta), dbeta),
+        ];
+        for ((what, offs, grad), skip) in checks.into_iter().zip(skips) {
+            check_fd(what, &mut be, &offs, &grad, EPS, skip, |be| b.loss(be));
+        }
+    }
+}
+
+#[test]
+fn bn_relu_backward_accumulates_and_runs_in_place() {
+    let (mut be, b) = BnCase::new(BNS[1]);
+    let c = b.x.c;
+    be.bn_stats(b.x, b.bn.mean, b.bn.var);
+    be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, false);
+    let (dx, dgamma, dbeta) = (
+        gather(&be, b.dx),
+        to_f64(&be.read(b.dgamma, c)),
+        to_f64(&be.read(b.dbeta, c)),
+    );
+
+    // Accumulating adds to dx; dgamma and dbeta are still overwritten.
+    let base = randn(10, dx.len());
+    fence(&mut be, b.dx);
+    scatter(&mut be, b.dx, &base);
+    be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, true);
+    let want: Vec<f64> = base.iter().zip(&dx).map(|(&a, &d)| a as f64 + d as f64).collect();
+    assert_ref("accumulated dx", &gather(&be, b.dx), &want);
+    assert_ref("dgamma with accumulate", &be.read(b.dgamma, c), &dgamma);
+    assert_ref("dbeta with accumulate", &be.read(b.dbeta, c), &dbeta);
+    assert_fenced(&be, b.dx, "accumulating bn_relu_backward");
+
+    // In place (dx is g): the same result as out of place.
+    let g = gather(&be, b.g);
+    fence(&mut be, b.g);
+    scatter(&mut be, b.g, &g);
+    be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.g, false);
+    assert_ref("in-place dx", &gather(&be, b.g), &to_f64(&dx));
+    assert_ref("in-place dgamma", &be.read(b.dgamma, c), &dgamma);
+    assert_ref("in-place dbeta", &be.read(b.dbeta, c), &dbeta);
+    assert_fenced(&be, b.g, "in-place bn_relu_backward");
+}
+
+#[test]
+fn bn_update_running_blends_in_unbiased_batch_statistics() {
+    let (c, momentum) = (5, 0.1);
+    for count in [2, 105] {
+        let mut l = Layout::new();
+        let [mean, var, rmean, rvar] = [(); 4].map(|_| l.take(c));
+        let mut be = l.backend(&[], 1);
+        let positive = |seed| (0..c).map(|i| 0.5 + rng::uniform(seed, i as u64)).collect::<Vec<_>>();
+        let (m, v, rm, rv) = (randn(11, c), positive(12), randn(13, c), positive(14));
+        be.write(mean, &m);
+        be.write(var, &v);
+        be.write(rmean, &rm);
+        be.write(rvar, &rv);
+        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum);
+        let unbias = count as f64 / (count - 1) as f64;
+        let blend = |run: &[f32], batch: &[f32], scale: f64| -> Vec<f64> {
+            run.iter()
+                .zip(batch)
+                .map(|(&r, &b)| 0.9 * r as f64 + 0.1 * b as f64 * scale)
+                .collect()
+        };
+        assert_ref("running mean", &be.read(rmean, c), &blend(&rm, &m, 1.0));
+        assert_ref(
+            &format!("running var, count {count}"),
+            &be.read(rvar, c),
+            &blend(&rv, &v, unbias),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout
+
+/// `len` values in [1, 2): never zero, so a zero marks a dropped element.
+fn nonzero(seed: u64, len: usize) -> Vec<f32> {
+    (0..len).map(|i| 1.0 + rng::uniform(seed, i as u64)).collect()
+}
+
+#[test]
+fn dropout_drops_about_p_in_place_and_scales_survivors() {
+    let p = 0.3f32;
+    let mut l = Layout::new();
+    let x = l.slice(3, 5, 32, 32);
+    let mut be = l.backend(&[], 3);
+    let xs = nonzero(15, x.numel());
+    fence(&mut be, x);
+    scatter(&mut be, x, &xs);
+    be.dropout(x, p, 99);
+    let out = gather(&be, x);
+    // 15360 Bernoulli(0.3) draws: standard deviation 0.0037, so ±0.02 is over 5 sigma.
+    let dropped = out.iter().filter(|&&v| v == 0.0).count() as f64 / out.len() as f64;
+    assert!(
+        (dropped - p as f64).abs() < 0.02,
+        "dropped fraction {dropped} for p = {p}"
+    );
+    let (kept, want): (Vec<f32>, Vec<f64>) = out
+        .iter()
+        .zip(&xs)
+        .filter(|(&o, _)| o != 0.0)
+        .map(|(&o, &x)| (o, x as f64 / (1.0 - p as f64)))
+        .unzip();
+    assert_ref("dropout survivors", &kept, &want);
+    assert_fenced(&be, x, "dropout");
+}
+
+#[test]
+fn dropout_mask_is_fixed_by_key_and_shared_with_the_gradient() {
+    let (p, key) = (0.4, 7);
+    let mut l = Layout::new();
+    // The activation is a channel slice, its gradient a dense tensor: the mask follows the
+    // logical index, not the arena offset.
+    let (x, g, other) = (l.slice(3, 3, 5, 7), l.dense(3, 3, 5, 7), l.slice(3, 3, 5, 7));
+    let mut be = l.backend(&[], 3);
+    let data = nonzero(16, x.numel());
+    for v in [x, g, other] {
+        scatter(&mut be, v, &data);
+    }
+    be.dropout(x, p, key);
+    be.dropout(g, p, key);
+    be.dropout(other, p, key + 1);
+    let mask = |v| gather(&be, v).iter().map(|&v| v == 0.0).collect::<Vec<_>>();
+    assert!(mask(x).contains(&true), "nothing dropped");
+    assert!(
+        gather(&be, x) == gather(&be, g),
+        "same key, different result on the gradient"
+    );
+    // Independent masks differ at 2p(1-p) = 48% of the 315 elements.
+    let differ = mask(x).iter().zip(mask(other)).filter(|(a, b)| **a != *b).count();
+    assert!(
+        differ > x.numel() / 4,
+        "masks of two keys differ at only {differ} elements"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pooling
+
+/// (n, c, h, w) of the pooling inputs.
+const POOLS: [Shape; 2] = [(1, 3, 5, 7), (3, 5, 9, 9)];
+
+/// A pooling laid out in a fresh arena: `x` from `data`, random `gy`; all channel slices.
+struct Pool {
+    x: View,
+    y: View,
+    gy: View,
+    gx: View,
+}
+
+impl Pool {
+    fn new((n, c, h, w): Shape, (ho, wo): (usize, usize), data: Vec<f32>) -> (CpuBackend, Pool) {
+        let mut l = Layout::new();
+        let (x, gx) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
+        let (y, gy) = (l.slice(n, c, ho, wo), l.slice(n, c, ho, wo));
+        let mut be = l.backend(&[], n);
+        scatter(&mut be, x, &data);
+        scatter(&mut be, gy, &randn(17, gy.numel()));
+        (be, Pool { x, y, gy, gx })
+    }
+
+    /// `sum(gy * pool(x))`.
+    fn loss(&self, be: &mut CpuBackend, pool: fn(&mut CpuBackend, View, View)) -> f64 {
+        pool(be, self.x, self.y);
+        dot(&gather(be, self.gy), &gather(be, self.y))
+    }
+}
+
+/// Naive stride-2 pooling of every plane of dense `x` (shape of `v`): `reduce` gets the in-bounds
+/// values of each k x k window, the input padded by `pad`.
+fn naive_pool(x: &[f32], v: View, k: usize, pad: usize, reduce: fn(&[f64]) -> f64) -> Vec<f64> {
+    let (ho, wo) = ((v.h + 2 * pad - k) / 2 + 1, (v.w + 2 * pad - k) / 2 + 1);
+    let mut y = Vec::new();
+    for plane in x.chunks(v.hw()) {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let window: Vec<f64> = (0..k * k)
+                    .map(|i| ((2 * oy + i / k).wrapping_sub(pad), (2 * ox + i % k).wrapping_sub(pad)))
+                    .filter(|&(iy, ix)| iy < v.h && ix < v.w)
+                    .map(|(iy, ix)| plane[iy * v.w + ix] as f64)
+                    .collect();
+                y.push(reduce(&window));
+            }
+        }
+    }
+    y
+}
+
+/// Mean of a pooling window.
+fn mean_of(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// Largest value of a pooling window.
+fn max_of(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// Output plane of a 2x2 stride-2 average pool.
+fn avg2_out((_, _, h, w): Shape) -> (usize, usize) {
+    (h / 2, w / 2)
+}
+
+/// Output plane of a 3x3 stride-2 pad-1 max pool.
+fn max3_out((_, _, h, w): Shape) -> (usize, usize) {
+    ((h - 1) / 2 + 1, (w - 1) / 2 + 1)
+}
+
+/// Elements of a tensor of this shape.
+fn numel((n, c, h, w): Shape) -> usize {
+    n * c * h * w
+}
+
+#[test]
+fn avg_pool2_matches_naive_and_writes_only_its_channel_slice() {
+    for shape in POOLS {
+        let (mut be, p) = Pool::new(shape, avg2_out(shape), randn(18, numel(shape)));
+        fence(&mut be, p.y);
+        be.avg_pool2(p.x, p.y);
+        assert_ref(
+            "avg_pool2",
+            &gather(&be, p.y),
+            &naive_pool(&gather(&be, p.x), p.x, 2, 0, mean_of),
+        );
+        assert_fenced(&be, p.y, "avg_pool2");
+    }
+}
+
+#[test]
+fn avg_pool2_backward_matches_finite_differences() {
+    for shape in POOLS {
+        let (mut be, p) = Pool::new(shape, avg2_out(shape), randn(18, numel(shape)));
+        fence(&mut be, p.gx);
+        be.avg_pool2_backward(p.gy, p.gx);
+        assert_fenced(&be, p.gx, "avg_pool2_backward");
+        let grad = gather(&be, p.gx);
+        check_fd(
+            "avg_pool2",
+            &mut be,
+            &offsets(p.x),
+            &grad,
+            1e-2,
+            |_| false,
+            |be| p.loss(be, CpuBackend::avg_pool2),
+        );
+    }
+}
+
+#[test]
+fn max_pool3_matches_naive_and_writes_only_its_channel_slice() {
+    for shape in POOLS {
+        let (mut be, p) = Pool::new(shape, max3_out(shape), randn(19, numel(shape)));
+        fence(&mut be, p.y);
+        be.max_pool3(p.x, p.y);
+        assert_ref(
+            "max_pool3",
+            &gather(&be, p.y),
+            &naive_pool(&gather(&be, p.x), p.x, 3, 1, max_of),
+        );
+        assert_fenced(&be, p.y, "max_pool3");
+    }
+}
+
+#[test]
+fn max_pool3_backward_matches_finite_differences() {
+    for shape in POOLS {
+        // Distinct inputs 0.05 apart: no window has a tie within the ±1e-2 perturbation.
+        let (mut be, p) = Pool::new(shape, max3_out(shape), distinct(20, numel(shape)));
+        fence(&mut be, p.gx);
+        be.max_pool3_backward(p.x, p.gy, p.gx);
+        assert_fenced(&be, p.gx, "max_pool3_backward");
+        let grad = gather(&be, p.gx);
+        check_fd(
+            "max_pool3",
+            &mut be,
+            &offsets(p.x),
+            &grad,
+            1e-2,
+            |_| false,
+            |be| p.loss(be, CpuBackend::max_pool3),
+        );
+    }
+}
+
+#[test]
+fn max_pool3_routes_ties_to_the_first_maximum_and_never_to_padding() {
+    let shape = POOLS[0];
+    // A constant negative input: every window is a tie, and zero padding would win.
+    let (mut be, p) = Pool::new(shape, max3_out(shape), vec![-1.0; numel(shape)]);
+    be.max_pool3(p.x, p.y);
+    assert!(
+        gather(&be, p.y).iter().all(|&v| v == -1.0),
+        "max_pool3 picked the padding"
+    );
+    be.max_pool3_backward(p.x, p.gy, p.gx);
+    let (x, y) = (p.x, p.y);
+    let mut want = vec![0.0; x.numel()];
+    for (i, &g) in gather(&be, p.gy).iter().enumerate() {
+        let (plane, oy, ox) = (i / y.hw(), i / y.w % y.h, i % y.w);
+        // The window's first in-bounds pixel in row-major order.
+        want[plane * x.hw() + (2 * oy).saturating_sub(1) * x.w + (2 * ox).saturating_sub(1)] += g as f64;
+    }
+    assert_ref("max_pool3_backward on ties", &gather(&be, p.gx), &want);
+}
+
+/// Global average pooling of a channel slice into a dense `[n, c]`, random `gy`.
+struct Gap {
+    x: View,
+    gx: View,
+    y: usize,
+    gy: usize,
+}
+
+impl Gap {
+    fn new((n, c, h, w): Shape) -> (CpuBackend, Gap) {
+        let mut l = Layout::new();
+        let (x, gx, y, gy) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.take(n * c), l.take(n * c));
+        let mut be = l.backend(&[], n);
+        scatter(&mut be, x, &randn(21, x.numel()));
+        be.write(gy, &randn(22, n * c));
+        (be, Gap { x, gx, y, gy })
+    }
+
+    /// `sum(gy * global_avg_pool(x))`.
+    fn loss(&self, be: &mut CpuBackend) -> f64 {
+        be.global_avg_pool(self.x, self.y);
+        let len = self.x.n * self.x.c;
+        dot(&be.read(self.gy, len), &be.read(self.y, len))
+    }
+}
+
+#[test]
+fn global_avg_pool_matches_naive() {
+    for shape in POOLS {
+        let (mut be, p) = Gap::new(shape);
+        be.global_avg_pool(p.x, p.y);
+        let want: Vec<f64> = gather(&be, p.x)
+            .chunks(p.x.hw())
+            .map(|plane| mean_of(&to_f64(plane)))
+            .collect();
+        assert_ref("global_avg_pool", &be.read(p.y, p.x.n * p.x.c), &want);
+    }
+}
+
+#[test]
+fn global_avg_pool_backward_matches_finite_differences() {
+    for shape in POOLS {
+        let (mut be, p) = Gap::new(shape);
+        fence(&mut be, p.gx);
+        be.global_avg_pool_backward(p.gy, p.gx);
+        assert_fenced(&be, p.gx, "global_avg_pool_backward");
+        let grad = gather(&be, p.gx);
+        check_fd(
+            "global_avg_pool",
+            &mut be,
+            &offsets(p.x),
+            &grad,
+            1e-2,
+            |_| false,
+            |be| p.loss(be),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classifier
+
+/// A linear layer laid out densely: random `x` [n, cin], `w` [cout, cin], `b` [cout], `gy`
+/// [n, cout].
+struct Linear {
+    n: usize,
+    cin: usize,
+    cout: usize,
+    x: usize,
+    w: usize,
+    b: usize,
+    y: usize,
+    gy: usize,
+    gx: usize,
+    gw: usize,
+    gb: usize,
+}
+
+impl Linear {
+    fn new(n: usize, cin: usize, cout: usize) -> (CpuBackend, Linear) {
+        let mut l = Layout::new();
+        let (x, w, b) = (l.take(n * cin), l.take(cout * cin), l.take(cout));
+        let (y, gy) = (l.take(n * cout), l.take(n * cout));
+        let (gx, gw, gb) = (l.take(n * cin), l.take(cout * cin), l.take(cout));
+        let mut be = l.backend(&[], n);
+        be.write(x, &randn(23, n * cin));
+        be.write(w, &randn(24, cout * cin));
+        be.write(b, &randn(25, cout));
+        be.write(gy, &randn(26, n * cout));
+        (
+            be,
+            Linear {
+                n,
+                cin,
+                cout,
+                x,
+                w,
+                b,
+                y,
+                gy,
+                gx,
+                gw,
+                gb,
+            },
+        )
+    }
+
+    /// `sum(gy * linear(x))`.
+    fn loss(&self, be: &mut CpuBackend) -> f64 {
+        be.linear(self.x, self.w, self.b, self.y, self.n, self.cin, self.cout);
+        dot(
+            &be.read(self.gy, self.n * self.cout),
+            &be.read(self.y, self.n * self.cout),
+        )
+    }
+}
+
+#[test]
+fn linear_matches_naive() {
+    for n in [1, 3] {
+        let (mut be, f) = Linear::new(n, 7, 5);
+        be.linear(f.x, f.w, f.b, f.y, n, f.cin, f.cout);
+        let (x, w, b) = (
+            be.read(f.x, n * f.cin),
+            be.read(f.w, f.cout * f.cin),
+            be.read(f.b, f.cout),
+        );
+        let want: Vec<f64> = (0..n * f.cout)
+            .map(|i| {
+                let (row, k) = (i / f.cout, i % f.cout);
+                b[k] as f64 + dot(&x[row * f.cin..][..f.cin], &w[k * f.cin..][..f.cin])
+            })
+            .collect();
+        assert_ref("linear", &be.read(f.y, n * f.cout), &want);
+    }
+}
+
+#[test]
+fn linear_backward_matches_finite_differences() {
+    for n in [1, 3] {
+        let (mut be, f) = Linear::new(n, 7, 5);
+        be.linear_backward(f.x, f.w, f.gy, f.gx, f.gw, f.gb, n, f.cin, f.cout);
+        for (what, off, grad, len) in [
+            ("linear dx", f.x, f.gx, n * f.cin),
+            ("linear dw", f.w, f.gw, f.cout * f.cin),
+            ("linear db", f.b, f.gb, f.cout),
+        ] {
+            let grad = be.read(grad, len);
+            check_fd(
+                what,
+                &mut be,
+                &(off..off + len).collect::<Vec<_>>(),
+                &grad,
+                1e-2,
+                |_| false,
+                |be| f.loss(be),
+            );
+        }
+    }
+}
+
+/// Softmax cross-entropy over random logits [n, k]; even rows are labelled with their argmax
+/// (correct), odd rows with their argmin (wrong).
+struct Xent {
+    n: usize,
+    k: usize,
+    logits: usize,
+    out: usize,
+    glogits: usize,
+    labels: Vec<u32>,
+}
+
+impl Xent {
+    fn new(n: usize, k: usize) -> (CpuBackend, Xent) {
+        let mut l = Layout::new();
+        let (logits, out, glogits) = (l.take(n * k), l.take(2), l.take(n * k));
+        let mut be = l.backend(&[], n);
+        let z: Vec<f32> = randn(27, n * k).iter().map(|v| 3.0 * v).collect();
+        be.write(logits, &z);
+        let labels: Vec<u32> = z
+            .chunks(k)
+            .enumerate()
+            .map(|(i, row)| {
+                let mut order: Vec<usize> = (0..k).collect();
+                order.sort_by(|&a, &b| row[a].total_cmp(&row[b]));
+                (if i % 2 == 0 { order[k - 1] } else { order[0] }) as u32
+            })
+            .collect();
+        be.set_labels(&labels);
+        (
+            be,
+            Xent {
+                n,
+                k,
+                logits,
+                out,
+                glogits,
+                labels,
+            },
+        )
+    }
+
+    /// The mean loss.
+    fn loss(&self, be: &mut CpuBackend) -> f64 {
+        be.softmax_xent(self.logits, self.n, self.k, self.out, self.glogits);
+        be.read(self.out, 1)[0] as f64
+    }
+}
+
+#[test]
+fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
+    for n in [1, 3] {
+        let (mut be, s) = Xent::new(n, 5);
+        be.softmax_xent(s.logits, n, s.k, s.out, s.glogits);
+        let z = to_f64(&be.read(s.logits, n * s.k));
+        let (mut loss, mut correct, mut grad) = (0.0, 0, Vec::new());
+        for (row, &label) in z.chunks(s.k).zip(&s.labels) {
+            let label = label as usize;
+            let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+            loss += (lse - row[label]) / n as f64;
+            correct += (max_of(row) == row[label]) as usize;
+            grad.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(j, v)| ((v - lse).exp() - (j == label) as u8 as f64) / n as f64),
+            );
+        }
+        assert_eq!(correct, n.div_ceil(2), "labels are built so that even rows are correct");
+        let out = be.read(s.out, 2);
+        assert_ref("softmax_xent loss", &out[..1], &[loss]);
+        assert_eq!(out[1], correct as f32, "softmax_xent correct count");
+        assert_ref("softmax_xent gradient", &be.read(s.glogits, n * s.k), &grad);
+    }
+}
+
+#[test]
+fn softmax_xent_gradient_matches_finite_differences() {
+    for n in [1, 3] {
+        let (mut be, s) = Xent::new(n, 5);
+        be.softmax_xent(s.logits, n, s.k, s.out, s.glogits);
+        let grad = be.read(s.glogits, n * s.k);
+        let offs: Vec<usize> = (s.logits..s.logits + n * s.k).collect();
+        check_fd("softmax_xent", &mut be, &offs, &grad, 1e-2, |_| false, |be| s.loss(be));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD and copy
+
+#[test]
+fn sgd_matches_torch_formulas_over_two_steps() {
+    // Longer than one 16384-float work chunk, and odd.
+    let len = 20_011;
+    for nesterov in [false, true] {
+        let hp = Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.01,
+            nesterov,
+        };
+        let (lr, m, wd) = (hp.lr as f64, hp.momentum as f64, hp.weight_decay as f64);
+        let mut l = Layout::new();
+        let (params, grads, momentum) = (l.take(len), l.take(len), l.take(len));
+        let mut be = l.backend(&[], 1);
+        let p0 = randn(28, len);
+        be.write(params, &p0);
+        be.write(momentum, &vec![0.0; len]);
+        let (mut p, mut buf) = (to_f64(&p0), vec![0.0; len]);
+        for step in 0..2 {
+            let g = randn(29 + step, len);
+            be.write(grads, &g);
+            be.sgd(params, grads, momentum, len, hp);
+            // torch.optim.SGD: d = g + wd p; buf = m buf + d; d = d + m buf (Nesterov) or buf; p -= lr d.
+            for ((p, b), &g) in p.iter_mut().zip(&mut buf).zip(&g) {
+                let d = g as f64 + wd * *p;
+                *b = m * *b + d;
+                *p -= lr * if nesterov { d + m * *b } else { *b };
+            }
+            let what = format!("sgd step {step}, nesterov {nesterov}");
+            assert_ref(&format!("{what}: params"), &be.read(params, len), &p);
+            assert_ref(&format!("{what}: momentum"), &be.read(momentum, len), &buf);
+        }
+    }
+}
+
+#[test]
+fn copy_moves_a_strided_slice_to_dense_and_back() {
+    for n in [1, 3] {
+        let mut l = Layout::new();
+        let (src, dense, dst) = (l.slice(n, 5, 5, 7), l.dense(n, 5, 5, 7), l.slice(n, 5, 5, 7));
+        let mut be = l.backend(&[], n);
+        let data = randn(31, src.numel());
+        scatter(&mut be, src, &data);
+        fence(&mut be, dst);
+        be.copy(src, dense);
+        assert!(gather(&be, dense) == data, "copy from a slice to dense");
+        be.copy(dense, dst);
+        assert!(gather(&be, dst) == data, "copy from dense to a slice");
+        assert_fenced(&be, dst, "copy");
+    }
+}
