@@ -34,24 +34,13 @@ pub struct View {
 impl View {
     /// A dense [n, c, h, w] tensor at `off`.
     pub fn dense(off: usize, n: usize, c: usize, h: usize, w: usize) -> View {
-        View {
-            off,
-            n,
-            c,
-            h,
-            w,
-            img_stride: c * h * w,
-        }
+        View { off, n, c, h, w, img_stride: c * h * w }
     }
 
     /// Channels `[c0, c0 + c)` of this view.
     pub fn channels(self, c0: usize, c: usize) -> View {
         assert!(c0 + c <= self.c, "channel slice {c0}+{c} out of {}", self.c);
-        View {
-            off: self.off + c0 * self.h * self.w,
-            c,
-            ..self
-        }
+        View { off: self.off + c0 * self.h * self.w, c, ..self }
     }
 
     /// The first `n` images of this view.
@@ -92,23 +81,11 @@ pub struct ConvSpec {
 
 impl ConvSpec {
     /// 1x1, stride 1.
-    pub const POINTWISE: ConvSpec = ConvSpec {
-        k: 1,
-        stride: 1,
-        pad: 0,
-    };
+    pub const POINTWISE: ConvSpec = ConvSpec { k: 1, stride: 1, pad: 0 };
     /// 3x3, stride 1, pad 1.
-    pub const SAME3: ConvSpec = ConvSpec {
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    pub const SAME3: ConvSpec = ConvSpec { k: 3, stride: 1, pad: 1 };
     /// 7x7, stride 2, pad 3 (ImageNet stem).
-    pub const STEM7: ConvSpec = ConvSpec {
-        k: 7,
-        stride: 2,
-        pad: 3,
-    };
+    pub const STEM7: ConvSpec = ConvSpec { k: 7, stride: 2, pad: 3 };
 
     /// Output size along one axis for an input of size `x`.
     pub fn out(&self, x: usize) -> usize {
@@ -162,12 +139,7 @@ pub struct Sgd {
 
 impl Default for Sgd {
     fn default() -> Self {
-        Sgd {
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            nesterov: true,
-        }
+        Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true }
     }
 }
 

@@ -1,45 +1,55 @@
-//! Convolutions as GEMMs on channel slices. A 1x1 stride-1 convolution multiplies the weight
-//! straight into the block buffer; other kernels go through a per-thread im2col buffer.
-//! Per-thread workspace slot: `[col: cin*k*k * ho*wo | dw: cout*cin*k*k]`.
+//! Convolutions on channel slices, one image per task, images split into one contiguous chunk
+//! per thread.
+//! - 1x1 stride 1: a product of the weight with the image's channels in place.
+//! - stride-1 "same" kernels (3x3) with AVX2: the image is copied once into a zero-padded
+//!   buffer and the kernel reads shifted rows of it (implicit im2col); the data gradient is the
+//!   same convolution of the output gradient with the flipped, transposed kernel.
+//! - otherwise (7x7 stride 2, or no AVX2): explicit im2col in row tiles.
+//!
+//! Per-thread workspace slot: `[image area | weight area]`: the image area holds the padded
+//! image or the im2col tile, the weight area the packed weight or a weight-gradient partial.
 
-use super::matmul::{matmul, matmul_nt, pack};
+use super::matmul::{self, matmul, matmul_nt, pack, Shifted};
 use super::{image_chunks, Ptr};
 use crate::backend::{ConvShape, ConvSpec, View};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Floats of one thread's workspace slot for these convolutions: im2col columns (of the input,
-/// or of the output gradient for stride-1 backward-data) and a weight-sized area.
+/// Floats of one im2col tile (about 256 KB: written and read back while in L2).
+const TILE_FLOATS: usize = 1 << 16;
+
+/// Floats of one thread's workspace slot for these convolutions.
 pub(super) fn slot_len(convs: &[ConvShape]) -> usize {
-    let col = convs
+    let image = convs
         .iter()
-        .filter(|s| !is_pointwise(s.spec))
         .map(|s| {
-            let rows = if flips(s.spec) { s.cin.max(s.cout) } else { s.cin };
-            rows * s.spec.k * s.spec.k * s.spec.out(s.h) * s.spec.out(s.w)
+            let g = Geo::of(s);
+            let padded = if same(s.spec) { s.cin.max(s.cout) * g.padded_plane() } else { 0 };
+            // im2col: whole for the data gradient of strided kernels, else tiles (of the
+            // output gradient's for the flipped data gradient).
+            let rows = if same(s.spec) { s.cin.max(s.cout) } else { s.cin };
+            let col = if is_pointwise(s.spec) { 0 } else { rows * s.spec.k * s.spec.k * g.p() };
+            padded.max(col)
         })
         .max()
         .unwrap_or(0);
-    let dw = convs
-        .iter()
-        .map(|s| s.cout * s.cin * s.spec.k * s.spec.k)
-        .max()
-        .unwrap_or(0);
-    col + dw
+    let weight = convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
+    image + weight
 }
 
 fn is_pointwise(s: ConvSpec) -> bool {
     s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
-/// Stride-1 "same" convolutions take their data gradient as a forward convolution of the
-/// output gradient with the flipped, transposed kernel (im2col of cout rows, not col2im of cin).
-fn flips(s: ConvSpec) -> bool {
+/// Stride-1 convolutions that keep the size (odd k > 1, pad (k-1)/2).
+fn same(s: ConvSpec) -> bool {
     s.stride == 1 && s.k > 1 && 2 * s.pad + 1 == s.k
 }
 
-/// Floats of one im2col tile.
-const TILE_FLOATS: usize = 1 << 16;
+/// Whether a convolution runs through the direct (implicit im2col) kernels.
+fn direct(s: ConvSpec) -> bool {
+    same(s) && s.k <= 7 && matmul::simd()
+}
 
 /// Geometry shared by the three passes.
 struct Geo {
@@ -56,45 +66,59 @@ struct Geo {
 
 impl Geo {
     fn new(x: View, y: View, spec: ConvSpec) -> Geo {
-        let (ho, wo) = (spec.out(x.h), spec.out(x.w));
-        assert_eq!((y.h, y.w, x.n), (ho, wo, y.n), "conv shapes {x:?} -> {y:?}");
-        Geo {
-            cin: x.c,
-            cout: y.c,
-            h: x.h,
-            w: x.w,
-            ho,
-            wo,
-            r: x.c * spec.k * spec.k,
-            spec,
-        }
+        let g = Geo::of(&ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w });
+        assert_eq!((y.h, y.w, x.n), (g.ho, g.wo, y.n), "conv shapes {x:?} -> {y:?}");
+        g
+    }
+
+    fn of(s: &ConvShape) -> Geo {
+        let (ho, wo) = (s.spec.out(s.h), s.spec.out(s.w));
+        Geo { cin: s.cin, cout: s.cout, h: s.h, w: s.w, ho, wo, r: s.cin * s.spec.k * s.spec.k, spec: s.spec }
     }
 
     fn p(&self) -> usize {
         self.ho * self.wo
     }
 
-    /// Output-row tiles whose im2col block (about 256 KB) stays in L2 between its writing and
-    /// its use.
+    /// The geometry of the forward convolution that computes this one's data gradient
+    /// (stride-1 "same" kernels only).
+    fn flipped(&self) -> Geo {
+        let r = self.cout * self.spec.k * self.spec.k;
+        Geo { cin: self.cout, cout: self.cin, h: self.ho, w: self.wo, ho: self.h, wo: self.w, r, spec: self.spec }
+    }
+
+    /// Floats of one zero-padded channel plane of the input.
+    fn padded_plane(&self) -> usize {
+        (self.h + 2 * self.spec.pad) * (self.w + 2 * self.spec.pad)
+    }
+
+    /// Output-row tiles whose im2col block stays in L2 between its writing and its use.
     fn tiles(&self) -> impl Iterator<Item = Range<usize>> {
         let rows = (TILE_FLOATS / (self.r * self.wo)).clamp(1, self.ho);
         let ho = self.ho;
         (0..ho).step_by(rows).map(move |r| r..(r + rows).min(ho))
     }
 
-    /// The geometry of the forward convolution that computes this one's data gradient.
-    fn flipped(&self) -> Geo {
-        let r = self.cout * self.spec.k * self.spec.k;
-        Geo {
-            cin: self.cout,
-            cout: self.cin,
-            h: self.ho,
-            w: self.wo,
-            ho: self.h,
-            wo: self.w,
-            r,
-            spec: self.spec,
+    /// Copies image `x` [cin, h, w] into `dst` with `pad` zeros around every plane and returns
+    /// the shifted-rows view of it; `offs` receives the k*k tap offsets.
+    fn padded<'a>(&self, x: &[f32], dst: &mut [f32], offs: &'a mut [usize; 49]) -> Shifted<'a> {
+        let (k, p) = (self.spec.k, self.spec.pad);
+        let ld = self.w + 2 * p;
+        let plane = self.padded_plane();
+        for (c, dp) in dst[..self.cin * plane].chunks_exact_mut(plane).enumerate() {
+            dp[..p * ld].fill(0.0);
+            dp[(p + self.h) * ld..].fill(0.0);
+            for (y, src) in x[c * self.h * self.w..(c + 1) * self.h * self.w].chunks_exact(self.w).enumerate() {
+                let row = &mut dp[(p + y) * ld..(p + y + 1) * ld];
+                row[..p].fill(0.0);
+                row[p..p + self.w].copy_from_slice(src);
+                row[p + self.w..].fill(0.0);
+            }
         }
+        for (i, o) in offs.iter_mut().take(k * k).enumerate() {
+            *o = (i / k) * ld + i % k;
+        }
+        Shifted { base: dst.as_ptr(), plane, ld, offs: &offs[..k * k] }
     }
 }
 
@@ -111,12 +135,7 @@ fn im2col(x: &[f32], col: &mut [f32], g: &Geo, rows: Range<usize>) {
                 let row = &mut col[((ci * k + ky) * k + kx) * p..][..p];
                 // Output columns whose input column ox*s + kx - pad lies inside [0, w).
                 let lo = pad.saturating_sub(kx).div_ceil(s).min(g.wo);
-                let hi = if g.w + pad > kx {
-                    ((g.w + pad - kx - 1) / s + 1).min(g.wo)
-                } else {
-                    0
-                }
-                .max(lo);
+                let hi = if g.w + pad > kx { ((g.w + pad - kx - 1) / s + 1).min(g.wo) } else { 0 }.max(lo);
                 for (t, oy) in rows.clone().enumerate() {
                     let out = &mut row[t * g.wo..(t + 1) * g.wo];
                     let iy = (oy * s + ky).wrapping_sub(pad);
@@ -169,26 +188,33 @@ fn col2im(col: &[f32], gx: &mut [f32], g: &Geo) {
     }
 }
 
-/// Thread `t`'s workspace slot: (columns, weight-sized area at the slot's end).
+/// Thread `t`'s workspace slot: (image area, weight-sized area at the slot's end).
 fn slot(a: Ptr, ws: (usize, usize), threads: usize, t: usize, wlen: usize) -> (Ptr, *mut f32) {
     let len = ws.1 / threads.max(1);
     let base = ws.0 + t * len;
     (Ptr(a.at(base)), a.at(base + len - wlen))
 }
 
-/// One image: `y = conv(x, w)`; `x` is an image offset, `w` a row-major [cout, r] matrix.
+/// One image: `y = conv(x, w)`; `x` is the image, `w` a row-major [cout, r] matrix.
 ///
 /// # Safety
-/// `y` is this task's and overlaps neither `x`, `w` nor `col`.
-unsafe fn image_forward(a: Ptr, x: usize, w: *const f32, y: *mut f32, g: &Geo, col: Ptr) {
+/// `y` is this task's and overlaps neither `x`, `w` nor `area`.
+unsafe fn image_forward(x: &[f32], w: *const f32, y: *mut f32, g: &Geo, area: Ptr) {
     if is_pointwise(g.spec) {
-        matmul(g.cout, g.p(), g.cin, y, g.p(), false, w, a.at(x), g.p());
+        matmul(g.cout, g.p(), g.cin, y, g.p(), false, w, x.as_ptr(), g.p());
+    } else if direct(g.spec) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut offs = [0; 49];
+            let xs = g.padded(x, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
+            matmul::conv_direct(g.cout, g.r, w, xs, g.ho, g.wo, y, g.p());
+        }
     } else {
         for rows in g.tiles() {
             let tp = rows.len() * g.wo;
-            let cols = col.get_mut(0, g.r * tp);
+            let cols = area.get_mut(0, g.r * tp);
             let y = y.add(rows.start * g.wo);
-            im2col(a.get(x, g.cin * g.h * g.w), cols, g, rows);
+            im2col(x, cols, g, rows);
             matmul(g.cout, tp, g.r, y, g.p(), false, w, cols.as_ptr(), tp);
         }
     }
@@ -199,18 +225,12 @@ pub(super) fn forward(a: Ptr, ws: (usize, usize), threads: usize, x: View, w: us
     let g = Geo::new(x, y, spec);
     let chunks: Vec<_> = image_chunks(x.n, threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (col, _) = slot(a, ws, threads, t, 0);
+        let (area, _) = slot(a, ws, threads, t, 0);
         for n in range {
             // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y.
             unsafe {
-                image_forward(
-                    a,
-                    Ptr::plane_off(x, n, 0),
-                    a.at(w),
-                    a.at(Ptr::plane_off(y, n, 0)),
-                    &g,
-                    col,
-                )
+                let xs = a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w);
+                image_forward(xs, a.at(w), a.at(Ptr::plane_off(y, n, 0)), &g, area)
             }
         }
     });
@@ -228,11 +248,8 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
     unsafe {
         let dst = std::slice::from_raw_parts_mut(wt, wlen);
         let wv = a.get(w, wlen);
-        if flips(spec) {
-            let kk = g.cout * k2;
-            pack(g.cin, kk, dst, |ci, j| {
-                wv[((j / k2) * g.cin + ci) * k2 + k2 - 1 - j % k2]
-            });
+        if same(spec) {
+            pack(g.cin, g.cout * k2, dst, |ci, j| wv[((j / k2) * g.cin + ci) * k2 + k2 - 1 - j % k2]);
         } else {
             pack(g.r, g.cout, dst, |i, co| wv[co * g.r + i]);
         }
@@ -240,38 +257,18 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
     let (flipped, wt) = (g.flipped(), Ptr(wt));
     let chunks: Vec<_> = image_chunks(gy.n, threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (col, _) = slot(a, ws, threads, t, wlen);
+        let (area, _) = slot(a, ws, threads, t, wlen);
         for n in range {
             let (gyo, gxo) = (Ptr::plane_off(gy, n, 0), Ptr::plane_off(gx, n, 0));
-            // SAFETY: image n of gx is this task's; gy and wt are read-only; col is this task's.
+            // SAFETY: image n of gx is this task's; gy and wt are read-only; area is this task's.
             unsafe {
-                if flips(spec) {
-                    image_forward(a, gyo, wt.at(0), a.at(gxo), &flipped, col);
+                if same(spec) {
+                    image_forward(a.get(gyo, g.cout * g.p()), wt.at(0), a.at(gxo), &flipped, area);
                 } else if is_pointwise(spec) {
-                    matmul(
-                        g.cin,
-                        g.p(),
-                        g.cout,
-                        a.at(gxo),
-                        g.p(),
-                        false,
-                        wt.at(0),
-                        a.at(gyo),
-                        g.p(),
-                    );
+                    matmul(g.cin, g.p(), g.cout, a.at(gxo), g.p(), false, wt.at(0), a.at(gyo), g.p());
                 } else {
-                    let cols = col.get_mut(0, g.r * g.p());
-                    matmul(
-                        g.r,
-                        g.p(),
-                        g.cout,
-                        cols.as_mut_ptr(),
-                        g.p(),
-                        false,
-                        wt.at(0),
-                        a.at(gyo),
-                        g.p(),
-                    );
+                    let cols = area.get_mut(0, g.r * g.p());
+                    matmul(g.r, g.p(), g.cout, cols.as_mut_ptr(), g.p(), false, wt.at(0), a.at(gyo), g.p());
                     col2im(cols, a.get_mut(gxo, g.cin * g.h * g.w), &g);
                 }
             }
@@ -295,22 +292,27 @@ pub(super) fn backward_filter(
     let chunks: Vec<_> = image_chunks(x.n, threads).collect();
     let used = chunks.iter().filter(|r| !r.is_empty()).count();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (col, dw) = slot(a, ws, threads, t, wlen);
+        let (area, dw) = slot(a, ws, threads, t, wlen);
         for (i, n) in range.enumerate() {
-            let (gym, xo) = (
-                (a.at(Ptr::plane_off(gy, n, 0)) as *const f32, g.p()),
-                Ptr::plane_off(x, n, 0),
-            );
+            let gyp = a.at(Ptr::plane_off(gy, n, 0)) as *const f32;
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
+                let xs = a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w);
                 if is_pointwise(spec) {
-                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, gym, (a.at(xo), g.p()));
+                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, (gyp, g.p()), (xs.as_ptr(), g.p()));
+                } else if direct(spec) {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        let mut offs = [0; 49];
+                        let shifted = g.padded(xs, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
+                        matmul::conv_direct_filter(g.cout, g.r, (gyp, g.p()), shifted, g.ho, g.wo, dw, i > 0);
+                    }
                 } else {
                     for rows in g.tiles() {
                         let (tp, first) = (rows.len() * g.wo, rows.start == 0);
-                        let cols = col.get_mut(0, g.r * tp);
-                        let gyt = (gym.0.add(rows.start * g.wo), g.p());
-                        im2col(a.get(xo, g.cin * g.h * g.w), cols, &g, rows);
+                        let cols = area.get_mut(0, g.r * tp);
+                        let gyt = (gyp.add(rows.start * g.wo), g.p());
+                        im2col(xs, cols, &g, rows);
                         matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp));
                     }
                 }

@@ -12,8 +12,7 @@ pub(super) fn copy(a: Ptr, src: View, dst: View) {
         let (n, c) = (i / src.c, i % src.c);
         // SAFETY: src and dst do not overlap; dst plane i is this task's.
         unsafe {
-            a.get_mut(Ptr::plane_off(dst, n, c), dst.hw())
-                .copy_from_slice(a.get(Ptr::plane_off(src, n, c), src.hw()))
+            a.get_mut(Ptr::plane_off(dst, n, c), dst.hw()).copy_from_slice(a.get(Ptr::plane_off(src, n, c), src.hw()))
         }
     });
 }
@@ -28,11 +27,7 @@ pub(super) fn dropout(a: Ptr, x: View, p: f32, key: u64) {
         // SAFETY: plane i is this task's.
         let d = unsafe { a.get_mut(Ptr::plane_off(x, n, c), hw) };
         for (j, v) in d.iter_mut().enumerate() {
-            *v = if rng::uniform(key, base + j as u64) < p {
-                0.0
-            } else {
-                *v * keep
-            };
+            *v = if rng::uniform(key, base + j as u64) < p { 0.0 } else { *v * keep };
         }
     });
 }
@@ -67,17 +62,13 @@ pub(super) fn linear_backward(
     for k in 0..cout {
         arena[gb + k] = (0..n).map(|i| arena[gy + i * cout + k] as f64).sum::<f64>() as f32;
         for j in 0..cin {
-            let s: f64 = (0..n)
-                .map(|i| arena[gy + i * cout + k] as f64 * arena[x + i * cin + j] as f64)
-                .sum();
+            let s: f64 = (0..n).map(|i| arena[gy + i * cout + k] as f64 * arena[x + i * cin + j] as f64).sum();
             arena[gw + k * cin + j] = s as f32;
         }
     }
     for i in 0..n {
         for j in 0..cin {
-            let s: f64 = (0..cout)
-                .map(|k| arena[gy + i * cout + k] as f64 * arena[w + k * cin + j] as f64)
-                .sum();
+            let s: f64 = (0..cout).map(|k| arena[gy + i * cout + k] as f64 * arena[w + k * cin + j] as f64).sum();
             arena[gx + i * cin + j] = s as f32;
         }
     }
@@ -98,10 +89,8 @@ pub(super) fn softmax_xent(
         let z = &arena[logits + i * k..][..k];
         let label = label as usize;
         assert!(label < k, "label {label} out of range for {k} classes");
-        let (arg, max) = z
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+        let (arg, max) =
+            z.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
         let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
         loss += sum.ln() + max as f64 - z[label] as f64;
         correct += (arg == label) as usize;
@@ -121,13 +110,8 @@ pub(super) fn sgd(a: Ptr, params: usize, grads: usize, momentum: usize, len: usi
     (0..len.div_ceil(CHUNK)).into_par_iter().for_each(|ci| {
         let (start, l) = (ci * CHUNK, CHUNK.min(len - ci * CHUNK));
         // SAFETY: the three regions are disjoint; chunk ci is this task's.
-        let (p, g, m) = unsafe {
-            (
-                a.get_mut(params + start, l),
-                a.get(grads + start, l),
-                a.get_mut(momentum + start, l),
-            )
-        };
+        let (p, g, m) =
+            unsafe { (a.get_mut(params + start, l), a.get(grads + start, l), a.get_mut(momentum + start, l)) };
         for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
             let d = g + hp.weight_decay * *p;
             *m = hp.momentum * *m + d;

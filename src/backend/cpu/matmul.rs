@@ -1,11 +1,21 @@
 //! Matrix multiplies for convolutions, reading activations in place (rows of pixels):
 //! - [`matmul`]: `Y[m x p] (+)= A[m x k] * B[k x p]` (forward and data gradient), A small
 //!   (weights, row-major), B's rows contiguous;
-//! - [`matmul_nt`]: `Y[m x n] (+)= A[m x p] * B[n x p]^T` (weight gradient), both operands'
-//!   rows contiguous.
+//! - [`matmul_nt`]: `Y[m x n] (+)= A[m x p] * B[n x p]^T` (weight gradient);
+//! - [`conv_direct`] / [`conv_direct_filter`]: the same two products for a stride-1 "same"
+//!   convolution whose B is a [`Shifted`] view of a zero-padded image (implicit im2col).
 //!
-//! On x86-64 with AVX2+FMA, register-blocked kernels stream the activations straight from the
-//! arena with no packing of the large operand; elsewhere the `gemm` crate does the work.
+//! These run as AVX2+FMA register-blocked kernels on x86-64 ([`simd`] says whether the CPU
+//! has them); the first two fall back to the `gemm` crate elsewhere, and the direct forms are
+//! only called when [`simd`] is true (the caller uses im2col otherwise).
+
+/// Whether the AVX2+FMA kernels run on this CPU.
+pub(super) fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Fills `dst` [m x k] row-major with `f(i, kk)` (weights seen through any index map).
 pub(super) fn pack(m: usize, k: usize, dst: &mut [f32], f: impl Fn(usize, usize) -> f32) {
@@ -13,6 +23,28 @@ pub(super) fn pack(m: usize, k: usize, dst: &mut [f32], f: impl Fn(usize, usize)
         for (kk, d) in dst[i * k..(i + 1) * k].iter_mut().enumerate() {
             *d = f(i, kk);
         }
+    }
+}
+
+/// An implicit im2col matrix: row `c * offs.len() + r` is channel `c` of a zero-padded image
+/// shifted by `offs[r]`; pixel (oy, ox) of a row is at `oy * ld + ox`.
+#[derive(Clone, Copy)]
+pub(super) struct Shifted<'a> {
+    /// Channel 0, pixel (0, 0) of the padded image.
+    pub base: *const f32,
+    /// Floats per padded channel plane.
+    pub plane: usize,
+    /// Floats per padded image row.
+    pub ld: usize,
+    /// Offset of each kernel tap (ky * ld + kx).
+    pub offs: &'a [usize],
+}
+
+impl Shifted<'_> {
+    /// Start of im2col row `j`.
+    fn row(&self, j: usize) -> *const f32 {
+        let k2 = self.offs.len();
+        self.base.wrapping_add((j / k2) * self.plane + self.offs[j % k2])
     }
 }
 
@@ -33,7 +65,7 @@ pub(super) unsafe fn matmul(
     ldb: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if simd() {
         return avx2::matmul(m, p, k, y, ldy, accumulate, a, b, ldb);
     }
     gemm::gemm(
@@ -75,8 +107,9 @@ pub(super) unsafe fn matmul_nt(
     b: (*const f32, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return avx2::matmul_nt(m, n, p, y, ldy, accumulate, a, b);
+    if simd() {
+        let walk = avx2::Walk { rows: 1, cols: p, lda: 0, ldb: 0 };
+        return avx2::nt(m, n, y, ldy, accumulate, a, walk, |j| b.0.add(j * b.1));
     }
     gemm::gemm(
         m,
@@ -101,14 +134,179 @@ pub(super) unsafe fn matmul_nt(
     )
 }
 
+/// `y[m x ho*wo] (row stride ldy) = a[m x k] * x` for the implicit im2col `x` (k rows).
+///
+/// # Safety
+/// [`simd`] is true; the padded image covers every tap of every output pixel.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn conv_direct(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    x: Shifted,
+    ho: usize,
+    wo: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    avx2::direct(m, k, a, x, ho, wo, y, ldy)
+}
+
+/// `dw[m x n] (+)= gy[m x ho*wo] (row stride ldg) * x^T` for the implicit im2col `x` (n rows).
+///
+/// # Safety
+/// As [`conv_direct`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn conv_direct_filter(
+    m: usize,
+    n: usize,
+    gy: (*const f32, usize),
+    x: Shifted,
+    ho: usize,
+    wo: usize,
+    dw: *mut f32,
+    accumulate: bool,
+) {
+    let walk = avx2::Walk { rows: ho, cols: wo, lda: wo, ldb: x.ld };
+    avx2::nt(m, n, dw, n, accumulate, gy, walk, |j| x.row(j))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::Shifted;
     use std::arch::x86_64::*;
 
-    /// Rows per register block.
+    /// Rows of A per register block (6 x 16 outputs in 12 registers).
     const MR: usize = 6;
-    /// Depth of one pass over B.
+    /// Depth of one packed panel of B.
     const KC: usize = 64;
+
+    /// Lane masks selecting the first `cols` (0..=16) of 16 columns.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn masks(cols: usize) -> (__m256i, __m256i) {
+        let n = _mm256_set1_epi32(cols as i32);
+        let lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+        (_mm256_cmpgt_epi32(n, lo), _mm256_cmpgt_epi32(n, hi))
+    }
+
+    /// Where an R x 16 block reads its B rows: a packed 16-wide panel, or shifted image rows.
+    #[derive(Clone, Copy)]
+    enum Rows<'a> {
+        Panel(*const f32),
+        Shifted(Shifted<'a>),
+    }
+
+    /// Accumulates an R x 16 block over k rows of B (the first `cols` columns when MASKED),
+    /// then stores (or adds) it into y.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const R: usize, const MASKED: bool>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: Rows,
+        y: *mut f32,
+        ldy: usize,
+        acc: bool,
+        cols: usize,
+    ) {
+        let (m0, m1) = masks(cols);
+        let mut c = [[_mm256_setzero_ps(); 2]; R];
+        // A macro, not a closure: closures do not inherit `target_feature`.
+        macro_rules! step {
+            ($kk:expr, $b0:expr, $b1:expr) => {{
+                let (kk, b0, b1) = ($kk, $b0, $b1);
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(r * lda + kk));
+                    cr[0] = _mm256_fmadd_ps(av, b0, cr[0]);
+                    cr[1] = _mm256_fmadd_ps(av, b1, cr[1]);
+                }
+            }};
+        }
+        match b {
+            Rows::Panel(p) => {
+                for kk in 0..k {
+                    let row = p.add(kk * 16);
+                    step!(kk, _mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                }
+            }
+            Rows::Shifted(x) => {
+                let k2 = x.offs.len();
+                for ci in 0..k / k2 {
+                    let base = x.base.add(ci * x.plane);
+                    for (r, &o) in x.offs.iter().enumerate() {
+                        let row = base.add(o);
+                        let (b0, b1) = if MASKED {
+                            (_mm256_maskload_ps(row, m0), _mm256_maskload_ps(row.add(8), m1))
+                        } else {
+                            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
+                        };
+                        step!(ci * k2 + r, b0, b1);
+                    }
+                }
+            }
+        }
+        for (r, cr) in c.iter().enumerate() {
+            let out = y.add(r * ldy);
+            let (mut v0, mut v1) = (cr[0], cr[1]);
+            if MASKED {
+                if acc {
+                    v0 = _mm256_add_ps(v0, _mm256_maskload_ps(out, m0));
+                    v1 = _mm256_add_ps(v1, _mm256_maskload_ps(out.add(8), m1));
+                }
+                _mm256_maskstore_ps(out, m0, v0);
+                _mm256_maskstore_ps(out.add(8), m1, v1);
+            } else {
+                if acc {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(out));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(out.add(8)));
+                }
+                _mm256_storeu_ps(out, v0);
+                _mm256_storeu_ps(out.add(8), v1);
+            }
+        }
+    }
+
+    /// Every 6-row block of A against one 16-column tile of B.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: Rows,
+        y: *mut f32,
+        ldy: usize,
+        acc: bool,
+        cols: usize,
+    ) {
+        let mut i = 0;
+        while i < m {
+            let (ap, yp) = (a.add(i * lda), y.add(i * ldy));
+            macro_rules! run {
+                ($r:literal) => {
+                    if cols == 16 {
+                        block::<$r, false>(k, ap, lda, b, yp, ldy, acc, cols)
+                    } else {
+                        block::<$r, true>(k, ap, lda, b, yp, ldy, acc, cols)
+                    }
+                };
+            }
+            match m - i {
+                1 => run!(1),
+                2 => run!(2),
+                3 => run!(3),
+                4 => run!(4),
+                5 => run!(5),
+                _ => run!(6),
+            }
+            i += MR;
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -123,29 +321,30 @@ mod avx2 {
         b: *const f32,
         ldb: usize,
     ) {
-        // k in chunks of KC rows: a chunk's B rows (one page apart each) stay in the TLB and
-        // L1 while every row block of A passes over them.
+        // B is consumed in panels of KC rows x 16 columns, copied into a contiguous buffer
+        // first: rows of B are whole image planes apart (often a multiple of 4 KB), which would
+        // alias in L1 and miss on every row if read in place.
+        let mut panel = [0.0f32; KC * 16];
         let mut k0 = 0;
         while k0 < k {
             let kc = (k - k0).min(KC);
-            let acc = acc || k0 > 0;
             let mut j = 0;
             while j < p {
                 let cols = (p - j).min(16);
-                let mut i = 0;
-                while i < m {
-                    let (ap, bp, yp) = (a.add(i * k + k0), b.add(k0 * ldb + j), y.add(i * ldy + j));
-                    match ((m - i).min(MR), cols == 16) {
-                        (6, true) => block::<6, false>(kc, ap, k, bp, ldb, yp, ldy, acc, cols),
-                        (6, false) => block::<6, true>(kc, ap, k, bp, ldb, yp, ldy, acc, cols),
-                        (5, m16) => dispatch::<5>(m16, kc, ap, k, bp, ldb, yp, ldy, acc, cols),
-                        (4, m16) => dispatch::<4>(m16, kc, ap, k, bp, ldb, yp, ldy, acc, cols),
-                        (3, m16) => dispatch::<3>(m16, kc, ap, k, bp, ldb, yp, ldy, acc, cols),
-                        (2, m16) => dispatch::<2>(m16, kc, ap, k, bp, ldb, yp, ldy, acc, cols),
-                        (_, m16) => dispatch::<1>(m16, kc, ap, k, bp, ldb, yp, ldy, acc, cols),
+                for kk in 0..kc {
+                    let src = b.add((k0 + kk) * ldb + j);
+                    let dst = panel.as_mut_ptr().add(kk * 16);
+                    if cols == 16 {
+                        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+                        _mm256_storeu_ps(dst.add(8), _mm256_loadu_ps(src.add(8)));
+                    } else {
+                        let (m0, m1) = masks(cols);
+                        _mm256_storeu_ps(dst, _mm256_maskload_ps(src, m0));
+                        _mm256_storeu_ps(dst.add(8), _mm256_maskload_ps(src.add(8), m1));
                     }
-                    i += MR;
                 }
+                let rows = Rows::Panel(panel.as_ptr());
+                tile(m, kc, a.add(k0), k, rows, y.add(j), ldy, acc || k0 > 0, cols);
                 j += 16;
             }
             k0 += KC;
@@ -154,156 +353,70 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dispatch<const R: usize>(
-        full: bool,
+    pub(super) unsafe fn direct(
+        m: usize,
         k: usize,
         a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
+        x: Shifted,
+        ho: usize,
+        wo: usize,
         y: *mut f32,
         ldy: usize,
-        acc: bool,
-        cols: usize,
     ) {
-        if full {
-            block::<R, false>(k, a, lda, b, ldb, y, ldy, acc, cols)
-        } else {
-            block::<R, true>(k, a, lda, b, ldb, y, ldy, acc, cols)
-        }
-    }
-
-    /// Lane masks selecting the first `cols` of 16 columns.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn masks(cols: usize) -> (__m256i, __m256i) {
-        let lane = |base: i32| {
-            let idx = _mm256_setr_epi32(
-                base,
-                base + 1,
-                base + 2,
-                base + 3,
-                base + 4,
-                base + 5,
-                base + 6,
-                base + 7,
-            );
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32), idx)
-        };
-        (lane(0), lane(8))
-    }
-
-    /// An R x 16 block of y (the first `cols` columns when MASKED) over the whole k.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, const MASKED: bool>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-        cols: usize,
-    ) {
-        let (m0, m1) = masks(cols);
-        let mut c = [[_mm256_setzero_ps(); 2]; R];
-        for kk in 0..k {
-            let row = b.add(kk * ldb);
-            let (b0, b1) = if MASKED {
-                (_mm256_maskload_ps(row, m0), _mm256_maskload_ps(row.add(8), m1))
-            } else {
-                (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
-            };
-            for (r, cr) in c.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(r * lda + kk));
-                cr[0] = _mm256_fmadd_ps(av, b0, cr[0]);
-                cr[1] = _mm256_fmadd_ps(av, b1, cr[1]);
-            }
-        }
-        for (r, cr) in c.iter().enumerate() {
-            let out = y.add(r * ldy);
-            if MASKED {
-                let (mut v0, mut v1) = (cr[0], cr[1]);
-                if acc {
-                    v0 = _mm256_add_ps(v0, _mm256_maskload_ps(out, m0));
-                    v1 = _mm256_add_ps(v1, _mm256_maskload_ps(out.add(8), m1));
-                }
-                _mm256_maskstore_ps(out, m0, v0);
-                _mm256_maskstore_ps(out.add(8), m1, v1);
-            } else {
-                let (mut v0, mut v1) = (cr[0], cr[1]);
-                if acc {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(out));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(out.add(8)));
-                }
-                _mm256_storeu_ps(out, v0);
-                _mm256_storeu_ps(out.add(8), v1);
+        for oy in 0..ho {
+            let mut ox = 0;
+            while ox < wo {
+                let cols = (wo - ox).min(16);
+                let rows = Rows::Shifted(Shifted { base: x.base.add(oy * x.ld + ox), ..x });
+                tile(m, k, a, k, rows, y.add(oy * wo + ox), ldy, false, cols);
+                ox += 16;
             }
         }
     }
 
-    /// Rows of b per block in [`matmul_nt`] (the block stays in L1 while a streams from L2).
-    const NB: usize = 4;
-    /// Rows of a per block in [`matmul_nt`].
-    const MB: usize = 3;
+    /// The pixels a dot product runs over: `rows` runs of `cols` pixels, consecutive runs
+    /// `lda` (in A) and `ldb` (in B) floats apart.
+    #[derive(Clone, Copy)]
+    pub(super) struct Walk {
+        pub rows: usize,
+        pub cols: usize,
+        pub lda: usize,
+        pub ldb: usize,
+    }
 
+    /// `y[m x n] (+)= a[m rows] . b[n rows]` over the pixels of `walk`; A row i starts at
+    /// `a.0 + i * a.1`, B row j at `brow(j)`. Blocks of 3 x 4 dot products keep 12
+    /// accumulators in registers; B's four rows stay in L1 while A streams past.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn matmul_nt(
+    pub(super) unsafe fn nt(
         m: usize,
         n: usize,
-        p: usize,
         y: *mut f32,
         ldy: usize,
         acc: bool,
         a: (*const f32, usize),
-        b: (*const f32, usize),
+        walk: Walk,
+        brow: impl Fn(usize) -> *const f32,
     ) {
         let mut j = 0;
         while j < n {
+            let c = (n - j).min(4);
+            let b: [*const f32; 4] = std::array::from_fn(|q| brow(j + q.min(c - 1)));
             let mut i = 0;
             while i < m {
-                let (ap, bp) = (a.0.add(i * a.1), b.0.add(j * b.1));
-                let yp = y.add(i * ldy + j);
-                match ((m - i).min(MB), (n - j).min(NB)) {
-                    (3, 4) => dots::<3, 4>(p, ap, a.1, bp, b.1, yp, ldy, acc),
-                    (r, c) => dots_any(r, c, p, ap, a.1, bp, b.1, yp, ldy, acc),
+                let r = (m - i).min(3);
+                let ar: [*const f32; 3] = std::array::from_fn(|q| a.0.add((i + q.min(r - 1)) * a.1));
+                let sums = dots(ar, b, walk);
+                for (q, row) in sums.iter().enumerate().take(r) {
+                    for (s, &v) in row.iter().enumerate().take(c) {
+                        let out = y.add((i + q) * ldy + j + s);
+                        *out = if acc { *out + v } else { v };
+                    }
                 }
-                i += MB;
+                i += 3;
             }
-            j += NB;
-        }
-    }
-
-    /// Edge blocks: one row pair at a time.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dots_any(
-        r: usize,
-        c: usize,
-        p: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-    ) {
-        for i in 0..r {
-            for j in 0..c {
-                dots::<1, 1>(
-                    p,
-                    a.add(i * lda),
-                    lda,
-                    b.add(j * ldb),
-                    ldb,
-                    y.add(i * ldy + j),
-                    ldy,
-                    acc,
-                );
-            }
+            j += 4;
         }
     }
 
@@ -315,40 +428,46 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// y[R x C] (+)= dot products of R rows of a with C rows of b, over p.
+    /// The 3 x 4 dot products of three A rows with four B rows over `walk`. (No closures in
+    /// kernels: closures do not inherit `target_feature` and would not be inlined.)
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dots<const R: usize, const C: usize>(
-        p: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-    ) {
-        let mut s = [[_mm256_setzero_ps(); C]; R];
-        let mut t = 0;
-        while t + 8 <= p {
-            let bv: [__m256; C] = std::array::from_fn(|j| _mm256_loadu_ps(b.add(j * ldb + t)));
-            for (i, si) in s.iter_mut().enumerate() {
-                let av = _mm256_loadu_ps(a.add(i * lda + t));
-                for (sij, &bj) in si.iter_mut().zip(&bv) {
-                    *sij = _mm256_fmadd_ps(av, bj, *sij);
+    unsafe fn dots(a: [*const f32; 3], b: [*const f32; 4], walk: Walk) -> [[f32; 4]; 3] {
+        let mut s = [[_mm256_setzero_ps(); 4]; 3];
+        let tail = walk.cols % 8;
+        let mask = masks(tail).0;
+        macro_rules! step {
+            ($ao:expr, $bo:expr, $load:ident $(, $mask:expr)?) => {{
+                let bv = [
+                    $load(b[0].add($bo) $(, $mask)?),
+                    $load(b[1].add($bo) $(, $mask)?),
+                    $load(b[2].add($bo) $(, $mask)?),
+                    $load(b[3].add($bo) $(, $mask)?),
+                ];
+                for (si, ai) in s.iter_mut().zip(a) {
+                    let av = $load(ai.add($ao) $(, $mask)?);
+                    for (sij, &bj) in si.iter_mut().zip(&bv) {
+                        *sij = _mm256_fmadd_ps(av, bj, *sij);
+                    }
                 }
-            }
-            t += 8;
+            }};
         }
-        for (i, si) in s.iter().enumerate() {
-            for (j, &sij) in si.iter().enumerate() {
-                let mut v = hsum(sij);
-                for q in t..p {
-                    v += *a.add(i * lda + q) * *b.add(j * ldb + q);
-                }
-                let out = y.add(i * ldy + j);
-                *out = if acc { *out + v } else { v };
+        for row in 0..walk.rows {
+            let (ao, bo) = (row * walk.lda, row * walk.ldb);
+            let mut t = 0;
+            while t + 8 <= walk.cols {
+                step!(ao + t, bo + t, _mm256_loadu_ps);
+                t += 8;
+            }
+            if tail > 0 {
+                step!(ao + t, bo + t, _mm256_maskload_ps, mask);
             }
         }
+        let mut out = [[0.0; 4]; 3];
+        for (o, si) in out.iter_mut().zip(&s) {
+            for (v, &sij) in o.iter_mut().zip(si) {
+                *v = hsum(sij);
+            }
+        }
+        out
     }
 }

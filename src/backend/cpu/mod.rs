@@ -72,12 +72,7 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend using rayon's global pool (its size fixes the workspace and the work split).
     pub fn new() -> Self {
-        CpuBackend {
-            arena: Vec::new(),
-            labels: Vec::new(),
-            workspace: (0, 0),
-            threads: rayon::current_num_threads(),
-        }
+        CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: (0, 0), threads: rayon::current_num_threads() }
     }
 
     fn ptr(&mut self) -> Ptr {
@@ -85,11 +80,7 @@ impl CpuBackend {
     }
 
     fn check(&self, v: View) {
-        assert!(
-            v.end() <= self.arena.len(),
-            "view {v:?} outside the arena ({})",
-            self.arena.len()
-        );
+        assert!(v.end() <= self.arena.len(), "view {v:?} outside the arena ({})", self.arena.len());
     }
 }
 
@@ -133,10 +124,7 @@ impl Backend for CpuBackend {
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
-        assert!(
-            labels.len() <= self.labels.capacity(),
-            "more labels than the planned batch"
-        );
+        assert!(labels.len() <= self.labels.capacity(), "more labels than the planned batch");
         self.labels.clear();
         self.labels.extend_from_slice(labels);
     }
@@ -183,16 +171,7 @@ impl Backend for CpuBackend {
         count: usize,
         momentum: f32,
     ) {
-        norm::update_running(
-            &mut self.arena,
-            mean,
-            var,
-            running_mean,
-            running_var,
-            c,
-            count,
-            momentum,
-        );
+        norm::update_running(&mut self.arena, mean, var, running_mean, running_var, c, count, momentum);
     }
 
     fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
@@ -268,12 +247,7 @@ impl Backend for CpuBackend {
     }
 
     fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
-        assert_eq!(
-            self.labels.len(),
-            n,
-            "labels for {} images, batch of {n}",
-            self.labels.len()
-        );
+        assert_eq!(self.labels.len(), n, "labels for {} images, batch of {n}", self.labels.len());
         elementwise::softmax_xent(&mut self.arena, &self.labels, logits, n, k, out, glogits);
     }
 

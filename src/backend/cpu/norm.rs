@@ -30,10 +30,7 @@ pub(super) fn stats(a: Ptr, x: View, mean: usize, var: usize) {
         unsafe {
             let planes = || (0..x.n).map(|n| a.get(Ptr::plane_off(x, n, c), hw));
             let m = planes().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / count;
-            let v = planes()
-                .map(|p| p.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>())
-                .sum::<f64>()
-                / count;
+            let v = planes().map(|p| p.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>() / count;
             *a.at(mean + c) = m as f32;
             *a.at(var + c) = v as f32;
         }
@@ -64,12 +61,7 @@ pub(super) fn bn_relu(a: Ptr, x: View, bn: Bn, y: View) {
     let hw = x.hw();
     (0..x.n * x.c).into_par_iter().for_each(|i| {
         let (n, c) = (i / x.c, i % x.c);
-        let (scale, shift, _) = affine(
-            at(a, bn.mean + c),
-            at(a, bn.var + c),
-            at(a, bn.gamma + c),
-            at(a, bn.beta + c),
-        );
+        let (scale, shift, _) = affine(at(a, bn.mean + c), at(a, bn.var + c), at(a, bn.gamma + c), at(a, bn.beta + c));
         // SAFETY: x and y do not overlap; each task writes its own plane of y.
         unsafe {
             let src = a.get(Ptr::plane_off(x, n, c), hw);
@@ -129,13 +121,9 @@ pub(super) fn bn_relu_backward(
                 } else {
                     let gp = a.get(Ptr::plane_off(g, n, c), hw);
                     if accumulate {
-                        dp.iter_mut()
-                            .zip(gp.iter().zip(xp))
-                            .for_each(|(d, (&gv, &xv))| *d += grad(gv, xv));
+                        dp.iter_mut().zip(gp.iter().zip(xp)).for_each(|(d, (&gv, &xv))| *d += grad(gv, xv));
                     } else {
-                        dp.iter_mut()
-                            .zip(gp.iter().zip(xp))
-                            .for_each(|(d, (&gv, &xv))| *d = grad(gv, xv));
+                        dp.iter_mut().zip(gp.iter().zip(xp)).for_each(|(d, (&gv, &xv))| *d = grad(gv, xv));
                     }
                 }
             }

@@ -11,12 +11,7 @@ fn planes(a: Ptr, src: View, dst: View, f: impl Fn(&[f32], &mut [f32]) + Sync) {
     (0..src.n * src.c).into_par_iter().for_each(|i| {
         let (n, c) = (i / src.c, i % src.c);
         // SAFETY: src and dst do not overlap (trait contract); dst plane i is this task's.
-        unsafe {
-            f(
-                a.get(Ptr::plane_off(src, n, c), src.hw()),
-                a.get_mut(Ptr::plane_off(dst, n, c), dst.hw()),
-            )
-        }
+        unsafe { f(a.get(Ptr::plane_off(src, n, c), src.hw()), a.get_mut(Ptr::plane_off(dst, n, c), dst.hw())) }
     });
 }
 

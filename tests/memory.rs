@@ -1,0 +1,96 @@
+//! Measured memory equals the plan: a counting global allocator records the heap while the
+//! model is built and while it trains. Building allocates the planned arena (plus the small
+//! network description); a training step allocates nothing beyond a stated allowance.
+
+mod common;
+
+use densenet::backend::Sgd;
+use densenet::config::NetConfig;
+use densenet::model::plan::Mode;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grow(n: usize) {
+    let now = CURRENT.fetch_add(n, SeqCst) + n;
+    PEAK.fetch_max(now, SeqCst);
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        grow(l.size());
+        System.alloc(l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        grow(l.size());
+        System.alloc_zeroed(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        CURRENT.fetch_sub(l.size(), SeqCst);
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        if new > l.size() {
+            grow(new - l.size());
+        } else {
+            CURRENT.fetch_sub(l.size() - new, SeqCst);
+        }
+        System.realloc(p, l, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Heap growth above `start` at the peak of `f`.
+fn peak_growth(f: impl FnOnce()) -> usize {
+    let start = CURRENT.load(SeqCst);
+    PEAK.store(start, SeqCst);
+    f();
+    PEAK.load(SeqCst) - start
+}
+
+/// Network description, names and plan bookkeeping allocated beside the arena, plus the
+/// initial parameter values staged on the host while building.
+fn build_allowance(param_bytes: usize) -> usize {
+    (1 << 20) + param_bytes
+}
+
+/// Transient allocations inside a step: rayon's job lists (a few KB); without AVX2+FMA the
+/// `gemm` crate's packing buffers as well.
+fn step_allowance() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        return 64 << 10;
+    }
+    4 << 20
+}
+
+#[test]
+fn measured_heap_equals_the_plan() {
+    // One test in this binary: the counters are process-wide.
+    let cfg = NetConfig::cifar(40, 12, true, 0.5, 0.2, 10).unwrap();
+    let (n, hw) = (16, 32);
+    let (images, labels) = common::batch(3, n, hw, hw, 10);
+    for mode in Mode::ALL {
+        let mut model = None;
+        let build = peak_growth(|| model = Some(common::model(&cfg, n, hw, hw, mode, 1)));
+        let mut m = model.unwrap();
+        let planned = m.plan().total_bytes();
+        assert!(build >= planned, "{mode}: built {build} B, plan {planned} B");
+        let allowance = build_allowance(m.layout().len * 4);
+        assert!(build <= planned + allowance, "{mode}: built {build} B, plan {planned} B");
+        for step in 0..2 {
+            let g = peak_growth(|| {
+                m.train_step(&images, &labels, Sgd::default()).unwrap();
+            });
+            println!("{mode}: plan {planned} B, build {build} B, step {step} grows the heap by {g} B");
+            assert!(g <= step_allowance(), "{mode}: step {step} allocated {g} B beyond the plan");
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The planner's totals: linear in depth for `shared` and `minimal`, faster than linear for
+//! `naive` (DenseNet-BC, k = 12, batch 64, depths 40 to 250), and ordered naive > shared >
+//! minimal.
+
+use densenet::backend::{Backend, CpuBackend};
+use densenet::config::NetConfig;
+use densenet::model::net::Net;
+use densenet::model::plan::{Category, Mode, Plan};
+
+const DEPTHS: [usize; 7] = [40, 64, 100, 136, 172, 208, 250];
+
+/// Batch-dependent bytes (activations, scratch, workspace) of BC-depth-12 at batch 64. The
+/// parameter buffers are excluded: a DenseNet's parameter count itself grows quadratically.
+fn batch_bytes(depth: usize, mode: Mode) -> f64 {
+    let cfg = NetConfig::cifar(depth, 12, true, 0.5, 0.0, 10).unwrap();
+    let be = CpuBackend::new();
+    let plan = Plan::new(&cfg, &Net::new(&cfg), 64, 32, 32, mode, |c| be.workspace_len(c)).unwrap();
+    [Category::Activations, Category::Scratch, Category::Workspace].iter().map(|&c| plan.bytes(c) as f64).sum()
+}
+
+/// Largest relative distance of the points from their least-squares line.
+fn nonlinearity(ys: &[f64]) -> f64 {
+    let xs: Vec<f64> = DEPTHS.iter().map(|&d| d as f64).collect();
+    let n = xs.len() as f64;
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let slope = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum::<f64>()
+        / xs.iter().map(|x| (x - mx).powi(2)).sum::<f64>();
+    xs.iter().zip(ys).map(|(x, y)| ((my + slope * (x - mx)) - y).abs() / y).fold(0.0, f64::max)
+}
+
+#[test]
+fn shared_and_minimal_grow_linearly_with_depth() {
+    for mode in [Mode::Shared, Mode::Minimal] {
+        let ys: Vec<f64> = DEPTHS.iter().map(|&d| batch_bytes(d, mode)).collect();
+        let e = nonlinearity(&ys);
+        assert!(e < 0.03, "{mode}: {:.1}% off a straight line ({ys:?})", 100.0 * e);
+    }
+}
+
+#[test]
+fn naive_grows_faster_than_linearly() {
+    let ys: Vec<f64> = DEPTHS.iter().map(|&d| batch_bytes(d, Mode::Naive)).collect();
+    assert!(nonlinearity(&ys) > 0.1, "naive looks linear: {ys:?}");
+    // Convex: each step up in depth costs more than the previous one per layer.
+    let per_layer: Vec<f64> =
+        ys.windows(2).zip(DEPTHS.windows(2)).map(|(y, d)| (y[1] - y[0]) / (d[1] - d[0]) as f64).collect();
+    assert!(per_layer.windows(2).all(|w| w[1] > w[0]), "naive not convex: {per_layer:?}");
+    // Quadratic: 250 layers cost more than 6.25x / 2 of 100 layers (linear would be 2.5x).
+    assert!(ys[6] / ys[2] > 4.0, "naive 250/100 ratio {}", ys[6] / ys[2]);
+}
+
+#[test]
+fn modes_are_ordered_by_memory() {
+    for d in DEPTHS {
+        let [n, s, m] = Mode::ALL.map(|mode| batch_bytes(d, mode));
+        assert!(n > s && s > m, "depth {d}: naive {n}, shared {s}, minimal {m}");
+    }
+}
