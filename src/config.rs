@@ -53,11 +53,7 @@ impl NetConfig {
         drop_rate: f32,
         num_classes: usize,
     ) -> Result<Self> {
-        let (step, kind) = if bottleneck {
-            (6, "6n+4 with bottleneck")
-        } else {
-            (3, "3n+4 without bottleneck")
-        };
+        let (step, kind) = if bottleneck { (6, "6n+4 with bottleneck") } else { (3, "3n+4 without bottleneck") };
         if depth < 4 + step || (depth - 4) % step != 0 {
             bail!("depth {depth} does not fit the variant: it must be {kind} (n >= 1)");
         }
@@ -119,11 +115,7 @@ impl NetConfig {
             if b + 1 < self.block_layers.len() {
                 c = self.transition_channels(c);
                 if c == 0 {
-                    bail!(
-                        "reduction {} leaves transition {} with no channels",
-                        self.reduction,
-                        b + 1
-                    );
+                    bail!("reduction {} leaves transition {} with no channels", self.reduction, b + 1);
                 }
             }
         }
@@ -163,13 +155,7 @@ impl NetConfig {
         let mut out = Vec::new();
         for &layers in &self.block_layers {
             let c_final = c0 + layers * self.growth;
-            out.push(BlockGeom {
-                c0,
-                layers,
-                c_final,
-                h,
-                w,
-            });
+            out.push(BlockGeom { c0, layers, c_final, h, w });
             c0 = self.transition_channels(c_final);
             h /= 2;
             w /= 2;
@@ -264,33 +250,12 @@ mod tests {
         let c = NetConfig::cifar(100, 12, true, 0.5, 0.0, 10).unwrap();
         assert_eq!(c.name(), "DenseNet-BC-100-12");
         let g = c.geometry(32, 32).unwrap();
-        assert_eq!(
-            g[0],
-            BlockGeom {
-                c0: 24,
-                layers: 16,
-                c_final: 216,
-                h: 32,
-                w: 32
-            }
-        );
+        assert_eq!(g[0], BlockGeom { c0: 24, layers: 16, c_final: 216, h: 32, w: 32 });
         assert_eq!(g[1].c0, 108);
-        assert_eq!(
-            g[2],
-            BlockGeom {
-                c0: 150,
-                layers: 16,
-                c_final: 342,
-                h: 8,
-                w: 8
-            }
-        );
+        assert_eq!(g[2], BlockGeom { c0: 150, layers: 16, c_final: 342, h: 8, w: 8 });
         assert_eq!(c.final_channels(), 342);
         assert!(c.geometry(30, 32).is_err());
-        assert_eq!(
-            NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).unwrap().name(),
-            "DenseNet-40-12"
-        );
+        assert_eq!(NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).unwrap().name(), "DenseNet-40-12");
         let i = NetConfig::imagenet("DenseNet-121").unwrap();
         assert_eq!(i.name(), "DenseNet-121");
         assert_eq!(i.geometry(224, 224).unwrap()[0].h, 56);

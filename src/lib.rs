@@ -9,8 +9,10 @@
 
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

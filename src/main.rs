@@ -1,1 +1,359 @@
-fn main() {}
+//! The `densenet` command line: `train` (the reference `train.py`, flags and defaults kept) and
+//! `memory` (the planned bytes per category for each memory mode).
+//!
+//! Every error is one line on stderr starting with `error:`; bad flags exit with 2, failures
+//! while running with 1.
+
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
+use densenet::backend::{Backend, CpuBackend};
+use densenet::config::NetConfig;
+use densenet::data::cifar::{Dataset, Images, Split, SIDE};
+use densenet::data::loader::Loader;
+use densenet::model::net::Net;
+use densenet::model::plan::{Category, Mode, Plan};
+use densenet::model::Model;
+use densenet::train::{self, report, Recipe};
+use std::fmt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Largest batch accepted (keeps every planned size far from overflow).
+const MAX_BATCH: usize = 1 << 24;
+
+#[derive(Parser)]
+#[command(name = "densenet", version, about = "Memory-efficient DenseNet training on CIFAR")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a DenseNet on CIFAR-10 or CIFAR-100 (flags and defaults of the reference train.py).
+    Train(TrainArgs),
+    /// Print the memory plan: bytes per category for each memory mode.
+    Memory(MemoryArgs),
+}
+
+/// The network, its data set and the batch.
+#[derive(Args)]
+struct NetArgs {
+    /// Total depth of the network.
+    #[arg(long, value_name = "DEPTH", default_value_t = 100)]
+    layers: usize,
+    /// Growth rate k: channels each layer adds.
+    #[arg(long, value_name = "K", default_value_t = 12)]
+    growth: usize,
+    /// Dropout probability after each convolution.
+    #[arg(long, value_name = "P", default_value_t = 0.0, allow_negative_numbers = true)]
+    droprate: f32,
+    /// Compression: a transition keeps floor(C * reduce) channels.
+    #[arg(long, value_name = "R", default_value_t = 0.5, allow_negative_numbers = true)]
+    reduce: f64,
+    /// Basic layers (BN-ReLU-3x3 conv) instead of bottleneck layers.
+    #[arg(long)]
+    no_bottleneck: bool,
+    /// Dataset: cifar10 or cifar100.
+    #[arg(long, value_name = "NAME", default_value = "cifar10")]
+    dataset: Dataset,
+    /// Images per batch.
+    #[arg(short = 'b', long = "batch-size", value_name = "N", default_value_t = 64, value_parser = batch_size, allow_negative_numbers = true)]
+    batch: usize,
+}
+
+impl NetArgs {
+    fn config(&self) -> densenet::Result<NetConfig> {
+        let classes = self.dataset.classes();
+        NetConfig::cifar(self.layers, self.growth, !self.no_bottleneck, self.reduce, self.droprate, classes)
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Epochs to train.
+    #[arg(long, value_name = "N", default_value_t = 300, value_parser = positive, allow_negative_numbers = true)]
+    epochs: usize,
+    /// First epoch to run, counted from 0 (the LR schedule follows it).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    start_epoch: usize,
+    /// Initial learning rate (divided by 10 at 50% and 75% of the epochs).
+    #[arg(long, default_value_t = 0.1, value_parser = non_negative::<f64>, allow_negative_numbers = true)]
+    lr: f64,
+    /// Nesterov momentum factor, in [0, 1).
+    #[arg(long, default_value_t = 0.9, value_parser = momentum, allow_negative_numbers = true)]
+    momentum: f32,
+    /// L2 weight decay on every parameter.
+    #[arg(long = "weight-decay", visible_alias = "wd", value_name = "WD", default_value_t = 1e-4, value_parser = non_negative::<f32>, allow_negative_numbers = true)]
+    weight_decay: f32,
+    /// Print a progress line every N batches.
+    #[arg(short = 'p', long = "print-freq", value_name = "N", default_value_t = 10, value_parser = positive, allow_negative_numbers = true)]
+    print_freq: usize,
+    /// Train without augmentation (no random crop or flip).
+    #[arg(long)]
+    no_augment: bool,
+    /// Name of the run.
+    #[arg(long, default_value = "DenseNet_BC_100_12")]
+    name: String,
+    /// Directory holding the dataset's folder (cifar-10-batches-bin/, cifar-100-binary/) or its files.
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Memory mode: naive, shared or minimal.
+    #[arg(long, value_name = "MODE", default_value = "minimal")]
+    memory: Mode,
+    /// Seed of the initialization, the shuffles, the augmentation and dropout.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+    /// Device: auto or cpu (auto picks the CPU: this build has no CUDA backend yet).
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = device)]
+    device: Device,
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Memory mode: naive, shared, minimal, or all.
+    #[arg(long, value_name = "MODE", default_value = "all", value_parser = modes)]
+    memory: Modes,
+    /// Print one JSON object as the last line instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where training runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    /// The best usable device.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+}
+
+/// The memory modes asked for.
+#[derive(Clone, Debug)]
+struct Modes(Vec<Mode>);
+
+fn device(s: &str) -> Result<Device, String> {
+    match s {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => {
+            Err("this build has no CUDA backend yet; use --device cpu (or auto)".into())
+        }
+        _ => Err("expected auto or cpu".into()),
+    }
+}
+
+fn modes(s: &str) -> Result<Modes, String> {
+    if s == "all" {
+        return Ok(Modes(Mode::ALL.to_vec()));
+    }
+    s.parse().map(|m| Modes(vec![m])).map_err(|_| "expected naive, shared, minimal or all".into())
+}
+
+/// A whole number >= 1.
+fn positive(s: &str) -> Result<usize, String> {
+    s.parse().ok().filter(|&n| n >= 1).ok_or_else(|| "must be a whole number >= 1".into())
+}
+
+fn batch_size(s: &str) -> Result<usize, String> {
+    positive(s).ok().filter(|&n| n <= MAX_BATCH).ok_or_else(|| format!("must be a whole number from 1 to {MAX_BATCH}"))
+}
+
+/// A finite number >= 0.
+fn non_negative<T: std::str::FromStr + Into<f64> + Copy>(s: &str) -> Result<T, String> {
+    let v: T = s.parse().map_err(|_| "must be a number".to_string())?;
+    let x: f64 = v.into();
+    if x.is_finite() && x >= 0.0 {
+        Ok(v)
+    } else {
+        Err("must be a finite number >= 0".into())
+    }
+}
+
+fn momentum(s: &str) -> Result<f32, String> {
+    non_negative::<f32>(s).ok().filter(|&m| m < 1.0).ok_or_else(|| "must be a number in [0, 1)".into())
+}
+
+/// Why the command failed: the message and the exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<densenet::Error> for Failure {
+    fn from(e: densenet::Error) -> Failure {
+        Failure { code: 1, message: e.0 }
+    }
+}
+
+/// A bad flag value found after parsing: the usage exit code.
+fn usage(message: impl fmt::Display) -> Failure {
+    Failure { code: 2, message: message.to_string() }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_error(e),
+    };
+    let done = match cli.command {
+        Command::Train(a) => train(a),
+        Command::Memory(a) => memory(a),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Help and version as clap prints them; every other parse error as one line with clap's tips.
+fn parse_error(e: clap::Error) -> ExitCode {
+    let code = ExitCode::from(e.exit_code() as u8);
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return code;
+    }
+    let text = e.to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("error: bad arguments");
+    let tips: Vec<&str> = lines.filter_map(|l| l.trim().strip_prefix("tip: ")).collect();
+    if tips.is_empty() {
+        eprintln!("{first}");
+    } else {
+        eprintln!("{first} ({})", tips.join("; "));
+    }
+    code
+}
+
+fn train(a: TrainArgs) -> Result<(), Failure> {
+    let cfg = a.net.config().map_err(usage)?;
+    if a.start_epoch >= a.epochs {
+        return Err(usage(format!(
+            "--start-epoch {} leaves nothing to train: epochs run from it to --epochs {} (exclusive)",
+            a.start_epoch, a.epochs
+        )));
+    }
+    let (dataset, batch) = (a.net.dataset, a.net.batch);
+    let train_set = Arc::new(Images::load(&a.data_dir, dataset, Split::Train)?);
+    let test_set = Arc::new(Images::load(&a.data_dir, dataset, Split::Test)?);
+    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, a.seed, CpuBackend::new())?;
+
+    let cfg = model.config();
+    report(format_args!(
+        "{} (run {}) on {}: {} training and {} test images from {}",
+        cfg.name(),
+        a.name,
+        dataset.title(),
+        train_set.len(),
+        test_set.len(),
+        a.data_dir.display()
+    ))?;
+    report(format_args!("Number of model parameters: {}", model.layout().len))?;
+    let chosen = match a.device {
+        Device::Auto => " (auto: this build has no CUDA backend yet)",
+        Device::Cpu => "",
+    };
+    report(format_args!("Device: {}{chosen}", model.backend().describe()))?;
+    report(format_args!("{}", plan_line(model.plan())))?;
+    let recipe = Recipe {
+        epochs: a.epochs,
+        start_epoch: a.start_epoch,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        print_freq: a.print_freq,
+    };
+    report(format_args!(
+        "Training: epochs {} to {}, batch {batch}, lr {} (/10 at epochs {} and {}), Nesterov momentum {}, \
+         weight decay {}, augmentation {}, seed {}",
+        a.start_epoch,
+        a.epochs - 1,
+        a.lr,
+        a.epochs / 2,
+        3 * a.epochs / 4,
+        a.momentum,
+        a.weight_decay,
+        if a.no_augment { "off" } else { "on" },
+        a.seed
+    ))?;
+
+    let mut train_loader = Loader::train(train_set, dataset, batch, a.seed, !a.no_augment)?;
+    let mut test_loader = Loader::test(test_set, dataset, batch)?;
+    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, &recipe)?;
+    report(format_args!("Best accuracy: {best:.3}"))?;
+    Ok(())
+}
+
+/// One line: the plan's total and its bytes per category, in MiB.
+fn plan_line(plan: &Plan) -> String {
+    let parts: Vec<String> = Category::ALL.iter().map(|&c| format!("{} {:.1}", c.name(), mib(plan.bytes(c)))).collect();
+    format!(
+        "Memory plan ({}, batch {}): {:.1} MiB = {} MiB",
+        plan.mode,
+        plan.batch,
+        mib(plan.total_bytes()),
+        parts.join(" + ")
+    )
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn memory(a: MemoryArgs) -> Result<(), Failure> {
+    let cfg = a.net.config().map_err(usage)?;
+    let net = Net::new(&cfg);
+    let be = CpuBackend::new();
+    let batch = a.net.batch;
+    let mut plans = Vec::new();
+    for &mode in &a.memory.0 {
+        plans.push(Plan::new(&cfg, &net, batch, SIDE, SIDE, mode, |c| be.workspace_len(c))?);
+    }
+    let params = net.layout.len;
+    if a.json {
+        let modes: serde_json::Map<String, serde_json::Value> = plans
+            .iter()
+            .map(|p| {
+                let mut m = serde_json::Map::new();
+                m.insert("total_bytes".into(), p.total_bytes().into());
+                for c in Category::ALL {
+                    m.insert(c.name().into(), p.bytes(c).into());
+                }
+                (p.mode.to_string(), m.into())
+            })
+            .collect();
+        let json = serde_json::json!({"network": cfg.name(), "params": params, "batch": batch, "modes": modes});
+        report(format_args!("{json}"))?;
+        return Ok(());
+    }
+    report(format_args!(
+        "{} on {}, batch {batch} of {SIDE}x{SIDE}, {params} parameters; workspace for {}",
+        cfg.name(),
+        a.net.dataset.title(),
+        be.describe()
+    ))?;
+    let mut header = format!("{:<8}", "MiB");
+    for c in Category::ALL {
+        header += &format!(" {:>11}", c.name());
+    }
+    report(format_args!("{header} {:>11}", "total"))?;
+    for p in &plans {
+        let mut row = format!("{:<8}", p.mode.to_string());
+        for c in Category::ALL {
+            row += &format!(" {:>11.1}", mib(p.bytes(c)));
+        }
+        report(format_args!("{row} {:>11.1}", mib(p.total_bytes())))?;
+    }
+    Ok(())
+}

@@ -14,16 +14,8 @@ const GOLDEN: &[u8] = include_bytes!("data/golden.safetensors");
 fn floats(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     match t.dtype() {
-        Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-        Dtype::I64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
-            .collect(),
+        Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
         d => panic!("{name}: unexpected dtype {d:?}"),
     }
 }
@@ -52,35 +44,17 @@ fn check(net: &str, mode: Mode) {
     let st = SafeTensors::deserialize(GOLDEN).unwrap();
     let (cfg, n) = config(&st, net);
     let mut m = common::model(&cfg, n, 32, 32, mode, 0);
-    let names: Vec<String> = m
-        .layout()
-        .params
-        .iter()
-        .chain(&m.layout().stats)
-        .map(|t| t.name.clone())
-        .collect();
+    let names: Vec<String> = m.layout().params.iter().chain(&m.layout().stats).map(|t| t.name.clone()).collect();
     for name in &names {
         m.set_tensor(name, &floats(&st, &format!("{net}.init.{name}"))).unwrap();
     }
     let images = floats(&st, &format!("{net}.input"));
-    let labels: Vec<u32> = floats(&st, &format!("{net}.labels"))
-        .iter()
-        .map(|&l| l as u32)
-        .collect();
-    let hp = Sgd {
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-        nesterov: true,
-    };
+    let labels: Vec<u32> = floats(&st, &format!("{net}.labels")).iter().map(|&l| l as u32).collect();
+    let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
 
     let s = m.forward_backward(&images, &labels).unwrap();
     let want_loss = floats(&st, &format!("{net}.loss"))[0];
-    assert!(
-        (s.loss - want_loss).abs() < 1e-4 * want_loss,
-        "{net} {mode}: loss {} vs {want_loss}",
-        s.loss
-    );
+    assert!((s.loss - want_loss).abs() < 1e-4 * want_loss, "{net} {mode}: loss {} vs {want_loss}", s.loss);
     let e = common::norm_rel(&m.logits(n), &floats(&st, &format!("{net}.logits")));
     assert!(e < 1e-4, "{net} {mode}: logits differ by {e}");
     let grads = m.grads();
@@ -95,10 +69,7 @@ fn check(net: &str, mode: Mode) {
     }
     m.set_steps(0);
     m.train_step(&images, &labels, hp).unwrap();
-    assert_eq!(
-        m.steps() as f32,
-        floats(&st, &format!("{net}.after.bn1.num_batches_tracked"))[0]
-    );
+    assert_eq!(m.steps() as f32, floats(&st, &format!("{net}.after.bn1.num_batches_tracked"))[0]);
     for name in &names {
         let want = floats(&st, &format!("{net}.after.{name}"));
         let tol = if name.contains("running") { 1e-4 } else { 1e-5 };

@@ -30,25 +30,14 @@ fn check(cfg: NetConfig, h: usize, n: usize, mode: Mode) {
         let dir: Vec<f32> = (0..*len)
             .map(|j| 0.5 * g[j] / gmax + 0.5 * rng::normal(rng::derive(77, i as u64), j as u64) as f32)
             .collect();
-        let scale = p0[*off..off + len]
-            .iter()
-            .map(|v| v.abs())
-            .fold(0.0f32, f32::max)
-            .max(0.1);
-        let an: f64 = grads[*off..off + len]
-            .iter()
-            .zip(&dir)
-            .map(|(&g, &d)| g as f64 * d as f64)
-            .sum();
+        let scale = p0[*off..off + len].iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(0.1);
+        let an: f64 = grads[*off..off + len].iter().zip(&dir).map(|(&g, &d)| g as f64 * d as f64).sum();
         let mut best = (f64::INFINITY, 0.0);
         for step in [3e-4f32, 1e-3, 3e-3] {
             let eps = step * scale;
             let mut at = |sign: f32| {
                 let mut p = p0.clone();
-                p[*off..off + len]
-                    .iter_mut()
-                    .zip(&dir)
-                    .for_each(|(v, d)| *v += sign * eps * d);
+                p[*off..off + len].iter_mut().zip(&dir).for_each(|(v, d)| *v += sign * eps * d);
                 loss_at(&p)
             };
             let fd = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
@@ -57,44 +46,24 @@ fn check(cfg: NetConfig, h: usize, n: usize, mode: Mode) {
                 best = (err, fd);
             }
         }
-        assert!(
-            best.0 < 5e-2,
-            "{name}: finite difference {:.6} vs backward {an:.6} (rel {:.4})",
-            best.1,
-            best.0
-        );
+        assert!(best.0 < 5e-2, "{name}: finite difference {:.6} vs backward {an:.6} (rel {:.4})", best.1, best.0);
     }
     assert!(tensors.len() > 10);
 }
 
 /// (name, offset, length) of every parameter tensor.
 fn m_layout(cfg: &NetConfig) -> Vec<(String, usize, usize)> {
-    densenet::model::net::Net::new(cfg)
-        .layout
-        .params
-        .iter()
-        .map(|t| (t.name.clone(), t.off, t.len()))
-        .collect()
+    densenet::model::net::Net::new(cfg).layout.params.iter().map(|t| (t.name.clone(), t.off, t.len())).collect()
 }
 
 #[test]
 fn bottleneck_network_gradients_match_finite_differences() {
-    check(
-        NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(),
-        32,
-        4,
-        Mode::Minimal,
-    );
+    check(NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(), 32, 4, Mode::Minimal);
 }
 
 #[test]
 fn basic_network_gradients_match_finite_differences() {
-    check(
-        NetConfig::cifar(13, 3, false, 0.5, 0.0, 6).unwrap(),
-        32,
-        3,
-        Mode::Shared,
-    );
+    check(NetConfig::cifar(13, 3, false, 0.5, 0.0, 6).unwrap(), 32, 3, Mode::Shared);
 }
 
 #[test]

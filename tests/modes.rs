@@ -24,12 +24,7 @@ fn compare(cfg: NetConfig, h: usize, n: usize) {
     assert!(r.4.iter().any(|&g| g != 0.0), "all gradients zero");
     for o in &outs[1..] {
         let what = format!("{} vs {}", o.0, r.0);
-        assert!(
-            (o.1.loss - r.1.loss).abs() <= 1e-5 * r.1.loss,
-            "{what}: loss {} vs {}",
-            o.1.loss,
-            r.1.loss
-        );
+        assert!((o.1.loss - r.1.loss).abs() <= 1e-5 * r.1.loss, "{what}: loss {} vs {}", o.1.loss, r.1.loss);
         assert!((o.2.loss - r.2.loss).abs() <= 1e-5 * r.2.loss, "{what}: second loss");
         assert_eq!(o.1.correct, r.1.correct, "{what}");
         for (name, a, b) in [

@@ -67,26 +67,18 @@ impl Layout {
 
 /// The buffer a [`Layout::slice`] view was cut from.
 fn parent(v: View) -> View {
-    View {
-        off: v.off - PRE * v.hw(),
-        c: PRE + v.c + POST,
-        ..v
-    }
+    View { off: v.off - PRE * v.hw(), c: PRE + v.c + POST, ..v }
 }
 
 /// Arena offsets of a view's elements, in logical NCHW order.
 fn offsets(v: View) -> Vec<usize> {
     let per = v.c * v.hw();
-    (0..v.numel())
-        .map(|i| v.off + i / per * v.img_stride + i % per)
-        .collect()
+    (0..v.numel()).map(|i| v.off + i / per * v.img_stride + i % per).collect()
 }
 
 /// A view's elements, dense NCHW.
 fn gather(be: &CpuBackend, v: View) -> Vec<f32> {
-    (0..v.n)
-        .flat_map(|n| be.read(v.off + n * v.img_stride, v.c * v.hw()))
-        .collect()
+    (0..v.n).flat_map(|n| be.read(v.off + n * v.img_stride, v.c * v.hw())).collect()
 }
 
 /// Writes dense NCHW `data` into a view.
@@ -123,10 +115,7 @@ fn randn(seed: u64, len: usize) -> Vec<f32> {
 fn distinct(seed: u64, len: usize) -> Vec<f32> {
     let mut order: Vec<usize> = (0..len).collect();
     order.sort_by_key(|&i| rng::mix64(seed ^ i as u64));
-    order
-        .into_iter()
-        .map(|r| (r as f32 - len as f32 / 2.0) * 0.05)
-        .collect()
+    order.into_iter().map(|r| (r as f32 - len as f32 / 2.0) * 0.05).collect()
 }
 
 /// `sum(a * b)` in f64.
@@ -138,11 +127,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// Asserts `max |got - want| / max |want| < REF_TOL`.
 fn assert_ref(what: &str, got: &[f32], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max);
+    let err = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max);
     let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
     assert!(scale > 0.0, "{what}: reference is all zeros");
     assert!(err < REF_TOL * scale, "{what}: error {err} against magnitude {scale}");
@@ -173,12 +158,7 @@ fn check_fd(
         fd.push(((up - down) / (hi as f64 - lo as f64)) as f32);
         an.push(grad[i]);
     }
-    assert!(
-        2 * fd.len() >= offs.len(),
-        "{what}: only {} of {} elements checked",
-        fd.len(),
-        offs.len()
-    );
+    assert!(2 * fd.len() >= offs.len(), "{what}: only {} of {} elements checked", fd.len(), offs.len());
     assert!(fd.iter().any(|&g| g != 0.0), "{what}: finite differences are all zero");
     let err = norm_rel(&an, &fd);
     assert!(err < FD_TOL, "{what}: gradient off finite differences by {err}");
@@ -223,27 +203,12 @@ impl Conv {
         scatter(&mut be, x, &randn(1, x.numel()));
         scatter(&mut be, gy, &randn(2, gy.numel()));
         be.write(wt, &randn(3, wlen));
-        (
-            be,
-            Conv {
-                spec,
-                x,
-                y,
-                gy,
-                gx,
-                w: wt,
-                gw,
-                wlen,
-            },
-        )
+        (be, Conv { spec, x, y, gy, gx, w: wt, gw, wlen })
     }
 
     fn name(&self) -> String {
         let (s, x) = (self.spec, self.x);
-        format!(
-            "conv {}x{} s{} p{}, x [{}, {}, {}, {}] -> {}",
-            s.k, s.k, s.stride, s.pad, x.n, x.c, x.h, x.w, self.y.c
-        )
+        format!("conv {}x{} s{} p{}, x [{}, {}, {}, {}] -> {}", s.k, s.k, s.stride, s.pad, x.n, x.c, x.h, x.w, self.y.c)
     }
 
     /// `sum(gy * conv(x, w))`: the loss whose gradients the backward ops compute.
@@ -303,15 +268,7 @@ fn conv_backward_data_matches_finite_differences() {
         be.conv_backward_data(c.gy, c.w, c.gx, c.spec);
         assert_fenced(&be, c.gx, &c.name());
         let grad = gather(&be, c.gx);
-        check_fd(
-            &c.name(),
-            &mut be,
-            &offsets(c.x),
-            &grad,
-            1e-2,
-            |_| false,
-            |be| c.loss(be),
-        );
+        check_fd(&c.name(), &mut be, &offsets(c.x), &grad, 1e-2, |_| false, |be| c.loss(be));
     }
 }
 
@@ -347,18 +304,8 @@ struct BnCase {
 impl BnCase {
     fn new((n, c, h, w): Shape) -> (CpuBackend, BnCase) {
         let mut l = Layout::new();
-        let (x, y, g, dx) = (
-            l.slice(n, c, h, w),
-            l.slice(n, c, h, w),
-            l.slice(n, c, h, w),
-            l.slice(n, c, h, w),
-        );
-        let bn = Bn {
-            mean: l.take(c),
-            var: l.take(c),
-            gamma: l.take(c),
-            beta: l.take(c),
-        };
+        let (x, y, g, dx) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w));
+        let bn = Bn { mean: l.take(c), var: l.take(c), gamma: l.take(c), beta: l.take(c) };
         let (dgamma, dbeta) = (l.take(c), l.take(c));
         let mut be = l.backend(&[], n);
         let affine = |seed, a: f32, b: f32, len| randn(seed, len).iter().map(|v| a + b * v).collect::<Vec<_>>();
@@ -366,18 +313,7 @@ impl BnCase {
         scatter(&mut be, g, &randn(5, g.numel()));
         be.write(bn.gamma, &affine(6, 1.0, 0.5, c));
         be.write(bn.beta, &affine(7, 0.0, 0.3, c));
-        (
-            be,
-            BnCase {
-                x,
-                y,
-                g,
-                dx,
-                bn,
-                dgamma,
-                dbeta,
-            },
-        )
+        (be, BnCase { x, y, g, dx, bn, dgamma, dbeta })
     }
 
     /// `sum(g * relu(bn(x)))` with the batch statistics of `x` itself.
@@ -427,10 +363,7 @@ fn bn_relu_matches_formula_and_writes_only_its_channel_slice() {
     for shape in BNS {
         let (mut be, b) = BnCase::new(shape);
         let c = b.x.c;
-        let (mean, var) = (
-            randn(8, c),
-            (0..c).map(|i| 0.1 + rng::uniform(9, i as u64)).collect::<Vec<_>>(),
-        );
+        let (mean, var) = (randn(8, c), (0..c).map(|i| 0.1 + rng::uniform(9, i as u64)).collect::<Vec<_>>());
         be.write(b.bn.mean, &mean);
         be.write(b.bn.var, &var);
         fence(&mut be, b.y);
@@ -470,16 +403,9 @@ fn bn_relu_backward_matches_finite_differences_through_batch_statistics() {
         let (gamma, beta) = (to_f64(&be.read(b.bn.gamma, c)), to_f64(&be.read(b.bn.beta, c)));
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
         let chan = |i| channel(b.x, i);
-        let xhat: Vec<f64> = xs
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (x as f64 - mean[chan(i)]) * inv_std[chan(i)])
-            .collect();
-        let pre: Vec<f64> = xhat
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| gamma[chan(i)] * v + beta[chan(i)])
-            .collect();
+        let xhat: Vec<f64> =
+            xs.iter().enumerate().map(|(i, &x)| (x as f64 - mean[chan(i)]) * inv_std[chan(i)]).collect();
+        let pre: Vec<f64> = xhat.iter().enumerate().map(|(i, &v)| gamma[chan(i)] * v + beta[chan(i)]).collect();
         let eps = EPS as f64;
         let skip_x = |i: usize| pre[i].abs() < 2.0 * eps * (gamma[chan(i)] * inv_std[chan(i)]).abs();
         let skip_gamma = |ch| (0..xs.len()).any(|i| chan(i) == ch && pre[i].abs() < 2.0 * eps * xhat[i].abs());
@@ -504,11 +430,7 @@ fn bn_relu_backward_accumulates_and_runs_in_place() {
     let c = b.x.c;
     be.bn_stats(b.x, b.bn.mean, b.bn.var);
     be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, false);
-    let (dx, dgamma, dbeta) = (
-        gather(&be, b.dx),
-        to_f64(&be.read(b.dgamma, c)),
-        to_f64(&be.read(b.dbeta, c)),
-    );
+    let (dx, dgamma, dbeta) = (gather(&be, b.dx), to_f64(&be.read(b.dgamma, c)), to_f64(&be.read(b.dbeta, c)));
 
     // Accumulating adds to dx; dgamma and dbeta are still overwritten.
     let base = randn(10, dx.len());
@@ -548,17 +470,10 @@ fn bn_update_running_blends_in_unbiased_batch_statistics() {
         be.bn_update_running(mean, var, rmean, rvar, c, count, momentum);
         let unbias = count as f64 / (count - 1) as f64;
         let blend = |run: &[f32], batch: &[f32], scale: f64| -> Vec<f64> {
-            run.iter()
-                .zip(batch)
-                .map(|(&r, &b)| 0.9 * r as f64 + 0.1 * b as f64 * scale)
-                .collect()
+            run.iter().zip(batch).map(|(&r, &b)| 0.9 * r as f64 + 0.1 * b as f64 * scale).collect()
         };
         assert_ref("running mean", &be.read(rmean, c), &blend(&rm, &m, 1.0));
-        assert_ref(
-            &format!("running var, count {count}"),
-            &be.read(rvar, c),
-            &blend(&rv, &v, unbias),
-        );
+        assert_ref(&format!("running var, count {count}"), &be.read(rvar, c), &blend(&rv, &v, unbias));
     }
 }
 
@@ -583,16 +498,9 @@ fn dropout_drops_about_p_in_place_and_scales_survivors() {
     let out = gather(&be, x);
     // 15360 Bernoulli(0.3) draws: standard deviation 0.0037, so ±0.02 is over 5 sigma.
     let dropped = out.iter().filter(|&&v| v == 0.0).count() as f64 / out.len() as f64;
-    assert!(
-        (dropped - p as f64).abs() < 0.02,
-        "dropped fraction {dropped} for p = {p}"
-    );
-    let (kept, want): (Vec<f32>, Vec<f64>) = out
-        .iter()
-        .zip(&xs)
-        .filter(|(&o, _)| o != 0.0)
-        .map(|(&o, &x)| (o, x as f64 / (1.0 - p as f64)))
-        .unzip();
+    assert!((dropped - p as f64).abs() < 0.02, "dropped fraction {dropped} for p = {p}");
+    let (kept, want): (Vec<f32>, Vec<f64>) =
+        out.iter().zip(&xs).filter(|(&o, _)| o != 0.0).map(|(&o, &x)| (o, x as f64 / (1.0 - p as f64))).unzip();
     assert_ref("dropout survivors", &kept, &want);
     assert_fenced(&be, x, "dropout");
 }
@@ -614,16 +522,10 @@ fn dropout_mask_is_fixed_by_key_and_shared_with_the_gradient() {
     be.dropout(other, p, key + 1);
     let mask = |v| gather(&be, v).iter().map(|&v| v == 0.0).collect::<Vec<_>>();
     assert!(mask(x).contains(&true), "nothing dropped");
-    assert!(
-        gather(&be, x) == gather(&be, g),
-        "same key, different result on the gradient"
-    );
+    assert!(gather(&be, x) == gather(&be, g), "same key, different result on the gradient");
     // Independent masks differ at 2p(1-p) = 48% of the 315 elements.
     let differ = mask(x).iter().zip(mask(other)).filter(|(a, b)| **a != *b).count();
-    assert!(
-        differ > x.numel() / 4,
-        "masks of two keys differ at only {differ} elements"
-    );
+    assert!(differ > x.numel() / 4, "masks of two keys differ at only {differ} elements");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -709,11 +611,7 @@ fn avg_pool2_matches_naive_and_writes_only_its_channel_slice() {
         let (mut be, p) = Pool::new(shape, avg2_out(shape), randn(18, numel(shape)));
         fence(&mut be, p.y);
         be.avg_pool2(p.x, p.y);
-        assert_ref(
-            "avg_pool2",
-            &gather(&be, p.y),
-            &naive_pool(&gather(&be, p.x), p.x, 2, 0, mean_of),
-        );
+        assert_ref("avg_pool2", &gather(&be, p.y), &naive_pool(&gather(&be, p.x), p.x, 2, 0, mean_of));
         assert_fenced(&be, p.y, "avg_pool2");
     }
 }
@@ -726,15 +624,7 @@ fn avg_pool2_backward_matches_finite_differences() {
         be.avg_pool2_backward(p.gy, p.gx);
         assert_fenced(&be, p.gx, "avg_pool2_backward");
         let grad = gather(&be, p.gx);
-        check_fd(
-            "avg_pool2",
-            &mut be,
-            &offsets(p.x),
-            &grad,
-            1e-2,
-            |_| false,
-            |be| p.loss(be, CpuBackend::avg_pool2),
-        );
+        check_fd("avg_pool2", &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be, CpuBackend::avg_pool2));
     }
 }
 
@@ -744,11 +634,7 @@ fn max_pool3_matches_naive_and_writes_only_its_channel_slice() {
         let (mut be, p) = Pool::new(shape, max3_out(shape), randn(19, numel(shape)));
         fence(&mut be, p.y);
         be.max_pool3(p.x, p.y);
-        assert_ref(
-            "max_pool3",
-            &gather(&be, p.y),
-            &naive_pool(&gather(&be, p.x), p.x, 3, 1, max_of),
-        );
+        assert_ref("max_pool3", &gather(&be, p.y), &naive_pool(&gather(&be, p.x), p.x, 3, 1, max_of));
         assert_fenced(&be, p.y, "max_pool3");
     }
 }
@@ -762,15 +648,7 @@ fn max_pool3_backward_matches_finite_differences() {
         be.max_pool3_backward(p.x, p.gy, p.gx);
         assert_fenced(&be, p.gx, "max_pool3_backward");
         let grad = gather(&be, p.gx);
-        check_fd(
-            "max_pool3",
-            &mut be,
-            &offsets(p.x),
-            &grad,
-            1e-2,
-            |_| false,
-            |be| p.loss(be, CpuBackend::max_pool3),
-        );
+        check_fd("max_pool3", &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be, CpuBackend::max_pool3));
     }
 }
 
@@ -780,10 +658,7 @@ fn max_pool3_routes_ties_to_the_first_maximum_and_never_to_padding() {
     // A constant negative input: every window is a tie, and zero padding would win.
     let (mut be, p) = Pool::new(shape, max3_out(shape), vec![-1.0; numel(shape)]);
     be.max_pool3(p.x, p.y);
-    assert!(
-        gather(&be, p.y).iter().all(|&v| v == -1.0),
-        "max_pool3 picked the padding"
-    );
+    assert!(gather(&be, p.y).iter().all(|&v| v == -1.0), "max_pool3 picked the padding");
     be.max_pool3_backward(p.x, p.gy, p.gx);
     let (x, y) = (p.x, p.y);
     let mut want = vec![0.0; x.numel()];
@@ -826,10 +701,7 @@ fn global_avg_pool_matches_naive() {
     for shape in POOLS {
         let (mut be, p) = Gap::new(shape);
         be.global_avg_pool(p.x, p.y);
-        let want: Vec<f64> = gather(&be, p.x)
-            .chunks(p.x.hw())
-            .map(|plane| mean_of(&to_f64(plane)))
-            .collect();
+        let want: Vec<f64> = gather(&be, p.x).chunks(p.x.hw()).map(|plane| mean_of(&to_f64(plane))).collect();
         assert_ref("global_avg_pool", &be.read(p.y, p.x.n * p.x.c), &want);
     }
 }
@@ -842,15 +714,7 @@ fn global_avg_pool_backward_matches_finite_differences() {
         be.global_avg_pool_backward(p.gy, p.gx);
         assert_fenced(&be, p.gx, "global_avg_pool_backward");
         let grad = gather(&be, p.gx);
-        check_fd(
-            "global_avg_pool",
-            &mut be,
-            &offsets(p.x),
-            &grad,
-            1e-2,
-            |_| false,
-            |be| p.loss(be),
-        );
+        check_fd("global_avg_pool", &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be));
     }
 }
 
@@ -884,31 +748,13 @@ impl Linear {
         be.write(w, &randn(24, cout * cin));
         be.write(b, &randn(25, cout));
         be.write(gy, &randn(26, n * cout));
-        (
-            be,
-            Linear {
-                n,
-                cin,
-                cout,
-                x,
-                w,
-                b,
-                y,
-                gy,
-                gx,
-                gw,
-                gb,
-            },
-        )
+        (be, Linear { n, cin, cout, x, w, b, y, gy, gx, gw, gb })
     }
 
     /// `sum(gy * linear(x))`.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
         be.linear(self.x, self.w, self.b, self.y, self.n, self.cin, self.cout);
-        dot(
-            &be.read(self.gy, self.n * self.cout),
-            &be.read(self.y, self.n * self.cout),
-        )
+        dot(&be.read(self.gy, self.n * self.cout), &be.read(self.y, self.n * self.cout))
     }
 }
 
@@ -917,11 +763,7 @@ fn linear_matches_naive() {
     for n in [1, 3] {
         let (mut be, f) = Linear::new(n, 7, 5);
         be.linear(f.x, f.w, f.b, f.y, n, f.cin, f.cout);
-        let (x, w, b) = (
-            be.read(f.x, n * f.cin),
-            be.read(f.w, f.cout * f.cin),
-            be.read(f.b, f.cout),
-        );
+        let (x, w, b) = (be.read(f.x, n * f.cin), be.read(f.w, f.cout * f.cin), be.read(f.b, f.cout));
         let want: Vec<f64> = (0..n * f.cout)
             .map(|i| {
                 let (row, k) = (i / f.cout, i % f.cout);
@@ -943,15 +785,7 @@ fn linear_backward_matches_finite_differences() {
             ("linear db", f.b, f.gb, f.cout),
         ] {
             let grad = be.read(grad, len);
-            check_fd(
-                what,
-                &mut be,
-                &(off..off + len).collect::<Vec<_>>(),
-                &grad,
-                1e-2,
-                |_| false,
-                |be| f.loss(be),
-            );
+            check_fd(what, &mut be, &(off..off + len).collect::<Vec<_>>(), &grad, 1e-2, |_| false, |be| f.loss(be));
         }
     }
 }
@@ -984,17 +818,7 @@ impl Xent {
             })
             .collect();
         be.set_labels(&labels);
-        (
-            be,
-            Xent {
-                n,
-                k,
-                logits,
-                out,
-                glogits,
-                labels,
-            },
-        )
+        (be, Xent { n, k, logits, out, glogits, labels })
     }
 
     /// The mean loss.
@@ -1016,11 +840,7 @@ fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
             let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
             loss += (lse - row[label]) / n as f64;
             correct += (max_of(row) == row[label]) as usize;
-            grad.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(j, v)| ((v - lse).exp() - (j == label) as u8 as f64) / n as f64),
-            );
+            grad.extend(row.iter().enumerate().map(|(j, v)| ((v - lse).exp() - (j == label) as u8 as f64) / n as f64));
         }
         assert_eq!(correct, n.div_ceil(2), "labels are built so that even rows are correct");
         let out = be.read(s.out, 2);
@@ -1049,12 +869,7 @@ fn sgd_matches_torch_formulas_over_two_steps() {
     // Longer than one 16384-float work chunk, and odd.
     let len = 20_011;
     for nesterov in [false, true] {
-        let hp = Sgd {
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 0.01,
-            nesterov,
-        };
+        let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01, nesterov };
         let (lr, m, wd) = (hp.lr as f64, hp.momentum as f64, hp.weight_decay as f64);
         let mut l = Layout::new();
         let (params, grads, momentum) = (l.take(len), l.take(len), l.take(len));

@@ -61,12 +61,7 @@ fn names_follow_the_reference_state_dict() {
     let stats: Vec<&str> = net.layout.stats.iter().map(|t| t.name.as_str()).collect();
     assert!(stats.contains(&"block2.layer.3.bn1.running_mean"));
     assert!(stats.contains(&"bn1.running_var"));
-    let conv = net
-        .layout
-        .params
-        .iter()
-        .find(|t| t.name == "block1.layer.0.conv1.weight")
-        .unwrap();
+    let conv = net.layout.params.iter().find(|t| t.name == "block1.layer.0.conv1.weight").unwrap();
     assert_eq!(conv.shape, vec![48, 24, 1, 1]);
     // Offsets tile the buffer exactly.
     let mut end = 0;
@@ -82,27 +77,16 @@ fn initialization_follows_reference_and_seed() {
     let net = Net::new(&NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).unwrap());
     let lay = &net.layout;
     let a = ParamLayout::initial(&lay.params, lay.len, 3);
-    assert_eq!(
-        a,
-        ParamLayout::initial(&lay.params, lay.len, 3),
-        "same seed, same weights"
-    );
+    assert_eq!(a, ParamLayout::initial(&lay.params, lay.len, 3), "same seed, same weights");
     assert_ne!(a, ParamLayout::initial(&lay.params, lay.len, 4), "seed matters");
     for t in &lay.params {
         let v = &a[t.off..t.off + t.len()];
         match t.init {
             Init::Normal(std) => {
-                let [cout, _, k, _] = t.shape[..] else {
-                    panic!("{} not a conv", t.name)
-                };
+                let [cout, _, k, _] = t.shape[..] else { panic!("{} not a conv", t.name) };
                 assert!((std - (2.0 / (k * k * cout) as f64).sqrt()).abs() < 1e-12);
                 let var = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / v.len() as f64;
-                assert!(
-                    (var.sqrt() / std - 1.0).abs() < 0.1,
-                    "{}: std {} vs {std}",
-                    t.name,
-                    var.sqrt()
-                );
+                assert!((var.sqrt() / std - 1.0).abs() < 0.1, "{}: std {} vs {std}", t.name, var.sqrt());
             }
             Init::Uniform(b) => {
                 assert_eq!(t.name, "fc.weight");

@@ -57,16 +57,7 @@ impl<B: Backend> Model<B> {
         let net = Net::new(&cfg);
         let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs))?;
         be.allocate(plan.len, plan.workspace, batch)?;
-        let mut m = Model {
-            cfg,
-            net,
-            plan,
-            be,
-            seed,
-            steps: 0,
-            h,
-            w,
-        };
+        let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w };
         let lay = &m.net.layout;
         let init = ParamLayout::initial(&lay.params, lay.len, seed);
         let stats = ParamLayout::initial(&lay.stats, lay.stats_len, seed);
@@ -153,38 +144,23 @@ impl<B: Backend> Model<B> {
     /// Finds a parameter or running statistic by reference name: (is_param, offset, length).
     fn find(&self, name: &str) -> Option<(bool, usize, usize)> {
         let lay = &self.net.layout;
-        let p = lay
-            .params
-            .iter()
-            .find(|t| t.name == name)
-            .map(|t| (true, t.off, t.len()));
-        p.or_else(|| {
-            lay.stats
-                .iter()
-                .find(|t| t.name == name)
-                .map(|t| (false, t.off, t.len()))
-        })
+        let p = lay.params.iter().find(|t| t.name == name).map(|t| (true, t.off, t.len()));
+        p.or_else(|| lay.stats.iter().find(|t| t.name == name).map(|t| (false, t.off, t.len())))
     }
 
     /// One parameter or running statistic by reference name.
     pub fn tensor(&self, name: &str) -> Option<Vec<f32>> {
         let (param, off, len) = self.find(name)?;
-        Some(
-            self.be
-                .read(if param { self.plan.params } else { self.plan.stats } + off, len),
-        )
+        Some(self.be.read(if param { self.plan.params } else { self.plan.stats } + off, len))
     }
 
     /// Overwrites one parameter or running statistic by reference name.
     pub fn set_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
-        let Some((param, off, len)) = self.find(name) else {
-            bail!("the network has no tensor '{name}'")
-        };
+        let Some((param, off, len)) = self.find(name) else { bail!("the network has no tensor '{name}'") };
         if data.len() != len {
             bail!("tensor '{name}' has {} values; the network expects {len}", data.len());
         }
-        self.be
-            .write(if param { self.plan.params } else { self.plan.stats } + off, data);
+        self.be.write(if param { self.plan.params } else { self.plan.stats } + off, data);
         Ok(())
     }
 
@@ -240,11 +216,7 @@ impl<B: Backend> Model<B> {
 
     fn result(&self, n: usize) -> StepStats {
         let r = self.be.read(self.plan.head.result, 2);
-        StepStats {
-            loss: r[0],
-            correct: r[1] as usize,
-            n,
-        }
+        StepStats { loss: r[0], correct: r[1] as usize, n }
     }
 
     /// Stream key of dropout site `site` in the current step.
@@ -265,12 +237,7 @@ impl<B: Backend> Model<B> {
             Pass::Train => (batch.mean, batch.var),
             Pass::Eval => (self.plan.stats + p.running_mean, self.plan.stats + p.running_var),
         };
-        Bn {
-            mean,
-            var,
-            gamma: self.plan.params + p.gamma,
-            beta: self.plan.params + p.beta,
-        }
+        Bn { mean, var, gamma: self.plan.params + p.gamma, beta: self.plan.params + p.beta }
     }
 
     /// Folds this step's batch statistics into the layer's running statistics (once per step).
@@ -301,8 +268,7 @@ impl<B: Backend> Model<B> {
     fn bn_relu_backward(&mut self, p: &BnParams, batch: Stats, g: View, x: View, dx: View, accumulate: bool) {
         let bn = self.bn(p, batch, Pass::Train);
         let grads = self.plan.grads;
-        self.be
-            .bn_relu_backward(g, x, bn, grads + p.gamma, grads + p.beta, dx, accumulate);
+        self.be.bn_relu_backward(g, x, bn, grads + p.gamma, grads + p.beta, dx, accumulate);
     }
 
     fn conv(&mut self, x: View, w: usize, y: View, spec: ConvSpec) {
@@ -515,8 +481,7 @@ impl<B: Backend> Model<B> {
         self.be.global_avg_pool(a, hp.pooled);
         let (c, k) = (a.c, self.cfg.num_classes);
         let p = self.plan.params;
-        self.be
-            .linear(hp.pooled, p + self.net.fc_w, p + self.net.fc_b, hp.logits, n, c, k);
+        self.be.linear(hp.pooled, p + self.net.fc_w, p + self.net.fc_b, hp.logits, n, c, k);
         self.be.softmax_xent(hp.logits, n, k, hp.result, hp.g_logits);
     }
 
@@ -525,8 +490,7 @@ impl<B: Backend> Model<B> {
         let (c, k) = (a.c, self.cfg.num_classes);
         let (p, g) = (self.plan.params, self.plan.grads);
         let (w, bias) = (self.net.fc_w, self.net.fc_b);
-        self.be
-            .linear_backward(hp.pooled, p + w, hp.g_logits, hp.g_pooled, g + w, g + bias, n, c, k);
+        self.be.linear_backward(hp.pooled, p + w, hp.g_logits, hp.g_pooled, g + w, g + bias, n, c, k);
         self.be.global_avg_pool_backward(hp.g_pooled, a);
         let bn = self.net.head_bn.clone();
         self.bn_relu_backward(&bn, hp.stats_in, a, hp.input.batch(n), hp.g_in.batch(n), false);

@@ -75,19 +75,9 @@ impl Net {
                     let conv1 = p.conv(&format!("{pre}.conv1"), width, c, 1);
                     let bn2 = p.bn(&format!("{pre}.bn2"), width);
                     let conv2 = p.conv(&format!("{pre}.conv2"), k, width, 3);
-                    Layer {
-                        c_in: c,
-                        bn1,
-                        conv1,
-                        second: Some((bn2, conv2)),
-                    }
+                    Layer { c_in: c, bn1, conv1, second: Some((bn2, conv2)) }
                 } else {
-                    Layer {
-                        c_in: c,
-                        bn1,
-                        conv1: p.conv(&format!("{pre}.conv1"), k, c, 3),
-                        second: None,
-                    }
+                    Layer { c_in: c, bn1, conv1: p.conv(&format!("{pre}.conv1"), k, c, 3), second: None }
                 };
                 block.push(layer);
                 c += k;
@@ -98,27 +88,13 @@ impl Net {
                 let c_out = cfg.transition_channels(c);
                 let bn = p.bn(&format!("{pre}.bn1"), c);
                 let conv = p.conv(&format!("{pre}.conv1"), c_out, c, 1);
-                transitions.push(Transition {
-                    c_in: c,
-                    c_out,
-                    bn,
-                    conv,
-                });
+                transitions.push(Transition { c_in: c, c_out, bn, conv });
                 c = c_out;
             }
         }
         let head_bn = p.bn("bn1", c);
         let (fc_w, fc_b) = p.linear("fc", cfg.num_classes, c);
-        Net {
-            layout: p,
-            stem_conv,
-            stem_bn,
-            blocks,
-            transitions,
-            head_bn,
-            fc_w,
-            fc_b,
-        }
+        Net { layout: p, stem_conv, stem_bn, blocks, transitions, head_bn, fc_w, fc_b }
     }
 
     /// Trainable parameter count.

@@ -87,47 +87,22 @@ impl ParamLayout {
     /// Adds a bias-free convolution weight [cout, cin, k, k]; returns its offset.
     pub fn conv(&mut self, name: &str, cout: usize, cin: usize, k: usize) -> usize {
         let std = (2.0 / (k * k * cout) as f64).sqrt();
-        Self::push(
-            &mut self.params,
-            &mut self.len,
-            format!("{name}.weight"),
-            vec![cout, cin, k, k],
-            Init::Normal(std),
-        )
+        Self::push(&mut self.params, &mut self.len, format!("{name}.weight"), vec![cout, cin, k, k], Init::Normal(std))
     }
 
     /// Adds a batch norm over `c` channels.
     pub fn bn(&mut self, prefix: &str, c: usize) -> BnParams {
         let p = |s: &mut Self, what: &str, v: f32| {
-            Self::push(
-                &mut s.params,
-                &mut s.len,
-                format!("{prefix}.{what}"),
-                vec![c],
-                Init::Const(v),
-            )
+            Self::push(&mut s.params, &mut s.len, format!("{prefix}.{what}"), vec![c], Init::Const(v))
         };
         let gamma = p(self, "weight", 1.0);
         let beta = p(self, "bias", 0.0);
         let s = |s: &mut Self, what: &str, v: f32| {
-            Self::push(
-                &mut s.stats,
-                &mut s.stats_len,
-                format!("{prefix}.{what}"),
-                vec![c],
-                Init::Const(v),
-            )
+            Self::push(&mut s.stats, &mut s.stats_len, format!("{prefix}.{what}"), vec![c], Init::Const(v))
         };
         let running_mean = s(self, "running_mean", 0.0);
         let running_var = s(self, "running_var", 1.0);
-        let bn = BnParams {
-            prefix: prefix.to_string(),
-            c,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-        };
+        let bn = BnParams { prefix: prefix.to_string(), c, gamma, beta, running_mean, running_var };
         self.bns.push(bn.clone());
         bn
     }
@@ -142,13 +117,7 @@ impl ParamLayout {
             vec![cout, cin],
             Init::Uniform(bound),
         );
-        let b = Self::push(
-            &mut self.params,
-            &mut self.len,
-            format!("{name}.bias"),
-            vec![cout],
-            Init::Const(0.0),
-        );
+        let b = Self::push(&mut self.params, &mut self.len, format!("{name}.bias"), vec![cout], Init::Const(0.0));
         (w, b)
     }
 

@@ -131,10 +131,7 @@ pub struct Stats {
 impl Stats {
     /// The statistics of channels `[c0, ..)`.
     pub fn from(self, c0: usize) -> Stats {
-        Stats {
-            mean: self.mean + c0,
-            var: self.var + c0,
-        }
+        Stats { mean: self.mean + c0, var: self.var + c0 }
     }
 }
 
@@ -269,12 +266,7 @@ impl Arena {
     fn take(&mut self, name: impl Into<String>, category: Category, len: usize) -> usize {
         let off = self.top;
         self.top += len.div_ceil(16) * 16;
-        self.regions.push(Region {
-            name: name.into(),
-            category,
-            off,
-            len,
-        });
+        self.regions.push(Region { name: name.into(), category, off, len });
         off
     }
 
@@ -347,10 +339,7 @@ impl Plan {
             }
         }
 
-        let mut ar = Arena {
-            regions: Vec::new(),
-            top: 0,
-        };
+        let mut ar = Arena { regions: Vec::new(), top: 0 };
         let plen = net.layout.len;
         let params = ar.take("parameters", Category::Parameters, plen);
         let stats = ar.take("bn running statistics", Category::Parameters, net.layout.stats_len);
@@ -361,35 +350,14 @@ impl Plan {
         let blocks: Vec<View> = geo
             .iter()
             .enumerate()
-            .map(|(b, g)| {
-                ar.tensor(
-                    format!("block{} features", b + 1),
-                    Category::Activations,
-                    n,
-                    g.c_final,
-                    g.h,
-                    g.w,
-                )
-            })
+            .map(|(b, g)| ar.tensor(format!("block{} features", b + 1), Category::Activations, n, g.c_final, g.h, g.w))
             .collect();
-        let block_stats: Vec<Stats> = geo
-            .iter()
-            .enumerate()
-            .map(|(b, g)| ar.stats(format!("block{} statistics", b + 1), g.c_final))
-            .collect();
+        let block_stats: Vec<Stats> =
+            geo.iter().enumerate().map(|(b, g)| ar.stats(format!("block{} statistics", b + 1), g.c_final)).collect();
         let grad_blocks: Vec<View> = geo
             .iter()
             .enumerate()
-            .map(|(b, g)| {
-                ar.tensor(
-                    format!("block{} gradient", b + 1),
-                    Category::Scratch,
-                    n,
-                    g.c_final,
-                    g.h,
-                    g.w,
-                )
-            })
+            .map(|(b, g)| ar.tensor(format!("block{} gradient", b + 1), Category::Scratch, n, g.c_final, g.h, g.w))
             .collect();
         let act_slot = ar.take("scratch: BN-ReLU outputs", Category::Scratch, act);
         let mid_slot = ar.take("scratch: conv outputs", Category::Scratch, mid);
@@ -547,18 +515,9 @@ impl Plan {
     /// Bytes planned for one category (regions rounded to their 64-byte alignment; the labels
     /// count as activations).
     pub fn bytes(&self, category: Category) -> usize {
-        let arena: usize = self
-            .regions
-            .iter()
-            .filter(|r| r.category == category)
-            .map(|r| r.len.div_ceil(16) * 16 * 4)
-            .sum();
-        arena
-            + if category == Category::Activations {
-                self.label_bytes
-            } else {
-                0
-            }
+        let arena: usize =
+            self.regions.iter().filter(|r| r.category == category).map(|r| r.len.div_ceil(16) * 16 * 4).sum();
+        arena + if category == Category::Activations { self.label_bytes } else { 0 }
     }
 
     /// Total planned bytes: the arena plus the labels.

@@ -10,9 +10,7 @@ use densenet::rng;
 /// A random batch: normal images [n, 3, h, w] and labels below `classes`.
 pub fn batch(seed: u64, n: usize, h: usize, w: usize, classes: usize) -> (Vec<f32>, Vec<u32>) {
     let images = (0..n * 3 * h * w).map(|i| rng::normal(seed, i as u64) as f32).collect();
-    let labels = (0..n)
-        .map(|i| (rng::mix64(seed ^ (i as u64 + 1)) % classes as u64) as u32)
-        .collect();
+    let labels = (0..n).map(|i| (rng::mix64(seed ^ (i as u64 + 1)) % classes as u64) as u32).collect();
     (images, labels)
 }
 
@@ -24,10 +22,7 @@ pub fn model(cfg: &NetConfig, n: usize, h: usize, w: usize, mode: Mode, seed: u6
 /// Largest |a - b| / max(|b|, floor) over two slices.
 pub fn max_rel(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| (x - y).abs() / y.abs().max(floor))
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(&x, &y)| (x - y).abs() / y.abs().max(floor)).fold(0.0, f32::max)
 }
 
 /// Relative error of two vectors as a whole: |a - b| / |b| (Euclidean norms).

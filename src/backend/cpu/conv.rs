@@ -6,8 +6,9 @@
 //!   same convolution of the output gradient with the flipped, transposed kernel.
 //! - otherwise (7x7 stride 2, or no AVX2): explicit im2col in row tiles.
 //!
-//! Per-thread workspace slot: `[image area | weight area]`: the image area holds the padded
-//! image or the im2col tile, the weight area the packed weight or a weight-gradient partial.
+//! Per-thread workspace slot: `[image area | .. | weight area | pack area]`: the image area
+//! holds the padded image or the im2col tile, the weight area the packed weight or a
+//! weight-gradient partial, the pack area the weight-gradient product's packed rows.
 
 use super::matmul::{self, matmul, matmul_nt, pack, Shifted};
 use super::{image_chunks, Ptr};
@@ -34,7 +35,13 @@ pub(super) fn slot_len(convs: &[ConvShape]) -> usize {
         .max()
         .unwrap_or(0);
     let weight = convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
-    image + weight
+    let pack = convs.iter().map(|s| pack_len(&Geo::of(s))).max().unwrap_or(0);
+    image + weight + pack
+}
+
+/// Floats of packed B rows the weight-gradient product of this convolution needs.
+fn pack_len(g: &Geo) -> usize {
+    matmul::nt_pack_len(g.ho, g.wo)
 }
 
 fn is_pointwise(s: ConvSpec) -> bool {
@@ -118,7 +125,7 @@ impl Geo {
         for (i, o) in offs.iter_mut().take(k * k).enumerate() {
             *o = (i / k) * ld + i % k;
         }
-        Shifted { base: dst.as_ptr(), plane, ld, offs: &offs[..k * k] }
+        Shifted { base: dst.as_ptr(), plane, ld, offs: &offs[..k * k], hi: 8 }
     }
 }
 
@@ -188,11 +195,12 @@ fn col2im(col: &[f32], gx: &mut [f32], g: &Geo) {
     }
 }
 
-/// Thread `t`'s workspace slot: (image area, weight-sized area at the slot's end).
-fn slot(a: Ptr, ws: (usize, usize), threads: usize, t: usize, wlen: usize) -> (Ptr, *mut f32) {
+/// Thread `t`'s workspace slot: the image area at its start, then `wlen` floats of weight
+/// area and `plen` floats of pack area at its end.
+fn slot(a: Ptr, ws: (usize, usize), threads: usize, t: usize, wlen: usize, plen: usize) -> (Ptr, *mut f32, *mut f32) {
     let len = ws.1 / threads.max(1);
     let base = ws.0 + t * len;
-    (Ptr(a.at(base)), a.at(base + len - wlen))
+    (Ptr(a.at(base)), a.at(base + len - plen - wlen), a.at(base + len - plen))
 }
 
 /// One image: `y = conv(x, w)`; `x` is the image, `w` a row-major [cout, r] matrix.
@@ -225,7 +233,7 @@ pub(super) fn forward(a: Ptr, ws: (usize, usize), threads: usize, x: View, w: us
     let g = Geo::new(x, y, spec);
     let chunks: Vec<_> = image_chunks(x.n, threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (area, _) = slot(a, ws, threads, t, 0);
+        let (area, _, _) = slot(a, ws, threads, t, 0, 0);
         for n in range {
             // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y.
             unsafe {
@@ -243,7 +251,7 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
     // The weight as the left operand, packed once into thread 0's weight area (read-only
     // afterwards): flipped and transposed wf[ci][co][r] = w[co][ci][k2-1-r] for stride-1 "same"
     // convolutions, else the transpose w^T [cin*k2, cout].
-    let (_, wt) = slot(a, ws, threads, 0, wlen);
+    let (_, wt, _) = slot(a, ws, threads, 0, wlen, 0);
     // SAFETY: the weight area is inside the workspace and no task runs yet; w is read-only.
     unsafe {
         let dst = std::slice::from_raw_parts_mut(wt, wlen);
@@ -257,7 +265,7 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
     let (flipped, wt) = (g.flipped(), Ptr(wt));
     let chunks: Vec<_> = image_chunks(gy.n, threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (area, _) = slot(a, ws, threads, t, wlen);
+        let (area, _, _) = slot(a, ws, threads, t, wlen, 0);
         for n in range {
             let (gyo, gxo) = (Ptr::plane_off(gy, n, 0), Ptr::plane_off(gx, n, 0));
             // SAFETY: image n of gx is this task's; gy and wt are read-only; area is this task's.
@@ -288,24 +296,24 @@ pub(super) fn backward_filter(
     spec: ConvSpec,
 ) {
     let g = Geo::new(x, gy, spec);
-    let wlen = g.cout * g.r;
+    let (wlen, plen) = (g.cout * g.r, pack_len(&g));
     let chunks: Vec<_> = image_chunks(x.n, threads).collect();
     let used = chunks.iter().filter(|r| !r.is_empty()).count();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (area, dw) = slot(a, ws, threads, t, wlen);
+        let (area, dw, pack) = slot(a, ws, threads, t, wlen, plen);
         for (i, n) in range.enumerate() {
             let gyp = a.at(Ptr::plane_off(gy, n, 0)) as *const f32;
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
                 let xs = a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w);
                 if is_pointwise(spec) {
-                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, (gyp, g.p()), (xs.as_ptr(), g.p()));
+                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, (gyp, g.p()), (xs.as_ptr(), g.p()), pack);
                 } else if direct(spec) {
                     #[cfg(target_arch = "x86_64")]
                     {
                         let mut offs = [0; 49];
                         let shifted = g.padded(xs, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
-                        matmul::conv_direct_filter(g.cout, g.r, (gyp, g.p()), shifted, g.ho, g.wo, dw, i > 0);
+                        matmul::conv_direct_filter(g.cout, g.r, (gyp, g.p()), shifted, g.ho, g.wo, dw, i > 0, pack);
                     }
                 } else {
                     for rows in g.tiles() {
@@ -313,7 +321,7 @@ pub(super) fn backward_filter(
                         let cols = area.get_mut(0, g.r * tp);
                         let gyt = (gyp.add(rows.start * g.wo), g.p());
                         im2col(xs, cols, &g, rows);
-                        matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp));
+                        matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp), pack);
                     }
                 }
             }
@@ -323,7 +331,7 @@ pub(super) fn backward_filter(
     unsafe {
         let out = a.get_mut(gw, wlen);
         for t in 0..used {
-            let part = std::slice::from_raw_parts(slot(a, ws, threads, t, wlen).1, wlen);
+            let part = std::slice::from_raw_parts(slot(a, ws, threads, t, wlen, plen).1, wlen);
             if t == 0 {
                 out.copy_from_slice(part);
             } else {

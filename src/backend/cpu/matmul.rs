@@ -38,6 +38,9 @@ pub(super) struct Shifted<'a> {
     pub ld: usize,
     /// Offset of each kernel tap (ky * ld + kx).
     pub offs: &'a [usize],
+    /// Offset of a 16-pixel run's second half from its first: 8, or `ld` when a run covers
+    /// two image rows of 8.
+    pub hi: usize,
 }
 
 impl Shifted<'_> {
@@ -91,7 +94,8 @@ pub(super) unsafe fn matmul(
     )
 }
 
-/// `y[m x n] (row stride ldy) = [y +] a[m x p] (row stride lda) * b[n x p]^T (row stride ldb)`.
+/// `y[m x n] (row stride ldy) = [y +] a[m x p] (row stride lda) * b[n x p]^T (row stride ldb)`;
+/// `pack` is scratch of [`nt_pack_len`]`(1, p)` floats.
 ///
 /// # Safety
 /// As [`matmul`].
@@ -105,12 +109,14 @@ pub(super) unsafe fn matmul_nt(
     accumulate: bool,
     a: (*const f32, usize),
     b: (*const f32, usize),
+    pack: *mut f32,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         let walk = avx2::Walk { rows: 1, cols: p, lda: 0, ldb: 0 };
-        return avx2::nt(m, n, y, ldy, accumulate, a, walk, |j| b.0.add(j * b.1));
+        return avx2::nt(m, n, y, ldy, accumulate, a, walk, |j| b.0.add(j * b.1), pack);
     }
+    let _ = pack;
     gemm::gemm(
         m,
         n,
@@ -153,7 +159,8 @@ pub(super) unsafe fn conv_direct(
     avx2::direct(m, k, a, x, ho, wo, y, ldy)
 }
 
-/// `dw[m x n] (+)= gy[m x ho*wo] (row stride ldg) * x^T` for the implicit im2col `x` (n rows).
+/// `dw[m x n] (+)= gy[m x ho*wo] (row stride ldg) * x^T` for the implicit im2col `x` (n rows);
+/// `pack` is scratch of [`nt_pack_len`]`(ho, wo)` floats.
 ///
 /// # Safety
 /// As [`conv_direct`].
@@ -168,9 +175,19 @@ pub(super) unsafe fn conv_direct_filter(
     wo: usize,
     dw: *mut f32,
     accumulate: bool,
+    pack: *mut f32,
 ) {
     let walk = avx2::Walk { rows: ho, cols: wo, lda: wo, ldb: x.ld };
-    avx2::nt(m, n, dw, n, accumulate, gy, walk, |j| x.row(j))
+    avx2::nt(m, n, dw, n, accumulate, gy, walk, |j| x.row(j), pack)
+}
+
+/// Floats of the scratch [`matmul_nt`] and [`conv_direct_filter`] need for products over
+/// `rows` runs of `cols` pixels.
+pub(super) fn nt_pack_len(rows: usize, cols: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    return avx2::pack_len(avx2::Walk { rows, cols, lda: 0, ldb: 0 });
+    #[cfg(not(target_arch = "x86_64"))]
+    0
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -181,7 +198,10 @@ mod avx2 {
     /// Rows of A per register block (6 x 16 outputs in 12 registers).
     const MR: usize = 6;
     /// Depth of one packed panel of B.
-    const KC: usize = 64;
+    const KC: usize = 256;
+    /// B rows per block of dot products (3 x 3 accumulators + 3 + 3 operands fit the 16
+    /// vector registers without spilling).
+    const NB: usize = 3;
 
     /// Lane masks selecting the first `cols` (0..=16) of 16 columns.
     #[target_feature(enable = "avx2,fma")]
@@ -240,9 +260,9 @@ mod avx2 {
                     for (r, &o) in x.offs.iter().enumerate() {
                         let row = base.add(o);
                         let (b0, b1) = if MASKED {
-                            (_mm256_maskload_ps(row, m0), _mm256_maskload_ps(row.add(8), m1))
+                            (_mm256_maskload_ps(row, m0), _mm256_maskload_ps(row.add(x.hi), m1))
                         } else {
-                            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
+                            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(x.hi)))
                         };
                         step!(ci * k2 + r, b0, b1);
                     }
@@ -363,11 +383,19 @@ mod avx2 {
         y: *mut f32,
         ldy: usize,
     ) {
+        if wo == 8 {
+            // Two image rows per 16-pixel run (the output rows are contiguous).
+            for oy in (0..ho).step_by(2) {
+                let rows = Rows::Shifted(Shifted { base: x.base.add(oy * x.ld), hi: x.ld, ..x });
+                tile(m, k, a, k, rows, y.add(oy * wo), ldy, false, if oy + 1 < ho { 16 } else { 8 });
+            }
+            return;
+        }
         for oy in 0..ho {
             let mut ox = 0;
             while ox < wo {
                 let cols = (wo - ox).min(16);
-                let rows = Rows::Shifted(Shifted { base: x.base.add(oy * x.ld + ox), ..x });
+                let rows = Rows::Shifted(Shifted { base: x.base.add(oy * x.ld + ox), hi: 8, ..x });
                 tile(m, k, a, k, rows, y.add(oy * wo + ox), ldy, false, cols);
                 ox += 16;
             }
@@ -385,8 +413,10 @@ mod avx2 {
     }
 
     /// `y[m x n] (+)= a[m rows] . b[n rows]` over the pixels of `walk`; A row i starts at
-    /// `a.0 + i * a.1`, B row j at `brow(j)`. Blocks of 3 x 4 dot products keep 12
-    /// accumulators in registers; B's four rows stay in L1 while A streams past.
+    /// `a.0 + i * a.1`, B row j at `brow(j)`. Blocks of 3 x 3 dot products keep 9
+    /// accumulators in registers. Each group of three B rows is first interleaved into `pack`
+    /// ([`pack_len`] floats): rows of B are whole planes apart and would alias in L1 with
+    /// each other and with A; packed, they stay in L1 while every block of A streams past.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn nt(
@@ -398,16 +428,37 @@ mod avx2 {
         a: (*const f32, usize),
         walk: Walk,
         brow: impl Fn(usize) -> *const f32,
+        pack: *mut f32,
     ) {
+        let tail = walk.cols % 8;
+        let mask = masks(tail).0;
         let mut j = 0;
         while j < n {
-            let c = (n - j).min(4);
-            let b: [*const f32; 4] = std::array::from_fn(|q| brow(j + q.min(c - 1)));
+            let c = (n - j).min(NB);
+            let b: [*const f32; NB] = std::array::from_fn(|q| brow(j + q.min(c - 1)));
+            let mut dst = pack;
+            for row in 0..walk.rows {
+                let bo = row * walk.ldb;
+                let mut t = 0;
+                while t + 8 <= walk.cols {
+                    for (q, bq) in b.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add(8 * q), _mm256_loadu_ps(bq.add(bo + t)));
+                    }
+                    dst = dst.add(8 * NB);
+                    t += 8;
+                }
+                if tail > 0 {
+                    for (q, bq) in b.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add(8 * q), _mm256_maskload_ps(bq.add(bo + t), mask));
+                    }
+                    dst = dst.add(8 * NB);
+                }
+            }
             let mut i = 0;
             while i < m {
                 let r = (m - i).min(3);
                 let ar: [*const f32; 3] = std::array::from_fn(|q| a.0.add((i + q.min(r - 1)) * a.1));
-                let sums = dots(ar, b, walk);
+                let sums = dots(ar, pack, walk);
                 for (q, row) in sums.iter().enumerate().take(r) {
                     for (s, &v) in row.iter().enumerate().take(c) {
                         let out = y.add((i + q) * ldy + j + s);
@@ -416,8 +467,13 @@ mod avx2 {
                 }
                 i += 3;
             }
-            j += 4;
+            j += NB;
         }
+    }
+
+    /// Floats of the packed B rows [`nt`] needs for `walk`.
+    pub(super) fn pack_len(walk: Walk) -> usize {
+        8 * NB * walk.rows * walk.cols.div_ceil(8)
     }
 
     /// Horizontal sum of 8 lanes.
@@ -428,41 +484,38 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// The 3 x 4 dot products of three A rows with four B rows over `walk`. (No closures in
-    /// kernels: closures do not inherit `target_feature` and would not be inlined.)
+    /// The 3 x 3 dot products of three A rows with three packed B rows over `walk`. (No
+    /// closures in kernels: closures do not inherit `target_feature` and would not be inlined.)
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dots(a: [*const f32; 3], b: [*const f32; 4], walk: Walk) -> [[f32; 4]; 3] {
-        let mut s = [[_mm256_setzero_ps(); 4]; 3];
+    unsafe fn dots(a: [*const f32; 3], b: *const f32, walk: Walk) -> [[f32; NB]; 3] {
+        let mut s = [[_mm256_setzero_ps(); NB]; 3];
         let tail = walk.cols % 8;
         let mask = masks(tail).0;
+        let mut bp = b;
         macro_rules! step {
-            ($ao:expr, $bo:expr, $load:ident $(, $mask:expr)?) => {{
-                let bv = [
-                    $load(b[0].add($bo) $(, $mask)?),
-                    $load(b[1].add($bo) $(, $mask)?),
-                    $load(b[2].add($bo) $(, $mask)?),
-                    $load(b[3].add($bo) $(, $mask)?),
-                ];
+            ($ao:expr, $load:ident $(, $mask:expr)?) => {{
+                let bv = [_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)), _mm256_loadu_ps(bp.add(16))];
                 for (si, ai) in s.iter_mut().zip(a) {
                     let av = $load(ai.add($ao) $(, $mask)?);
                     for (sij, &bj) in si.iter_mut().zip(&bv) {
                         *sij = _mm256_fmadd_ps(av, bj, *sij);
                     }
                 }
+                bp = bp.add(8 * NB);
             }};
         }
         for row in 0..walk.rows {
-            let (ao, bo) = (row * walk.lda, row * walk.ldb);
+            let ao = row * walk.lda;
             let mut t = 0;
             while t + 8 <= walk.cols {
-                step!(ao + t, bo + t, _mm256_loadu_ps);
+                step!(ao + t, _mm256_loadu_ps);
                 t += 8;
             }
             if tail > 0 {
-                step!(ao + t, bo + t, _mm256_maskload_ps, mask);
+                step!(ao + t, _mm256_maskload_ps, mask);
             }
         }
-        let mut out = [[0.0; 4]; 3];
+        let mut out = [[0.0; NB]; 3];
         for (o, si) in out.iter_mut().zip(&s) {
             for (v, &sij) in o.iter_mut().zip(si) {
                 *v = hsum(sij);

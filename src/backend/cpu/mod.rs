@@ -4,6 +4,7 @@
 //! Work splits are fixed (images into one contiguous chunk per thread, in order), so results
 //! are bitwise reproducible run to run for a given thread count.
 
+mod bnvec;
 mod conv;
 mod elementwise;
 mod matmul;

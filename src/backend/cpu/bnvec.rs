@@ -1,0 +1,196 @@
+//! The batch-norm inner loops over one channel plane, as AVX2 kernels with portable
+//! fallbacks (the compiler does not vectorize these masked reductions by itself). The
+//! arithmetic and its order are the same in both versions, lane for lane.
+
+use super::matmul::simd;
+
+/// Per-channel constants of `y = relu(x * scale + shift)` and its backward.
+#[derive(Clone, Copy)]
+pub(super) struct Affine {
+    /// gamma / sqrt(var + eps).
+    pub scale: f32,
+    /// beta - mean * scale.
+    pub shift: f32,
+    /// Batch mean.
+    pub mean: f32,
+    /// 1 / sqrt(var + eps).
+    pub inv_std: f32,
+}
+
+/// `(sum(x - s), sum((x - s)^2))`.
+pub(super) fn moments(x: &[f32], s: f32) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::moments(x, s) };
+    }
+    x.iter().fold((0.0, 0.0), |(a, b), &v| (a + (v - s) as f64, b + ((v - s) * (v - s)) as f64))
+}
+
+/// `y = relu(x * scale + shift)`.
+pub(super) fn bn_relu(x: &[f32], y: &mut [f32], f: Affine) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::bn_relu(x, y, f) };
+    }
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x * f.scale + f.shift).max(0.0));
+}
+
+/// `(sum(gm), sum(gm * xhat))` with `gm = g` where the forward output was positive, else 0,
+/// and `xhat = (x - mean) * inv_std`.
+pub(super) fn grad_sums(g: &[f32], x: &[f32], f: Affine) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::grad_sums(g, x, f) };
+    }
+    g.iter().zip(x).fold((0.0, 0.0), |(a, b), (&g, &x)| {
+        let gm = if x * f.scale + f.shift > 0.0 { g } else { 0.0 };
+        (a + gm as f64, b + (gm * ((x - f.mean) * f.inv_std)) as f64)
+    })
+}
+
+/// The BN input gradient `k * (gm - mg - xhat * mgx)`, written into `d` (or added to it);
+/// `g = None` reads the output gradient from `d` itself (in place).
+pub(super) fn grad(
+    d: &mut [f32],
+    g: Option<&[f32]>,
+    x: &[f32],
+    f: Affine,
+    k: f32,
+    mg: f32,
+    mgx: f32,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::grad(d, g, x, f, k, mg, mgx, accumulate) };
+    }
+    for i in 0..d.len() {
+        let gv = g.map_or(d[i], |g| g[i]);
+        let gm = if x[i] * f.scale + f.shift > 0.0 { gv } else { 0.0 };
+        let v = k * (gm - mg - (x[i] - f.mean) * f.inv_std * mgx);
+        d[i] = if accumulate { d[i] + v } else { v };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Affine;
+    use std::arch::x86_64::*;
+
+    /// Adds the 8 lanes in f64.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum64(v: __m256) -> f64 {
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        let s = _mm256_add_pd(lo, hi);
+        let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+        _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn moments(x: &[f32], s: f32) -> (f64, f64) {
+        let sv = _mm256_set1_ps(s);
+        let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            let d = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), sv);
+            a = _mm256_add_ps(a, d);
+            b = _mm256_add_ps(b, _mm256_mul_ps(d, d));
+        }
+        let (mut sa, mut sb) = (sum64(a), sum64(b));
+        for &v in rest {
+            sa += (v - s) as f64;
+            sb += ((v - s) * (v - s)) as f64;
+        }
+        (sa, sb)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bn_relu(x: &[f32], y: &mut [f32], f: Affine) {
+        let (sc, sh, z) = (_mm256_set1_ps(f.scale), _mm256_set1_ps(f.shift), _mm256_setzero_ps());
+        let n = x.len().min(y.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), sc), sh);
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_max_ps(v, z));
+            i += 8;
+        }
+        for j in i..n {
+            y[j] = (x[j] * f.scale + f.shift).max(0.0);
+        }
+    }
+
+    /// The gradient masked by the ReLU: `g` where `x * scale + shift > 0`, else 0.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn masked(g: __m256, x: __m256, sc: __m256, sh: __m256) -> __m256 {
+        let pre = _mm256_add_ps(_mm256_mul_ps(x, sc), sh);
+        _mm256_and_ps(g, _mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn grad_sums(g: &[f32], x: &[f32], f: Affine) -> (f64, f64) {
+        let (sc, sh) = (_mm256_set1_ps(f.scale), _mm256_set1_ps(f.shift));
+        let (mean, inv) = (_mm256_set1_ps(f.mean), _mm256_set1_ps(f.inv_std));
+        let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let n = g.len().min(x.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            let gm = masked(_mm256_loadu_ps(g.as_ptr().add(i)), xv, sc, sh);
+            a = _mm256_add_ps(a, gm);
+            b = _mm256_add_ps(b, _mm256_mul_ps(gm, _mm256_mul_ps(_mm256_sub_ps(xv, mean), inv)));
+            i += 8;
+        }
+        let (mut sa, mut sb) = (sum64(a), sum64(b));
+        for j in i..n {
+            let gm = if x[j] * f.scale + f.shift > 0.0 { g[j] } else { 0.0 };
+            sa += gm as f64;
+            sb += (gm * ((x[j] - f.mean) * f.inv_std)) as f64;
+        }
+        (sa, sb)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn grad(
+        d: &mut [f32],
+        g: Option<&[f32]>,
+        x: &[f32],
+        f: Affine,
+        k: f32,
+        mg: f32,
+        mgx: f32,
+        acc: bool,
+    ) {
+        let (sc, sh) = (_mm256_set1_ps(f.scale), _mm256_set1_ps(f.shift));
+        let (mean, inv) = (_mm256_set1_ps(f.mean), _mm256_set1_ps(f.inv_std));
+        let (kv, mgv, mgxv) = (_mm256_set1_ps(k), _mm256_set1_ps(mg), _mm256_set1_ps(mgx));
+        let n = d.len().min(x.len());
+        let src = g.map_or(d.as_ptr(), |g| g.as_ptr());
+        let dp = d.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            let gm = masked(_mm256_loadu_ps(src.add(i)), xv, sc, sh);
+            let xhat = _mm256_mul_ps(_mm256_sub_ps(xv, mean), inv);
+            let mut v = _mm256_mul_ps(kv, _mm256_sub_ps(_mm256_sub_ps(gm, mgv), _mm256_mul_ps(xhat, mgxv)));
+            if acc {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(dp.add(i)));
+            }
+            _mm256_storeu_ps(dp.add(i), v);
+            i += 8;
+        }
+        for j in i..n {
+            let gv = *src.add(j);
+            let gm = if x[j] * f.scale + f.shift > 0.0 { gv } else { 0.0 };
+            let v = k * (gm - mg - (x[j] - f.mean) * f.inv_std * mgx);
+            *dp.add(j) = if acc { *dp.add(j) + v } else { v };
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Readers for the official CIFAR binary archives.
+//!
+//! CIFAR-10 (`cifar-10-batches-bin/`): `data_batch_1.bin` .. `data_batch_5.bin` (train) and
+//! `test_batch.bin`, records of one label byte and 3072 pixel bytes. CIFAR-100
+//! (`cifar-100-binary/`): `train.bin` and `test.bin`, records of a coarse and a fine label byte
+//! and 3072 pixel bytes; the fine label is used. Pixels are three 32x32 planes, R, G, B, row
+//! by row. Any whole number of records per file is accepted.
+
+use crate::{bail, Error, Result};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Image height and width.
+pub const SIDE: usize = 32;
+
+/// Bytes (and network input floats) per image: 3 planes of 32x32.
+pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
+
+/// Where the official archives are published.
+const HOME: &str = "https://www.cs.toronto.edu/~kriz/cifar.html";
+
+/// Which CIFAR dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dataset {
+    /// CIFAR-10: 10 classes.
+    Cifar10,
+    /// CIFAR-100: 100 fine classes (20 coarse ones are read and checked, not used).
+    Cifar100,
+}
+
+/// Training or test images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// The training files.
+    Train,
+    /// The test file.
+    Test,
+}
+
+impl Dataset {
+    /// Classes the network predicts.
+    pub fn classes(self) -> usize {
+        match self {
+            Dataset::Cifar10 => 10,
+            Dataset::Cifar100 => 100,
+        }
+    }
+
+    /// The usual spelling, `CIFAR-10` or `CIFAR-100`.
+    pub fn title(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "CIFAR-10",
+            Dataset::Cifar100 => "CIFAR-100",
+        }
+    }
+
+    /// The folder the official archive extracts to.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "cifar-10-batches-bin",
+            Dataset::Cifar100 => "cifar-100-binary",
+        }
+    }
+
+    /// The folder of the Python version of the archive, a common mistake.
+    fn python_folder(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "cifar-10-batches-py",
+            Dataset::Cifar100 => "cifar-100-python",
+        }
+    }
+
+    /// The official archive's file name.
+    pub fn archive(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "cifar-10-binary.tar.gz",
+            Dataset::Cifar100 => "cifar-100-binary.tar.gz",
+        }
+    }
+
+    /// The files of one split.
+    pub fn files(self, split: Split) -> &'static [&'static str] {
+        match (self, split) {
+            (Dataset::Cifar10, Split::Train) => {
+                &["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
+            }
+            (Dataset::Cifar10, Split::Test) => &["test_batch.bin"],
+            (Dataset::Cifar100, Split::Train) => &["train.bin"],
+            (Dataset::Cifar100, Split::Test) => &["test.bin"],
+        }
+    }
+
+    /// The expected files, as a short phrase for messages.
+    fn file_list(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "data_batch_1.bin .. data_batch_5.bin and test_batch.bin",
+            Dataset::Cifar100 => "train.bin and test.bin",
+        }
+    }
+
+    /// Label bytes before each image, and the class count each must be below (the last one is
+    /// the label trained on).
+    fn label_bytes(self) -> &'static [(&'static str, u8)] {
+        match self {
+            Dataset::Cifar10 => &[("label", 10)],
+            Dataset::Cifar100 => &[("coarse label", 20), ("fine label", 100)],
+        }
+    }
+
+    /// Bytes per record.
+    pub fn record_bytes(self) -> usize {
+        self.label_bytes().len() + IMAGE_BYTES
+    }
+}
+
+impl FromStr for Dataset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Dataset> {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "cifar10" => Ok(Dataset::Cifar10),
+            "cifar100" => Ok(Dataset::Cifar100),
+            _ => bail!("unknown dataset '{s}' (cifar10, cifar100)"),
+        }
+    }
+}
+
+impl fmt::Display for Dataset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dataset::Cifar10 => "cifar10",
+            Dataset::Cifar100 => "cifar100",
+        })
+    }
+}
+
+/// Labeled images kept as bytes: `len()` images of [`IMAGE_BYTES`] (R, G, B planes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Images {
+    pixels: Vec<u8>,
+    labels: Vec<u32>,
+}
+
+impl Images {
+    /// Reads one split of `dataset` from `dir`, which holds the archive's folder or its files.
+    pub fn load(dir: &Path, dataset: Dataset, split: Split) -> Result<Images> {
+        let root = locate(dir, dataset)?;
+        let record = dataset.record_bytes() as u64;
+        let mut files = Vec::new();
+        for name in dataset.files(split) {
+            let path = root.join(name);
+            let size = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m.len(),
+                Ok(_) => bail!("{}: not a file", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                    "missing {} file {} (the official archive {} holds {})",
+                    dataset.title(),
+                    path.display(),
+                    dataset.archive(),
+                    dataset.file_list()
+                ),
+                Err(e) => bail!("{}: {e}", path.display()),
+            };
+            if size == 0 || size % record != 0 {
+                bail!(
+                    "{}: {size} bytes is not a whole, non-zero number of {record}-byte {} records \
+                     (truncated, or not a {} file)",
+                    path.display(),
+                    dataset.title(),
+                    dataset.title()
+                );
+            }
+            files.push((path, (size / record) as usize));
+        }
+        let mut images = Images::with_capacity(files.iter().map(|f| f.1).sum());
+        for (path, records) in files {
+            let file = File::open(&path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+            images.append(BufReader::with_capacity(1 << 20, file), records, dataset, &path)?;
+        }
+        Ok(images)
+    }
+
+    fn with_capacity(records: usize) -> Images {
+        Images { pixels: Vec::with_capacity(records * IMAGE_BYTES), labels: Vec::with_capacity(records) }
+    }
+
+    /// Appends `records` records of `dataset` read from `r`; `path` names the source in errors.
+    fn append(&mut self, mut r: impl Read, records: usize, dataset: Dataset, path: &Path) -> Result<()> {
+        let fields = dataset.label_bytes();
+        let mut label = [0u8; 2];
+        let label = &mut label[..fields.len()];
+        for i in 0..records {
+            let start = self.pixels.len();
+            self.pixels.resize(start + IMAGE_BYTES, 0);
+            r.read_exact(label)
+                .and_then(|()| r.read_exact(&mut self.pixels[start..]))
+                .map_err(|e| Error(format!("{}: record {i}: {e}", path.display())))?;
+            for (&(what, classes), &l) in fields.iter().zip(label.iter()) {
+                if l >= classes {
+                    bail!(
+                        "{}: record {i} has {what} {l}, outside 0..{classes} (not a {} file?)",
+                        path.display(),
+                        dataset.title()
+                    );
+                }
+            }
+            self.labels.push(label[fields.len() - 1] as u32);
+        }
+        Ok(())
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Image `i`: [`IMAGE_BYTES`] bytes, R, G, B planes of 32x32.
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+    }
+
+    /// Every label, one per image.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+}
+
+/// The folder holding `dataset`'s files: `dir/<archive folder>` when it exists, else `dir`
+/// itself when it holds any of the files.
+fn locate(dir: &Path, dataset: Dataset) -> Result<PathBuf> {
+    let nested = dir.join(dataset.folder());
+    if nested.is_dir() {
+        return Ok(nested);
+    }
+    let splits = [Split::Train, Split::Test];
+    if splits.iter().flat_map(|&s| dataset.files(s)).any(|f| dir.join(f).is_file()) {
+        return Ok(dir.to_path_buf());
+    }
+    let python = dir.join(dataset.python_folder());
+    let found = if python.is_dir() { format!("; {} is the Python version", python.display()) } else { String::new() };
+    bail!(
+        "{} not found in {}: expected {}/ holding {} (or those files directly in it){found}; get \
+         the binary version, {}, from {HOME} and extract it there",
+        dataset.title(),
+        dir.display(),
+        nested.display(),
+        dataset.file_list(),
+        dataset.archive()
+    )
+}
+
+/// Test helpers: CIFAR records and in-memory images.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `n` records of `dataset` whose image `i` has every byte equal to `i` and label `i %
+    /// classes` (CIFAR-100: coarse label `i % 20`).
+    pub fn records(dataset: Dataset, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            if dataset == Dataset::Cifar100 {
+                out.push((i % 20) as u8);
+            }
+            out.push((i % dataset.classes()) as u8);
+            out.extend(std::iter::repeat_n(i as u8, IMAGE_BYTES));
+        }
+        out
+    }
+
+    /// The images of [`records`].
+    pub fn images(dataset: Dataset, n: usize) -> Images {
+        let mut images = Images::with_capacity(n);
+        images.append(&records(dataset, n)[..], n, dataset, Path::new("mem")).unwrap();
+        images
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::records;
+    use super::*;
+
+    fn parse(bytes: &[u8], dataset: Dataset) -> Result<Images> {
+        let n = bytes.len() / dataset.record_bytes();
+        let mut images = Images::with_capacity(n);
+        images.append(bytes, n, dataset, Path::new("x.bin"))?;
+        Ok(images)
+    }
+
+    #[test]
+    fn cifar10_records() {
+        let mut bytes = records(Dataset::Cifar10, 3);
+        bytes[1 + 3072 + 1 + 5] = 200; // image 1, red plane, pixel (0, 5)
+        let im = parse(&bytes, Dataset::Cifar10).unwrap();
+        assert_eq!(im.len(), 3);
+        assert_eq!(im.labels(), &[0, 1, 2]);
+        assert_eq!(im.image(2), &[2u8; IMAGE_BYTES][..]);
+        assert_eq!(im.image(1)[5], 200);
+        assert_eq!(im.image(1)[4], 1);
+    }
+
+    #[test]
+    fn cifar100_uses_fine_labels() {
+        let mut bytes = records(Dataset::Cifar100, 2);
+        bytes[0] = 7;
+        bytes[1] = 93;
+        let im = parse(&bytes, Dataset::Cifar100).unwrap();
+        assert_eq!(im.labels(), &[93, 1]);
+        assert_eq!(im.image(1), &[1u8; IMAGE_BYTES][..]);
+    }
+
+    #[test]
+    fn bad_labels_name_the_record() {
+        let mut bytes = records(Dataset::Cifar10, 2);
+        bytes[3073] = 10;
+        let e = parse(&bytes, Dataset::Cifar10).unwrap_err().0;
+        assert!(e.contains("x.bin: record 1 has label 10, outside 0..10"), "{e}");
+        let mut bytes = records(Dataset::Cifar100, 1);
+        bytes[0] = 20;
+        let e = parse(&bytes, Dataset::Cifar100).unwrap_err().0;
+        assert!(e.contains("coarse label 20"), "{e}");
+    }
+
+    #[test]
+    fn short_input_is_an_error() {
+        let bytes = records(Dataset::Cifar10, 2);
+        let mut images = Images::with_capacity(2);
+        let e = images.append(&bytes[..5000], 2, Dataset::Cifar10, Path::new("x.bin")).unwrap_err();
+        assert!(e.0.starts_with("x.bin: record 1:"), "{e}");
+    }
+
+    #[test]
+    fn dataset_names() {
+        assert_eq!("cifar10".parse::<Dataset>().unwrap(), Dataset::Cifar10);
+        assert_eq!("CIFAR-100".parse::<Dataset>().unwrap(), Dataset::Cifar100);
+        assert!("mnist".parse::<Dataset>().unwrap_err().0.contains("cifar10, cifar100"));
+        assert_eq!(Dataset::Cifar100.to_string(), "cifar100");
+        assert_eq!(Dataset::Cifar100.record_bytes(), 3074);
+    }
+}

@@ -1,0 +1,60 @@
+//! Training: the reference recipe (SGD with Nesterov momentum, step learning-rate decay), the
+//! epoch loop with its progress lines, and model selection on test top-1.
+
+pub mod epoch;
+pub mod meter;
+pub mod schedule;
+
+use crate::backend::{Backend, Sgd};
+use crate::data::loader::Loader;
+use crate::model::Model;
+use crate::{Error, Result};
+use std::fmt;
+use std::io::Write;
+use std::time::Instant;
+
+/// What `densenet train` runs: epochs, SGD hyper-parameters and reporting.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Recipe {
+    /// Total epochs; the schedule's milestones are fractions of it.
+    pub epochs: usize,
+    /// First epoch to run (counted from 0).
+    pub start_epoch: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// Momentum factor (Nesterov).
+    pub momentum: f32,
+    /// L2 weight decay on every parameter.
+    pub weight_decay: f32,
+    /// Batches between progress lines.
+    pub print_freq: usize,
+}
+
+/// Trains epochs `start_epoch..epochs`, evaluating on the test set after each, and returns the
+/// best test top-1 precision (percent).
+pub fn fit<B: Backend>(model: &mut Model<B>, train: &mut Loader, test: &mut Loader, recipe: &Recipe) -> Result<f64> {
+    let mut best = 0.0f64;
+    for e in recipe.start_epoch..recipe.epochs {
+        let start = Instant::now();
+        let lr = schedule::learning_rate(recipe.lr, e, recipe.epochs);
+        let hp = Sgd { lr: lr as f32, momentum: recipe.momentum, weight_decay: recipe.weight_decay, nesterov: true };
+        let t = epoch::train(model, train, e, hp, recipe.print_freq)?;
+        let v = epoch::evaluate(model, test, recipe.print_freq)?;
+        best = best.max(v.top1);
+        report(format_args!(
+            " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}  ({:.1} s)",
+            hp.lr,
+            t.loss,
+            t.top1,
+            v.loss,
+            v.top1,
+            start.elapsed().as_secs_f64()
+        ))?;
+    }
+    Ok(best)
+}
+
+/// Prints one line to stdout; a closed stdout (`densenet train | head`) is an error, not a panic.
+pub fn report(line: fmt::Arguments) -> Result<()> {
+    writeln!(std::io::stdout(), "{line}").map_err(|e| Error(format!("cannot write to stdout: {e}")))
+}

@@ -1,0 +1,265 @@
+//! End-to-end runs of the `densenet` binary on tiny CIFAR-format data written by the tests:
+//! training on both formats and layouts, determinism, the memory report, and one clear
+//! one-line error (no panic) for every bad input.
+
+#[path = "common/cifar.rs"]
+mod cifar;
+
+use cifar::Format;
+use std::path::Path;
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+/// A depth-10 bottleneck network (one layer per block).
+const TINY: [&str; 4] = ["--layers", "10", "--growth", "4"];
+
+fn densenet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_densenet")).args(args).output().expect("run the densenet binary")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// A temp dir with CIFAR-10 in its archive folder: 5 x 16 training and 20 test records.
+fn cifar10() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    cifar::write(dir.path(), Format::Cifar10, true, 80, 20);
+    dir
+}
+
+/// Trains the tiny network on `dir` at batch `batch` with extra flags; asserts success and
+/// returns stdout.
+fn train(dir: &Path, batch: &str, extra: &[&str]) -> String {
+    let mut args = vec!["train", "--data-dir", dir.to_str().unwrap(), "-b", batch];
+    args.extend(TINY);
+    args.extend(extra);
+    let out = densenet(&args);
+    assert!(out.status.success(), "{args:?} failed:\n{}{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+/// The number after `key` in `line`.
+fn number_after(line: &str, key: &str) -> f64 {
+    let rest = &line[line.find(key).unwrap_or_else(|| panic!("no '{key}' in '{line}'")) + key.len()..];
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Asserts a failure with exit code `code` and one line on stderr, `error: ...` containing
+/// `needle`, and no panic.
+fn assert_fails(args: &[&str], code: i32, needle: &str) {
+    let out = densenet(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: stderr {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: '{needle}' not in {err}");
+}
+
+#[test]
+fn trains_two_epochs_on_cifar10() {
+    let dir = cifar10();
+    let out = train(dir.path(), "16", &["--epochs", "2", "-p", "2"]);
+    for expect in [
+        "DenseNet-BC-10-4 (run DenseNet_BC_100_12) on CIFAR-10: 80 training and 20 test images",
+        "Number of model parameters: 2666",
+        "Device: cpu (",
+        "(auto: this build has no CUDA backend yet)",
+        "Memory plan (minimal, batch 16): ",
+        "Epoch: [0][0/5]  Time ",
+        "Epoch: [0][4/5]",
+        "Epoch: [1][2/5]",
+        "Test: [0/2]",
+    ] {
+        assert!(out.contains(expect), "'{expect}' missing from:\n{out}");
+    }
+    assert!(!out.contains("Epoch: [0][1/5]"), "printed off the print frequency:\n{out}");
+    let epochs: Vec<&str> = out.lines().filter(|l| l.starts_with(" * Epoch [")).collect();
+    assert_eq!(epochs.len(), 2, "{out}");
+    // Two epochs: the LR drops at floor(2/2) = 1 and floor(3*2/4) = 1.
+    assert_eq!(number_after(epochs[0], "lr "), 0.1);
+    assert_eq!(number_after(epochs[1], "lr "), 0.001);
+    let tops: Vec<f64> = epochs.iter().map(|l| number_after(&l[l.find("test Loss").unwrap()..], "Prec@1 ")).collect();
+    assert!(tops.iter().all(|t| (0.0..=100.0).contains(t)), "{tops:?}");
+    let best = number_after(out.lines().last().unwrap(), "Best accuracy: ");
+    assert_eq!(best, tops.iter().cloned().fold(0.0, f64::max), "{out}");
+}
+
+#[test]
+fn training_is_deterministic_for_a_seed() {
+    let dir = cifar10();
+    let run = |seed: &str| {
+        let out = train(dir.path(), "16", &["--epochs", "2", "-p", "1", "--seed", seed, "--droprate", "0.1"]);
+        // Everything but the timings.
+        out.lines()
+            .map(|l| {
+                l.split("  ").filter(|f| !f.starts_with("Time ") && !f.ends_with(" s)")).collect::<Vec<_>>().join("  ")
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = run("3");
+    assert_eq!(a, run("3"));
+    assert_ne!(a, run("4"));
+}
+
+#[test]
+fn trains_on_cifar100_files_given_directly() {
+    let dir = TempDir::new().unwrap();
+    cifar::write(dir.path(), Format::Cifar100, false, 30, 9);
+    let out = train(dir.path(), "7", &["--dataset", "cifar100", "--epochs", "1", "--memory", "naive", "--no-augment"]);
+    assert!(out.contains("on CIFAR-100: 30 training and 9 test images"), "{out}");
+    assert!(out.contains("Memory plan (naive, batch 7)"), "{out}");
+    assert!(out.contains("Epoch: [0][0/5]") && out.contains("Test: [0/2]"), "{out}");
+    assert!(out.lines().last().unwrap().starts_with("Best accuracy: "), "{out}");
+}
+
+#[test]
+fn bad_flags_are_one_line_usage_errors() {
+    let dir = cifar10();
+    let d = dir.path().to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["-b", "0"], "--batch-size"),
+        (&["--lr", "-0.1"], "--lr"),
+        (&["--lr", "NaN"], "must be a finite number"),
+        (&["--wd", "-1"], "--weight-decay"),
+        (&["--momentum", "1.5"], "--momentum"),
+        (&["--epochs", "0"], "--epochs"),
+        (&["--print-freq", "0"], "--print-freq"),
+        (&["--layers", "11"], "depth 11 does not fit"),
+        (&["--layers", "41", "--no-bottleneck"], "3n+4"),
+        (&["--growth", "0"], "growth"),
+        (&["--reduce", "1.5"], "reduction"),
+        (&["--droprate", "1"], "dropout"),
+        (&["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (&["--device", "tpu"], "expected auto or cpu"),
+        (&["--device", "cuda"], "no CUDA backend"),
+        (&["--device", "cuda:1"], "no CUDA backend"),
+        (&["--memory", "tiny"], "unknown memory mode 'tiny'"),
+        (&["--start-epoch", "3", "--epochs", "3"], "nothing to train"),
+        (&["--epoch", "3"], "'--epochs'"),
+        (&["--resume", "x"], "unexpected argument '--resume'"),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["train", "--data-dir", d];
+        args.extend(*flags);
+        assert_fails(&args, 2, needle);
+    }
+    assert_fails(&["memory", "--memory", "some"], 2, "expected naive, shared, minimal or all");
+    assert_fails(&["memory", "--layers", "7"], 2, "depth 7");
+    assert_fails(&["fly"], 2, "unrecognized subcommand 'fly'");
+}
+
+#[test]
+fn missing_data_says_what_is_expected_and_where_to_get_it() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_fails(&["train", "--data-dir", d], 1, "CIFAR-10 not found in");
+    let out = densenet(&["train", "--data-dir", d, "--dataset", "cifar100"]);
+    let err = stderr(&out);
+    for part in [
+        "cifar-100-binary/",
+        "train.bin and test.bin",
+        "cifar-100-binary.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar.html",
+    ] {
+        assert!(err.contains(part), "'{part}' missing: {err}");
+    }
+
+    std::fs::create_dir(dir.path().join("cifar-10-batches-py")).unwrap();
+    assert_fails(&["train", "--data-dir", d], 1, "cifar-10-batches-py is the Python version; get the binary version");
+
+    let dir = cifar10();
+    std::fs::remove_file(dir.path().join("cifar-10-batches-bin/data_batch_4.bin")).unwrap();
+    assert_fails(&["train", "--data-dir", dir.path().to_str().unwrap()], 1, "missing CIFAR-10 file");
+    assert_fails(&["train", "--data-dir", dir.path().to_str().unwrap()], 1, "data_batch_4.bin");
+}
+
+#[test]
+fn corrupt_files_are_named() {
+    let dir = cifar10();
+    let folder = dir.path().join("cifar-10-batches-bin");
+    let d = dir.path().to_str().unwrap();
+
+    let file = folder.join("data_batch_3.bin");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    assert_fails(&["train", "--data-dir", d], 1, "data_batch_3.bin: 49068 bytes is not a whole");
+    std::fs::write(&file, b"").unwrap();
+    assert_fails(&["train", "--data-dir", d], 1, "data_batch_3.bin: 0 bytes");
+    std::fs::write(&file, bytes).unwrap();
+
+    let file = folder.join("test_batch.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[3 * 3073] = 12;
+    std::fs::write(&file, bytes).unwrap();
+    assert_fails(&["train", "--data-dir", d], 1, "test_batch.bin: record 3 has label 12, outside 0..10");
+}
+
+#[test]
+fn memory_json_orders_the_modes() {
+    let out = densenet(&["memory", "--json", "-b", "32"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(json["params"], 769_162);
+    assert_eq!(json["batch"], 32);
+    let total = |mode: &str| {
+        let m = &json["modes"][mode];
+        let parts = ["parameters", "gradients", "momentum", "activations", "scratch", "workspace"];
+        let sum: u64 = parts.iter().map(|p| m[p].as_u64().unwrap()).sum();
+        assert_eq!(m["total_bytes"].as_u64(), Some(sum), "{mode}: {m}");
+        sum
+    };
+    assert!(total("naive") > total("shared") && total("shared") > total("minimal"), "{json}");
+
+    let out = densenet(&["memory", "--json", "--memory", "shared", "--dataset", "cifar100"]);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(json["params"], 800_032);
+    assert_eq!(json["modes"].as_object().unwrap().keys().collect::<Vec<_>>(), ["shared"]);
+}
+
+#[test]
+fn memory_table_has_a_row_per_mode() {
+    let out = densenet(&["memory", "--layers", "40", "--no-bottleneck", "--reduce", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("DenseNet-40-12 on CIFAR-10, batch 64"), "{text}");
+    for mode in ["naive", "shared", "minimal"] {
+        assert!(text.lines().any(|l| l.starts_with(mode)), "{mode} row missing:\n{text}");
+    }
+}
+
+#[test]
+fn help_lists_the_reference_flags() {
+    let out = densenet(&["train", "--help"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for flag in [
+        "--epochs",
+        "--start-epoch",
+        "--batch-size",
+        "--lr",
+        "--momentum",
+        "--weight-decay",
+        "--wd",
+        "--print-freq",
+        "--layers",
+        "--growth",
+        "--droprate",
+        "--no-augment",
+        "--reduce",
+        "--no-bottleneck",
+        "--name",
+        "--dataset",
+        "--data-dir",
+        "--memory",
+        "--seed",
+        "--device",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from help:\n{text}");
+    }
+}
