@@ -36,7 +36,7 @@ fn random_batch(n: usize) -> (Vec<f32>, Vec<u32>) {
 
 /// Prints the planned bytes per category (MiB) of each network and mode, without allocating.
 fn print_memory_table(batch: usize) {
-    let be = CpuBackend::new();
+    let mut be = CpuBackend::new();
     print!("{:<22} {:<8}", format!("planned MiB, batch {batch}"), "mode");
     for c in Category::ALL {
         print!(" {:>11}", c.name());

@@ -314,7 +314,7 @@ fn mib(bytes: usize) -> f64 {
 fn memory(a: MemoryArgs) -> Result<(), Failure> {
     let cfg = a.net.config().map_err(usage)?;
     let net = Net::new(&cfg);
-    let be = CpuBackend::new();
+    let mut be = CpuBackend::new();
     let batch = a.net.batch;
     let mut plans = Vec::new();
     for &mode in &a.memory.0 {

@@ -168,11 +168,15 @@ fn check_fd(
 // Convolutions
 
 /// (spec, n, cin, cout, h, w).
-const CONVS: [(ConvSpec, usize, usize, usize, usize, usize); 6] = [
+const CONVS: [(ConvSpec, usize, usize, usize, usize, usize); 8] = [
     (ConvSpec::POINTWISE, 1, 5, 7, 5, 7),
     (ConvSpec::POINTWISE, 3, 7, 3, 9, 9),
     (ConvSpec::SAME3, 1, 3, 5, 9, 9),
     (ConvSpec::SAME3, 3, 5, 7, 5, 7),
+    // 8 wide: two image rows per 16-pixel run; 7 high: the last run is a single row.
+    (ConvSpec::SAME3, 2, 7, 13, 7, 8),
+    // 19 wide: a full 16-pixel run plus a masked one.
+    (ConvSpec::SAME3, 1, 4, 6, 3, 19),
     (ConvSpec::STEM7, 1, 5, 3, 5, 7),
     (ConvSpec::STEM7, 3, 3, 5, 9, 9),
 ];
@@ -213,7 +217,7 @@ impl Conv {
 
     /// `sum(gy * conv(x, w))`: the loss whose gradients the backward ops compute.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
-        be.conv_forward(self.x, self.w, self.y, self.spec);
+        be.conv_forward(self.x, None, self.w, self.y, self.spec);
         dot(&gather(be, self.gy), &gather(be, self.y))
     }
 }
@@ -253,7 +257,7 @@ fn conv_forward_matches_naive_and_writes_only_its_channel_slice() {
     for case in CONVS {
         let (mut be, c) = Conv::new(case);
         fence(&mut be, c.y);
-        be.conv_forward(c.x, c.w, c.y, c.spec);
+        be.conv_forward(c.x, None, c.w, c.y, c.spec);
         let want = naive_conv(&gather(&be, c.x), c.x, &be.read(c.w, c.wlen), c.y.c, c.spec);
         assert_ref(&c.name(), &gather(&be, c.y), &want);
         assert_fenced(&be, c.y, &c.name());
@@ -276,10 +280,40 @@ fn conv_backward_data_matches_finite_differences() {
 fn conv_backward_filter_matches_finite_differences() {
     for case in CONVS {
         let (mut be, c) = Conv::new(case);
-        be.conv_backward_filter(c.x, c.gy, c.gw, c.spec);
+        be.conv_backward_filter(c.x, None, c.gy, c.gw, c.spec);
         let grad = be.read(c.gw, c.wlen);
         let offs: Vec<usize> = (c.w..c.w + c.wlen).collect();
         check_fd(&c.name(), &mut be, &offs, &grad, 1e-2, |_| false, |be| c.loss(be));
+    }
+}
+
+#[test]
+fn conv_with_fused_bn_relu_equals_bn_relu_then_conv() {
+    // The fused input transform must produce bitwise the values of bn_relu (zero padding after
+    // the ReLU included), in the forward and in the weight gradient.
+    for (spec, n, cin, cout, h, w) in CONVS {
+        let (ho, wo) = (spec.out(h), spec.out(w));
+        let mut l = Layout::new();
+        let (x, a) = (l.slice(n, cin, h, w), l.slice(n, cin, h, w));
+        let (y1, y2, gy) = (l.slice(n, cout, ho, wo), l.slice(n, cout, ho, wo), l.slice(n, cout, ho, wo));
+        let wlen = cout * cin * spec.k * spec.k;
+        let (wt, gw1, gw2) = (l.take(wlen), l.take(wlen), l.take(wlen));
+        let bn = Bn { mean: l.take(cin), var: l.take(cin), gamma: l.take(cin), beta: l.take(cin) };
+        let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w }], n);
+        scatter(&mut be, x, &randn(1, x.numel()));
+        scatter(&mut be, gy, &randn(2, gy.numel()));
+        be.write(wt, &randn(3, wlen));
+        be.write(bn.gamma, &randn(4, cin).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+        be.write(bn.beta, &randn(5, cin).iter().map(|v| 0.3 * v).collect::<Vec<_>>());
+        be.bn_stats(x, bn.mean, bn.var);
+        be.bn_relu(x, bn, a);
+        let name = format!("{:?} cin {cin} cout {cout} {h}x{w}", spec);
+        be.conv_forward(x, Some(bn), wt, y1, spec);
+        be.conv_forward(a, None, wt, y2, spec);
+        assert_eq!(gather(&be, y1), gather(&be, y2), "{name}: fused forward");
+        be.conv_backward_filter(x, Some(bn), gy, gw1, spec);
+        be.conv_backward_filter(a, None, gy, gw2, spec);
+        assert_eq!(be.read(gw1, wlen), be.read(gw2, wlen), "{name}: fused weight gradient");
     }
 }
 

@@ -13,7 +13,7 @@ const DEPTHS: [usize; 7] = [40, 64, 100, 136, 172, 208, 250];
 /// parameter buffers are excluded: a DenseNet's parameter count itself grows quadratically.
 fn batch_bytes(depth: usize, mode: Mode) -> f64 {
     let cfg = NetConfig::cifar(depth, 12, true, 0.5, 0.0, 10).unwrap();
-    let be = CpuBackend::new();
+    let mut be = CpuBackend::new();
     let plan = Plan::new(&cfg, &Net::new(&cfg), 64, 32, 32, mode, |c| be.workspace_len(c)).unwrap();
     [Category::Activations, Category::Scratch, Category::Workspace].iter().map(|&c| plan.bytes(c) as f64).sum()
 }

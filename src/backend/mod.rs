@@ -147,8 +147,9 @@ impl Default for Sgd {
 pub trait Backend {
     /// What runs the ops, for messages ("cpu (2 threads)").
     fn describe(&self) -> String;
-    /// Arena floats of convolution workspace the backend needs for these shapes.
-    fn workspace_len(&self, convs: &[ConvShape]) -> usize;
+    /// Lays out the convolution workspace for these shapes and returns its length in arena
+    /// floats (the layout is remembered for [`Backend::allocate`]).
+    fn workspace_len(&mut self, convs: &[ConvShape]) -> usize;
     /// Allocates the zeroed arena (`len` floats) and the label buffer; `workspace` is the
     /// region reserved for [`Backend::workspace_len`]. Called once, before any op.
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()>;
@@ -164,12 +165,15 @@ pub trait Backend {
     /// `dst = src` (same shape).
     fn copy(&mut self, src: View, dst: View);
 
-    /// `y = conv(x, w)`; `w` is [cout, cin, k, k].
-    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec);
+    /// `y = conv(pre(x), w)`; `w` is [cout, cin, k, k]; `pre` = `Some(bn)` applies
+    /// `relu(bn(.))` to the input on the fly (the same arithmetic as [`Backend::bn_relu`]),
+    /// so the normalized input is never stored.
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec);
     /// `gx = conv_transpose(gy, w)` (overwrites gx).
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec);
-    /// `gw = dL/dw` summed over the batch (overwrites gw).
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec);
+    /// `gw = dL/dw` summed over the batch (overwrites gw), for the input `pre(x)` as in
+    /// [`Backend::conv_forward`].
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec);
 
     /// Per-channel batch mean and biased variance of `x` into `mean[c]`, `var[c]`.
     fn bn_stats(&mut self, x: View, mean: usize, var: usize);

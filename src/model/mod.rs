@@ -271,16 +271,39 @@ impl<B: Backend> Model<B> {
         self.be.bn_relu_backward(g, x, bn, grads + p.gamma, grads + p.beta, dx, accumulate);
     }
 
-    fn conv(&mut self, x: View, w: usize, y: View, spec: ConvSpec) {
-        self.be.conv_forward(x, self.plan.params + w, y, spec);
+    /// `y = conv(pre(x), w)` (`pre`: a BN-ReLU fused into the convolution's input).
+    fn conv(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+        self.be.conv_forward(x, pre, self.plan.params + w, y, spec);
     }
 
-    /// Weight gradient, then (if `gx` is given) the data gradient.
-    fn conv_backward(&mut self, x: View, gy: View, w: usize, gx: Option<View>, spec: ConvSpec) {
-        self.be.conv_backward_filter(x, gy, self.plan.grads + w, spec);
+    /// Weight gradient for the input `pre(x)`, then (if `gx` is given) the data gradient
+    /// (with respect to `pre(x)`).
+    fn conv_backward(&mut self, x: View, pre: Option<Bn>, gy: View, w: usize, gx: Option<View>, spec: ConvSpec) {
+        self.be.conv_backward_filter(x, pre, gy, self.plan.grads + w, spec);
         if let Some(gx) = gx {
             self.be.conv_backward_data(gy, self.plan.params + w, gx, spec);
         }
+    }
+
+    /// The input of a convolution that follows a BN-ReLU of `x`: in `naive` the BN-ReLU output
+    /// `kept` (written in forward), otherwise `x` with the BN-ReLU fused into the convolution.
+    fn bn_relu_input(&self, p: &BnParams, batch: Stats, x: View, kept: View, pass: Pass) -> (View, Option<Bn>) {
+        if self.plan.mode.keeps_bn_outputs() {
+            (kept, None)
+        } else {
+            (x, Some(self.bn(p, batch, pass)))
+        }
+    }
+
+    /// Forward BN-ReLU before a convolution: updates running statistics when training and,
+    /// in `naive`, writes the output it keeps. Returns the convolution's input.
+    fn bn_relu_forward(&mut self, p: &BnParams, batch: Stats, x: View, kept: View, pass: Pass) -> (View, Option<Bn>) {
+        if self.plan.mode.keeps_bn_outputs() {
+            self.bn_relu(p, batch, x, kept, pass);
+        } else if pass == Pass::Train {
+            self.update_running(p, batch, x.n * x.hw());
+        }
+        self.bn_relu_input(p, batch, x, kept, pass)
     }
 
     fn forward(&mut self, n: usize, pass: Pass) {
@@ -289,14 +312,14 @@ impl<B: Backend> Model<B> {
         for b in 0..self.plan.layers.len() {
             for i in 0..self.plan.layers[b].len() {
                 let (lp, layer) = (self.plan.layers[b][i].clone(), self.net.blocks[b][i].clone());
-                self.layer_forward(&lp, &layer, site(b, i), n, pass, false);
+                self.layer_forward(&lp, &layer, site(b, i), n, pass);
                 if train {
                     self.be.bn_stats(lp.out.batch(n), lp.stats_out.mean, lp.stats_out.var);
                 }
             }
             if b < self.plan.transitions.len() {
                 let (tp, t) = (self.plan.transitions[b].clone(), self.net.transitions[b].clone());
-                self.transition_forward(&tp, &t, b, n, pass, false);
+                self.transition_forward(&tp, &t, b, n, pass);
                 if train {
                     self.be.bn_stats(tp.out.batch(n), tp.stats_out.mean, tp.stats_out.var);
                 }
@@ -328,10 +351,10 @@ impl<B: Backend> Model<B> {
         let sp = self.plan.stem.clone();
         let image = self.plan.image.batch(n);
         match (&sp.pool, &self.net.stem_bn.clone()) {
-            (None, _) => self.conv(image, self.net.stem_conv, sp.conv_out.batch(n), ConvSpec::SAME3),
+            (None, _) => self.conv(image, None, self.net.stem_conv, sp.conv_out.batch(n), ConvSpec::SAME3),
             (Some((stats, t, _)), Some(bn)) => {
                 let s = sp.conv_out.batch(n);
-                self.conv(image, self.net.stem_conv, s, ConvSpec::STEM7);
+                self.conv(image, None, self.net.stem_conv, s, ConvSpec::STEM7);
                 if pass == Pass::Train {
                     self.be.bn_stats(s, stats.mean, stats.var);
                 }
@@ -349,7 +372,7 @@ impl<B: Backend> Model<B> {
         let sp = self.plan.stem.clone();
         let image = self.plan.image.batch(n);
         match (&sp.pool, &self.net.stem_bn.clone()) {
-            (None, _) => self.conv_backward(image, sp.g_out.batch(n), self.net.stem_conv, None, ConvSpec::SAME3),
+            (None, _) => self.conv_backward(image, None, sp.g_out.batch(n), self.net.stem_conv, None, ConvSpec::SAME3),
             (Some((stats, t, gt)), Some(bn)) => {
                 let (s, t, gt) = (sp.conv_out.batch(n), t.batch(n), gt.batch(n));
                 if !self.plan.mode.keeps_bn_outputs() {
@@ -358,7 +381,7 @@ impl<B: Backend> Model<B> {
                 }
                 self.be.max_pool3_backward(t, sp.g_out.batch(n), gt);
                 self.bn_relu_backward(bn, *stats, gt, s, gt, false);
-                self.conv_backward(image, gt, self.net.stem_conv, None, ConvSpec::STEM7);
+                self.conv_backward(image, None, gt, self.net.stem_conv, None, ConvSpec::STEM7);
             }
             _ => unreachable!("ImageNet stem without BN"),
         }
@@ -366,95 +389,63 @@ impl<B: Backend> Model<B> {
 
     // ---- dense layer ------------------------------------------------------------------------
 
-    /// Forward of one dense layer; `recompute` rebuilds a1 (and z, a2) for backward without
-    /// touching running statistics. Returns nothing: results are in the plan's views.
-    fn layer_forward(&mut self, lp: &LayerPlan, l: &Layer, site: u64, n: usize, pass: Pass, recompute: bool) {
+    /// Forward of one dense layer: its k output channels into the block buffer.
+    fn layer_forward(&mut self, lp: &LayerPlan, l: &Layer, site: u64, n: usize, pass: Pass) {
         let input = lp.input.batch(n);
-        if !recompute && lp.input != lp.features {
+        if lp.input != lp.features {
             self.be.copy(lp.features.batch(n), input);
         }
-        let a1 = lp.a1.batch(n);
-        self.bn_relu_maybe(&l.bn1, lp.stats_in, input, a1, pass, recompute);
+        let (x1, pre1) = self.bn_relu_forward(&l.bn1, lp.stats_in, input, lp.a1.batch(n), pass);
+        let out = lp.out.batch(n);
+        match (&l.second, lp.z, lp.stats_z) {
+            (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
+                let z = z.batch(n);
+                self.conv(x1, pre1, l.conv1, z, ConvSpec::POINTWISE);
+                if pass == Pass::Train {
+                    self.drop(z, site);
+                    self.be.bn_stats(z, sz.mean, sz.var);
+                }
+                let (x2, pre2) = self.bn_relu_forward(bn2, sz, z, a2.batch(n), pass);
+                self.conv(x2, pre2, *conv2, out, ConvSpec::SAME3);
+            }
+            _ => self.conv(x1, pre1, l.conv1, out, ConvSpec::SAME3),
+        }
+        if pass == Pass::Train {
+            self.drop(out, site + 1);
+        }
+    }
+
+    /// Backward of one dense layer: weight gradients, and the input gradient accumulated into
+    /// the block gradient. The gradient of each intermediate overwrites the intermediate.
+    fn layer_backward(&mut self, lp: &LayerPlan, l: &Layer, site: u64, n: usize) {
+        let (input, a1, g_out) = (lp.input.batch(n), lp.a1.batch(n), lp.g_out.batch(n));
+        let (x1, pre1) = self.bn_relu_input(&l.bn1, lp.stats_in, input, a1, Pass::Train);
+        self.drop(g_out, site + 1);
         match (&l.second, lp.z, lp.stats_z) {
             (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
                 let (z, a2) = (z.batch(n), a2.batch(n));
-                if !recompute || !self.plan.mode.keeps_z() {
-                    self.conv(a1, l.conv1, z, ConvSpec::POINTWISE);
-                    if pass == Pass::Train {
-                        self.drop(z, site);
-                    }
-                    if !recompute && pass == Pass::Train {
-                        self.be.bn_stats(z, sz.mean, sz.var);
-                    }
+                if !self.plan.mode.keeps_z() {
+                    self.conv(x1, pre1, l.conv1, z, ConvSpec::POINTWISE);
+                    self.drop(z, site);
                 }
-                self.bn_relu_maybe(bn2, sz, z, a2, pass, recompute);
-                if !recompute {
-                    self.conv(a2, *conv2, lp.out.batch(n), ConvSpec::SAME3);
-                }
-            }
-            _ => {
-                if !recompute {
-                    self.conv(a1, l.conv1, lp.out.batch(n), ConvSpec::SAME3);
-                }
-            }
-        }
-        if !recompute && pass == Pass::Train {
-            self.drop(lp.out.batch(n), site + 1);
-        }
-    }
-
-    /// [`Self::bn_relu`] in forward; a plain re-application (no running update) in recompute.
-    fn bn_relu_maybe(&mut self, p: &BnParams, batch: Stats, x: View, y: View, pass: Pass, recompute: bool) {
-        if recompute {
-            let bn = self.bn(p, batch, Pass::Train);
-            self.be.bn_relu(x, bn, y);
-        } else {
-            self.bn_relu(p, batch, x, y, pass);
-        }
-    }
-
-    fn layer_backward(&mut self, lp: &LayerPlan, l: &Layer, site: u64, n: usize) {
-        if !self.plan.mode.keeps_bn_outputs() {
-            self.layer_forward(lp, l, site, n, Pass::Train, true);
-        }
-        let (a1, g_out) = (lp.a1.batch(n), lp.g_out.batch(n));
-        self.drop(g_out, site + 1);
-        let g_a1 = match (&l.second, lp.z, lp.stats_z) {
-            (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
-                // g_a2 overwrites a2 once its weight gradient is taken, then becomes g_z.
-                let (z, a2) = (z.batch(n), a2.batch(n));
-                self.conv_backward(a2, g_out, *conv2, Some(a2), ConvSpec::SAME3);
+                let (x2, pre2) = self.bn_relu_input(bn2, sz, z, a2, Pass::Train);
+                // g_a2 lands in a2's buffer, then becomes g_z in place.
+                self.conv_backward(x2, pre2, g_out, *conv2, Some(a2), ConvSpec::SAME3);
                 self.bn_relu_backward(bn2, sz, a2, z, a2, false);
                 self.drop(a2, site);
-                self.conv_backward(a1, a2, l.conv1, Some(a1), ConvSpec::POINTWISE);
-                a1
+                self.conv_backward(x1, pre1, a2, l.conv1, Some(a1), ConvSpec::POINTWISE);
             }
-            _ => {
-                self.conv_backward(a1, g_out, l.conv1, Some(a1), ConvSpec::SAME3);
-                a1
-            }
-        };
-        self.bn_relu_backward(&l.bn1, lp.stats_in, g_a1, lp.input.batch(n), lp.g_in.batch(n), true);
+            _ => self.conv_backward(x1, pre1, g_out, l.conv1, Some(a1), ConvSpec::SAME3),
+        }
+        self.bn_relu_backward(&l.bn1, lp.stats_in, a1, input, lp.g_in.batch(n), true);
     }
 
     // ---- transition -------------------------------------------------------------------------
 
-    fn transition_forward(
-        &mut self,
-        tp: &TransitionPlan,
-        t: &Transition,
-        b: usize,
-        n: usize,
-        pass: Pass,
-        recompute: bool,
-    ) {
-        let (x, a) = (tp.input.batch(n), tp.a.batch(n));
-        self.bn_relu_maybe(&t.bn, tp.stats_in, x, a, pass, recompute);
-        if recompute {
-            return;
-        }
-        let z = tp.z.batch(n);
-        self.conv(a, t.conv, z, ConvSpec::POINTWISE);
+    fn transition_forward(&mut self, tp: &TransitionPlan, t: &Transition, b: usize, n: usize, pass: Pass) {
+        let (x, z) = (tp.input.batch(n), tp.z.batch(n));
+        let (src, pre) = self.bn_relu_forward(&t.bn, tp.stats_in, x, tp.a.batch(n), pass);
+        self.conv(src, pre, t.conv, z, ConvSpec::POINTWISE);
         if pass == Pass::Train {
             self.drop(z, transition_site(b));
         }
@@ -462,14 +453,12 @@ impl<B: Backend> Model<B> {
     }
 
     fn transition_backward(&mut self, tp: &TransitionPlan, t: &Transition, b: usize, n: usize) {
-        if !self.plan.mode.keeps_bn_outputs() {
-            self.transition_forward(tp, t, b, n, Pass::Train, true);
-        }
-        let (a, z) = (tp.a.batch(n), tp.z.batch(n));
+        let (x, a, z) = (tp.input.batch(n), tp.a.batch(n), tp.z.batch(n));
         self.be.avg_pool2_backward(tp.g_out.batch(n), z);
         self.drop(z, transition_site(b));
-        self.conv_backward(a, z, t.conv, Some(a), ConvSpec::POINTWISE);
-        self.bn_relu_backward(&t.bn, tp.stats_in, a, tp.input.batch(n), tp.g_in.batch(n), false);
+        let (src, pre) = self.bn_relu_input(&t.bn, tp.stats_in, x, a, Pass::Train);
+        self.conv_backward(src, pre, z, t.conv, Some(a), ConvSpec::POINTWISE);
+        self.bn_relu_backward(&t.bn, tp.stats_in, a, x, tp.g_in.batch(n), false);
     }
 
     // ---- classifier -------------------------------------------------------------------------

@@ -28,13 +28,13 @@ pub(super) fn moments(x: &[f32], s: f32) -> (f64, f64) {
 }
 
 /// `y = relu(x * scale + shift)`.
-pub(super) fn bn_relu(x: &[f32], y: &mut [f32], f: Affine) {
+pub(super) fn bn_relu(x: &[f32], y: &mut [f32], scale: f32, shift: f32) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::bn_relu(x, y, f) };
+        return unsafe { avx2::bn_relu(x, y, scale, shift) };
     }
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x * f.scale + f.shift).max(0.0));
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x * scale + shift).max(0.0));
 }
 
 /// `(sum(gm), sum(gm * xhat))` with `gm = g` where the forward output was positive, else 0,
@@ -53,6 +53,7 @@ pub(super) fn grad_sums(g: &[f32], x: &[f32], f: Affine) -> (f64, f64) {
 
 /// The BN input gradient `k * (gm - mg - xhat * mgx)`, written into `d` (or added to it);
 /// `g = None` reads the output gradient from `d` itself (in place).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn grad(
     d: &mut [f32],
     g: Option<&[f32]>,
@@ -111,8 +112,8 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bn_relu(x: &[f32], y: &mut [f32], f: Affine) {
-        let (sc, sh, z) = (_mm256_set1_ps(f.scale), _mm256_set1_ps(f.shift), _mm256_setzero_ps());
+    pub(super) unsafe fn bn_relu(x: &[f32], y: &mut [f32], scale: f32, shift: f32) {
+        let (sc, sh, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift), _mm256_setzero_ps());
         let n = x.len().min(y.len());
         let mut i = 0;
         while i + 8 <= n {
@@ -121,7 +122,7 @@ mod avx2 {
             i += 8;
         }
         for j in i..n {
-            y[j] = (x[j] * f.scale + f.shift).max(0.0);
+            y[j] = (x[j] * scale + shift).max(0.0);
         }
     }
 
@@ -186,10 +187,9 @@ mod avx2 {
             _mm256_storeu_ps(dp.add(i), v);
             i += 8;
         }
-        for j in i..n {
-            let gv = *src.add(j);
-            let gm = if x[j] * f.scale + f.shift > 0.0 { gv } else { 0.0 };
-            let v = k * (gm - mg - (x[j] - f.mean) * f.inv_std * mgx);
+        for (j, &xj) in x.iter().enumerate().take(n).skip(i) {
+            let gm = if xj * f.scale + f.shift > 0.0 { *src.add(j) } else { 0.0 };
+            let v = k * (gm - mg - (xj - f.mean) * f.inv_std * mgx);
             *dp.add(j) = if acc { *dp.add(j) + v } else { v };
         }
     }

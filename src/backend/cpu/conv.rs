@@ -6,24 +6,46 @@
 //!   same convolution of the output gradient with the flipped, transposed kernel.
 //! - otherwise (7x7 stride 2, or no AVX2): explicit im2col in row tiles.
 //!
-//! Per-thread workspace slot: `[image area | .. | weight area | pack area]`: the image area
-//! holds the padded image or the im2col tile, the weight area the packed weight or a
-//! weight-gradient partial, the pack area the weight-gradient product's packed rows.
+//! A BN-ReLU on the input (`pre`) is applied where the input is copied anyway: while packing
+//! B panels, while padding the image, while packing weight-gradient rows. Without AVX2 the
+//! transformed image is written to the slot's input area first.
 
-use super::matmul::{self, matmul, matmul_nt, pack, Shifted};
+use super::bnvec;
+use super::matmul::{self, matmul, matmul_nt, pack, Pre, Shifted};
+use super::norm::affine;
 use super::{image_chunks, Ptr};
-use crate::backend::{ConvShape, ConvSpec, View};
+use crate::backend::{Bn, ConvShape, ConvSpec, View};
 use rayon::prelude::*;
 use std::ops::Range;
 
 /// Floats of one im2col tile (about 256 KB: written and read back while in L2).
 const TILE_FLOATS: usize = 1 << 16;
 
-/// Floats of one thread's workspace slot for these convolutions.
-pub(super) fn slot_len(convs: &[ConvShape]) -> usize {
-    let image = convs
-        .iter()
-        .map(|s| {
+/// The convolution workspace: per-channel BN-ReLU constants (scale, shift) shared by all
+/// threads, then one slot per thread: `[input area | image area | .. | weight area | pack area]`.
+/// The input area holds a BN-ReLU'd image (only without AVX2), the image area the padded image
+/// or an im2col tile, the weight area the packed weight or a weight-gradient partial, the pack
+/// area the weight-gradient product's packed rows.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Workspace {
+    /// Arena offset.
+    pub off: usize,
+    /// Floats of the shared constants: 2 x the most input channels.
+    affine: usize,
+    /// Floats of the input area of a slot.
+    input: usize,
+    /// Floats of one slot.
+    slot: usize,
+    /// Slots.
+    threads: usize,
+}
+
+impl Workspace {
+    /// The layout for these convolutions and threads (at offset 0 until allocated).
+    pub(super) fn new(convs: &[ConvShape], threads: usize) -> Workspace {
+        let max = |f: &dyn Fn(&ConvShape) -> usize| convs.iter().map(f).max().unwrap_or(0);
+        let input = max(&|s| if fuses(s.spec) { 0 } else { s.cin * s.h * s.w });
+        let image = max(&|s| {
             let g = Geo::of(s);
             let padded = if same(s.spec) { s.cin.max(s.cout) * g.padded_plane() } else { 0 };
             // im2col: whole for the data gradient of strided kernels, else tiles (of the
@@ -31,12 +53,39 @@ pub(super) fn slot_len(convs: &[ConvShape]) -> usize {
             let rows = if same(s.spec) { s.cin.max(s.cout) } else { s.cin };
             let col = if is_pointwise(s.spec) { 0 } else { rows * s.spec.k * s.spec.k * g.p() };
             padded.max(col)
-        })
-        .max()
-        .unwrap_or(0);
-    let weight = convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
-    let pack = convs.iter().map(|s| pack_len(&Geo::of(s))).max().unwrap_or(0);
-    image + weight + pack
+        });
+        let weight = max(&|s| s.cout * s.cin * s.spec.k * s.spec.k);
+        let pack = max(&|s| pack_len(&Geo::of(s)));
+        Workspace { off: 0, affine: 2 * max(&|s| s.cin), input, slot: input + image + weight + pack, threads }
+    }
+
+    /// Total floats.
+    pub(super) fn len(&self) -> usize {
+        self.affine + self.threads * self.slot
+    }
+
+    /// Thread `t`'s slot: (input area, image area, `wlen` floats of weight area and `plen`
+    /// floats of pack area at the slot's end).
+    fn slot(&self, a: Ptr, t: usize, wlen: usize, plen: usize) -> (Ptr, Ptr, *mut f32, *mut f32) {
+        let base = self.off + self.affine + t * self.slot;
+        let end = base + self.slot;
+        (Ptr(a.at(base)), Ptr(a.at(base + self.input)), a.at(end - plen - wlen), a.at(end - plen))
+    }
+
+    /// Writes the per-channel constants of `bn` over `c` channels; the [`Pre`] reading them.
+    fn pre(&self, a: Ptr, bn: Option<Bn>, c: usize) -> Option<Pre> {
+        let bn = bn?;
+        let (scale, shift) = (a.at(self.off), a.at(self.off + c));
+        for ch in 0..c {
+            let f = affine(a, bn, ch).0;
+            // SAFETY: the constants area is inside the workspace; no task runs yet.
+            unsafe {
+                *scale.add(ch) = f.scale;
+                *shift.add(ch) = f.shift;
+            }
+        }
+        Some(Pre { scale, shift })
+    }
 }
 
 /// Floats of packed B rows the weight-gradient product of this convolution needs.
@@ -56,6 +105,11 @@ fn same(s: ConvSpec) -> bool {
 /// Whether a convolution runs through the direct (implicit im2col) kernels.
 fn direct(s: ConvSpec) -> bool {
     same(s) && s.k <= 7 && matmul::simd()
+}
+
+/// Whether the kernels apply a BN-ReLU on the input themselves.
+fn fuses(s: ConvSpec) -> bool {
+    matmul::simd() && (is_pointwise(s) || direct(s))
 }
 
 /// Geometry shared by the three passes.
@@ -106,9 +160,10 @@ impl Geo {
         (0..ho).step_by(rows).map(move |r| r..(r + rows).min(ho))
     }
 
-    /// Copies image `x` [cin, h, w] into `dst` with `pad` zeros around every plane and returns
-    /// the shifted-rows view of it; `offs` receives the k*k tap offsets.
-    fn padded<'a>(&self, x: &[f32], dst: &mut [f32], offs: &'a mut [usize; 49]) -> Shifted<'a> {
+    /// Copies `pre(x)` (image [cin, h, w]) into `dst` with `pad` zeros around every plane
+    /// (zeros after the BN-ReLU, as the convolution pads its input) and returns the
+    /// shifted-rows view of it; `offs` receives the k*k tap offsets.
+    fn padded<'a>(&self, x: &[f32], pre: Option<Pre>, dst: &mut [f32], offs: &'a mut [usize; 49]) -> Shifted<'a> {
         let (k, p) = (self.spec.k, self.spec.pad);
         let ld = self.w + 2 * p;
         let plane = self.padded_plane();
@@ -118,7 +173,13 @@ impl Geo {
             for (y, src) in x[c * self.h * self.w..(c + 1) * self.h * self.w].chunks_exact(self.w).enumerate() {
                 let row = &mut dp[(p + y) * ld..(p + y + 1) * ld];
                 row[..p].fill(0.0);
-                row[p..p + self.w].copy_from_slice(src);
+                match pre {
+                    // SAFETY: the constants cover cin channels (Workspace::pre).
+                    Some(f) => unsafe {
+                        bnvec::bn_relu(src, &mut row[p..p + self.w], *f.scale.add(c), *f.shift.add(c))
+                    },
+                    None => row[p..p + self.w].copy_from_slice(src),
+                }
                 row[p + self.w..].fill(0.0);
             }
         }
@@ -195,63 +256,81 @@ fn col2im(col: &[f32], gx: &mut [f32], g: &Geo) {
     }
 }
 
-/// Thread `t`'s workspace slot: the image area at its start, then `wlen` floats of weight
-/// area and `plen` floats of pack area at its end.
-fn slot(a: Ptr, ws: (usize, usize), threads: usize, t: usize, wlen: usize, plen: usize) -> (Ptr, *mut f32, *mut f32) {
-    let len = ws.1 / threads.max(1);
-    let base = ws.0 + t * len;
-    (Ptr(a.at(base)), a.at(base + len - plen - wlen), a.at(base + len - plen))
-}
-
-/// One image: `y = conv(x, w)`; `x` is the image, `w` a row-major [cout, r] matrix.
+/// Image `x` [cin, h, w] as the convolution's input: itself, or `pre(x)` written to `input`
+/// when the kernels cannot apply `pre` themselves (no AVX2, or a strided kernel).
 ///
 /// # Safety
-/// `y` is this task's and overlaps neither `x`, `w` nor `area`.
-unsafe fn image_forward(x: &[f32], w: *const f32, y: *mut f32, g: &Geo, area: Ptr) {
+/// `input` is this task's, with room for the image.
+unsafe fn source<'a>(x: &'a [f32], pre: Option<Pre>, input: Ptr, g: &Geo) -> (&'a [f32], Option<Pre>) {
+    match pre {
+        Some(f) if !fuses(g.spec) => {
+            let hw = g.h * g.w;
+            let dst = input.get_mut(0, g.cin * hw);
+            for c in 0..g.cin {
+                bnvec::bn_relu(
+                    &x[c * hw..(c + 1) * hw],
+                    &mut dst[c * hw..(c + 1) * hw],
+                    *f.scale.add(c),
+                    *f.shift.add(c),
+                );
+            }
+            (dst, None)
+        }
+        _ => (x, pre),
+    }
+}
+
+/// One image: `y = conv(pre(x), w)`; `x` is the image, `w` a row-major [cout, r] matrix.
+///
+/// # Safety
+/// `y` is this task's and overlaps neither `x`, `w` nor `area`; `pre` only if [`fuses`].
+unsafe fn image_forward(x: &[f32], pre: Option<Pre>, w: *const f32, y: *mut f32, g: &Geo, area: Ptr) {
     if is_pointwise(g.spec) {
-        matmul(g.cout, g.p(), g.cin, y, g.p(), false, w, x.as_ptr(), g.p());
+        matmul(g.cout, g.p(), g.cin, y, g.p(), false, w, x.as_ptr(), g.p(), pre);
     } else if direct(g.spec) {
         #[cfg(target_arch = "x86_64")]
         {
             let mut offs = [0; 49];
-            let xs = g.padded(x, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
+            let xs = g.padded(x, pre, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
             matmul::conv_direct(g.cout, g.r, w, xs, g.ho, g.wo, y, g.p());
         }
     } else {
+        assert!(pre.is_none(), "im2col path without fused BN-ReLU");
         for rows in g.tiles() {
             let tp = rows.len() * g.wo;
             let cols = area.get_mut(0, g.r * tp);
             let y = y.add(rows.start * g.wo);
             im2col(x, cols, g, rows);
-            matmul(g.cout, tp, g.r, y, g.p(), false, w, cols.as_ptr(), tp);
+            matmul(g.cout, tp, g.r, y, g.p(), false, w, cols.as_ptr(), tp, None);
         }
     }
 }
 
-/// `y = conv(x, w)`.
-pub(super) fn forward(a: Ptr, ws: (usize, usize), threads: usize, x: View, w: usize, y: View, spec: ConvSpec) {
+/// `y = conv(pre(x), w)`.
+pub(super) fn forward(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
     let g = Geo::new(x, y, spec);
-    let chunks: Vec<_> = image_chunks(x.n, threads).collect();
+    let pre = ws.pre(a, bn, x.c);
+    let chunks: Vec<_> = image_chunks(x.n, ws.threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (area, _, _) = slot(a, ws, threads, t, 0, 0);
+        let (input, area, _, _) = ws.slot(a, t, 0, 0);
         for n in range {
             // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y.
             unsafe {
-                let xs = a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w);
-                image_forward(xs, a.at(w), a.at(Ptr::plane_off(y, n, 0)), &g, area)
+                let (xs, pre) = source(a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w), pre, input, &g);
+                image_forward(xs, pre, a.at(w), a.at(Ptr::plane_off(y, n, 0)), &g, area)
             }
         }
     });
 }
 
 /// `gx = conv_transpose(gy, w)`.
-pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View, w: usize, gx: View, spec: ConvSpec) {
+pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View, spec: ConvSpec) {
     let g = Geo::new(gx, gy, spec);
     let (k2, wlen) = (spec.k * spec.k, g.cout * g.r);
     // The weight as the left operand, packed once into thread 0's weight area (read-only
     // afterwards): flipped and transposed wf[ci][co][r] = w[co][ci][k2-1-r] for stride-1 "same"
     // convolutions, else the transpose w^T [cin*k2, cout].
-    let (_, wt, _) = slot(a, ws, threads, 0, wlen, 0);
+    let (_, _, wt, _) = ws.slot(a, 0, wlen, 0);
     // SAFETY: the weight area is inside the workspace and no task runs yet; w is read-only.
     unsafe {
         let dst = std::slice::from_raw_parts_mut(wt, wlen);
@@ -263,20 +342,20 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
         }
     }
     let (flipped, wt) = (g.flipped(), Ptr(wt));
-    let chunks: Vec<_> = image_chunks(gy.n, threads).collect();
+    let chunks: Vec<_> = image_chunks(gy.n, ws.threads).collect();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (area, _, _) = slot(a, ws, threads, t, wlen, 0);
+        let (_, area, _, _) = ws.slot(a, t, wlen, 0);
         for n in range {
             let (gyo, gxo) = (Ptr::plane_off(gy, n, 0), Ptr::plane_off(gx, n, 0));
             // SAFETY: image n of gx is this task's; gy and wt are read-only; area is this task's.
             unsafe {
                 if same(spec) {
-                    image_forward(a.get(gyo, g.cout * g.p()), wt.at(0), a.at(gxo), &flipped, area);
+                    image_forward(a.get(gyo, g.cout * g.p()), None, wt.at(0), a.at(gxo), &flipped, area);
                 } else if is_pointwise(spec) {
-                    matmul(g.cin, g.p(), g.cout, a.at(gxo), g.p(), false, wt.at(0), a.at(gyo), g.p());
+                    matmul(g.cin, g.p(), g.cout, a.at(gxo), g.p(), false, wt.at(0), a.at(gyo), g.p(), None);
                 } else {
                     let cols = area.get_mut(0, g.r * g.p());
-                    matmul(g.r, g.p(), g.cout, cols.as_mut_ptr(), g.p(), false, wt.at(0), a.at(gyo), g.p());
+                    matmul(g.r, g.p(), g.cout, cols.as_mut_ptr(), g.p(), false, wt.at(0), a.at(gyo), g.p(), None);
                     col2im(cols, a.get_mut(gxo, g.cin * g.h * g.w), &g);
                 }
             }
@@ -284,44 +363,39 @@ pub(super) fn backward_data(a: Ptr, ws: (usize, usize), threads: usize, gy: View
     });
 }
 
-/// `gw = sum over images of gy[n] * im2col(x[n])^T`. Each thread sums its chunk of images
-/// into its slot's weight area; the areas are then added in thread order (deterministic).
-pub(super) fn backward_filter(
-    a: Ptr,
-    ws: (usize, usize),
-    threads: usize,
-    x: View,
-    gy: View,
-    gw: usize,
-    spec: ConvSpec,
-) {
+/// `gw = sum over images of gy[n] * im2col(pre(x[n]))^T`. Each thread sums its chunk of
+/// images into its slot's weight area; the areas are then added in thread order
+/// (deterministic).
+pub(super) fn backward_filter(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
     let g = Geo::new(x, gy, spec);
     let (wlen, plen) = (g.cout * g.r, pack_len(&g));
-    let chunks: Vec<_> = image_chunks(x.n, threads).collect();
+    let pre = ws.pre(a, bn, x.c);
+    let chunks: Vec<_> = image_chunks(x.n, ws.threads).collect();
     let used = chunks.iter().filter(|r| !r.is_empty()).count();
     chunks.into_par_iter().enumerate().for_each(|(t, range)| {
-        let (area, dw, pack) = slot(a, ws, threads, t, wlen, plen);
+        let (input, area, dw, pack) = ws.slot(a, t, wlen, plen);
         for (i, n) in range.enumerate() {
             let gyp = a.at(Ptr::plane_off(gy, n, 0)) as *const f32;
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
-                let xs = a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w);
+                let (xs, pre) = source(a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w), pre, input, &g);
                 if is_pointwise(spec) {
-                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, (gyp, g.p()), (xs.as_ptr(), g.p()), pack);
+                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, (gyp, g.p()), (xs.as_ptr(), g.p()), pack, pre);
                 } else if direct(spec) {
                     #[cfg(target_arch = "x86_64")]
                     {
                         let mut offs = [0; 49];
-                        let shifted = g.padded(xs, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
+                        let shifted = g.padded(xs, pre, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
                         matmul::conv_direct_filter(g.cout, g.r, (gyp, g.p()), shifted, g.ho, g.wo, dw, i > 0, pack);
                     }
                 } else {
+                    assert!(pre.is_none(), "im2col path without fused BN-ReLU");
                     for rows in g.tiles() {
                         let (tp, first) = (rows.len() * g.wo, rows.start == 0);
                         let cols = area.get_mut(0, g.r * tp);
                         let gyt = (gyp.add(rows.start * g.wo), g.p());
                         im2col(xs, cols, &g, rows);
-                        matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp), pack);
+                        matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp), pack, None);
                     }
                 }
             }
@@ -331,7 +405,7 @@ pub(super) fn backward_filter(
     unsafe {
         let out = a.get_mut(gw, wlen);
         for t in 0..used {
-            let part = std::slice::from_raw_parts(slot(a, ws, threads, t, wlen, plen).1, wlen);
+            let part = std::slice::from_raw_parts(ws.slot(a, t, wlen, plen).2, wlen);
             if t == 0 {
                 out.copy_from_slice(part);
             } else {

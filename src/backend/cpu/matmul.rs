@@ -26,6 +26,20 @@ pub(super) fn pack(m: usize, k: usize, dst: &mut [f32], f: impl Fn(usize, usize)
     }
 }
 
+/// Per-row `relu(b * scale[row] + shift[row])` applied to B while it is packed: a BN-ReLU
+/// fused into the product (the arithmetic of `bnvec::bn_relu`, so bitwise the same values).
+#[derive(Clone, Copy)]
+pub(super) struct Pre {
+    /// Per-row scale.
+    pub scale: *const f32,
+    /// Per-row shift.
+    pub shift: *const f32,
+}
+
+// SAFETY: the constants are written before the parallel section and only read inside it.
+unsafe impl Send for Pre {}
+unsafe impl Sync for Pre {}
+
 /// An implicit im2col matrix: row `c * offs.len() + r` is channel `c` of a zero-padded image
 /// shifted by `offs[r]`; pixel (oy, ox) of a row is at `oy * ld + ox`.
 #[derive(Clone, Copy)]
@@ -51,10 +65,11 @@ impl Shifted<'_> {
     }
 }
 
-/// `y[m x p] (row stride ldy) = [y +] a[m x k] (row-major) * b[k x p] (row stride ldb)`.
+/// `y[m x p] (row stride ldy) = [y +] a[m x k] (row-major) * pre(b[k x p]) (row stride ldb)`.
 ///
 /// # Safety
-/// The pointers cover the stated extents; `y` overlaps neither `a` nor `b`.
+/// The pointers cover the stated extents; `y` overlaps neither `a` nor `b`; `pre` only when
+/// [`simd`] is true (the caller applies it otherwise).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul(
     m: usize,
@@ -66,11 +81,13 @@ pub(super) unsafe fn matmul(
     a: *const f32,
     b: *const f32,
     ldb: usize,
+    pre: Option<Pre>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        return avx2::matmul(m, p, k, y, ldy, accumulate, a, b, ldb);
+        return avx2::matmul(m, p, k, y, ldy, accumulate, a, b, ldb, pre);
     }
+    assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
     gemm::gemm(
         m,
         p,
@@ -94,8 +111,8 @@ pub(super) unsafe fn matmul(
     )
 }
 
-/// `y[m x n] (row stride ldy) = [y +] a[m x p] (row stride lda) * b[n x p]^T (row stride ldb)`;
-/// `pack` is scratch of [`nt_pack_len`]`(1, p)` floats.
+/// `y[m x n] (row stride ldy) = [y +] a[m x p] (row stride lda) * pre(b[n x p])^T (row stride
+/// ldb)`; `pack` is scratch of [`nt_pack_len`]`(1, p)` floats.
 ///
 /// # Safety
 /// As [`matmul`].
@@ -110,12 +127,14 @@ pub(super) unsafe fn matmul_nt(
     a: (*const f32, usize),
     b: (*const f32, usize),
     pack: *mut f32,
+    pre: Option<Pre>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         let walk = avx2::Walk { rows: 1, cols: p, lda: 0, ldb: 0 };
-        return avx2::nt(m, n, y, ldy, accumulate, a, walk, |j| b.0.add(j * b.1), pack);
+        return avx2::nt(m, n, y, ldy, accumulate, a, walk, |j| b.0.add(j * b.1), pack, pre);
     }
+    assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
     let _ = pack;
     gemm::gemm(
         m,
@@ -178,7 +197,7 @@ pub(super) unsafe fn conv_direct_filter(
     pack: *mut f32,
 ) {
     let walk = avx2::Walk { rows: ho, cols: wo, lda: wo, ldb: x.ld };
-    avx2::nt(m, n, dw, n, accumulate, gy, walk, |j| x.row(j), pack)
+    avx2::nt(m, n, dw, n, accumulate, gy, walk, |j| x.row(j), pack, None)
 }
 
 /// Floats of the scratch [`matmul_nt`] and [`conv_direct_filter`] need for products over
@@ -192,8 +211,21 @@ pub(super) fn nt_pack_len(rows: usize, cols: usize) -> usize {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Shifted;
+    use super::{Pre, Shifted};
     use std::arch::x86_64::*;
+
+    /// `relu(v * scale[row] + shift[row])` when `pre` is set.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn transform(v: __m256, pre: Option<Pre>, row: usize) -> __m256 {
+        match pre {
+            None => v,
+            Some(p) => {
+                let (sc, sh) = (_mm256_broadcast_ss(&*p.scale.add(row)), _mm256_broadcast_ss(&*p.shift.add(row)));
+                _mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(v, sc), sh), _mm256_setzero_ps())
+            }
+        }
+    }
 
     /// Rows of A per register block (6 x 16 outputs in 12 registers).
     const MR: usize = 6;
@@ -340,6 +372,7 @@ mod avx2 {
         a: *const f32,
         b: *const f32,
         ldb: usize,
+        pre: Option<Pre>,
     ) {
         // B is consumed in panels of KC rows x 16 columns, copied into a contiguous buffer
         // first: rows of B are whole image planes apart (often a multiple of 4 KB), which would
@@ -354,14 +387,14 @@ mod avx2 {
                 for kk in 0..kc {
                     let src = b.add((k0 + kk) * ldb + j);
                     let dst = panel.as_mut_ptr().add(kk * 16);
-                    if cols == 16 {
-                        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
-                        _mm256_storeu_ps(dst.add(8), _mm256_loadu_ps(src.add(8)));
+                    let (v0, v1) = if cols == 16 {
+                        (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)))
                     } else {
                         let (m0, m1) = masks(cols);
-                        _mm256_storeu_ps(dst, _mm256_maskload_ps(src, m0));
-                        _mm256_storeu_ps(dst.add(8), _mm256_maskload_ps(src.add(8), m1));
-                    }
+                        (_mm256_maskload_ps(src, m0), _mm256_maskload_ps(src.add(8), m1))
+                    };
+                    _mm256_storeu_ps(dst, transform(v0, pre, k0 + kk));
+                    _mm256_storeu_ps(dst.add(8), transform(v1, pre, k0 + kk));
                 }
                 let rows = Rows::Panel(panel.as_ptr());
                 tile(m, kc, a.add(k0), k, rows, y.add(j), ldy, acc || k0 > 0, cols);
@@ -429,6 +462,7 @@ mod avx2 {
         walk: Walk,
         brow: impl Fn(usize) -> *const f32,
         pack: *mut f32,
+        pre: Option<Pre>,
     ) {
         let tail = walk.cols % 8;
         let mask = masks(tail).0;
@@ -442,14 +476,16 @@ mod avx2 {
                 let mut t = 0;
                 while t + 8 <= walk.cols {
                     for (q, bq) in b.iter().enumerate() {
-                        _mm256_storeu_ps(dst.add(8 * q), _mm256_loadu_ps(bq.add(bo + t)));
+                        let v = transform(_mm256_loadu_ps(bq.add(bo + t)), pre, j + q.min(c - 1));
+                        _mm256_storeu_ps(dst.add(8 * q), v);
                     }
                     dst = dst.add(8 * NB);
                     t += 8;
                 }
                 if tail > 0 {
                     for (q, bq) in b.iter().enumerate() {
-                        _mm256_storeu_ps(dst.add(8 * q), _mm256_maskload_ps(bq.add(bo + t), mask));
+                        let v = transform(_mm256_maskload_ps(bq.add(bo + t), mask), pre, j + q.min(c - 1));
+                        _mm256_storeu_ps(dst.add(8 * q), v);
                     }
                     dst = dst.add(8 * NB);
                 }

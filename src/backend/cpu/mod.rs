@@ -13,6 +13,7 @@ mod pool;
 
 use super::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
 use crate::{bail, Result};
+use conv::Workspace;
 
 /// Raw arena pointer shared by rayon tasks. Every op documents which regions it writes; tasks
 /// write disjoint planes, channels or chunks.
@@ -66,14 +67,15 @@ pub(crate) fn image_chunks(n: usize, threads: usize) -> impl Iterator<Item = std
 pub struct CpuBackend {
     arena: Vec<f32>,
     labels: Vec<u32>,
-    workspace: (usize, usize),
+    workspace: Workspace,
     threads: usize,
 }
 
 impl CpuBackend {
     /// A backend using rayon's global pool (its size fixes the workspace and the work split).
     pub fn new() -> Self {
-        CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: (0, 0), threads: rayon::current_num_threads() }
+        let threads = rayon::current_num_threads();
+        CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: Workspace::default(), threads }
     }
 
     fn ptr(&mut self) -> Ptr {
@@ -96,8 +98,9 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
-    fn workspace_len(&self, convs: &[ConvShape]) -> usize {
-        self.threads * conv::slot_len(convs)
+    fn workspace_len(&mut self, convs: &[ConvShape]) -> usize {
+        self.workspace = Workspace::new(convs, self.threads);
+        self.workspace.len()
     }
 
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
@@ -108,7 +111,8 @@ impl Backend for CpuBackend {
         arena.resize(len, 0.0);
         self.arena = arena;
         self.labels = Vec::with_capacity(max_batch);
-        self.workspace = workspace;
+        assert_eq!(workspace.1, self.workspace.len(), "workspace not laid out by workspace_len");
+        self.workspace.off = workspace.0;
         Ok(())
     }
 
@@ -136,25 +140,22 @@ impl Backend for CpuBackend {
         elementwise::copy(self.ptr(), src, dst);
     }
 
-    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) {
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
         self.check(x);
         self.check(y);
-        let ws = self.workspace;
-        conv::forward(self.ptr(), ws, self.threads, x, w, y, spec);
+        conv::forward(self.ptr(), &self.workspace, x, pre, w, y, spec);
     }
 
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
         self.check(gy);
         self.check(gx);
-        let ws = self.workspace;
-        conv::backward_data(self.ptr(), ws, self.threads, gy, w, gx, spec);
+        conv::backward_data(self.ptr(), &self.workspace, gy, w, gx, spec);
     }
 
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
         self.check(x);
         self.check(gy);
-        let ws = self.workspace;
-        conv::backward_filter(self.ptr(), ws, self.threads, x, gy, gw, spec);
+        conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, gw, spec);
     }
 
     fn bn_stats(&mut self, x: View, mean: usize, var: usize) {

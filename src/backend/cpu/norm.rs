@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// Channel `c`'s constants; forward and backward share this, so the recomputed ReLU mask is
 /// bitwise the forward one.
 #[inline]
-fn affine(a: Ptr, bn: Bn, c: usize) -> (Affine, f32) {
+pub(super) fn affine(a: Ptr, bn: Bn, c: usize) -> (Affine, f32) {
     let at = |off: usize| {
         // SAFETY: offsets come from the planner and are read-only in the op using them.
         unsafe { *a.at(off + c) }
@@ -71,7 +71,8 @@ pub(super) fn bn_relu(a: Ptr, x: View, bn: Bn, y: View) {
         // SAFETY: x and y do not overlap; each task writes its own plane of y.
         unsafe {
             let dst = a.get_mut(Ptr::plane_off(y, n, c), hw);
-            bnvec::bn_relu(a.get(Ptr::plane_off(x, n, c), hw), dst, affine(a, bn, c).0);
+            let f = affine(a, bn, c).0;
+            bnvec::bn_relu(a.get(Ptr::plane_off(x, n, c), hw), dst, f.scale, f.shift);
         }
     });
 }
