@@ -80,9 +80,9 @@ fn trains_two_epochs_on_cifar10() {
     assert!(!out.contains("Epoch: [0][1/5]"), "printed off the print frequency:\n{out}");
     let epochs: Vec<&str> = out.lines().filter(|l| l.starts_with(" * Epoch [")).collect();
     assert_eq!(epochs.len(), 2, "{out}");
-    // Two epochs: the LR drops at floor(2/2) = 1 and floor(3*2/4) = 1.
+    // Two epochs: epoch 1 is at 50% of training (divided by 10), not yet at 75%.
     assert_eq!(number_after(epochs[0], "lr "), 0.1);
-    assert_eq!(number_after(epochs[1], "lr "), 0.001);
+    assert_eq!(number_after(epochs[1], "lr "), 0.01);
     let tops: Vec<f64> = epochs.iter().map(|l| number_after(&l[l.find("test Loss").unwrap()..], "Prec@1 ")).collect();
     assert!(tops.iter().all(|t| (0.0..=100.0).contains(t)), "{tops:?}");
     let best = number_after(out.lines().last().unwrap(), "Best accuracy: ");

@@ -107,7 +107,7 @@ impl ParamLayout {
         bn
     }
 
-    /// Adds a linear layer (weight [cout, cin], bias [cout]); returns (weight, bias) offsets.
+    /// Adds a linear layer (weight `[cout, cin]`, bias `[cout]`); returns (weight, bias) offsets.
     pub fn linear(&mut self, name: &str, cout: usize, cin: usize) -> (usize, usize) {
         let bound = 1.0 / (cin as f64).sqrt();
         let w = Self::push(
