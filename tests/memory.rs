@@ -14,8 +14,10 @@ struct Counting;
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 fn grow(n: usize) {
+    CALLS.fetch_add(1, SeqCst);
     let now = CURRENT.fetch_add(n, SeqCst) + n;
     PEAK.fetch_max(now, SeqCst);
 }
@@ -47,12 +49,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// Heap growth above `start` at the peak of `f`.
-fn peak_growth(f: impl FnOnce()) -> usize {
-    let start = CURRENT.load(SeqCst);
+/// Heap growth above the start at the peak of `f`, and the allocations `f` made.
+fn peak_growth(f: impl FnOnce()) -> (usize, usize) {
+    let (start, calls) = (CURRENT.load(SeqCst), CALLS.load(SeqCst));
     PEAK.store(start, SeqCst);
     f();
-    PEAK.load(SeqCst) - start
+    (PEAK.load(SeqCst) - start, CALLS.load(SeqCst) - calls)
 }
 
 /// Network description, names and plan bookkeeping allocated beside the arena, plus the
@@ -60,6 +62,10 @@ fn peak_growth(f: impl FnOnce()) -> usize {
 fn build_allowance(param_bytes: usize) -> usize {
     (1 << 20) + param_bytes
 }
+
+/// Allocation calls a step may make (rayon's occasional job-queue growth); the engine itself
+/// makes none.
+const STEP_CALLS: usize = 16;
 
 /// Transient allocations inside a step: rayon's job lists (a few KB); without AVX2+FMA the
 /// `gemm` crate's packing buffers as well.
@@ -79,18 +85,19 @@ fn measured_heap_equals_the_plan() {
     let (images, labels) = common::batch(3, n, hw, hw, 10);
     for mode in Mode::ALL {
         let mut model = None;
-        let build = peak_growth(|| model = Some(common::model(&cfg, n, hw, hw, mode, 1)));
+        let (build, _) = peak_growth(|| model = Some(common::model(&cfg, n, hw, hw, mode, 1)));
         let mut m = model.unwrap();
         let planned = m.plan().total_bytes();
         assert!(build >= planned, "{mode}: built {build} B, plan {planned} B");
         let allowance = build_allowance(m.layout().len * 4);
         assert!(build <= planned + allowance, "{mode}: built {build} B, plan {planned} B");
         for step in 0..2 {
-            let g = peak_growth(|| {
+            let (g, calls) = peak_growth(|| {
                 m.train_step(&images, &labels, Sgd::default()).unwrap();
             });
-            println!("{mode}: plan {planned} B, build {build} B, step {step} grows the heap by {g} B");
+            println!("{mode}: plan {planned} B, build {build} B, step {step}: heap +{g} B in {calls} allocations");
             assert!(g <= step_allowance(), "{mode}: step {step} allocated {g} B beyond the plan");
+            assert!(calls <= STEP_CALLS, "{mode}: step {step} made {calls} allocations");
         }
     }
 }

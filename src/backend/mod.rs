@@ -158,8 +158,14 @@ pub trait Backend {
 
     /// Copies host data into the arena.
     fn write(&mut self, off: usize, data: &[f32]);
-    /// Copies arena data to the host.
-    fn read(&self, off: usize, len: usize) -> Vec<f32>;
+    /// Copies arena data at `off` into `out`.
+    fn read_into(&self, off: usize, out: &mut [f32]);
+    /// Copies `len` floats of arena data to a new vector.
+    fn read(&self, off: usize, len: usize) -> Vec<f32> {
+        let mut out = vec![0.0; len];
+        self.read_into(off, &mut out);
+        out
+    }
     /// Sets the labels of the current batch (class indices).
     fn set_labels(&mut self, labels: &[u32]);
     /// `dst = src` (same shape).

@@ -215,7 +215,8 @@ impl<B: Backend> Model<B> {
     }
 
     fn result(&self, n: usize) -> StepStats {
-        let r = self.be.read(self.plan.head.result, 2);
+        let mut r = [0.0; 2];
+        self.be.read_into(self.plan.head.result, &mut r);
         StepStats { loss: r[0], correct: r[1] as usize, n }
     }
 
@@ -311,34 +312,34 @@ impl<B: Backend> Model<B> {
         self.stem_forward(n, pass);
         for b in 0..self.plan.layers.len() {
             for i in 0..self.plan.layers[b].len() {
-                let (lp, layer) = (self.plan.layers[b][i].clone(), self.net.blocks[b][i].clone());
+                let (lp, layer) = (self.plan.layers[b][i], self.net.blocks[b][i]);
                 self.layer_forward(&lp, &layer, site(b, i), n, pass);
                 if train {
                     self.be.bn_stats(lp.out.batch(n), lp.stats_out.mean, lp.stats_out.var);
                 }
             }
             if b < self.plan.transitions.len() {
-                let (tp, t) = (self.plan.transitions[b].clone(), self.net.transitions[b].clone());
+                let (tp, t) = (self.plan.transitions[b], self.net.transitions[b]);
                 self.transition_forward(&tp, &t, b, n, pass);
                 if train {
                     self.be.bn_stats(tp.out.batch(n), tp.stats_out.mean, tp.stats_out.var);
                 }
             }
         }
-        let hp = self.plan.head.clone();
+        let hp = self.plan.head;
         self.head_forward(&hp, n, pass);
     }
 
     fn backward(&mut self, n: usize) {
-        let hp = self.plan.head.clone();
+        let hp = self.plan.head;
         self.head_backward(&hp, n);
         for b in (0..self.plan.layers.len()).rev() {
             if b < self.plan.transitions.len() {
-                let (tp, t) = (self.plan.transitions[b].clone(), self.net.transitions[b].clone());
+                let (tp, t) = (self.plan.transitions[b], self.net.transitions[b]);
                 self.transition_backward(&tp, &t, b, n);
             }
             for i in (0..self.plan.layers[b].len()).rev() {
-                let (lp, layer) = (self.plan.layers[b][i].clone(), self.net.blocks[b][i].clone());
+                let (lp, layer) = (self.plan.layers[b][i], self.net.blocks[b][i]);
                 self.layer_backward(&lp, &layer, site(b, i), n);
             }
         }
@@ -348,9 +349,9 @@ impl<B: Backend> Model<B> {
     // ---- stem -------------------------------------------------------------------------------
 
     fn stem_forward(&mut self, n: usize, pass: Pass) {
-        let sp = self.plan.stem.clone();
+        let sp = self.plan.stem;
         let image = self.plan.image.batch(n);
-        match (&sp.pool, &self.net.stem_bn.clone()) {
+        match (sp.pool, self.net.stem_bn) {
             (None, _) => self.conv(image, None, self.net.stem_conv, sp.conv_out.batch(n), ConvSpec::SAME3),
             (Some((stats, t, _)), Some(bn)) => {
                 let s = sp.conv_out.batch(n);
@@ -358,7 +359,7 @@ impl<B: Backend> Model<B> {
                 if pass == Pass::Train {
                     self.be.bn_stats(s, stats.mean, stats.var);
                 }
-                self.bn_relu(bn, *stats, s, t.batch(n), pass);
+                self.bn_relu(&bn, stats, s, t.batch(n), pass);
                 self.be.max_pool3(t.batch(n), sp.out.batch(n));
             }
             _ => unreachable!("ImageNet stem without BN"),
@@ -369,18 +370,18 @@ impl<B: Backend> Model<B> {
     }
 
     fn stem_backward(&mut self, n: usize) {
-        let sp = self.plan.stem.clone();
+        let sp = self.plan.stem;
         let image = self.plan.image.batch(n);
-        match (&sp.pool, &self.net.stem_bn.clone()) {
+        match (sp.pool, self.net.stem_bn) {
             (None, _) => self.conv_backward(image, None, sp.g_out.batch(n), self.net.stem_conv, None, ConvSpec::SAME3),
             (Some((stats, t, gt)), Some(bn)) => {
                 let (s, t, gt) = (sp.conv_out.batch(n), t.batch(n), gt.batch(n));
                 if !self.plan.mode.keeps_bn_outputs() {
-                    let bnp = self.bn(bn, *stats, Pass::Train);
+                    let bnp = self.bn(&bn, stats, Pass::Train);
                     self.be.bn_relu(s, bnp, t);
                 }
                 self.be.max_pool3_backward(t, sp.g_out.batch(n), gt);
-                self.bn_relu_backward(bn, *stats, gt, s, gt, false);
+                self.bn_relu_backward(&bn, stats, gt, s, gt, false);
                 self.conv_backward(image, None, gt, self.net.stem_conv, None, ConvSpec::STEM7);
             }
             _ => unreachable!("ImageNet stem without BN"),
@@ -465,7 +466,7 @@ impl<B: Backend> Model<B> {
 
     fn head_forward(&mut self, hp: &HeadPlan, n: usize, pass: Pass) {
         let (x, a) = (hp.input.batch(n), hp.a.batch(n));
-        let bn = self.net.head_bn.clone();
+        let bn = self.net.head_bn;
         self.bn_relu(&bn, hp.stats_in, x, a, pass);
         self.be.global_avg_pool(a, hp.pooled);
         let (c, k) = (a.c, self.cfg.num_classes);
@@ -481,7 +482,7 @@ impl<B: Backend> Model<B> {
         let (w, bias) = (self.net.fc_w, self.net.fc_b);
         self.be.linear_backward(hp.pooled, p + w, hp.g_logits, hp.g_pooled, g + w, g + bias, n, c, k);
         self.be.global_avg_pool_backward(hp.g_pooled, a);
-        let bn = self.net.head_bn.clone();
+        let bn = self.net.head_bn;
         self.bn_relu_backward(&bn, hp.stats_in, a, hp.input.batch(n), hp.g_in.batch(n), false);
     }
 }

@@ -5,7 +5,7 @@ use super::params::{BnParams, ParamLayout};
 use crate::config::{NetConfig, Stem};
 
 /// One dense layer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Layer {
     /// Input channels C_l.
     pub c_in: usize,
@@ -18,7 +18,7 @@ pub struct Layer {
 }
 
 /// A transition between blocks: BN, ReLU, 1x1 conv, 2x2 average pool.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Transition {
     /// Input channels.
     pub c_in: usize,

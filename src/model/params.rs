@@ -44,11 +44,9 @@ impl Tensor {
 }
 
 /// A batch-norm layer's tensors: affine parameters (parameter buffer) and running statistics
-/// (statistics buffer).
-#[derive(Clone, Debug, PartialEq)]
+/// (statistics buffer). Their names are in the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BnParams {
-    /// Name prefix, e.g. `block1.layer.0.bn1`.
-    pub prefix: String,
     /// Channels.
     pub c: usize,
     /// Offset of the weight (gamma) in the parameter buffer.
@@ -72,8 +70,6 @@ pub struct ParamLayout {
     pub stats: Vec<Tensor>,
     /// Floats in the statistics buffer.
     pub stats_len: usize,
-    /// Every BN layer, for `num_batches_tracked`.
-    pub bns: Vec<BnParams>,
 }
 
 impl ParamLayout {
@@ -102,9 +98,7 @@ impl ParamLayout {
         };
         let running_mean = s(self, "running_mean", 0.0);
         let running_var = s(self, "running_var", 1.0);
-        let bn = BnParams { prefix: prefix.to_string(), c, gamma, beta, running_mean, running_var };
-        self.bns.push(bn.clone());
-        bn
+        BnParams { c, gamma, beta, running_mean, running_var }
     }
 
     /// Adds a linear layer (weight `[cout, cin]`, bias `[cout]`); returns (weight, bias) offsets.

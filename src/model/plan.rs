@@ -136,7 +136,7 @@ impl Stats {
 }
 
 /// Where one dense layer's tensors live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct LayerPlan {
     /// What BN1 reads: the block slice `[0, C_l)`, or in `naive` its concatenated copy.
     pub input: View,
@@ -161,7 +161,7 @@ pub struct LayerPlan {
 }
 
 /// Where a transition's tensors live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct TransitionPlan {
     /// The whole block buffer.
     pub input: View,
@@ -182,7 +182,7 @@ pub struct TransitionPlan {
 }
 
 /// Where the stem's tensors live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct StemPlan {
     /// Convolution output: the first block's `[0, C0)` (CIFAR) or the stem map (ImageNet).
     pub conv_out: View,
@@ -197,7 +197,7 @@ pub struct StemPlan {
 }
 
 /// Where the classifier's tensors live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct HeadPlan {
     /// The last block buffer.
     pub input: View,

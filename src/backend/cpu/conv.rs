@@ -13,7 +13,7 @@
 use super::bnvec;
 use super::matmul::{self, matmul, matmul_nt, pack, Pre, Shifted};
 use super::norm::affine;
-use super::{image_chunks, Ptr};
+use super::{image_chunk, Ptr};
 use crate::backend::{Bn, ConvShape, ConvSpec, View};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -62,6 +62,12 @@ impl Workspace {
     /// Total floats.
     pub(super) fn len(&self) -> usize {
         self.affine + self.threads * self.slot
+    }
+
+    /// Whether a convolution of this shape fits the layout (it was among those planned for).
+    pub(super) fn fits(&self, shape: &ConvShape) -> bool {
+        let need = Workspace::new(std::slice::from_ref(shape), 1);
+        self.threads > 0 && need.slot <= self.slot && need.affine <= self.affine
     }
 
     /// Thread `t`'s slot: (input area, image area, `wlen` floats of weight area and `plen`
@@ -310,10 +316,9 @@ unsafe fn image_forward(x: &[f32], pre: Option<Pre>, w: *const f32, y: *mut f32,
 pub(super) fn forward(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
     let g = Geo::new(x, y, spec);
     let pre = ws.pre(a, bn, x.c);
-    let chunks: Vec<_> = image_chunks(x.n, ws.threads).collect();
-    chunks.into_par_iter().enumerate().for_each(|(t, range)| {
+    (0..ws.threads).into_par_iter().for_each(|t| {
         let (input, area, _, _) = ws.slot(a, t, 0, 0);
-        for n in range {
+        for n in image_chunk(x.n, ws.threads, t) {
             // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y.
             unsafe {
                 let (xs, pre) = source(a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w), pre, input, &g);
@@ -342,10 +347,9 @@ pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View
         }
     }
     let (flipped, wt) = (g.flipped(), Ptr(wt));
-    let chunks: Vec<_> = image_chunks(gy.n, ws.threads).collect();
-    chunks.into_par_iter().enumerate().for_each(|(t, range)| {
+    (0..ws.threads).into_par_iter().for_each(|t| {
         let (_, area, _, _) = ws.slot(a, t, wlen, 0);
-        for n in range {
+        for n in image_chunk(gy.n, ws.threads, t) {
             let (gyo, gxo) = (Ptr::plane_off(gy, n, 0), Ptr::plane_off(gx, n, 0));
             // SAFETY: image n of gx is this task's; gy and wt are read-only; area is this task's.
             unsafe {
@@ -370,11 +374,10 @@ pub(super) fn backward_filter(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, g
     let g = Geo::new(x, gy, spec);
     let (wlen, plen) = (g.cout * g.r, pack_len(&g));
     let pre = ws.pre(a, bn, x.c);
-    let chunks: Vec<_> = image_chunks(x.n, ws.threads).collect();
-    let used = chunks.iter().filter(|r| !r.is_empty()).count();
-    chunks.into_par_iter().enumerate().for_each(|(t, range)| {
+    let used = (0..ws.threads).filter(|&t| !image_chunk(x.n, ws.threads, t).is_empty()).count();
+    (0..ws.threads).into_par_iter().for_each(|t| {
         let (input, area, dw, pack) = ws.slot(a, t, wlen, plen);
-        for (i, n) in range.enumerate() {
+        for (i, n) in image_chunk(x.n, ws.threads, t).enumerate() {
             let gyp = a.at(Ptr::plane_off(gy, n, 0)) as *const f32;
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {

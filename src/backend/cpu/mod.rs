@@ -24,11 +24,10 @@ unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 
 impl Ptr {
-    /// Pointer to arena float `off`.
+    /// Pointer to arena float `off` (dereferencing it is the caller's unsafe business).
     #[inline]
     pub(crate) fn at(self, off: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the arena (offsets come from the planner).
-        unsafe { self.0.add(off) }
+        self.0.wrapping_add(off)
     }
 
     /// Shared slice of `len` floats at `off`.
@@ -57,10 +56,11 @@ impl Ptr {
     }
 }
 
-/// Contiguous image ranges, one per worker thread, in order.
-pub(crate) fn image_chunks(n: usize, threads: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+/// Thread `t`'s contiguous range of `n` images (ranges in thread order; trailing ones may be
+/// empty).
+pub(crate) fn image_chunk(n: usize, threads: usize, t: usize) -> std::ops::Range<usize> {
     let per = n.div_ceil(threads.max(1)).max(1);
-    (0..threads).map(move |t| (t * per).min(n)..((t + 1) * per).min(n))
+    (t * per).min(n)..((t + 1) * per).min(n)
 }
 
 /// The CPU backend.
@@ -82,8 +82,30 @@ impl CpuBackend {
         Ptr(self.arena.as_mut_ptr())
     }
 
+    /// Every op checks its operands before touching raw memory (O(1) per operand): views
+    /// inside the arena with non-overlapping images, offset ranges inside the arena, and
+    /// convolutions within the workspace laid out for them.
     fn check(&self, v: View) {
         assert!(v.end() <= self.arena.len(), "view {v:?} outside the arena ({})", self.arena.len());
+        assert!(v.n <= 1 || v.img_stride >= v.c * v.hw(), "view {v:?} has overlapping images");
+    }
+
+    fn span(&self, off: usize, len: usize) {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.arena.len()), "range {off}+{len} outside the arena");
+    }
+
+    fn check_bn(&self, bn: Bn, c: usize) {
+        for off in [bn.mean, bn.var, bn.gamma, bn.beta] {
+            self.span(off, c);
+        }
+    }
+
+    fn check_conv(&self, x: View, w: usize, y: View, spec: ConvSpec) {
+        self.check(x);
+        self.check(y);
+        self.span(w, y.c * x.c * spec.k * spec.k);
+        let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w };
+        assert!(self.workspace.fits(&shape), "{shape:?} was not given to workspace_len");
     }
 }
 
@@ -124,8 +146,8 @@ impl Backend for CpuBackend {
         self.arena[off..off + data.len()].copy_from_slice(data);
     }
 
-    fn read(&self, off: usize, len: usize) -> Vec<f32> {
-        self.arena[off..off + len].to_vec()
+    fn read_into(&self, off: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.arena[off..off + out.len()]);
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
@@ -141,25 +163,30 @@ impl Backend for CpuBackend {
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
-        self.check(x);
-        self.check(y);
+        self.check_conv(x, w, y, spec);
+        if let Some(bn) = pre {
+            self.check_bn(bn, x.c);
+        }
         conv::forward(self.ptr(), &self.workspace, x, pre, w, y, spec);
     }
 
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
-        self.check(gy);
-        self.check(gx);
+        self.check_conv(gx, w, gy, spec);
         conv::backward_data(self.ptr(), &self.workspace, gy, w, gx, spec);
     }
 
     fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
-        self.check(x);
-        self.check(gy);
+        self.check_conv(x, gw, gy, spec);
+        if let Some(bn) = pre {
+            self.check_bn(bn, x.c);
+        }
         conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, gw, spec);
     }
 
     fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
         self.check(x);
+        self.span(mean, x.c);
+        self.span(var, x.c);
         norm::stats(self.ptr(), x, mean, var);
     }
 
@@ -179,6 +206,7 @@ impl Backend for CpuBackend {
     fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
         self.check(x);
         self.check(y);
+        self.check_bn(bn, x.c);
         norm::bn_relu(self.ptr(), x, bn, y);
     }
 
@@ -186,6 +214,9 @@ impl Backend for CpuBackend {
         self.check(g);
         self.check(x);
         self.check(dx);
+        self.check_bn(bn, x.c);
+        self.span(dgamma, x.c);
+        self.span(dbeta, x.c);
         norm::bn_relu_backward(self.ptr(), g, x, bn, dgamma, dbeta, dx, accumulate);
     }
 
@@ -221,11 +252,13 @@ impl Backend for CpuBackend {
 
     fn global_avg_pool(&mut self, x: View, y: usize) {
         self.check(x);
+        self.span(y, x.n * x.c);
         pool::global_avg(self.ptr(), x, y);
     }
 
     fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
         self.check(gx);
+        self.span(gy, gx.n * gx.c);
         pool::global_avg_backward(self.ptr(), gy, gx);
     }
 
@@ -254,6 +287,10 @@ impl Backend for CpuBackend {
     }
 
     fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
+        let mut offs = [params, grads, momentum];
+        offs.iter().for_each(|&o| self.span(o, len));
+        offs.sort_unstable();
+        assert!(offs[0] + len <= offs[1] && offs[1] + len <= offs[2], "SGD buffers overlap");
         elementwise::sgd(self.ptr(), params, grads, momentum, len, hp);
     }
 }
