@@ -1,7 +1,7 @@
 """Generate tests/data/golden.safetensors from the reference PyTorch DenseNet.
 
-Run by hand (CI never runs it):
-    /work/torchenv/bin/python tests/gen_golden.py
+Run by hand (CI never runs it), with PyTorch and safetensors installed:
+    pip install torch safetensors numpy && python tests/gen_golden.py
 
 For each small network (prefix `bc` and `basic`) the file holds the input
 batch, the initial state dict, and the results of one SGD training step
@@ -15,6 +15,8 @@ int64. Keys, with NAME a state-dict entry or a parameter name:
     {net}.grad.NAME         gradient of the loss (no weight decay) per parameter
     {net}.after.NAME        every state-dict entry after the step
     {net}.momentum.NAME     SGD momentum buffer per parameter after the step
+    {net}.eval_logits       logits of the input in eval mode after the step
+    {net}.eval_loss         [1] their mean cross-entropy
 Metadata: `{net}.config` (JSON) and `generator`.
 """
 
@@ -83,6 +85,12 @@ def generate(net, cfg):
     out.update(state_tensors(model, f"{net}.after"))
     for k, p in model.named_parameters():
         out[f"{net}.momentum.{k}"] = stored(optimizer.state[p]["momentum_buffer"])
+    # Evaluation mode after the step: BN with the updated running statistics.
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(images)
+    out[f"{net}.eval_logits"] = stored(eval_logits)
+    out[f"{net}.eval_loss"] = stored(F.cross_entropy(eval_logits, labels).reshape(1))
 
     config = dict(depth=cfg["depth"], growth=cfg["growth"],
                   bottleneck=cfg["bottleneck"], reduction=cfg["reduction"],

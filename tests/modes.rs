@@ -1,5 +1,6 @@
 //! The three memory modes compute the same step: logits, loss, every gradient, running
-//! statistics and updated weights, with and without dropout.
+//! statistics, updated weights and evaluation logits, with and without dropout; and a batch
+//! smaller than the planned one computes what a plan of its own size computes.
 
 mod common;
 
@@ -17,7 +18,8 @@ fn compare(cfg: NetConfig, h: usize, n: usize) {
         let logits = m.logits(n);
         let stats = m.running_stats();
         let s2 = m.train_step(&images, &labels, Sgd::default()).unwrap();
-        outs.push((mode, s1, s2, logits, grads, stats, m.params(), m.momentum()));
+        let eval = m.evaluate(&images, &labels).unwrap();
+        outs.push((mode, s1, s2, logits, grads, stats, m.params(), m.momentum(), eval, m.logits(n)));
     }
     let r = &outs[0];
     assert!(r.1.loss.is_finite() && r.1.loss > 0.0);
@@ -63,4 +65,23 @@ fn imagenet_stem_modes_agree() {
     cfg.block_layers = vec![2, 1, 1, 2];
     cfg.num_classes = 5;
     compare(cfg, 32, 2);
+}
+
+#[test]
+fn partial_batch_equals_a_plan_of_its_size() {
+    // The last batch of an epoch is smaller than the planned batch: every op must take the
+    // actual image count from its views.
+    let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap();
+    let (images, labels) = common::batch(3, 3, 16, 16, 10);
+    for mode in Mode::ALL {
+        let mut big = common::model(&cfg, 5, 16, 16, mode, 4);
+        let mut exact = common::model(&cfg, 3, 16, 16, mode, 4);
+        for m in [&mut big, &mut exact] {
+            m.train_step(&images, &labels, Sgd::default()).unwrap();
+        }
+        assert_eq!(big.params(), exact.params(), "{mode}: parameters after a step of 3 in a plan of 5");
+        assert_eq!(big.running_stats(), exact.running_stats(), "{mode}: running statistics");
+        let (a, b) = (big.evaluate(&images, &labels).unwrap(), exact.evaluate(&images, &labels).unwrap());
+        assert_eq!((a, big.logits(3)), (b, exact.logits(3)), "{mode}: evaluation");
+    }
 }

@@ -168,9 +168,11 @@ fn check_fd(
 // Convolutions
 
 /// (spec, n, cin, cout, h, w).
-const CONVS: [(ConvSpec, usize, usize, usize, usize, usize); 8] = [
+const CONVS: [(ConvSpec, usize, usize, usize, usize, usize); 10] = [
     (ConvSpec::POINTWISE, 1, 5, 7, 5, 7),
     (ConvSpec::POINTWISE, 3, 7, 3, 9, 9),
+    // More input channels than one packed panel holds (256): the panels accumulate.
+    (ConvSpec::POINTWISE, 2, 300, 5, 3, 5),
     (ConvSpec::SAME3, 1, 3, 5, 9, 9),
     (ConvSpec::SAME3, 3, 5, 7, 5, 7),
     // 8 wide: two image rows per 16-pixel run; 7 high: the last run is a single row.
@@ -178,6 +180,8 @@ const CONVS: [(ConvSpec, usize, usize, usize, usize, usize); 8] = [
     // 19 wide: a full 16-pixel run plus a masked one.
     (ConvSpec::SAME3, 1, 4, 6, 3, 19),
     (ConvSpec::STEM7, 1, 5, 3, 5, 7),
+    // An im2col bigger than one tile (64K floats): several row tiles, accumulated.
+    (ConvSpec::STEM7, 1, 3, 2, 64, 64),
     (ConvSpec::STEM7, 3, 3, 5, 9, 9),
 ];
 

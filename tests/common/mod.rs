@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use densenet::backend::CpuBackend;
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;

@@ -9,12 +9,17 @@
 //! has them); the first two fall back to the `gemm` crate elsewhere, and the direct forms are
 //! only called when [`simd`] is true (the caller uses im2col otherwise).
 
-/// Whether the AVX2+FMA kernels run on this CPU.
+/// Whether the AVX2+FMA kernels run: the CPU has them and `DENSENET_NO_SIMD` is not set in the
+/// environment (it forces the portable path, for testing it). Decided once per process.
 pub(super) fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        cpu && std::env::var_os("DENSENET_NO_SIMD").is_none()
+    })
 }
 
 /// Fills `dst` [m x k] row-major with `f(i, kk)` (weights seen through any index map).

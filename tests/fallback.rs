@@ -1,0 +1,16 @@
+//! The portable path (no AVX2: the `gemm` crate, BN-ReLU applied to a copy of the input instead
+//! of inside the kernels) against the PyTorch golden data. `DENSENET_NO_SIMD` must be set
+//! before the backend first asks, so this binary holds this one test.
+
+mod common;
+
+use densenet::model::plan::Mode;
+
+#[test]
+fn portable_kernels_match_pytorch() {
+    std::env::set_var("DENSENET_NO_SIMD", "1");
+    for mode in Mode::ALL {
+        common::golden::check("bc", mode);
+        common::golden::check("basic", mode);
+    }
+}
