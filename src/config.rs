@@ -33,6 +33,11 @@ pub struct NetConfig {
     pub num_classes: usize,
 }
 
+/// Largest growth rate accepted (BC-190-40 uses 40).
+pub const MAX_GROWTH: usize = 1024;
+/// Most dense layers in a network (BC-250 has 123).
+pub const MAX_LAYERS: usize = 2000;
+
 /// ImageNet presets: (name, growth, layers per block, stem channels).
 const IMAGENET: [(&str, usize, [usize; 4], usize); 5] = [
     ("densenet121", 32, [6, 12, 24, 16], 64),
@@ -94,11 +99,18 @@ impl NetConfig {
 
     /// Checks the values that no constructor can make wrong by itself.
     pub fn validate(&self) -> Result<()> {
-        if self.growth == 0 {
-            bail!("growth rate must be at least 1");
+        if !(1..=MAX_GROWTH).contains(&self.growth) {
+            bail!("growth rate must be from 1 to {MAX_GROWTH}, got {}", self.growth);
         }
         if self.block_layers.is_empty() || self.block_layers.contains(&0) {
             bail!("every dense block needs at least one layer");
+        }
+        let layers: usize = self.block_layers.iter().fold(0, |a, &n| a.saturating_add(n));
+        if layers > MAX_LAYERS {
+            bail!("{layers} dense layers is more than the {MAX_LAYERS} this engine plans for");
+        }
+        if !(1..=MAX_GROWTH * 8).contains(&self.stem_channels) {
+            bail!("stem channels must be from 1 to {}, got {}", MAX_GROWTH * 8, self.stem_channels);
         }
         if !(self.reduction > 0.0 && self.reduction <= 1.0) {
             bail!("reduction must be in (0, 1], got {}", self.reduction);

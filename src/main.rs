@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 /// Largest batch accepted (keeps every planned size far from overflow).
 const MAX_BATCH: usize = 1 << 24;
+/// Largest `--epochs` (keeps the schedule arithmetic far from overflow).
+const MAX_EPOCHS: usize = 1_000_000;
 
 #[derive(Parser)]
 #[command(name = "densenet", version, about = "Memory-efficient DenseNet training on CIFAR")]
@@ -75,7 +77,7 @@ struct TrainArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Epochs to train.
-    #[arg(long, value_name = "N", default_value_t = 300, value_parser = positive, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 300, value_parser = epochs, allow_negative_numbers = true)]
     epochs: usize,
     /// First epoch to run, counted from 0 (the LR schedule follows it).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -158,6 +160,13 @@ fn modes(s: &str) -> Result<Modes, String> {
 /// A whole number >= 1.
 fn positive(s: &str) -> Result<usize, String> {
     s.parse().ok().filter(|&n| n >= 1).ok_or_else(|| "must be a whole number >= 1".into())
+}
+
+fn epochs(s: &str) -> Result<usize, String> {
+    positive(s)
+        .ok()
+        .filter(|&n| n <= MAX_EPOCHS)
+        .ok_or_else(|| format!("must be a whole number from 1 to {MAX_EPOCHS}"))
 }
 
 fn batch_size(s: &str) -> Result<usize, String> {
@@ -274,14 +283,15 @@ fn train(a: TrainArgs) -> Result<(), Failure> {
         weight_decay: a.weight_decay,
         print_freq: a.print_freq,
     };
+    let milestones = densenet::train::schedule::milestones(a.epochs);
     report(format_args!(
         "Training: epochs {} to {}, batch {batch}, lr {} (/10 at epochs {} and {}), Nesterov momentum {}, \
          weight decay {}, augmentation {}, seed {}",
         a.start_epoch,
         a.epochs - 1,
         a.lr,
-        a.epochs / 2,
-        3 * a.epochs / 4,
+        milestones.0,
+        milestones.1,
         a.momentum,
         a.weight_decay,
         if a.no_augment { "off" } else { "on" },

@@ -176,6 +176,11 @@ impl<B: Backend> Model<B> {
     /// Forward, loss and backward (gradients in [`Model::grads`]); updates running statistics
     /// and the step counter, not the parameters.
     pub fn forward_backward(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        // The smallest feature map is the last block's; training BN needs two values per channel.
+        let hw = self.plan.head.input.hw();
+        if labels.len() * hw < 2 {
+            bail!("training needs at least 2 values per channel for batch statistics: {} image(s) of a {hw}-pixel final map", labels.len());
+        }
         let n = self.load_batch(images, labels)?;
         self.forward(n, Pass::Train);
         self.backward(n);

@@ -4,8 +4,13 @@
 /// epoch reaches 50% of `epochs` and by 100 once it reaches 75%. The reference's
 /// `adjust_learning_rate` hard-codes epochs 150 and 225, which are these for 300 epochs.
 pub fn learning_rate(base: f64, epoch: usize, epochs: usize) -> f64 {
-    let decays = (2 * epoch >= epochs) as i32 + (4 * epoch >= 3 * epochs) as i32;
-    base * 0.1f64.powi(decays)
+    let (first, second) = milestones(epochs);
+    base * 0.1f64.powi((epoch >= first) as i32 + (epoch >= second) as i32)
+}
+
+/// The first epochs at 50% and at 75% of `epochs`.
+pub fn milestones(epochs: usize) -> (usize, usize) {
+    (epochs.div_ceil(2), (epochs as u128 * 3).div_ceil(4) as usize)
 }
 
 #[cfg(test)]
