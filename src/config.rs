@@ -175,18 +175,6 @@ impl NetConfig {
         Ok(out)
     }
 
-    /// Channels entering the classifier.
-    pub fn final_channels(&self) -> usize {
-        let mut c = self.stem_channels;
-        for (b, &n) in self.block_layers.iter().enumerate() {
-            c += n * self.growth;
-            if b + 1 < self.block_layers.len() {
-                c = self.transition_channels(c);
-            }
-        }
-        c
-    }
-
     /// The conventional name, e.g. `DenseNet-BC-100-12`, `DenseNet-40-12`, `DenseNet-121`.
     pub fn name(&self) -> String {
         if self.stem == Stem::ImageNet {
@@ -206,21 +194,6 @@ impl NetConfig {
             (false, false) => "",
         };
         format!("DenseNet-{tag}{depth}-{}", self.growth)
-    }
-
-    /// A one-line JSON description (for checkpoint metadata and reports).
-    pub fn to_json(&self) -> String {
-        serde_json::json!({
-            "stem": match self.stem { Stem::Cifar => "cifar", Stem::ImageNet => "imagenet" },
-            "stem_channels": self.stem_channels,
-            "growth": self.growth,
-            "block_layers": self.block_layers,
-            "bottleneck": self.bottleneck,
-            "reduction": self.reduction,
-            "drop_rate": self.drop_rate,
-            "num_classes": self.num_classes,
-        })
-        .to_string()
     }
 }
 
@@ -265,7 +238,6 @@ mod tests {
         assert_eq!(g[0], BlockGeom { c0: 24, layers: 16, c_final: 216, h: 32, w: 32 });
         assert_eq!(g[1].c0, 108);
         assert_eq!(g[2], BlockGeom { c0: 150, layers: 16, c_final: 342, h: 8, w: 8 });
-        assert_eq!(c.final_channels(), 342);
         assert!(c.geometry(30, 32).is_err());
         assert_eq!(NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).unwrap().name(), "DenseNet-40-12");
         let i = NetConfig::imagenet("DenseNet-121").unwrap();

@@ -153,8 +153,6 @@ pub trait Backend {
     /// Allocates the zeroed arena (`len` floats) and the label buffer; `workspace` is the
     /// region reserved for [`Backend::workspace_len`]. Called once, before any op.
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()>;
-    /// Bytes the backend holds outside the arena (labels), for the memory report.
-    fn side_bytes(&self) -> usize;
 
     /// Copies host data into the arena.
     fn write(&mut self, off: usize, data: &[f32]);

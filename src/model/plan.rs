@@ -4,10 +4,12 @@
 //! Modes (see `docs/memory.md`):
 //! - `naive` keeps what a framework without sharing keeps: a concatenated copy of every layer's
 //!   input, and every BN-ReLU output (a1, a2) and bottleneck output (z). Quadratic in depth.
-//! - `shared` keeps the block buffers and each bottleneck's z; BN-ReLU outputs live in shared
-//!   scratch and are recomputed in backward. Linear in depth.
-//! - `minimal` keeps only the block buffers and BN statistics; a1, z and a2 are recomputed in
-//!   backward into shared scratch. Linear in depth with the smallest constant.
+//! - `shared` keeps the block buffers and each bottleneck's z; BN-ReLU outputs are never
+//!   stored (the convolutions apply them to their inputs on the fly). Linear in depth.
+//! - `minimal` keeps only the block buffers and BN statistics; z is recomputed in backward into
+//!   shared scratch. Linear in depth with the smallest constant.
+//!
+//! Outside `naive`, the views named for BN-ReLU outputs (a1, a2, a) hold their gradients.
 
 use super::net::Net;
 use crate::backend::{ConvShape, ConvSpec, View};
@@ -142,9 +144,10 @@ pub struct LayerPlan {
     pub input: View,
     /// The block slice `[0, C_l)` (source of the copy; gradient target).
     pub features: View,
-    /// BN1-ReLU output.
+    /// BN1-ReLU output (kept in `naive`), then its gradient.
     pub a1: View,
-    /// Bottleneck: 1x1 conv output (after dropout) and its BN-ReLU output.
+    /// Bottleneck: 1x1 conv output (after dropout), and its BN-ReLU output (kept in `naive`)
+    /// then its gradient.
     pub z: Option<(View, View)>,
     /// The layer's k output channels in the block buffer.
     pub out: View,
@@ -165,7 +168,7 @@ pub struct LayerPlan {
 pub struct TransitionPlan {
     /// The whole block buffer.
     pub input: View,
-    /// BN-ReLU output.
+    /// BN-ReLU output (kept in `naive`), then its gradient.
     pub a: View,
     /// Convolution output (after dropout).
     pub z: View,
@@ -359,9 +362,9 @@ impl Plan {
             .enumerate()
             .map(|(b, g)| ar.tensor(format!("block{} gradient", b + 1), Category::Scratch, n, g.c_final, g.h, g.w))
             .collect();
-        let act_slot = ar.take("scratch: BN-ReLU outputs", Category::Scratch, act);
+        let act_slot = ar.take("scratch: BN-ReLU outputs and gradients", Category::Scratch, act);
         let mid_slot = ar.take("scratch: conv outputs", Category::Scratch, mid);
-        let mid2_slot = ar.take("scratch: bottleneck BN-ReLU outputs", Category::Scratch, mid2);
+        let mid2_slot = ar.take("scratch: bottleneck BN-ReLU gradients", Category::Scratch, mid2);
         let slot = |off: usize, c: usize, h: usize, w: usize| View::dense(off, n, c, h, w);
 
         // Stem.

@@ -1,5 +1,6 @@
-//! The CPU backend: f32, rayon over images or channels, GEMMs from the `gemm` crate. It is the
-//! numerical reference every other backend is checked against.
+//! The CPU backend: f32, rayon over images or channels, AVX2+FMA kernels for convolutions and
+//! batch norm (the `gemm` crate and plain loops on other CPUs). It is the numerical reference
+//! every other backend is checked against.
 //!
 //! Work splits are fixed (images into one contiguous chunk per thread, in order), so results
 //! are bitwise reproducible run to run for a given thread count.
@@ -7,9 +8,12 @@
 mod bnvec;
 mod conv;
 mod elementwise;
+mod linear;
+mod loss;
 mod matmul;
 mod norm;
 mod pool;
+mod sgd;
 
 use super::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
 use crate::{bail, Result};
@@ -138,10 +142,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn side_bytes(&self) -> usize {
-        self.labels.capacity() * std::mem::size_of::<u32>()
-    }
-
     fn write(&mut self, off: usize, data: &[f32]) {
         self.arena[off..off + data.len()].copy_from_slice(data);
     }
@@ -263,7 +263,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
-        elementwise::linear(&mut self.arena, x, w, b, y, n, cin, cout);
+        linear::linear(&mut self.arena, x, w, b, y, n, cin, cout);
     }
 
     fn linear_backward(
@@ -278,12 +278,12 @@ impl Backend for CpuBackend {
         cin: usize,
         cout: usize,
     ) {
-        elementwise::linear_backward(&mut self.arena, x, w, gy, gx, gw, gb, n, cin, cout);
+        linear::linear_backward(&mut self.arena, x, w, gy, gx, gw, gb, n, cin, cout);
     }
 
     fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
         assert_eq!(self.labels.len(), n, "labels for {} images, batch of {n}", self.labels.len());
-        elementwise::softmax_xent(&mut self.arena, &self.labels, logits, n, k, out, glogits);
+        loss::softmax_xent(&mut self.arena, &self.labels, logits, n, k, out, glogits);
     }
 
     fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
@@ -291,6 +291,6 @@ impl Backend for CpuBackend {
         offs.iter().for_each(|&o| self.span(o, len));
         offs.sort_unstable();
         assert!(offs[0] + len <= offs[1] && offs[1] + len <= offs[2], "SGD buffers overlap");
-        elementwise::sgd(self.ptr(), params, grads, momentum, len, hp);
+        sgd::sgd(self.ptr(), params, grads, momentum, len, hp);
     }
 }

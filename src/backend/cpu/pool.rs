@@ -91,7 +91,7 @@ pub(super) fn max3_backward(a: Ptr, x: View, gy: View, gx: View) {
     });
 }
 
-/// Mean of each plane into `y[n * c + c]`.
+/// Mean of each plane (n, c) into `y[n * C + c]`.
 pub(super) fn global_avg(a: Ptr, x: View, y: usize) {
     (0..x.n * x.c).into_par_iter().for_each(|i| {
         let (n, c) = (i / x.c, i % x.c);

@@ -1,0 +1,30 @@
+//! Softmax cross-entropy with top-1 accuracy.
+
+/// Mean softmax cross-entropy, top-1 correct count and dloss/dlogits.
+pub(super) fn softmax_xent(
+    arena: &mut [f32],
+    labels: &[u32],
+    logits: usize,
+    n: usize,
+    k: usize,
+    out: usize,
+    glogits: usize,
+) {
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    for (i, &label) in labels.iter().enumerate() {
+        let z = &arena[logits + i * k..][..k];
+        let label = label as usize;
+        assert!(label < k, "label {label} out of range for {k} classes");
+        let (arg, max) =
+            z.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+        let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        loss += sum.ln() + max as f64 - z[label] as f64;
+        correct += (arg == label) as usize;
+        for j in 0..k {
+            let p = ((arena[logits + i * k + j] - max) as f64).exp() / sum;
+            arena[glogits + i * k + j] = ((p - (j == label) as u8 as f64) / n as f64) as f32;
+        }
+    }
+    arena[out] = (loss / n as f64) as f32;
+    arena[out + 1] = correct as f32;
+}
