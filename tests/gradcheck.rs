@@ -68,12 +68,7 @@ fn basic_network_gradients_match_finite_differences() {
 
 #[test]
 fn imagenet_network_gradients_match_finite_differences() {
-    let mut cfg = NetConfig::imagenet("densenet121").unwrap();
-    cfg.growth = 4;
-    cfg.stem_channels = 8;
-    cfg.block_layers = vec![1, 2, 1, 1];
-    cfg.num_classes = 4;
-    check(cfg, 128, 2, Mode::Naive);
+    check(common::tiny_imagenet([1, 2, 1, 1], 4), 128, 2, Mode::Naive);
 }
 
 #[test]

@@ -59,12 +59,7 @@ fn basic_modes_agree_with_dropout() {
 
 #[test]
 fn imagenet_stem_modes_agree() {
-    let mut cfg = NetConfig::imagenet("densenet121").unwrap();
-    cfg.growth = 4;
-    cfg.stem_channels = 8;
-    cfg.block_layers = vec![2, 1, 1, 2];
-    cfg.num_classes = 5;
-    compare(cfg, 32, 2);
+    compare(common::tiny_imagenet([2, 1, 1, 2], 5), 32, 2);
 }
 
 #[test]

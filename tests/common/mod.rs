@@ -34,3 +34,14 @@ pub fn norm_rel(a: &[f32], b: &[f32]) -> f64 {
     let r: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
     (d / r.max(1e-30)).sqrt()
 }
+
+/// A small ImageNet-layout network (7x7 stride-2 stem, BN, max pool, four blocks): growth 4,
+/// 8 stem channels.
+pub fn tiny_imagenet(block_layers: [usize; 4], classes: usize) -> NetConfig {
+    let mut cfg = NetConfig::imagenet("densenet121").unwrap();
+    cfg.growth = 4;
+    cfg.stem_channels = 8;
+    cfg.block_layers = block_layers.to_vec();
+    cfg.num_classes = classes;
+    cfg
+}
