@@ -235,7 +235,9 @@ mod avx2 {
     /// Rows of A per register block (6 x 16 outputs in 12 registers).
     const MR: usize = 6;
     /// Depth of one packed panel of B.
-    const KC: usize = 256;
+    const KC: usize = 128;
+    /// Panels of B packed together (GROUP x KC x 16 floats: 32 KB on the stack).
+    const GROUP: usize = 4;
     /// B rows per block of dot products (3 x 3 accumulators + 3 + 3 operands fit the 16
     /// vector registers without spilling).
     const NB: usize = 3;
@@ -381,29 +383,36 @@ mod avx2 {
     ) {
         // B is consumed in panels of KC rows x 16 columns, copied into a contiguous buffer
         // first: rows of B are whole image planes apart (often a multiple of 4 KB), which would
-        // alias in L1 and miss on every row if read in place.
-        let mut panel = [0.0f32; KC * 16];
+        // alias in L1 and miss on every row if read in place. GROUP panels side by side are
+        // packed from one pass over the rows (fewer pages touched per byte).
+        let mut panels = [0.0f32; GROUP * KC * 16];
         let mut k0 = 0;
         while k0 < k {
             let kc = (k - k0).min(KC);
-            let mut j = 0;
-            while j < p {
-                let cols = (p - j).min(16);
+            let mut j0 = 0;
+            while j0 < p {
+                let tiles = (p - j0).div_ceil(16).min(GROUP);
                 for kk in 0..kc {
-                    let src = b.add((k0 + kk) * ldb + j);
-                    let dst = panel.as_mut_ptr().add(kk * 16);
-                    let (v0, v1) = if cols == 16 {
-                        (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)))
-                    } else {
-                        let (m0, m1) = masks(cols);
-                        (_mm256_maskload_ps(src, m0), _mm256_maskload_ps(src.add(8), m1))
-                    };
-                    _mm256_storeu_ps(dst, transform(v0, pre, k0 + kk));
-                    _mm256_storeu_ps(dst.add(8), transform(v1, pre, k0 + kk));
+                    let row = b.add((k0 + kk) * ldb);
+                    for t in 0..tiles {
+                        let (j, cols) = (j0 + 16 * t, (p - j0 - 16 * t).min(16));
+                        let (src, dst) = (row.add(j), panels.as_mut_ptr().add((t * KC + kk) * 16));
+                        let (v0, v1) = if cols == 16 {
+                            (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)))
+                        } else {
+                            let (m0, m1) = masks(cols);
+                            (_mm256_maskload_ps(src, m0), _mm256_maskload_ps(src.add(8), m1))
+                        };
+                        _mm256_storeu_ps(dst, transform(v0, pre, k0 + kk));
+                        _mm256_storeu_ps(dst.add(8), transform(v1, pre, k0 + kk));
+                    }
                 }
-                let rows = Rows::Panel(panel.as_ptr());
-                tile(m, kc, a.add(k0), k, rows, y.add(j), ldy, acc || k0 > 0, cols);
-                j += 16;
+                for t in 0..tiles {
+                    let (j, cols) = (j0 + 16 * t, (p - j0 - 16 * t).min(16));
+                    let rows = Rows::Panel(panels.as_ptr().add(t * KC * 16));
+                    tile(m, kc, a.add(k0), k, rows, y.add(j), ldy, acc || k0 > 0, cols);
+                }
+                j0 += 16 * GROUP;
             }
             k0 += KC;
         }
