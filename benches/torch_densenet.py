@@ -11,6 +11,8 @@ Usage:
     python benches/torch_densenet.py params
     python benches/torch_densenet.py worker --mode naive|checkpointed \
         --depth 100 --growth 12 --batch 64 --threads 2 [--classes 10]
+    python benches/torch_densenet.py gpu --mode naive|checkpointed \
+        [--depth 100 --growth 12 --batch 64 --steps 20 --warmup 5]
 
 The worker prints ``ready`` once set up, then reads commands from stdin, one
 per line:
@@ -233,6 +235,47 @@ def run_worker(args):
     return 0
 
 
+def run_gpu(args):
+    """Training steps on the GPU; prints one JSON line: median step, images/s, peak memory."""
+    if not torch.cuda.is_available():
+        print("error: no CUDA device visible to PyTorch", file=sys.stderr)
+        return 1
+    import json
+    import statistics
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = DenseNet3(args.depth, args.classes, growth_rate=args.growth,
+                      reduction=0.5, bottleneck=True,
+                      checkpointed=args.mode == "checkpointed").to(dev)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                nesterov=True, weight_decay=1e-4)
+    images = torch.randn(args.batch, 3, 32, 32, device=dev)
+    labels = torch.randint(0, args.classes, (args.batch,), device=dev)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(start.elapsed_time(end) / 1000.0)
+    step = statistics.median(times)
+    print(json.dumps({"mode": args.mode, "depth": args.depth, "growth": args.growth,
+                      "batch": args.batch, "device": torch.cuda.get_device_name(),
+                      "median_step_s": step, "images_per_s": args.batch / step,
+                      "max_memory_allocated_bytes": torch.cuda.max_memory_allocated()}))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,11 +288,21 @@ def main():
     worker.add_argument("--batch", type=int, default=64)
     worker.add_argument("--threads", type=int, default=2)
     worker.add_argument("--classes", type=int, default=10)
+    gpu = sub.add_parser("gpu", help="training steps on the GPU, one JSON line")
+    gpu.add_argument("--mode", choices=["naive", "checkpointed"], required=True)
+    gpu.add_argument("--depth", type=int, default=100)
+    gpu.add_argument("--growth", type=int, default=12)
+    gpu.add_argument("--batch", type=int, default=64)
+    gpu.add_argument("--classes", type=int, default=10)
+    gpu.add_argument("--steps", type=int, default=20)
+    gpu.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
 
     if args.command == "params":
         print_params()
         return 0
+    if args.command == "gpu":
+        return run_gpu(args)
     return run_worker(args)
 
 
