@@ -1,5 +1,6 @@
-//! The `densenet` command line: `train` (the reference `train.py`, flags and defaults kept) and
-//! `memory` (the planned bytes per category for each memory mode).
+//! The `densenet` command line: `train` (the reference `train.py`, flags and defaults kept),
+//! `memory` (the planned bytes per category for each memory mode) and `download` (the CIFAR
+//! archive, fetched, checked and extracted).
 //!
 //! Every error is one line on stderr starting with `error:`; bad flags exit with 2, failures
 //! while running with 1.
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use densenet::backend::{Backend, CpuBackend};
 use densenet::config::NetConfig;
 use densenet::data::cifar::{Dataset, Images, Split, SIDE};
+use densenet::data::download::{self, Fetched, Source};
 use densenet::data::loader::Loader;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
@@ -37,6 +39,8 @@ enum Command {
     Train(TrainArgs),
     /// Print the memory plan: bytes per category for each memory mode.
     Memory(MemoryArgs),
+    /// Download the CIFAR binary archive, check its MD5 and extract it into the data directory.
+    Download(DownloadArgs),
 }
 
 /// The network, its data set and the batch.
@@ -103,6 +107,11 @@ struct TrainArgs {
     /// Directory holding the dataset's folder (cifar-10-batches-bin/, cifar-100-binary/) or its files.
     #[arg(long, value_name = "DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// Download the dataset into --data-dir first when it is not there (as `densenet download`).
+    #[arg(long)]
+    download: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Memory mode: naive, shared or minimal.
     #[arg(long, value_name = "MODE", default_value = "minimal")]
     memory: Mode,
@@ -124,6 +133,40 @@ struct MemoryArgs {
     /// Print one JSON object as the last line instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// Where the archive comes from (the official URL when neither is given).
+#[derive(Args)]
+struct SourceArgs {
+    /// Fetch the archive from this URL (a mirror) instead of the official one.
+    #[arg(long, value_name = "URL", conflicts_with = "archive")]
+    url: Option<String>,
+    /// Extract this local copy of the archive (machines without network).
+    #[arg(long, value_name = "PATH")]
+    archive: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn source(&self) -> Source {
+        match (&self.url, &self.archive) {
+            (Some(url), _) => Source::Url(url.clone()),
+            (None, Some(path)) => Source::Archive(path.clone()),
+            (None, None) => Source::Official,
+        }
+    }
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// Dataset: cifar10 or cifar100.
+    #[arg(long, value_name = "NAME", default_value = "cifar10")]
+    dataset: Dataset,
+    /// Directory to extract into (the dataset lands in its folder, cifar-10-batches-bin/ or
+    /// cifar-100-binary/).
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
 }
 
 /// Where training runs.
@@ -213,6 +256,7 @@ fn main() -> ExitCode {
     let done = match cli.command {
         Command::Train(a) => train(a),
         Command::Memory(a) => memory(a),
+        Command::Download(a) => fetch(a),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
@@ -254,6 +298,13 @@ fn train(a: TrainArgs) -> Result<(), Failure> {
         )));
     }
     let (dataset, batch) = (a.net.dataset, a.net.batch);
+    let source = a.source.source();
+    if source != Source::Official && !a.download {
+        return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
+    }
+    if a.download && download::is_missing(&a.data_dir, dataset) {
+        report_fetched(&download::fetch(&a.data_dir, dataset, &source)?, dataset)?;
+    }
     let train_set = Arc::new(Images::load(&a.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data_dir, dataset, Split::Test)?);
     let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, a.seed, CpuBackend::new())?;
@@ -303,6 +354,21 @@ fn train(a: TrainArgs) -> Result<(), Failure> {
     let best = train::fit(&mut model, &mut train_loader, &mut test_loader, &recipe)?;
     report(format_args!("Best accuracy: {best:.3}"))?;
     Ok(())
+}
+
+fn fetch(a: DownloadArgs) -> Result<(), Failure> {
+    report_fetched(&download::fetch(&a.data_dir, a.dataset, &a.source.source())?, a.dataset)?;
+    Ok(())
+}
+
+/// One line on stdout: where the dataset is and its image counts.
+fn report_fetched(f: &Fetched, dataset: Dataset) -> densenet::Result<()> {
+    let counts = format!("{} training and {} test images", f.train, f.test);
+    if f.already_there {
+        report(format_args!("{} is already in {} ({counts}); nothing downloaded", dataset.title(), f.folder.display()))
+    } else {
+        report(format_args!("{} is ready in {}: {counts}", dataset.title(), f.folder.display()))
+    }
 }
 
 /// One line: the plan's total and its bytes per category, in MiB.

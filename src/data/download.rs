@@ -1,0 +1,547 @@
+//! Fetching the official CIFAR binary archives into a data directory.
+//!
+//! [`fetch`] downloads the archive (from the official site or a mirror) or reads a local copy,
+//! checks its MD5 against the official one, and extracts it atomically: the dataset's folder is
+//! written inside a temporary directory in the data directory, its files are read back with the
+//! [`cifar`](super::cifar) readers, and only then is it renamed into place. A failure leaves the
+//! data directory as it was: the temporary download and folder are removed, and so are the
+//! directories created for it. A dataset already in place is never touched.
+//!
+//! The official archive must match its published MD5. An archive from `--url` or `--archive`
+//! that does not (a rebuilt or trimmed copy) is used with a note, once its files check out.
+
+use super::cifar::{Dataset, Images, Split};
+use crate::{bail, Error, Result};
+use flate2::read::GzDecoder;
+use md5::{Digest, Md5};
+use std::fs::{self, File};
+use std::io::{self, BufReader, IsTerminal, Read, Seek, Write};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the archive comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The official URL ([`official_url`]).
+    Official,
+    /// Another URL serving the archive (a mirror); the official URL itself counts as official.
+    Url(String),
+    /// A local copy of the archive.
+    Archive(PathBuf),
+}
+
+/// The dataset [`fetch`] left in the data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// The folder holding the dataset's files.
+    pub folder: PathBuf,
+    /// Training images.
+    pub train: usize,
+    /// Test images.
+    pub test: usize,
+    /// True when the dataset was already there and nothing was fetched.
+    pub already_there: bool,
+}
+
+/// The official archive's URL.
+pub fn official_url(dataset: Dataset) -> &'static str {
+    match dataset {
+        Dataset::Cifar10 => "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        Dataset::Cifar100 => "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    }
+}
+
+/// The official archive's MD5, as published on the CIFAR page (lowercase hex).
+pub fn official_md5(dataset: Dataset) -> &'static str {
+    match dataset {
+        Dataset::Cifar10 => "c32a1d4ab5d03f1284b67883e8d87530",
+        Dataset::Cifar100 => "03b5dce01913d631647c71ecec9e9cb8",
+    }
+}
+
+/// True when `dir` holds neither the dataset's folder nor any of its files (the places the
+/// readers look).
+pub fn is_missing(dir: &Path, dataset: Dataset) -> bool {
+    let files = [Split::Train, Split::Test].into_iter().flat_map(|s| dataset.files(s));
+    !dir.join(dataset.folder()).exists() && !files.into_iter().any(|f| dir.join(f).exists())
+}
+
+/// Puts `dataset` into `dir` from `source` unless it is already there (then checks it and
+/// changes nothing). Progress and notes go to stderr.
+pub fn fetch(dir: &Path, dataset: Dataset, source: &Source) -> Result<Fetched> {
+    if let Source::Url(url) = source {
+        check_url(url)?;
+    }
+    if !is_missing(dir, dataset) {
+        return present(dir, dataset);
+    }
+    let created = create_dirs(dir)?;
+    let fetched = fetch_missing(dir, dataset, source);
+    if fetched.is_err() {
+        // Deepest first; only empty directories go, so nothing of anyone else's is removed.
+        for d in &created {
+            let _ = fs::remove_dir(d);
+        }
+    }
+    fetched
+}
+
+/// An `http://` or `https://` URL with a host.
+fn check_url(url: &str) -> Result<()> {
+    let uri: ureq::http::Uri = url.parse().map_err(|e| Error(format!("bad URL '{url}': {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        bail!("bad URL '{url}': expected http://HOST/... or https://HOST/...");
+    }
+    Ok(())
+}
+
+/// The dataset already in `dir`, read back; an error when it is incomplete or damaged.
+fn present(dir: &Path, dataset: Dataset) -> Result<Fetched> {
+    let loaded = Images::load(dir, dataset, Split::Train).and_then(|train| {
+        let test = Images::load(dir, dataset, Split::Test)?;
+        Ok((train.len(), test.len()))
+    });
+    match loaded {
+        Ok((train, test)) => {
+            let nested = dir.join(dataset.folder());
+            let folder = if nested.is_dir() { nested } else { dir.to_path_buf() };
+            Ok(Fetched { folder, train, test, already_there: true })
+        }
+        Err(e) => bail!(
+            "{} is in {} but unusable, so nothing was downloaded: {e}; move it away to download it again",
+            dataset.title(),
+            dir.display()
+        ),
+    }
+}
+
+/// Creates `dir` and its missing parents; returns the ones it created, deepest first.
+fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let created: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && fs::symlink_metadata(d).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    fs::create_dir_all(dir).map_err(|e| Error(format!("cannot create the data directory {}: {e}", dir.display())))?;
+    Ok(created)
+}
+
+fn fetch_missing(dir: &Path, dataset: Dataset, source: &Source) -> Result<Fetched> {
+    let url = match source {
+        Source::Archive(path) => {
+            let md5 = md5_file(path)?;
+            return install(dir, dataset, path, &md5, &path.display().to_string(), false);
+        }
+        Source::Url(url) => url.as_str(),
+        Source::Official => official_url(dataset),
+    };
+    let (file, md5) = download(url, dir, dataset)?;
+    install(dir, dataset, file.path(), &md5, url, url == official_url(dataset))
+}
+
+/// Checks the archive's MD5 (which must be the official one when `official`), then extracts it
+/// into `dir`. `origin` names the archive in messages.
+fn install(dir: &Path, dataset: Dataset, archive: &Path, md5: &str, origin: &str, official: bool) -> Result<Fetched> {
+    let expected = official_md5(dataset);
+    if md5 == expected {
+        eprintln!("MD5 {md5} matches the official {} archive", dataset.title());
+    } else if official {
+        bail!(
+            "{origin}: MD5 {md5} does not match the official {} archive's {expected} (a damaged or \
+             changed download); nothing was extracted",
+            dataset.title()
+        );
+    } else {
+        eprintln!(
+            "note: {origin} is not the official {} archive (MD5 {md5}, official {expected}); using it if it \
+             holds the expected files",
+            dataset.title()
+        );
+    }
+    extract(archive, dir, dataset, origin)
+}
+
+/// The lowercase hex MD5 of a file.
+fn md5_file(path: &Path) -> Result<String> {
+    let cannot = |e: io::Error| Error(format!("cannot read the archive {}: {e}", path.display()));
+    let mut file = File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        bail!("cannot read the archive {}: not a file", path.display());
+    }
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cannot(e)),
+        }
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Downloads `url` into a temporary file in `dir` (removed when dropped), showing progress;
+/// returns it with the MD5 of its bytes.
+fn download(url: &str, dir: &Path, dataset: Dataset) -> Result<(tempfile::NamedTempFile, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .user_agent(concat!("densenet/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    eprintln!("Downloading {} from {url}", dataset.title());
+    let mut response = agent.get(url).call().map_err(|e| request_error(url, e))?;
+    let total = response.body().content_length();
+    let mut body = response.body_mut().as_reader();
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!(".{}.", dataset.archive()))
+        .suffix(".part")
+        .tempfile_in(dir)
+        .map_err(|e| Error(format!("cannot create a temporary file in {}: {e}", dir.display())))?;
+    let mut hasher = Md5::new();
+    let mut progress = Progress::new(total, io::stderr().is_terminal());
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0u64;
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                drop(progress);
+                let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    bail!("download from {url} cut off after {got}{of} bytes (the connection closed early)");
+                }
+                bail!("download from {url} failed after {got}{of} bytes: {}", one_line(&e.to_string()));
+            }
+        };
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])
+            .map_err(|e| Error(format!("cannot write the download to {}: {e}", file.path().display())))?;
+        got += n as u64;
+        progress.update(got);
+    }
+    progress.finish(got);
+    if let Some(t) = total.filter(|&t| t != got) {
+        bail!("download from {url} cut off after {got} of {t} bytes");
+    }
+    Ok((file, hex(&hasher.finalize())))
+}
+
+/// One line for a failed request.
+fn request_error(url: &str, e: ureq::Error) -> Error {
+    let offline = "; without network, get the archive elsewhere and pass --archive PATH";
+    Error(match e {
+        ureq::Error::StatusCode(code) => {
+            let reason = ureq::http::StatusCode::from_u16(code).ok().and_then(|s| s.canonical_reason());
+            format!("download from {url} failed: HTTP {code}{}", reason.map(|r| format!(" {r}")).unwrap_or_default())
+        }
+        ureq::Error::BadUri(why) => format!("bad URL '{url}': {why}"),
+        ureq::Error::HostNotFound => format!("cannot download {url}: host not found{offline}"),
+        ureq::Error::Io(io) => format!("cannot download {url}: {}{offline}", one_line(&io.to_string())),
+        ureq::Error::Timeout(t) => format!("cannot download {url}: timed out ({t}){offline}"),
+        ureq::Error::ConnectionFailed => format!("cannot download {url}: connection failed{offline}"),
+        e => format!("cannot download {url}: {}", one_line(&e.to_string())),
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Download progress on stderr: one line redrawn with `\r` on a terminal, otherwise a line at
+/// each quarter (or every 64 MiB when the size is unknown) and at least every 30 seconds.
+struct Progress {
+    total: Option<u64>,
+    tty: bool,
+    start: Instant,
+    last: Instant,
+    /// The next quarter (1..=4), or the next multiple of 64 MiB, that prints a line off a terminal.
+    next: u64,
+    /// Characters of the line on the terminal, 0 when none is drawn.
+    drawn: usize,
+    /// Bytes shown by the last line printed.
+    shown: Option<u64>,
+}
+
+const STEP_BYTES: u64 = 64 << 20;
+
+impl Progress {
+    fn new(total: Option<u64>, tty: bool) -> Progress {
+        let now = Instant::now();
+        Progress { total, tty, start: now, last: now, next: 1, drawn: 0, shown: None }
+    }
+
+    fn update(&mut self, done: u64) {
+        let now = Instant::now();
+        let due = if self.tty {
+            now - self.last >= Duration::from_millis(100) || self.total == Some(done)
+        } else {
+            let reached = match self.total {
+                Some(t) if t > 0 => done * 4 >= self.next * t,
+                _ => done >= self.next * STEP_BYTES,
+            };
+            if reached {
+                self.next = match self.total {
+                    Some(t) if t > 0 => (done * 4 / t) + 1,
+                    _ => done / STEP_BYTES + 1,
+                };
+            }
+            reached || now - self.last >= Duration::from_secs(30)
+        };
+        if due {
+            self.last = now;
+            self.show(done);
+        }
+    }
+
+    /// Prints the last figures unless they are already shown.
+    fn finish(&mut self, done: u64) {
+        if self.shown != Some(done) {
+            self.show(done);
+        }
+        self.end_line();
+        let secs = self.start.elapsed().as_secs_f64();
+        eprintln!("Downloaded {} ({done} bytes) in {secs:.1} s", size(done));
+    }
+
+    fn show(&mut self, done: u64) {
+        let secs = self.start.elapsed().as_secs_f64();
+        // A rate once it means something.
+        let rate = if secs >= 1.0 { format!(", {}/s", size((done as f64 / secs) as u64)) } else { String::new() };
+        let line = match self.total {
+            Some(t) if t > 0 => format!("  {} / {} ({}%){rate}", size(done), size(t), done * 100 / t),
+            _ => format!("  {}{rate}", size(done)),
+        };
+        if self.tty {
+            let pad = self.drawn.saturating_sub(line.len());
+            eprint!("\r{line}{:pad$}", "");
+            self.drawn = line.len();
+        } else {
+            eprintln!("{line}");
+        }
+        self.shown = Some(done);
+    }
+
+    /// Ends the line drawn on the terminal, if any.
+    fn end_line(&mut self) {
+        if self.drawn > 0 {
+            eprintln!();
+            self.drawn = 0;
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.end_line();
+    }
+}
+
+/// A byte count for people: B, KiB or MiB.
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b < 1 << 10 => format!("{b} B"),
+        b if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+    }
+}
+
+/// Extracts the dataset's folder from the archive into a temporary directory in `dir`, reads
+/// its files back, then renames it into place.
+fn extract(archive: &Path, dir: &Path, dataset: Dataset, origin: &str) -> Result<Fetched> {
+    let folder = dataset.folder();
+    eprintln!("Extracting {folder}/ into {}", dir.display());
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{folder}."))
+        .tempdir_in(dir)
+        .map_err(|e| Error(format!("cannot create a temporary directory in {}: {e}", dir.display())))?;
+    let root = staging.path().join(folder);
+    let written = |e: io::Error| Error(format!("cannot write into {}: {e}", dir.display()));
+    fs::create_dir(&root).map_err(written)?;
+
+    let cannot = |e: io::Error| Error(format!("cannot read the archive {origin}: {e}"));
+    let mut file = File::open(archive).map_err(cannot)?;
+    let mut magic = Vec::with_capacity(2);
+    (&mut file).take(2).read_to_end(&mut magic).map_err(cannot)?;
+    match magic[..] {
+        [] => bail!("the archive {origin} is empty; nothing was extracted"),
+        [0x1f, 0x8b] => {}
+        [b'<', ..] => bail!("the archive {origin} is not a gzip file (an HTML page?); nothing was extracted"),
+        _ => bail!("the archive {origin} is not a gzip file; nothing was extracted"),
+    }
+    file.rewind().map_err(cannot)?;
+    let mut tar = tar::Archive::new(GzDecoder::new(BufReader::with_capacity(1 << 20, file)));
+    let bad = |e: io::Error| archive_error(origin, &e);
+    let mut names = Vec::new();
+    let mut elsewhere = None;
+    let mut buf = vec![0u8; 1 << 16];
+    for entry in tar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.into_owned();
+        let parts: Vec<Component> = path.components().filter(|c| *c != Component::CurDir).collect();
+        let kind = entry.header().entry_type();
+        match parts[..] {
+            [Component::Normal(top), Component::Normal(name)]
+                if top == folder && matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) =>
+            {
+                let mut out = File::create(root.join(name)).map_err(written)?;
+                loop {
+                    let n = match entry.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(bad(e)),
+                    };
+                    out.write_all(&buf[..n]).map_err(written)?;
+                }
+                out.sync_all().map_err(written)?;
+                names.push(name.to_string_lossy().into_owned());
+            }
+            [Component::Normal(top), ..] if top != folder => {
+                elsewhere.get_or_insert_with(|| top.to_string_lossy().into_owned());
+            }
+            _ => {}
+        }
+    }
+    // The rest of the gzip stream, so that its length and CRC are checked.
+    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(bad)?;
+
+    let expected = [Split::Train, Split::Test].into_iter().flat_map(|s| dataset.files(s));
+    let missing: Vec<&str> = expected.into_iter().copied().filter(|f| !names.iter().any(|n| n == f)).collect();
+    if !missing.is_empty() {
+        let instead = match elsewhere {
+            Some(top) if names.is_empty() => format!(" (it holds {top}/ instead)"),
+            _ => String::new(),
+        };
+        bail!("the archive {origin} has no {folder}/{}{instead}; nothing was extracted", missing.join(", "));
+    }
+    let prefix = format!("{}/", staging.path().display());
+    let load = |split| {
+        Images::load(staging.path(), dataset, split).map_err(|e| {
+            Error(format!("the archive {origin} is unusable: {}; nothing was extracted", e.0.replace(&prefix, "")))
+        })
+    };
+    let (train, test) = (load(Split::Train)?.len(), load(Split::Test)?.len());
+
+    let target = dir.join(folder);
+    if let Err(e) = fs::rename(&root, &target) {
+        if target.exists() {
+            // Put there by someone else meanwhile: keep theirs if it is whole.
+            return present(dir, dataset);
+        }
+        bail!("cannot move the extracted {folder}/ into {}: {e}", dir.display());
+    }
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(Fetched { folder: target, train, test, already_there: false })
+}
+
+/// One line for an archive that cannot be read: truncated or corrupt.
+fn archive_error(origin: &str, e: &io::Error) -> Error {
+    // The innermost message: tar wraps the cause in a description of what it was doing.
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    // Up to the first unprintable character: tar quotes the raw bytes of a bad header.
+    let cause = cause.to_string();
+    let printable = cause.split(|c: char| !(c == ' ' || c.is_ascii_graphic())).next().unwrap_or("");
+    let cause = printable.trim_end_matches([' ', ':']);
+    let what = if e.kind() == io::ErrorKind::UnexpectedEof { "is truncated" } else { "is corrupt" };
+    let cause = if cause.is_empty() { String::new() } else { format!(" ({cause})") };
+    Error(format!("the archive {origin} {what}{cause}; nothing was extracted"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::cifar::testing::records;
+    use flate2::write::GzEncoder;
+
+    /// A CIFAR-10 tar.gz with `n` records per file.
+    fn archive(n: usize) -> Vec<u8> {
+        let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let splits = [Split::Train, Split::Test];
+        for name in splits.iter().flat_map(|&s| Dataset::Cifar10.files(s)) {
+            let data = records(Dataset::Cifar10, n);
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            tar.append_data(&mut header, format!("cifar-10-batches-bin/{name}"), &data[..]).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_official_source_needs_the_official_md5() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let file = dir.path().join("a.tar.gz");
+        fs::write(&file, archive(2)).unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let md5 = md5_file(&file).unwrap();
+        let e = install(&data, Dataset::Cifar10, &file, &md5, "https://x", true).unwrap_err().0;
+        assert!(e.starts_with(&format!("https://x: MD5 {md5} does not match the official CIFAR-10 archive's")), "{e}");
+        assert!(listing(&data).is_empty());
+
+        let done = install(&data, Dataset::Cifar10, &file, &md5, "mirror", false).unwrap();
+        assert_eq!((done.train, done.test, done.already_there), (10, 2, false));
+        assert_eq!(listing(&data), ["cifar-10-batches-bin"]);
+    }
+
+    #[test]
+    fn md5_and_sizes() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let file = dir.path().join("x");
+        fs::write(&file, b"abc").unwrap();
+        assert_eq!(md5_file(&file).unwrap(), "900150983cd24fb0d6963f7d28e17f72");
+        assert!(md5_file(dir.path()).unwrap_err().0.contains("not a file"));
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(170_052_171), "162.2 MiB");
+    }
+
+    #[test]
+    fn progress_prints_quarters_off_a_terminal() {
+        let mut p = Progress::new(Some(1000), false);
+        let mut lines = Vec::new();
+        for done in (0..=1000).step_by(100) {
+            let before = p.shown;
+            p.update(done);
+            if p.shown != before {
+                lines.push(done);
+            }
+        }
+        assert_eq!(lines, [300, 500, 800, 1000]);
+        let mut p = Progress::new(None, false);
+        p.update(STEP_BYTES - 1);
+        assert_eq!(p.shown, None);
+        p.update(3 * STEP_BYTES);
+        assert_eq!((p.shown, p.next), (Some(3 * STEP_BYTES), 4));
+    }
+
+    #[test]
+    fn created_directories_are_listed_deepest_first() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let deep = dir.path().join("a/b");
+        assert_eq!(create_dirs(&deep).unwrap(), [deep.clone(), dir.path().join("a")]);
+        assert!(deep.is_dir());
+        assert!(create_dirs(&deep).unwrap().is_empty());
+    }
+}
