@@ -1,6 +1,6 @@
-//! The `densenet` command line: `train` (the reference `train.py`, flags and defaults kept),
-//! `memory` (the planned bytes per category for each memory mode) and `download` (the CIFAR
-//! archive, fetched, checked and extracted).
+//! The `densenet` command line: `train` (the reference `train.py`, flags and defaults kept,
+//! with checkpoints, exact resume and initial weights), `memory` (the planned bytes per category
+//! for each memory mode) and `download` (the CIFAR archive, fetched, checked and extracted).
 //!
 //! Every error is one line on stderr starting with `error:`; bad flags exit with 2, failures
 //! while running with 1.
@@ -15,9 +15,11 @@ use densenet::data::loader::Loader;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 use densenet::model::Model;
+use densenet::train::checkpoint::{self, Checkpoint, Saver};
+use densenet::train::tensorboard::EventWriter;
 use densenet::train::{self, report, Recipe};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -83,9 +85,10 @@ struct TrainArgs {
     /// Epochs to train.
     #[arg(long, value_name = "N", default_value_t = 300, value_parser = epochs, allow_negative_numbers = true)]
     epochs: usize,
-    /// First epoch to run, counted from 0 (the LR schedule follows it).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    start_epoch: usize,
+    /// First epoch to run, counted from 0 (the LR schedule follows it) [default: 0; with
+    /// --resume: the checkpoint's next epoch, which an explicit value must equal].
+    #[arg(long, value_name = "N")]
+    start_epoch: Option<usize>,
     /// Initial learning rate (divided by 10 at 50% and 75% of the epochs).
     #[arg(long, default_value_t = 0.1, value_parser = non_negative::<f64>, allow_negative_numbers = true)]
     lr: f64,
@@ -101,9 +104,25 @@ struct TrainArgs {
     /// Train without augmentation (no random crop or flip).
     #[arg(long)]
     no_augment: bool,
-    /// Name of the run.
-    #[arg(long, default_value = "DenseNet_BC_100_12")]
+    /// Name of the run: its checkpoints go to <runs-dir>/<name>/.
+    #[arg(long, default_value = "DenseNet_BC_100_12", value_parser = run_name)]
     name: String,
+    /// Directory of the runs.
+    #[arg(long, value_name = "DIR", default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Continue a run from its checkpoint (a file, or a run directory for its
+    /// checkpoint.safetensors): weights, running statistics, momentum, step counter, next
+    /// epoch, best accuracy and seed. The network flags must describe the same network.
+    #[arg(long, value_name = "PATH", conflicts_with = "init_weights")]
+    resume: Option<PathBuf>,
+    /// Start from the weights and running statistics of a safetensors file with reference
+    /// names (a checkpoint, or a converted PyTorch state dict); momentum starts at zero.
+    #[arg(long, value_name = "FILE")]
+    init_weights: Option<PathBuf>,
+    /// Log train_loss, train_acc, val_loss, val_acc and learning_rate per epoch as TensorBoard
+    /// event files in the run directory.
+    #[arg(long)]
+    tensorboard: bool,
     /// Directory holding the dataset's folder (cifar-10-batches-bin/, cifar-100-binary/) or its files.
     #[arg(long, value_name = "DIR", default_value = "./data")]
     data_dir: PathBuf,
@@ -115,9 +134,10 @@ struct TrainArgs {
     /// Memory mode: naive, shared or minimal.
     #[arg(long, value_name = "MODE", default_value = "minimal")]
     memory: Mode,
-    /// Seed of the initialization, the shuffles, the augmentation and dropout.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    seed: u64,
+    /// Seed of the initialization, the shuffles, the augmentation and dropout [default: 0; with
+    /// --resume: the checkpoint's, which an explicit value must equal].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
     /// Device: auto or cpu (auto picks the CPU: this build has no CUDA backend yet).
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = device)]
     device: Device,
@@ -200,6 +220,14 @@ fn modes(s: &str) -> Result<Modes, String> {
     s.parse().map(|m| Modes(vec![m])).map_err(|_| "expected naive, shared, minimal or all".into())
 }
 
+/// A run name: one folder under the runs directory.
+fn run_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s == "." || s == ".." || s.contains(['/', '\\']) {
+        return Err("must be a plain folder name (no '/' or '\\'): the run goes to <runs-dir>/<name>/".into());
+    }
+    Ok(s.to_string())
+}
+
 /// A whole number >= 1.
 fn positive(s: &str) -> Result<usize, String> {
     s.parse().ok().filter(|&n| n >= 1).ok_or_else(|| "must be a whole number >= 1".into())
@@ -248,6 +276,11 @@ fn usage(message: impl fmt::Display) -> Failure {
     Failure { code: 2, message: message.to_string() }
 }
 
+/// A failure while running (exit code 1).
+fn failure(message: impl fmt::Display) -> Failure {
+    Failure { code: 1, message: message.to_string() }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -291,23 +324,39 @@ fn parse_error(e: clap::Error) -> ExitCode {
 
 fn train(a: TrainArgs) -> Result<(), Failure> {
     let cfg = a.net.config().map_err(usage)?;
-    if a.start_epoch >= a.epochs {
-        return Err(usage(format!(
-            "--start-epoch {} leaves nothing to train: epochs run from it to --epochs {} (exclusive)",
-            a.start_epoch, a.epochs
-        )));
-    }
     let (dataset, batch) = (a.net.dataset, a.net.batch);
     let source = a.source.source();
     if source != Source::Official && !a.download {
         return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
     }
+    // Everything a file decides is read and checked before any data is loaded or file written.
+    let start = Start::new(&a, &cfg)?;
+    if start.epoch >= a.epochs {
+        return Err(match &a.resume {
+            Some(path) => failure(format!(
+                "{} is at epoch {} and --epochs {} leaves nothing to train: raise --epochs to continue",
+                path.display(),
+                start.epoch,
+                a.epochs
+            )),
+            None => usage(format!(
+                "--start-epoch {} leaves nothing to train: epochs run from it to --epochs {} (exclusive)",
+                start.epoch, a.epochs
+            )),
+        });
+    }
+    let run_dir = a.runs_dir.join(&a.name);
+    check_run_dir(&run_dir, &a.name, start.resumed.as_deref())?;
+
     if a.download && download::is_missing(&a.data_dir, dataset) {
         report_fetched(&download::fetch(&a.data_dir, dataset, &source)?, dataset)?;
     }
     let train_set = Arc::new(Images::load(&a.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data_dir, dataset, Split::Test)?);
-    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, a.seed, CpuBackend::new())?;
+    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, start.seed, CpuBackend::new())?;
+    if let Some(state) = &start.state {
+        state.apply(&mut model)?;
+    }
 
     let cfg = model.config();
     report(format_args!(
@@ -326,9 +375,23 @@ fn train(a: TrainArgs) -> Result<(), Failure> {
     };
     report(format_args!("Device: {}{chosen}", model.backend().describe()))?;
     report(format_args!("{}", plan_line(model.plan())))?;
+    match (&start.resumed, &a.init_weights) {
+        (Some(path), _) => report(format_args!(
+            "Resumed from {}: epoch {}, step {}, best Prec@1 {:.3}, seed {} (weights, running statistics, momentum)",
+            path.display(),
+            start.epoch,
+            model.steps(),
+            start.best.unwrap_or(0.0),
+            start.seed
+        ))?,
+        (None, Some(path)) => {
+            report(format_args!("Initial weights and running statistics from {} (momentum from zero)", path.display()))?
+        }
+        (None, None) => {}
+    }
     let recipe = Recipe {
         epochs: a.epochs,
-        start_epoch: a.start_epoch,
+        start_epoch: start.epoch,
         lr: a.lr,
         momentum: a.momentum,
         weight_decay: a.weight_decay,
@@ -338,7 +401,7 @@ fn train(a: TrainArgs) -> Result<(), Failure> {
     report(format_args!(
         "Training: epochs {} to {}, batch {batch}, lr {} (/10 at epochs {} and {}), Nesterov momentum {}, \
          weight decay {}, augmentation {}, seed {}",
-        a.start_epoch,
+        start.epoch,
         a.epochs - 1,
         a.lr,
         milestones.0,
@@ -346,13 +409,116 @@ fn train(a: TrainArgs) -> Result<(), Failure> {
         a.momentum,
         a.weight_decay,
         if a.no_augment { "off" } else { "on" },
-        a.seed
+        start.seed
     ))?;
 
-    let mut train_loader = Loader::train(train_set, dataset, batch, a.seed, !a.no_augment)?;
+    let mut train_loader = Loader::train(train_set, dataset, batch, start.seed, !a.no_augment)?;
     let mut test_loader = Loader::test(test_set, dataset, batch)?;
-    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, &recipe)?;
-    report(format_args!("Best accuracy: {best:.3}"))?;
+    let saver = Saver::create(&run_dir, dataset)?;
+    report(format_args!(
+        "Checkpoints: {} every epoch, {} on a new best test Prec@1",
+        saver.checkpoint().display(),
+        checkpoint::BEST
+    ))?;
+    let mut events = if a.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
+    if let Some(w) = &events {
+        report(format_args!("TensorBoard: {}", w.path().display()))?;
+    }
+    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, &recipe, start.best, |m, end| {
+        saver.save(m, end.epoch + 1, end.best, end.improved)?;
+        if let Some(w) = events.as_mut() {
+            let step = end.epoch as i64;
+            w.scalar("train_loss", end.train.loss as f32, step)?;
+            w.scalar("train_acc", end.train.top1 as f32, step)?;
+            w.scalar("val_loss", end.test.loss as f32, step)?;
+            w.scalar("val_acc", end.test.top1 as f32, step)?;
+            w.scalar("learning_rate", end.lr as f32, step)?;
+            w.flush()?;
+        }
+        let note = if end.improved {
+            format!("; new best Prec@1 {:.3}: {}", end.best, checkpoint::BEST)
+        } else {
+            String::new()
+        };
+        report(format_args!(" * Saved {} (next epoch {}){note}", checkpoint::CHECKPOINT, end.epoch + 1))
+    })?;
+    report(format_args!("Best accuracy: {:.3}", best.unwrap_or(0.0)))?;
+    Ok(())
+}
+
+/// Where a training run starts: the first epoch, the seed, the best accuracy so far, and the
+/// state that replaces the seed's initialization (a resumed checkpoint's, or initial weights).
+struct Start {
+    epoch: usize,
+    seed: u64,
+    best: Option<f64>,
+    state: Option<checkpoint::State>,
+    /// The checkpoint file resumed from.
+    resumed: Option<PathBuf>,
+}
+
+impl Start {
+    /// Reads and checks `--resume` or `--init-weights`. A resumed run takes the checkpoint's
+    /// next epoch, seed and best accuracy, as the reference `--resume` takes its epoch; an
+    /// explicit `--start-epoch` or `--seed` that disagrees is refused.
+    fn new(a: &TrainArgs, cfg: &NetConfig) -> Result<Start, Failure> {
+        let (epoch, seed) = (a.start_epoch.unwrap_or(0), a.seed.unwrap_or(0));
+        if let Some(path) = &a.resume {
+            // A run directory stands for its checkpoint.
+            let path = if path.is_dir() { path.join(checkpoint::CHECKPOINT) } else { path.clone() };
+            let ck = Checkpoint::read(&path)?;
+            ck.check_network(cfg, a.net.dataset)?;
+            let m = ck.meta();
+            if let Some(s) = a.seed.filter(|&s| s != m.seed) {
+                return Err(failure(format!(
+                    "--seed {s} disagrees with {}, trained with seed {}: a resumed run continues its random streams \
+                     (leave --seed out)",
+                    path.display(),
+                    m.seed
+                )));
+            }
+            if let Some(e) = a.start_epoch.filter(|&e| e != m.epoch) {
+                return Err(failure(format!(
+                    "--start-epoch {e} disagrees with {}, whose next epoch is {} (leave --start-epoch out, or start \
+                     from its weights at another epoch with --init-weights)",
+                    path.display(),
+                    m.epoch
+                )));
+            }
+            let state = ck.state()?;
+            return Ok(Start {
+                epoch: m.epoch,
+                seed: m.seed,
+                best: Some(m.best),
+                state: Some(state),
+                resumed: Some(path),
+            });
+        }
+        let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, cfg)).transpose()?;
+        Ok(Start { epoch, seed, best: None, state, resumed: None })
+    }
+}
+
+/// Refuses to write over the checkpoints of an earlier run, unless this run resumes from a
+/// checkpoint in that run directory.
+fn check_run_dir(run_dir: &Path, name: &str, resumed: Option<&Path>) -> Result<(), Failure> {
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let same_run =
+        resumed.is_some_and(|r| matches!((parent(r).canonicalize(), run_dir.canonicalize()), (Ok(a), Ok(b)) if a == b));
+    for file in [checkpoint::CHECKPOINT, checkpoint::BEST] {
+        let path = run_dir.join(file);
+        if !same_run && path.exists() {
+            return Err(failure(format!(
+                "{} already exists from an earlier run named '{name}': continue that run with --resume {}, or \
+                 choose another --name or --runs-dir",
+                path.display(),
+                run_dir.join(checkpoint::CHECKPOINT).display()
+            )));
+        }
+    }
     Ok(())
 }
 

@@ -13,8 +13,14 @@ use tempfile::TempDir;
 /// A depth-10 bottleneck network (one layer per block).
 const TINY: [&str; 4] = ["--layers", "10", "--growth", "4"];
 
+/// Runs the binary in a fresh working directory (where the default `runs/` goes).
 fn densenet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_densenet")).args(args).output().expect("run the densenet binary")
+    let cwd = TempDir::new().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_densenet"))
+        .args(args)
+        .current_dir(cwd.path())
+        .output()
+        .expect("run the densenet binary")
 }
 
 fn stdout(out: &Output) -> String {
@@ -141,7 +147,8 @@ fn bad_flags_are_one_line_usage_errors() {
         (&["--memory", "tiny"], "unknown memory mode 'tiny'"),
         (&["--start-epoch", "3", "--epochs", "3"], "nothing to train"),
         (&["--epoch", "3"], "'--epochs'"),
-        (&["--resume", "x"], "unexpected argument '--resume'"),
+        (&["--resume", "x", "--init-weights", "y"], "cannot be used with"),
+        (&["--name", "a/b"], "plain folder name"),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["train", "--data-dir", d];
@@ -259,6 +266,10 @@ fn help_lists_the_reference_flags() {
         "--memory",
         "--seed",
         "--device",
+        "--runs-dir",
+        "--resume",
+        "--init-weights",
+        "--tensorboard",
     ] {
         assert!(text.contains(flag), "{flag} missing from help:\n{text}");
     }

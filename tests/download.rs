@@ -26,7 +26,9 @@ fn densenet(args: &[&str]) -> Output {
     for var in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
         cmd.env_remove(var);
     }
-    cmd.args(args).output().expect("run the densenet binary")
+    // A fresh working directory, where the default `runs/` goes.
+    let cwd = TempDir::new().unwrap();
+    cmd.args(args).current_dir(cwd.path()).output().expect("run the densenet binary")
 }
 
 fn stdout(out: &Output) -> String {

@@ -86,6 +86,11 @@ impl<B: Backend> Model<B> {
         &self.be
     }
 
+    /// The seed of the initialization and of the dropout masks.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Training steps taken (also each BN's `num_batches_tracked`).
     pub fn steps(&self) -> u64 {
         self.steps

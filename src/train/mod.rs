@@ -1,9 +1,11 @@
 //! Training: the reference recipe (SGD with Nesterov momentum, step learning-rate decay), the
 //! epoch loop with its progress lines, and model selection on test top-1.
 
+pub mod checkpoint;
 pub mod epoch;
 pub mod meter;
 pub mod schedule;
+pub mod tensorboard;
 
 use crate::backend::{Backend, Sgd};
 use crate::data::loader::Loader;
@@ -30,17 +32,44 @@ pub struct Recipe {
     pub print_freq: usize,
 }
 
-/// Trains epochs `start_epoch..epochs`, evaluating on the test set after each, and returns the
-/// best test top-1 precision (percent).
-pub fn fit<B: Backend>(model: &mut Model<B>, train: &mut Loader, test: &mut Loader, recipe: &Recipe) -> Result<f64> {
-    let mut best = 0.0f64;
+/// How an epoch ended: what is reported, logged and checkpointed after it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EpochEnd {
+    /// The epoch just trained (counted from 0).
+    pub epoch: usize,
+    /// Its learning rate.
+    pub lr: f64,
+    /// Training loss and top-1 (running averages over the epoch).
+    pub train: epoch::EpochStats,
+    /// Test loss and top-1.
+    pub test: epoch::EpochStats,
+    /// The best test top-1 so far, this epoch included.
+    pub best: f64,
+    /// Whether this epoch's test top-1 is a new best (always true for the first epoch of a run
+    /// that starts without a best).
+    pub improved: bool,
+}
+
+/// Trains epochs `start_epoch..epochs`, evaluating on the test set after each, then calls
+/// `after_epoch` (checkpoints, logs). `best` is the best test top-1 of earlier epochs (a resumed
+/// run's), `None` for a fresh run. Returns the best test top-1 precision (percent).
+pub fn fit<B: Backend>(
+    model: &mut Model<B>,
+    train: &mut Loader,
+    test: &mut Loader,
+    recipe: &Recipe,
+    mut best: Option<f64>,
+    mut after_epoch: impl FnMut(&Model<B>, &EpochEnd) -> Result<()>,
+) -> Result<Option<f64>> {
     for e in recipe.start_epoch..recipe.epochs {
         let start = Instant::now();
         let lr = schedule::learning_rate(recipe.lr, e, recipe.epochs);
         let hp = Sgd { lr: lr as f32, momentum: recipe.momentum, weight_decay: recipe.weight_decay, nesterov: true };
         let t = epoch::train(model, train, e, hp, recipe.print_freq)?;
         let v = epoch::evaluate(model, test, recipe.print_freq)?;
-        best = best.max(v.top1);
+        let improved = best.is_none_or(|b| v.top1 > b);
+        let top = best.map_or(v.top1, |b| b.max(v.top1));
+        best = Some(top);
         report(format_args!(
             " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}  ({:.1} s)",
             hp.lr,
@@ -50,6 +79,7 @@ pub fn fit<B: Backend>(model: &mut Model<B>, train: &mut Loader, test: &mut Load
             v.top1,
             start.elapsed().as_secs_f64()
         ))?;
+        after_epoch(model, &EpochEnd { epoch: e, lr, train: t, test: v, best: top, improved })?;
     }
     Ok(best)
 }

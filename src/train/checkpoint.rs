@@ -1,0 +1,693 @@
+//! Checkpoints: safetensors files that the reference PyTorch model loads and that resume a run
+//! exactly.
+//!
+//! # Contents
+//!
+//! Tensors (little-endian, C order):
+//! - every parameter and BN running statistic under its reference state-dict name
+//!   (`conv1.weight`, `block1.layer.0.bn1.running_var`, `fc.bias`, ...), F32;
+//! - `<bn>.num_batches_tracked` for every BN (every name ending in `.running_mean` gives a BN
+//!   prefix), I64 of shape `[]` as PyTorch stores it, equal to the step counter (the engine
+//!   updates every BN's running statistics once per step);
+//! - `momentum.<name>` for every parameter, F32: the SGD momentum buffer.
+//!
+//! Metadata (safetensors `__metadata__`, strings):
+//! - `format` = `densenet-checkpoint`, `format_version` = `1`;
+//! - `epoch`: the next epoch to run (the reference's `checkpoint['epoch']`);
+//! - `best_prec1`: the best test top-1 so far, percent;
+//! - `network`: a JSON object of the [`NetConfig`] fields (`stem`, `stem_channels`, `growth`,
+//!   `block_layers`, `bottleneck`, `reduction`, `drop_rate`, `num_classes`);
+//! - `dataset` (`cifar10`, `cifar100`), `seed`, `steps` (the model's step counter).
+//!
+//! # Random state
+//!
+//! Every random number of training comes from the counter-based [`crate::rng`]: the shuffle of
+//! an epoch from (seed, epoch), an image's crop and flip from (seed, epoch, image), dropout
+//! masks from (seed, step, site); the initialization from the seed alone, and it is replaced by
+//! the stored tensors. Checkpoints are written between epochs, when the loader holds no state.
+//! So `seed`, `epoch` and `steps` are the whole random state, and a resumed run draws exactly
+//! what an uninterrupted one would.
+//!
+//! # Atomic writes
+//!
+//! A file is written to a temporary file in the same directory, flushed to disk, renamed over
+//! the target and the directory flushed: a reader sees the old file or the new one, never a
+//! part. A process killed mid-write (Ctrl-C) leaves the old file intact and, at worst, a
+//! `.checkpoint.safetensors.*.tmp` file beside it.
+
+use crate::backend::Backend;
+use crate::config::{NetConfig, Stem};
+use crate::data::cifar::Dataset;
+use crate::model::net::Net;
+use crate::model::params::ParamLayout;
+use crate::model::Model;
+use crate::{bail, Error, Result};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The `format` metadata value that marks a densenet checkpoint.
+pub const FORMAT: &str = "densenet-checkpoint";
+/// The format version this build writes, and the newest it reads.
+pub const VERSION: u32 = 1;
+/// The checkpoint written after every epoch, in the run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// The copy of the checkpoint of the epoch with the best test top-1, in the run directory.
+pub const BEST: &str = "model_best.safetensors";
+/// Name prefix of the momentum tensors.
+pub const MOMENTUM: &str = "momentum.";
+/// Name suffix of the BN step counters.
+pub const BATCHES_TRACKED: &str = ".num_batches_tracked";
+
+/// What a checkpoint records besides the tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    /// The next epoch to run.
+    pub epoch: usize,
+    /// Best test top-1 precision so far, percent.
+    pub best: f64,
+    /// The network.
+    pub config: NetConfig,
+    /// The data set trained on.
+    pub dataset: Dataset,
+    /// The seed of every random stream.
+    pub seed: u64,
+    /// Training steps taken (each BN's `num_batches_tracked`).
+    pub steps: u64,
+}
+
+impl Meta {
+    /// The metadata of `model` (its network, seed and step counter) trained on `dataset`, with
+    /// `epoch` the next epoch to run and `best` the best test top-1 so far.
+    pub fn of<B: Backend>(model: &Model<B>, dataset: Dataset, epoch: usize, best: f64) -> Meta {
+        Meta { epoch, best, config: model.config().clone(), dataset, seed: model.seed(), steps: model.steps() }
+    }
+
+    fn to_map(&self) -> HashMap<String, String> {
+        let entries = [
+            ("format", FORMAT.to_string()),
+            ("format_version", VERSION.to_string()),
+            ("epoch", self.epoch.to_string()),
+            ("best_prec1", self.best.to_string()),
+            ("network", network_json(&self.config).to_string()),
+            ("dataset", self.dataset.to_string()),
+            ("seed", self.seed.to_string()),
+            ("steps", self.steps.to_string()),
+        ];
+        entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    /// Parses the metadata of a checkpoint; errors say what is wrong, without the file name.
+    fn from_map(map: &HashMap<String, String>) -> std::result::Result<Meta, String> {
+        if map.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(format!("not a densenet checkpoint (no '{FORMAT}' format in its metadata)"));
+        }
+        let get = |key: &str| map.get(key).ok_or_else(|| format!("the checkpoint metadata has no '{key}'"));
+        fn parse<T: std::str::FromStr>(key: &str, v: &str) -> std::result::Result<T, String> {
+            v.parse().map_err(|_| format!("the checkpoint metadata '{key}' is not valid: '{v}'"))
+        }
+        let version: u32 = parse("format_version", get("format_version")?)?;
+        if version == 0 || version > VERSION {
+            return Err(format!("checkpoint format version {version}; this build reads versions 1 to {VERSION}"));
+        }
+        let best: f64 = parse("best_prec1", get("best_prec1")?)?;
+        if !(0.0..=100.0).contains(&best) {
+            return Err(format!("the checkpoint metadata 'best_prec1' is not a percentage: {best}"));
+        }
+        let network = get("network")?;
+        let config = serde_json::from_str(network)
+            .map_err(|e| e.to_string())
+            .and_then(|v| network_from_json(&v))
+            .map_err(|e| format!("the checkpoint metadata 'network' is not valid ({e}): {network}"))?;
+        Ok(Meta {
+            epoch: parse("epoch", get("epoch")?)?,
+            best,
+            config,
+            dataset: get("dataset")?.parse().map_err(|e: Error| format!("the checkpoint metadata: {e}"))?,
+            seed: parse("seed", get("seed")?)?,
+            steps: parse("steps", get("steps")?)?,
+        })
+    }
+}
+
+/// The network description as stored in the `network` metadata.
+fn network_json(cfg: &NetConfig) -> Value {
+    json!({
+        "stem": match cfg.stem { Stem::Cifar => "cifar", Stem::ImageNet => "imagenet" },
+        "stem_channels": cfg.stem_channels,
+        "growth": cfg.growth,
+        "block_layers": cfg.block_layers,
+        "bottleneck": cfg.bottleneck,
+        "reduction": cfg.reduction,
+        // The f32 as written (0.2, not 0.20000000298023224); it parses back to the same f32.
+        "drop_rate": cfg.drop_rate.to_string().parse::<f64>().unwrap_or(f64::NAN),
+        "num_classes": cfg.num_classes,
+    })
+}
+
+fn network_from_json(v: &Value) -> std::result::Result<NetConfig, String> {
+    let field = |k: &str| v.get(k).ok_or_else(|| format!("no '{k}'"));
+    let count = |k: &str| field(k)?.as_u64().map(|n| n as usize).ok_or_else(|| format!("'{k}' is not a count"));
+    let stem = match field("stem")?.as_str() {
+        Some("cifar") => Stem::Cifar,
+        Some("imagenet") => Stem::ImageNet,
+        _ => return Err("'stem' is neither \"cifar\" nor \"imagenet\"".into()),
+    };
+    let block_layers = field("block_layers")?
+        .as_array()
+        .and_then(|a| a.iter().map(|n| n.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
+        .ok_or("'block_layers' is not a list of counts")?;
+    let cfg = NetConfig {
+        stem,
+        stem_channels: count("stem_channels")?,
+        growth: count("growth")?,
+        block_layers,
+        bottleneck: field("bottleneck")?.as_bool().ok_or("'bottleneck' is not true or false")?,
+        reduction: field("reduction")?.as_f64().ok_or("'reduction' is not a number")?,
+        drop_rate: field("drop_rate")?.as_f64().ok_or("'drop_rate' is not a number")? as f32,
+        num_classes: count("num_classes")?,
+    };
+    cfg.validate().map_err(|e| e.0)?;
+    Ok(cfg)
+}
+
+/// The depth the conventional name gives a network (3n+4 or 6n+4 for the CIFAR ones).
+fn depth(cfg: &NetConfig) -> usize {
+    let per_layer = if cfg.bottleneck { 2 } else { 1 };
+    cfg.block_layers.iter().sum::<usize>() * per_layer + cfg.block_layers.len() + 1
+}
+
+/// What differs between the network and data set of a checkpoint (`a`, `da`) and of this run
+/// (`b`, `db`), named by the `densenet train` flags, e.g. `--growth 4 in the checkpoint, 8 here`.
+fn differences(a: &NetConfig, da: Dataset, b: &NetConfig, db: Dataset) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differ = |what: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{what} {x} in the checkpoint, {y} here"));
+        }
+    };
+    let yes_no = |b: bool| if b { "on" } else { "off" }.to_string();
+    differ("--dataset", da.to_string(), db.to_string());
+    differ("stem", format!("{:?}", a.stem), format!("{:?}", b.stem));
+    let uniform = |c: &NetConfig| c.block_layers.windows(2).all(|w| w[0] == w[1]);
+    if uniform(a) && uniform(b) && a.block_layers.len() == b.block_layers.len() {
+        differ("--layers", depth(a).to_string(), depth(b).to_string());
+    } else {
+        differ("layers per block", format!("{:?}", a.block_layers), format!("{:?}", b.block_layers));
+    }
+    differ("--growth", a.growth.to_string(), b.growth.to_string());
+    if a.growth == b.growth {
+        differ("stem channels", a.stem_channels.to_string(), b.stem_channels.to_string());
+    }
+    differ("bottleneck", yes_no(a.bottleneck), yes_no(b.bottleneck));
+    differ("--reduce", a.reduction.to_string(), b.reduction.to_string());
+    differ("--droprate", a.drop_rate.to_string(), b.drop_rate.to_string());
+    if da == db {
+        differ("classes", a.num_classes.to_string(), b.num_classes.to_string());
+    }
+    out
+}
+
+/// `Network on Dataset`, e.g. `DenseNet-BC-100-12 on CIFAR-10`.
+fn describe(cfg: &NetConfig, dataset: Dataset) -> String {
+    format!("{} on {}", cfg.name(), dataset.title())
+}
+
+/// The whole state a run resumes from or starts with, laid out for one network: its flat
+/// parameter, momentum and running-statistics buffers and the step counter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct State {
+    /// The parameter buffer.
+    pub params: Vec<f32>,
+    /// The momentum buffer.
+    pub momentum: Vec<f32>,
+    /// The running-statistics buffer.
+    pub stats: Vec<f32>,
+    /// Training steps taken.
+    pub steps: u64,
+}
+
+impl State {
+    /// Overwrites the model's parameters, momentum, running statistics and step counter.
+    pub fn apply<B: Backend>(&self, model: &mut Model<B>) -> Result<()> {
+        model.load(&self.params, &self.momentum, &self.stats)?;
+        model.set_steps(self.steps);
+        Ok(())
+    }
+}
+
+/// The serialized checkpoint of `model` with metadata `meta` (whose step counter goes into
+/// every `num_batches_tracked`).
+pub fn encode<B: Backend>(model: &Model<B>, meta: &Meta) -> Result<Vec<u8>> {
+    let lay = model.layout();
+    let bytes = |v: Vec<f32>| v.into_iter().flat_map(f32::to_le_bytes).collect::<Vec<u8>>();
+    let (params, momentum, stats) = (bytes(model.params()), bytes(model.momentum()), bytes(model.running_stats()));
+    let steps = i64::try_from(meta.steps).map_err(|_| Error(format!("step counter {} overflows I64", meta.steps)))?;
+    let steps = steps.to_le_bytes();
+    let mut tensors = Vec::new();
+    for t in &lay.params {
+        tensors.push((t.name.clone(), view(&params, t.off, &t.shape)));
+        tensors.push((format!("{MOMENTUM}{}", t.name), view(&momentum, t.off, &t.shape)));
+    }
+    for t in &lay.stats {
+        tensors.push((t.name.clone(), view(&stats, t.off, &t.shape)));
+    }
+    for bn in bn_prefixes(lay) {
+        tensors.push((format!("{bn}{BATCHES_TRACKED}"), TensorView::new(Dtype::I64, vec![], &steps)));
+    }
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, v)| v.map(|v| (name, v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error(format!("cannot lay out the checkpoint tensors: {e}")))?;
+    safetensors::serialize(tensors, Some(meta.to_map()))
+        .map_err(|e| Error(format!("cannot serialize the checkpoint: {e}")))
+}
+
+/// The F32 tensor of shape `shape` at float offset `off` of `buf`.
+fn view<'a>(buf: &'a [u8], off: usize, shape: &[usize]) -> std::result::Result<TensorView<'a>, SafeTensorError> {
+    let len = shape.iter().product::<usize>();
+    TensorView::new(Dtype::F32, shape.to_vec(), &buf[4 * off..4 * (off + len)])
+}
+
+/// The BN prefixes of a layout: every running-statistics name ending in `.running_mean`.
+fn bn_prefixes(lay: &ParamLayout) -> impl Iterator<Item = &str> {
+    lay.stats.iter().filter_map(|t| t.name.strip_suffix(".running_mean"))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, written and
+/// flushed to disk, renamed over `path`, then the directory flushed. `path` holds its old
+/// contents or the new ones, never a part, whenever the process stops.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let fail = |e: std::io::Error| Error(format!("cannot write {}: {e}", path.display()));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        // The mode of a file created the usual way (0666 less the umask), not tempfile's 0600.
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(fail)?;
+    tmp.write_all(bytes).map_err(fail)?;
+    tmp.as_file().sync_all().map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    #[cfg(unix)]
+    File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+    Ok(())
+}
+
+/// Reads a whole file; errors name it.
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Parses a safetensors file; a file that is not one is an error naming it.
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+    let bad = |e: SafeTensorError| {
+        let why = e.to_string().replace('\n', " ");
+        Error(format!("{}: not a valid safetensors file ({why}; truncated or corrupt?)", path.display()))
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    Ok((SafeTensors::deserialize(bytes).map_err(bad)?, meta))
+}
+
+/// Copies tensor `name` (F32 of shape `shape`) into `out`; errors say what is wrong with it.
+fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], out: &mut [f32]) -> std::result::Result<(), String> {
+    let t = st.tensor(name).map_err(|_| format!("no tensor '{name}'"))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(format!("tensor '{name}' is {}; expected F32", t.dtype()));
+    }
+    if t.shape() != shape {
+        return Err(format!("tensor '{name}' has shape {:?}; expected {shape:?}", t.shape()));
+    }
+    for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}
+
+/// The parameters and running statistics of `lay` read from `st`: (params, stats).
+fn read_model(st: &SafeTensors, lay: &ParamLayout) -> std::result::Result<(Vec<f32>, Vec<f32>), String> {
+    let (mut params, mut stats) = (vec![0.0; lay.len], vec![0.0; lay.stats_len]);
+    for t in &lay.params {
+        read_f32(st, &t.name, &t.shape, &mut params[t.off..t.off + t.len()])?;
+    }
+    for t in &lay.stats {
+        read_f32(st, &t.name, &t.shape, &mut stats[t.off..t.off + t.len()])?;
+    }
+    Ok((params, stats))
+}
+
+/// The model tensor names of a layout: parameters and running statistics.
+fn model_names(lay: &ParamLayout) -> HashSet<&str> {
+    lay.params.iter().chain(&lay.stats).map(|t| t.name.as_str()).collect()
+}
+
+/// The first (in name order) of `names` not in `known`.
+fn first_unknown<'a>(names: impl Iterator<Item = &'a str>, known: impl Fn(&str) -> bool) -> Option<&'a str> {
+    names.filter(|n| !known(n)).min()
+}
+
+/// A checkpoint file, read and its metadata checked; its tensors are read by [`Checkpoint::state`].
+pub struct Checkpoint {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    meta: Meta,
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint: a valid safetensors file with densenet checkpoint metadata.
+    pub fn read(path: &Path) -> Result<Checkpoint> {
+        let bytes = read_file(path)?;
+        let (_, map) = parse(path, &bytes)?;
+        let meta = Meta::from_map(&map).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+        Ok(Checkpoint { path: path.to_path_buf(), bytes, meta })
+    }
+
+    /// The metadata.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// Checks that the checkpoint holds the network `cfg` trained on `dataset`; the error says
+    /// what differs.
+    pub fn check_network(&self, cfg: &NetConfig, dataset: Dataset) -> Result<()> {
+        let m = &self.meta;
+        let diff = differences(&m.config, m.dataset, cfg, dataset);
+        if !diff.is_empty() {
+            bail!(
+                "cannot resume from {}: it holds {}, this run is {} ({})",
+                self.path.display(),
+                describe(&m.config, m.dataset),
+                describe(cfg, dataset),
+                diff.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Every tensor of the checkpoint, laid out for its network: each parameter, running
+    /// statistic and momentum with the right type and shape, every `num_batches_tracked` equal
+    /// to the step counter, and nothing else.
+    pub fn state(&self) -> Result<State> {
+        let fail = |e: String| Error(format!("{}: {e}", self.path.display()));
+        let (st, _) = parse(&self.path, &self.bytes)?;
+        let lay = Net::new(&self.meta.config).layout;
+        let (params, stats) = read_model(&st, &lay).map_err(fail)?;
+        let mut momentum = vec![0.0; lay.len];
+        for t in &lay.params {
+            let name = format!("{MOMENTUM}{}", t.name);
+            read_f32(&st, &name, &t.shape, &mut momentum[t.off..t.off + t.len()]).map_err(fail)?;
+        }
+        let counters: Vec<String> = bn_prefixes(&lay).map(|bn| format!("{bn}{BATCHES_TRACKED}")).collect();
+        for name in &counters {
+            let t = st.tensor(name).map_err(|_| fail(format!("no tensor '{name}'")))?;
+            if t.dtype() != Dtype::I64 || t.data().len() != 8 {
+                return Err(fail(format!("tensor '{name}' is not one I64 value")));
+            }
+            let v = i64::from_le_bytes(t.data().try_into().expect("8 bytes"));
+            if u64::try_from(v) != Ok(self.meta.steps) {
+                return Err(fail(format!("tensor '{name}' is {v}; the step counter is {}", self.meta.steps)));
+            }
+        }
+        let known = model_names(&lay);
+        let counters: HashSet<&str> = counters.iter().map(String::as_str).collect();
+        let is_known = |n: &str| {
+            known.contains(n) || counters.contains(n) || n.strip_prefix(MOMENTUM).is_some_and(|p| known.contains(p))
+        };
+        if let Some(extra) = first_unknown(st.names().into_iter(), is_known) {
+            return Err(fail(format!("tensor '{extra}' is not part of {}", self.meta.config.name())));
+        }
+        Ok(State { params, momentum, stats, steps: self.meta.steps })
+    }
+}
+
+/// Initial weights for the network `cfg` from a safetensors file with reference names (a
+/// checkpoint, or a converted PyTorch state dict): every parameter and running statistic must
+/// be there, F32, with the network's shape. `momentum.*` and `*.num_batches_tracked` tensors
+/// are ignored; any other tensor is an error. The momentum starts at zero and the step counter
+/// at 0.
+pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
+    let bytes = read_file(path)?;
+    let (st, map) = parse(path, &bytes)?;
+    // A densenet checkpoint says which network it holds: worth saying when it is another one.
+    let held = match Meta::from_map(&map) {
+        Ok(m) if differences(&m.config, m.dataset, cfg, m.dataset).iter().any(|d| !d.starts_with("--droprate")) => {
+            format!(" (the file holds {})", m.config.name())
+        }
+        _ => String::new(),
+    };
+    let fail = |e: String| Error(format!("{}: {e} for {}{held}", path.display(), cfg.name()));
+    let lay = Net::new(cfg).layout;
+    // Unknown names first: a whole file of them ('module.' prefixes) is one mistake, not a
+    // missing tensor.
+    let known = model_names(&lay);
+    let is_known = |n: &str| known.contains(n) || n.starts_with(MOMENTUM) || n.ends_with(BATCHES_TRACKED);
+    if let Some(extra) = first_unknown(st.names().into_iter(), is_known) {
+        let hint = match extra.strip_prefix("module.") {
+            Some(_) => " (strip the 'module.' prefix that DataParallel adds)",
+            None => "",
+        };
+        return Err(Error(format!("{}: tensor '{extra}' is not part of {}{held}{hint}", path.display(), cfg.name())));
+    }
+    let (params, stats) = read_model(&st, &lay).map_err(fail)?;
+    Ok(State { params, momentum: vec![0.0; lay.len], stats, steps: 0 })
+}
+
+/// Writes a run's checkpoints into its directory: [`CHECKPOINT`] after every epoch, and
+/// [`BEST`] as well when the epoch's test top-1 is the best so far.
+pub struct Saver {
+    dir: PathBuf,
+    dataset: Dataset,
+}
+
+impl Saver {
+    /// Creates the run directory `dir` if needed and checks that files can be written there.
+    pub fn create(dir: &Path, dataset: Dataset) -> Result<Saver> {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| tempfile::Builder::new().prefix(".probe.").tempfile_in(dir).map(drop))
+            .map_err(|e| Error(format!("cannot write checkpoints in {}: {e}", dir.display())))?;
+        Ok(Saver { dir: dir.to_path_buf(), dataset })
+    }
+
+    /// The path of the per-epoch checkpoint.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join(CHECKPOINT)
+    }
+
+    /// The path of the best epoch's checkpoint.
+    pub fn best(&self) -> PathBuf {
+        self.dir.join(BEST)
+    }
+
+    /// Writes the checkpoint of `model` with `epoch` the next epoch to run and `best` the best
+    /// test top-1 so far; also as the best one when `improved`.
+    pub fn save<B: Backend>(&self, model: &Model<B>, epoch: usize, best: f64, improved: bool) -> Result<()> {
+        let bytes = encode(model, &Meta::of(model, self.dataset, epoch, best))?;
+        write_atomic(&self.checkpoint(), &bytes)?;
+        if improved {
+            write_atomic(&self.best(), &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CpuBackend, Sgd};
+    use crate::model::plan::Mode;
+    use crate::rng;
+
+    fn model(cfg: &NetConfig, seed: u64) -> Model<CpuBackend> {
+        Model::new(cfg.clone(), 2, 8, 8, Mode::Minimal, seed, CpuBackend::new()).unwrap()
+    }
+
+    fn random(key: u64, n: usize) -> Vec<f32> {
+        (0..n).map(|i| rng::normal(key, i as u64) as f32).collect()
+    }
+
+    /// A model whose parameters, momentum, statistics and step counter are all arbitrary.
+    fn scrambled(cfg: &NetConfig) -> Model<CpuBackend> {
+        let mut m = model(cfg, 7);
+        let lay = m.layout().clone();
+        let stats: Vec<f32> = random(3, lay.stats_len).iter().map(|v| v.abs()).collect();
+        m.load(&random(1, lay.len), &random(2, lay.len), &stats).unwrap();
+        m.set_steps(12345);
+        m
+    }
+
+    fn cfg() -> NetConfig {
+        NetConfig::cifar(10, 4, true, 0.5, 0.2, 10).unwrap()
+    }
+
+    #[test]
+    fn round_trips_every_tensor_and_metadata_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT);
+        let cfg = NetConfig { reduction: 0.30000000000000004, ..cfg() };
+        let m = scrambled(&cfg);
+        let meta = Meta::of(&m, Dataset::Cifar100, 17, 42.125);
+        assert_eq!((meta.seed, meta.steps), (7, 12345));
+        write_atomic(&path, &encode(&m, &meta).unwrap()).unwrap();
+
+        let ck = Checkpoint::read(&path).unwrap();
+        assert_eq!(ck.meta(), &meta);
+        let state = ck.state().unwrap();
+        assert_eq!(state, State { params: m.params(), momentum: m.momentum(), stats: m.running_stats(), steps: 12345 });
+        let mut fresh = model(&cfg, 99);
+        state.apply(&mut fresh).unwrap();
+        assert_eq!(
+            (fresh.params(), fresh.momentum(), fresh.running_stats()),
+            (m.params(), m.momentum(), m.running_stats())
+        );
+        assert_eq!(fresh.steps(), 12345);
+
+        // Exactly the reference names, the momentum and one counter per BN, with their types.
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let lay = m.layout();
+        let mut expect: Vec<String> = lay.params.iter().chain(&lay.stats).map(|t| t.name.clone()).collect();
+        expect.extend(lay.params.iter().map(|t| format!("momentum.{}", t.name)));
+        let bns: Vec<&str> = bn_prefixes(lay).collect();
+        assert_eq!(bns.len(), 3 * 2 + 2 + 1, "two BNs per bottleneck layer, one per transition, the head's");
+        expect.extend(bns.iter().map(|b| format!("{b}.num_batches_tracked")));
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        expect.sort();
+        assert_eq!(names, expect);
+        let t = st.tensor("block2.layer.0.bn2.num_batches_tracked").unwrap();
+        assert_eq!((t.dtype(), t.shape(), t.data()), (Dtype::I64, &[][..], &12345i64.to_le_bytes()[..]));
+        let t = st.tensor("block1.layer.0.conv1.weight").unwrap();
+        assert_eq!((t.dtype(), t.shape()), (Dtype::F32, &[16, 8, 1, 1][..]));
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let map = header.metadata().clone().unwrap();
+        let net: Value = serde_json::from_str(&map["network"]).unwrap();
+        assert_eq!(
+            net,
+            json!({"stem": "cifar", "stem_channels": 8, "growth": 4, "block_layers": [1, 1, 1], "bottleneck": true,
+                   "reduction": 0.30000000000000004, "drop_rate": 0.2, "num_classes": 10})
+        );
+        assert_eq!((map["format"].as_str(), map["format_version"].as_str()), (FORMAT, "1"));
+        assert_eq!(
+            (map["epoch"].as_str(), map["best_prec1"].as_str(), map["dataset"].as_str()),
+            ("17", "42.125", "cifar100")
+        );
+    }
+
+    #[test]
+    fn imagenet_networks_round_trip_with_the_stem_bn() {
+        let mut cfg = NetConfig::imagenet("densenet121").unwrap();
+        (cfg.growth, cfg.stem_channels, cfg.block_layers, cfg.num_classes) = (4, 8, vec![1, 1, 1, 1], 5);
+        let m = Model::new(cfg.clone(), 2, 32, 32, Mode::Minimal, 1, CpuBackend::new()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        write_atomic(&path, &encode(&m, &Meta::of(&m, Dataset::Cifar10, 1, 0.0)).unwrap()).unwrap();
+        let ck = Checkpoint::read(&path).unwrap();
+        assert_eq!(ck.meta().config, cfg);
+        assert_eq!(ck.state().unwrap().params, m.params());
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(SafeTensors::deserialize(&bytes).unwrap().tensor("bn0.num_batches_tracked").is_ok());
+    }
+
+    #[test]
+    fn init_weights_take_the_model_tensors_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT);
+        let m = scrambled(&cfg());
+        write_atomic(&path, &encode(&m, &Meta::of(&m, Dataset::Cifar10, 3, 50.0)).unwrap()).unwrap();
+        // Another dropout rate is the same tensors.
+        let cfg = NetConfig { drop_rate: 0.0, ..cfg() };
+        let state = read_weights(&path, &cfg).unwrap();
+        let mut fresh = model(&cfg, 5);
+        state.apply(&mut fresh).unwrap();
+        assert_eq!((fresh.params(), fresh.running_stats()), (m.params(), m.running_stats()));
+        assert!(fresh.momentum().iter().all(|&v| v == 0.0));
+        assert_eq!(fresh.steps(), 0);
+
+        let other = NetConfig::cifar(10, 6, true, 0.5, 0.0, 10).unwrap();
+        let e = read_weights(&path, &other).unwrap_err().0;
+        assert!(
+            e.contains("tensor 'conv1.weight' has shape [8, 3, 3, 3]; expected [12, 3, 3, 3] for DenseNet-BC-10-6 (the file holds DenseNet-BC-10-4)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_step_then_a_restore_continues_identically() {
+        // The state of a model after a step, restored into a fresh one, steps identically.
+        let cfg = cfg();
+        let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
+        let (images, labels): (Vec<f32>, Vec<u32>) = (random(11, 2 * 3 * 64), vec![3, 7]);
+        let mut a = model(&cfg, 4);
+        a.train_step(&images, &labels, hp).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT);
+        write_atomic(&path, &encode(&a, &Meta::of(&a, Dataset::Cifar10, 1, 0.0)).unwrap()).unwrap();
+        let mut b = model(&cfg, 4);
+        Checkpoint::read(&path).unwrap().state().unwrap().apply(&mut b).unwrap();
+        a.train_step(&images, &labels, hp).unwrap();
+        b.train_step(&images, &labels, hp).unwrap();
+        assert_eq!((a.params(), a.momentum(), a.running_stats()), (b.params(), b.momentum(), b.running_stats()));
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.safetensors");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new contents").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
+        // A target that cannot be replaced (a non-empty directory): an error, and no temp file.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("inside"), b"x").unwrap();
+        let e = write_atomic(&blocked, b"data").unwrap_err().0;
+        assert!(e.starts_with(&format!("cannot write {}: ", blocked.display())), "{e}");
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["blocked", "f.safetensors"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_ne!(mode & 0o044, 0, "readable beyond the owner as usual (mode {mode:o})");
+        }
+    }
+
+    #[test]
+    fn metadata_errors_say_what_is_wrong() {
+        let m = model(&cfg(), 1);
+        let good = Meta::of(&m, Dataset::Cifar10, 1, 10.0).to_map();
+        let broken = |key: &str, value: Option<&str>| {
+            let mut map = good.clone();
+            match value {
+                Some(v) => map.insert(key.into(), v.into()),
+                None => map.remove(key),
+            };
+            Meta::from_map(&map).unwrap_err()
+        };
+        assert!(broken("format", None).contains("not a densenet checkpoint"));
+        assert!(broken("format_version", Some("2")).contains("version 2"));
+        assert!(broken("epoch", Some("-1")).contains("'epoch' is not valid"));
+        assert!(broken("steps", None).contains("no 'steps'"));
+        assert!(broken("best_prec1", Some("120")).contains("not a percentage"));
+        assert!(broken("dataset", Some("mnist")).contains("unknown dataset 'mnist'"));
+        assert!(broken("network", Some("{\"stem\": \"cifar\"}")).contains("'network' is not valid (no 'block_layers')"));
+        assert!(broken("network", Some("[1")).contains("'network' is not valid"));
+        assert_eq!(Meta::from_map(&good).unwrap().config, cfg());
+    }
+}
