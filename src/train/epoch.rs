@@ -1,14 +1,16 @@
 //! One pass over a loader's batches, training or evaluating, with the reference's progress
 //! lines: `Epoch: [e][i/len]  Time t (avg)  Loss l (avg)  Prec@1 p (avg)` every `print_freq`
-//! batches (`Test: [i/len] ...` when evaluating).
+//! batches (`Test: [i/len] ...` when evaluating). When stdout is a terminal, one progress bar
+//! redrawn in place replaces the lines (and is cleared at the end of the pass).
 
 use super::meter::Meter;
 use super::report;
 use crate::backend::{Backend, Sgd};
 use crate::data::loader::{Batch, Loader};
 use crate::model::{Model, StepStats};
-use crate::{bail, Result};
-use std::time::Instant;
+use crate::{bail, Error, Result};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
 
 /// Averages over an epoch's images.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,8 +29,7 @@ pub fn train<B: Backend>(
     hp: Sgd,
     print_freq: usize,
 ) -> Result<EpochStats> {
-    let label = |i, len| format!("Epoch: [{epoch}][{i}/{len}]");
-    run(loader, epoch, print_freq, label, |i, batch| {
+    run(loader, epoch, print_freq, &format!("Epoch: [{epoch}]"), |i, batch| {
         let s = model.train_step(batch.images(), batch.labels(), hp)?;
         if !s.loss.is_finite() {
             bail!("training diverged: the loss is {} at epoch {epoch}, batch {i} (try a lower --lr)", s.loss);
@@ -39,42 +40,145 @@ pub fn train<B: Backend>(
 
 /// Evaluates `model` on every batch of `loader` (running statistics, no dropout).
 pub fn evaluate<B: Backend>(model: &mut Model<B>, loader: &mut Loader, print_freq: usize) -> Result<EpochStats> {
-    let label = |i, len| format!("Test: [{i}/{len}]");
-    run(loader, 0, print_freq, label, |_, batch| model.evaluate(batch.images(), batch.labels()))
+    run(loader, 0, print_freq, "Test: ", |_, batch| model.evaluate(batch.images(), batch.labels()))
 }
 
-/// Runs `step` on every batch of `epoch`, printing progress every `print_freq` batches.
+/// Runs `step` on every batch of `epoch`. Progress, under `title` (`Epoch: [e]`, `Test: `):
+/// a line every `print_freq` batches, or the bar when stdout is a terminal.
 fn run(
     loader: &mut Loader,
     epoch: usize,
     print_freq: usize,
-    label: impl Fn(usize, usize) -> String,
+    title: &str,
     mut step: impl FnMut(usize, &Batch) -> Result<StepStats>,
 ) -> Result<EpochStats> {
     let (mut time, mut loss, mut top1) = (Meter::default(), Meter::default(), Meter::default());
     let len = loader.batches();
+    let mut bar = std::io::stdout().is_terminal().then(|| Bar::new(title, len));
     let mut batches = loader.epoch(epoch as u64)?;
     let mut end = Instant::now();
-    let mut i = 0;
+    let (mut i, mut images) = (0, 0);
     while let Some(batch) = batches.next_batch()? {
         let s = step(i, batch)?;
         loss.update(s.loss as f64, s.n);
         top1.update(100.0 * s.correct as f64 / s.n as f64, s.n);
         time.update(end.elapsed().as_secs_f64(), 1);
         end = Instant::now();
-        if i % print_freq == 0 {
-            report(format_args!(
-                "{}  Time {:.3} ({:.3})  Loss {:.4} ({:.4})  Prec@1 {:.3} ({:.3})",
-                label(i, len),
+        images += s.n;
+        match bar.as_mut() {
+            Some(bar) => bar.update(i + 1, images, loss.avg(), top1.avg())?,
+            None if i % print_freq == 0 => report(format_args!(
+                "{title}[{i}/{len}]  Time {:.3} ({:.3})  Loss {:.4} ({:.4})  Prec@1 {:.3} ({:.3})",
                 time.last(),
                 time.avg(),
                 loss.last(),
                 loss.avg(),
                 top1.last(),
                 top1.avg()
-            ))?;
+            ))?,
+            None => {}
         }
         i += 1;
     }
     Ok(EpochStats { loss: loss.avg(), top1: top1.avg() })
+}
+
+/// Least time between two redraws of the progress bar.
+const REDRAW: Duration = Duration::from_millis(100);
+/// Terminal width assumed when `COLUMNS` does not give one.
+const COLUMNS: usize = 80;
+/// Cells of the bar itself.
+const CELLS: usize = 10;
+
+/// A progress line on a terminal, redrawn in place (`\r`) at most every [`REDRAW`], and
+/// cleared when dropped (at the end of the pass, or on an error, whose message then starts on
+/// a clean line).
+struct Bar {
+    title: String,
+    len: usize,
+    width: usize,
+    start: Instant,
+    drawn: Option<Instant>,
+}
+
+impl Bar {
+    fn new(title: &str, len: usize) -> Bar {
+        let width = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).filter(|&c| c >= 20).unwrap_or(COLUMNS);
+        Bar { title: title.to_string(), len, width, start: Instant::now(), drawn: None }
+    }
+
+    /// Shows `done` batches of `images` images with the running loss and top-1, unless the
+    /// last redraw is too recent.
+    fn update(&mut self, done: usize, images: usize, loss: f64, top1: f64) -> Result<()> {
+        let now = Instant::now();
+        if self.drawn.is_some_and(|t| now - t < REDRAW) {
+            return Ok(());
+        }
+        self.drawn = Some(now);
+        let secs = (now - self.start).as_secs_f64();
+        let mut line = bar_line(&self.title, done, self.len, images, secs, loss, top1);
+        // One column short of the width: a full line would wrap on some terminals.
+        line.truncate(self.width - 1);
+        let mut out = std::io::stdout().lock();
+        write!(out, "\r{line}\x1b[K")
+            .and_then(|()| out.flush())
+            .map_err(|e| Error(format!("cannot write to stdout: {e}")))
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if self.drawn.is_some() {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "\r\x1b[K").and_then(|()| out.flush());
+        }
+    }
+}
+
+/// The progress line after `done` of `len` batches (`images` images in `secs` seconds):
+/// `Epoch: [3][345/782] [====>     ] Loss 0.4321 Prec@1 84.123 1234 img/s ETA 0:42`.
+fn bar_line(title: &str, done: usize, len: usize, images: usize, secs: f64, loss: f64, top1: f64) -> String {
+    let filled = CELLS * done / len.max(1);
+    let bar: String = (0..CELLS)
+        .map(|c| match c.cmp(&filled) {
+            std::cmp::Ordering::Less => '=',
+            std::cmp::Ordering::Equal => '>',
+            std::cmp::Ordering::Greater => ' ',
+        })
+        .collect();
+    let rate = images as f64 / secs.max(1e-9);
+    let eta = secs / done.max(1) as f64 * len.saturating_sub(done) as f64;
+    format!("{title}[{done}/{len}] [{bar}] Loss {loss:.4} Prec@1 {top1:.3} {rate:.0} img/s ETA {}", clock(eta))
+}
+
+/// Whole seconds as `m:ss`, or `h:mm:ss` from an hour.
+fn clock(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s / 3600 {
+        0 => format!("{}:{:02}", s / 60, s % 60),
+        h => format!("{h}:{:02}:{:02}", s / 60 % 60, s % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_shows_progress_rate_and_time_left() {
+        let line = bar_line("Epoch: [3]", 391, 782, 391 * 64, 20.0, 0.43211, 84.1234);
+        assert_eq!(line, "Epoch: [3][391/782] [=====>    ] Loss 0.4321 Prec@1 84.123 1251 img/s ETA 0:20");
+        assert!(line.len() < COLUMNS, "{line}");
+        let done = bar_line("Test: ", 157, 157, 10_000, 4.0, 1.0, 50.0);
+        assert_eq!(done, "Test: [157/157] [==========] Loss 1.0000 Prec@1 50.000 2500 img/s ETA 0:00");
+        assert!(bar_line("Test: ", 1, 30, 1, 0.0, 0.0, 0.0).contains("[>         ]"));
+    }
+
+    #[test]
+    fn clock_reads_minutes_and_hours() {
+        assert_eq!(
+            [clock(0.4), clock(42.0), clock(61.0), clock(3600.0), clock(3725.0)],
+            ["0:00", "0:42", "1:01", "1:00:00", "1:02:05"]
+        );
+    }
 }

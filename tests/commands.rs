@@ -1,0 +1,316 @@
+//! End-to-end runs of `densenet eval`, `densenet bench` and `densenet memory --budget` on tiny
+//! CIFAR-format data written by the tests: eval reproduces the test precision the training run
+//! printed, bench reports sane speed and memory (the measured heap at least the plan, and
+//! close to it), the largest batch for a budget is exactly the largest whose plan fits, and
+//! every bad input is a one-line error with a non-zero exit and no panic.
+
+#[path = "common/cifar.rs"]
+mod cifar;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+/// A depth-10 bottleneck network (one layer per block) at batch 8.
+const TINY: [&str; 6] = ["--layers", "10", "--growth", "4", "-b", "8"];
+
+/// Runs the binary in a fresh working directory.
+fn densenet(args: &[&str]) -> Output {
+    let cwd = TempDir::new().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_densenet"))
+        .args(args)
+        .current_dir(cwd.path())
+        .output()
+        .expect("run the densenet binary")
+}
+
+/// Runs the binary, asserts success and returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = densenet(args);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{args:?} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The JSON object on the last line of stdout.
+fn last_json(text: &str) -> Value {
+    let last = text.lines().last().unwrap_or_default();
+    let json: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}):\n{text}"));
+    assert!(json.is_object(), "{json}");
+    json
+}
+
+/// Runs the binary with `args` (`--json` added), asserts success and returns the JSON object.
+fn run_json(args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    last_json(&ok(&args))
+}
+
+/// Asserts a failure with exit code `code` and one line on stderr, `error: ...` containing
+/// `needle`, and no panic.
+fn assert_fails(args: &[&str], code: i32, needle: &str) {
+    let out = densenet(args);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: stderr {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: '{needle}' not in {err}");
+}
+
+/// Tiny data sets and a runs directory, all temporary: CIFAR-10 with 80 training and 20 test
+/// records, and CIFAR-100 with 30 and 9 beside it.
+struct Setup {
+    data: TempDir,
+    runs: TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let data = TempDir::new().unwrap();
+        cifar::write(data.path(), cifar::Format::Cifar10, true, 80, 20);
+        cifar::write(data.path(), cifar::Format::Cifar100, true, 30, 9);
+        Setup { data, runs: TempDir::new().unwrap() }
+    }
+
+    fn data(&self) -> &str {
+        self.data.path().to_str().unwrap()
+    }
+
+    /// Trains the tiny network for one epoch as run `name` with extra flags; returns stdout.
+    fn train(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["train", "--data-dir", self.data(), "--runs-dir", self.runs.path().to_str().unwrap()];
+        args.extend(["--name", name, "--epochs", "1"]);
+        args.extend(TINY);
+        args.extend(extra);
+        ok(&args)
+    }
+
+    fn checkpoint(&self, name: &str, file: &str) -> PathBuf {
+        self.runs.path().join(name).join(file)
+    }
+
+    /// `densenet eval` of `checkpoint` on the tiny data, with extra flags.
+    fn eval_args<'a>(&'a self, checkpoint: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["eval", "--checkpoint", checkpoint.to_str().unwrap(), "--data-dir", self.data()];
+        args.extend(extra);
+        args
+    }
+}
+
+/// The word after `key` in `line`.
+fn word_after<'a>(line: &'a str, key: &str) -> &'a str {
+    let rest = &line[line.find(key).unwrap_or_else(|| panic!("no '{key}' in '{line}'")) + key.len()..];
+    rest.split_whitespace().next().unwrap()
+}
+
+#[test]
+fn eval_reproduces_the_test_precision_of_training() {
+    let s = Setup::new();
+    let out = s.train("t", &[]);
+    let line = out.lines().find(|l| l.starts_with(" * Epoch [0]")).unwrap_or_else(|| panic!("{out}"));
+    let test = &line[line.find("test Loss").unwrap()..];
+    let (loss, top1) = (word_after(test, "Loss "), word_after(test, "Prec@1 "));
+
+    let ck = s.checkpoint("t", "checkpoint.safetensors");
+    let text = ok(&s.eval_args(&ck, &["-b", "8", "--json"]));
+    for expect in [
+        format!(
+            "DenseNet-BC-10-4 from {} (next epoch 1, step 10, best Prec@1 {top1}) on CIFAR-10: 20 test images",
+            ck.display()
+        ),
+        "Device: cpu (".to_string(),
+        "Test: [0/3]".to_string(),
+        format!(" * Test Loss {loss}  Prec@1 {top1}  Error "),
+    ] {
+        assert!(text.contains(&expect), "'{expect}' missing from:\n{text}");
+    }
+    let json = last_json(&text);
+    let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["error", "loss", "top1"], "{json}");
+    let (l, t, e) = (json["loss"].as_f64().unwrap(), json["top1"].as_f64().unwrap(), json["error"].as_f64().unwrap());
+    assert_eq!((format!("{l:.4}"), format!("{t:.3}")), (loss.to_string(), top1.to_string()), "{json} vs\n{out}");
+    assert!((t + e - 100.0).abs() < 1e-9 && (0.0..=100.0).contains(&t), "{json}");
+
+    // Another batch size and the explicit dataset: the same precision (running statistics make
+    // each image's prediction independent of its batch), the same loss up to rounding.
+    let other = run_json(&s.eval_args(&ck, &["-b", "5", "--dataset", "cifar10", "-p", "1"]));
+    assert_eq!(other["top1"].as_f64(), Some(t));
+    assert!((other["loss"].as_f64().unwrap() - l).abs() < 1e-5, "{other} vs {json}");
+    // After one epoch the best checkpoint is the same model.
+    let best = run_json(&s.eval_args(&s.checkpoint("t", "model_best.safetensors"), &["-b", "8"]));
+    assert_eq!(best, json);
+}
+
+#[test]
+fn eval_takes_the_dataset_from_the_checkpoint() {
+    let s = Setup::new();
+    let out = s.train("c100", &["--dataset", "cifar100"]);
+    let ck = s.checkpoint("c100", "model_best.safetensors");
+    let text = ok(&s.eval_args(&ck, &["-b", "8", "--json"]));
+    assert!(text.contains("on CIFAR-100: 9 test images"), "{text}");
+    let top1 = last_json(&text)["top1"].as_f64().unwrap();
+    let line = out.lines().find(|l| l.starts_with(" * Epoch [0]")).unwrap();
+    assert_eq!(format!("{top1:.3}"), word_after(&line[line.find("test Loss").unwrap()..], "Prec@1 "));
+
+    assert_fails(
+        &s.eval_args(&ck, &["--dataset", "cifar10"]),
+        1,
+        "holds DenseNet-BC-10-4 for 100 classes (CIFAR-100); --dataset cifar10 has 10",
+    );
+}
+
+#[test]
+fn eval_refuses_bad_checkpoints_and_missing_data() {
+    let s = Setup::new();
+    s.train("t", &[]);
+    let dir = s.runs.path();
+    let missing = dir.join("missing.safetensors");
+    assert_fails(&s.eval_args(&missing, &[]), 1, &format!("cannot read {}", missing.display()));
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a checkpoint at all\n".repeat(20)).unwrap();
+    assert_fails(&s.eval_args(&garbage, &[]), 1, "not a valid safetensors file");
+    let ck = s.checkpoint("t", "checkpoint.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    assert_fails(&s.eval_args(&truncated, &[]), 1, "truncated.safetensors: not a valid safetensors file");
+    // Tensors without checkpoint metadata (a converted state dict): no network description.
+    let plain = dir.join("plain.safetensors");
+    let one = 1f32.to_le_bytes();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &one).unwrap();
+    std::fs::write(&plain, safetensors::serialize([("fc.bias", view)], None).unwrap()).unwrap();
+    assert_fails(&s.eval_args(&plain, &[]), 1, "not a densenet checkpoint");
+    assert_fails(&s.eval_args(&dir.join("t"), &[]), 1, "is a directory: give a checkpoint file, such as");
+
+    let empty = TempDir::new().unwrap();
+    let args = ["eval", "--checkpoint", ck.to_str().unwrap(), "--data-dir", empty.path().to_str().unwrap()];
+    assert_fails(&args, 1, "CIFAR-10 not found in");
+    assert_fails(&["eval"], 2, "the following required arguments were not provided: --checkpoint <FILE>");
+    assert_fails(&s.eval_args(&ck, &["-b", "0"]), 2, "--batch-size");
+    assert_fails(&s.eval_args(&ck, &["--dataset", "mnist"]), 2, "unknown dataset 'mnist'");
+    assert_fails(&s.eval_args(&ck, &["--device", "cuda"]), 2, "no CUDA backend");
+}
+
+/// `memory` of the tiny network with extra flags (a `-b` among them replaces batch 8), as JSON.
+fn memory(extra: &[&str]) -> Value {
+    let mut args = vec!["memory"];
+    args.extend(if extra.contains(&"-b") { &TINY[..4] } else { &TINY[..] });
+    args.extend(extra);
+    run_json(&args)
+}
+
+#[test]
+fn bench_reports_speed_and_memory() {
+    for mode in ["minimal", "naive"] {
+        let mut args = vec!["bench", "--steps", "2", "--warmup", "1", "--memory", mode];
+        args.extend(TINY);
+        args.push("--json");
+        let text = ok(&args);
+        for expect in ["Memory plan (", "Warm-up step 1/1: ", "Step 2/2: ", "Median step ", "Peak heap "] {
+            assert!(text.contains(expect), "'{expect}' missing from:\n{text}");
+        }
+        let j = last_json(&text);
+        assert!(j["device"].as_str().unwrap().starts_with("cpu"), "{j}");
+        assert_eq!((j["memory"].as_str(), j["batch"].as_u64()), (Some(mode), Some(8)), "{j}");
+        let (rate, ms) = (j["images_per_s"].as_f64().unwrap(), j["step_ms"].as_f64().unwrap());
+        assert!(rate.is_finite() && rate > 0.0 && ms > 0.0, "{j}");
+        assert!((rate * ms / 1e3 - 8.0).abs() < 1e-6, "images/s and step time disagree: {j}");
+
+        // The plan is what `memory` prints; the heap measured covers it, with little beyond.
+        let planned = j["planned_peak_bytes"].as_u64().unwrap();
+        let total = memory(&["--memory", mode])["modes"][mode]["total_bytes"].as_u64();
+        assert_eq!(Some(planned), total, "{j}");
+        let measured = j["measured_peak_bytes"].as_u64().unwrap();
+        assert!(measured >= planned && measured <= planned + (16 << 20), "{j}");
+        let rss = j["peak_rss_bytes"].as_u64().unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(rss >= planned, "the arena is written, so resident: {j}");
+        }
+    }
+}
+
+#[test]
+fn bench_refuses_bad_flags() {
+    assert_fails(&["bench", "--steps", "0"], 2, "--steps");
+    assert_fails(&["bench", "--steps", "-3"], 2, "must be a whole number from 1 to");
+    assert_fails(&["bench", "--warmup", "-1"], 2, "--warmup");
+    assert_fails(&["bench", "--layers", "11"], 2, "depth 11 does not fit");
+    assert_fails(&["bench", "-b", "0"], 2, "--batch-size");
+    assert_fails(&["bench", "--memory", "tiny"], 2, "unknown memory mode 'tiny'");
+    assert_fails(&["bench", "--device", "cuda:0"], 2, "no CUDA backend");
+}
+
+/// The largest batch per mode for `budget`.
+fn max_batches(budget: &str) -> [Option<u64>; 3] {
+    let j = memory(&["--budget", budget]);
+    ["naive", "shared", "minimal"].map(|m| {
+        let v = &j["modes"][m]["max_batch"];
+        assert!(v.is_u64() || v.is_null(), "{m}: {j}");
+        v.as_u64()
+    })
+}
+
+#[test]
+fn the_budget_gives_the_largest_batch_that_fits() {
+    let budget = 10_000_000;
+    let [naive, shared, minimal] = max_batches("10MB").map(Option::unwrap);
+    assert!(minimal > shared && shared > naive, "{minimal} {shared} {naive}");
+    for (mode, n) in [("naive", naive), ("shared", shared), ("minimal", minimal)] {
+        let total = |batch: u64| {
+            let j = memory(&["--memory", mode, "-b", &batch.to_string()]);
+            j["modes"][mode]["total_bytes"].as_u64().unwrap()
+        };
+        assert!(total(n) <= budget, "{mode}: batch {n} does not fit");
+        assert!(total(n + 1) > budget, "{mode}: batch {} fits too", n + 1);
+    }
+    let bigger = max_batches("20MB").map(Option::unwrap);
+    assert!(bigger[0] > naive && bigger[1] > shared && bigger[2] > minimal, "{bigger:?}");
+    // Nothing fits, and a budget beyond every accepted batch.
+    assert_eq!(max_batches("1KB"), [None; 3]);
+    assert_eq!(max_batches("1000TiB"), [Some(1 << 24); 3]);
+
+    // Only the modes asked for; the table has the column.
+    let j = memory(&["--budget", "10MB", "--memory", "shared"]);
+    assert_eq!(j["modes"].as_object().unwrap().keys().collect::<Vec<_>>(), ["shared"]);
+    assert_eq!(j["modes"]["shared"]["max_batch"].as_u64(), Some(shared));
+    let mut args = vec!["memory", "--budget", "10MB"];
+    args.extend(TINY);
+    let table = ok(&args);
+    assert!(table.contains("Budget 10000000 bytes (9.5 MiB)") && table.contains("max batch"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("minimal")).unwrap();
+    assert!(row.ends_with(&format!(" {minimal}")), "{table}");
+    args[2] = "1KB";
+    assert!(ok(&args).lines().filter(|l| l.ends_with("none fits")).count() == 3);
+    // Without --budget, no max_batch.
+    assert!(memory(&[])["modes"]["minimal"].get("max_batch").is_none());
+}
+
+#[test]
+fn budget_sizes_take_decimal_and_binary_units() {
+    let cases: [(&str, u64); 12] = [
+        ("4GiB", 4 << 30),
+        ("512MB", 512_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("1000000", 1_000_000),
+        ("7B", 7),
+        ("2kib", 2048),
+        ("1.5 KiB", 1536),
+        ("0.5TB", 500_000_000_000),
+        ("3TiB", 3 << 40),
+        ("2mIb", 2 << 20),
+        (".25kB", 250),
+        ("1.0009KB", 1000),
+    ];
+    for (size, bytes) in cases {
+        assert_eq!(memory(&["--budget", size])["budget_bytes"].as_u64(), Some(bytes), "{size}");
+    }
+    for bad in ["4XB", "lots", "GB", "1..5GB", "1.5.2MB", "-1GB", "", "4 G", "1e9"] {
+        assert_fails(&["memory", "--budget", bad], 2, "invalid value");
+        assert_fails(&["memory", "--budget", bad], 2, "expected a size such as 4GiB");
+    }
+    assert_fails(&["memory", "--budget", "0"], 2, "less than one byte");
+    assert_fails(&["memory", "--budget", "0.1B"], 2, "less than one byte");
+    assert_fails(&["memory", "--budget", "99999999999TiB"], 2, "too large");
+}
