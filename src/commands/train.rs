@@ -1,0 +1,202 @@
+//! `densenet train`: the reference recipe with checkpoints, resume, initial weights and
+//! TensorBoard logs.
+
+use super::download::report_fetched;
+use super::memory::plan_line;
+use crate::*;
+
+pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
+    let cfg = a.net.config().map_err(usage)?;
+    let (dataset, batch) = (a.net.dataset, a.net.batch);
+    let source = a.source.source();
+    if source != Source::Official && !a.download {
+        return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
+    }
+    // Everything a file decides is read and checked before any data is loaded or file written.
+    let start = Start::new(&a, &cfg)?;
+    if start.epoch >= a.epochs {
+        return Err(match &a.resume {
+            Some(path) => failure(format!(
+                "{} is at epoch {} and --epochs {} leaves nothing to train: raise --epochs to continue",
+                path.display(),
+                start.epoch,
+                a.epochs
+            )),
+            None => usage(format!(
+                "--start-epoch {} leaves nothing to train: epochs run from it to --epochs {} (exclusive)",
+                start.epoch, a.epochs
+            )),
+        });
+    }
+    let run_dir = a.runs_dir.join(&a.name);
+    check_run_dir(&run_dir, &a.name, start.resumed.as_deref())?;
+
+    if a.download && download::is_missing(&a.data.data_dir, dataset) {
+        report_fetched(&download::fetch(&a.data.data_dir, dataset, &source)?, dataset)?;
+    }
+    let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
+    let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
+    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, start.seed, CpuBackend::new())?;
+    if let Some(state) = &start.state {
+        state.apply(&mut model)?;
+    }
+
+    let cfg = model.config();
+    report(format_args!(
+        "{} (run {}) on {}: {} training and {} test images from {}",
+        cfg.name(),
+        a.name,
+        dataset.title(),
+        train_set.len(),
+        test_set.len(),
+        a.data.data_dir.display()
+    ))?;
+    report(format_args!("Number of model parameters: {}", model.layout().len))?;
+    report(format_args!("{}", a.device.line(model.backend())))?;
+    report(format_args!("{}", plan_line(model.plan())))?;
+    match (&start.resumed, &a.init_weights) {
+        (Some(path), _) => report(format_args!(
+            "Resumed from {}: epoch {}, step {}, best Prec@1 {:.3}, seed {} (weights, running statistics, momentum)",
+            path.display(),
+            start.epoch,
+            model.steps(),
+            start.best.unwrap_or(0.0),
+            start.seed
+        ))?,
+        (None, Some(path)) => {
+            report(format_args!("Initial weights and running statistics from {} (momentum from zero)", path.display()))?
+        }
+        (None, None) => {}
+    }
+    let recipe = Recipe {
+        epochs: a.epochs,
+        start_epoch: start.epoch,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        print_freq: a.progress.print_freq,
+    };
+    let milestones = densenet::train::schedule::milestones(a.epochs);
+    report(format_args!(
+        "Training: epochs {} to {}, batch {batch}, lr {} (/10 at epochs {} and {}), Nesterov momentum {}, \
+         weight decay {}, augmentation {}, seed {}",
+        start.epoch,
+        a.epochs - 1,
+        a.lr,
+        milestones.0,
+        milestones.1,
+        a.momentum,
+        a.weight_decay,
+        if a.no_augment { "off" } else { "on" },
+        start.seed
+    ))?;
+
+    let mut train_loader = Loader::train(train_set, dataset, batch, start.seed, !a.no_augment)?;
+    let mut test_loader = Loader::test(test_set, dataset, batch)?;
+    let saver = Saver::create(&run_dir, dataset)?;
+    report(format_args!(
+        "Checkpoints: {} every epoch, {} on a new best test Prec@1",
+        saver.checkpoint().display(),
+        checkpoint::BEST
+    ))?;
+    let mut events = if a.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
+    if let Some(w) = &events {
+        report(format_args!("TensorBoard: {}", w.path().display()))?;
+    }
+    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, &recipe, start.best, |m, end| {
+        saver.save(m, end.epoch + 1, end.best, end.improved)?;
+        if let Some(w) = events.as_mut() {
+            let step = end.epoch as i64;
+            w.scalar("train_loss", end.train.loss as f32, step)?;
+            w.scalar("train_acc", end.train.top1 as f32, step)?;
+            w.scalar("val_loss", end.test.loss as f32, step)?;
+            w.scalar("val_acc", end.test.top1 as f32, step)?;
+            w.scalar("learning_rate", end.lr as f32, step)?;
+            w.flush()?;
+        }
+        let note = if end.improved {
+            format!("; new best Prec@1 {:.3}: {}", end.best, checkpoint::BEST)
+        } else {
+            String::new()
+        };
+        report(format_args!(" * Saved {} (next epoch {}){note}", checkpoint::CHECKPOINT, end.epoch + 1))
+    })?;
+    report(format_args!("Best accuracy: {:.3}", best.unwrap_or(0.0)))?;
+    Ok(())
+}
+
+/// Where a training run starts: the first epoch, the seed, the best accuracy so far, and the
+/// state that replaces the seed's initialization (a resumed checkpoint's, or initial weights).
+pub(crate) struct Start {
+    epoch: usize,
+    seed: u64,
+    best: Option<f64>,
+    state: Option<checkpoint::State>,
+    /// The checkpoint file resumed from.
+    resumed: Option<PathBuf>,
+}
+
+impl Start {
+    /// Reads and checks `--resume` or `--init-weights`. A resumed run takes the checkpoint's
+    /// next epoch, seed and best accuracy, as the reference `--resume` takes its epoch; an
+    /// explicit `--start-epoch` or `--seed` that disagrees is refused.
+    fn new(a: &TrainArgs, cfg: &NetConfig) -> Result<Start, Failure> {
+        let (epoch, seed) = (a.start_epoch.unwrap_or(0), a.seed.unwrap_or(0));
+        if let Some(path) = &a.resume {
+            // A run directory stands for its checkpoint.
+            let path = if path.is_dir() { path.join(checkpoint::CHECKPOINT) } else { path.clone() };
+            let ck = Checkpoint::read(&path)?;
+            ck.check_network(cfg, a.net.dataset)?;
+            let m = ck.meta();
+            if let Some(s) = a.seed.filter(|&s| s != m.seed) {
+                return Err(failure(format!(
+                    "--seed {s} disagrees with {}, trained with seed {}: a resumed run continues its random streams \
+                     (leave --seed out)",
+                    path.display(),
+                    m.seed
+                )));
+            }
+            if let Some(e) = a.start_epoch.filter(|&e| e != m.epoch) {
+                return Err(failure(format!(
+                    "--start-epoch {e} disagrees with {}, whose next epoch is {} (leave --start-epoch out, or start \
+                     from its weights at another epoch with --init-weights)",
+                    path.display(),
+                    m.epoch
+                )));
+            }
+            let state = ck.state()?;
+            return Ok(Start {
+                epoch: m.epoch,
+                seed: m.seed,
+                best: Some(m.best),
+                state: Some(state),
+                resumed: Some(path),
+            });
+        }
+        let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, cfg)).transpose()?;
+        Ok(Start { epoch, seed, best: None, state, resumed: None })
+    }
+}
+
+/// Refuses to write over the checkpoints of an earlier run, unless this run resumes from a
+/// checkpoint in that run directory.
+pub(crate) fn check_run_dir(run_dir: &Path, name: &str, resumed: Option<&Path>) -> Result<(), Failure> {
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let same_run =
+        resumed.is_some_and(|r| matches!((parent(r).canonicalize(), run_dir.canonicalize()), (Ok(a), Ok(b)) if a == b));
+    for file in [checkpoint::CHECKPOINT, checkpoint::BEST] {
+        let path = run_dir.join(file);
+        if !same_run && path.exists() {
+            return Err(failure(format!(
+                "{} already exists from an earlier run named '{name}': continue that run with --resume {}, or \
+                 choose another --name or --runs-dir",
+                path.display(),
+                run_dir.join(checkpoint::CHECKPOINT).display()
+            )));
+        }
+    }
+    Ok(())
+}
