@@ -59,10 +59,12 @@ impl<B: Backend> Model<B> {
         be.allocate(plan.len, plan.workspace, batch)?;
         let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w };
         let lay = &m.net.layout;
-        let init = ParamLayout::initial(&lay.params, lay.len, seed);
-        let stats = ParamLayout::initial(&lay.stats, lay.stats_len, seed);
-        m.be.write(m.plan.params, &init);
-        m.be.write(m.plan.stats, &stats);
+        // One tensor at a time: the host never holds more than the largest tensor.
+        for (tensors, base) in [(&lay.params, m.plan.params), (&lay.stats, m.plan.stats)] {
+            for (i, t) in tensors.iter().enumerate() {
+                m.be.write(base + t.off, &ParamLayout::initial_tensor(t, i, seed));
+            }
+        }
         Ok(m)
     }
 

@@ -115,19 +115,25 @@ impl ParamLayout {
         (w, b)
     }
 
-    /// Initial contents of a buffer laid out by `tensors`; tensor i draws from stream
-    /// (seed, i), so one tensor's values do not depend on the others.
+    /// Initial values of tensor `index` of a list: it draws from stream (seed, index), so one
+    /// tensor's values do not depend on the others.
+    pub fn initial_tensor(t: &Tensor, index: usize, seed: u64) -> Vec<f32> {
+        let key = rng::derive(seed, index as u64);
+        (0..t.len() as u64)
+            .map(|j| match t.init {
+                Init::Normal(std) => (rng::normal(key, j) * std) as f32,
+                Init::Uniform(b) => ((2.0 * rng::uniform(key, j) as f64 - 1.0) * b) as f32,
+                Init::Const(c) => c,
+            })
+            .collect()
+    }
+
+    /// Initial contents of a whole buffer laid out by `tensors` ([`ParamLayout::initial_tensor`]
+    /// for each).
     pub fn initial(tensors: &[Tensor], len: usize, seed: u64) -> Vec<f32> {
         let mut out = vec![0.0f32; len];
         for (i, t) in tensors.iter().enumerate() {
-            let key = rng::derive(seed, i as u64);
-            for (j, v) in out[t.off..t.off + t.len()].iter_mut().enumerate() {
-                *v = match t.init {
-                    Init::Normal(std) => (rng::normal(key, j as u64) * std) as f32,
-                    Init::Uniform(b) => ((2.0 * rng::uniform(key, j as u64) as f64 - 1.0) * b) as f32,
-                    Init::Const(c) => c,
-                };
-            }
+            out[t.off..t.off + t.len()].copy_from_slice(&Self::initial_tensor(t, i, seed));
         }
         out
     }
