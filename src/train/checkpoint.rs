@@ -474,11 +474,21 @@ pub struct Saver {
 }
 
 impl Saver {
-    /// Creates the run directory `dir` if needed and checks that files can be written there.
+    /// Creates the run directory `dir` if needed, checks that files can be written there, and
+    /// removes the temporary files of writes a killed process left unfinished.
     pub fn create(dir: &Path, dataset: Dataset) -> Result<Saver> {
         std::fs::create_dir_all(dir)
             .and_then(|()| tempfile::Builder::new().prefix(".probe.").tempfile_in(dir).map(drop))
             .map_err(|e| Error(format!("cannot write checkpoints in {}: {e}", dir.display())))?;
+        let stale = |name: &str| {
+            [CHECKPOINT, BEST].iter().any(|f| name.starts_with(&format!(".{f}.")) && name.ends_with(".tmp"))
+        };
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if stale(&entry.file_name().to_string_lossy()) {
+                // Best effort: a file that cannot be removed is only clutter.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Saver { dir: dir.to_path_buf(), dataset })
     }
 
@@ -689,5 +699,17 @@ mod tests {
         assert!(broken("network", Some("{\"stem\": \"cifar\"}")).contains("'network' is not valid (no 'block_layers')"));
         assert!(broken("network", Some("[1")).contains("'network' is not valid"));
         assert_eq!(Meta::from_map(&good).unwrap().config, cfg());
+    }
+
+    #[test]
+    fn creating_a_saver_removes_unfinished_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let leftover = dir.path().join(format!(".{CHECKPOINT}.x1y2.tmp"));
+        let kept = dir.path().join("notes.tmp");
+        std::fs::write(&leftover, b"partial").unwrap();
+        std::fs::write(&kept, b"mine").unwrap();
+        Saver::create(dir.path(), Dataset::Cifar10).unwrap();
+        assert!(!leftover.exists(), "the unfinished write is removed");
+        assert!(kept.exists(), "other files are left alone");
     }
 }
