@@ -14,7 +14,7 @@ use crate::config::NetConfig;
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
 use params::{BnParams, ParamLayout};
-use plan::{HeadPlan, LayerPlan, Mode, Plan, Stats, TransitionPlan};
+use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Plan, Stats, TransitionPlan};
 
 /// BN running-statistics momentum (the reference's).
 pub const BN_MOMENTUM: f32 = 0.1;
@@ -410,8 +410,8 @@ impl<B: Backend> Model<B> {
         }
         let (x1, pre1) = self.bn_relu_forward(&l.bn1, lp.stats_in, input, lp.a1.batch(n), pass);
         let out = lp.out.batch(n);
-        match (&l.second, lp.z, lp.stats_z) {
-            (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
+        match (&l.second, lp.bottleneck) {
+            (Some((bn2, conv2)), Some(BottleneckPlan { z, a2, stats: sz })) => {
                 let z = z.batch(n);
                 self.conv(x1, pre1, l.conv1, z, ConvSpec::POINTWISE);
                 if pass == Pass::Train {
@@ -421,7 +421,8 @@ impl<B: Backend> Model<B> {
                 let (x2, pre2) = self.bn_relu_forward(bn2, sz, z, a2.batch(n), pass);
                 self.conv(x2, pre2, *conv2, out, ConvSpec::SAME3);
             }
-            _ => self.conv(x1, pre1, l.conv1, out, ConvSpec::SAME3),
+            (None, None) => self.conv(x1, pre1, l.conv1, out, ConvSpec::SAME3),
+            _ => unreachable!("the plan and the network disagree on the bottleneck"),
         }
         if pass == Pass::Train {
             self.drop(out, site + 1);
@@ -434,8 +435,8 @@ impl<B: Backend> Model<B> {
         let (input, a1, g_out) = (lp.input.batch(n), lp.a1.batch(n), lp.g_out.batch(n));
         let (x1, pre1) = self.bn_relu_input(&l.bn1, lp.stats_in, input, a1, Pass::Train);
         self.drop(g_out, site + 1);
-        match (&l.second, lp.z, lp.stats_z) {
-            (Some((bn2, conv2)), Some((z, a2)), Some(sz)) => {
+        match (&l.second, lp.bottleneck) {
+            (Some((bn2, conv2)), Some(BottleneckPlan { z, a2, stats: sz })) => {
                 let (z, a2) = (z.batch(n), a2.batch(n));
                 if !self.plan.mode.keeps_z() {
                     self.conv(x1, pre1, l.conv1, z, ConvSpec::POINTWISE);
@@ -448,7 +449,8 @@ impl<B: Backend> Model<B> {
                 self.drop(a2, site);
                 self.conv_backward(x1, pre1, a2, l.conv1, Some(a1), ConvSpec::POINTWISE);
             }
-            _ => self.conv_backward(x1, pre1, g_out, l.conv1, Some(a1), ConvSpec::SAME3),
+            (None, None) => self.conv_backward(x1, pre1, g_out, l.conv1, Some(a1), ConvSpec::SAME3),
+            _ => unreachable!("the plan and the network disagree on the bottleneck"),
         }
         self.bn_relu_backward(&l.bn1, lp.stats_in, a1, input, lp.g_in.batch(n), true);
     }

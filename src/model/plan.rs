@@ -146,9 +146,8 @@ pub struct LayerPlan {
     pub features: View,
     /// BN1-ReLU output (kept in `naive`), then its gradient.
     pub a1: View,
-    /// Bottleneck: 1x1 conv output (after dropout), and its BN-ReLU output (kept in `naive`)
-    /// then its gradient.
-    pub z: Option<(View, View)>,
+    /// The bottleneck's tensors (bottleneck layers only).
+    pub bottleneck: Option<BottleneckPlan>,
     /// The layer's k output channels in the block buffer.
     pub out: View,
     /// Block gradient of `[0, C_l)`.
@@ -159,8 +158,17 @@ pub struct LayerPlan {
     pub stats_in: Stats,
     /// Block statistics of the output channels (written after the layer).
     pub stats_out: Stats,
-    /// Bottleneck BN2 batch statistics.
-    pub stats_z: Option<Stats>,
+}
+
+/// Where a bottleneck layer's inner tensors live.
+#[derive(Clone, Copy, Debug)]
+pub struct BottleneckPlan {
+    /// 1x1 conv output (after dropout).
+    pub z: View,
+    /// Its BN-ReLU output (kept in `naive`), then its gradient.
+    pub a2: View,
+    /// BN2 batch statistics.
+    pub stats: Stats,
 }
 
 /// Where a transition's tensors live.
@@ -419,7 +427,7 @@ impl Plan {
                 } else {
                     slot(act_slot, c, g.h, g.w)
                 };
-                let (z, stats_z) = if cfg.bottleneck {
+                let bottleneck = if cfg.bottleneck {
                     conv(ConvSpec::POINTWISE, c, width, g.h, g.w);
                     conv(ConvSpec::SAME3, width, k, g.h, g.w);
                     let z = if mode.keeps_z() {
@@ -432,22 +440,21 @@ impl Plan {
                     } else {
                         slot(mid2_slot, width, g.h, g.w)
                     };
-                    (Some((z, a2)), Some(ar.stats(name("bn2 statistics"), width)))
+                    Some(BottleneckPlan { z, a2, stats: ar.stats(name("bn2 statistics"), width) })
                 } else {
                     conv(ConvSpec::SAME3, c, k, g.h, g.w);
-                    (None, None)
+                    None
                 };
                 plans.push(LayerPlan {
                     input,
                     features,
                     a1,
-                    z,
+                    bottleneck,
                     out: x.channels(c, k),
                     g_in: gx.channels(0, c),
                     g_out: gx.channels(c, k),
                     stats_in: st,
                     stats_out: st.from(c),
-                    stats_z,
                 });
             }
             layers.push(plans);
