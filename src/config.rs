@@ -37,6 +37,8 @@ pub struct NetConfig {
 pub const MAX_GROWTH: usize = 1024;
 /// Most dense layers in a network (BC-250 has 123).
 pub const MAX_LAYERS: usize = 2000;
+/// Most dense blocks in a network (the references have 3 or 4).
+pub const MAX_BLOCKS: usize = 8;
 
 /// ImageNet presets: (name, growth, layers per block, stem channels).
 const IMAGENET: [(&str, usize, [usize; 4], usize); 5] = [
@@ -104,6 +106,9 @@ impl NetConfig {
         }
         if self.block_layers.is_empty() || self.block_layers.contains(&0) {
             bail!("every dense block needs at least one layer");
+        }
+        if self.block_layers.len() > MAX_BLOCKS {
+            bail!("{} dense blocks is more than the {MAX_BLOCKS} this engine plans for", self.block_layers.len());
         }
         let layers: usize = self.block_layers.iter().fold(0, |a, &n| a.saturating_add(n));
         if layers > MAX_LAYERS {

@@ -236,6 +236,11 @@ fn a_resume_that_does_not_fit_is_refused_and_changes_nothing() {
     assert!(snapshot(s.runs.path()) == before_copy);
     std::fs::remove_file(&elsewhere).unwrap();
     assert!(snapshot(s.runs.path()) == before);
+
+    // Resuming a run from its model_best would overwrite its later checkpoint.
+    let best = s.runs.path().join("r").join("model_best.safetensors");
+    s.train_fails("r", &["--epochs", "3", "--resume", best.to_str().unwrap()], &["would overwrite its later", ck]);
+    assert!(snapshot(s.runs.path()) == before);
 }
 
 #[test]

@@ -7,7 +7,12 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
     let cfg = a.net.config().map_err(usage)?;
     let (batch, classes) = (a.net.batch, cfg.num_classes);
     // Normalized-image statistics, and labels of every class.
-    let images: Vec<f32> = (0..batch * 3 * SIDE * SIDE).map(|i| rng::normal(BENCH_SEED, i as u64) as f32).collect();
+    let len = batch * 3 * SIDE * SIDE;
+    let mut images = Vec::new();
+    if images.try_reserve_exact(len).is_err() {
+        return Err(failure(format!("a random batch of {batch} images does not fit in memory")));
+    }
+    images.extend((0..len).map(|i| rng::normal(BENCH_SEED, i as u64) as f32));
     let labels: Vec<u32> = (0..batch).map(|i| (rng::derive(BENCH_SEED, i as u64) % classes as u64) as u32).collect();
     let be = CpuBackend::new();
     let heap_start = heap::start();

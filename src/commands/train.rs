@@ -187,6 +187,17 @@ pub(crate) fn check_run_dir(run_dir: &Path, name: &str, resumed: Option<&Path>) 
     };
     let same_run =
         resumed.is_some_and(|r| matches!((parent(r).canonicalize(), run_dir.canonicalize()), (Ok(a), Ok(b)) if a == b));
+    let own = run_dir.join(checkpoint::CHECKPOINT);
+    if let Some(r) = resumed.filter(|r| same_run && r.file_name() != Some(checkpoint::CHECKPOINT.as_ref())) {
+        if own.exists() {
+            return Err(failure(format!(
+                "resuming run '{name}' from {} would overwrite its later {}: resume from that one, or continue \
+                 under another --name or --runs-dir",
+                r.display(),
+                own.display()
+            )));
+        }
+    }
     for file in [checkpoint::CHECKPOINT, checkpoint::BEST] {
         let path = run_dir.join(file);
         if !same_run && path.exists() {

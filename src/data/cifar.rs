@@ -174,7 +174,13 @@ impl Images {
             }
             files.push((path, (size / record) as usize));
         }
-        let mut images = Images::with_capacity(files.iter().map(|f| f.1).sum());
+        let total: usize = files.iter().map(|f| f.1).sum();
+        let mut images = Images::with_capacity(0);
+        if images.pixels.try_reserve_exact(total.saturating_mul(IMAGE_BYTES)).is_err() {
+            let first = files.first().map_or_else(String::new, |f| f.0.display().to_string());
+            bail!("{first}: the {total} images of this data set do not fit in memory");
+        }
+        images.labels.reserve_exact(total);
         for (path, records) in files {
             let file = File::open(&path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
             images.append(BufReader::with_capacity(1 << 20, file), records, dataset, &path)?;

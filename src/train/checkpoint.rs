@@ -405,6 +405,15 @@ impl Checkpoint {
         let fail = |e: String| Error(format!("{}: {e}", self.path.display()));
         let (st, _) = parse(&self.path, &self.bytes)?;
         let lay = Net::new(&self.meta.config).layout;
+        // The metadata is the file's word: check it against the file's size before trusting
+        // it with an allocation (parameters and momentum, statistics, in f32).
+        let needed = (2 * lay.len as u128 + lay.stats_len as u128) * 4;
+        if needed > self.bytes.len() as u128 {
+            return Err(fail(format!(
+                "the file is too small for the {} it describes: damaged or not a densenet checkpoint",
+                self.meta.config.name()
+            )));
+        }
         let (params, stats) = read_model(&st, &lay).map_err(fail)?;
         let mut momentum = vec![0.0; lay.len];
         for t in &lay.params {
@@ -699,6 +708,23 @@ mod tests {
         assert!(broken("network", Some("{\"stem\": \"cifar\"}")).contains("'network' is not valid (no 'block_layers')"));
         assert!(broken("network", Some("[1")).contains("'network' is not valid"));
         assert_eq!(Meta::from_map(&good).unwrap().config, cfg());
+    }
+
+    #[test]
+    fn metadata_describing_a_huge_network_is_an_error_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT);
+        let m = model(&cfg(), 1);
+        let mut meta = Meta::of(&m, Dataset::Cifar10, 1, 10.0);
+        meta.config = NetConfig { growth: 1024, block_layers: vec![600; 3], ..cfg() };
+        // The tensors are the small network's; the metadata claims a huge one.
+        let bytes = encode(&m, &Meta::of(&m, Dataset::Cifar10, 1, 10.0)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let tensors: Vec<(String, TensorView)> = st.tensors();
+        let forged = safetensors::serialize(tensors, Some(meta.to_map())).unwrap();
+        write_atomic(&path, &forged).unwrap();
+        let e = Checkpoint::read(&path).unwrap().state().unwrap_err();
+        assert!(e.0.contains("too small for the") && e.0.contains("damaged"), "{e}");
     }
 
     #[test]
