@@ -208,6 +208,25 @@ fn archive_is_extracted_then_trained_on() {
 }
 
 #[test]
+fn leftovers_of_a_killed_download_are_removed() {
+    let tmp = TempDir::new().unwrap();
+    let file = tmp.path().join("c10.tgz");
+    std::fs::write(&file, cifar10_archive()).unwrap();
+    let data = tmp.path().join("data");
+    let part = data.join(".cifar-10-binary.tar.gz.a1b2.part");
+    let staging = data.join(".cifar-10-batches-bin.c3d4");
+    let mine = data.join("notes.part");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("data_batch_1.bin"), b"half").unwrap();
+    std::fs::write(&part, b"half an archive").unwrap();
+    std::fs::write(&mine, b"not ours").unwrap();
+    succeeds(&["download", "--data-dir", data.to_str().unwrap(), "--archive", file.to_str().unwrap()]);
+    assert!(!part.exists() && !staging.exists(), "the killed run's files are gone");
+    assert!(mine.exists(), "other files are left alone");
+    assert!(data.join("cifar-10-batches-bin/test_batch.bin").is_file());
+}
+
+#[test]
 fn cifar100_archive_is_extracted() {
     let tmp = TempDir::new().unwrap();
     let file = tmp.path().join("c100.tgz");

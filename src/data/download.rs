@@ -127,6 +127,7 @@ fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn fetch_missing(dir: &Path, dataset: Dataset, source: &Source) -> Result<Fetched> {
+    remove_leftovers(dir, dataset);
     let url = match source {
         Source::Archive(path) => {
             let md5 = md5_file(path)?;
@@ -137,6 +138,20 @@ fn fetch_missing(dir: &Path, dataset: Dataset, source: &Source) -> Result<Fetche
     };
     let (file, md5) = download(url, dir, dataset)?;
     install(dir, dataset, file.path(), &md5, url, url == official_url(dataset))
+}
+
+/// Removes what an earlier fetch of `dataset` that was killed left in `dir`: its hidden
+/// partial download and its hidden staging folder (best effort; they are only clutter).
+fn remove_leftovers(dir: &Path, dataset: Dataset) {
+    let (part, staging) = (format!(".{}.", dataset.archive()), format!(".{}.", dataset.folder()));
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&part) && name.ends_with(".part") {
+            let _ = fs::remove_file(entry.path());
+        } else if name.starts_with(&staging) && entry.path().is_dir() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Checks the archive's MD5 (which must be the official one when `official`), then extracts it
