@@ -5,6 +5,8 @@
 
 #[path = "common/cifar.rs"]
 mod cifar;
+#[path = "common/run.rs"]
+mod run;
 
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -60,15 +62,7 @@ impl Setup {
     /// Asserts that the run fails with exit code 1 and one line on stderr, `error: ...`
     /// containing every needle, without a panic.
     fn train_fails(&self, name: &str, extra: &[&str], needles: &[&str]) {
-        let out = self.train(name, extra);
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(1), "{extra:?}: stderr {err}");
-        assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
-        assert_eq!(err.lines().count(), 1, "{extra:?}: not one line: {err}");
-        assert!(err.starts_with("error: "), "{extra:?}: {err}");
-        for needle in needles {
-            assert!(err.contains(needle), "{extra:?}: '{needle}' not in {err}");
-        }
+        run::assert_one_line_error(&self.train(name, extra), 1, needles, &format!("{extra:?}"));
     }
 
     fn run(&self, name: &str) -> PathBuf {

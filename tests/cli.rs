@@ -4,24 +4,17 @@
 
 #[path = "common/cifar.rs"]
 mod cifar;
+#[path = "common/run.rs"]
+mod run;
 
 use cifar::Format;
+use run::{assert_fails, densenet};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use tempfile::TempDir;
 
 /// A depth-10 bottleneck network (one layer per block).
 const TINY: [&str; 4] = ["--layers", "10", "--growth", "4"];
-
-/// Runs the binary in a fresh working directory (where the default `runs/` goes).
-fn densenet(args: &[&str]) -> Output {
-    let cwd = TempDir::new().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_densenet"))
-        .args(args)
-        .current_dir(cwd.path())
-        .output()
-        .expect("run the densenet binary")
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
@@ -53,17 +46,6 @@ fn train(dir: &Path, batch: &str, extra: &[&str]) -> String {
 fn number_after(line: &str, key: &str) -> f64 {
     let rest = &line[line.find(key).unwrap_or_else(|| panic!("no '{key}' in '{line}'")) + key.len()..];
     rest.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// Asserts a failure with exit code `code` and one line on stderr, `error: ...` containing
-/// `needle`, and no panic.
-fn assert_fails(args: &[&str], code: i32, needle: &str) {
-    let out = densenet(args);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: stderr {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: '{needle}' not in {err}");
 }
 
 #[test]

@@ -6,24 +6,16 @@
 
 #[path = "common/cifar.rs"]
 mod cifar;
+#[path = "common/run.rs"]
+mod run;
 
+use run::{assert_fails, densenet};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use tempfile::TempDir;
 
 /// A depth-10 bottleneck network (one layer per block) at batch 8.
 const TINY: [&str; 6] = ["--layers", "10", "--growth", "4", "-b", "8"];
-
-/// Runs the binary in a fresh working directory.
-fn densenet(args: &[&str]) -> Output {
-    let cwd = TempDir::new().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_densenet"))
-        .args(args)
-        .current_dir(cwd.path())
-        .output()
-        .expect("run the densenet binary")
-}
 
 /// Runs the binary, asserts success and returns stdout.
 fn ok(args: &[&str]) -> String {
@@ -46,17 +38,6 @@ fn run_json(args: &[&str]) -> Value {
     let mut args = args.to_vec();
     args.push("--json");
     last_json(&ok(&args))
-}
-
-/// Asserts a failure with exit code `code` and one line on stderr, `error: ...` containing
-/// `needle`, and no panic.
-fn assert_fails(args: &[&str], code: i32, needle: &str) {
-    let out = densenet(args);
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(code), "{args:?}: stderr {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: '{needle}' not in {err}");
 }
 
 /// Tiny data sets and a runs directory, all temporary: CIFAR-10 with 80 training and 20 test
