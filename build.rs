@@ -1,7 +1,70 @@
-//! Build script. The CUDA kernels in `kernels/` are compiled here once the CUDA backend lands
-//! (nvcc to PTX when found, otherwise embedded for NVRTC); the CPU build needs nothing.
+//! Build script: the CUDA kernels in `kernels/`.
+//!
+//! `kernels/dn.cuh` and `kernels/*.cu` (sorted) are concatenated into one translation unit,
+//! `$OUT_DIR/kernels.cu`, which is then
+//! - compiled to PTX by nvcc when one is found (`build/nvcc.rs`), else embedded as source for
+//!   NVRTC to compile at first use; a build never fails for lack of CUDA;
+//! - compiled by the host C++ compiler against `kernels/host/` (`build/host.rs`), so tests run
+//!   every kernel on the CPU.
+//!
+//! `$OUT_DIR/kernels.rs` gives the Rust side the source, the PTX (if any) and the kernel names.
+
+#[path = "build/host.rs"]
+mod host;
+#[path = "build/nvcc.rs"]
+mod nvcc;
+
+use std::fs;
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build");
     println!("cargo:rerun-if-changed=kernels");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let source = concatenate(Path::new("kernels"));
+    let names = kernel_names(&source);
+    let cu = out.join("kernels.cu");
+    fs::write(&cu, &source).expect("write kernels.cu");
+    let ptx = nvcc::compile(&cu, &out);
+    host::compile(&cu, &names, &out);
+    let mut rs = String::from("/// The kernels' CUDA C++ source, one translation unit (NVRTC compiles it when no PTX was built).\n");
+    rs += "pub const SOURCE: &str = include_str!(concat!(env!(\"OUT_DIR\"), \"/kernels.cu\"));\n";
+    rs += "/// PTX compiled by nvcc at build time, if nvcc was found.\n";
+    match &ptx {
+        Some(p) => rs += &format!("pub const PTX: Option<&str> = Some(include_str!({:?}));\n", p.display().to_string()),
+        None => rs += "pub const PTX: Option<&str> = None;\n",
+    }
+    rs += "/// Every `__global__` function, in source order.\n";
+    rs += &format!("pub const NAMES: &[&str] = &{names:?};\n");
+    fs::write(out.join("kernels.rs"), rs).expect("write kernels.rs");
+}
+
+/// `dn.cuh` followed by every `kernels/*.cu` in name order, without their `#include "dn.cuh"`.
+fn concatenate(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("kernels/ exists")
+        .map(|e| e.expect("readable kernels/").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    files.sort();
+    let mut src = fs::read_to_string(dir.join("dn.cuh")).expect("kernels/dn.cuh");
+    for f in files {
+        src += &format!("\n// ---- {} ----\n", f.display());
+        let text = fs::read_to_string(&f).expect("readable kernel source");
+        for line in text.lines().filter(|l| l.trim() != "#include \"dn.cuh\"") {
+            src += line;
+            src.push('\n');
+        }
+    }
+    src
+}
+
+/// Names of the `__global__ void name(` functions in `src`, in order.
+fn kernel_names(src: &str) -> Vec<String> {
+    src.split("__global__").skip(1).filter_map(|rest| {
+        let rest = rest.trim_start().strip_prefix("void")?.trim_start();
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+        Some(rest[..end].to_string())
+    }).collect()
 }

@@ -9,6 +9,7 @@
 //! Views of the same block buffer with disjoint channel ranges do not overlap.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::CpuBackend;
 

@@ -1,0 +1,1 @@
+//! Rust side of the host execution layer. (In progress.)

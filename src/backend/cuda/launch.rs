@@ -1,0 +1,73 @@
+//! One launch description for both ways a kernel runs: the real GPU (cudarc) and the host
+//! execution layer (`kernels/host/`), so the configuration the GPU gets is the one tested.
+
+use crate::backend::{ConvShape, ConvSpec, View};
+use crate::Result;
+
+/// A kernel argument, in the kernel's parameter order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// `Buf<T>` of 4-byte elements: `len` of them at arena offset `off` (the host layer
+    /// bounds-checks every access against it; the GPU gets the bare pointer).
+    Buf {
+        /// Arena offset, in 4-byte words.
+        off: usize,
+        /// Elements the kernel may touch.
+        len: usize,
+    },
+    /// `int`.
+    I32(i32),
+    /// `unsigned`.
+    U32(u32),
+    /// `float`.
+    F32(f32),
+    /// `u64` (`unsigned long long`).
+    U64(u64),
+}
+
+/// A kernel launch: grid and block in threads as CUDA's `dim3`, dynamic shared bytes, and
+/// the arguments.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch<'a> {
+    /// The `__global__` function's name in kernels/*.cu.
+    pub kernel: &'static str,
+    /// Blocks (x, y, z).
+    pub grid: [u32; 3],
+    /// Threads per block (x, y, z).
+    pub block: [u32; 3],
+    /// Dynamic shared memory per block (`DN_SHARED`), bytes.
+    pub shared: u32,
+    /// Arguments, in parameter order.
+    pub args: &'a [Arg],
+}
+
+/// What executes the CUDA backend's work: a real GPU, or the host device (kernels on the host
+/// execution layer, convolutions on the CPU backend). Offsets index one arena of 4-byte words.
+pub trait Exec {
+    /// What runs the work, for messages.
+    fn describe(&self) -> String;
+    /// Chooses a convolution algorithm for each shape at this batch and returns the workspace
+    /// they need, in arena words.
+    fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize>;
+    /// Allocates the zeroed arena of `len` words, the only allocation; `conv_ws` is the
+    /// (offset, words) region reserved for the convolutions.
+    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()>;
+    /// Copies host words into the arena (f32 or u32 bit patterns).
+    fn write(&mut self, off: usize, data: &[u32]);
+    /// Copies arena words at `off` into `out`, after all queued work.
+    fn read_into(&mut self, off: usize, out: &mut [u32]);
+    /// Queues a kernel launch.
+    fn launch(&mut self, launch: &Launch) -> Result<()>;
+    /// `y = conv(x, w)`, no bias; `w` is [cout, cin, k, k].
+    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()>;
+    /// `gx = conv_transpose(gy, w)` (overwrites gx).
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()>;
+    /// `gw = dL/dw` summed over the batch (overwrites gw).
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()>;
+    /// Starts recording the work queued from now on as a graph (a CUDA graph on the GPU).
+    fn capture_begin(&mut self) -> Result<()>;
+    /// Ends the recording, stores it as graph `key` and runs it.
+    fn capture_end(&mut self, key: u64) -> Result<()>;
+    /// Runs recorded graph `key`; `false` when there is none (nothing ran).
+    fn replay(&mut self, key: u64) -> Result<bool>;
+}
