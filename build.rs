@@ -28,7 +28,9 @@ fn main() {
     fs::write(&cu, &source).expect("write kernels.cu");
     let ptx = nvcc::compile(&cu, &out);
     host::compile(&cu, &names, &out);
-    let mut rs = String::from("/// The kernels' CUDA C++ source, one translation unit (NVRTC compiles it when no PTX was built).\n");
+    let mut rs = String::from(
+        "/// The kernels' CUDA C++ source, one translation unit (NVRTC compiles it when no PTX was built).\n",
+    );
     rs += "pub const SOURCE: &str = include_str!(concat!(env!(\"OUT_DIR\"), \"/kernels.cu\"));\n";
     rs += "/// PTX compiled by nvcc at build time, if nvcc was found.\n";
     match &ptx {
@@ -60,11 +62,12 @@ fn concatenate(dir: &Path) -> String {
     src
 }
 
-/// Names of the `__global__ void name(` functions in `src`, in order.
+/// Names of the `__global__ void name(` functions in `src`, in order (comments skipped).
 fn kernel_names(src: &str) -> Vec<String> {
-    src.split("__global__").skip(1).filter_map(|rest| {
-        let rest = rest.trim_start().strip_prefix("void")?.trim_start();
+    let decl = |line: &str| {
+        let rest = line.split_once("__global__")?.1.trim_start().strip_prefix("void")?.trim_start();
         let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
         Some(rest[..end].to_string())
-    }).collect()
+    };
+    src.lines().filter(|l| !l.trim_start().starts_with("//")).filter_map(decl).collect()
 }

@@ -9,6 +9,7 @@
 //   host), passed from Rust as `Arg::Buf`.
 // - Shared memory is dynamic only: `DN_SHARED(T, name);` declares it, sized by the launch's
 //   shared bytes (the host layer poisons it and reports reads of unwritten or racing cells).
+// - Kernels are `extern "C" __global__ void name(...)` (looked up by name, unmangled).
 // - Scalars are `int`, `unsigned`, `float` and `u64`, matching `Arg::I32`, `U32`, `F32`, `U64`.
 
 #ifdef DN_HOST
@@ -17,7 +18,46 @@
 typedef unsigned long long u64;
 template <class T> using Buf = T*;
 #define DN_SHARED(T, name) extern __shared__ T name[]
+#ifndef INFINITY  // NVRTC has no math headers
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 #endif
 
 // Threads per block of the 1-D elementwise kernels and of the block reductions.
 #define DN_BLOCK 256
+
+// ---- helpers shared by the kernels ----
+
+// Element i of a 1-D launch.
+__device__ __forceinline__ u64 dn_index() { return blockIdx.x * (u64)blockDim.x + threadIdx.x; }
+
+// (image, channel plane, pixel) of flattened element i over n images of c planes of hw.
+__device__ __forceinline__ void dn_split(u64 i, int c, int hw, u64& img, u64& plane, int& p) {
+    const u64 chw = (u64)c * hw;
+    img = i / chw;
+    const u64 r = i - img * chw;
+    plane = r / hw;
+    p = (int)(r - plane * hw);
+}
+
+// Sums `a` and `b` over the block (blockDim.x a power of two; `s` holds 2 * blockDim.x
+// doubles); every thread gets the totals.
+template <class S>
+__device__ void block_sum2(S s, double& a, double& b) {
+    const int t = threadIdx.x, n = blockDim.x;
+    s[t] = a;
+    s[n + t] = b;
+    __syncthreads();
+    for (int h = n / 2; h > 0; h /= 2) {
+        if (t < h) {
+            const double u = s[t + h], v = s[n + t + h];
+            s[t] = s[t] + u;
+            s[n + t] = s[n + t] + v;
+        }
+        __syncthreads();
+    }
+    a = s[0];
+    b = s[n];
+    __syncthreads();
+}
+

@@ -30,6 +30,8 @@ use std::time::Instant;
 
 mod commands;
 
+use commands::device::DeviceArgs;
+
 #[global_allocator]
 static HEAP: commands::bench::heap::Counting = commands::bench::heap::Counting;
 
@@ -52,7 +54,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a DenseNet on CIFAR-10 or CIFAR-100 (flags and defaults of the reference train.py).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint written by `train` on the test set: loss and Prec@1.
     Eval(EvalArgs),
     /// Print the memory plan: bytes per category for each memory mode (and, with --budget, the
@@ -176,25 +178,6 @@ struct ProgressArgs {
     print_freq: usize,
 }
 
-/// Where the model runs.
-#[derive(Args)]
-struct DeviceArgs {
-    /// Device: auto or cpu (auto picks the CPU: this build has no CUDA backend yet).
-    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = device)]
-    device: Device,
-}
-
-impl DeviceArgs {
-    /// The `Device: ...` line: what runs the model, and why when it was chosen automatically.
-    fn line(&self, backend: &impl Backend) -> String {
-        let chosen = match self.device {
-            Device::Auto => " (auto: this build has no CUDA backend yet)",
-            Device::Cpu => "",
-        };
-        format!("Device: {}{chosen}", backend.describe())
-    }
-}
-
 #[derive(Args)]
 struct EvalArgs {
     /// A checkpoint written by `densenet train` (checkpoint.safetensors or model_best.safetensors):
@@ -289,29 +272,9 @@ struct DownloadArgs {
     source: SourceArgs,
 }
 
-/// Where training runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Device {
-    /// The best usable device.
-    Auto,
-    /// The CPU backend.
-    Cpu,
-}
-
 /// The memory modes asked for.
 #[derive(Clone, Debug)]
 struct Modes(Vec<Mode>);
-
-fn device(s: &str) -> Result<Device, String> {
-    match s {
-        "auto" => Ok(Device::Auto),
-        "cpu" => Ok(Device::Cpu),
-        _ if s == "cuda" || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => {
-            Err("this build has no CUDA backend yet; use --device cpu (or auto)".into())
-        }
-        _ => Err("expected auto or cpu".into()),
-    }
-}
 
 fn modes(s: &str) -> Result<Modes, String> {
     if s == "all" {
@@ -431,7 +394,7 @@ fn main() -> ExitCode {
         Err(e) => return parse_error(e),
     };
     let done = match cli.command {
-        Command::Train(a) => commands::train::train(a),
+        Command::Train(a) => commands::train::train(*a),
         Command::Eval(a) => commands::eval::eval(a),
         Command::Memory(a) => commands::memory::memory(a),
         Command::Bench(a) => commands::bench::bench(a),

@@ -171,7 +171,7 @@ fn eval_refuses_bad_checkpoints_and_missing_data() {
     assert_fails(&["eval"], 2, "the following required arguments were not provided: --checkpoint <FILE>");
     assert_fails(&s.eval_args(&ck, &["-b", "0"]), 2, "--batch-size");
     assert_fails(&s.eval_args(&ck, &["--dataset", "mnist"]), 2, "unknown dataset 'mnist'");
-    assert_fails(&s.eval_args(&ck, &["--device", "cuda"]), 2, "no CUDA backend");
+    assert_fails(&s.eval_args(&ck, &["--device", "gpu"]), 2, "expected auto, cpu, cuda, cuda:N or host");
 }
 
 /// `memory` of the tiny network with extra flags (a `-b` among them replaces batch 8), as JSON.
@@ -220,7 +220,48 @@ fn bench_refuses_bad_flags() {
     assert_fails(&["bench", "--layers", "11"], 2, "depth 11 does not fit");
     assert_fails(&["bench", "-b", "0"], 2, "--batch-size");
     assert_fails(&["bench", "--memory", "tiny"], 2, "unknown memory mode 'tiny'");
-    assert_fails(&["bench", "--device", "cuda:0"], 2, "no CUDA backend");
+}
+
+#[test]
+fn bench_runs_the_cuda_backend_on_the_host_device() {
+    let mut args = vec!["bench", "--device", "host", "--steps", "2", "--warmup", "1"];
+    args.extend(TINY);
+    let j = run_json(&args);
+    assert!(j["device"].as_str().unwrap().starts_with("host device"), "{j}");
+    // The device allocation is the plan, exactly.
+    assert_eq!(j["device_allocated_bytes"], j["planned_peak_bytes"], "{j}");
+    assert!(j["images_per_s"].as_f64().unwrap() > 0.0, "{j}");
+}
+
+#[test]
+fn cuda_without_a_usable_gpu_is_a_one_line_error() {
+    let Err(e) = densenet::backend::cuda::GpuExec::new(0) else {
+        eprintln!("SKIPPED cuda_without_a_usable_gpu_is_a_one_line_error: this machine has a usable GPU");
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for args in [
+        &["bench", "--device", "cuda"][..],
+        &["train", "--device", "cuda:0", "--data-dir", d],
+        &["eval", "--device", "cuda", "--checkpoint", d],
+    ] {
+        assert_fails(args, 1, &e.0);
+    }
+    // auto falls back to the CPU and says why.
+    let mut args = vec!["bench", "--steps", "1", "--warmup", "0"];
+    args.extend(TINY);
+    let text = ok(&args);
+    assert!(text.contains(&format!("Device: cpu ({} threads) (auto, no usable GPU: {e})", num_threads())), "{text}");
+}
+
+/// Threads of the CPU backend in a fresh process (rayon's default pool).
+fn num_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The largest batch per mode for `budget`.

@@ -144,16 +144,50 @@ impl Default for Sgd {
     }
 }
 
+/// Memory of a backend with a device of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes the backend allocated (its one arena).
+    pub allocated: usize,
+    /// Device memory this process added since the device was opened, as the driver counts it
+    /// (context, kernels, library handles and the arena), when the driver can tell.
+    pub process: Option<usize>,
+}
+
 /// The primitive ops of a training step. All offsets index the backend's arena of `f32`.
 pub trait Backend {
     /// What runs the ops, for messages ("cpu (2 threads)").
     fn describe(&self) -> String;
-    /// Lays out the convolution workspace for these shapes and returns its length in arena
-    /// floats (the layout is remembered for [`Backend::allocate`]).
-    fn workspace_len(&mut self, convs: &[ConvShape]) -> usize;
+    /// Lays out the convolution workspace for these shapes at batches of up to `batch` images
+    /// and returns its length in arena floats (the layout is remembered for
+    /// [`Backend::allocate`]).
+    fn workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize>;
     /// Allocates the zeroed arena (`len` floats) and the label buffer; `workspace` is the
     /// region reserved for [`Backend::workspace_len`]. Called once, before any op.
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()>;
+
+    /// Device memory, for backends whose arena lives on a device (`None`: host memory, which
+    /// the process's heap accounts for).
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+
+    /// The first error of the ops since the last call (ops queue work and cannot fail one by
+    /// one on a device); the model calls it after every step.
+    fn take_error(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Begins a training step whose work depends only on `key` and the arena contents. A
+    /// backend that records steps (CUDA graphs) replays a recorded `key` and returns true: the
+    /// caller then issues none of the step's ops. Otherwise (false) the caller issues them and
+    /// ends with [`Backend::step_end`].
+    fn step_begin(&mut self, _key: u64) -> bool {
+        false
+    }
+
+    /// Ends a step begun with [`Backend::step_begin`] that was not replayed.
+    fn step_end(&mut self, _key: u64) {}
 
     /// Copies host data into the arena.
     fn write(&mut self, off: usize, data: &[f32]);

@@ -1,9 +1,15 @@
 //! `densenet bench`: training steps on random data, planned and measured memory.
 
+use super::device::{self, with_backend};
 use super::memory::{mib, plan_line};
 use crate::*;
 
 pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
+    let (be, why) = a.device.open()?;
+    with_backend!(be, be => run(a, be, &why))
+}
+
+fn run<B: Backend>(a: BenchArgs, be: B, why: &str) -> Result<(), Failure> {
     let cfg = a.net.config().map_err(usage)?;
     let (batch, classes) = (a.net.batch, cfg.num_classes);
     // Normalized-image statistics, and labels of every class.
@@ -14,7 +20,6 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
     }
     images.extend((0..len).map(|i| rng::normal(BENCH_SEED, i as u64) as f32));
     let labels: Vec<u32> = (0..batch).map(|i| (rng::derive(BENCH_SEED, i as u64) % classes as u64) as u32).collect();
-    let be = CpuBackend::new();
     let heap_start = heap::start();
     let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, BENCH_SEED, be)?;
     report(format_args!(
@@ -23,7 +28,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
         a.net.dataset.title(),
         model.layout().len
     ))?;
-    report(format_args!("{}", a.device.line(model.backend())))?;
+    report(format_args!("{}", device::line(model.backend(), why)))?;
     report(format_args!("{}", plan_line(model.plan())))?;
     let mut times = Vec::new();
     for s in 0..a.warmup + a.steps {
@@ -60,6 +65,16 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
         mib(measured.saturating_sub(planned)),
         if rss == 0 { "unknown".to_string() } else { format!("{:.1} MiB", mib(rss as usize)) }
     ))?;
+    let device = model.backend().device_memory();
+    if let Some(d) = device {
+        report(format_args!(
+            "Device memory {:.1} MiB allocated, {:.1} MiB planned; the process added {} on the device \
+             (with the CUDA context, kernels and cuDNN)",
+            mib(d.allocated),
+            mib(planned),
+            d.process.map_or("an unknown amount".to_string(), |p| format!("{:.1} MiB", mib(p)))
+        ))?;
+    }
     if a.json {
         let json = serde_json::json!({
             "network": model.config().name(),
@@ -73,6 +88,8 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
             "planned_peak_bytes": planned,
             "measured_peak_bytes": measured,
             "peak_rss_bytes": rss,
+            "device_allocated_bytes": device.map(|d| d.allocated),
+            "device_process_bytes": device.and_then(|d| d.process),
         });
         report(format_args!("{json}"))?;
     }

@@ -1,8 +1,14 @@
 //! `densenet eval`: a checkpoint on the test set.
 
+use super::device::{self, with_backend};
 use crate::*;
 
 pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
+    let (be, why) = a.device.open()?;
+    with_backend!(be, be => run(a, be, &why))
+}
+
+fn run<B: Backend>(a: EvalArgs, be: B, why: &str) -> Result<(), Failure> {
     if a.checkpoint.is_dir() {
         return Err(failure(format!(
             "{} is a directory: give a checkpoint file, such as {} or {}",
@@ -26,7 +32,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
     }
     let state = ck.state()?;
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
-    let mut model = Model::new(m.config.clone(), a.batch, SIDE, SIDE, Mode::Minimal, m.seed, CpuBackend::new())?;
+    let mut model = Model::new(m.config.clone(), a.batch, SIDE, SIDE, Mode::Minimal, m.seed, be)?;
     state.apply(&mut model)?;
     report(format_args!(
         "{} from {} (next epoch {}, step {}, best Prec@1 {:.3}) on {}: {} test images from {}",
@@ -39,7 +45,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
         test_set.len(),
         a.data.data_dir.display()
     ))?;
-    report(format_args!("{}", a.device.line(model.backend())))?;
+    report(format_args!("{}", device::line(model.backend(), why)))?;
     let mut loader = Loader::test(test_set, dataset, a.batch)?;
     let v = epoch::evaluate(&mut model, &mut loader, a.progress.print_freq)?;
     let error = 100.0 - v.top1;

@@ -1,11 +1,17 @@
 //! `densenet train`: the reference recipe with checkpoints, resume, initial weights and
 //! TensorBoard logs.
 
+use super::device::{self, with_backend};
 use super::download::report_fetched;
 use super::memory::plan_line;
 use crate::*;
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
+    let (be, why) = a.device.open()?;
+    with_backend!(be, be => run(a, be, &why))
+}
+
+fn run<B: Backend>(a: TrainArgs, be: B, why: &str) -> Result<(), Failure> {
     let cfg = a.net.config().map_err(usage)?;
     let (dataset, batch) = (a.net.dataset, a.net.batch);
     let source = a.source.source();
@@ -36,7 +42,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
     }
     let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
-    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, start.seed, CpuBackend::new())?;
+    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, start.seed, be)?;
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
     }
@@ -52,7 +58,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
         a.data.data_dir.display()
     ))?;
     report(format_args!("Number of model parameters: {}", model.layout().len))?;
-    report(format_args!("{}", a.device.line(model.backend())))?;
+    report(format_args!("{}", device::line(model.backend(), why)))?;
     report(format_args!("{}", plan_line(model.plan())))?;
     match (&start.resumed, &a.init_weights) {
         (Some(path), _) => report(format_args!(

@@ -55,7 +55,7 @@ impl<B: Backend> Model<B> {
     pub fn new(cfg: NetConfig, batch: usize, h: usize, w: usize, mode: Mode, seed: u64, mut be: B) -> Result<Self> {
         cfg.validate()?;
         let net = Net::new(&cfg);
-        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs))?;
+        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, batch))?;
         be.allocate(plan.len, plan.workspace, batch)?;
         let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w };
         let lay = &m.net.layout;
@@ -65,6 +65,7 @@ impl<B: Backend> Model<B> {
                 m.be.write(base + t.off, &ParamLayout::initial_tensor(t, i, seed));
             }
         }
+        m.be.take_error()?;
         Ok(m)
     }
 
@@ -145,7 +146,7 @@ impl<B: Backend> Model<B> {
         self.be.write(self.plan.params, params);
         self.be.write(self.plan.momentum, momentum);
         self.be.write(self.plan.stats, stats);
-        Ok(())
+        self.be.take_error()
     }
 
     /// Finds a parameter or running statistic by reference name: (is_param, offset, length).
@@ -168,29 +169,44 @@ impl<B: Backend> Model<B> {
             bail!("tensor '{name}' has {} values; the network expects {len}", data.len());
         }
         self.be.write(if param { self.plan.params } else { self.plan.stats } + off, data);
-        Ok(())
+        self.be.take_error()
     }
 
     /// Forward, loss, backward and one SGD step on a batch of normalized images
     /// [n, 3, h, w] with labels.
     pub fn train_step(&mut self, images: &[f32], labels: &[u32], hp: Sgd) -> Result<StepStats> {
-        let stats = self.forward_backward(images, labels)?;
-        let p = &self.plan;
-        self.be.sgd(p.params, p.grads, p.momentum, self.net.layout.len, hp);
-        Ok(stats)
+        self.step(images, labels, Some(hp))
     }
 
     /// Forward, loss and backward (gradients in [`Model::grads`]); updates running statistics
     /// and the step counter, not the parameters.
     pub fn forward_backward(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        self.step(images, labels, None)
+    }
+
+    /// A training step, with the SGD update if `hp` is given. Without dropout (whose masks
+    /// change every step) the backend may record the step once per batch size and
+    /// hyper-parameters and replay it ([`Backend::step_begin`]: a CUDA graph).
+    fn step(&mut self, images: &[f32], labels: &[u32], hp: Option<Sgd>) -> Result<StepStats> {
         // The smallest feature map is the last block's; training BN needs two values per channel.
         let hw = self.plan.head.input.hw();
         if labels.len() * hw < 2 {
             bail!("training needs at least 2 values per channel for batch statistics: {} image(s) of a {hw}-pixel final map", labels.len());
         }
         let n = self.load_batch(images, labels)?;
-        self.forward(n, Pass::Train);
-        self.backward(n);
+        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, hp));
+        if !key.is_some_and(|k| self.be.step_begin(k)) {
+            self.forward(n, Pass::Train);
+            self.backward(n);
+            if let Some(hp) = hp {
+                let p = &self.plan;
+                self.be.sgd(p.params, p.grads, p.momentum, self.net.layout.len, hp);
+            }
+            if let Some(k) = key {
+                self.be.step_end(k);
+            }
+        }
+        self.be.take_error()?;
         self.steps += 1;
         Ok(self.result(n))
     }
@@ -200,6 +216,7 @@ impl<B: Backend> Model<B> {
     pub fn evaluate(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         let n = self.load_batch(images, labels)?;
         self.forward(n, Pass::Eval);
+        self.be.take_error()?;
         Ok(self.result(n))
     }
 
@@ -502,6 +519,13 @@ impl<B: Backend> Model<B> {
 }
 
 /// Dropout site ids: two per dense layer (after each convolution), one per transition.
+/// What a recorded step depends on besides the arena: the batch size and the SGD settings.
+fn step_key(n: usize, hp: Option<Sgd>) -> u64 {
+    let bits =
+        hp.map_or([0; 4], |h| [h.lr.to_bits(), h.momentum.to_bits(), h.weight_decay.to_bits(), h.nesterov as u32]);
+    bits.iter().fold(rng::mix64(n as u64 + hp.is_some() as u64 * (1 << 40)), |k, &b| rng::derive(k, b as u64))
+}
+
 fn site(block: usize, layer: usize) -> u64 {
     ((block as u64) << 32) | (2 * layer as u64)
 }

@@ -301,7 +301,7 @@ impl Plan {
         h: usize,
         w: usize,
         mode: Mode,
-        workspace_len: impl FnOnce(&[ConvShape]) -> usize,
+        workspace_len: impl FnOnce(&[ConvShape]) -> Result<usize>,
     ) -> Result<Plan> {
         if batch == 0 {
             bail!("batch size must be at least 1");
@@ -500,7 +500,7 @@ impl Plan {
             g_logits: ar.take("logits gradient", Category::Scratch, n * classes),
             result: ar.take("loss and correct count", Category::Scratch, 2),
         };
-        let ws = workspace_len(&convs);
+        let ws = workspace_len(&convs)?;
         let workspace = (ar.take("convolution workspace", Category::Workspace, ws), ws);
         Ok(Plan {
             mode,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[macro_use]
+pub mod devices;
 pub mod golden;
 
 use densenet::backend::CpuBackend;

@@ -82,6 +82,11 @@ impl CpuBackend {
         CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: Workspace::default(), threads }
     }
 
+    /// The arena as raw 4-byte words (for the host device's kernels) and its length.
+    pub(crate) fn arena_words(&mut self) -> (*mut u32, usize) {
+        (self.arena.as_mut_ptr().cast(), self.arena.len())
+    }
+
     fn ptr(&mut self) -> Ptr {
         Ptr(self.arena.as_mut_ptr())
     }
@@ -124,9 +129,9 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
-    fn workspace_len(&mut self, convs: &[ConvShape]) -> usize {
+    fn workspace_len(&mut self, convs: &[ConvShape], _batch: usize) -> Result<usize> {
         self.workspace = Workspace::new(convs, self.threads);
-        self.workspace.len()
+        Ok(self.workspace.len())
     }
 
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {

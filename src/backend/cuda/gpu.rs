@@ -1,4 +1,523 @@
-//! The real GPU through cudarc. (In progress.)
+//! The real GPU through cudarc (driver API, NVRTC, cuDNN), all loaded at run time: nothing CUDA
+//! is needed to build or link, and a missing library is a one-line error, never a panic
+//! (cudarc panics when a library it calls is absent, so [`GpuExec::new`] checks each first).
+//!
+//! One stream carries everything: our kernels, cuDNN's convolutions and the copies, so stream
+//! order is program order and a captured graph holds all of it. The device holds one allocation,
+//! the arena; convolution workspaces are carved from it (see `cudnn.rs`, this module's child).
+//!
+//! The kernels are the PTX nvcc built (`kernels::PTX`), or, without it, `kernels::SOURCE`
+//! compiled by NVRTC for the device's architecture when the executor opens
+//! (`DENSENET_FORCE_NVRTC=1` takes that path even when PTX was built, to test it).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaFunction, CudaGraph, CudaStream, DriverError};
+use cudarc::nvrtc;
+
+use super::cudnn;
+use super::kernels;
+use super::launch::{Arg, Exec, Launch};
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, View};
+use crate::{bail, Error, Result};
+
+/// Largest dynamic shared memory a launch may ask for without opting in per kernel.
+const MAX_SHARED: u32 = 48 * 1024;
 
 /// Runs the CUDA backend on a GPU.
-pub struct GpuExec;
+pub struct GpuExec {
+    // Fields drop in this order after `Drop::drop` synchronized and freed the arena: graphs,
+    // cuDNN, kernels (and with them the module), stream, context.
+    graphs: HashMap<u64, Option<CudaGraph>>,
+    convs: cudnn::Convs,
+    kernels: HashMap<&'static str, Kernel>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    /// Device pointer and length in words of the arena, once allocated.
+    arena: Option<(u64, usize)>,
+    capturing: bool,
+    name: String,
+    cc: (i32, i32),
+    cudnn_version: usize,
+    baseline_used: usize,
+}
+
+// SAFETY: the raw handles inside (cuDNN handle and descriptors, CUDA graphs) are only used
+// through `&mut self` or after binding the context to the calling thread, never concurrently;
+// cuDNN and the driver allow a handle to move between threads.
+unsafe impl Send for GpuExec {}
+
+/// A loaded kernel and its parameter sizes in bytes (when the driver can tell them).
+struct Kernel {
+    func: CudaFunction,
+    params: Option<Vec<usize>>,
+}
+
+impl GpuExec {
+    /// Opens GPU `ordinal`: checks the driver, the device, cuDNN and (when the kernels were built
+    /// without nvcc, or `DENSENET_FORCE_NVRTC=1`) NVRTC, then loads the kernels. Every failure is
+    /// a one-line error that says what is missing and how to provide it.
+    pub fn new(ordinal: usize) -> Result<GpuExec> {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { ds::is_culib_present() } {
+            bail!("no CUDA driver (libcuda.so.1 not found): install the NVIDIA driver, or use --device cpu");
+        }
+        dr::init().map_err(|e| {
+            err(format!("the CUDA driver failed to start ({}): is a GPU visible here? Or use --device cpu", errname(e)))
+        })?;
+        let count = dr::device::get_count().map_err(|e| err(format!("cannot count CUDA devices ({})", errname(e))))?;
+        if count <= 0 {
+            bail!("no CUDA GPU found (the driver sees none): use --device cpu");
+        }
+        if ordinal >= count as usize {
+            bail!("no CUDA device {ordinal}: the driver sees {count} (cuda:0 to cuda:{})", count - 1);
+        }
+        let cudnn_version = cudnn::preflight()?;
+        let ptx = kernels::PTX.filter(|_| !std::env::var("DENSENET_FORCE_NVRTC").is_ok_and(|v| v == "1"));
+        if ptx.is_none() && !Self::nvrtc_available() {
+            bail!(
+                "NVRTC not found (libnvrtc.so.13) and the kernels were built without nvcc: pip install \
+                 nvidia-cuda-nvrtc==13.0.88 and add its nvidia/cu13/lib folder to LD_LIBRARY_PATH, or rebuild with \
+                 nvcc on PATH"
+            );
+        }
+        let mut driver_version = 0;
+        // SAFETY: writes one int.
+        unsafe { ds::cuDriverGetVersion(&mut driver_version) }.result().map_err(|e| drv("cuDriverGetVersion", e))?;
+
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv(&format!("opening CUDA device {ordinal}"), e))?;
+        // SAFETY: no CudaSlice is ever created; all work is on one stream, ordered by hand.
+        unsafe { ctx.disable_event_tracking() };
+        let baseline_used = ctx.mem_get_info().map(|(free, total)| total - free).unwrap_or(0);
+        let stream = ctx.new_stream().map_err(|e| drv("creating a CUDA stream", e))?;
+        let cc = ctx.compute_capability().map_err(|e| drv("reading the compute capability", e))?;
+        let name = ctx.name().map_err(|e| drv("reading the device name", e))?;
+
+        let source = if ptx.is_some() { "nvcc at build time" } else { "NVRTC" };
+        let ptx = match ptx {
+            Some(ptx) => ptx.to_string(),
+            None => Self::nvrtc_compile(nvrtc_arch((cc.0 * 10 + cc.1) as u32)?)?,
+        };
+        let module =
+            ctx.load_module(nvrtc::Ptx::from_src(ptx)).map_err(|e| module_error(e, cc, driver_version, source))?;
+        let mut loaded = HashMap::new();
+        for &k in kernels::NAMES {
+            let func = module.load_function(k).map_err(|e| {
+                err(format!("kernel {k} is not in the loaded module ({}): kernels must be extern \"C\"", errname(e)))
+            })?;
+            let params = (driver_version >= 12040).then(|| param_sizes(&func)).filter(|p| !p.is_empty());
+            loaded.insert(k, Kernel { func, params });
+        }
+        let convs = cudnn::Convs::new(&stream)?;
+        Ok(GpuExec {
+            graphs: HashMap::new(),
+            convs,
+            kernels: loaded,
+            stream,
+            ctx,
+            arena: None,
+            capturing: false,
+            name,
+            cc,
+            cudnn_version,
+            baseline_used,
+        })
+    }
+
+    /// Whether the NVRTC library can be loaded (it is looked up as `libnvrtc.so.13` and the
+    /// like through the dynamic loader, so `LD_LIBRARY_PATH` decides).
+    pub fn nvrtc_available() -> bool {
+        // SAFETY: only tries to dlopen the library.
+        unsafe { nvrtc::sys::is_culib_present() }
+    }
+
+    /// PTX of the kernels (`kernels::SOURCE`) for virtual architecture `compute_{arch}` (e.g.
+    /// 90), compiled by NVRTC with the options the GPU path uses; cached per architecture.
+    /// Needs only NVRTC, no driver or GPU.
+    pub fn nvrtc_compile(arch: u32) -> Result<String> {
+        static CACHE: OnceLock<Mutex<HashMap<u32, String>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(ptx) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&arch) {
+            return Ok(ptx.clone());
+        }
+        if !Self::nvrtc_available() {
+            bail!("NVRTC not found (libnvrtc.so.13): add the folder holding it (pip's nvidia/cu13/lib) to LD_LIBRARY_PATH");
+        }
+        let opts = nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture=compute_{arch}"), "-default-device".into(), "--std=c++17".into()],
+            name: Some("kernels.cu".into()),
+            ..Default::default()
+        };
+        let ptx = nvrtc::compile_ptx_with_opts(kernels::SOURCE, opts).map_err(|e| match e {
+            nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
+                let log = log.to_string_lossy();
+                let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).take(8).collect();
+                err(format!(
+                    "NVRTC failed to compile the kernels for compute_{arch} ({nvrtc:?}): {}",
+                    errors.join(" | ")
+                ))
+            }
+            other => err(format!("NVRTC failed for compute_{arch}: {other:?}")),
+        })?;
+        let ptx = ptx.to_src();
+        cache.lock().unwrap_or_else(|p| p.into_inner()).insert(arch, ptx.clone());
+        Ok(ptx)
+    }
+
+    /// Bytes this executor allocated on the device (the arena; zero before `allocate`).
+    pub fn device_bytes(&self) -> usize {
+        self.arena.map_or(0, |(_, words)| words.max(1) * 4)
+    }
+
+    /// Device memory in use now, by every process and context, as the driver counts it
+    /// (total minus free); `None` if the driver cannot tell.
+    pub fn driver_used_bytes(&self) -> Option<usize> {
+        self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
+    }
+
+    /// [`GpuExec::driver_used_bytes`] right after the context was created, before the kernels,
+    /// cuDNN and the arena: subtract it for what this process added.
+    pub fn baseline_used_bytes(&self) -> usize {
+        self.baseline_used
+    }
+
+    /// Device address of arena word `off`, checking that `len` words from it are inside.
+    fn addr(&self, off: usize, len: usize, what: &str) -> Result<u64> {
+        let Some((base, words)) = self.arena else { bail!("{what}: the GPU arena is not allocated yet") };
+        match off.checked_add(len) {
+            Some(end) if end <= words => Ok(base + 4 * off as u64),
+            _ => bail!("{what}: words {off}..{off}+{len} are outside the arena of {words} words"),
+        }
+    }
+
+    /// The arena address of a view's first element, after checking the whole view is inside.
+    fn view_addr(&self, v: View, what: &str) -> Result<u64> {
+        self.addr(v.off, v.end() - v.off, what)
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| drv("binding the CUDA context", e))
+    }
+
+    fn sync(&self, what: &str) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv(what, e))
+    }
+
+    /// Checks and resolves one convolution call: (x/gx address, w address, y/gy address).
+    fn conv_args(&self, x: View, w: usize, y: View, spec: ConvSpec, what: &str) -> Result<(u64, u64, u64)> {
+        let fits = spec.stride > 0 && spec.k > 0 && x.h + 2 * spec.pad >= spec.k && x.w + 2 * spec.pad >= spec.k;
+        if !fits || x.n != y.n || spec.out(x.h) != y.h || spec.out(x.w) != y.w {
+            bail!("{what}: views {x:?} and {y:?} do not match {spec:?}");
+        }
+        let wx = self.addr(w, y.c * x.c * spec.k * spec.k, what)?;
+        Ok((self.view_addr(x, what)?, wx, self.view_addr(y, what)?))
+    }
+}
+
+impl Drop for GpuExec {
+    fn drop(&mut self) {
+        let _ = self.bind();
+        if self.capturing {
+            // SAFETY: ends the capture this executor began on its own stream.
+            if let Ok(g) = unsafe { dr::stream::end_capture(self.stream.cu_stream()) } {
+                if !g.is_null() {
+                    // SAFETY: the graph was just returned by the driver and is not used again.
+                    let _ = unsafe { dr::graph::destroy(g) };
+                }
+            }
+        }
+        let _ = self.stream.synchronize();
+        if let Some((ptr, _)) = self.arena.take() {
+            // SAFETY: allocated by `allocate`, all work that used it has finished.
+            let _ = unsafe { dr::free_sync(ptr) };
+        }
+    }
+}
+
+impl Exec for GpuExec {
+    fn memory(&self) -> DeviceMemory {
+        let process = self.driver_used_bytes().map(|u| u.saturating_sub(self.baseline_used));
+        DeviceMemory { allocated: self.device_bytes(), process }
+    }
+
+    fn describe(&self) -> String {
+        let v = self.cudnn_version;
+        format!(
+            "cuda:{} ({}, sm_{}{}, cuDNN {}.{}.{})",
+            self.ctx.ordinal(),
+            self.name,
+            self.cc.0,
+            self.cc.1,
+            v / 10000,
+            v / 100 % 100,
+            v % 100
+        )
+    }
+
+    fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
+        self.bind()?;
+        let bytes = self.convs.plan(convs, batch)?;
+        Ok(bytes.div_ceil(4))
+    }
+
+    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
+        if self.arena.is_some() {
+            bail!("the GPU arena is already allocated");
+        }
+        if conv_ws.0.checked_add(conv_ws.1).is_none_or(|end| end > len) {
+            bail!("convolution workspace {conv_ws:?} is outside the arena of {len} words");
+        }
+        self.bind()?;
+        let bytes = len.max(1) * 4;
+        // SAFETY: a plain device allocation, freed in Drop.
+        let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            err(format!(
+                "cannot allocate the {:.1} MiB GPU arena ({}): {:.1} MiB free of {:.1} MiB; use a smaller batch or --memory minimal",
+                mib(bytes),
+                errname(e),
+                mib(free),
+                mib(total)
+            ))
+        })?;
+        self.arena = Some((ptr, len));
+        // SAFETY: `ptr` holds `bytes` bytes.
+        unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| drv("zeroing the arena", e))?;
+        self.sync("zeroing the arena")?;
+        self.convs.set_workspace(ptr + 4 * conv_ws.0 as u64, conv_ws.1 * 4);
+        Ok(())
+    }
+
+    fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
+        let dst = self.addr(off, data.len(), "write")?;
+        if self.capturing {
+            bail!("write to the GPU arena during graph capture (copies from host memory cannot be captured)");
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `dst` holds `data.len()` words (checked); the sync below keeps `data` alive
+        // until the copy has finished.
+        unsafe { dr::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying to the GPU", e))?;
+        self.sync("copying to the GPU")
+    }
+
+    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()> {
+        let src = self.addr(off, out.len(), "read")?;
+        if self.capturing {
+            bail!("read from the GPU arena during graph capture");
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `src` holds `out.len()` words (checked); the sync below completes the copy
+        // before `out` is released.
+        unsafe { dr::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying from the GPU", e))?;
+        self.sync("copying from the GPU (or an earlier kernel failed)")
+    }
+
+    fn launch(&mut self, l: &Launch) -> Result<()> {
+        let Some(k) = self.kernels.get(l.kernel) else { bail!("no kernel named {} in kernels/*.cu", l.kernel) };
+        let threads: u64 = l.block.iter().map(|&b| b as u64).product();
+        if threads == 0 || threads > 1024 || l.block[2] > 64 {
+            bail!("{}: block {:?} is not 1 to 1024 threads", l.kernel, l.block);
+        }
+        if l.grid.contains(&0) || l.grid[0] > i32::MAX as u32 || l.grid[1] > 65535 || l.grid[2] > 65535 {
+            bail!("{}: grid {:?} is out of range", l.kernel, l.grid);
+        }
+        if l.shared > MAX_SHARED {
+            bail!("{}: {} bytes of shared memory, more than {MAX_SHARED}", l.kernel, l.shared);
+        }
+        if let Some(params) = &k.params {
+            let sizes: Vec<usize> = l.args.iter().map(arg_size).collect();
+            if &sizes != params {
+                bail!("{}: argument sizes {sizes:?} do not match the kernel's parameters {params:?}", l.kernel);
+            }
+        }
+        let mut slots = Vec::with_capacity(l.args.len());
+        for a in l.args {
+            slots.push(match *a {
+                Arg::Buf { off, len } => self.addr(off, len, l.kernel)?,
+                Arg::I32(v) => low(v.to_ne_bytes()),
+                Arg::U32(v) => low(v.to_ne_bytes()),
+                Arg::F32(v) => low(v.to_ne_bytes()),
+                Arg::U64(v) => v,
+            });
+        }
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        self.bind()?;
+        let (g, b) = (l.grid, l.block);
+        // SAFETY: the function is from our module; each parameter points at a value of the size
+        // the kernel expects (checked above when the driver can tell), buffers are inside the
+        // arena, and `slots` outlives the call (the driver copies parameters at launch).
+        unsafe {
+            dr::launch_kernel(
+                k.func.cu_function(),
+                (g[0], g[1], g[2]),
+                (b[0], b[1], b[2]),
+                l.shared,
+                self.stream.cu_stream(),
+                &mut ptrs,
+            )
+        }
+        .map_err(|e| err(format!("launching {} failed: {}", l.kernel, errname(e))))
+    }
+
+    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()> {
+        let (px, pw, py) = self.conv_args(x, w, y, spec, "conv_forward")?;
+        self.bind()?;
+        self.convs.forward(x, px, pw, y, py, spec)
+    }
+
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()> {
+        let (px, pw, py) = self.conv_args(gx, w, gy, spec, "conv_backward_data")?;
+        self.bind()?;
+        self.convs.backward_data(gx, px, pw, gy, py, spec)
+    }
+
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()> {
+        let (px, pw, py) = self.conv_args(x, gw, gy, spec, "conv_backward_filter")?;
+        self.bind()?;
+        self.convs.backward_filter(x, px, pw, gy, py, spec)
+    }
+
+    fn capture_begin(&mut self) -> Result<()> {
+        if self.capturing {
+            bail!("capture_begin while a capture is already running");
+        }
+        self.stream
+            .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| drv("starting a CUDA graph capture", e))?;
+        self.capturing = true;
+        Ok(())
+    }
+
+    fn capture_end(&mut self, key: u64) -> Result<()> {
+        if !self.capturing {
+            bail!("capture_end without capture_begin");
+        }
+        self.capturing = false;
+        let graph = self.stream.end_capture(ds::CUgraphInstantiate_flags(0)).map_err(|e| {
+            err(format!(
+                "CUDA graph capture failed ({}): something queued during the capture cannot be captured",
+                errname(e)
+            ))
+        })?;
+        if let Some(g) = &graph {
+            g.launch().map_err(|e| drv("launching a CUDA graph", e))?;
+        }
+        self.graphs.insert(key, graph);
+        Ok(())
+    }
+
+    fn replay(&mut self, key: u64) -> Result<bool> {
+        match self.graphs.get(&key) {
+            None => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(g)) => {
+                g.launch().map_err(|e| drv("launching a CUDA graph", e))?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// The newest architecture NVRTC supports that runs on a device of architecture `device`
+/// (e.g. 90 for sm_90).
+fn nvrtc_arch(device: u32) -> Result<u32> {
+    let mut n = 0;
+    // SAFETY: NVRTC is loaded (checked by the caller); the calls write `n` ints.
+    let archs = unsafe {
+        nvrtc::sys::nvrtcGetNumSupportedArchs(&mut n);
+        let mut v = vec![0; n.max(0) as usize];
+        nvrtc::sys::nvrtcGetSupportedArchs(v.as_mut_ptr());
+        v
+    };
+    if archs.is_empty() {
+        return Ok(device);
+    }
+    match archs.iter().map(|&a| a as u32).filter(|&a| a <= device).max() {
+        Some(a) => Ok(a),
+        None => bail!(
+            "this NVRTC does not support sm_{device} (oldest it knows: sm_{}): use an older CUDA's NVRTC",
+            archs[0]
+        ),
+    }
+}
+
+/// The parameter sizes of `f` in bytes, as the driver reports them (empty when it cannot).
+fn param_sizes(f: &CudaFunction) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    for i in 0..256 {
+        let (mut off, mut size) = (0, 0);
+        // SAFETY: `f` is a loaded function; the call writes two integers or fails past the end.
+        let r = unsafe { ds::cuFuncGetParamInfo(f.cu_function(), i, &mut off, &mut size) };
+        if r != ds::CUresult::CUDA_SUCCESS {
+            break;
+        }
+        sizes.push(size);
+    }
+    sizes
+}
+
+/// Bytes of a kernel parameter.
+fn arg_size(a: &Arg) -> usize {
+    match a {
+        Arg::Buf { .. } | Arg::U64(_) => 8,
+        Arg::I32(_) | Arg::U32(_) | Arg::F32(_) => 4,
+    }
+}
+
+/// A 64-bit slot whose first four bytes in memory are `b`.
+fn low(b: [u8; 4]) -> u64 {
+    let mut s = [0; 8];
+    s[..4].copy_from_slice(&b);
+    u64::from_ne_bytes(s)
+}
+
+/// The module failed to load: say why in terms of what to change.
+fn module_error(e: DriverError, cc: (i32, i32), driver: i32, source: &str) -> Error {
+    match e.0 {
+        ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => err(format!(
+            "the CUDA driver ({}.{}) is older than the PTX from {source}: update the NVIDIA driver, or build with the \
+             nvcc of a CUDA no newer than the driver",
+            driver / 1000,
+            driver % 1000 / 10
+        )),
+        ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU | ds::CUresult::CUDA_ERROR_INVALID_PTX => err(format!(
+            "the kernels' PTX (from {source}) does not run on sm_{}{} ({}): rebuild with DENSENET_CUDA_ARCH unset or \
+             set to sm_{}{}",
+            cc.0,
+            cc.1,
+            errname(e),
+            cc.0,
+            cc.1
+        )),
+        _ => drv("loading the kernels", e),
+    }
+}
+
+fn err(msg: String) -> Error {
+    Error(msg)
+}
+
+/// A driver error as `what failed: CUDA_ERROR_...`.
+fn drv(what: &str, e: DriverError) -> Error {
+    err(format!("{what} failed: {}", errname(e)))
+}
+
+/// The driver's name for an error (`CUDA_ERROR_OUT_OF_MEMORY`).
+fn errname(e: DriverError) -> String {
+    e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0))
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}

@@ -1,7 +1,7 @@
 //! One launch description for both ways a kernel runs: the real GPU (cudarc) and the host
 //! execution layer (`kernels/host/`), so the configuration the GPU gets is the one tested.
 
-use crate::backend::{ConvShape, ConvSpec, View};
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, View};
 use crate::Result;
 
 /// A kernel argument, in the kernel's parameter order.
@@ -52,10 +52,12 @@ pub trait Exec {
     /// Allocates the zeroed arena of `len` words, the only allocation; `conv_ws` is the
     /// (offset, words) region reserved for the convolutions.
     fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()>;
+    /// The arena's bytes, and what the process added on the device as the driver counts it.
+    fn memory(&self) -> DeviceMemory;
     /// Copies host words into the arena (f32 or u32 bit patterns).
-    fn write(&mut self, off: usize, data: &[u32]);
+    fn write(&mut self, off: usize, data: &[u32]) -> Result<()>;
     /// Copies arena words at `off` into `out`, after all queued work.
-    fn read_into(&mut self, off: usize, out: &mut [u32]);
+    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()>;
     /// Queues a kernel launch.
     fn launch(&mut self, launch: &Launch) -> Result<()>;
     /// `y = conv(x, w)`, no bias; `w` is [cout, cin, k, k].

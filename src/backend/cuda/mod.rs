@@ -4,11 +4,17 @@
 //! host execution layer, the convolutions on the CPU backend), so the backend's own code runs
 //! in every `cargo test`.
 
+mod backend;
+mod cudnn;
 mod gpu;
+mod host;
 mod hostlayer;
 mod launch;
 
+pub use backend::CudaBackend;
 pub use gpu::GpuExec;
+pub use host::HostExec;
+pub use hostlayer::{host_launch, host_launch_timeout};
 pub use launch::{Arg, Exec, Launch};
 
 /// The kernels as built by build.rs: source, PTX if nvcc was found, and names.

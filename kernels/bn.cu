@@ -1,0 +1,99 @@
+// Batch norm: per-channel batch statistics (computed once per channel group and reused by every
+// later layer's BN), the running-statistics update, BN-apply + ReLU, and the fused backward
+// (ReLU mask recomputed from x, BN backward, accumulation into the block gradient buffer).
+// One block per channel for the reductions; sums are per-thread f32 partials added in f64.
+#include "dn.cuh"
+
+#define DN_BN_EPS 1e-5f
+
+// Channel blockIdx.x of a view: mean and biased variance over n images of hw pixels, as
+// sums of x - shift and (x - shift)^2 with shift the channel's first value.
+extern "C" __global__ void bn_stats(Buf<const float> x, int n, int hw, u64 stride, Buf<float> mean, Buf<float> var) {
+    DN_SHARED(double, s);
+    const int c = blockIdx.x;
+    const u64 base = (u64)c * hw, count = (u64)n * hw;
+    const float shift = x[base];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (u64 j = threadIdx.x; j < count; j += blockDim.x) {
+        const u64 img = j / hw;
+        const float d = x[base + img * stride + (j - img * hw)] - shift;
+        s1 += d;
+        s2 += d * d;
+    }
+    double a = s1, b = s2;
+    block_sum2(s, a, b);
+    if (threadIdx.x == 0) {
+        const double m = a / (double)count;
+        mean[c] = (float)((double)shift + m);
+        var[c] = (float)fmax(b / (double)count - m * m, 0.0);
+    }
+}
+
+// running = (1 - m) running + m batch, the variance scaled by `unbias` = count / (count - 1).
+extern "C" __global__ void bn_update_running(Buf<const float> mean, Buf<const float> var, Buf<float> running_mean,
+                                  Buf<float> running_var, int c, float unbias, float momentum) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < c) {
+        running_mean[i] = (1.0f - momentum) * running_mean[i] + momentum * mean[i];
+        running_var[i] = (1.0f - momentum) * running_var[i] + momentum * var[i] * unbias;
+    }
+}
+
+// gamma / sqrt(var + eps) and beta - mean * scale of channel c.
+template <class P>
+__device__ void bn_affine(P mean, P var, P gamma, P beta, int c, float& scale, float& shift, float& inv_std) {
+    inv_std = 1.0f / sqrtf(var[c] + DN_BN_EPS);
+    scale = gamma[c] * inv_std;
+    shift = beta[c] - mean[c] * scale;
+}
+
+// y = relu(x * scale + shift) over a view of n images x c channels x hw pixels (flattened).
+extern "C" __global__ void bn_relu(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int hw,
+                        Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
+                        Buf<const float> beta) {
+    const u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x, chw = (u64)c * hw;
+    if (i >= (u64)n * chw) return;
+    const u64 img = i / chw, r = i - img * chw;
+    const int ch = (int)(r / hw);
+    float scale, shift, inv_std;
+    bn_affine(mean, var, gamma, beta, ch, scale, shift, inv_std);
+    y[img * y_stride + r] = fmaxf(x[img * x_stride + r] * scale + shift, 0.0f);
+}
+
+// Backward of bn_relu for channel blockIdx.x with batch statistics: gm = g where the forward
+// output was positive; dbeta = sum gm, dgamma = sum gm * xhat; dx = gamma inv_std (gm -
+// mean(gm) - xhat mean(gm xhat)), written or added to dx. dx may be g itself (in place).
+extern "C" __global__ void bn_relu_backward(Buf<const float> g, u64 g_stride, Buf<const float> x, u64 x_stride,
+                                 Buf<float> dx, u64 dx_stride, int n, int hw, Buf<const float> mean,
+                                 Buf<const float> var, Buf<const float> gamma, Buf<const float> beta,
+                                 Buf<float> dgamma, Buf<float> dbeta, int accumulate) {
+    DN_SHARED(double, s);
+    const int c = blockIdx.x;
+    const u64 base = (u64)c * hw, count = (u64)n * hw;
+    float scale, shift, inv_std;
+    bn_affine(mean, var, gamma, beta, c, scale, shift, inv_std);
+    const float mu = mean[c];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (u64 j = threadIdx.x; j < count; j += blockDim.x) {
+        const u64 img = j / hw, p = base + (j - img * hw);
+        const float xv = x[img * x_stride + p];
+        const float gm = xv * scale + shift > 0.0f ? g[img * g_stride + p] : 0.0f;
+        s1 += gm;
+        s2 += gm * ((xv - mu) * inv_std);
+    }
+    double a = s1, b = s2;
+    block_sum2(s, a, b);
+    if (threadIdx.x == 0) {
+        dbeta[c] = (float)a;
+        dgamma[c] = (float)b;
+    }
+    const float mg = (float)(a / (double)count), mgx = (float)(b / (double)count), k = gamma[c] * inv_std;
+    for (u64 j = threadIdx.x; j < count; j += blockDim.x) {
+        const u64 img = j / hw, p = base + (j - img * hw);
+        const float xv = x[img * x_stride + p];
+        const float gm = xv * scale + shift > 0.0f ? g[img * g_stride + p] : 0.0f;
+        const float v = k * (gm - mg - (xv - mu) * inv_std * mgx);
+        const u64 o = img * dx_stride + p;
+        dx[o] = accumulate ? dx[o] + v : v;
+    }
+}

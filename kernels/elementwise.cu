@@ -1,0 +1,43 @@
+// Elementwise ops: view copies, dropout with the counter-based RNG of src/rng.rs, and the SGD
+// update over the flat parameter buffer. One thread per element, 1-D grids.
+#include "dn.cuh"
+
+// dst = src for n images of `len` contiguous floats each.
+extern "C" __global__ void copy_images(Buf<const float> src, u64 src_stride, Buf<float> dst, u64 dst_stride, int n, u64 len) {
+    const u64 i = dn_index();
+    if (i >= (u64)n * len) return;
+    const u64 img = i / len, r = i - img * len;
+    dst[img * dst_stride + r] = src[img * src_stride + r];
+}
+
+// SplitMix64's finalizer (rng::mix64).
+__device__ __forceinline__ u64 dn_mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// Uniform in [0, 1) with 24 bits: element `index` of stream `key` (rng::uniform).
+__device__ __forceinline__ float dn_uniform(u64 key, u64 index) {
+    return (float)(dn_mix64(key + index * 0x9e3779b97f4a7c15ULL) >> 40) * (1.0f / 16777216.0f);
+}
+
+// In place: x = 0 where uniform(key, i) < p, else x * keep; i is the logical NCHW index over
+// n images of `len` floats.
+extern "C" __global__ void dropout(Buf<float> x, u64 stride, int n, u64 len, float p, float keep, u64 key) {
+    const u64 i = dn_index();
+    if (i >= (u64)n * len) return;
+    const u64 img = i / len, o = img * stride + (i - img * len);
+    x[o] = dn_uniform(key, i) < p ? 0.0f : x[o] * keep;
+}
+
+// torch.optim.SGD: d = g + wd p; m = mu m + d; p -= lr (nesterov ? d + mu m : m).
+extern "C" __global__ void sgd(Buf<float> params, Buf<const float> grads, Buf<float> momentum, u64 len, float lr, float mu,
+                    float weight_decay, int nesterov) {
+    const u64 i = dn_index();
+    if (i >= len) return;
+    const float p = params[i], d = grads[i] + weight_decay * p;
+    const float m = mu * momentum[i] + d;
+    momentum[i] = m;
+    params[i] = p - lr * (nesterov ? d + mu * m : m);
+}

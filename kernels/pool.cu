@@ -1,0 +1,106 @@
+// Pooling forward and backward: 2x2 average (transitions), 3x3/2 max with padding 1 (the
+// ImageNet stem) and global average (the head). One thread per output element; backward
+// passes gather, so no atomics and bitwise-reproducible results.
+#include "dn.cuh"
+
+// y = mean of each 2x2 window of x (h x w in, h/2 x w/2 out).
+extern "C" __global__ void avg_pool2(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int h,
+                          int w) {
+    const int oh = h / 2, ow = w / 2;
+    const u64 i = dn_index();
+    if (i >= (u64)n * c * oh * ow) return;
+    u64 img, plane;
+    int p;
+    dn_split(i, c, oh * ow, img, plane, p);
+    const int oy = p / ow, ox = p - oy * ow;
+    const u64 s = img * x_stride + plane * h * w + (u64)(2 * oy) * w + 2 * ox;
+    y[img * y_stride + plane * oh * ow + p] = 0.25f * (x[s] + x[s + 1] + x[s + w] + x[s + w + 1]);
+}
+
+// gx = gy / 4 spread over each window (0 where no window covers a pixel: odd sizes).
+extern "C" __global__ void avg_pool2_backward(Buf<const float> gy, u64 gy_stride, Buf<float> gx, u64 gx_stride, int n, int c,
+                                   int h, int w) {
+    const int oh = h / 2, ow = w / 2;
+    const u64 i = dn_index();
+    if (i >= (u64)n * c * h * w) return;
+    u64 img, plane;
+    int p;
+    dn_split(i, c, h * w, img, plane, p);
+    const int iy = p / w, ix = p - iy * w, oy = iy / 2, ox = ix / 2;
+    const bool covered = oy < oh && ox < ow;
+    gx[img * gx_stride + plane * h * w + p] =
+        covered ? 0.25f * gy[img * gy_stride + plane * oh * ow + (u64)oy * ow + ox] : 0.0f;
+}
+
+// Flat index (in the plane) of the first maximum of 3x3/2 window (oy, ox), padding 1 (padding
+// never wins; NaN wins as on the CPU).
+template <class P>
+__device__ int dn_argmax3(P x, u64 plane, int h, int w, int oy, int ox) {
+    float best = -INFINITY;
+    int arg = -1;
+    for (int iy = max(2 * oy - 1, 0); iy < min(2 * oy + 2, h); iy++) {
+        for (int ix = max(2 * ox - 1, 0); ix < min(2 * ox + 2, w); ix++) {
+            const float v = x[plane + (u64)iy * w + ix];
+            if (v > best || arg < 0 || v != v) {
+                best = v;
+                arg = iy * w + ix;
+            }
+        }
+    }
+    return arg;
+}
+
+// y = max over each 3x3/2 window with padding 1.
+extern "C" __global__ void max_pool3(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int h,
+                          int w) {
+    const int oh = (h - 1) / 2 + 1, ow = (w - 1) / 2 + 1;
+    const u64 i = dn_index();
+    if (i >= (u64)n * c * oh * ow) return;
+    u64 img, plane;
+    int p;
+    dn_split(i, c, oh * ow, img, plane, p);
+    const int oy = p / ow, ox = p - oy * ow;
+    const u64 xp = img * x_stride + plane * h * w;
+    y[img * y_stride + plane * oh * ow + p] = x[xp + dn_argmax3(x, xp, h, w, oy, ox)];
+}
+
+// gx[pixel] = sum of gy over the windows whose first maximum is this pixel.
+extern "C" __global__ void max_pool3_backward(Buf<const float> x, u64 x_stride, Buf<const float> gy, u64 gy_stride,
+                                   Buf<float> gx, u64 gx_stride, int n, int c, int h, int w) {
+    const int oh = (h - 1) / 2 + 1, ow = (w - 1) / 2 + 1;
+    const u64 i = dn_index();
+    if (i >= (u64)n * c * h * w) return;
+    u64 img, plane;
+    int p;
+    dn_split(i, c, h * w, img, plane, p);
+    const int iy = p / w, ix = p - iy * w;
+    const u64 xp = img * x_stride + plane * h * w, gp = img * gy_stride + plane * oh * ow;
+    float sum = 0.0f;
+    // Windows covering row iy: 2 oy - 1 <= iy <= 2 oy + 1.
+    for (int oy = iy / 2; oy <= min((iy + 1) / 2, oh - 1); oy++) {
+        for (int ox = ix / 2; ox <= min((ix + 1) / 2, ow - 1); ox++) {
+            if (dn_argmax3(x, xp, h, w, oy, ox) == p) sum += gy[gp + (u64)oy * ow + ox];
+        }
+    }
+    gx[img * gx_stride + plane * h * w + p] = sum;
+}
+
+// y[img * c + plane] = mean of the plane (summed in f64).
+extern "C" __global__ void global_avg_pool(Buf<const float> x, u64 x_stride, Buf<float> y, int n, int c, int hw) {
+    const u64 i = dn_index();
+    if (i >= (u64)n * c) return;
+    const u64 img = i / c, o = img * x_stride + (i - img * c) * hw;
+    double s = 0.0;
+    for (int p = 0; p < hw; p++) s += x[o + p];
+    y[i] = (float)(s / hw);
+}
+
+// gx = gy[img * c + plane] / hw over the plane.
+extern "C" __global__ void global_avg_pool_backward(Buf<const float> gy, Buf<float> gx, u64 gx_stride, int n, int c, int hw) {
+    const u64 i = dn_index();
+    if (i >= (u64)n * c * hw) return;
+    u64 img, plane;
+    int p;
+    dn_split(i, c, hw, img, plane, p);
+    gx[img * gx_stride + plane * hw + p] = gy[img * c + plane] / (float)hw;
+}

@@ -1,0 +1,432 @@
+//! [`CudaBackend`]: every [`Backend`] op as launches of our kernels and [`Exec`] convolutions,
+//! on one planned arena.
+//!
+//! The device allocation is the plan's arena followed by the labels (the plan counts both).
+//! The plan's convolution workspace region holds, in order: the BN-ReLU input of fused
+//! convolutions (cuDNN cannot apply BN-ReLU while loading its input, so `pre` is applied into
+//! this scratch first) and the executor's convolution workspace.
+
+use super::launch::{Arg, Exec, Launch};
+use crate::backend::{Backend, Bn, ConvShape, ConvSpec, DeviceMemory, Sgd, View};
+use crate::Result;
+use std::collections::HashSet;
+
+/// Threads per block of every launch (kernels/dn.cuh `DN_BLOCK`).
+const BLOCK: u32 = 256;
+/// Shared bytes of the block reductions: two f64 per thread.
+const REDUCE_SHARED: u32 = 2 * 8 * BLOCK;
+
+/// The CUDA backend over an executor (a GPU or the host device).
+pub struct CudaBackend<E: Exec> {
+    exec: E,
+    len: usize,
+    /// Floats of the fused-BN scratch (largest convolution input at the planned batch).
+    pre_len: usize,
+    /// Words of the executor's convolution workspace.
+    conv_len: usize,
+    /// Offsets of the scratch and of the labels, after the plan's arena (set by `allocate`).
+    pre: usize,
+    labels: usize,
+    max_batch: usize,
+    n_labels: usize,
+    error: Option<crate::Error>,
+    /// Whether training steps are recorded once and replayed (CUDA graphs).
+    graphs: bool,
+    /// Keys of the recorded steps.
+    recorded: HashSet<u64>,
+}
+
+/// A buffer argument covering a view.
+fn view_arg(v: View) -> Arg {
+    Arg::Buf { off: v.off, len: v.end() - v.off }
+}
+
+/// A buffer argument of `len` words at `off`.
+fn buf(off: usize, len: usize) -> Arg {
+    Arg::Buf { off, len }
+}
+
+/// A 1-D launch configuration covering `total` threads.
+fn grid(total: usize) -> [u32; 3] {
+    [total.div_ceil(BLOCK as usize).max(1) as u32, 1, 1]
+}
+
+fn int(v: usize) -> Arg {
+    Arg::I32(i32::try_from(v).expect("size fits the kernels' int"))
+}
+
+fn long(v: usize) -> Arg {
+    Arg::U64(v as u64)
+}
+
+impl<E: Exec> CudaBackend<E> {
+    /// A backend running on `exec`.
+    pub fn new(exec: E) -> Self {
+        CudaBackend {
+            exec,
+            len: 0,
+            pre_len: 0,
+            conv_len: 0,
+            pre: 0,
+            labels: 0,
+            max_batch: 0,
+            n_labels: 0,
+            error: None,
+            graphs: true,
+            recorded: HashSet::new(),
+        }
+    }
+
+    /// Turns the recording and replay of training steps (CUDA graphs) on or off; on by
+    /// default, off issues every op of every step (for debugging and profiling).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+    }
+
+    /// The executor.
+    pub fn exec(&self) -> &E {
+        &self.exec
+    }
+
+    /// Records the first error of an op (reported by [`Backend::take_error`]).
+    fn record(&mut self, r: Result<()>) {
+        if let (Err(e), None) = (r, &self.error) {
+            self.error = Some(e);
+        }
+    }
+
+    fn run(&mut self, kernel: &'static str, grid: [u32; 3], shared: u32, args: &[Arg]) {
+        let r = self.exec.launch(&Launch { kernel, grid, block: [BLOCK, 1, 1], shared, args });
+        self.record(r);
+    }
+
+    /// Flattened elementwise launch over `total` elements.
+    fn run_flat(&mut self, kernel: &'static str, total: usize, args: &[Arg]) {
+        self.run(kernel, grid(total), 0, args);
+    }
+
+    fn check_view(&self, v: View) {
+        assert!(v.end() <= self.len, "view {v:?} outside the arena ({})", self.len);
+        assert!(v.n <= 1 || v.img_stride >= v.c * v.hw(), "view {v:?} has overlapping images");
+    }
+
+    fn bn_args(bn: Bn, c: usize) -> [Arg; 4] {
+        [buf(bn.mean, c), buf(bn.var, c), buf(bn.gamma, c), buf(bn.beta, c)]
+    }
+
+    /// `relu(bn(x))` into `y`.
+    fn launch_bn_relu(&mut self, x: View, bn: Bn, y: View) {
+        let [m, v, g, b] = Self::bn_args(bn, x.c);
+        let args = [
+            view_arg(x),
+            long(x.img_stride),
+            view_arg(y),
+            long(y.img_stride),
+            int(x.n),
+            int(x.c),
+            int(x.hw()),
+            m,
+            v,
+            g,
+            b,
+        ];
+        self.run_flat("bn_relu", x.numel(), &args);
+    }
+
+    /// A pooling forward `x -> y` with one thread per output element.
+    fn pool(&mut self, kernel: &'static str, x: View, y: View, outputs: usize) {
+        self.check_view(x);
+        self.check_view(y);
+        let args =
+            [view_arg(x), long(x.img_stride), view_arg(y), long(y.img_stride), int(x.n), int(x.c), int(x.h), int(x.w)];
+        self.run_flat(kernel, outputs, &args);
+    }
+
+    /// The convolution input: `x` itself, or `relu(bn(x))` in the scratch.
+    fn conv_input(&mut self, x: View, pre: Option<Bn>) -> View {
+        let Some(bn) = pre else { return x };
+        assert!(x.numel() <= self.pre_len, "fused input {x:?} larger than the scratch");
+        let y = View::dense(self.pre, x.n, x.c, x.h, x.w);
+        self.launch_bn_relu(x, bn, y);
+        y
+    }
+}
+
+impl<E: Exec> Backend for CudaBackend<E> {
+    fn describe(&self) -> String {
+        self.exec.describe()
+    }
+
+    fn workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
+        self.pre_len = batch * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
+        self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
+        Ok(self.pre_len + self.conv_len)
+    }
+
+    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
+        assert_eq!(workspace.1, self.pre_len + self.conv_len, "workspace not laid out by workspace_len");
+        self.pre = workspace.0;
+        self.labels = len;
+        self.max_batch = max_batch;
+        self.len = len;
+        self.exec.allocate(len + max_batch, (self.pre + self.pre_len, self.conv_len))
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        Some(self.exec.memory())
+    }
+
+    fn take_error(&mut self) -> Result<()> {
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn step_begin(&mut self, key: u64) -> bool {
+        if !self.graphs {
+            return false;
+        }
+        if self.recorded.contains(&key) {
+            let r = self.exec.replay(key).map(drop);
+            self.record(r);
+            return true;
+        }
+        if let Err(e) = self.exec.capture_begin() {
+            eprintln!("warning: running steps without graphs: {e}");
+            self.graphs = false;
+        }
+        false
+    }
+
+    fn step_end(&mut self, key: u64) {
+        if !self.graphs {
+            return;
+        }
+        let r = self.exec.capture_end(key);
+        if r.is_ok() {
+            self.recorded.insert(key);
+        }
+        self.record(r);
+    }
+
+    fn write(&mut self, off: usize, data: &[f32]) {
+        let r = self.exec.write(off, bytemuck::cast_slice(data));
+        self.record(r);
+    }
+
+    fn read_into(&self, off: usize, out: &mut [f32]) {
+        if let Err(e) = self.exec.read_into(off, bytemuck::cast_slice_mut(out)) {
+            // `read_into` cannot return the error; NaN makes any use of the data fail loudly.
+            out.fill(f32::NAN);
+            eprintln!("error: {e}");
+        }
+    }
+
+    fn set_labels(&mut self, labels: &[u32]) {
+        assert!(labels.len() <= self.max_batch, "more labels than the planned batch");
+        self.n_labels = labels.len();
+        let r = self.exec.write(self.labels, labels);
+        self.record(r);
+    }
+
+    fn copy(&mut self, src: View, dst: View) {
+        assert_eq!((src.n, src.c, src.h, src.w), (dst.n, dst.c, dst.h, dst.w));
+        self.check_view(src);
+        self.check_view(dst);
+        let len = src.c * src.hw();
+        let args = [view_arg(src), long(src.img_stride), view_arg(dst), long(dst.img_stride), int(src.n), long(len)];
+        self.run_flat("copy_images", src.n * len, &args);
+    }
+
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+        self.check_view(x);
+        self.check_view(y);
+        let x = self.conv_input(x, pre);
+        let r = self.exec.conv_forward(x, w, y, spec);
+        self.record(r);
+    }
+
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+        self.check_view(gy);
+        self.check_view(gx);
+        let r = self.exec.conv_backward_data(gy, w, gx, spec);
+        self.record(r);
+    }
+
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+        self.check_view(x);
+        self.check_view(gy);
+        let x = self.conv_input(x, pre);
+        let r = self.exec.conv_backward_filter(x, gy, gw, spec);
+        self.record(r);
+    }
+
+    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
+        self.check_view(x);
+        let args = [view_arg(x), int(x.n), int(x.hw()), long(x.img_stride), buf(mean, x.c), buf(var, x.c)];
+        self.run("bn_stats", [x.c as u32, 1, 1], REDUCE_SHARED, &args);
+    }
+
+    fn bn_update_running(
+        &mut self,
+        mean: usize,
+        var: usize,
+        running_mean: usize,
+        running_var: usize,
+        c: usize,
+        count: usize,
+        momentum: f32,
+    ) {
+        let unbias = count as f32 / (count.max(2) - 1) as f32;
+        let args = [
+            buf(mean, c),
+            buf(var, c),
+            buf(running_mean, c),
+            buf(running_var, c),
+            int(c),
+            Arg::F32(unbias),
+            Arg::F32(momentum),
+        ];
+        self.run_flat("bn_update_running", c, &args);
+    }
+
+    fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
+        self.check_view(x);
+        self.check_view(y);
+        self.launch_bn_relu(x, bn, y);
+    }
+
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+        self.check_view(g);
+        self.check_view(x);
+        self.check_view(dx);
+        assert!(!(dx.off == g.off && accumulate), "in-place BN backward cannot accumulate");
+        let [m, v, ga, be] = Self::bn_args(bn, x.c);
+        let args = [
+            view_arg(g),
+            long(g.img_stride),
+            view_arg(x),
+            long(x.img_stride),
+            view_arg(dx),
+            long(dx.img_stride),
+            int(x.n),
+            int(x.hw()),
+            m,
+            v,
+            ga,
+            be,
+            buf(dgamma, x.c),
+            buf(dbeta, x.c),
+            Arg::I32(accumulate as i32),
+        ];
+        self.run("bn_relu_backward", [x.c as u32, 1, 1], REDUCE_SHARED, &args);
+    }
+
+    fn dropout(&mut self, x: View, p: f32, key: u64) {
+        self.check_view(x);
+        let len = x.c * x.hw();
+        let keep = 1.0 / (1.0 - p);
+        let args = [view_arg(x), long(x.img_stride), int(x.n), long(len), Arg::F32(p), Arg::F32(keep), Arg::U64(key)];
+        self.run_flat("dropout", x.n * len, &args);
+    }
+
+    fn avg_pool2(&mut self, x: View, y: View) {
+        self.pool("avg_pool2", x, y, y.numel());
+    }
+
+    fn avg_pool2_backward(&mut self, gy: View, gx: View) {
+        self.check_view(gy);
+        self.check_view(gx);
+        let args = [
+            view_arg(gy),
+            long(gy.img_stride),
+            view_arg(gx),
+            long(gx.img_stride),
+            int(gx.n),
+            int(gx.c),
+            int(gx.h),
+            int(gx.w),
+        ];
+        self.run_flat("avg_pool2_backward", gx.numel(), &args);
+    }
+
+    fn max_pool3(&mut self, x: View, y: View) {
+        self.pool("max_pool3", x, y, y.numel());
+    }
+
+    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
+        self.check_view(x);
+        self.check_view(gy);
+        self.check_view(gx);
+        let args = [
+            view_arg(x),
+            long(x.img_stride),
+            view_arg(gy),
+            long(gy.img_stride),
+            view_arg(gx),
+            long(gx.img_stride),
+            int(x.n),
+            int(x.c),
+            int(x.h),
+            int(x.w),
+        ];
+        self.run_flat("max_pool3_backward", x.numel(), &args);
+    }
+
+    fn global_avg_pool(&mut self, x: View, y: usize) {
+        self.check_view(x);
+        let args = [view_arg(x), long(x.img_stride), buf(y, x.n * x.c), int(x.n), int(x.c), int(x.hw())];
+        self.run_flat("global_avg_pool", x.n * x.c, &args);
+    }
+
+    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+        self.check_view(gx);
+        let args = [buf(gy, gx.n * gx.c), view_arg(gx), long(gx.img_stride), int(gx.n), int(gx.c), int(gx.hw())];
+        self.run_flat("global_avg_pool_backward", gx.numel(), &args);
+    }
+
+    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
+        let args = [buf(x, n * cin), buf(w, cout * cin), buf(b, cout), buf(y, n * cout), int(n), int(cin), int(cout)];
+        self.run_flat("linear", n * cout, &args);
+    }
+
+    fn linear_backward(
+        &mut self,
+        x: usize,
+        w: usize,
+        gy: usize,
+        gx: usize,
+        gw: usize,
+        gb: usize,
+        n: usize,
+        cin: usize,
+        cout: usize,
+    ) {
+        let (xs, ws, gys) = (buf(x, n * cin), buf(w, cout * cin), buf(gy, n * cout));
+        let args = [xs, gys, buf(gw, cout * cin), buf(gb, cout), int(n), int(cin), int(cout)];
+        self.run_flat("linear_backward_params", cout * cin + cout, &args);
+        let args = [ws, gys, buf(gx, n * cin), int(n), int(cin), int(cout)];
+        self.run_flat("linear_backward_data", n * cin, &args);
+    }
+
+    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
+        assert_eq!(self.n_labels, n, "labels for {} images, batch of {n}", self.n_labels);
+        let args = [buf(logits, n * k), buf(self.labels, n), buf(out, 2), buf(glogits, n * k), int(n), int(k)];
+        self.run("softmax_xent", [1, 1, 1], REDUCE_SHARED, &args);
+    }
+
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
+        let args = [
+            buf(params, len),
+            buf(grads, len),
+            buf(momentum, len),
+            long(len),
+            Arg::F32(hp.lr),
+            Arg::F32(hp.momentum),
+            Arg::F32(hp.weight_decay),
+            Arg::I32(hp.nesterov as i32),
+        ];
+        self.run_flat("sgd", len, &args);
+    }
+}

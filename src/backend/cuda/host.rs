@@ -1,0 +1,138 @@
+//! The host device: the CUDA backend's own code (which kernels, in which order, with which
+//! arguments, on which arena offsets) with the kernels on the host execution layer and the
+//! convolutions (cuDNN's part on a GPU) on the CPU backend. Graphs are recorded op lists,
+//! replayed as a GPU replays a CUDA graph.
+
+use super::hostlayer;
+use super::launch::{Arg, Exec, Launch};
+use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DeviceMemory, View};
+use crate::{bail, Result};
+use std::collections::HashMap;
+
+/// One recorded unit of work.
+enum Op {
+    Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
+    ConvForward(View, usize, View, ConvSpec),
+    ConvBackwardData(View, usize, View, ConvSpec),
+    ConvBackwardFilter(View, View, usize, ConvSpec),
+}
+
+/// Runs the CUDA backend on the CPU (see the module docs).
+pub struct HostExec {
+    cpu: CpuBackend,
+    recording: Option<Vec<Op>>,
+    graphs: HashMap<u64, Vec<Op>>,
+    /// Words allocated.
+    len: usize,
+}
+
+impl HostExec {
+    /// A host device over rayon's global pool (for the convolutions).
+    pub fn new() -> Self {
+        HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), len: 0 }
+    }
+
+    /// Runs `op` now, or records it while a graph is being captured.
+    fn submit(&mut self, op: Op) -> Result<()> {
+        match &mut self.recording {
+            Some(ops) => {
+                ops.push(op);
+                Ok(())
+            }
+            None => self.execute(&op),
+        }
+    }
+
+    fn execute(&mut self, op: &Op) -> Result<()> {
+        match *op {
+            Op::Launch { kernel, grid, block, shared, ref args } => {
+                let (ptr, len) = self.cpu.arena_words();
+                return hostlayer::launch(ptr, len, &Launch { kernel, grid, block, shared, args });
+            }
+            Op::ConvForward(x, w, y, spec) => self.cpu.conv_forward(x, None, w, y, spec),
+            Op::ConvBackwardData(gy, w, gx, spec) => self.cpu.conv_backward_data(gy, w, gx, spec),
+            Op::ConvBackwardFilter(x, gy, gw, spec) => self.cpu.conv_backward_filter(x, None, gy, gw, spec),
+        }
+        Ok(())
+    }
+
+    fn idle(&self, what: &str) -> Result<()> {
+        if self.recording.is_some() {
+            bail!("{what} while a graph is being captured");
+        }
+        Ok(())
+    }
+}
+
+impl Default for HostExec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Exec for HostExec {
+    fn describe(&self) -> String {
+        format!("host device (CUDA kernels on the host layer, convolutions on the {})", self.cpu.describe())
+    }
+
+    fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
+        self.cpu.workspace_len(convs, batch)
+    }
+
+    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
+        self.len = len;
+        self.cpu.allocate(len, conv_ws, 0)
+    }
+
+    fn memory(&self) -> DeviceMemory {
+        DeviceMemory { allocated: self.len * 4, process: None }
+    }
+
+    fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
+        self.idle("a host-to-device copy")?;
+        self.cpu.write(off, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()> {
+        self.idle("a device-to-host copy")?;
+        self.cpu.read_into(off, bytemuck::cast_slice_mut(out));
+        Ok(())
+    }
+
+    fn launch(&mut self, l: &Launch) -> Result<()> {
+        let op = Op::Launch { kernel: l.kernel, grid: l.grid, block: l.block, shared: l.shared, args: l.args.to_vec() };
+        self.submit(op)
+    }
+
+    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()> {
+        self.submit(Op::ConvForward(x, w, y, spec))
+    }
+
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()> {
+        self.submit(Op::ConvBackwardData(gy, w, gx, spec))
+    }
+
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()> {
+        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec))
+    }
+
+    fn capture_begin(&mut self) -> Result<()> {
+        self.idle("a capture")?;
+        self.recording = Some(Vec::new());
+        Ok(())
+    }
+
+    fn capture_end(&mut self, key: u64) -> Result<()> {
+        let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
+        self.graphs.insert(key, ops);
+        self.replay(key).map(drop)
+    }
+
+    fn replay(&mut self, key: u64) -> Result<bool> {
+        let Some(ops) = self.graphs.remove(&key) else { return Ok(false) };
+        let r = ops.iter().try_for_each(|op| self.execute(op));
+        self.graphs.insert(key, ops);
+        r.map(|()| true)
+    }
+}

@@ -1,0 +1,93 @@
+//! `--device`: which backend runs the model, opened before any data is loaded so that a
+//! missing GPU fails fast, with one line saying what is missing.
+
+use crate::*;
+use densenet::backend::cuda::{CudaBackend, Exec, GpuExec, HostExec};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Device {
+    /// A GPU when one works, else the CPU.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend on GPU N.
+    Cuda(usize),
+    /// The CUDA backend on the host device (kernels on the host layer): slow, for debugging.
+    Host,
+}
+
+/// Parses `--device`.
+pub(crate) fn device(s: &str) -> Result<Device, String> {
+    match s {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        "host" => Ok(Device::Host),
+        _ => match s.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => Err("expected auto, cpu, cuda, cuda:N or host".into()),
+        },
+    }
+}
+
+/// Where the model runs.
+#[derive(Args)]
+pub(crate) struct DeviceArgs {
+    /// Device: auto (GPU 0 when it works, else the CPU), cpu, cuda, cuda:N, or host (the CUDA
+    /// backend with its kernels run on the CPU: slow, for debugging).
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = device)]
+    device: Device,
+    /// On a GPU, issue every op of every step instead of replaying the step recorded once as a
+    /// CUDA graph (debugging, profiling).
+    #[arg(long)]
+    no_graphs: bool,
+}
+
+/// An opened backend.
+pub(crate) enum Opened {
+    /// The CPU backend.
+    Cpu(CpuBackend),
+    /// The CUDA backend on a GPU.
+    Gpu(CudaBackend<GpuExec>),
+    /// The CUDA backend on the host device.
+    Host(CudaBackend<HostExec>),
+}
+
+impl DeviceArgs {
+    /// Opens the backend, and says why when `auto` chose it.
+    pub(crate) fn open(&self) -> Result<(Opened, String), Failure> {
+        fn cuda<E: Exec>(exec: E, graphs: bool) -> CudaBackend<E> {
+            let mut be = CudaBackend::new(exec);
+            be.set_graphs(graphs);
+            be
+        }
+        let graphs = !self.no_graphs;
+        Ok(match self.device {
+            Device::Cpu => (Opened::Cpu(CpuBackend::new()), String::new()),
+            Device::Host => (Opened::Host(cuda(HostExec::new(), graphs)), String::new()),
+            Device::Cuda(n) => (Opened::Gpu(cuda(GpuExec::new(n)?, graphs)), String::new()),
+            Device::Auto => match GpuExec::new(0) {
+                Ok(exec) => (Opened::Gpu(cuda(exec, graphs)), " (auto)".into()),
+                Err(e) => (Opened::Cpu(CpuBackend::new()), format!(" (auto, no usable GPU: {e})")),
+            },
+        })
+    }
+}
+
+/// The `Device: ...` line: what runs the model, and why when it was chosen automatically.
+pub(crate) fn line(backend: &impl Backend, why: &str) -> String {
+    format!("Device: {}{why}", backend.describe())
+}
+
+/// Runs `$body` with `$be` bound to the backend in `$opened`, whichever type it has.
+macro_rules! with_backend {
+    ($opened:expr, $be:ident => $body:expr) => {
+        match $opened {
+            $crate::commands::device::Opened::Cpu($be) => $body,
+            $crate::commands::device::Opened::Gpu($be) => $body,
+            $crate::commands::device::Opened::Host($be) => $body,
+        }
+    };
+}
+pub(crate) use with_backend;

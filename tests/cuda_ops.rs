@@ -1,0 +1,200 @@
+//! Every op of the CUDA backend against the CPU backend, on random data of awkward sizes
+//! (batch 1 and 3, odd channel counts and planes, channel slices of bigger buffers): both
+//! backends start from the same random arena, run the same op, and must then hold the same
+//! arena, element by element within `|cuda - cpu| <= TOL * max(|cpu|, FLOOR)` — which also
+//! proves that an op writes nothing outside its outputs. Runs on the host device in every
+//! `cargo test`, and on GPU 0 when there is one.
+
+#[macro_use]
+mod common;
+
+use densenet::backend::cuda::{CudaBackend, Exec};
+use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
+use densenet::rng;
+
+/// Relative tolerance (cuDNN with FMA math, no TF32, against the CPU).
+const TOL: f32 = 1e-4;
+/// Magnitude below which the tolerance is absolute.
+const FLOOR: f32 = 1e-2;
+
+/// A CPU backend and a CUDA backend over the same layout of `len` floats (plus each one's
+/// own workspace after it), filled with the same random values.
+struct Twin<E: Exec> {
+    cpu: CpuBackend,
+    dev: CudaBackend<E>,
+    len: usize,
+    seed: u64,
+}
+
+impl<E: Exec> Twin<E> {
+    fn new(make: &dyn Fn() -> CudaBackend<E>, len: usize, convs: &[ConvShape], batch: usize) -> Self {
+        let mut cpu = CpuBackend::new();
+        let mut dev = make();
+        for be in [&mut cpu as &mut dyn Backend, &mut dev] {
+            let ws = be.workspace_len(convs, batch).unwrap();
+            be.allocate(len + ws, (len, ws), batch).unwrap();
+        }
+        let mut t = Twin { cpu, dev, len, seed: 1 };
+        let data: Vec<f32> = (0..len).map(|i| rng::normal(len as u64, i as u64) as f32).collect();
+        t.write(0, &data);
+        t
+    }
+
+    fn write(&mut self, off: usize, data: &[f32]) {
+        self.cpu.write(off, data);
+        self.dev.write(off, data);
+    }
+
+    /// Positive values (variances) at `off`.
+    fn positive(&mut self, off: usize, len: usize) {
+        self.seed += 1;
+        let v: Vec<f32> = (0..len).map(|i| 0.2 + rng::uniform(self.seed, i as u64)).collect();
+        self.write(off, &v);
+    }
+
+    /// Runs `op` on both backends and compares their whole data region.
+    fn run(&mut self, what: &str, op: impl Fn(&mut dyn Backend)) {
+        op(&mut self.cpu);
+        op(&mut self.dev);
+        self.dev.take_error().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (a, b) = (self.dev.read(0, self.len), self.cpu.read(0, self.len));
+        let mut worst = (0.0f32, 0);
+        for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let e = (x - y).abs() / y.abs().max(FLOOR);
+            if e > worst.0 || (x.is_nan() != y.is_nan()) {
+                worst = (if x.is_nan() != y.is_nan() { f32::INFINITY } else { e }, i);
+            }
+        }
+        let i = worst.1;
+        assert!(worst.0 <= TOL, "{what}: element {i}: cuda {} vs cpu {} (relative {})", a[i], b[i], worst.0);
+    }
+}
+
+/// Hands out regions of a layout; views are channel slices (2 channels before, 1 after).
+#[derive(Default)]
+struct Layout {
+    len: usize,
+}
+
+impl Layout {
+    fn take(&mut self, len: usize) -> usize {
+        self.len += len + 3; // odd gaps: nothing may rely on alignment
+        self.len - len
+    }
+
+    fn slice(&mut self, n: usize, c: usize, h: usize, w: usize) -> View {
+        View::dense(self.take(n * (c + 3) * h * w), n, c + 3, h, w).channels(2, c)
+    }
+
+    fn bn(&mut self, c: usize) -> Bn {
+        Bn { mean: self.take(c), var: self.take(c), gamma: self.take(c), beta: self.take(c) }
+    }
+}
+
+/// Shapes (n, c, h, w) the elementwise and pooling ops run at.
+const SHAPES: [(usize, usize, usize, usize); 3] = [(1, 5, 7, 9), (3, 7, 5, 5), (2, 3, 17, 19)];
+
+fn convolutions<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for (spec, n, cin, cout, h, w) in [
+        (ConvSpec::POINTWISE, 3, 7, 5, 5, 7),
+        (ConvSpec::SAME3, 1, 5, 3, 9, 7),
+        (ConvSpec::SAME3, 3, 4, 6, 6, 6),
+        (ConvSpec::STEM7, 2, 3, 4, 13, 11),
+    ] {
+        let mut l = Layout::default();
+        let (oh, ow) = (spec.out(h), spec.out(w));
+        let (x, y, gy, gx) =
+            (l.slice(n, cin, h, w), l.slice(n, cout, oh, ow), l.slice(n, cout, oh, ow), l.slice(n, cin, h, w));
+        let (wt, gw, bn) = (l.take(cout * cin * spec.k * spec.k), l.take(cout * cin * spec.k * spec.k), l.bn(cin));
+        let shape = ConvShape { spec, cin, cout, h, w };
+        let mut t = Twin::new(make, l.len, &[shape], n);
+        t.positive(bn.var, cin);
+        let at = format!("{spec:?} n{n} {cin}->{cout} {h}x{w}");
+        for pre in [None, Some(bn)] {
+            t.run(&format!("conv_forward {at} pre {}", pre.is_some()), |be| be.conv_forward(x, pre, wt, y, spec));
+            t.run(&format!("conv_backward_filter {at} pre {}", pre.is_some()), |be| {
+                be.conv_backward_filter(x, pre, gy, gw, spec)
+            });
+        }
+        t.run(&format!("conv_backward_data {at}"), |be| be.conv_backward_data(gy, wt, gx, spec));
+    }
+}
+on_devices!(convolutions_match_the_cpu, convolutions);
+
+fn batch_norm<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for (n, c, h, w) in SHAPES {
+        let mut l = Layout::default();
+        let (x, y, g) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w));
+        let (bn, running, dgamma, dbeta) = (l.bn(c), l.bn(c), l.take(c), l.take(c));
+        let mut t = Twin::new(make, l.len, &[], n);
+        t.positive(running.var, c);
+        let at = format!("n{n} c{c} {h}x{w}");
+        t.run(&format!("bn_stats {at}"), |be| be.bn_stats(x, bn.mean, bn.var));
+        t.run(&format!("bn_update_running {at}"), |be| {
+            be.bn_update_running(bn.mean, bn.var, running.mean, running.var, c, n * h * w, 0.1)
+        });
+        t.run(&format!("bn_relu {at}"), |be| be.bn_relu(x, bn, y));
+        for accumulate in [false, true] {
+            t.run(&format!("bn_relu_backward {at} accumulate {accumulate}"), |be| {
+                be.bn_relu_backward(g, x, bn, dgamma, dbeta, y, accumulate)
+            });
+        }
+        t.run(&format!("bn_relu_backward {at} in place"), |be| be.bn_relu_backward(g, x, bn, dgamma, dbeta, g, false));
+    }
+}
+on_devices!(batch_norm_matches_the_cpu, batch_norm);
+
+fn elementwise<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for (n, c, h, w) in SHAPES {
+        let mut l = Layout::default();
+        let (x, y) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
+        let len = 1000 + n * c * h * w;
+        let (p, g, m) = (l.take(len), l.take(len), l.take(len));
+        let mut t = Twin::new(make, l.len, &[], n);
+        let at = format!("n{n} c{c} {h}x{w}");
+        t.run(&format!("copy {at}"), |be| be.copy(x, y));
+        t.run(&format!("dropout {at}"), |be| be.dropout(x, 0.3, 0xfeed + n as u64));
+        for nesterov in [true, false] {
+            let hp = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3, nesterov };
+            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| be.sgd(p, g, m, len, hp));
+        }
+    }
+}
+on_devices!(elementwise_ops_match_the_cpu, elementwise);
+
+fn pooling<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for (n, c, h, w) in SHAPES {
+        let mut l = Layout::default();
+        let x = l.slice(n, c, h, w);
+        let (a, ga, gx) = (l.slice(n, c, h / 2, w / 2), l.slice(n, c, h / 2, w / 2), l.slice(n, c, h, w));
+        let (mh, mw) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let (m, gm) = (l.slice(n, c, mh, mw), l.slice(n, c, mh, mw));
+        let (pooled, gp) = (l.take(n * c), l.take(n * c));
+        let mut t = Twin::new(make, l.len, &[], n);
+        let at = format!("n{n} c{c} {h}x{w}");
+        t.run(&format!("avg_pool2 {at}"), |be| be.avg_pool2(x, a));
+        t.run(&format!("avg_pool2_backward {at}"), |be| be.avg_pool2_backward(ga, gx));
+        t.run(&format!("max_pool3 {at}"), |be| be.max_pool3(x, m));
+        t.run(&format!("max_pool3_backward {at}"), |be| be.max_pool3_backward(x, gm, gx));
+        t.run(&format!("global_avg_pool {at}"), |be| be.global_avg_pool(x, pooled));
+        t.run(&format!("global_avg_pool_backward {at}"), |be| be.global_avg_pool_backward(gp, gx));
+    }
+}
+on_devices!(pooling_matches_the_cpu, pooling);
+
+fn head<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for (n, cin, k) in [(1, 7, 3), (3, 33, 10), (300, 5, 100)] {
+        let mut l = Layout::default();
+        let (x, w, b, y) = (l.take(n * cin), l.take(k * cin), l.take(k), l.take(n * k));
+        let (gx, gw, gb, gy, out) = (l.take(n * cin), l.take(k * cin), l.take(k), l.take(n * k), l.take(2));
+        let mut t = Twin::new(make, l.len, &[], n);
+        let labels: Vec<u32> = (0..n).map(|i| (rng::mix64(i as u64) % k as u64) as u32).collect();
+        t.cpu.set_labels(&labels);
+        t.dev.set_labels(&labels);
+        let at = format!("n{n} {cin}->{k}");
+        t.run(&format!("linear {at}"), |be| be.linear(x, w, b, y, n, cin, k));
+        t.run(&format!("linear_backward {at}"), |be| be.linear_backward(x, w, gy, gx, gw, gb, n, cin, k));
+        t.run(&format!("softmax_xent {at}"), |be| be.softmax_xent(y, n, k, out, gy));
+    }
+}
+on_devices!(head_matches_the_cpu, head);

@@ -1,0 +1,480 @@
+//! The host execution layer itself (kernels/host/, docs/host-layer.md): correct kernels give the
+//! values computed here, and each deliberately broken kernel of kernels/host/tests/broken.cu
+//! fails its launch with a message naming the problem, never hanging or passing silently.
+
+use std::time::{Duration, Instant};
+
+use densenet::backend::cuda::{host_launch, host_launch_timeout, Arg, Launch};
+
+fn run(
+    arena: &mut [u32],
+    kernel: &'static str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared: u32,
+    args: &[Arg],
+) -> Result<(), String> {
+    host_launch(arena, &Launch { kernel, grid, block, shared, args }).map_err(|e| e.0)
+}
+
+/// The launch's error message, which must contain every one of `parts`.
+fn error(
+    arena: &mut [u32],
+    kernel: &'static str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared: u32,
+    args: &[Arg],
+    parts: &[&str],
+) -> String {
+    let msg = match run(arena, kernel, grid, block, shared, args) {
+        Ok(()) => panic!("{kernel} launched without an error"),
+        Err(m) => m,
+    };
+    for p in parts {
+        assert!(msg.contains(p), "the message lacks {p:?}: {msg}");
+    }
+    msg
+}
+
+fn buf(off: usize, len: usize) -> Arg {
+    Arg::Buf { off, len }
+}
+
+fn floats(arena: &[u32]) -> Vec<f32> {
+    arena.iter().map(|&w| f32::from_bits(w)).collect()
+}
+
+#[test]
+fn block_reduction_sums_every_block() {
+    let (blocks, threads) = (64usize, 256usize);
+    let n = blocks * threads - 100; // the last block is partial
+    let mut arena = vec![0u32; blocks * threads + blocks];
+    for (i, w) in arena[..n].iter_mut().enumerate() {
+        *w = ((i % 7) as f32 - 2.5).to_bits();
+    }
+    let args = [buf(0, n), buf(blocks * threads, blocks), Arg::I32(n as i32)];
+    run(&mut arena, "hosttest_block_sum", [blocks as u32, 1, 1], [threads as u32, 1, 1], 1024, &args).unwrap();
+    let out = floats(&arena[blocks * threads..]);
+    for (b, &got) in out.iter().enumerate() {
+        let want: f32 = (b * threads..((b + 1) * threads).min(n)).map(|i| (i % 7) as f32 - 2.5).sum();
+        assert_eq!(got, want, "block {b}");
+    }
+}
+
+#[test]
+fn barriers_are_real_and_cheap() {
+    let (blocks, threads, rounds) = (64usize, 256usize, 5);
+    let mut arena = vec![0u32; blocks * threads];
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        run(
+            &mut arena,
+            "hosttest_barriers",
+            [blocks as u32, 1, 1],
+            [threads as u32, 1, 1],
+            1024,
+            &[buf(0, blocks * threads), Arg::I32(rounds)],
+        )
+        .unwrap();
+        best = best.min(t.elapsed());
+    }
+    // The same rounds, sequentially.
+    let mut s: Vec<f32> = (0..threads).map(|t| t as f32).collect();
+    let mut acc = vec![0.0f32; threads];
+    for _ in 0..rounds {
+        let v: Vec<f32> = (0..threads).map(|t| s[(t + 1) % threads]).collect();
+        for t in 0..threads {
+            s[t] = v[t] + 1.0;
+            acc[t] += v[t];
+        }
+    }
+    let y = floats(&arena);
+    for b in 0..blocks {
+        assert_eq!(&y[b * threads..(b + 1) * threads], &acc[..], "block {b}");
+    }
+    eprintln!("64 blocks x 256 threads, 11 barriers each: {best:?}");
+    assert!(best < Duration::from_secs(1), "{best:?}");
+}
+
+#[test]
+fn warp_collectives_follow_cuda() {
+    let (blocks, threads) = (2usize, 64usize);
+    let total = blocks * threads;
+    let x: Vec<i32> = (0..total).map(|i| if i == 70 { 5000 } else { ((i * 37 + 11) % 100) as i32 }).collect();
+    let mut arena = vec![0u32; total + total * 16];
+    for (i, &v) in x.iter().enumerate() {
+        arena[i] = v as u32;
+    }
+    run(
+        &mut arena,
+        "hosttest_warp",
+        [blocks as u32, 1, 1],
+        [threads as u32, 1, 1],
+        0,
+        &[buf(0, total), buf(total, total * 16)],
+    )
+    .unwrap();
+    for g in 0..total {
+        let (lane, warp0, block0) = (g % 32, g - g % 32, g - g % threads);
+        let xl = |l: usize| x[warp0 + l];
+        let warp = &x[warp0..warp0 + 32];
+        let block = &x[block0..block0 + threads];
+        let ballot = (0..32).filter(|&l| xl(l) % 3 == 0).fold(0u32, |m, l| m | 1 << l);
+        let want = [
+            if lane + 3 < 32 { xl(lane + 3) } else { xl(lane) },
+            if lane >= 5 { xl(lane - 5) } else { xl(lane) },
+            xl(lane ^ 6),
+            xl((lane & 16) | 7),
+            if lane % 8 + 2 < 8 { xl(lane + 2) } else { xl(lane) },
+            ballot as i32,
+            warp.iter().any(|&v| v > 1000) as i32,
+            warp.iter().all(|&v| v >= 0) as i32,
+            warp.iter().all(|&v| v < 1000) as i32,
+            warp.iter().sum(),
+            *warp.iter().max().unwrap(),
+            ((xl(lane ^ 1) as f32 * 0.5) as i32) * 2,
+            block.iter().filter(|&&v| v % 2 == 0).count() as i32,
+            block.iter().any(|&v| v > 1000) as i32,
+            block.iter().all(|&v| v > 1000) as i32,
+            xl((lane & 16) + 15),
+        ];
+        let got: Vec<i32> = arena[total + g * 16..total + g * 16 + 16].iter().map(|&w| w as i32).collect();
+        assert_eq!(got, want, "thread {g}");
+    }
+}
+
+#[test]
+fn atomics_across_blocks() {
+    let (blocks, threads) = (64u32, 128u32);
+    let mut arena = vec![0u32; 5];
+    arena[2] = (-1i32) as u32;
+    run(
+        &mut arena,
+        "hosttest_atomics",
+        [blocks, 1, 1],
+        [threads, 1, 1],
+        4,
+        &[buf(0, 2), buf(2, 1), buf(3, 1), buf(4, 1)],
+    )
+    .unwrap();
+    let n = blocks * threads;
+    assert_eq!(arena[0] as i32, n as i32);
+    assert_eq!(arena[1] as i32, n as i32, "shared atomics, summed per block");
+    assert_eq!(arena[2] as i32, n as i32 - 1);
+    assert_eq!(f32::from_bits(arena[3]), n as f32);
+    assert_eq!(arena[4], 2 * n);
+}
+
+#[test]
+fn two_dimensional_grids_and_blocks() {
+    let (w, h) = (40usize, 13usize);
+    let mut arena = vec![0u32; w * h];
+    run(
+        &mut arena,
+        "hosttest_grid2d",
+        [3, 2, 1],
+        [16, 8, 1],
+        0,
+        &[buf(0, w * h), Arg::I32(w as i32), Arg::I32(h as i32)],
+    )
+    .unwrap();
+    let y = floats(&arena);
+    for r in 0..h {
+        for c in 0..w {
+            assert_eq!(y[r * w + c], (r * 1000 + c) as f32);
+        }
+    }
+}
+
+#[test]
+fn missing_barrier_is_caught_in_both_schedule_orders() {
+    let mut arena = vec![0u32; 512];
+    // Block 0 runs its threads in ascending order: thread 1 overwrites the cell thread 0 read.
+    let args = [buf(0, 256), buf(256, 256), Arg::U32(0)];
+    error(
+        &mut arena,
+        "hosttest_missing_barrier",
+        [2, 1, 1],
+        [256, 1, 1],
+        1024,
+        &args,
+        &[
+            "kernel `hosttest_missing_barrier`",
+            "block (0,0,0)",
+            "write-after-read race without __syncthreads",
+            "shared `s`[1]",
+            "thread (0,0,0)",
+        ],
+    );
+    // Block 1 runs them descending: thread 254 reads the cell thread 255 just wrote.
+    let args = [buf(0, 256), buf(256, 256), Arg::U32(1)];
+    error(
+        &mut arena,
+        "hosttest_missing_barrier",
+        [2, 1, 1],
+        [256, 1, 1],
+        1024,
+        &args,
+        &[
+            "block (1,0,0)",
+            "thread (254,0,0)",
+            "read-after-write race without __syncthreads",
+            "shared `s`[255]",
+            "thread (255,0,0) wrote",
+        ],
+    );
+}
+
+#[test]
+fn divergent_barriers_are_errors_not_hangs() {
+    let mut arena = vec![0u32; 256];
+    let t = Instant::now();
+    error(
+        &mut arena,
+        "hosttest_divergent_barrier",
+        [1, 1, 1],
+        [256, 1, 1],
+        0,
+        &[buf(0, 256), Arg::I32(0)],
+        &[
+            "kernel `hosttest_divergent_barrier`",
+            "deadlock",
+            "threads 0-127 at __syncthreads (kernels/host/tests/broken.cu:22)",
+            "threads 128-255 have exited",
+        ],
+    );
+    error(
+        &mut arena,
+        "hosttest_divergent_barrier",
+        [1, 1, 1],
+        [256, 1, 1],
+        0,
+        &[buf(0, 256), Arg::I32(1)],
+        &[
+            "divergent __syncthreads",
+            "threads 0-127 at __syncthreads (kernels/host/tests/broken.cu:25)",
+            "threads 128-255 at __syncthreads (kernels/host/tests/broken.cu:27)",
+        ],
+    );
+    error(
+        &mut arena,
+        "hosttest_divergent_barrier",
+        [1, 1, 1],
+        [256, 1, 1],
+        0,
+        &[buf(0, 256), Arg::I32(2)],
+        &["deadlock", "threads 0-15,32-47", "at __shfl_xor_sync", "threads 16-31,48-63", "at __syncthreads"],
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn out_of_range_global_index() {
+    let mut arena = vec![0u32; 200];
+    error(
+        &mut arena,
+        "hosttest_global_oob",
+        [2, 1, 1],
+        [128, 1, 1],
+        0,
+        &[buf(0, 200), Arg::I32(0)],
+        &[
+            "kernel `hosttest_global_oob`",
+            "block (1,0,0)",
+            "thread (127,0,0)",
+            "out-of-range index 255 into argument 0",
+            "a Buf of 200 elements",
+        ],
+    );
+    error(
+        &mut arena,
+        "hosttest_global_oob",
+        [2, 1, 1],
+        [128, 1, 1],
+        0,
+        &[buf(0, 200), Arg::I32(50)],
+        &["out-of-range index 255 into argument 0", "150 elements at offset 50"],
+    );
+}
+
+#[test]
+fn out_of_range_shared_index() {
+    let mut arena = vec![0u32; 256];
+    error(
+        &mut arena,
+        "hosttest_shared_oob",
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &[buf(0, 256)],
+        &[
+            "thread (255,0,0)",
+            "out-of-range index 256 into shared memory `s`",
+            "256 elements of 4 bytes",
+            "1024 shared bytes",
+        ],
+    );
+}
+
+#[test]
+fn uninitialized_shared_read() {
+    let mut arena = vec![0u32; 256];
+    error(
+        &mut arena,
+        "hosttest_shared_uninit",
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &[buf(0, 256)],
+        &["thread (0,0,0)", "read of shared memory `s`[1] before any thread of the block wrote it"],
+    );
+}
+
+#[test]
+fn shared_write_conflicts_and_stale_references() {
+    let mut arena = vec![0u32; 256];
+    let args = |mode| [buf(0, 256), Arg::I32(mode)];
+    error(
+        &mut arena,
+        "hosttest_shared_misc",
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &args(0),
+        &["thread (1,0,0)", "write-after-write race without __syncthreads", "shared `s`[0]", "thread (0,0,0)"],
+    );
+    run(&mut arena, "hosttest_shared_misc", [1, 1, 1], [256, 1, 1], 1024, &args(1))
+        .expect("equal values may be written by several threads");
+    assert!(floats(&arena).iter().all(|&v| v == 1.0));
+    error(&mut arena, "hosttest_shared_misc", [1, 1, 1], [256, 1, 1], 1024, &args(2), &["kept across __syncthreads"]);
+    error(
+        &mut arena,
+        "hosttest_shared_misc",
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &args(3),
+        &["read-after-write race without __syncthreads", "atomics of other threads"],
+    );
+}
+
+#[test]
+fn infinite_loop_hits_the_time_limit() {
+    let mut arena = vec![0u32; 2];
+    let l = Launch { kernel: "hosttest_spin", grid: [4, 1, 1], block: [32, 1, 1], shared: 0, args: &[buf(0, 2)] };
+    let t = Instant::now();
+    let msg = host_launch_timeout(&mut arena, &l, Duration::from_millis(300)).unwrap_err().0;
+    assert!(msg.contains("kernel `hosttest_spin`") && msg.contains("time limit of 0.3 s"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The pool is usable afterwards.
+    let mut arena = vec![0u32; 4];
+    run(&mut arena, "hosttest_grid2d", [1, 1, 1], [2, 2, 1], 0, &[buf(0, 4), Arg::I32(2), Arg::I32(2)]).unwrap();
+    assert_eq!(floats(&arena), [0.0, 1.0, 1000.0, 1001.0]);
+}
+
+#[test]
+fn warp_collective_misuse() {
+    let mut arena = vec![0u32; 64];
+    let args = |mode| [buf(0, 64), Arg::I32(mode)];
+    error(
+        &mut arena,
+        "hosttest_warp_misuse",
+        [1, 1, 1],
+        [48, 1, 1],
+        0,
+        &args(0),
+        &["thread (32,0,0) (lane 0 of warp 1)", "__shfl_down_sync", "reads lane 16, which does not exist"],
+    );
+    error(
+        &mut arena,
+        "hosttest_warp_misuse",
+        [1, 1, 1],
+        [48, 1, 1],
+        0,
+        &args(1),
+        &["thread (1,0,0)", "__ballot_sync", "mask 0x00000001, which does not include the calling lane 1"],
+    );
+    error(
+        &mut arena,
+        "hosttest_warp_misuse",
+        [1, 1, 1],
+        [48, 1, 1],
+        0,
+        &args(2),
+        &["divergent warp collectives in warp 0", "mask 0xffffffff", "mask 0x55555555"],
+    );
+}
+
+#[test]
+fn arguments_must_match_the_kernel() {
+    let mut arena = vec![0u32; 300];
+    let k = "hosttest_block_sum";
+    error(
+        &mut arena,
+        k,
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &[buf(0, 256), buf(256, 1)],
+        &["kernel `hosttest_block_sum`", "takes 3 arguments, the launch passes 2"],
+    );
+    error(
+        &mut arena,
+        k,
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &[buf(0, 256), buf(256, 1), Arg::F32(1.0)],
+        &["argument 2: the kernel takes int, the launch passes F32"],
+    );
+    error(
+        &mut arena,
+        k,
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &[Arg::U64(0), buf(256, 1), Arg::I32(1)],
+        &["argument 0: the kernel takes Buf", "the launch passes U64"],
+    );
+    error(
+        &mut arena,
+        k,
+        [1, 1, 1],
+        [256, 1, 1],
+        1024,
+        &[buf(0, 256), buf(256, 45), Arg::I32(1)],
+        &["argument 1", "outside the arena of 300 words"],
+    );
+    error(
+        &mut arena,
+        "no_such_kernel",
+        [1, 1, 1],
+        [1, 1, 1],
+        0,
+        &[],
+        &["kernel `no_such_kernel`", "no such __global__"],
+    );
+}
+
+#[test]
+fn launch_configuration_limits() {
+    let mut arena = vec![0u32; 4096];
+    let args = [buf(0, 2048), buf(2048, 8), Arg::I32(2048)];
+    let k = "hosttest_block_sum";
+    error(&mut arena, k, [1, 1, 1], [2048, 1, 1], 0, &args, &["block (2048,1,1)", "at most 1024"]);
+    error(&mut arena, k, [1, 1, 1], [64, 64, 1], 0, &args, &["4096 threads"]);
+    error(
+        &mut arena,
+        k,
+        [1, 1, 1],
+        [256, 1, 1],
+        64 * 1024,
+        &args,
+        &["65536 bytes of dynamic shared memory exceed 48 KiB"],
+    );
+    error(&mut arena, k, [0, 1, 1], [256, 1, 1], 1024, &args, &["grid (0,1,1) has a zero dimension"]);
+    error(&mut arena, k, [1, 1, 1], [256, 0, 1], 1024, &args, &["block (256,0,1) has a zero dimension"]);
+    error(&mut arena, k, [1, 70000, 1], [256, 1, 1], 1024, &args, &["exceeds CUDA's limits"]);
+}
