@@ -142,14 +142,24 @@ impl Convs {
             let (oh, ow) = (shape.spec.out(shape.h), shape.spec.out(shape.w));
             let g =
                 Geometry { shape, n: batch, x_stride: shape.cin * shape.h * shape.w, y_stride: shape.cout * oh * ow };
+            // At run time the views are mostly channel slices (CHW-packed, a larger image stride),
+            // whose workspace can differ from the dense tensors' that cudnnFind times: reserve the
+            // fallback algorithms' workspace for such strides too, so that one of them always fits.
+            let sliced = if batch > 1 {
+                Some(Plan::new(Geometry { x_stride: g.x_stride + 1, y_stride: g.y_stride + 1, ..g })?)
+            } else {
+                None
+            };
+            let handle = self.handle;
             let plan = match self.plans.entry(g) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => e.insert(Plan::new(g)?),
             };
             for dir in [Dir::Forward, Dir::Data, Dir::Filter] {
+                let fallback = |p: &Plan| fallbacks(dir).iter().find_map(|&a| workspace_size(handle, p, dir, a).ok());
                 let ranked = match self.ranked.entry((shape, dir)) {
                     Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(find(self.handle, plan, dir).map_err(|e| {
+                    Entry::Vacant(e) => e.insert(find(handle, plan, dir).map_err(|e| {
                         err(format!(
                             "cuDNN could not time the {dir:?} convolution algorithms for {shape:?} at batch {batch} ({:?})",
                             e.0
@@ -158,11 +168,10 @@ impl Convs {
                 };
                 let reserve = match frugal(ranked) {
                     Some(p) => p.memory,
-                    None => {
-                        fallbacks(dir).iter().find_map(|&a| workspace_size(self.handle, plan, dir, a).ok()).unwrap_or(0)
-                    }
+                    None => fallback(plan).unwrap_or(0),
                 };
-                need = need.max(reserve);
+                let sliced_reserve = sliced.as_ref().and_then(fallback).unwrap_or(0);
+                need = need.max(reserve).max(sliced_reserve);
             }
         }
         Ok(if need > 0 { need + ALIGN } else { 0 })
@@ -216,7 +225,9 @@ impl Convs {
             return Ok(());
         }
         let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w };
-        let g = Geometry { shape, n: x.n, x_stride: x.img_stride, y_stride: y.img_stride };
+        // One image: its stride is meaningless (and may be anything), so describe it as dense.
+        let stride = |v: View| if v.n > 1 { v.img_stride } else { v.c * v.h * v.w };
+        let g = Geometry { shape, n: x.n, x_stride: stride(x), y_stride: stride(y) };
         let plan = match self.plans.entry(g) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Plan::new(g)?),

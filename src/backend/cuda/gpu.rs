@@ -6,6 +6,11 @@
 //! order is program order and a captured graph holds all of it. The device holds one allocation,
 //! the arena; convolution workspaces are carved from it (see `cudnn.rs`, this module's child).
 //!
+//! Graphs: a step being recorded runs as it is issued (its first run is the warm-up: cuDNN's
+//! lazy set-up happens outside any capture) while its ops are noted; `capture_end` then issues
+//! them again under stream capture, which records without running. A step whose capture fails
+//! is replayed by issuing its ops again (with a warning), so a step never runs twice or not at all.
+//!
 //! The kernels are the PTX nvcc built (`kernels::PTX`), or, without it, `kernels::SOURCE`
 //! compiled by NVRTC for the device's architecture when the executor opens
 //! (`DENSENET_FORCE_NVRTC=1` takes that path even when PTX was built, to test it).
@@ -26,17 +31,35 @@ use crate::{bail, Error, Result};
 /// Largest dynamic shared memory a launch may ask for without opting in per kernel.
 const MAX_SHARED: u32 = 48 * 1024;
 
+/// One unit of work of a step being recorded.
+enum Op {
+    Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
+    ConvForward(View, usize, View, ConvSpec),
+    ConvBackwardData(View, usize, View, ConvSpec),
+    ConvBackwardFilter(View, View, usize, ConvSpec),
+}
+
+/// A recorded step: its CUDA graph (`None`: the capture was empty), or, when the capture
+/// failed, its ops to issue again.
+enum Step {
+    Graph(Option<CudaGraph>),
+    Ops(Vec<Op>),
+}
+
 /// Runs the CUDA backend on a GPU.
 pub struct GpuExec {
     // Fields drop in this order after `Drop::drop` synchronized and freed the arena: graphs,
     // cuDNN, kernels (and with them the module), stream, context.
-    graphs: HashMap<u64, Option<CudaGraph>>,
+    graphs: HashMap<u64, Step>,
     convs: cudnn::Convs,
     kernels: HashMap<&'static str, Kernel>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     /// Device pointer and length in words of the arena, once allocated.
     arena: Option<(u64, usize)>,
+    /// The ops of the step being recorded (between `capture_begin` and `capture_end`).
+    recording: Option<Vec<Op>>,
+    /// Whether the stream is capturing (inside `capture_end`).
     capturing: bool,
     name: String,
     cc: (i32, i32),
@@ -118,6 +141,7 @@ impl GpuExec {
             stream,
             ctx,
             arena: None,
+            recording: None,
             capturing: false,
             name,
             cc,
@@ -214,116 +238,66 @@ impl GpuExec {
         let wx = self.addr(w, y.c * x.c * spec.k * spec.k, what)?;
         Ok((self.view_addr(x, what)?, wx, self.view_addr(y, what)?))
     }
-}
 
-impl Drop for GpuExec {
-    fn drop(&mut self) {
-        let _ = self.bind();
-        if self.capturing {
-            // SAFETY: ends the capture this executor began on its own stream.
-            if let Ok(g) = unsafe { dr::stream::end_capture(self.stream.cu_stream()) } {
-                if !g.is_null() {
-                    // SAFETY: the graph was just returned by the driver and is not used again.
-                    let _ = unsafe { dr::graph::destroy(g) };
-                }
+    /// Whether a step is being recorded or captured (no copies, allocations or cudnnFind then).
+    fn in_step(&self) -> bool {
+        self.recording.is_some() || self.capturing
+    }
+
+    /// Queues `op` on the stream.
+    fn issue(&mut self, op: &Op) -> Result<()> {
+        match *op {
+            Op::Launch { kernel, grid, block, shared, ref args } => {
+                self.launch_now(&Launch { kernel, grid, block, shared, args })
+            }
+            Op::ConvForward(x, w, y, spec) => {
+                let (px, pw, py) = self.conv_args(x, w, y, spec, "conv_forward")?;
+                self.bind()?;
+                self.convs.forward(x, px, pw, y, py, spec)
+            }
+            Op::ConvBackwardData(gy, w, gx, spec) => {
+                let (px, pw, py) = self.conv_args(gx, w, gy, spec, "conv_backward_data")?;
+                self.bind()?;
+                self.convs.backward_data(gx, px, pw, gy, py, spec)
+            }
+            Op::ConvBackwardFilter(x, gy, gw, spec) => {
+                let (px, pw, py) = self.conv_args(x, gw, gy, spec, "conv_backward_filter")?;
+                self.bind()?;
+                self.convs.backward_filter(x, px, pw, gy, py, spec)
             }
         }
-        let _ = self.stream.synchronize();
-        if let Some((ptr, _)) = self.arena.take() {
-            // SAFETY: allocated by `allocate`, all work that used it has finished.
-            let _ = unsafe { dr::free_sync(ptr) };
+    }
+
+    /// Runs `op` now, and notes it when a step is being recorded.
+    fn submit(&mut self, op: Op) -> Result<()> {
+        let r = self.issue(&op);
+        if let Some(ops) = &mut self.recording {
+            ops.push(op);
         }
-    }
-}
-
-impl Exec for GpuExec {
-    fn memory(&self) -> DeviceMemory {
-        let process = self.driver_used_bytes().map(|u| u.saturating_sub(self.baseline_used));
-        DeviceMemory { allocated: self.device_bytes(), process }
+        r
     }
 
-    fn describe(&self) -> String {
-        let v = self.cudnn_version;
-        format!(
-            "cuda:{} ({}, sm_{}{}, cuDNN {}.{}.{})",
-            self.ctx.ordinal(),
-            self.name,
-            self.cc.0,
-            self.cc.1,
-            v / 10000,
-            v / 100 % 100,
-            v % 100
-        )
-    }
-
-    fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
-        self.bind()?;
-        let bytes = self.convs.plan(convs, batch)?;
-        Ok(bytes.div_ceil(4))
-    }
-
-    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
-        if self.arena.is_some() {
-            bail!("the GPU arena is already allocated");
-        }
-        if conv_ws.0.checked_add(conv_ws.1).is_none_or(|end| end > len) {
-            bail!("convolution workspace {conv_ws:?} is outside the arena of {len} words");
-        }
-        self.bind()?;
-        let bytes = len.max(1) * 4;
-        // SAFETY: a plain device allocation, freed in Drop.
-        let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
-            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+    /// Issues `ops` under stream capture (nothing runs) and instantiates the graph.
+    fn capture(&mut self, ops: &[Op]) -> Result<Option<CudaGraph>> {
+        self.stream
+            .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| drv("starting a CUDA graph capture", e))?;
+        self.capturing = true;
+        let issued = ops.iter().try_for_each(|op| self.issue(op));
+        self.capturing = false;
+        // Always end the capture, also after a failed op.
+        let graph = self.stream.end_capture(ds::CUgraphInstantiate_flags(0));
+        issued?;
+        graph.map_err(|e| {
             err(format!(
-                "cannot allocate the {:.1} MiB GPU arena ({}): {:.1} MiB free of {:.1} MiB; use a smaller batch or --memory minimal",
-                mib(bytes),
-                errname(e),
-                mib(free),
-                mib(total)
+                "CUDA graph capture failed ({}): something queued during the capture cannot be captured",
+                errname(e)
             ))
-        })?;
-        self.arena = Some((ptr, len));
-        // SAFETY: `ptr` holds `bytes` bytes.
-        unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
-            .map_err(|e| drv("zeroing the arena", e))?;
-        self.sync("zeroing the arena")?;
-        self.convs.set_workspace(ptr + 4 * conv_ws.0 as u64, conv_ws.1 * 4);
-        Ok(())
+        })
     }
 
-    fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
-        let dst = self.addr(off, data.len(), "write")?;
-        if self.capturing {
-            bail!("write to the GPU arena during graph capture (copies from host memory cannot be captured)");
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: `dst` holds `data.len()` words (checked); the sync below keeps `data` alive
-        // until the copy has finished.
-        unsafe { dr::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
-            .map_err(|e| drv("copying to the GPU", e))?;
-        self.sync("copying to the GPU")
-    }
-
-    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()> {
-        let src = self.addr(off, out.len(), "read")?;
-        if self.capturing {
-            bail!("read from the GPU arena during graph capture");
-        }
-        if out.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: `src` holds `out.len()` words (checked); the sync below completes the copy
-        // before `out` is released.
-        unsafe { dr::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
-            .map_err(|e| drv("copying from the GPU", e))?;
-        self.sync("copying from the GPU (or an earlier kernel failed)")
-    }
-
-    fn launch(&mut self, l: &Launch) -> Result<()> {
+    /// A kernel launch, checked and queued.
+    fn launch_now(&mut self, l: &Launch) -> Result<()> {
         let Some(k) = self.kernels.get(l.kernel) else { bail!("no kernel named {} in kernels/*.cu", l.kernel) };
         let threads: u64 = l.block.iter().map(|&b| b as u64).product();
         if threads == 0 || threads > 1024 || l.block[2] > 64 {
@@ -369,63 +343,173 @@ impl Exec for GpuExec {
         }
         .map_err(|e| err(format!("launching {} failed: {}", l.kernel, errname(e))))
     }
+}
+
+impl Drop for GpuExec {
+    fn drop(&mut self) {
+        let _ = self.bind();
+        if self.capturing {
+            // SAFETY: ends the capture this executor began on its own stream.
+            if let Ok(g) = unsafe { dr::stream::end_capture(self.stream.cu_stream()) } {
+                if !g.is_null() {
+                    // SAFETY: the graph was just returned by the driver and is not used again.
+                    let _ = unsafe { dr::graph::destroy(g) };
+                }
+            }
+        }
+        let _ = self.stream.synchronize();
+        if let Some((ptr, _)) = self.arena.take() {
+            // SAFETY: allocated by `allocate`, all work that used it has finished.
+            let _ = unsafe { dr::free_sync(ptr) };
+        }
+    }
+}
+
+impl Exec for GpuExec {
+    fn memory(&self) -> DeviceMemory {
+        let process = self.driver_used_bytes().map(|u| u.saturating_sub(self.baseline_used));
+        DeviceMemory { allocated: self.device_bytes(), process }
+    }
+
+    fn describe(&self) -> String {
+        let v = self.cudnn_version;
+        format!(
+            "cuda:{} ({}, sm_{}{}, cuDNN {}.{}.{})",
+            self.ctx.ordinal(),
+            self.name,
+            self.cc.0,
+            self.cc.1,
+            v / 10000,
+            v / 100 % 100,
+            v % 100
+        )
+    }
+
+    fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
+        if self.in_step() {
+            // cudnnFind allocates, synchronizes and times: none of that may happen in a capture.
+            bail!("choosing convolution algorithms during a CUDA graph capture");
+        }
+        self.bind()?;
+        let bytes = self.convs.plan(convs, batch)?;
+        Ok(bytes.div_ceil(4))
+    }
+
+    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
+        if self.arena.is_some() {
+            bail!("the GPU arena is already allocated");
+        }
+        if self.in_step() {
+            bail!("allocating the GPU arena during a CUDA graph capture");
+        }
+        if conv_ws.0.checked_add(conv_ws.1).is_none_or(|end| end > len) {
+            bail!("convolution workspace {conv_ws:?} is outside the arena of {len} words");
+        }
+        self.bind()?;
+        let bytes = len.max(1) * 4;
+        // SAFETY: a plain device allocation, freed in Drop.
+        let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            err(format!(
+                "cannot allocate the {:.1} MiB GPU arena ({}): {:.1} MiB free of {:.1} MiB; use a smaller batch or --memory minimal",
+                mib(bytes),
+                errname(e),
+                mib(free),
+                mib(total)
+            ))
+        })?;
+        self.arena = Some((ptr, len));
+        // SAFETY: `ptr` holds `bytes` bytes.
+        unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| drv("zeroing the arena", e))?;
+        self.sync("zeroing the arena")?;
+        self.convs.set_workspace(ptr + 4 * conv_ws.0 as u64, conv_ws.1 * 4);
+        Ok(())
+    }
+
+    fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
+        let dst = self.addr(off, data.len(), "write")?;
+        if self.in_step() {
+            bail!("write to the GPU arena during graph capture (copies from host memory cannot be captured)");
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `dst` holds `data.len()` words (checked); the sync below keeps `data` alive
+        // until the copy has finished.
+        unsafe { dr::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying to the GPU", e))?;
+        self.sync("copying to the GPU (or an earlier kernel failed)")
+    }
+
+    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()> {
+        let src = self.addr(off, out.len(), "read")?;
+        if self.in_step() {
+            bail!("read from the GPU arena during graph capture");
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `src` holds `out.len()` words (checked); the sync below completes the copy
+        // before `out` is released.
+        unsafe { dr::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying from the GPU", e))?;
+        self.sync("copying from the GPU (or an earlier kernel failed)")
+    }
+
+    fn launch(&mut self, l: &Launch) -> Result<()> {
+        if self.recording.is_none() {
+            return self.launch_now(l);
+        }
+        let (kernel, grid, block, shared) = (l.kernel, l.grid, l.block, l.shared);
+        self.submit(Op::Launch { kernel, grid, block, shared, args: l.args.to_vec() })
+    }
 
     fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()> {
-        let (px, pw, py) = self.conv_args(x, w, y, spec, "conv_forward")?;
-        self.bind()?;
-        self.convs.forward(x, px, pw, y, py, spec)
+        self.submit(Op::ConvForward(x, w, y, spec))
     }
 
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()> {
-        let (px, pw, py) = self.conv_args(gx, w, gy, spec, "conv_backward_data")?;
-        self.bind()?;
-        self.convs.backward_data(gx, px, pw, gy, py, spec)
+        self.submit(Op::ConvBackwardData(gy, w, gx, spec))
     }
 
     fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()> {
-        let (px, pw, py) = self.conv_args(x, gw, gy, spec, "conv_backward_filter")?;
-        self.bind()?;
-        self.convs.backward_filter(x, px, pw, gy, py, spec)
+        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec))
     }
 
     fn capture_begin(&mut self) -> Result<()> {
-        if self.capturing {
+        if self.in_step() {
             bail!("capture_begin while a capture is already running");
         }
-        self.stream
-            .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| drv("starting a CUDA graph capture", e))?;
-        self.capturing = true;
+        self.recording = Some(Vec::new());
         Ok(())
     }
 
     fn capture_end(&mut self, key: u64) -> Result<()> {
-        if !self.capturing {
-            bail!("capture_end without capture_begin");
-        }
-        self.capturing = false;
-        let graph = self.stream.end_capture(ds::CUgraphInstantiate_flags(0)).map_err(|e| {
-            err(format!(
-                "CUDA graph capture failed ({}): something queued during the capture cannot be captured",
-                errname(e)
-            ))
-        })?;
-        if let Some(g) = &graph {
-            g.launch().map_err(|e| drv("launching a CUDA graph", e))?;
-        }
-        self.graphs.insert(key, graph);
+        let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
+        // The step has already run, op by op, as it was issued; capturing records it again.
+        let step = match self.capture(&ops) {
+            Ok(graph) => Step::Graph(graph),
+            Err(e) => {
+                eprintln!("warning: this training step is replayed without a CUDA graph: {e}");
+                Step::Ops(ops)
+            }
+        };
+        self.graphs.insert(key, step);
         Ok(())
     }
 
     fn replay(&mut self, key: u64) -> Result<bool> {
-        match self.graphs.get(&key) {
-            None => Ok(false),
-            Some(None) => Ok(true),
-            Some(Some(g)) => {
-                g.launch().map_err(|e| drv("launching a CUDA graph", e))?;
-                Ok(true)
-            }
-        }
+        let Some(step) = self.graphs.remove(&key) else { return Ok(false) };
+        let r = match &step {
+            Step::Graph(Some(g)) => g.launch().map_err(|e| drv("launching a CUDA graph", e)),
+            Step::Graph(None) => Ok(()),
+            Step::Ops(ops) => ops.iter().try_for_each(|op| self.issue(op)),
+        };
+        self.graphs.insert(key, step);
+        r.map(|()| true)
     }
 }
 
