@@ -95,6 +95,26 @@ fn training_is_deterministic_for_a_seed() {
 }
 
 #[test]
+fn trains_on_the_host_device_as_on_the_cpu() {
+    // The CUDA backend's code (kernels on the host layer, augmentation included) against the
+    // CPU backend: the same epoch losses and test precision.
+    let dir = cifar10();
+    let epochs = |device: &str| {
+        let out = train(dir.path(), "16", &["--epochs", "2", "--device", device]);
+        assert!(out.contains(&format!("Device: {}", if device == "cpu" { "cpu (" } else { "host device" })), "{out}");
+        out.lines().filter(|l| l.starts_with(" * Epoch [")).map(str::to_string).collect::<Vec<_>>()
+    };
+    let (cpu, host) = (epochs("cpu"), epochs("host"));
+    assert_eq!(cpu.len(), 2);
+    for (c, h) in cpu.iter().zip(&host) {
+        for key in ["train Loss ", "test Loss "] {
+            let (a, b) = (number_after(&c[c.find(key).unwrap()..], key), number_after(&h[h.find(key).unwrap()..], key));
+            assert!((a - b).abs() <= 2e-3 * a.abs().max(1.0), "{key}: cpu {c} vs host {h}");
+        }
+    }
+}
+
+#[test]
 fn trains_on_cifar100_files_given_directly() {
     let dir = TempDir::new().unwrap();
     cifar::write(dir.path(), Format::Cifar100, false, 30, 9);

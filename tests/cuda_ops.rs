@@ -10,6 +10,8 @@ mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec};
 use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
+use densenet::data::augment::{Crop, Normalize};
+use densenet::data::cifar::Dataset;
 use densenet::rng;
 
 /// Relative tolerance (cuDNN with FMA math, no TF32, against the CPU).
@@ -198,3 +200,18 @@ fn head<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     }
 }
 on_devices!(head_matches_the_cpu, head);
+
+fn input_batch<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for n in [1, 5] {
+        let mut l = Layout::default();
+        let dst = View::dense(l.take(n * 3 * 32 * 32), n, 3, 32, 32);
+        let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h: 32, w: 32 }], n);
+        let bytes: Vec<u8> = (0..n * 3072).map(|i| rng::mix64(i as u64) as u8).collect();
+        // Windows in every corner and the center, mirrored or not.
+        let crops: Vec<Crop> =
+            (0..n).map(|i| Crop { top: [4, 0, 8, 0, 8][i], left: [4, 0, 0, 8, 8][i], flip: i % 2 == 1 }).collect();
+        let norm = Normalize::of(Dataset::Cifar100);
+        t.run(&format!("augment n{n}"), |be| be.augment(&bytes, &crops, &norm, dst));
+    }
+}
+on_devices!(input_batch_matches_the_cpu, input_batch);

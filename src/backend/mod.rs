@@ -13,6 +13,7 @@ pub mod cuda;
 
 pub use cpu::CpuBackend;
 
+use crate::data::augment::{Crop, Normalize};
 use crate::Result;
 
 /// A channel slice of an NCHW tensor in the arena.
@@ -203,6 +204,10 @@ pub trait Backend {
     fn set_labels(&mut self, labels: &[u32]);
     /// `dst = src` (same shape).
     fn copy(&mut self, src: View, dst: View);
+    /// Writes the network input `dst` (dense [n, 3, 32, 32]) from stored images (`bytes`, n of
+    /// 3 x 32 x 32): image i cut through window `crops[i]` of its zero-padded copy and
+    /// normalized by `norm`, as [`Crop::apply`] does.
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View);
 
     /// `y = conv(pre(x), w)`; `w` is [cout, cin, k, k]; `pre` = `Some(bn)` applies
     /// `relu(bn(.))` to the input on the fly (the same arithmetic as [`Backend::bn_relu`]),

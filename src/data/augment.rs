@@ -49,6 +49,11 @@ impl Normalize {
     pub fn value(&self, c: usize, v: u8) -> f32 {
         self.table[c][v as usize]
     }
+
+    /// The whole table: entry `256 * c + v` is [`Normalize::value`]`(c, v)`.
+    pub fn table(&self) -> &[f32] {
+        self.table.as_flattened()
+    }
 }
 
 /// Where the 32x32 window lies in the padded image, and whether it is mirrored.

@@ -8,6 +8,7 @@
 
 use super::augment::{Crop, Normalize};
 use super::cifar::{Dataset, Images, IMAGE_BYTES};
+use crate::model::Input;
 use crate::{bail, rng, Error, Result};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
@@ -18,17 +19,20 @@ const TAG: u64 = u64::from_be_bytes(*b"shuffle\0");
 /// Batch buffers in circulation: one being trained on, one being filled.
 const BUFFERS: usize = 2;
 
-/// One batch: normalized images [n, 3, 32, 32] and their labels.
+/// One batch: stored images [n, 3, 32, 32] with the crop window of each (the backend crops,
+/// flips and normalizes them, on the device for the CUDA backend), and their labels.
 #[derive(Debug)]
 pub struct Batch {
-    images: Vec<f32>,
+    bytes: Vec<u8>,
+    crops: Vec<Crop>,
     labels: Vec<u32>,
+    norm: Normalize,
 }
 
 impl Batch {
-    /// Images, [n, 3, 32, 32] floats.
-    pub fn images(&self) -> &[f32] {
-        &self.images
+    /// The images as the model takes them.
+    pub fn input(&self) -> Input<'_> {
+        Input::Stored { bytes: &self.bytes, crops: &self.crops, norm: &self.norm }
     }
 
     /// Labels, one per image.
@@ -60,7 +64,6 @@ pub fn shuffle(order: &mut [u32], seed: u64, epoch: u64) {
 /// What the loader thread does with its images.
 struct Worker {
     data: Arc<Images>,
-    norm: Normalize,
     batch: usize,
     /// Shuffle seed; `None` keeps the stored order.
     shuffle: Option<u64>,
@@ -92,11 +95,12 @@ impl Worker {
     fn fill(&self, batch: &mut Batch, indices: &[u32], epoch: u64) {
         batch.labels.clear();
         batch.labels.extend(indices.iter().map(|&i| self.data.labels()[i as usize]));
-        batch.images.resize(indices.len() * IMAGE_BYTES, 0.0);
-        for (dst, &i) in batch.images.chunks_exact_mut(IMAGE_BYTES).zip(indices) {
+        batch.bytes.clear();
+        batch.crops.clear();
+        for &i in indices {
             let i = i as usize;
-            let crop = self.augment.map_or(Crop::NONE, |seed| Crop::random(seed, epoch, i));
-            crop.apply(self.data.image(i), &self.norm, dst);
+            batch.bytes.extend_from_slice(self.data.image(i));
+            batch.crops.push(self.augment.map_or(Crop::NONE, |seed| Crop::random(seed, epoch, i)));
         }
     }
 }
@@ -137,15 +141,19 @@ impl Loader {
         let (free, free_rx) = mpsc::sync_channel(BUFFERS);
         let (full_tx, full) = mpsc::sync_channel(1);
         let images = data.len();
-        let worker = Worker { data, norm: Normalize::of(dataset), batch, shuffle, augment };
+        let worker = Worker { data, batch, shuffle, augment };
         std::thread::Builder::new()
             .name("loader".into())
             .spawn(move || worker.run(epochs_rx, free_rx, full_tx))
             .map_err(|e| Error(format!("cannot start the data loader thread: {e}")))?;
         let capacity = batch.min(images);
         for _ in 0..BUFFERS {
-            let buffer =
-                Batch { images: Vec::with_capacity(capacity * IMAGE_BYTES), labels: Vec::with_capacity(capacity) };
+            let buffer = Batch {
+                bytes: Vec::with_capacity(capacity * IMAGE_BYTES),
+                crops: Vec::with_capacity(capacity),
+                labels: Vec::with_capacity(capacity),
+                norm: Normalize::of(dataset),
+            };
             free.send(buffer).map_err(|_| stopped())?;
         }
         Ok(Loader { images, batch, epochs, free, full })
@@ -240,18 +248,18 @@ mod tests {
         assert!(hits.iter().all(|&h| (850..1150).contains(&h)), "{hits:?}");
     }
 
-    /// (label, first byte) of every image of an epoch, and the batch sizes.
+    /// (label, first byte) of every image of an epoch, and the batch sizes; no image is
+    /// cropped.
     fn epoch(loader: &mut Loader, e: u64) -> (Vec<(u32, u8)>, Vec<usize>) {
-        let norm = Normalize::of(Dataset::Cifar10);
         let (mut seen, mut sizes) = (Vec::new(), Vec::new());
         let mut batches = loader.epoch(e).unwrap();
         while let Some(b) = batches.next_batch().unwrap() {
-            assert_eq!(b.images().len(), b.len() * IMAGE_BYTES);
+            assert_eq!((b.bytes.len(), b.crops.len()), (b.len() * IMAGE_BYTES, b.len()));
+            assert!(b.crops.iter().all(|&c| c == Crop::NONE));
             sizes.push(b.len());
-            for (img, &l) in b.images().chunks_exact(IMAGE_BYTES).zip(b.labels()) {
-                // Unaugmented image i has every byte i: recover i from the center pixel.
-                let i = (0..=255u8).find(|&v| norm.value(0, v) == img[16 * 32 + 16]).unwrap();
-                seen.push((l, i));
+            for (img, &l) in b.bytes.chunks_exact(IMAGE_BYTES).zip(b.labels()) {
+                // Image i has every byte i.
+                seen.push((l, img[0]));
             }
         }
         (seen, sizes)
@@ -294,14 +302,12 @@ mod tests {
     fn augmented_batches_follow_the_crop_draws() {
         let data = Arc::new(testing::images(Dataset::Cifar10, 5));
         let mut loader = Loader::train(data.clone(), Dataset::Cifar10, 5, 9, true).unwrap();
-        let norm = Normalize::of(Dataset::Cifar10);
         let mut batches = loader.epoch(4).unwrap();
         let b = batches.next_batch().unwrap().unwrap();
         let order = shuffled(5, 9, 4);
-        let mut expect = vec![0.0; IMAGE_BYTES];
-        for (img, &i) in b.images().chunks_exact(IMAGE_BYTES).zip(&order) {
-            Crop::random(9, 4, i as usize).apply(data.image(i as usize), &norm, &mut expect);
-            assert_eq!(img, &expect[..]);
+        assert_eq!(b.norm, Normalize::of(Dataset::Cifar10));
+        for ((img, crop), &i) in b.bytes.chunks_exact(IMAGE_BYTES).zip(&b.crops).zip(&order) {
+            assert_eq!((img, *crop), (data.image(i as usize), Crop::random(9, 4, i as usize)));
         }
     }
 }

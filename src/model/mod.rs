@@ -11,6 +11,8 @@ pub mod plan;
 
 use crate::backend::{Backend, Bn, ConvSpec, Sgd, View};
 use crate::config::NetConfig;
+use crate::data::augment::{Crop, Normalize};
+use crate::data::cifar::SIDE;
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
 use params::{BnParams, ParamLayout};
@@ -28,6 +30,23 @@ pub struct StepStats {
     pub correct: usize,
     /// Images in the batch.
     pub n: usize,
+}
+
+/// A batch's images as the model takes them.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// Normalized floats [n, 3, h, w].
+    Floats(&'a [f32]),
+    /// Stored images (bytes [n, 3, 32, 32]) with their crop windows and normalization, applied
+    /// by the backend ([`Backend::augment`]: on the device for the CUDA backend).
+    Stored {
+        /// The stored bytes.
+        bytes: &'a [u8],
+        /// One window per image.
+        crops: &'a [Crop],
+        /// The dataset's normalization.
+        norm: &'a Normalize,
+    },
 }
 
 /// A DenseNet with its planned arena on a backend.
@@ -175,19 +194,24 @@ impl<B: Backend> Model<B> {
     /// Forward, loss, backward and one SGD step on a batch of normalized images
     /// [n, 3, h, w] with labels.
     pub fn train_step(&mut self, images: &[f32], labels: &[u32], hp: Sgd) -> Result<StepStats> {
-        self.step(images, labels, Some(hp))
+        self.step(Input::Floats(images), labels, Some(hp))
+    }
+
+    /// [`Model::train_step`] on images in either [`Input`] form.
+    pub fn train_step_on(&mut self, input: Input, labels: &[u32], hp: Sgd) -> Result<StepStats> {
+        self.step(input, labels, Some(hp))
     }
 
     /// Forward, loss and backward (gradients in [`Model::grads`]); updates running statistics
     /// and the step counter, not the parameters.
     pub fn forward_backward(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
-        self.step(images, labels, None)
+        self.step(Input::Floats(images), labels, None)
     }
 
     /// A training step, with the SGD update if `hp` is given. Without dropout (whose masks
     /// change every step) the backend may record the step once per batch size and
     /// hyper-parameters and replay it ([`Backend::step_begin`]: a CUDA graph).
-    fn step(&mut self, images: &[f32], labels: &[u32], hp: Option<Sgd>) -> Result<StepStats> {
+    fn step(&mut self, images: Input, labels: &[u32], hp: Option<Sgd>) -> Result<StepStats> {
         // The smallest feature map is the last block's; training BN needs two values per channel.
         let hw = self.plan.head.input.hw();
         if labels.len() * hw < 2 {
@@ -214,31 +238,47 @@ impl<B: Backend> Model<B> {
     /// Loss and top-1 correct count of a batch in evaluation mode (running statistics, no
     /// dropout); changes no state.
     pub fn evaluate(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        self.evaluate_on(Input::Floats(images), labels)
+    }
+
+    /// [`Model::evaluate`] on images in either [`Input`] form.
+    pub fn evaluate_on(&mut self, images: Input, labels: &[u32]) -> Result<StepStats> {
         let n = self.load_batch(images, labels)?;
         self.forward(n, Pass::Eval);
         self.be.take_error()?;
         Ok(self.result(n))
     }
 
-    fn load_batch(&mut self, images: &[f32], labels: &[u32]) -> Result<usize> {
+    fn load_batch(&mut self, images: Input, labels: &[u32]) -> Result<usize> {
         let n = labels.len();
         let per = 3 * self.h * self.w;
         if n == 0 || n > self.plan.batch {
             bail!("batch of {n} images; the plan holds 1 to {}", self.plan.batch);
         }
-        if images.len() != n * per {
-            bail!(
-                "{} floats of images for {n} labels; expected {} ({n} x 3 x {} x {})",
-                images.len(),
-                n * per,
-                self.h,
-                self.w
-            );
+        let (len, what) = match images {
+            Input::Floats(f) => (f.len(), "floats"),
+            Input::Stored { bytes, crops, .. } => {
+                if crops.len() != n || (self.h, self.w) != (SIDE, SIDE) {
+                    bail!(
+                        "{} crops of {}x{} images for {n} labels of {SIDE}x{SIDE} images",
+                        crops.len(),
+                        self.h,
+                        self.w
+                    );
+                }
+                (bytes.len(), "bytes")
+            }
+        };
+        if len != n * per {
+            bail!("{len} {what} of images for {n} labels; expected {} ({n} x 3 x {} x {})", n * per, self.h, self.w);
         }
         if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.cfg.num_classes) {
             bail!("label {l} out of range for {} classes", self.cfg.num_classes);
         }
-        self.be.write(self.plan.image.off, images);
+        match images {
+            Input::Floats(f) => self.be.write(self.plan.image.off, f),
+            Input::Stored { bytes, crops, norm } => self.be.augment(bytes, crops, norm, self.plan.image.batch(n)),
+        }
         self.be.set_labels(labels);
         Ok(n)
     }

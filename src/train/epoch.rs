@@ -30,7 +30,7 @@ pub fn train<B: Backend>(
     print_freq: usize,
 ) -> Result<EpochStats> {
     run(loader, epoch, print_freq, &format!("Epoch: [{epoch}]"), |i, batch| {
-        let s = model.train_step(batch.images(), batch.labels(), hp)?;
+        let s = model.train_step_on(batch.input(), batch.labels(), hp)?;
         if !s.loss.is_finite() {
             bail!("training diverged: the loss is {} at epoch {epoch}, batch {i} (try a lower --lr)", s.loss);
         }
@@ -40,7 +40,7 @@ pub fn train<B: Backend>(
 
 /// Evaluates `model` on every batch of `loader` (running statistics, no dropout).
 pub fn evaluate<B: Backend>(model: &mut Model<B>, loader: &mut Loader, print_freq: usize) -> Result<EpochStats> {
-    run(loader, 0, print_freq, "Test: ", |_, batch| model.evaluate(batch.images(), batch.labels()))
+    run(loader, 0, print_freq, "Test: ", |_, batch| model.evaluate_on(batch.input(), batch.labels()))
 }
 
 /// Runs `step` on every batch of `epoch`. Progress, under `title` (`Epoch: [e]`, `Test: `):

@@ -16,8 +16,10 @@ mod pool;
 mod sgd;
 
 use super::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
+use crate::data::augment::{Crop, Normalize};
 use crate::{bail, Result};
 use conv::Workspace;
+use rayon::prelude::*;
 
 /// Raw arena pointer shared by rayon tasks. Every op documents which regions it writes; tasks
 /// write disjoint planes, channels or chunks.
@@ -165,6 +167,14 @@ impl Backend for CpuBackend {
         self.check(src);
         self.check(dst);
         elementwise::copy(self.ptr(), src, dst);
+    }
+
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
+        self.check(dst);
+        let per = dst.c * dst.hw();
+        assert!(dst.img_stride == per && bytes.len() == crops.len() * per && crops.len() == dst.n, "augment shapes");
+        let out = &mut self.arena[dst.off..dst.off + dst.numel()];
+        out.par_chunks_mut(per).zip(bytes.par_chunks(per)).zip(crops).for_each(|((d, s), c)| c.apply(s, norm, d));
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {

@@ -8,6 +8,7 @@
 
 use super::launch::{Arg, Exec, Launch};
 use crate::backend::{Backend, Bn, ConvShape, ConvSpec, DeviceMemory, Sgd, View};
+use crate::data::augment::{Crop, Normalize, PAD};
 use crate::Result;
 use std::collections::HashSet;
 
@@ -34,6 +35,8 @@ pub struct CudaBackend<E: Exec> {
     graphs: bool,
     /// Keys of the recorded steps.
     recorded: HashSet<u64>,
+    /// Host words of the input batch on their way to the device (reused).
+    staging: Vec<u32>,
 }
 
 /// A buffer argument covering a view.
@@ -74,6 +77,7 @@ impl<E: Exec> CudaBackend<E> {
             error: None,
             graphs: true,
             recorded: HashSet::new(),
+            staging: Vec::new(),
         }
     }
 
@@ -188,9 +192,16 @@ impl<E: Exec> Backend for CudaBackend<E> {
             return false;
         }
         if self.recorded.contains(&key) {
-            let r = self.exec.replay(key).map(drop);
-            self.record(r);
-            return true;
+            match self.exec.replay(key) {
+                Ok(true) => return true,
+                Ok(false) => {
+                    self.recorded.remove(&key);
+                }
+                Err(e) => {
+                    self.record(Err(e));
+                    return true;
+                }
+            }
         }
         if let Err(e) = self.exec.capture_begin() {
             eprintln!("warning: running steps without graphs: {e}");
@@ -237,6 +248,34 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let len = src.c * src.hw();
         let args = [view_arg(src), long(src.img_stride), view_arg(dst), long(dst.img_stride), int(src.n), long(len)];
         self.run_flat("copy_images", src.n * len, &args);
+    }
+
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
+        self.check_view(dst);
+        let (n, per) = (dst.n, dst.c * dst.hw());
+        assert!(dst.img_stride == per && bytes.len() == n * per && crops.len() == n, "augment shapes");
+        // Bytes, crops and the table go to the fused-BN scratch, unused between steps.
+        let s = &mut self.staging;
+        s.clear();
+        s.extend(bytes.chunks(4).map(|b| b.iter().rev().fold(0, |w, &v| w << 8 | v as u32)));
+        let crop_off = s.len();
+        s.extend(crops.iter().flat_map(|c| [c.top as u32, c.left as u32, c.flip as u32]));
+        let table_off = s.len();
+        s.extend(norm.table().iter().map(|v| v.to_bits()));
+        let total = s.len();
+        assert!(total <= self.pre_len, "the input batch does not fit the scratch");
+        let r = self.exec.write(self.pre, &self.staging);
+        self.record(r);
+        let args = [
+            buf(self.pre, crop_off),
+            buf(self.pre + crop_off, table_off - crop_off),
+            buf(self.pre + table_off, total - table_off),
+            view_arg(dst),
+            int(n),
+            int(dst.w),
+            int(PAD),
+        ];
+        self.run_flat("augment", dst.numel(), &args);
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {

@@ -285,7 +285,9 @@ impl GpuExec {
         self.capturing = true;
         let issued = ops.iter().try_for_each(|op| self.issue(op));
         self.capturing = false;
-        // Always end the capture, also after a failed op.
+        // Always end the capture, also after a failed op. cudarc's `end_capture` returns early,
+        // leaving the stream capturing, on an error stored by an earlier drop: `bind` takes it.
+        let _ = self.bind();
         let graph = self.stream.end_capture(ds::CUgraphInstantiate_flags(0));
         issued?;
         graph.map_err(|e| {

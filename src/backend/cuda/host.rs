@@ -1,7 +1,7 @@
 //! The host device: the CUDA backend's own code (which kernels, in which order, with which
 //! arguments, on which arena offsets) with the kernels on the host execution layer and the
-//! convolutions (cuDNN's part on a GPU) on the CPU backend. Graphs are recorded op lists,
-//! replayed as a GPU replays a CUDA graph.
+//! convolutions (cuDNN's part on a GPU) on the CPU backend. A graph is the op list recorded
+//! while its step ran, replayed as a GPU replays a CUDA graph.
 
 use super::hostlayer;
 use super::launch::{Arg, Exec, Launch};
@@ -32,15 +32,13 @@ impl HostExec {
         HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), len: 0 }
     }
 
-    /// Runs `op` now, or records it while a graph is being captured.
+    /// Runs `op`, and records it while a graph is being captured.
     fn submit(&mut self, op: Op) -> Result<()> {
-        match &mut self.recording {
-            Some(ops) => {
-                ops.push(op);
-                Ok(())
-            }
-            None => self.execute(&op),
+        self.execute(&op)?;
+        if let Some(ops) = &mut self.recording {
+            ops.push(op);
         }
+        Ok(())
     }
 
     fn execute(&mut self, op: &Op) -> Result<()> {
@@ -126,7 +124,7 @@ impl Exec for HostExec {
     fn capture_end(&mut self, key: u64) -> Result<()> {
         let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
         self.graphs.insert(key, ops);
-        self.replay(key).map(drop)
+        Ok(())
     }
 
     fn replay(&mut self, key: u64) -> Result<bool> {

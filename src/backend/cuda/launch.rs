@@ -66,9 +66,10 @@ pub trait Exec {
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()>;
     /// `gw = dL/dw` summed over the batch (overwrites gw).
     fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()>;
-    /// Starts recording the work queued from now on as a graph (a CUDA graph on the GPU).
+    /// Starts recording the work queued from now on as a graph; the work still runs as it is
+    /// queued (that run is the warm-up of what the graph will replay).
     fn capture_begin(&mut self) -> Result<()>;
-    /// Ends the recording, stores it as graph `key` and runs it.
+    /// Ends the recording and stores it as graph `key` (a CUDA graph on the GPU); runs nothing.
     fn capture_end(&mut self, key: u64) -> Result<()>;
     /// Runs recorded graph `key`; `false` when there is none (nothing ran).
     fn replay(&mut self, key: u64) -> Result<bool>;
