@@ -133,7 +133,7 @@ run() {
 
   local t
   for t in cuda_ops cuda_step nvrtc; do
-    [ -x "$CARRY/$t" ] && item "test-$t" 120 0 "$CARRY/$t" --nocapture
+    [ -x "$CARRY/$t" ] && item "test-$t" 120 0 "$CARRY/$t" --nocapture --test-threads=1
   done
   local mode
   for mode in naive shared minimal; do
@@ -145,7 +145,7 @@ run() {
       --growth 12 --batch 64 --steps 20 --warmup 5
   done
   if [ "$HAVE_NVRTC" = 1 ] && [ -x "$CARRY/cuda_ops" ]; then
-    item "test-cuda_ops-nvrtc" 90 0 env DENSENET_FORCE_NVRTC=1 "$CARRY/cuda_ops" --nocapture
+    item "test-cuda_ops-nvrtc" 90 0 env DENSENET_FORCE_NVRTC=1 "$CARRY/cuda_ops" --nocapture --test-threads=1
   else
     echo "SKIPPED test-cuda_ops-nvrtc: no libnvrtc.so.13 here" | tee -a "$LOG"
   fi

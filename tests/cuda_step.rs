@@ -112,3 +112,21 @@ fn graphs_replay_the_eager_step<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     assert_eq!(run(true), run(false), "a replayed step differs from the eager one");
 }
 on_devices!(graph_replay_equals_eager_steps, graphs_replay_the_eager_step);
+
+fn device_memory_is_the_plan<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    let (cfg, h, n) = configs().remove(0);
+    for mode in Mode::ALL {
+        let mut m = Model::new(cfg.clone(), n, h, h, mode, 5, make()).unwrap();
+        let planned = m.plan().total_bytes();
+        assert_eq!(m.backend().device_memory().map(|d| d.allocated), Some(planned), "{mode}");
+        // After the first steps (warm-up, graph capture), a step allocates nothing on the device.
+        let (images, labels) = common::batch(7, n, h, h, cfg.num_classes);
+        let mut used = Vec::new();
+        for _ in 0..6 {
+            m.train_step(&images, &labels, Sgd::default()).unwrap();
+            used.push(m.backend().device_memory().unwrap().process);
+        }
+        assert!(used[2..].iter().all(|&u| u == used[2]), "{mode}: device memory in use grew over steps: {used:?}");
+    }
+}
+on_devices!(device_allocation_is_the_plan, device_memory_is_the_plan);

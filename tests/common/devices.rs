@@ -10,8 +10,9 @@ pub fn on_host(test: impl FnOnce(&dyn Fn() -> CudaBackend<HostExec>)) {
 
 /// Runs `test` on GPU 0, or prints why it was skipped.
 pub fn on_gpu(name: &str, test: impl FnOnce(&dyn Fn() -> CudaBackend<GpuExec>)) {
-    match GpuExec::new(0) {
-        Ok(_) => test(&|| CudaBackend::new(GpuExec::new(0).expect("GPU 0 opened once already"))),
+    // The probe is dropped before the test opens its own executors.
+    match GpuExec::new(0).map(drop) {
+        Ok(()) => test(&|| CudaBackend::new(GpuExec::new(0).expect("GPU 0 opened once already"))),
         Err(e) => eprintln!("SKIPPED {name} on the GPU: {e}"),
     }
 }
