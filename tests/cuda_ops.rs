@@ -8,7 +8,7 @@
 #[macro_use]
 mod common;
 
-use densenet::backend::cuda::{CudaBackend, Exec};
+use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
 use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
 use densenet::data::augment::{Crop, Normalize};
 use densenet::data::cifar::Dataset;
@@ -102,6 +102,10 @@ fn convolutions<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         (ConvSpec::SAME3, 1, 5, 3, 9, 7),
         (ConvSpec::SAME3, 3, 4, 6, 6, 6),
         (ConvSpec::STEM7, 2, 3, 4, 13, 11),
+        // More images than one fused chunk: the BN-ReLU input goes through the scratch in
+        // pieces, and the filter gradient accumulates over them.
+        (ConvSpec::POINTWISE, FUSED_CHUNK + 4, 5, 3, 4, 4),
+        (ConvSpec::SAME3, 2 * FUSED_CHUNK + 1, 3, 2, 3, 5),
     ] {
         let mut l = Layout::default();
         let (oh, ow) = (spec.out(h), spec.out(w));

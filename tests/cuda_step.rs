@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use densenet::backend::cuda::{CudaBackend, Exec};
+use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
 use densenet::backend::{Backend, Sgd};
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
@@ -81,6 +81,8 @@ fn configs() -> Vec<(NetConfig, usize, usize)> {
         (NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(), 16, 3),
         (NetConfig::cifar(13, 3, false, 0.5, 0.2, 7).unwrap(), 8, 2),
         (common::tiny_imagenet([1, 2, 1, 1], 5), 64, 1),
+        // Two fused-convolution chunks.
+        (NetConfig::cifar(10, 3, true, 0.5, 0.0, 4).unwrap(), 4, FUSED_CHUNK + 2),
     ]
 }
 

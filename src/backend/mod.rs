@@ -45,6 +45,12 @@ impl View {
         View { off: self.off + c0 * self.h * self.w, c, ..self }
     }
 
+    /// Images `[i, i + n)` of this view.
+    pub fn images(self, i: usize, n: usize) -> View {
+        assert!(i + n <= self.n, "images {i}+{n} out of {}", self.n);
+        View { off: self.off + i * self.img_stride, n, ..self }
+    }
+
     /// The first `n` images of this view.
     pub fn batch(self, n: usize) -> View {
         assert!(n <= self.n, "batch {n} larger than planned {}", self.n);

@@ -9,11 +9,16 @@
 use super::launch::{Arg, Exec, Launch};
 use crate::backend::{Backend, Bn, ConvShape, ConvSpec, DeviceMemory, Sgd, View};
 use crate::data::augment::{Crop, Normalize, PAD};
+use crate::data::cifar::IMAGE_BYTES;
 use crate::Result;
 use std::collections::HashSet;
 
 /// Threads per block of every launch (kernels/dn.cuh `DN_BLOCK`).
 const BLOCK: u32 = 256;
+/// Images per convolution call when a BN-ReLU is applied to the input first: the scratch
+/// holds this many normalized images instead of the whole batch, at the cost of more cuDNN
+/// calls per fused convolution (`batch / FUSED_CHUNK`).
+pub const FUSED_CHUNK: usize = 16;
 /// Shared bytes of the block reductions: two f64 per thread.
 const REDUCE_SHARED: u32 = 2 * 8 * BLOCK;
 
@@ -146,13 +151,19 @@ impl<E: Exec> CudaBackend<E> {
         self.run_flat(kernel, outputs, &args);
     }
 
-    /// The convolution input: `x` itself, or `relu(bn(x))` in the scratch.
-    fn conv_input(&mut self, x: View, pre: Option<Bn>) -> View {
-        let Some(bn) = pre else { return x };
-        assert!(x.numel() <= self.pre_len, "fused input {x:?} larger than the scratch");
-        let y = View::dense(self.pre, x.n, x.c, x.h, x.w);
-        self.launch_bn_relu(x, bn, y);
-        y
+    /// Calls `conv(self, input, first, i, n)` for each chunk of images `[i, i + n)` of `x`:
+    /// the input is `x`'s images (all at once) or, with a `pre` BN-ReLU, up to [`FUSED_CHUNK`]
+    /// of them normalized into the scratch; `first` is true for the first call.
+    fn chunks(&mut self, x: View, pre: Option<Bn>, mut conv: impl FnMut(&mut Self, View, bool, usize, usize)) {
+        let Some(bn) = pre else { return conv(self, x, true, 0, x.n) };
+        for i in (0..x.n).step_by(FUSED_CHUNK) {
+            let n = FUSED_CHUNK.min(x.n - i);
+            let xs = x.images(i, n);
+            assert!(xs.numel() <= self.pre_len, "fused input {xs:?} larger than the scratch");
+            let scratch = View::dense(self.pre, n, x.c, x.h, x.w);
+            self.launch_bn_relu(xs, bn, scratch);
+            conv(self, scratch, i == 0, i, n);
+        }
     }
 }
 
@@ -162,7 +173,9 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
-        self.pre_len = batch * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
+        // Fused inputs, FUSED_CHUNK images at a time; the input batch passes through here too.
+        let fused = FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
+        self.pre_len = fused.max(batch * (IMAGE_BYTES / 4 + 3) + 3 * 256);
         self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
         Ok(self.pre_len + self.conv_len)
     }
@@ -281,9 +294,10 @@ impl<E: Exec> Backend for CudaBackend<E> {
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
         self.check_view(x);
         self.check_view(y);
-        let x = self.conv_input(x, pre);
-        let r = self.exec.conv_forward(x, w, y, spec);
-        self.record(r);
+        self.chunks(x, pre, |be, input, _, i, n| {
+            let r = be.exec.conv_forward(input, w, y.images(i, n), spec);
+            be.record(r);
+        });
     }
 
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
@@ -296,9 +310,10 @@ impl<E: Exec> Backend for CudaBackend<E> {
     fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
         self.check_view(x);
         self.check_view(gy);
-        let x = self.conv_input(x, pre);
-        let r = self.exec.conv_backward_filter(x, gy, gw, spec);
-        self.record(r);
+        self.chunks(x, pre, |be, input, first, i, n| {
+            let r = be.exec.conv_backward_filter(input, gy.images(i, n), gw, spec, !first);
+            be.record(r);
+        });
     }
 
     fn bn_stats(&mut self, x: View, mean: usize, var: usize) {

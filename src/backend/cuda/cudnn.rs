@@ -188,7 +188,7 @@ impl Convs {
 
     /// `y = conv(x, w)` at device addresses `px`, `pw`, `py`.
     pub(super) fn forward(&mut self, x: View, px: u64, pw: u64, y: View, py: u64, spec: ConvSpec) -> Result<()> {
-        self.run(Dir::Forward, x, px, pw, y, py, spec)
+        self.run(Dir::Forward, x, px, pw, y, py, spec, 0.0)
     }
 
     /// `gx = conv_transpose(gy, w)`.
@@ -201,10 +201,11 @@ impl Convs {
         py: u64,
         spec: ConvSpec,
     ) -> Result<()> {
-        self.run(Dir::Data, gx, px, pw, gy, py, spec)
+        self.run(Dir::Data, gx, px, pw, gy, py, spec, 0.0)
     }
 
-    /// `gw = dL/dw`.
+    /// `gw = dL/dw`, or `gw += dL/dw` when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_filter(
         &mut self,
         x: View,
@@ -213,14 +214,15 @@ impl Convs {
         gy: View,
         py: u64,
         spec: ConvSpec,
+        accumulate: bool,
     ) -> Result<()> {
-        self.run(Dir::Filter, x, px, pw, gy, py, spec)
+        self.run(Dir::Filter, x, px, pw, gy, py, spec, if accumulate { 1.0 } else { 0.0 })
     }
 
     /// One convolution call in direction `dir`; `x` is the input side (x or gx), `y` the output
-    /// side (y or gy), `pw` the filter (w or gw).
+    /// side (y or gy), `pw` the filter (w or gw); the output is scaled by `beta` and added to.
     #[allow(clippy::too_many_arguments)]
-    fn run(&mut self, dir: Dir, x: View, px: u64, pw: u64, y: View, py: u64, spec: ConvSpec) -> Result<()> {
+    fn run(&mut self, dir: Dir, x: View, px: u64, pw: u64, y: View, py: u64, spec: ConvSpec, beta: f32) -> Result<()> {
         if x.n == 0 || x.c == 0 || y.c == 0 {
             return Ok(());
         }
@@ -261,7 +263,7 @@ impl Convs {
         let mut first_error = None;
         for (i, &(algo, bytes)) in choice.usable.iter().enumerate().skip(choice.current) {
             let wsp = if bytes > 0 { ws as usize as *mut c_void } else { std::ptr::null_mut() };
-            match execute(handle, xd, yd, wd, conv, dir, algo, (px, pw, py), (wsp, bytes)) {
+            match execute(handle, xd, yd, wd, conv, dir, algo, (px, pw, py), (wsp, bytes), beta) {
                 Ok(()) => {
                     choice.current = i;
                     return Ok(());
@@ -525,8 +527,9 @@ fn execute(
     algo: u32,
     (px, pw, py): (u64, u64, u64),
     (ws, ws_bytes): (*mut c_void, usize),
+    beta: f32,
 ) -> std::result::Result<(), cr::CudnnError> {
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     let (a, b) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
     let (px, pw, py) = (px as usize as *mut c_void, pw as usize as *mut c_void, py as usize as *mut c_void);
     let bad = cr::CudnnError(cs::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM);

@@ -36,7 +36,7 @@ enum Op {
     Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
     ConvForward(View, usize, View, ConvSpec),
     ConvBackwardData(View, usize, View, ConvSpec),
-    ConvBackwardFilter(View, View, usize, ConvSpec),
+    ConvBackwardFilter(View, View, usize, ConvSpec, bool),
 }
 
 /// A recorded step: its CUDA graph (`None`: the capture was empty), or, when the capture
@@ -260,10 +260,10 @@ impl GpuExec {
                 self.bind()?;
                 self.convs.backward_data(gx, px, pw, gy, py, spec)
             }
-            Op::ConvBackwardFilter(x, gy, gw, spec) => {
+            Op::ConvBackwardFilter(x, gy, gw, spec, accumulate) => {
                 let (px, pw, py) = self.conv_args(x, gw, gy, spec, "conv_backward_filter")?;
                 self.bind()?;
-                self.convs.backward_filter(x, px, pw, gy, py, spec)
+                self.convs.backward_filter(x, px, pw, gy, py, spec, accumulate)
             }
         }
     }
@@ -477,8 +477,8 @@ impl Exec for GpuExec {
         self.submit(Op::ConvBackwardData(gy, w, gx, spec))
     }
 
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()> {
-        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec))
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec, accumulate: bool) -> Result<()> {
+        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
     }
 
     fn capture_begin(&mut self) -> Result<()> {

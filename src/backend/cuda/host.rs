@@ -14,7 +14,7 @@ enum Op {
     Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
     ConvForward(View, usize, View, ConvSpec),
     ConvBackwardData(View, usize, View, ConvSpec),
-    ConvBackwardFilter(View, View, usize, ConvSpec),
+    ConvBackwardFilter(View, View, usize, ConvSpec, bool),
 }
 
 /// Runs the CUDA backend on the CPU (see the module docs).
@@ -22,14 +22,16 @@ pub struct HostExec {
     cpu: CpuBackend,
     recording: Option<Vec<Op>>,
     graphs: HashMap<u64, Vec<Op>>,
-    /// Words allocated.
+    /// Words of the emulated device allocation.
     len: usize,
+    /// Words after it (host only): a weight gradient, for accumulating filter gradients.
+    spare: usize,
 }
 
 impl HostExec {
     /// A host device over rayon's global pool (for the convolutions).
     pub fn new() -> Self {
-        HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), len: 0 }
+        HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), len: 0, spare: 0 }
     }
 
     /// Runs `op`, and records it while a graph is being captured.
@@ -49,7 +51,15 @@ impl HostExec {
             }
             Op::ConvForward(x, w, y, spec) => self.cpu.conv_forward(x, None, w, y, spec),
             Op::ConvBackwardData(gy, w, gx, spec) => self.cpu.conv_backward_data(gy, w, gx, spec),
-            Op::ConvBackwardFilter(x, gy, gw, spec) => self.cpu.conv_backward_filter(x, None, gy, gw, spec),
+            Op::ConvBackwardFilter(x, gy, gw, spec, false) => self.cpu.conv_backward_filter(x, None, gy, gw, spec),
+            Op::ConvBackwardFilter(x, gy, gw, spec, true) => {
+                // cuDNN's beta = 1: the CPU backend overwrites, so go through the spare area.
+                let n = gy.c * x.c * spec.k * spec.k;
+                self.cpu.conv_backward_filter(x, None, gy, self.len, spec);
+                let sum: Vec<f32> =
+                    self.cpu.read(gw, n).iter().zip(self.cpu.read(self.len, n)).map(|(a, b)| a + b).collect();
+                self.cpu.write(gw, &sum);
+            }
         }
         Ok(())
     }
@@ -74,12 +84,13 @@ impl Exec for HostExec {
     }
 
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
+        self.spare = convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
         self.cpu.workspace_len(convs, batch)
     }
 
     fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
         self.len = len;
-        self.cpu.allocate(len, conv_ws, 0)
+        self.cpu.allocate(len + self.spare, conv_ws, 0)
     }
 
     fn memory(&self) -> DeviceMemory {
@@ -111,8 +122,8 @@ impl Exec for HostExec {
         self.submit(Op::ConvBackwardData(gy, w, gx, spec))
     }
 
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()> {
-        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec))
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec, accumulate: bool) -> Result<()> {
+        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
     }
 
     fn capture_begin(&mut self) -> Result<()> {

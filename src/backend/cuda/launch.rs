@@ -64,8 +64,8 @@ pub trait Exec {
     fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()>;
     /// `gx = conv_transpose(gy, w)` (overwrites gx).
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()>;
-    /// `gw = dL/dw` summed over the batch (overwrites gw).
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec) -> Result<()>;
+    /// `gw = dL/dw` summed over the batch, or `gw += ...` when `accumulate`.
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec, accumulate: bool) -> Result<()>;
     /// Starts recording the work queued from now on as a graph; the work still runs as it is
     /// queued (that run is the warm-up of what the graph will replay).
     fn capture_begin(&mut self) -> Result<()>;

@@ -11,7 +11,7 @@ mod host;
 mod hostlayer;
 mod launch;
 
-pub use backend::CudaBackend;
+pub use backend::{CudaBackend, FUSED_CHUNK};
 pub use gpu::GpuExec;
 pub use host::HostExec;
 pub use hostlayer::{host_launch, host_launch_timeout};
