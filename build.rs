@@ -62,12 +62,36 @@ fn concatenate(dir: &Path) -> String {
     src
 }
 
-/// Names of the `__global__ void name(` functions in `src`, in order (comments skipped).
+/// Names of the `__global__ void name(` functions in `src`, in order, outside comments.
 fn kernel_names(src: &str) -> Vec<String> {
-    let decl = |line: &str| {
-        let rest = line.split_once("__global__")?.1.trim_start().strip_prefix("void")?.trim_start();
-        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
-        Some(rest[..end].to_string())
-    };
-    src.lines().filter(|l| !l.trim_start().starts_with("//")).filter_map(decl).collect()
+    strip_comments(src)
+        .split("__global__")
+        .skip(1)
+        .filter_map(|rest| {
+            let rest = rest.trim_start().strip_prefix("void")?.trim_start();
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+            Some(rest[..end].to_string())
+        })
+        .collect()
+}
+
+/// `src` without its `//` and `/* */` comments (string literals are not special-cased: kernels
+/// have none that contain comment markers).
+fn strip_comments(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(i) = rest.find('/') {
+        out += &rest[..i];
+        let tail = &rest[i..];
+        if tail.starts_with("//") {
+            rest = tail.find('\n').map_or("", |j| &tail[j..]);
+        } else if let Some(body) = tail.strip_prefix("/*") {
+            out.push(' ');
+            rest = body.find("*/").map_or("", |j| &body[j + 2..]);
+        } else {
+            out.push('/');
+            rest = &tail[1..];
+        }
+    }
+    out + rest
 }

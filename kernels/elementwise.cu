@@ -31,11 +31,14 @@ extern "C" __global__ void dropout(Buf<float> x, u64 stride, int n, u64 len, flo
     x[o] = dn_uniform(key, i) < p ? 0.0f : x[o] * keep;
 }
 
-// torch.optim.SGD: d = g + wd p; m = mu m + d; p -= lr (nesterov ? d + mu m : m).
-extern "C" __global__ void sgd(Buf<float> params, Buf<const float> grads, Buf<float> momentum, u64 len, float lr, float mu,
-                    float weight_decay, int nesterov) {
+// torch.optim.SGD: d = g + wd p; m = mu m + d; p -= lr (nesterov ? d + mu m : m), with
+// hp = {lr, mu, wd, nesterov (0 or 1)} read from the arena (a recorded step follows changes).
+extern "C" __global__ void sgd(Buf<float> params, Buf<const float> grads, Buf<float> momentum, u64 len,
+                               Buf<const float> hp) {
     const u64 i = dn_index();
     if (i >= len) return;
+    const float lr = hp[0], mu = hp[1], weight_decay = hp[2];
+    const bool nesterov = hp[3] != 0.0f;
     const float p = params[i], d = grads[i] + weight_decay * p;
     const float m = mu * momentum[i] + d;
     momentum[i] = m;

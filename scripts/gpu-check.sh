@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the project, in one call of under 8 minutes on the lent GPU machine (see
-# DEVELOPERS.md and /work/.library/device/README.md). Two halves:
+# Every GPU check of the project, in one call of under 8 minutes on the lent GPU machine (see the
+# device tool's README, /work/.library/device/README.md). Two halves:
 #
 #   bash scripts/gpu-check.sh prepare   # here, without a GPU
 #     Builds the release binary and the GPU test binaries (tests/cuda_ops.rs, tests/cuda_step.rs,
@@ -14,8 +14,9 @@
 #     3. PyTorch naive and checkpointed (benches/torch_densenet.py gpu),
 #     4. the GPU op tests again with the kernels compiled by NVRTC at start
 #        (DENSENET_FORCE_NVRTC=1), when libnvrtc is there,
-#     then one table: images/s, step time, peak memory. Each item has a time limit, and items
-#     are skipped once the run nears its budget. Logs and the table go to $OUT.
+#     then one table: images/s, step time, device memory (allocated, added by the process, and
+#     nvidia-smi's peak). Each item has a time limit, and items are skipped once the run nears
+#     its budget. Logs and the table go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-check
@@ -182,23 +183,31 @@ for line in open(status):
     print(f"  {parts[0]:<24}{verdict}" + (f"  {parts[2]}s" if len(parts) > 2 else ""))
 
 print("\n== BC-100-12, batch 64, one training step (median)")
-print(f"{'side':<22}{'images/s':>10}{'step ms':>10}{'alloc MiB':>11}{'GPU used MiB':>14}")
+print(f"{'side':<22}{'images/s':>10}{'step ms':>10}{'alloc MiB':>11}{'process MiB':>13}{'GPU used MiB':>14}")
 rows = [("ours-" + m, m) for m in ("naive", "shared", "minimal")] + [("torch-" + m, m) for m in ("naive", "checkpointed")]
+
+def mib(v, width):
+    return f"{v / 2**20:>{width}.0f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
 for name, mode in rows:
     j = last_json(name)
     smi = smi_peak(name)
     smi_s = f"{smi:>14.0f}" if smi is not None else f"{'?':>14}"
     if not j:
-        print(f"{name:<22}{'-':>10}{'-':>10}{'-':>11}{smi_s}")
+        print(f"{name:<22}{'-':>10}{'-':>10}{'-':>11}{'-':>13}{smi_s}")
         continue
     ips = j.get("images_per_s", 0.0)
     ms = j.get("step_ms", 1e3 * j.get("median_step_s", 0.0))
-    alloc = next((j[k] for k in ("device_peak_bytes", "device_bytes", "max_memory_allocated_bytes",
-                                 "planned_peak_bytes") if k in j), 0)
-    print(f"{name:<22}{ips:>10.0f}{ms:>10.1f}{alloc / 2**20:>11.0f}{smi_s}")
-print("alloc: ours = the planned arena (or the device bytes the bench reports), torch = "
-      "max_memory_allocated after warm-up;\nGPU used: peak of nvidia-smi's memory.used during the run "
-      "minus idle (CUDA context, libraries and workspaces included).")
+    # Ours: what the backend allocated on the device (the arena: equals the plan); PyTorch: the
+    # caching allocator's max_memory_allocated after warm-up.
+    alloc = next((j[k] for k in ("device_allocated_bytes", "max_memory_allocated_bytes", "planned_peak_bytes")
+                  if j.get(k) is not None), None)
+    process = j.get("device_process_bytes")
+    print(f"{name:<22}{ips:>10.0f}{ms:>10.1f}{mib(alloc, 11)}{mib(process, 13)}{smi_s}")
+print("alloc: ours = device_allocated_bytes (the arena the backend allocated; equals the plan), torch = "
+      "max_memory_allocated after warm-up;\nprocess: ours = device_process_bytes, the device memory the process "
+      "added as the driver counts it (context, kernels, cuDNN, arena, graphs; torch: not reported);\nGPU used: "
+      "peak of nvidia-smi's memory.used during the run minus idle (CUDA context, libraries and workspaces included).")
 PY
   if awk '$2 != "0" { bad = 1 } END { exit !bad }' "$STATUS"; then
     echo "gpu-check: some checks failed or were skipped (see above and $LOG)"

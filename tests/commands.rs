@@ -62,7 +62,7 @@ impl Setup {
     /// Trains the tiny network for one epoch as run `name` with extra flags; returns stdout.
     fn train(&self, name: &str, extra: &[&str]) -> String {
         let mut args = vec!["train", "--data-dir", self.data(), "--runs-dir", self.runs.path().to_str().unwrap()];
-        args.extend(["--name", name, "--epochs", "1"]);
+        args.extend(["--name", name, "--epochs", "1", "--device", "cpu"]);
         args.extend(TINY);
         args.extend(extra);
         ok(&args)
@@ -75,6 +75,9 @@ impl Setup {
     /// `densenet eval` of `checkpoint` on the tiny data, with extra flags.
     fn eval_args<'a>(&'a self, checkpoint: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec!["eval", "--checkpoint", checkpoint.to_str().unwrap(), "--data-dir", self.data()];
+        if !extra.contains(&"--device") {
+            args.extend(["--device", "cpu"]);
+        }
         args.extend(extra);
         args
     }
@@ -185,7 +188,7 @@ fn memory(extra: &[&str]) -> Value {
 #[test]
 fn bench_reports_speed_and_memory() {
     for mode in ["minimal", "naive"] {
-        let mut args = vec!["bench", "--steps", "2", "--warmup", "1", "--memory", mode];
+        let mut args = vec!["bench", "--steps", "2", "--warmup", "1", "--memory", mode, "--device", "cpu"];
         args.extend(TINY);
         args.push("--json");
         let text = ok(&args);
@@ -235,22 +238,27 @@ fn bench_runs_the_cuda_backend_on_the_host_device() {
 
 #[test]
 fn cuda_without_a_usable_gpu_is_a_one_line_error() {
+    let mut args = vec!["bench", "--steps", "1", "--warmup", "0"];
+    args.extend(TINY);
     let Err(e) = densenet::backend::cuda::GpuExec::new(0) else {
         eprintln!("SKIPPED cuda_without_a_usable_gpu_is_a_one_line_error: this machine has a usable GPU");
+        let text = ok(&args);
+        assert!(text.contains("Device: cuda:0 (") && text.contains(") (auto)"), "auto picks the GPU:\n{text}");
         return;
     };
-    let dir = TempDir::new().unwrap();
-    let d = dir.path().to_str().unwrap();
+    // Flags and files are checked first; then the device.
+    let s = Setup::new();
+    s.train("t", &[]);
+    let ck = s.checkpoint("t", "checkpoint.safetensors");
     for args in [
         &["bench", "--device", "cuda"][..],
-        &["train", "--device", "cuda:0", "--data-dir", d],
-        &["eval", "--device", "cuda", "--checkpoint", d],
+        &["train", "--device", "cuda:0", "--data-dir", s.data()],
+        &s.eval_args(&ck, &["--device", "cuda"]),
     ] {
         assert_fails(args, 1, &e.0);
     }
+    assert_fails(&["bench", "--device", "cuda", "--layers", "11"], 2, "depth 11 does not fit");
     // auto falls back to the CPU and says why.
-    let mut args = vec!["bench", "--steps", "1", "--warmup", "0"];
-    args.extend(TINY);
     let text = ok(&args);
     assert!(text.contains(&format!("Device: cpu ({} threads) (auto, no usable GPU: {e})", num_threads())), "{text}");
 }

@@ -162,7 +162,10 @@ fn elementwise<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         t.run(&format!("dropout {at}"), |be| be.dropout(x, 0.3, 0xfeed + n as u64));
         for nesterov in [true, false] {
             let hp = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3, nesterov };
-            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| be.sgd(p, g, m, len, hp));
+            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| {
+                be.set_sgd(hp);
+                be.sgd(p, g, m, len, hp)
+            });
         }
     }
 }

@@ -106,12 +106,26 @@ on_devices!(two_runs_are_bitwise_identical, runs_are_identical);
 
 fn graphs_replay_the_eager_step<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     let (cfg, h, n) = configs().remove(0);
+    let (images, labels) = common::batch(7, n, h, h, cfg.num_classes);
+    let per = images.len() / n;
     let run = |graphs: bool| {
         let mut be = make();
         be.set_graphs(graphs);
-        steps(Model::new(cfg.clone(), n, h, h, Mode::Minimal, 5, be).unwrap(), n, h)
+        let mut m = Model::new(cfg.clone(), n, h, h, Mode::Minimal, 5, be).unwrap();
+        // Full and partial batches, a learning-rate change, a step without SGD: each kind is
+        // recorded once and replayed with the settings of the moment.
+        let slow = Sgd { lr: 0.01, ..Sgd::default() };
+        let mut losses = Vec::new();
+        for (k, hp) in
+            [(n, Sgd::default()), (n, Sgd::default()), (n - 1, Sgd::default()), (n, slow), (n - 1, slow), (n, slow)]
+        {
+            losses.push(m.train_step(&images[..k * per], &labels[..k], hp).unwrap().loss);
+        }
+        losses.push(m.forward_backward(&images, &labels).unwrap().loss);
+        losses.push(m.forward_backward(&images, &labels).unwrap().loss);
+        (losses, m.params(), m.momentum(), m.running_stats(), m.grads())
     };
-    assert_eq!(run(true), run(false), "a replayed step differs from the eager one");
+    assert_eq!(run(true), run(false), "replayed steps differ from eager ones");
 }
 on_devices!(graph_replay_equals_eager_steps, graphs_replay_the_eager_step);
 

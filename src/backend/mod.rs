@@ -179,9 +179,10 @@ pub trait Backend {
         None
     }
 
-    /// The first error of the ops since the last call (ops queue work and cannot fail one by
-    /// one on a device); the model calls it after every step.
-    fn take_error(&mut self) -> Result<()> {
+    /// The first error of the ops and reads since the last call (ops queue work and cannot
+    /// fail one by one on a device; a failed read also fills its output with NaN); the model
+    /// calls it after every step and the checkpoint writer after reading the weights.
+    fn take_error(&self) -> Result<()> {
         Ok(())
     }
 
@@ -283,6 +284,9 @@ pub trait Backend {
     /// Softmax cross-entropy against the current labels, mean over the batch: writes
     /// `out[0]` = loss, `out[1]` = top-1 correct count, and `glogits` = dloss/dlogits.
     fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize);
+    /// The settings of the SGD steps that follow, given before a step begins (a backend that
+    /// records steps reads them from its arena, so a recorded step follows changes).
+    fn set_sgd(&mut self, _hp: Sgd) {}
     /// One SGD step over `len` floats at `params`, with gradients and momentum at the same
     /// relative layout.
     fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd);

@@ -5,12 +5,12 @@ use super::memory::{mib, plan_line};
 use crate::*;
 
 pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
+    let cfg = a.net.config().map_err(usage)?;
     let (be, why) = a.device.open()?;
-    with_backend!(be, be => run(a, be, &why))
+    with_backend!(be, be => run(a, cfg, be, &why))
 }
 
-fn run<B: Backend>(a: BenchArgs, be: B, why: &str) -> Result<(), Failure> {
-    let cfg = a.net.config().map_err(usage)?;
+fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(), Failure> {
     let (batch, classes) = (a.net.batch, cfg.num_classes);
     // Normalized-image statistics, and labels of every class.
     let len = batch * 3 * SIDE * SIDE;
@@ -58,22 +58,23 @@ fn run<B: Backend>(a: BenchArgs, be: B, why: &str) -> Result<(), Failure> {
         1e3 * times[0],
         1e3 * times[times.len() - 1]
     ))?;
-    report(format_args!(
-        "Peak heap {:.1} MiB measured, {:.1} MiB planned (+{:.1} MiB); peak RSS {}",
-        mib(measured),
-        mib(planned),
-        mib(measured.saturating_sub(planned)),
-        if rss == 0 { "unknown".to_string() } else { format!("{:.1} MiB", mib(rss as usize)) }
-    ))?;
     let device = model.backend().device_memory();
-    if let Some(d) = device {
-        report(format_args!(
+    let rss_text = if rss == 0 { "unknown".to_string() } else { format!("{:.1} MiB", mib(rss as usize)) };
+    match device {
+        // The arena is on the device: the host heap holds little of the plan.
+        Some(d) => report(format_args!(
             "Device memory {:.1} MiB allocated, {:.1} MiB planned; the process added {} on the device \
-             (with the CUDA context, kernels and cuDNN)",
+             (with the CUDA context, kernels, cuDNN and graphs); peak RSS {rss_text}",
             mib(d.allocated),
             mib(planned),
             d.process.map_or("an unknown amount".to_string(), |p| format!("{:.1} MiB", mib(p)))
-        ))?;
+        ))?,
+        None => report(format_args!(
+            "Peak heap {:.1} MiB measured, {:.1} MiB planned (+{:.1} MiB); peak RSS {rss_text}",
+            mib(measured),
+            mib(planned),
+            mib(measured.saturating_sub(planned))
+        ))?,
     }
     if a.json {
         let json = serde_json::json!({

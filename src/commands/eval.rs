@@ -4,11 +4,6 @@ use super::device::{self, with_backend};
 use crate::*;
 
 pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
-    let (be, why) = a.device.open()?;
-    with_backend!(be, be => run(a, be, &why))
-}
-
-fn run<B: Backend>(a: EvalArgs, be: B, why: &str) -> Result<(), Failure> {
     if a.checkpoint.is_dir() {
         return Err(failure(format!(
             "{} is a directory: give a checkpoint file, such as {} or {}",
@@ -31,6 +26,20 @@ fn run<B: Backend>(a: EvalArgs, be: B, why: &str) -> Result<(), Failure> {
         )));
     }
     let state = ck.state()?;
+    // The checkpoint is read and checked before a device is opened.
+    let (be, why) = a.device.open()?;
+    with_backend!(be, be => run(&a, &ck, dataset, &state, be, &why))
+}
+
+fn run<B: Backend>(
+    a: &EvalArgs,
+    ck: &Checkpoint,
+    dataset: Dataset,
+    state: &checkpoint::State,
+    be: B,
+    why: &str,
+) -> Result<(), Failure> {
+    let m = ck.meta();
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
     let mut model = Model::new(m.config.clone(), a.batch, SIDE, SIDE, Mode::Minimal, m.seed, be)?;
     state.apply(&mut model)?;

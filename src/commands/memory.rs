@@ -93,7 +93,8 @@ pub(crate) fn memory(a: MemoryArgs) -> Result<(), Failure> {
         return Ok(());
     }
     report(format_args!(
-        "{} on {}, batch {batch} of {SIDE}x{SIDE}, {params} parameters; workspace for {}",
+        "{} on {}, batch {batch} of {SIDE}x{SIDE}, {params} parameters; workspace for {} (the CUDA \
+         backend's holds the fused-BN scratch and cuDNN's workspace instead: docs/cuda.md)",
         cfg.name(),
         a.net.dataset.title(),
         be.describe()

@@ -7,19 +7,21 @@ use super::memory::plan_line;
 use crate::*;
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
+    // Flags and files first: a usage error is reported as such whatever the device.
+    let (cfg, source, start, run_dir) = checks(&a)?;
     let (be, why) = a.device.open()?;
-    with_backend!(be, be => run(a, be, &why))
+    with_backend!(be, be => run(&a, cfg, source, start, &run_dir, be, &why))
 }
 
-fn run<B: Backend>(a: TrainArgs, be: B, why: &str) -> Result<(), Failure> {
+/// Everything the flags and the files decide, checked before a device is opened or any data
+/// loaded or file written.
+fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf), Failure> {
     let cfg = a.net.config().map_err(usage)?;
-    let (dataset, batch) = (a.net.dataset, a.net.batch);
     let source = a.source.source();
     if source != Source::Official && !a.download {
         return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
     }
-    // Everything a file decides is read and checked before any data is loaded or file written.
-    let start = Start::new(&a, &cfg)?;
+    let start = Start::new(a, &cfg)?;
     if start.epoch >= a.epochs {
         return Err(match &a.resume {
             Some(path) => failure(format!(
@@ -36,7 +38,20 @@ fn run<B: Backend>(a: TrainArgs, be: B, why: &str) -> Result<(), Failure> {
     }
     let run_dir = a.runs_dir.join(&a.name);
     check_run_dir(&run_dir, &a.name, start.resumed.as_deref())?;
+    Ok((cfg, source, start, run_dir))
+}
 
+#[allow(clippy::too_many_arguments)]
+fn run<B: Backend>(
+    a: &TrainArgs,
+    cfg: NetConfig,
+    source: Source,
+    start: Start,
+    run_dir: &Path,
+    be: B,
+    why: &str,
+) -> Result<(), Failure> {
+    let (dataset, batch) = (a.net.dataset, a.net.batch);
     if a.download && download::is_missing(&a.data.data_dir, dataset) {
         report_fetched(&download::fetch(&a.data.data_dir, dataset, &source)?, dataset)?;
     }
@@ -99,13 +114,13 @@ fn run<B: Backend>(a: TrainArgs, be: B, why: &str) -> Result<(), Failure> {
 
     let mut train_loader = Loader::train(train_set, dataset, batch, start.seed, !a.no_augment)?;
     let mut test_loader = Loader::test(test_set, dataset, batch)?;
-    let saver = Saver::create(&run_dir, dataset)?;
+    let saver = Saver::create(run_dir, dataset)?;
     report(format_args!(
         "Checkpoints: {} every epoch, {} on a new best test Prec@1",
         saver.checkpoint().display(),
         checkpoint::BEST
     ))?;
-    let mut events = if a.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
+    let mut events = if a.tensorboard { Some(EventWriter::create(run_dir)?) } else { None };
     if let Some(w) = &events {
         report(format_args!("TensorBoard: {}", w.path().display()))?;
     }

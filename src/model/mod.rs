@@ -218,7 +218,10 @@ impl<B: Backend> Model<B> {
             bail!("training needs at least 2 values per channel for batch statistics: {} image(s) of a {hw}-pixel final map", labels.len());
         }
         let n = self.load_batch(images, labels)?;
-        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, hp));
+        if let Some(hp) = hp {
+            self.be.set_sgd(hp);
+        }
+        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, hp.is_some()));
         if !key.is_some_and(|k| self.be.step_begin(k)) {
             self.forward(n, Pass::Train);
             self.backward(n);
@@ -230,9 +233,8 @@ impl<B: Backend> Model<B> {
                 self.be.step_end(k);
             }
         }
-        self.be.take_error()?;
         self.steps += 1;
-        Ok(self.result(n))
+        self.result(n)
     }
 
     /// Loss and top-1 correct count of a batch in evaluation mode (running statistics, no
@@ -245,8 +247,7 @@ impl<B: Backend> Model<B> {
     pub fn evaluate_on(&mut self, images: Input, labels: &[u32]) -> Result<StepStats> {
         let n = self.load_batch(images, labels)?;
         self.forward(n, Pass::Eval);
-        self.be.take_error()?;
-        Ok(self.result(n))
+        self.result(n)
     }
 
     fn load_batch(&mut self, images: Input, labels: &[u32]) -> Result<usize> {
@@ -283,10 +284,12 @@ impl<B: Backend> Model<B> {
         Ok(n)
     }
 
-    fn result(&self, n: usize) -> StepStats {
+    /// The batch's loss and correct count, after every error of the batch's ops.
+    fn result(&self, n: usize) -> Result<StepStats> {
         let mut r = [0.0; 2];
         self.be.read_into(self.plan.head.result, &mut r);
-        StepStats { loss: r[0], correct: r[1] as usize, n }
+        self.be.take_error()?;
+        Ok(StepStats { loss: r[0], correct: r[1] as usize, n })
     }
 
     /// Stream key of dropout site `site` in the current step.
@@ -558,14 +561,13 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// Dropout site ids: two per dense layer (after each convolution), one per transition.
-/// What a recorded step depends on besides the arena: the batch size and the SGD settings.
-fn step_key(n: usize, hp: Option<Sgd>) -> u64 {
-    let bits =
-        hp.map_or([0; 4], |h| [h.lr.to_bits(), h.momentum.to_bits(), h.weight_decay.to_bits(), h.nesterov as u32]);
-    bits.iter().fold(rng::mix64(n as u64 + hp.is_some() as u64 * (1 << 40)), |k, &b| rng::derive(k, b as u64))
+/// What a recorded step depends on besides the arena (the batch, the labels and the SGD
+/// settings are written there before it): the batch size and whether it updates the weights.
+fn step_key(n: usize, sgd: bool) -> u64 {
+    rng::mix64(n as u64 * 2 + sgd as u64)
 }
 
+/// Dropout site ids: two per dense layer (after each convolution), one per transition.
 fn site(block: usize, layer: usize) -> u64 {
     ((block as u64) << 32) | (2 * layer as u64)
 }

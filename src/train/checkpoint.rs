@@ -246,6 +246,8 @@ pub fn encode<B: Backend>(model: &Model<B>, meta: &Meta) -> Result<Vec<u8>> {
     let lay = model.layout();
     let bytes = |v: Vec<f32>| v.into_iter().flat_map(f32::to_le_bytes).collect::<Vec<u8>>();
     let (params, momentum, stats) = (bytes(model.params()), bytes(model.momentum()), bytes(model.running_stats()));
+    // A device error while reading must not replace a good checkpoint with NaN.
+    model.backend().take_error()?;
     let steps = i64::try_from(meta.steps).map_err(|_| Error(format!("step counter {} overflows I64", meta.steps)))?;
     let steps = steps.to_le_bytes();
     let mut tensors = Vec::new();

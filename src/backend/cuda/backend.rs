@@ -2,16 +2,17 @@
 //! on one planned arena.
 //!
 //! The device allocation is the plan's arena followed by the labels (the plan counts both).
-//! The plan's convolution workspace region holds, in order: the BN-ReLU input of fused
-//! convolutions (cuDNN cannot apply BN-ReLU while loading its input, so `pre` is applied into
-//! this scratch first) and the executor's convolution workspace.
+//! The plan's convolution workspace region holds, in order: the fused-BN scratch (cuDNN cannot
+//! apply BN-ReLU while loading its input, so `pre` is applied into it first, [`FUSED_CHUNK`]
+//! images at a time; between steps it also stages the input batch), the executor's
+//! convolution workspace, and the SGD settings.
 
 use super::launch::{Arg, Exec, Launch};
 use crate::backend::{Backend, Bn, ConvShape, ConvSpec, DeviceMemory, Sgd, View};
 use crate::data::augment::{Crop, Normalize, PAD};
 use crate::data::cifar::IMAGE_BYTES;
 use crate::Result;
-use std::collections::HashSet;
+use std::cell::RefCell;
 
 /// Threads per block of every launch (kernels/dn.cuh `DN_BLOCK`).
 const BLOCK: u32 = 256;
@@ -19,6 +20,8 @@ const BLOCK: u32 = 256;
 /// holds this many normalized images instead of the whole batch, at the cost of more cuDNN
 /// calls per fused convolution (`batch / FUSED_CHUNK`).
 pub const FUSED_CHUNK: usize = 16;
+/// Arena words of the SGD settings (lr, momentum, weight decay, nesterov as 0 or 1).
+const SGD_WORDS: usize = 4;
 /// Shared bytes of the block reductions: two f64 per thread.
 const REDUCE_SHARED: u32 = 2 * 8 * BLOCK;
 
@@ -26,7 +29,8 @@ const REDUCE_SHARED: u32 = 2 * 8 * BLOCK;
 pub struct CudaBackend<E: Exec> {
     exec: E,
     len: usize,
-    /// Floats of the fused-BN scratch (largest convolution input at the planned batch).
+    /// Floats of the fused-BN scratch: the largest convolution input of [`FUSED_CHUNK`]
+    /// images, or the staged input batch if larger.
     pre_len: usize,
     /// Words of the executor's convolution workspace.
     conv_len: usize,
@@ -35,11 +39,13 @@ pub struct CudaBackend<E: Exec> {
     labels: usize,
     max_batch: usize,
     n_labels: usize,
-    error: Option<crate::Error>,
+    /// The first error since the last `take_error` (reads record through `&self`).
+    error: RefCell<Option<crate::Error>>,
     /// Whether training steps are recorded once and replayed (CUDA graphs).
     graphs: bool,
-    /// Keys of the recorded steps.
-    recorded: HashSet<u64>,
+    /// Offset of the SGD settings (in the workspace region), and the settings last written.
+    sgd_slot: usize,
+    hp: Option<Sgd>,
     /// Host words of the input batch on their way to the device (reused).
     staging: Vec<u32>,
 }
@@ -79,10 +85,11 @@ impl<E: Exec> CudaBackend<E> {
             labels: 0,
             max_batch: 0,
             n_labels: 0,
-            error: None,
+            error: RefCell::new(None),
             graphs: true,
-            recorded: HashSet::new(),
             staging: Vec::new(),
+            sgd_slot: 0,
+            hp: None,
         }
     }
 
@@ -92,15 +99,11 @@ impl<E: Exec> CudaBackend<E> {
         self.graphs = on;
     }
 
-    /// The executor.
-    pub fn exec(&self) -> &E {
-        &self.exec
-    }
-
     /// Records the first error of an op (reported by [`Backend::take_error`]).
-    fn record(&mut self, r: Result<()>) {
-        if let (Err(e), None) = (r, &self.error) {
-            self.error = Some(e);
+    fn record(&self, r: Result<()>) {
+        let mut slot = self.error.borrow_mut();
+        if let (Err(e), None) = (r, &*slot) {
+            *slot = Some(e);
         }
     }
 
@@ -177,12 +180,13 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let fused = FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
         self.pre_len = fused.max(batch * (IMAGE_BYTES / 4 + 3) + 3 * 256);
         self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
-        Ok(self.pre_len + self.conv_len)
+        Ok(self.pre_len + self.conv_len + SGD_WORDS)
     }
 
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
-        assert_eq!(workspace.1, self.pre_len + self.conv_len, "workspace not laid out by workspace_len");
+        assert_eq!(workspace.1, self.pre_len + self.conv_len + SGD_WORDS, "workspace not laid out by workspace_len");
         self.pre = workspace.0;
+        self.sgd_slot = self.pre + self.pre_len + self.conv_len;
         self.labels = len;
         self.max_batch = max_batch;
         self.len = len;
@@ -193,8 +197,8 @@ impl<E: Exec> Backend for CudaBackend<E> {
         Some(self.exec.memory())
     }
 
-    fn take_error(&mut self) -> Result<()> {
-        match self.error.take() {
+    fn take_error(&self) -> Result<()> {
+        match self.error.borrow_mut().take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -204,16 +208,12 @@ impl<E: Exec> Backend for CudaBackend<E> {
         if !self.graphs {
             return false;
         }
-        if self.recorded.contains(&key) {
-            match self.exec.replay(key) {
-                Ok(true) => return true,
-                Ok(false) => {
-                    self.recorded.remove(&key);
-                }
-                Err(e) => {
-                    self.record(Err(e));
-                    return true;
-                }
+        match self.exec.replay(key) {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => {
+                self.record(Err(e));
+                return true;
             }
         }
         if let Err(e) = self.exec.capture_begin() {
@@ -228,9 +228,6 @@ impl<E: Exec> Backend for CudaBackend<E> {
             return;
         }
         let r = self.exec.capture_end(key);
-        if r.is_ok() {
-            self.recorded.insert(key);
-        }
         self.record(r);
     }
 
@@ -240,11 +237,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn read_into(&self, off: usize, out: &mut [f32]) {
-        if let Err(e) = self.exec.read_into(off, bytemuck::cast_slice_mut(out)) {
-            // `read_into` cannot return the error; NaN makes any use of the data fail loudly.
+        let r = self.exec.read_into(off, bytemuck::cast_slice_mut(out));
+        if r.is_err() {
             out.fill(f32::NAN);
-            eprintln!("error: {e}");
         }
+        self.record(r);
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
@@ -470,17 +467,17 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.run("softmax_xent", [1, 1, 1], REDUCE_SHARED, &args);
     }
 
+    fn set_sgd(&mut self, hp: Sgd) {
+        let words = [hp.lr, hp.momentum, hp.weight_decay, hp.nesterov as u8 as f32].map(f32::to_bits);
+        let r = self.exec.write(self.sgd_slot, &words);
+        self.record(r);
+        self.hp = Some(hp);
+    }
+
     fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
-        let args = [
-            buf(params, len),
-            buf(grads, len),
-            buf(momentum, len),
-            long(len),
-            Arg::F32(hp.lr),
-            Arg::F32(hp.momentum),
-            Arg::F32(hp.weight_decay),
-            Arg::I32(hp.nesterov as i32),
-        ];
+        // The kernel reads the settings from the arena, so a recorded step follows changes.
+        assert_eq!(self.hp, Some(hp), "set_sgd must give the settings of an SGD step first");
+        let args = [buf(params, len), buf(grads, len), buf(momentum, len), long(len), buf(self.sgd_slot, SGD_WORDS)];
         self.run_flat("sgd", len, &args);
     }
 }

@@ -1,25 +1,40 @@
 //! cuDNN convolutions of [`GpuExec`](super::GpuExec), through cudarc's `result`/`sys` layers
 //! (the safe layer has no strided descriptors over raw addresses).
 //!
-//! Views are channel slices of larger NCHW buffers, so every tensor descriptor carries explicit
-//! strides (image stride, h*w, w, 1). Math is FMA (no TF32), and only deterministic algorithms
-//! are used, so a step is bitwise reproducible once the algorithms are chosen.
+//! Reproducibility: within a process, results are bitwise reproducible. Math is FMA (no TF32),
+//! only deterministic algorithms are used, and the algorithm choices are the same for every
+//! executor of the process on the same GPU: cudnnFind's rankings are kept in a process-wide
+//! cache (keyed by device ordinal, shape, planned batch and direction), and the run-time choice
+//! for a geometry is a deterministic function of that ranking and the workspace size. Across
+//! processes cuDNN's timings may rank the algorithms differently, so the last bits may differ:
+//! a resumed run is exact only when the same algorithms are chosen.
 //!
-//! Algorithms: [`Convs::plan`] times every algorithm once per convolution shape and direction
-//! with cudnnFind (on dense tensors of the planned batch; it allocates its own buffers, since it
-//! runs before the arena exists) and sizes the workspace for, per shape and direction, the
-//! algorithm with the smallest workspace among those within 10% of the fastest. At run time the
-//! actual (strided) descriptors decide: the fastest timed algorithm that supports them and
-//! fits the reserved workspace is used (implicit GEMM, with no workspace, is the last resort),
-//! and a choice that cuDNN rejects when run falls through to the next.
+//! Views are channel slices of larger NCHW buffers, so every tensor descriptor carries explicit
+//! strides (image stride, h*w, w, 1).
+//!
+//! Algorithms: [`Convs::plan`] times every algorithm once per convolution shape, planned batch
+//! and direction with cudnnFind (on dense tensors of the full planned batch; it allocates its own
+//! buffers, since it runs before the arena exists), unless an executor of the process already
+//! did, and sizes the workspace for, per shape and direction, the algorithm with the smallest
+//! workspace among those within 10% of the fastest. Fused convolutions (a BN-ReLU applied into a
+//! scratch first) do not run at the full batch, though: they run in chunks of
+//! [`super::FUSED_CHUNK`] images on the dense scratch, and their filter gradients then accumulate
+//! over the chunks with beta = 1. So the workspace also covers the fallback algorithms at
+//! `min(batch, FUSED_CHUNK)` and `batch % FUSED_CHUNK` images, dense or with sliced (strided)
+//! views, as it does at the full batch with sliced views. At run time the actual (strided)
+//! descriptors decide: the fastest timed algorithm that supports them and fits the workspace is
+//! used (implicit GEMM, with no workspace, is the last resort), and a choice that cuDNN rejects
+//! when run falls through to the next (an error path: such a fall-through is this executor's own).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cudnn::{result as cr, sys as cs};
 use cudarc::driver::CudaStream;
 
+use super::FUSED_CHUNK;
 use crate::backend::{ConvShape, ConvSpec, View};
 use crate::{bail, Error, Result};
 
@@ -77,13 +92,27 @@ struct Choice {
     current: usize,
 }
 
+/// cudnnFind's results, fastest first (usable ones only), per (device ordinal, shape, planned
+/// batch, direction): shared by every executor of the process, so that they all choose alike.
+type Rankings = HashMap<(usize, ConvShape, usize, Dir), Arc<[Perf]>>;
+
+/// The process-wide [`Rankings`].
+fn rankings() -> &'static Mutex<Rankings> {
+    static RANKINGS: OnceLock<Mutex<Rankings>> = OnceLock::new();
+    RANKINGS.get_or_init(Default::default)
+}
+
 /// The cuDNN side of a [`GpuExec`](super::GpuExec).
 pub(super) struct Convs {
     handle: cs::cudnnHandle_t,
-    /// Aligned device address and bytes of the workspace in the arena.
+    /// The device's ordinal (the process-wide rankings are per device).
+    ordinal: usize,
+    /// Aligned device address of the workspace in the arena, and the bytes algorithms may use:
+    /// the reserved bytes less the alignment slack [`Convs::plan`] added, so that it does not
+    /// depend on where the arena lies.
     workspace: (u64, usize),
-    /// cudnnFind's results per shape and direction, fastest first (usable ones only).
-    ranked: HashMap<(ConvShape, Dir), Vec<Perf>>,
+    /// The process-wide rankings of the last planned batch, per shape and direction.
+    ranked: HashMap<(ConvShape, Dir), Arc<[Perf]>>,
     plans: HashMap<Geometry, Plan>,
 }
 
@@ -116,18 +145,19 @@ pub(super) fn preflight() -> Result<usize> {
 }
 
 impl Convs {
-    /// A cuDNN handle on `stream` (the context must be current).
-    pub(super) fn new(stream: &CudaStream) -> Result<Convs> {
+    /// A cuDNN handle on `stream` of device `ordinal` (the context must be current).
+    pub(super) fn new(stream: &CudaStream, ordinal: usize) -> Result<Convs> {
         let handle = cr::create_handle().map_err(|e| err(format!("cuDNN failed to start ({:?})", e.0)))?;
-        let convs = Convs { handle, workspace: (0, 0), ranked: HashMap::new(), plans: HashMap::new() };
+        let convs = Convs { handle, ordinal, workspace: (0, 0), ranked: HashMap::new(), plans: HashMap::new() };
         // SAFETY: both handles are valid; the stream outlives the handle (GpuExec's field order).
         unsafe { cr::set_stream(handle, stream.cu_stream() as cs::cudaStream_t) }
             .map_err(|e| status("cudnnSetStream", e))?;
         Ok(convs)
     }
 
-    /// Times the algorithms of every distinct shape in `convs` at `batch` images and returns
-    /// the workspace bytes to reserve (alignment slack included).
+    /// Times the algorithms of every distinct shape in `convs` at `batch` images (or takes the
+    /// process-wide rankings) and returns the workspace bytes to reserve (alignment slack
+    /// included).
     pub(super) fn plan(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
         let mut need = 0;
         for (i, &shape) in convs.iter().enumerate() {
@@ -140,16 +170,26 @@ impl Convs {
                 bail!("invalid convolution {shape:?}");
             }
             let (oh, ow) = (shape.spec.out(shape.h), shape.spec.out(shape.w));
-            let g =
-                Geometry { shape, n: batch, x_stride: shape.cin * shape.h * shape.w, y_stride: shape.cout * oh * ow };
+            let (x_dense, y_dense) = (shape.cin * shape.h * shape.w, shape.cout * oh * ow);
+            let g = Geometry { shape, n: batch, x_stride: x_dense, y_stride: y_dense };
             // At run time the views are mostly channel slices (CHW-packed, a larger image stride),
-            // whose workspace can differ from the dense tensors' that cudnnFind times: reserve the
-            // fallback algorithms' workspace for such strides too, so that one of them always fits.
-            let sliced = if batch > 1 {
-                Some(Plan::new(Geometry { x_stride: g.x_stride + 1, y_stride: g.y_stride + 1, ..g })?)
-            } else {
-                None
-            };
+            // whose workspace can differ from the dense tensors' that cudnnFind times, and fused
+            // convolutions run FUSED_CHUNK images at a time (the last chunk `batch % FUSED_CHUNK`)
+            // from the dense scratch into sliced views: reserve the fallback algorithms' workspace
+            // for all of these, each side dense or sliced, so that one of them always fits. One
+            // image is described as dense (see `run`).
+            let mut others = Vec::new();
+            let mut counts = vec![batch, FUSED_CHUNK.min(batch), batch % FUSED_CHUNK];
+            counts.dedup();
+            for n in counts.into_iter().filter(|&n| n > 0) {
+                let sliced: &[usize] = if n > 1 { &[0, 1] } else { &[0] };
+                for (&dx, &dy) in sliced.iter().flat_map(|dx| sliced.iter().map(move |dy| (dx, dy))) {
+                    let other = Geometry { shape, n, x_stride: x_dense + dx, y_stride: y_dense + dy };
+                    if other != g {
+                        others.push(Plan::new(other)?);
+                    }
+                }
+            }
             let handle = self.handle;
             let plan = match self.plans.entry(g) {
                 Entry::Occupied(e) => e.into_mut(),
@@ -157,30 +197,41 @@ impl Convs {
             };
             for dir in [Dir::Forward, Dir::Data, Dir::Filter] {
                 let fallback = |p: &Plan| fallbacks(dir).iter().find_map(|&a| workspace_size(handle, p, dir, a).ok());
-                let ranked = match self.ranked.entry((shape, dir)) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(find(handle, plan, dir).map_err(|e| {
-                        err(format!(
-                            "cuDNN could not time the {dir:?} convolution algorithms for {shape:?} at batch {batch} ({:?})",
-                            e.0
-                        ))
-                    })?),
+                let ranked = {
+                    // Held while timing: one executor times a shape, the others wait and share it.
+                    let mut all = rankings().lock().unwrap_or_else(|p| p.into_inner());
+                    match all.entry((self.ordinal, shape, batch, dir)) {
+                        Entry::Occupied(e) => e.get().clone(),
+                        Entry::Vacant(e) => {
+                            let found = find(handle, plan, dir).map_err(|e| {
+                                err(format!(
+                                    "cuDNN could not time the {dir:?} convolution algorithms for {shape:?} at batch \
+                                     {batch} ({:?})",
+                                    e.0
+                                ))
+                            })?;
+                            e.insert(found.into()).clone()
+                        }
+                    }
                 };
-                let reserve = match frugal(ranked) {
+                let reserve = match frugal(&ranked) {
                     Some(p) => p.memory,
                     None => fallback(plan).unwrap_or(0),
                 };
-                let sliced_reserve = sliced.as_ref().and_then(fallback).unwrap_or(0);
-                need = need.max(reserve).max(sliced_reserve);
+                let others_reserve = others.iter().filter_map(fallback).max().unwrap_or(0);
+                need = need.max(reserve).max(others_reserve);
+                self.ranked.insert((shape, dir), ranked);
             }
         }
         Ok(if need > 0 { need + ALIGN } else { 0 })
     }
 
-    /// The workspace region of the arena: `bytes` at device address `ptr`.
+    /// The workspace region of the arena: `bytes` at device address `ptr`. Algorithms may use
+    /// `bytes` less [`ALIGN`] from the aligned start (the slack `plan` added), whatever the
+    /// alignment of `ptr`, so that the choices depend only on the workspace size.
     pub(super) fn set_workspace(&mut self, ptr: u64, bytes: usize) {
         let aligned = ptr.next_multiple_of(ALIGN as u64);
-        self.workspace = (aligned, bytes.saturating_sub((aligned - ptr) as usize));
+        self.workspace = (aligned, bytes.saturating_sub(ALIGN));
         for plan in self.plans.values_mut() {
             plan.algos = [None, None, None];
         }

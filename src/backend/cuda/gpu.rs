@@ -10,6 +10,8 @@
 //! lazy set-up happens outside any capture) while its ops are noted; `capture_end` then issues
 //! them again under stream capture, which records without running. A step whose capture fails
 //! is replayed by issuing its ops again (with a warning), so a step never runs twice or not at all.
+//! A step one of whose ops failed while it was recorded is not stored at all: `capture_end`
+//! returns an error, and the step is recorded afresh the next time it runs.
 //!
 //! The kernels are the PTX nvcc built (`kernels::PTX`), or, without it, `kernels::SOURCE`
 //! compiled by NVRTC for the device's architecture when the executor opens
@@ -59,11 +61,16 @@ pub struct GpuExec {
     arena: Option<(u64, usize)>,
     /// The ops of the step being recorded (between `capture_begin` and `capture_end`).
     recording: Option<Vec<Op>>,
+    /// Whether an op (or a write) of the step being recorded failed: `capture_end` then
+    /// abandons the recording.
+    recording_failed: bool,
     /// Whether the stream is capturing (inside `capture_end`).
     capturing: bool,
     name: String,
     cc: (i32, i32),
     cudnn_version: usize,
+    /// [`GpuExec::driver_used_bytes`] right after the context was created, before the kernels,
+    /// cuDNN and the arena: subtracted for what this process added.
     baseline_used: usize,
 }
 
@@ -133,7 +140,7 @@ impl GpuExec {
             let params = (driver_version >= 12040).then(|| param_sizes(&func)).filter(|p| !p.is_empty());
             loaded.insert(k, Kernel { func, params });
         }
-        let convs = cudnn::Convs::new(&stream)?;
+        let convs = cudnn::Convs::new(&stream, ordinal)?;
         Ok(GpuExec {
             graphs: HashMap::new(),
             convs,
@@ -142,6 +149,7 @@ impl GpuExec {
             ctx,
             arena: None,
             recording: None,
+            recording_failed: false,
             capturing: false,
             name,
             cc,
@@ -191,20 +199,14 @@ impl GpuExec {
     }
 
     /// Bytes this executor allocated on the device (the arena; zero before `allocate`).
-    pub fn device_bytes(&self) -> usize {
+    fn device_bytes(&self) -> usize {
         self.arena.map_or(0, |(_, words)| words.max(1) * 4)
     }
 
     /// Device memory in use now, by every process and context, as the driver counts it
     /// (total minus free); `None` if the driver cannot tell.
-    pub fn driver_used_bytes(&self) -> Option<usize> {
+    fn driver_used_bytes(&self) -> Option<usize> {
         self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
-    }
-
-    /// [`GpuExec::driver_used_bytes`] right after the context was created, before the kernels,
-    /// cuDNN and the arena: subtract it for what this process added.
-    pub fn baseline_used_bytes(&self) -> usize {
-        self.baseline_used
     }
 
     /// Device address of arena word `off`, checking that `len` words from it are inside.
@@ -268,11 +270,15 @@ impl GpuExec {
         }
     }
 
-    /// Runs `op` now, and notes it when a step is being recorded.
+    /// Runs `op` now, and notes it when a step is being recorded (a failed op marks the
+    /// recording as failed instead: it is not part of a step that can be replayed).
     fn submit(&mut self, op: Op) -> Result<()> {
         let r = self.issue(&op);
         if let Some(ops) = &mut self.recording {
-            ops.push(op);
+            match r {
+                Ok(()) => ops.push(op),
+                Err(_) => self.recording_failed = true,
+            }
         }
         r
     }
@@ -430,6 +436,10 @@ impl Exec for GpuExec {
     }
 
     fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
+        if self.recording.is_some() {
+            // The step would replay without this copy: abandon its recording.
+            self.recording_failed = true;
+        }
         let dst = self.addr(off, data.len(), "write")?;
         if self.in_step() {
             bail!("write to the GPU arena during graph capture (copies from host memory cannot be captured)");
@@ -486,11 +496,18 @@ impl Exec for GpuExec {
             bail!("capture_begin while a capture is already running");
         }
         self.recording = Some(Vec::new());
+        self.recording_failed = false;
         Ok(())
     }
 
     fn capture_end(&mut self, key: u64) -> Result<()> {
         let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
+        if std::mem::take(&mut self.recording_failed) {
+            // A step with a failed op is not recorded: no graph (nor ops to replay) is stored,
+            // and a stale one under this key is dropped, so the step is recorded afresh.
+            self.graphs.remove(&key);
+            bail!("an op of the step failed while it was recorded: the recording is abandoned");
+        }
         // The step has already run, op by op, as it was issued; capturing records it again.
         let step = match self.capture(&ops) {
             Ok(graph) => Step::Graph(graph),

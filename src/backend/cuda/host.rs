@@ -22,6 +22,8 @@ pub struct HostExec {
     cpu: CpuBackend,
     recording: Option<Vec<Op>>,
     graphs: HashMap<u64, Vec<Op>>,
+    /// An op failed during the recording.
+    spoiled: bool,
     /// Words of the emulated device allocation.
     len: usize,
     /// Words after it (host only): a weight gradient, for accumulating filter gradients.
@@ -31,16 +33,19 @@ pub struct HostExec {
 impl HostExec {
     /// A host device over rayon's global pool (for the convolutions).
     pub fn new() -> Self {
-        HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), len: 0, spare: 0 }
+        HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), spoiled: false, len: 0, spare: 0 }
     }
 
-    /// Runs `op`, and records it while a graph is being captured.
+    /// Runs `op`, and records it while a graph is being captured (a failed op spoils the
+    /// recording: `capture_end` then stores nothing).
     fn submit(&mut self, op: Op) -> Result<()> {
-        self.execute(&op)?;
-        if let Some(ops) = &mut self.recording {
-            ops.push(op);
+        let r = self.execute(&op);
+        match (&mut self.recording, &r) {
+            (Some(ops), Ok(())) => ops.push(op),
+            (Some(_), Err(_)) => self.spoiled = true,
+            (None, _) => {}
         }
-        Ok(())
+        r
     }
 
     fn execute(&mut self, op: &Op) -> Result<()> {
@@ -134,6 +139,9 @@ impl Exec for HostExec {
 
     fn capture_end(&mut self, key: u64) -> Result<()> {
         let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
+        if std::mem::take(&mut self.spoiled) {
+            bail!("an op of the recorded step failed: nothing recorded");
+        }
         self.graphs.insert(key, ops);
         Ok(())
     }
