@@ -26,20 +26,12 @@ use cudarc::nvrtc;
 
 use super::cudnn;
 use super::kernels;
-use super::launch::{Arg, Exec, Launch};
+use super::launch::{Arg, Exec, Launch, Op};
 use crate::backend::{ConvShape, ConvSpec, DeviceMemory, View};
 use crate::{bail, Error, Result};
 
 /// Largest dynamic shared memory a launch may ask for without opting in per kernel.
 const MAX_SHARED: u32 = 48 * 1024;
-
-/// One unit of work of a step being recorded.
-enum Op {
-    Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
-    ConvForward(View, usize, View, ConvSpec),
-    ConvBackwardData(View, usize, View, ConvSpec),
-    ConvBackwardFilter(View, View, usize, ConvSpec, bool),
-}
 
 /// A recorded step: its CUDA graph (`None`: the capture was empty), or, when the capture
 /// failed, its ops to issue again.
@@ -475,8 +467,7 @@ impl Exec for GpuExec {
         if self.recording.is_none() {
             return self.launch_now(l);
         }
-        let (kernel, grid, block, shared) = (l.kernel, l.grid, l.block, l.shared);
-        self.submit(Op::Launch { kernel, grid, block, shared, args: l.args.to_vec() })
+        self.submit(Op::launch(l))
     }
 
     fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()> {

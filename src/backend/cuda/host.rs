@@ -4,18 +4,10 @@
 //! while its step ran, replayed as a GPU replays a CUDA graph.
 
 use super::hostlayer;
-use super::launch::{Arg, Exec, Launch};
+use super::launch::{Exec, Launch, Op};
 use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DeviceMemory, View};
 use crate::{bail, Result};
 use std::collections::HashMap;
-
-/// One recorded unit of work.
-enum Op {
-    Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
-    ConvForward(View, usize, View, ConvSpec),
-    ConvBackwardData(View, usize, View, ConvSpec),
-    ConvBackwardFilter(View, View, usize, ConvSpec, bool),
-}
 
 /// Runs the CUDA backend on the CPU (see the module docs).
 pub struct HostExec {
@@ -115,7 +107,7 @@ impl Exec for HostExec {
     }
 
     fn launch(&mut self, l: &Launch) -> Result<()> {
-        let op = Op::Launch { kernel: l.kernel, grid: l.grid, block: l.block, shared: l.shared, args: l.args.to_vec() };
+        let op = Op::launch(l);
         self.submit(op)
     }
 
