@@ -468,6 +468,10 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn set_sgd(&mut self, hp: Sgd) {
+        // Written when they change (a copy waits for the device), not every step.
+        if self.hp == Some(hp) {
+            return;
+        }
         let words = [hp.lr, hp.momentum, hp.weight_decay, hp.nesterov as u8 as f32].map(f32::to_bits);
         let r = self.exec.write(self.sgd_slot, &words);
         self.record(r);
