@@ -13,6 +13,8 @@
 mod host;
 #[path = "build/nvcc.rs"]
 mod nvcc;
+#[path = "src/backend/cuda/ptx.rs"]
+mod ptx;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,22 @@ fn main() {
         Some(p) => rs += &format!("pub const PTX: Option<&str> = Some(include_str!({:?}));\n", p.display().to_string()),
         None => rs += "pub const PTX: Option<&str> = None;\n",
     }
+    let build = match &ptx {
+        Some(p) => {
+            let text = fs::read_to_string(p).expect("read kernels.ptx");
+            let target = text.lines().find_map(|l| l.trim().strip_prefix(".target")).unwrap_or("").trim().to_string();
+            match ptx::isa(&text) {
+                Some(v) => format!("kernels: nvcc's PTX for {target}; {}", ptx::describe(v)),
+                None => format!("kernels: nvcc's PTX for {target} (no .version directive)"),
+            }
+        }
+        None => "kernels: built without nvcc; NVRTC compiles them when a GPU opens".to_string(),
+    };
+    rs += "/// What the kernels were built as, and the driver that PTX needs (for `--version`).\n";
+    rs += &format!("pub const BUILD: &str = {build:?};\n");
+    let version = format!("{}\n{build}", std::env::var("CARGO_PKG_VERSION").expect("cargo sets the version"));
+    rs += "/// `densenet --version`: the package version, then [`BUILD`].\n";
+    rs += &format!("pub const VERSION: &str = {version:?};\n");
     rs += "/// Every `__global__` function, in source order.\n";
     rs += &format!("pub const NAMES: &[&str] = &{names:?};\n");
     fs::write(out.join("kernels.rs"), rs).expect("write kernels.rs");

@@ -12,13 +12,17 @@ Usage:
     python benches/torch_densenet.py worker --mode naive|checkpointed \
         --depth 100 --growth 12 --batch 64 --threads 2 [--classes 10]
     python benches/torch_densenet.py gpu --mode naive|checkpointed \
-        [--depth 100 --growth 12 --batch 64 --steps 20 --warmup 5]
+        [--depth 100 --growth 12 --batch 64 --steps 20 --warmup 5] \
+        [--deterministic] [--compile]
 
 The worker prints ``ready`` once set up, then reads commands from stdin, one
 per line:
     step  run one training step, print its wall time in seconds
     rss   print the peak resident set size of this process in bytes
     quit  exit (end of input does the same)
+
+``gpu`` times training steps on the GPU the way ``densenet bench --device cuda``
+does (see run_gpu) and prints one JSON line; scripts/gpu-check.sh runs it.
 """
 
 import argparse
@@ -235,16 +239,39 @@ def run_worker(args):
     return 0
 
 
+def cudnn_version():
+    """torch's cuDNN version as "major.minor.patch" (None without cuDNN)."""
+    v = torch.backends.cudnn.version()
+    if v is None:
+        return None
+    # cuDNN 9 encodes major * 10000 + minor * 100 + patch, cuDNN 8 major * 1000 + ...
+    major, rest = divmod(v, 10000) if v >= 90000 else divmod(v, 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
 def run_gpu(args):
-    """Training steps on the GPU; prints one JSON line: median step, images/s, peak memory."""
+    """Training steps on the GPU, timed as ``densenet bench`` times ours; prints one JSON line.
+
+    Like for like with ours: no TF32 (the caller also sets NVIDIA_TF32_OVERRIDE=0); each step
+    is wall clock (time.perf_counter) from copying the batch, which lives in host memory, to
+    the device, to reading the loss back (loss.item(), which waits for the step), as our
+    bench writes the batch, runs the step and reads the loss. cuDNN chooses its algorithms by
+    timing them (benchmark=True); with --deterministic only among the deterministic ones
+    (cudnn.deterministic=True, benchmark kept on: PyTorch then times the deterministic
+    candidates only), the closest to ours, which keeps only deterministic algorithms of
+    cuDNN's own search. --compile runs torch.compile(mode="reduce-overhead"): PyTorch's own
+    CUDA graphs where it can use them. The memory peak is reset after the warm-up steps and empty_cache(), so
+    neither the benchmark trials' workspaces nor compilation count.
+    """
     if not torch.cuda.is_available():
         print("error: no CUDA device visible to PyTorch", file=sys.stderr)
         return 1
     import json
     import statistics
-    torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = args.deterministic
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = DenseNet3(args.depth, args.classes, growth_rate=args.growth,
@@ -253,26 +280,45 @@ def run_gpu(args):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                                 nesterov=True, weight_decay=1e-4)
-    images = torch.randn(args.batch, 3, 32, 32, device=dev)
-    labels = torch.randint(0, args.classes, (args.batch,), device=dev)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    forward = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    # With CUDA graphs, a new step must not reuse the previous step's graph outputs.
+    mark_step = torch.compiler.cudagraph_mark_step_begin if args.compile else None
+    images = torch.randn(args.batch, 3, 32, 32)
+    labels = torch.randint(0, args.classes, (args.batch,))
+
+    def step():
+        start = time.perf_counter()
+        if mark_step is not None:
+            mark_step()
+        x = images.to(dev, non_blocking=False)
+        y = labels.to(dev, non_blocking=False)
         optimizer.zero_grad()
-        F.cross_entropy(model(images), labels).backward()
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
         optimizer.step()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(start.elapsed_time(end) / 1000.0)
-    step = statistics.median(times)
-    print(json.dumps({"mode": args.mode, "depth": args.depth, "growth": args.growth,
-                      "batch": args.batch, "device": torch.cuda.get_device_name(),
-                      "median_step_s": step, "images_per_s": args.batch / step,
-                      "max_memory_allocated_bytes": torch.cuda.max_memory_allocated()}))
+        loss.item()
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    timed_start = time.time()
+    times = [step() for _ in range(args.steps)]
+    timed_end = time.time()
+    median = statistics.median(times)
+    print(json.dumps({
+        "mode": args.mode, "depth": args.depth, "growth": args.growth, "batch": args.batch,
+        "steps": args.steps, "warmup": args.warmup,
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cudnn": {"version": cudnn_version(), "cuda": torch.version.cuda},
+        "deterministic": args.deterministic, "benchmark": True, "compile": args.compile,
+        "graphs": "torch.compile" if args.compile else "eager",
+        "step_ms": 1e3 * median, "images_per_s": args.batch / median,
+        "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "timed_start_unix_s": timed_start, "timed_end_unix_s": timed_end,
+    }))
     return 0
 
 
@@ -296,6 +342,10 @@ def main():
     gpu.add_argument("--classes", type=int, default=10)
     gpu.add_argument("--steps", type=int, default=20)
     gpu.add_argument("--warmup", type=int, default=5)
+    gpu.add_argument("--deterministic", action="store_true",
+                     help="cuDNN's benchmark search among deterministic algorithms only")
+    gpu.add_argument("--compile", action="store_true",
+                     help='torch.compile(mode="reduce-overhead"): PyTorch\'s CUDA graphs')
     args = parser.parse_args()
 
     if args.command == "params":

@@ -1,48 +1,85 @@
 #!/usr/bin/env bash
-# Every GPU check of the project, in one call of under 8 minutes on the lent GPU machine (see the
-# device tool's README, /work/.library/device/README.md). Two halves:
+# Every GPU check of the project, in two halves:
 #
-#   bash scripts/gpu-check.sh prepare   # here, without a GPU
+#   bash scripts/gpu-check.sh prepare   # on the build machine; no GPU needed
 #     Builds the release binary and the GPU test binaries (tests/cuda_ops.rs, tests/cuda_step.rs,
-#     tests/nvrtc.rs) with nvcc's sm_90 PTX embedded, copies them stripped to target/gpu-check/,
-#     and prints the exact `run` tool call. nvcc: $NVCC, else nvcc on PATH, else the pip one in
-#     /work/cudaenv. DENSENET_CUDA_ARCH (default sm_90: the H100 and H200 are Hopper).
+#     tests/conv_error.rs, tests/nvrtc.rs) with nvcc's PTX embedded, copies them stripped to target/gpu-check/ and
+#     prints `densenet --version` (the kernels' build). nvcc, the first found of: $NVCC,
+#     $CUDA_HOME/bin/nvcc, nvcc on PATH, the pip package in the virtual environment .ci/run
+#     creates. DENSENET_CUDA_ARCH (e.g. sm_90) is passed on to the build when set; without it
+#     build.rs emits the oldest PTX nvcc offers, which every newer GPU accepts.
 #
-#   bash scripts/gpu-check.sh run       # there, from the repository root
-#     1. the GPU tests (they skip without a GPU; here a skip counts as a failure),
-#     2. `densenet bench --device cuda`, BC-100-12, batch 64, in each memory mode,
-#     3. PyTorch naive and checkpointed (benches/torch_densenet.py gpu),
-#     4. the GPU op tests again with the kernels compiled by NVRTC at start
-#        (DENSENET_FORCE_NVRTC=1), when libnvrtc is there,
-#     then one table: images/s, step time, device memory (allocated, added by the process, and
-#     nvidia-smi's peak). Each item has a time limit, and items are skipped once the run nears
-#     its budget. Logs and the table go to $OUT.
+#   bash scripts/gpu-check.sh run       # on a GPU machine, from the repository root
+#     Needs target/gpu-check/ from `prepare` (or GPU_CHECK_CARRY=DIR), an NVIDIA driver, and a
+#     Python with PyTorch and the pip CUDA libraries (nvidia-cudnn-cu13, nvidia-cublas,
+#     nvidia-cuda-nvrtc): PYTHON=/path/to/python, default python3. No Rust. Smoke first, within
+#     one time budget (GPU_CHECK_BUDGET_S, default 390 s):
+#       1. preflight: `densenet bench --device cuda` on a tiny network (opens the GPU, plans,
+#          runs one step); if it fails, the other GPU items are skipped (PyTorch's still run),
+#       2. one op against the CPU (the first GPU test of cuda_ops),
+#       3. one whole training step against the CPU (training_step_matches_the_cpu::gpu),
+#       4. the benchmarks, DenseNet-BC-100-12 at batch 64: ours in each memory mode, and minimal
+#          with --no-graphs; PyTorch naive and checkpointed, each with cuDNN's benchmark search
+#          over all algorithms and over the deterministic ones,
+#       5. the other GPU tests (cuda_ops, cuda_step, then conv_error: each cuDNN algorithm
+#          family's error against float64),
+#       6. the NVRTC tests, and one op test with the kernels compiled by NVRTC,
+#       7. compute-sanitizer memcheck and racecheck over the preflight, where installed,
+#       8. the optional torch.compile row, when 90 s remain.
+#     Each test runs in its own process (a sticky device fault spoils only its own test), under
+#     DENSENET_REQUIRE_GPU=1 (a GPU test that cannot open the GPU fails instead of skipping).
+#     What the budget no longer allows is skipped and listed; such a skip fails the run only
+#     for the smoke items 1-3, which must run. Output in $OUT (default: a new temporary folder):
+#     gpu-check.log, items/NAME.out (and the memory samples items/NAME.smi, NAME.apps),
+#     checks.tsv and table.txt: the checks and the benchmark table, which also end stdout.
+#     Exit status 1 when a check failed or a smoke item was skipped.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-CARRY=target/gpu-check
+cd "$(dirname "$0")/.." || exit 1
+CARRY=${GPU_CHECK_CARRY:-target/gpu-check}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-390}
+# The benchmarked network and run, for both sides.
+LAYERS=100 GROWTH=12 BATCH=64 STEPS=20 WARMUP=5
 
+# Sets NVCC and NVCC_FROM to the nvcc to build with; fails when there is none.
+find_nvcc() {
+  local pip
+  if [ -n "${NVCC:-}" ]; then
+    NVCC_FROM="\$NVCC"
+  elif [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+    NVCC=$CUDA_HOME/bin/nvcc NVCC_FROM="\$CUDA_HOME"
+  elif NVCC=$(command -v nvcc); then
+    NVCC_FROM=PATH
+  else
+    for pip in "${TMPDIR:-/tmp}"/densenet-ci-venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc; do
+      [ -x "$pip" ] && NVCC=$pip NVCC_FROM="the pip package in .ci/run's virtual environment" && return 0
+    done
+    return 1
+  fi
+}
+
+# Builds and strips the binaries `run` needs into $CARRY.
 prepare() {
   set -e
-  local nvcc=${NVCC:-}
-  if [ -z "$nvcc" ]; then
-    nvcc=$(command -v nvcc || true)
-    [ -n "$nvcc" ] || nvcc=/work/cudaenv/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc
-  fi
-  [ -x "$nvcc" ] || { echo "error: no nvcc (set NVCC=/path/to/nvcc)" >&2; exit 1; }
-  export NVCC="$nvcc" DENSENET_CUDA_ARCH=${DENSENET_CUDA_ARCH:-sm_90}
-  echo "== building with NVCC=$NVCC DENSENET_CUDA_ARCH=$DENSENET_CUDA_ARCH"
+  find_nvcc || {
+    echo "error: no nvcc: set NVCC=/path/to/nvcc or CUDA_HOME, put nvcc on PATH, or run .ci/run" \
+      "once (it installs CUDA 13.0's nvcc from PyPI in its virtual environment)" >&2
+    exit 1
+  }
+  [ -x "$NVCC" ] || { echo "error: $NVCC (from $NVCC_FROM) is not executable" >&2; exit 1; }
+  export NVCC
+  echo "== nvcc from $NVCC_FROM: $NVCC"
+  "$NVCC" --version | grep -i release || true
+  echo "DENSENET_CUDA_ARCH=${DENSENET_CUDA_ARCH:-(unset: the oldest PTX nvcc offers)}"
   cargo build --release --bin densenet
-  local tests=() t
-  for t in cuda_ops cuda_step nvrtc; do
+  local tests=() t json
+  for t in cuda_ops cuda_step conv_error nvrtc; do
     [ -f "tests/$t.rs" ] && tests+=(--test "$t")
   done
-  local json
   json=$(cargo test --release --no-run --message-format=json "${tests[@]}")
   rm -rf "$CARRY"
   mkdir -p "$CARRY"
   strip --strip-debug -o "$CARRY/densenet" target/release/densenet
-  # Each test binary as target/gpu-check/<test name>.
+  # Each test binary as $CARRY/<test name>.
   python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -52,175 +89,452 @@ for line in sys.stdin:
     strip --strip-debug -o "$CARRY/$name" "$exe"
   done
   ls -la "$CARRY"
-  echo "total $(du -sm "$CARRY" | cut -f1) MiB to carry (the limit is 64 MiB with the working tree)"
-  cat <<'EOF'
+  echo "total $(du -sm "$CARRY" | cut -f1) MiB to carry"
+  echo "== target/release/densenet --version"
+  target/release/densenet --version
+  cat <<EOF
 
-Now call the device tool (one call, about 8 minutes at most):
-  run(command="bash scripts/gpu-check.sh run", carry=["target/gpu-check"], timeout_s=460)
-and call give_back afterwards unless you rerun at once.
+Next, on a GPU machine with $CARRY/ copied into the repository: bash scripts/gpu-check.sh run
+(it ends within GPU_CHECK_BUDGET_S=$BUDGET_S s and a few seconds more).
 EOF
 }
 
-# Seconds left before the budget.
+# Seconds of the budget left.
 left() { echo $((BUDGET_S - SECONDS)); }
 
-# `item NAME LIMIT_S SAMPLE CMD...`: runs CMD with output to the log and the screen, unless the
-# budget is spent, and records NAME's exit status; with SAMPLE=1 also the device's used memory
-# (MiB) every 100 ms into $TMP/NAME.smi.
-item() {
-  local name=$1 limit=$2 sample=$3
+# Prints its arguments as one line, to stdout and the log.
+say() { echo "$*" | tee -a "$LOG"; }
+
+# record NAME VERDICT SECONDS SMOKE: adds one line to the checks list.
+record() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$CHECKS"; }
+
+# Starts nvidia-smi sampling every 100 ms, with its own timestamps, into $1.smi (the GPU's
+# memory.used) and $1.apps (each compute process's used memory); line-buffered so that nothing
+# is lost when it is stopped.
+start_samplers() {
+  local linebuf=()
+  command -v stdbuf >/dev/null && linebuf=(stdbuf -oL)
+  "${linebuf[@]}" nvidia-smi -i "$GPU" --query-gpu=timestamp,memory.used --format=csv,noheader,nounits \
+    -lms 100 >"$1.smi" 2>&1 &
+  SAMPLERS=($!)
+  "${linebuf[@]}" nvidia-smi --query-compute-apps=timestamp,gpu_uuid,pid,used_memory \
+    --format=csv,noheader,nounits -lms 100 >"$1.apps" 2>&1 &
+  SAMPLERS+=($!)
+}
+
+# Stops the samplers start_samplers started, after one more sample.
+stop_samplers() {
+  [ "${#SAMPLERS[@]}" -gt 0 ] || return 0
+  sleep 0.2
+  kill "${SAMPLERS[@]}" 2>/dev/null
+  wait "${SAMPLERS[@]}" 2>/dev/null
+  SAMPLERS=()
+}
+
+# check NAME FLAGS LIMIT_S CMD...: runs CMD in its own process as the check NAME, output to
+# items/NAME.out (its pid to items/NAME.pid) and the log, stopped after LIMIT_S or when the
+# budget ends, and records the verdict; fails unless CMD passed. FLAGS, space-separated:
+# smoke (a skip fails the run), gpu (skipped once the preflight failed), test (CMD is one
+# libtest test, which must report "1 passed"), sample (the memory samplers run meanwhile),
+# need=N (skipped when less than N s of the budget are left; default 20).
+check() {
+  local name=$1 flags=" $2 " limit=$3
   shift 3
-  if [ "$(left)" -lt 20 ]; then
-    echo "SKIPPED $name: time budget spent" | tee -a "$LOG"
-    echo "$name skipped" >>"$STATUS"
-    return
+  local file="$ITEMS/${name//[^A-Za-z0-9._-]/_}" smoke=0 need=20 start=$SECONDS rc verdict
+  [[ $flags == *" smoke "* ]] && smoke=1
+  [[ $flags =~ \ need=([0-9]+)\  ]] && need=${BASH_REMATCH[1]}
+  if [ "$(left)" -lt "$need" ]; then
+    verdict="skipped: time budget ($(left) s left, needs $need s)"
+  elif [[ $flags == *" gpu "* ]] && [ "$PREFLIGHT" != ok ]; then
+    verdict="skipped: the preflight failed"
+  fi
+  if [ -n "${verdict:-}" ]; then
+    say "-- $name: $verdict"
+    record "$name" "$verdict" - "$smoke"
+    return 1
   fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
-  echo "== $name (limit ${limit}s, $(left)s left)" | tee -a "$LOG"
-  local start=$SECONDS rc smi=
-  if [ "$sample" = 1 ]; then
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$TMP/$name.smi" 2>/dev/null &
-    smi=$!
-  fi
-  timeout -k 5 "$limit" "$@" >"$TMP/$name.out" 2>&1
+  say "== $name (limit $limit s, $(left) s left): $*"
+  [[ $flags == *" sample "* ]] && start_samplers "$file"
+  # shellcheck disable=SC2016 # expanded by the inner shell, whose pid is CMD's after exec
+  timeout -k 5 "$limit" bash -c 'echo $$ >"$0"; exec "$@"' "$file.pid" "$@" >"$file.out" 2>&1
   rc=$?
-  if [ -n "$smi" ]; then
-    kill "$smi" 2>/dev/null
-    wait "$smi" 2>/dev/null
+  stop_samplers
+  cat "$file.out" >>"$LOG"
+  if [ "$rc" -eq 124 ]; then
+    verdict="FAILED (timed out after $limit s)"
+  elif [ "$rc" -ne 0 ]; then
+    verdict="FAILED (rc $rc)"
+  elif [[ $flags == *" test "* ]] && ! grep -q '^test result: ok\. 1 passed' "$file.out"; then
+    verdict="FAILED (ran no test)"
+  else
+    verdict=ok
   fi
-  cat "$TMP/$name.out" >>"$LOG"
-  tail -n 25 "$TMP/$name.out"
-  if [ "$rc" -eq 0 ] && grep -q 'SKIPPED' "$TMP/$name.out"; then
-    rc=99 # a GPU test that skipped on the GPU machine is a failure
-  fi
-  echo "$name rc=$rc ($((SECONDS - start))s)" | tee -a "$LOG"
-  echo "$name $rc $((SECONDS - start))" >>"$STATUS"
+  [ "$verdict" = ok ] || tail -n 30 "$file.out"
+  say "-- $name: $verdict ($((SECONDS - start)) s)"
+  record "$name" "$verdict" "$((SECONDS - start))" "$smoke"
+  [ "$verdict" = ok ]
 }
 
-# Adds the folder of the first `name` found among the Python packages to LD_LIBRARY_PATH (when
-# the dynamic loader does not already know it).
+# run_test BIN TEST FLAGS [VAR=VALUE...]: the check "BIN TEST": that one test of the carried
+# test binary BIN, alone in its process, with the variables set.
+run_test() {
+  local bin=$1 test=$2 flags=$3
+  shift 3
+  local cmd=("$CARRY/$bin" --exact "$test" --nocapture --test-threads=1)
+  [ "$#" -eq 0 ] || cmd=(env "$@" "${cmd[@]}")
+  check "$bin $test" "test $flags" 120 "${cmd[@]}"
+}
+
+# list_tests BIN: the names of the carried test binary's tests, one a line, in its order.
+list_tests() {
+  [ -x "$CARRY/$1" ] && "$CARRY/$1" --list 2>>"$LOG" | sed -n 's/: test$//p'
+}
+
+# Makes the carried binaries executable and checks with ldd that each finds its libraries
+# ("not a dynamic executable" is fine); records the check "carried binaries".
+check_carried() {
+  local bin missing list problems=()
+  for bin in densenet cuda_ops cuda_step conv_error nvrtc; do
+    if [ ! -f "$CARRY/$bin" ]; then
+      problems+=("$bin is missing")
+      continue
+    fi
+    chmod +x "$CARRY/$bin" 2>>"$LOG" || [ -x "$CARRY/$bin" ] || problems+=("$bin is not executable")
+    echo "ldd $CARRY/$bin:" >>"$LOG"
+    missing=$(ldd "$CARRY/$bin" 2>&1 | tee -a "$LOG" | awk '/not found/ { printf "%s%s", sep, $1; sep = ", " }')
+    [ -z "$missing" ] || problems+=("$bin: $missing not found")
+  done
+  if [ "${#problems[@]}" -eq 0 ]; then
+    record "carried binaries" ok 0 0
+  else
+    list=$(printf '%s; ' "${problems[@]}")
+    say "carried binaries: FAILED: ${list%; }"
+    record "carried binaries" "FAILED (${list%; })" 0 0
+  fi
+}
+
+# find_lib NAME: where the dynamic loader takes NAME from (a folder on LD_LIBRARY_PATH, then
+# its cache), else the first NAME in a Python package's nvidia/ folder; fails when none.
+find_lib() {
+  local dir path
+  local IFS=:
+  for dir in ${LD_LIBRARY_PATH:-}; do
+    [ -n "$dir" ] && [ -e "$dir/$1" ] && echo "$dir/$1" && return 0
+  done
+  IFS=$'\n'
+  path=$( (ldconfig -p || /sbin/ldconfig -p) 2>/dev/null | awk -v n="$1" '$1 == n { print $NF; exit }')
+  [ -n "$path" ] || path=$(for dir in $SITE_DIRS; do
+    [ -d "$dir/nvidia" ] && find "$dir/nvidia" -name "$1" 2>/dev/null
+  done | head -n 1)
+  [ -n "$path" ] && echo "$path"
+}
+
+# add_lib NAME...: puts the folder of the first NAME found (find_lib) on LD_LIBRARY_PATH and
+# logs the path; fails when none is found.
 add_lib() {
-  local name=$1 found
-  ldconfig -p 2>/dev/null | grep -q "$name" && return 0
-  found=$("$PY" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null |
-    while read -r d; do [ -d "$d/nvidia" ] && find "$d/nvidia" -name "$name" 2>/dev/null; done | head -n 1)
-  if [ -n "$found" ]; then
-    export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "$name: $found"
-  else
-    echo "$name: not found"
-    return 1
-  fi
+  local name path
+  for name in "$@"; do
+    path=$(find_lib "$name") || continue
+    case ":${LD_LIBRARY_PATH:-}:" in
+      *":${path%/*}:"*) ;;
+      *) export LD_LIBRARY_PATH="${path%/*}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+    esac
+    say "$name: $path"
+    return 0
+  done
+  say "$*: not found (on LD_LIBRARY_PATH, in the loader's cache, or in $PYTHON's site-packages/nvidia)"
+  return 1
 }
 
-run() {
-  PY=${PYTHON:-python3}
-  OUT=${OUT:-$(mktemp -d)}
-  TMP=$(mktemp -d)
-  LOG="$OUT/gpu-check.log"
-  STATUS="$TMP/status"
-  : >"$LOG"
-  : >"$STATUS"
-  [ -x "$CARRY/densenet" ] || { echo "error: $CARRY/densenet missing: run 'bash scripts/gpu-check.sh prepare' here first and carry $CARRY" >&2; exit 1; }
-  {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  } 2>&1 | tee -a "$LOG"
-  add_lib libcudnn.so.9 >"$TMP/libs"
-  HAVE_NVRTC=0
-  add_lib libnvrtc.so.13 >>"$TMP/libs" && HAVE_NVRTC=1
-  tee -a "$LOG" <"$TMP/libs"
-  IDLE_MIB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
+# Sets up the environment of every item and logs it: the variables both sides run under, the
+# CUDA libraries, the GPU (its nvidia-smi index GPU, uuid GPU_UUID and idle memory IDLE_MIB),
+# the versions of our build and of PyTorch.
+environment() {
+  export RUST_BACKTRACE=1 NVIDIA_TF32_OVERRIDE=0 DENSENET_REQUIRE_GPU=1
+  # CUDA numbers devices as nvidia-smi does; GPU 0 of the tests and of PyTorch is nvidia-smi's $GPU.
+  export CUDA_DEVICE_ORDER=PCI_BUS_ID
+  GPU=${CUDA_VISIBLE_DEVICES:-0}
+  GPU=${GPU%%,*}
+  say "RUST_BACKTRACE=1 NVIDIA_TF32_OVERRIDE=0 DENSENET_REQUIRE_GPU=1 CUDA_DEVICE_ORDER=PCI_BUS_ID"
+  SITE_DIRS=$("$PYTHON" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>>"$LOG")
+  add_lib libcudnn.so.9
+  # cuDNN's legacy convolutions load cuBLASLt at run time.
+  add_lib libcublasLt.so.13 libcublasLt.so.12
+  add_lib libnvrtc.so.13 libnvrtc.so.12
+  local line
+  line=$(nvidia-smi -i "$GPU" --query-gpu=name,uuid,memory.total,memory.used,driver_version \
+    --format=csv,noheader,nounits 2>&1 | head -n 1)
+  IFS=, read -r _ GPU_UUID _ IDLE_MIB _ <<<"$line"
+  GPU_UUID=${GPU_UUID# } IDLE_MIB=${IDLE_MIB# }
+  say "GPU $GPU (nvidia-smi: name, uuid, MiB total, MiB used while idle, driver): $line"
+  line=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>&1 | grep -E '^[0-9]+,')
+  [ -z "$line" ] || say "warning: the GPU is not idle, nvidia-smi lists compute processes (pid, MiB): $line"
+  say "densenet --version: $("$CARRY/densenet" --version 2>&1)"
+  local torch='import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN",
+  torch.backends.cudnn.version(), "GPU visible:", torch.cuda.is_available())'
+  say "$PYTHON: $("$PYTHON" -c "$torch" 2>&1 | tail -n 1)"
+}
 
-  local t
-  for t in cuda_ops cuda_step nvrtc; do
-    [ -x "$CARRY/$t" ] && item "test-$t" 120 0 "$CARRY/$t" --nocapture --test-threads=1
-  done
-  local mode
+# The timed rows of the table: ours in each memory mode and eager, then PyTorch's.
+benchmarks() {
+  local mode ours=("$CARRY/densenet" bench --device cuda --layers "$LAYERS" --growth "$GROWTH"
+    --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --json)
+  local torch=("$PYTHON" benches/torch_densenet.py gpu --depth "$LAYERS" --growth "$GROWTH"
+    --batch "$BATCH" --steps "$STEPS")
   for mode in naive shared minimal; do
-    item "ours-$mode" 75 1 "$CARRY/densenet" bench --device cuda --layers 100 --growth 12 \
-      --batch-size 64 --memory "$mode" --steps 20 --warmup 5 --json
+    check "ours-$mode" "gpu sample" 90 "${ours[@]}" --memory "$mode"
   done
+  check ours-minimal-eager "gpu sample" 90 "${ours[@]}" --memory minimal --no-graphs
   for mode in naive checkpointed; do
-    item "torch-$mode" 75 1 "$PY" benches/torch_densenet.py gpu --mode "$mode" --depth 100 \
-      --growth 12 --batch 64 --steps 20 --warmup 5
+    check "torch-$mode" sample 90 "${torch[@]}" --mode "$mode" --warmup "$WARMUP"
+    check "torch-$mode-det" sample 90 "${torch[@]}" --mode "$mode" --warmup "$WARMUP" --deterministic
   done
-  if [ "$HAVE_NVRTC" = 1 ] && [ -x "$CARRY/cuda_ops" ]; then
-    item "test-cuda_ops-nvrtc" 90 0 env DENSENET_FORCE_NVRTC=1 "$CARRY/cuda_ops" --nocapture --test-threads=1
-  else
-    echo "SKIPPED test-cuda_ops-nvrtc: no libnvrtc.so.13 here" | tee -a "$LOG"
-  fi
+}
 
-  "$PY" - "$TMP" "$STATUS" "$IDLE_MIB" <<'PY' | tee "$OUT/table.txt"
-import json, os, sys
-tmp, status, idle = sys.argv[1], sys.argv[2], float(sys.argv[3] or 0)
+# The optional last row: torch.compile(mode="reduce-overhead"), compiling in its warm-up steps.
+compiled_torch() {
+  check torch-naive-compile "sample need=90" 240 "$PYTHON" benches/torch_densenet.py gpu --depth "$LAYERS" \
+    --growth "$GROWTH" --batch "$BATCH" --steps "$STEPS" --mode naive --warmup 10 --compile
+}
+
+# Prints the path of compute-sanitizer (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); fails
+# when there is none.
+find_sanitizer() {
+  local cs
+  for cs in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
+    /usr/local/cuda/bin/compute-sanitizer; do
+    [ -n "$cs" ] && [ -x "$cs" ] && echo "$cs" && return 0
+  done
+  return 1
+}
+
+# Prints the checks and the benchmark table from $OUT (table.txt is written by the caller);
+# exits 1 when a check failed or a smoke item was skipped.
+report() {
+  python3 - "$OUT" "$IDLE_MIB" "$GPU_UUID" "$BATCH" \
+    "DenseNet-BC-$LAYERS-$GROWTH, batch $BATCH: $STEPS timed steps after $WARMUP warm-up" <<'PY'
+import datetime, json, os, re, sys
+
+out, idle, uuid, batch, title = sys.argv[1:]
+items = os.path.join(out, "items")
+idle = float(idle) if re.fullmatch(r"[0-9.]+", idle) else None
+batch = int(batch)
+
+checks = [line.rstrip("\n").split("\t") for line in open(os.path.join(out, "checks.tsv"))]
+verdicts = {c[0]: c[1] for c in checks}
+print("\n== checks")
+width = max(len(c[0]) for c in checks) + 2
+for name, verdict, secs, smoke in checks:
+    print(f"  {name:<{width}}{verdict}" + (f"  ({secs} s)" if secs != "-" else ""))
+
+def read(name, ext):
+    try:
+        return open(os.path.join(items, name + ext)).read()
+    except OSError:
+        return ""
 
 def last_json(name):
-    try:
-        lines = open(os.path.join(tmp, name + ".out")).read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                pass
+    for line in reversed(read(name, ".out").splitlines()):
+        try:
+            j = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(j, dict):
+            return j
     return None
 
-def smi_peak(name):
+def samples(name, ext, nfields):
+    """nvidia-smi's CSV lines of items/NAME.EXT with a leading timestamp, as (unix s, fields)."""
+    rows = []
+    for line in read(name, ext).splitlines():
+        f = [v.strip() for v in line.split(",")]
+        if len(f) != nfields:
+            continue
+        try:
+            t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        except ValueError:
+            continue
+        rows.append((t, f[1:]))
+    return rows
+
+def window(j):
     try:
-        vals = [float(v) for v in open(os.path.join(tmp, name + ".smi")).read().split() if v.strip()]
-    except (OSError, ValueError):
+        return float(j["timed_start_unix_s"]), float(j["timed_end_unix_s"])
+    except (KeyError, TypeError, ValueError):
         return None
-    return max(vals) - idle if vals else None
 
-print("\n== checks")
-for line in open(status):
-    parts = line.split()
-    verdict = "skipped" if parts[1] == "skipped" else ("ok" if parts[1] == "0" else
-              ("SKIPPED ON THE GPU" if parts[1] == "99" else f"FAILED (rc {parts[1]})"))
-    print(f"  {parts[0]:<24}{verdict}" + (f"  {parts[2]}s" if len(parts) > 2 else ""))
+def gpu_used(name, w):
+    """Peak memory.used (MiB) over the timed window, less the idle figure."""
+    vals = []
+    for t, (used,) in samples(name, ".smi", 2):
+        if w[0] <= t <= w[1] and re.fullmatch(r"[0-9.]+", used):
+            vals.append(float(used))
+    return f"{max(vals) - idle:.0f}" if vals and idle is not None else "?"
 
-print("\n== BC-100-12, batch 64, one training step (median)")
-print(f"{'side':<22}{'images/s':>10}{'step ms':>10}{'alloc MiB':>11}{'process MiB':>13}{'GPU used MiB':>14}")
-rows = [("ours-" + m, m) for m in ("naive", "shared", "minimal")] + [("torch-" + m, m) for m in ("naive", "checkpointed")]
+def process(name, w):
+    """Peak per-process used_memory (MiB) of the benchmark's pid over the timed window, else
+    (marked *) the peak of the sum over the GPU's compute processes."""
+    pid = read(name, ".pid").strip()
+    own, total = {}, {}
+    for t, (gpu, p, used) in samples(name, ".apps", 4):
+        if not (w[0] <= t <= w[1]) or (uuid and gpu != uuid) or not re.fullmatch(r"[0-9.]+", used):
+            continue
+        total[t] = total.get(t, 0.0) + float(used)
+        if p == pid:
+            own[t] = own.get(t, 0.0) + float(used)
+    if own:
+        return f"{max(own.values()):.0f}"
+    return f"{max(total.values()):.0f}*" if total else "?"
 
-def mib(v, width):
-    return f"{v / 2**20:>{width}.0f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+def mib(v):
+    return f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "-"
 
-for name, mode in rows:
-    j = last_json(name)
-    smi = smi_peak(name)
-    smi_s = f"{smi:>14.0f}" if smi is not None else f"{'?':>14}"
+rows = [("ours naive", "ours-naive"), ("ours shared", "ours-shared"),
+        ("ours minimal", "ours-minimal"), ("ours minimal --no-graphs", "ours-minimal-eager"),
+        ("torch naive", "torch-naive"), ("torch naive det", "torch-naive-det"),
+        ("torch checkpointed", "torch-checkpointed"),
+        ("torch checkpointed det", "torch-checkpointed-det"),
+        ("torch naive compile (optional)", "torch-naive-compile")]
+results = {item: last_json(item) for _, item in rows}
+
+print(f"\n== {title}, median step (wall clock)")
+for side in ("ours", "torch"):
+    j = next((results[i] for _, i in rows if i.startswith(side) and results[i]), None)
+    if j:
+        cudnn = j.get("cudnn") or {}
+        extra = f", torch {j['torch']}" if j.get("torch") else ""
+        print(f"{side}: {j.get('device')}{extra}; cuDNN {cudnn.get('version', '?')}"
+              + (f" (CUDA {cudnn['cuda']})" if cudnn.get("cuda") else "")
+              + (f" from {cudnn['path']}" if cudnn.get("path") else ""))
+head = ["images/s", "step ms", "alloc MiB", "GPU used MiB", "process MiB", "after ctx MiB"]
+widths = [len(h) + 2 for h in head]
+print(f"{'row':<30}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths)) + "  graphs")
+for label, item in rows:
+    j = results[item]
     if not j:
-        print(f"{name:<22}{'-':>10}{'-':>10}{'-':>11}{'-':>13}{smi_s}")
+        print(f"{label:<30}" + "".join(f"{'-':>{w}}" for w in widths) + f"  ({verdicts.get(item, 'not run')})")
         continue
-    ips = j.get("images_per_s", 0.0)
-    ms = j.get("step_ms", 1e3 * j.get("median_step_s", 0.0))
-    # Ours: what the backend allocated on the device (the arena: equals the plan); PyTorch: the
-    # caching allocator's max_memory_allocated after warm-up.
-    alloc = next((j[k] for k in ("device_allocated_bytes", "max_memory_allocated_bytes", "planned_peak_bytes")
-                  if j.get(k) is not None), None)
-    process = j.get("device_process_bytes")
-    print(f"{name:<22}{ips:>10.0f}{ms:>10.1f}{mib(alloc, 11)}{mib(process, 13)}{smi_s}")
-print("alloc: ours = device_allocated_bytes (the arena the backend allocated; equals the plan), torch = "
-      "max_memory_allocated after warm-up;\nprocess: ours = device_process_bytes, the device memory the process "
-      "added as the driver counts it (context, kernels, cuDNN, arena, graphs; torch: not reported);\nGPU used: "
-      "peak of nvidia-smi's memory.used during the run minus idle (CUDA context, libraries and workspaces included).")
+    win = window(j)
+    step = j.get("step_ms")
+    alloc = j.get("device_allocated_bytes", j.get("max_memory_allocated_bytes"))
+    cells = [f"{batch * 1e3 / step:.0f}" if step else "-", f"{step:.2f}" if step else "-", mib(alloc),
+             gpu_used(item, win) if win else "?", process(item, win) if win else "?",
+             mib(j.get("device_process_bytes"))]
+    print(f"{label:<30}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + f"  {j.get('graphs') or '-'}")
+
+idle_s = f"{idle:.0f} MiB" if idle is not None else "unknown"
+print(f"""
+images/s: {batch} / the median step.
+step ms: the median wall-clock time of one training step, both sides alike: from copying the
+  batch (held in host memory) to the device to reading the loss back.
+alloc: ours = device_allocated_bytes, the one arena we allocate (it equals the memory plan);
+  torch = torch.cuda.max_memory_allocated() over the timed steps (peak reset after the
+  warm-up and torch.cuda.empty_cache()).
+GPU used: the peak of nvidia-smi's memory.used for the whole GPU (sampled every 100 ms) over
+  the timed steps only, less the idle figure measured before any item ({idle_s}): context,
+  libraries, caches and workspaces included; cuDNN's algorithm search (ours while planning,
+  torch's benchmark trials during the warm-up) lies outside that window.
+process: the peak over the timed steps of nvidia-smi's used_memory for the benchmark's pid;
+  * = that pid was not listed (another pid namespace): the sum over the GPU's compute processes.
+after ctx: ours = device_process_bytes, the device memory in use that was added after our CUDA
+  context was created (the context itself excluded); not a process footprint.
+graphs: ours = how the timed steps ran (replayed: the step's CUDA graph; eager: every op
+  issued, --no-graphs; fell back: graph capture failed, eager); torch = eager, or
+  torch.compile(mode="reduce-overhead"): PyTorch's own CUDA graphs where it can use them (its
+  output in items/torch-naive-compile.out says when it cannot); an optional row.
+torch rows: cudnn.benchmark=True; det = also cudnn.deterministic=True (the timed choice among
+  deterministic algorithms only).
+Both sides: TF32 off (NVIDIA_TF32_OVERRIDE=0, torch allow_tf32=False); ours uses only
+  deterministic cuDNN algorithms (FMA math). ?: not reported, or no sample inside the timed
+  window; -: no result (the item's verdict in parentheses).""")
+
+failed = [c[0] for c in checks if c[1].startswith("FAILED") or (c[1].startswith("skipped") and c[3] == "1")]
+skipped = sum(c[1].startswith("skipped") for c in checks)
+if failed:
+    print(f"\ngpu-check: {len(failed)} of {len(checks)} checks failed or, as smoke items, were skipped: {', '.join(failed)}")
+    sys.exit(1)
+print(f"\ngpu-check: all {len(checks) - skipped} checks that ran passed ({skipped} skipped)")
 PY
-  if awk '$2 != "0" { bad = 1 } END { exit !bad }' "$STATUS"; then
-    echo "gpu-check: some checks failed or were skipped (see above and $LOG)"
-    return 1
+}
+
+# Every check on this GPU machine, smoke first, then the report.
+run() {
+  PYTHON=${PYTHON:-python3}
+  OUT=${OUT:-$(mktemp -d)}
+  ITEMS=$OUT/items LOG=$OUT/gpu-check.log CHECKS=$OUT/checks.tsv
+  SAMPLERS=() PREFLIGHT=not-run IDLE_MIB='' GPU_UUID=''
+  mkdir -p "$ITEMS" || exit 1
+  : >"$LOG"
+  : >"$CHECKS"
+  [ -f "$CARRY/densenet" ] || {
+    echo "error: $CARRY/densenet missing: run 'bash scripts/gpu-check.sh prepare' on the build machine and copy $CARRY here" >&2
+    exit 1
+  }
+  say "gpu-check run: time budget $BUDGET_S s (GPU_CHECK_BUDGET_S); output in $OUT"
+  check_carried
+  environment
+
+  local op_tests step_tests error_tests nvrtc_tests t first_op=
+  mapfile -t op_tests < <(list_tests cuda_ops | grep '::gpu$')
+  mapfile -t step_tests < <(list_tests cuda_step | grep '::gpu$')
+  mapfile -t error_tests < <(list_tests conv_error | grep '::gpu$')
+  mapfile -t nvrtc_tests < <(list_tests nvrtc)
+  local preflight=("$CARRY/densenet" bench --device cuda --layers 10 --growth 4 --batch-size 2
+    --steps 1 --warmup 1 --json)
+  local whole_step=training_step_matches_the_cpu::gpu
+
+  # Smoke: the GPU opens and trains a tiny net, one op and one whole step match the CPU.
+  if check preflight smoke 120 "${preflight[@]}"; then PREFLIGHT=ok; else PREFLIGHT=failed; fi
+  say "$(grep -m 1 '^Device:' "$ITEMS/preflight.out" 2>/dev/null || echo 'Device: (no line from the preflight)')"
+  if [ "${#op_tests[@]}" -gt 0 ]; then
+    first_op=${op_tests[0]}
+    run_test cuda_ops "$first_op" "smoke gpu"
+  else
+    record "cuda_ops (first ::gpu test)" "FAILED (cuda_ops --list names no ::gpu test)" - 1
   fi
-  echo "gpu-check: all checks passed"
+  if [[ " ${step_tests[*]} " == *" $whole_step "* ]]; then
+    run_test cuda_step "$whole_step" "smoke gpu"
+  else
+    record "cuda_step $whole_step" "FAILED (not in cuda_step --list)" - 1
+  fi
+
+  benchmarks
+
+  for t in "${op_tests[@]:1}"; do run_test cuda_ops "$t" gpu; done
+  for t in "${step_tests[@]}"; do [ "$t" = "$whole_step" ] || run_test cuda_step "$t" gpu; done
+  # A GPU-only test with no host twin (it reruns itself in two processes).
+  run_test cuda_step algorithm_record_is_reused_across_processes gpu
+  for t in "${error_tests[@]}"; do run_test conv_error "$t" gpu; done
+
+  # NVRTC (needs no GPU): the kernels compile, nvcc's PTX is complete; one op with NVRTC's PTX.
+  for t in "${nvrtc_tests[@]}"; do
+    run_test nvrtc "$t" "" DENSENET_REQUIRE_NVRTC=1 DENSENET_REQUIRE_PTX=1
+  done
+  [ -z "$first_op" ] || check "cuda_ops $first_op, NVRTC" "test gpu" 120 env DENSENET_FORCE_NVRTC=1 \
+    "$CARRY/cuda_ops" --exact "$first_op" --nocapture --test-threads=1
+
+  local cs tool
+  if cs=$(find_sanitizer); then
+    for tool in memcheck racecheck; do
+      check "compute-sanitizer $tool" gpu 180 "$cs" --tool "$tool" --error-exitcode 1 "${preflight[@]}" --no-graphs
+    done
+  else
+    say "-- compute-sanitizer: skipped: not installed (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+    record compute-sanitizer "skipped: not installed" - 0
+  fi
+
+  compiled_torch
+
+  report | tee "$OUT/table.txt"
+  return "${PIPESTATUS[0]}"
 }
 
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
   *)
-    echo "usage: bash scripts/gpu-check.sh prepare   (here)  |  bash scripts/gpu-check.sh run   (on the GPU machine)" >&2
+    echo "usage: bash scripts/gpu-check.sh prepare   (build machine)  |  bash scripts/gpu-check.sh run   (GPU machine)" >&2
     exit 2
     ;;
 esac

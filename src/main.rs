@@ -45,7 +45,7 @@ const MAX_STEPS: usize = 1_000_000;
 const BENCH_SEED: u64 = 0;
 
 #[derive(Parser)]
-#[command(name = "densenet", version, about = "Memory-efficient DenseNet training on CIFAR")]
+#[command(name = "densenet", version, long_version = densenet::backend::cuda::kernels::VERSION, about = "Memory-efficient DenseNet training on CIFAR")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

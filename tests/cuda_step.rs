@@ -7,7 +7,7 @@
 mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
-use densenet::backend::{Backend, Sgd};
+use densenet::backend::{Backend, ConvSpec, Sgd, View};
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
 use densenet::model::Model;
@@ -146,3 +146,163 @@ fn device_memory_is_the_plan<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     }
 }
 on_devices!(device_allocation_is_the_plan, device_memory_is_the_plan);
+
+/// Without a GPU, `DENSENET_REQUIRE_GPU=1` turns a GPU test's skip into a failure (this test
+/// binary runs one of its own GPU tests again with it set).
+#[test]
+fn require_gpu_turns_a_skip_into_a_failure() {
+    if densenet::backend::cuda::GpuExec::new(0).is_ok() {
+        return; // a GPU is here: the GPU tests run for real
+    }
+    let run = |require: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "device_allocation_is_the_plan::gpu", "--nocapture", "--test-threads=1"])
+            .env("DENSENET_REQUIRE_GPU", require)
+            .output()
+            .unwrap()
+    };
+    let (required, optional) = (run("1"), run("0"));
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!required.status.success(), "the GPU test passed without a GPU under DENSENET_REQUIRE_GPU=1");
+    assert!(text(&required).contains("needs a GPU (DENSENET_REQUIRE_GPU=1)"), "{}", text(&required));
+    assert!(optional.status.success(), "the GPU test failed without DENSENET_REQUIRE_GPU: {}", text(&optional));
+    assert!(text(&optional).contains("SKIPPED device_allocation_is_the_plan on the GPU"), "{}", text(&optional));
+}
+
+/// The host device, except that no step can become a graph: every capture falls back to
+/// replaying the recorded ops, as a GPU does when a capture fails.
+struct NoGraphs(densenet::backend::cuda::HostExec);
+
+impl Exec for NoGraphs {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn conv_workspace_len(&mut self, convs: &[densenet::backend::ConvShape], batch: usize) -> densenet::Result<usize> {
+        self.0.conv_workspace_len(convs, batch)
+    }
+    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> densenet::Result<()> {
+        self.0.allocate(len, conv_ws)
+    }
+    fn memory(&self) -> densenet::backend::DeviceMemory {
+        self.0.memory()
+    }
+    fn write(&mut self, off: usize, data: &[u32]) -> densenet::Result<()> {
+        self.0.write(off, data)
+    }
+    fn read_into(&self, off: usize, out: &mut [u32]) -> densenet::Result<()> {
+        self.0.read_into(off, out)
+    }
+    fn launch(&mut self, launch: &densenet::backend::cuda::Launch) -> densenet::Result<()> {
+        self.0.launch(launch)
+    }
+    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> densenet::Result<()> {
+        self.0.conv_forward(x, w, y, spec)
+    }
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> densenet::Result<()> {
+        self.0.conv_backward_data(gy, w, gx, spec)
+    }
+    fn conv_backward_filter(
+        &mut self,
+        x: View,
+        gy: View,
+        gw: usize,
+        spec: ConvSpec,
+        acc: bool,
+    ) -> densenet::Result<()> {
+        self.0.conv_backward_filter(x, gy, gw, spec, acc)
+    }
+    fn capture_begin(&mut self) -> densenet::Result<()> {
+        self.0.capture_begin()
+    }
+    fn capture_end(&mut self, key: u64) -> densenet::Result<Option<String>> {
+        self.0.capture_end(key)?;
+        Ok(Some("capture refused by the test executor".into()))
+    }
+    fn replay(&mut self, key: u64) -> densenet::Result<bool> {
+        self.0.replay(key)
+    }
+}
+
+/// `Backend::graphs` says how the steps ran: replayed, eager, not (yet) replayed, or fallen
+/// back with the reason, so a benchmark never reports eager steps as replayed ones.
+#[test]
+fn graphs_status_tells_how_steps_ran() {
+    let (cfg, h, n) = configs().remove(0);
+    let (images, labels) = common::batch(7, n, h, h, cfg.num_classes);
+    let after = |steps: usize, graphs: bool| {
+        let mut be = CudaBackend::new(densenet::backend::cuda::HostExec::new());
+        be.set_graphs(graphs);
+        let mut m = Model::new(cfg.clone(), n, h, h, Mode::Minimal, 5, be).unwrap();
+        for _ in 0..steps {
+            m.train_step(&images, &labels, Sgd::default()).unwrap();
+        }
+        m.backend().graphs()
+    };
+    assert_eq!(after(1, true).as_deref(), Some("not replayed"));
+    assert_eq!(after(2, true).as_deref(), Some("replayed"));
+    assert_eq!(after(2, false).as_deref(), Some("eager"));
+    let mut m =
+        Model::new(cfg.clone(), n, h, h, Mode::Minimal, 5, CudaBackend::new(NoGraphs(Default::default()))).unwrap();
+    let first = m.train_step(&images, &labels, Sgd::default()).unwrap().loss;
+    let second = m.train_step(&images, &labels, Sgd::default()).unwrap().loss;
+    assert!(first.is_finite() && second.is_finite() && first != second, "the replayed ops did not train");
+    assert_eq!(m.backend().graphs().as_deref(), Some("fell back: capture refused by the test executor"));
+    let cpu = common::model(&cfg, n, h, h, Mode::Minimal, 5);
+    assert_eq!(cpu.backend().graphs(), None, "the CPU backend records no steps");
+}
+
+/// On a GPU: a second process given the first one's algorithm record searches nothing
+/// (no cudnnFind), chooses the same workspace, records the same rankings and computes the
+/// same step, bitwise. This test runs itself twice as child processes (the process-wide
+/// rankings would otherwise already hold everything).
+#[test]
+fn algorithm_record_is_reused_across_processes() {
+    const ROLE: &str = "DENSENET_TEST_RECORD";
+    let (cfg, h, n) = configs().remove(0);
+    if let Ok(path) = std::env::var(ROLE) {
+        // A child: reuse the record at `path` if there is one, plan, step, and report.
+        let mut exec = densenet::backend::cuda::GpuExec::new(0).unwrap();
+        let taken = std::fs::read_to_string(&path).map_or(0, |r| exec.reuse_algorithm_record(&r).unwrap());
+        let mut m = Model::new(cfg.clone(), n, h, h, Mode::Minimal, 3, CudaBackend::new(exec)).unwrap();
+        let (images, labels) = common::batch(7, n, h, h, cfg.num_classes);
+        let loss = m.train_step(&images, &labels, Sgd::default()).unwrap().loss;
+        let record = m.backend().algorithm_record().unwrap();
+        std::fs::write(format!("{path}.out"), &record).unwrap();
+        println!(
+            "record: taken {taken} searches {} workspace {} loss {:08x}",
+            m.backend().algorithm_searches(),
+            m.plan().workspace.1,
+            loss.to_bits()
+        );
+        return;
+    }
+    if let Err(e) = densenet::backend::cuda::GpuExec::new(0) {
+        assert!(!common::devices::gpu_required(), "needs a GPU (DENSENET_REQUIRE_GPU=1): {e}");
+        eprintln!("SKIPPED algorithm_record_is_reused_across_processes on the GPU: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cudnn-algorithms.json");
+    let child = || {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "algorithm_record_is_reused_across_processes", "--nocapture", "--test-threads=1"])
+            .env(ROLE, &path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "child failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        let line = text.lines().find_map(|l| l.strip_prefix("record: ")).expect("the child reports").to_string();
+        let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        std::fs::rename(format!("{}.out", path.display()), &path).unwrap();
+        (words, std::fs::read_to_string(&path).unwrap())
+    };
+    let (first, record) = child();
+    let (second, again) = child();
+    eprintln!("first: {first:?}\nsecond: {second:?}");
+    assert_eq!(first[1], "0", "the first process had no record to take");
+    assert_ne!(first[3], "0", "the first process searched nothing");
+    assert_ne!(second[1], "0", "the second process took no ranking from the record");
+    assert_eq!(second[3], "0", "the second process searched although it had the record");
+    assert_eq!((&first[5], &first[7]), (&second[5], &second[7]), "workspace or loss differ");
+    assert_eq!(record, again, "the reused rankings were not recorded as they were");
+}

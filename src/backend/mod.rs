@@ -156,9 +156,35 @@ impl Default for Sgd {
 pub struct DeviceMemory {
     /// Bytes the backend allocated (its one arena).
     pub allocated: usize,
-    /// Device memory this process added since the device was opened, as the driver counts it
-    /// (context, kernels, library handles and the arena), when the driver can tell.
+    /// Device memory in use now beyond what was in use right after the backend created its
+    /// CUDA context, as the driver counts it device-wide (kernels, library handles, the arena
+    /// and graphs; not the context itself), when the driver can tell.
     pub process: Option<usize>,
+}
+
+/// A run-time library a backend loaded, for reports (`bench --json`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Library {
+    /// What it is (`cudnn`).
+    pub name: String,
+    /// Its version, as the library reports it.
+    pub version: String,
+    /// The CUDA version it was built for, where it says (cuDNN does).
+    pub cuda: Option<String>,
+    /// The file the process mapped, when it can tell.
+    pub path: Option<String>,
+}
+
+impl Library {
+    /// `name` at `version` (built for CUDA `cuda`), with the path of the first mapped file whose
+    /// name starts with `file_prefix` (from `/proc/self/maps`).
+    pub fn loaded(name: &str, version: String, cuda: Option<String>, file_prefix: &str) -> Library {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let path = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| {
+            std::path::Path::new(p).file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with(file_prefix))
+        });
+        Library { name: name.into(), version, cuda, path: path.map(str::to_string) }
+    }
 }
 
 /// The primitive ops of a training step. All offsets index the backend's arena of `f32`.
@@ -196,6 +222,40 @@ pub trait Backend {
 
     /// Ends a step begun with [`Backend::step_begin`] that was not replayed.
     fn step_end(&mut self, _key: u64) {}
+
+    /// How training steps have run, for a backend that records them: `"replayed"` (a recorded
+    /// step has been replayed), `"not replayed"` (none yet: steps with dropout are never
+    /// recorded), `"eager"` (recording is off) or `"fell back: <reason>"` (a recording or
+    /// capture failed, so steps run op by op); `None` for a backend that never records.
+    fn graphs(&self) -> Option<String> {
+        None
+    }
+
+    /// The convolution algorithms' rankings the backend planned with, as a record (JSON text)
+    /// that a later process on the same device and libraries can reuse, so that it chooses the
+    /// same algorithms (an exact resume) without timing them again; `None` where nothing is
+    /// chosen by timing (the CPU).
+    fn algorithm_record(&self) -> Option<String> {
+        None
+    }
+
+    /// Takes a record of [`Backend::algorithm_record`] from an earlier process; called before
+    /// the model is planned. Returns the rankings taken, or why the record was refused (made on
+    /// another device or library version, or corrupt): then planning times the algorithms as
+    /// usual, so a record can only save time, never change a result.
+    fn reuse_algorithm_record(&mut self, _record: &str) -> Result<usize> {
+        Ok(0)
+    }
+
+    /// How many algorithm searches (cudnnFind calls) planning made.
+    fn algorithm_searches(&self) -> usize {
+        0
+    }
+
+    /// The run-time libraries the backend loaded (a GPU's driver, cuDNN, ...); none on the CPU.
+    fn libraries(&self) -> Vec<Library> {
+        Vec::new()
+    }
 
     /// Copies host data into the arena.
     fn write(&mut self, off: usize, data: &[f32]);
@@ -290,4 +350,17 @@ pub trait Backend {
     /// One SGD step over `len` floats at `params`, with gradients and momentum at the same
     /// relative layout.
     fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Library;
+
+    #[test]
+    fn a_loaded_library_is_found_by_its_file_name() {
+        let libc = Library::loaded("c", "2".into(), None, "libc.so");
+        let path = libc.path.expect("the C library is mapped");
+        assert!(path.rsplit('/').next().is_some_and(|f| f.starts_with("libc.so")), "{path}");
+        assert_eq!(Library::loaded("x", String::new(), None, "libdoes-not-exist.so").path, None);
+    }
 }

@@ -31,7 +31,11 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
     report(format_args!("{}", device::line(model.backend(), why)))?;
     report(format_args!("{}", plan_line(model.plan())))?;
     let mut times = Vec::new();
+    let mut window = (0.0, 0.0);
     for s in 0..a.warmup + a.steps {
+        if s == a.warmup {
+            window.0 = unix_seconds();
+        }
         let start = Instant::now();
         model.train_step(&images, &labels, Sgd::default())?;
         let secs = start.elapsed().as_secs_f64();
@@ -43,6 +47,7 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
             report(format_args!("Step {i}/{n}: {:.1} ms ({:.1} images/s)", 1e3 * secs, batch as f64 / secs))?;
         }
     }
+    window.1 = unix_seconds();
     let measured = heap::peak().saturating_sub(heap_start);
     let planned = model.plan().total_bytes();
     let rss = peak_rss();
@@ -63,8 +68,8 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
     match device {
         // The arena is on the device: the host heap holds little of the plan.
         Some(d) => report(format_args!(
-            "Device memory {:.1} MiB allocated, {:.1} MiB planned; the process added {} on the device \
-             (with the CUDA context, kernels, cuDNN and graphs); peak RSS {rss_text}",
+            "Device memory {:.1} MiB allocated, {:.1} MiB planned; {} in use on the device beyond what it was \
+             once the CUDA context was created (kernels, cuDNN, arena, graphs); peak RSS {rss_text}",
             mib(d.allocated),
             mib(planned),
             d.process.map_or("an unknown amount".to_string(), |p| format!("{:.1} MiB", mib(p)))
@@ -76,7 +81,21 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
             mib(measured.saturating_sub(planned))
         ))?,
     }
+    let graphs = model.backend().graphs();
+    if let Some(g) = &graphs {
+        report(format_args!("Training steps: {g} (CUDA graphs)"))?;
+    }
+    let libraries: Vec<serde_json::Value> = model
+        .backend()
+        .libraries()
+        .into_iter()
+        .map(|l| serde_json::json!({ "name": l.name, "version": l.version, "cuda": l.cuda, "path": l.path }))
+        .collect();
     if a.json {
+        let cudnn = libraries
+            .iter()
+            .find(|l| l["name"] == "cudnn")
+            .map(|l| serde_json::json!({ "version": l["version"], "cuda": l["cuda"], "path": l["path"] }));
         let json = serde_json::json!({
             "network": model.config().name(),
             "device": model.backend().describe(),
@@ -91,10 +110,21 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
             "peak_rss_bytes": rss,
             "device_allocated_bytes": device.map(|d| d.allocated),
             "device_process_bytes": device.and_then(|d| d.process),
+            "graphs": graphs,
+            "timed_start_unix_s": window.0,
+            "timed_end_unix_s": window.1,
+            "libraries": libraries,
+            "cudnn": cudnn,
         });
         report(format_args!("{json}"))?;
     }
     Ok(())
+}
+
+/// Seconds since the Unix epoch, by the wall clock (the timed window, for matching samples of
+/// the device's memory taken by another process).
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// This process's peak resident set size in bytes (`VmHWM` in /proc/self/status); 0 where

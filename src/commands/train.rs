@@ -48,7 +48,7 @@ fn run<B: Backend>(
     source: Source,
     start: Start,
     run_dir: &Path,
-    be: B,
+    mut be: B,
     why: &str,
 ) -> Result<(), Failure> {
     let (dataset, batch) = (a.net.dataset, a.net.batch);
@@ -57,6 +57,7 @@ fn run<B: Backend>(
     }
     let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
+    let reused = start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r));
     let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, start.seed, be)?;
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
@@ -120,6 +121,19 @@ fn run<B: Backend>(
         saver.checkpoint().display(),
         checkpoint::BEST
     ))?;
+    if let Some(record) = model.backend().algorithm_record() {
+        let path = run_dir.join(checkpoint::ALGORITHMS);
+        checkpoint::write_atomic(&path, record.as_bytes())?;
+        let searches = model.backend().algorithm_searches();
+        report(format_args!(
+            "Convolution algorithms: {} ({})",
+            path.display(),
+            match reused {
+                Some(n) if searches == 0 => format!("{n} rankings reused from the resumed run, no search"),
+                _ => format!("{searches} cudnnFind searches"),
+            }
+        ))?;
+    }
     let mut events = if a.tensorboard { Some(EventWriter::create(run_dir)?) } else { None };
     if let Some(w) = &events {
         report(format_args!("TensorBoard: {}", w.path().display()))?;
@@ -197,6 +211,23 @@ impl Start {
         let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, cfg)).transpose()?;
         Ok(Start { epoch, seed, best: None, state, resumed: None })
     }
+}
+
+/// Hands the backend the algorithm record beside the checkpoint `resumed` from, if there is
+/// one: the rankings reused, or `None` (no record, or one refused with a warning: the
+/// algorithms are timed again, which can only cost time).
+fn reuse_algorithms<B: Backend>(be: &mut B, resumed: &Path) -> Option<usize> {
+    let path = resumed.with_file_name(checkpoint::ALGORITHMS);
+    let reused = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => Err(e.to_string()),
+        Ok(text) => be.reuse_algorithm_record(&text).map_err(|e| e.to_string()),
+    };
+    reused
+        .map_err(|e| {
+            eprintln!("warning: {} not reused ({e}): the convolution algorithms are timed again", path.display())
+        })
+        .ok()
 }
 
 /// Refuses to write over the checkpoints of an earlier run, unless this run resumes from a

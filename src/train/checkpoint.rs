@@ -58,6 +58,9 @@ pub const VERSION: u32 = 1;
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 /// The copy of the checkpoint of the epoch with the best test top-1, in the run directory.
 pub const BEST: &str = "model_best.safetensors";
+/// The record of the convolution algorithms a GPU run chose, in the run directory: a resume
+/// on the same GPU and cuDNN reuses it (`Backend::reuse_algorithm_record`).
+pub const ALGORITHMS: &str = "cudnn-algorithms.json";
 /// Name prefix of the momentum tensors.
 pub const MOMENTUM: &str = "momentum.";
 /// Name suffix of the BN step counters.

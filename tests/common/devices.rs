@@ -1,5 +1,6 @@
 //! The executors the CUDA backend is tested on: the host device always, a GPU when one is
-//! present (otherwise the GPU variant says loudly that it was skipped).
+//! present (otherwise the GPU variant says loudly that it was skipped, or fails under
+//! `DENSENET_REQUIRE_GPU=1`, as `scripts/gpu-check.sh run` sets it on a GPU machine).
 
 use densenet::backend::cuda::{CudaBackend, GpuExec, HostExec};
 
@@ -8,13 +9,21 @@ pub fn on_host(test: impl FnOnce(&dyn Fn() -> CudaBackend<HostExec>)) {
     test(&|| CudaBackend::new(HostExec::new()));
 }
 
-/// Runs `test` on GPU 0, or prints why it was skipped.
+/// Runs `test` on GPU 0, or prints why it was skipped (a failure under
+/// `DENSENET_REQUIRE_GPU=1`).
 pub fn on_gpu(name: &str, test: impl FnOnce(&dyn Fn() -> CudaBackend<GpuExec>)) {
     // The probe is dropped before the test opens its own executors.
     match GpuExec::new(0).map(drop) {
         Ok(()) => test(&|| CudaBackend::new(GpuExec::new(0).expect("GPU 0 opened once already"))),
+        Err(e) if gpu_required() => panic!("{name} needs a GPU (DENSENET_REQUIRE_GPU=1): {e}"),
         Err(e) => eprintln!("SKIPPED {name} on the GPU: {e}"),
     }
+}
+
+/// Whether `DENSENET_REQUIRE_GPU=1`: a GPU test that cannot open GPU 0 fails instead of
+/// skipping.
+pub fn gpu_required() -> bool {
+    std::env::var("DENSENET_REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
 /// Declares `$name` twice: `host` on the host device and `gpu` on GPU 0 (skipped without one);

@@ -43,11 +43,24 @@ pub struct CudaBackend<E: Exec> {
     error: RefCell<Option<crate::Error>>,
     /// Whether training steps are recorded once and replayed (CUDA graphs).
     graphs: bool,
+    /// How the training steps ran so far (see [`Backend::graphs`]).
+    graph_state: GraphState,
     /// Offset of the SGD settings (in the workspace region), and the settings last written.
     sgd_slot: usize,
     hp: Option<Sgd>,
     /// Host words of the input batch on their way to the device (reused).
     staging: Vec<u32>,
+}
+
+/// How training steps have run, for [`Backend::graphs`].
+#[derive(Clone, Debug, PartialEq)]
+enum GraphState {
+    /// No step has been replayed yet.
+    NotReplayed,
+    /// A recorded step has been replayed.
+    Replayed,
+    /// Recording or capturing failed: steps run op by op; why.
+    FellBack(String),
 }
 
 /// A buffer argument covering a view.
@@ -87,6 +100,7 @@ impl<E: Exec> CudaBackend<E> {
             n_labels: 0,
             error: RefCell::new(None),
             graphs: true,
+            graph_state: GraphState::NotReplayed,
             staging: Vec::new(),
             sgd_slot: 0,
             hp: None,
@@ -209,7 +223,12 @@ impl<E: Exec> Backend for CudaBackend<E> {
             return false;
         }
         match self.exec.replay(key) {
-            Ok(true) => return true,
+            Ok(true) => {
+                if self.graph_state == GraphState::NotReplayed {
+                    self.graph_state = GraphState::Replayed;
+                }
+                return true;
+            }
             Ok(false) => {}
             Err(e) => {
                 self.record(Err(e));
@@ -218,6 +237,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         }
         if let Err(e) = self.exec.capture_begin() {
             eprintln!("warning: running steps without graphs: {e}");
+            self.graph_state = GraphState::FellBack(e.to_string());
             self.graphs = false;
         }
         false
@@ -227,8 +247,39 @@ impl<E: Exec> Backend for CudaBackend<E> {
         if !self.graphs {
             return;
         }
-        let r = self.exec.capture_end(key);
-        self.record(r);
+        match self.exec.capture_end(key) {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                eprintln!("warning: this training step is replayed without a CUDA graph: {why}");
+                self.graph_state = GraphState::FellBack(why);
+            }
+            Err(e) => self.record(Err(e)),
+        }
+    }
+
+    fn algorithm_record(&self) -> Option<String> {
+        self.exec.algorithm_record()
+    }
+
+    fn reuse_algorithm_record(&mut self, record: &str) -> Result<usize> {
+        self.exec.reuse_algorithm_record(record)
+    }
+
+    fn algorithm_searches(&self) -> usize {
+        self.exec.algorithm_searches()
+    }
+
+    fn libraries(&self) -> Vec<crate::backend::Library> {
+        self.exec.libraries()
+    }
+
+    fn graphs(&self) -> Option<String> {
+        Some(match (&self.graph_state, self.graphs) {
+            (GraphState::FellBack(why), _) => format!("fell back: {why}"),
+            (_, false) => "eager".into(),
+            (GraphState::Replayed, true) => "replayed".into(),
+            (GraphState::NotReplayed, true) => "not replayed".into(),
+        })
     }
 
     fn write(&mut self, off: usize, data: &[f32]) {

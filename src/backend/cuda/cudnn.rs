@@ -4,68 +4,47 @@
 //! Reproducibility: within a process, results are bitwise reproducible. Math is FMA (no TF32),
 //! only deterministic algorithms are used, and the algorithm choices are the same for every
 //! executor of the process on the same GPU: cudnnFind's rankings are kept in a process-wide
-//! cache (keyed by device ordinal, shape, planned batch and direction), and the run-time choice
-//! for a geometry is a deterministic function of that ranking and the workspace size. Across
-//! processes cuDNN's timings may rank the algorithms differently, so the last bits may differ:
-//! a resumed run is exact only when the same algorithms are chosen.
+//! cache (keyed by device ordinal, rules, shape, planned batch and direction), and the choice
+//! for a geometry is a deterministic function of that ranking and of the geometry
+//! (`algos::preference`). Across processes cuDNN's timings may rank the algorithms differently,
+//! so the last bits could differ; a resumed run reuses the rankings its run recorded
+//! ([`Convs::record`], [`Convs::reuse`]), so it chooses the same algorithms and is exact.
 //!
 //! Views are channel slices of larger NCHW buffers, so every tensor descriptor carries explicit
 //! strides (image stride, h*w, w, 1).
 //!
-//! Algorithms: [`Convs::plan`] times every algorithm once per convolution shape, planned batch
-//! and direction with cudnnFind (on dense tensors of the full planned batch; it allocates its own
-//! buffers, since it runs before the arena exists), unless an executor of the process already
-//! did, and sizes the workspace for, per shape and direction, the algorithm with the smallest
-//! workspace among those within 10% of the fastest. Fused convolutions (a BN-ReLU applied into a
-//! scratch first) do not run at the full batch, though: they run in chunks of
-//! [`super::FUSED_CHUNK`] images on the dense scratch, and their filter gradients then accumulate
-//! over the chunks with beta = 1. So the workspace also covers the fallback algorithms at
-//! `min(batch, FUSED_CHUNK)` and `batch % FUSED_CHUNK` images, dense or with sliced (strided)
-//! views, as it does at the full batch with sliced views. At run time the actual (strided)
-//! descriptors decide: the fastest timed algorithm that supports them and fits the workspace is
-//! used (implicit GEMM, with no workspace, is the last resort), and a choice that cuDNN rejects
-//! when run falls through to the next (an error path: such a fall-through is this executor's own).
+//! Algorithms: [`Convs::plan`] ranks every algorithm once per convolution shape, planned batch
+//! and direction with cudnnFind (on dense tensors of the full planned batch; it allocates its
+//! own buffers, since it runs before the arena exists), keeping only what will run (`algos`:
+//! deterministic, timed with FMA math, within the workspace cap, each algorithm once, and only
+//! GEMM-based ones under `DENSENET_CUDNN_ALGOS=gemm`). It then chooses for every geometry the
+//! shape will run at: the full batch and, for fused convolutions (a BN-ReLU applied into a
+//! scratch first, [`super::FUSED_CHUNK`] images at a time, filter gradients accumulating with
+//! beta = 1), the chunks, each side dense or a channel slice; and it reserves the largest
+//! workspace those choices need. At run time the actual (strided) descriptors decide: a planned
+//! geometry runs its choice; one not foreseen (a partial last batch) is chosen the same way, and
+//! if that choice does not fit the workspace the next that does runs, with a warning (implicit
+//! GEMM, with no workspace, is the last resort); a choice cuDNN rejects when run falls through to
+//! the next (an error path: such a fall-through is this executor's own).
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cudnn::{result as cr, sys as cs};
 use cudarc::driver::CudaStream;
 
+use super::algos::{self, AlgorithmFamily, Dir, Header, Math, Perf, Ranked};
 use super::FUSED_CHUNK;
 use crate::backend::{ConvShape, ConvSpec, View};
 use crate::{bail, Error, Result};
 
-/// Most workspace bytes one convolution algorithm may use.
-const WORKSPACE_CAP: usize = 256 << 20;
-/// Algorithms within this factor of the fastest one's time count as fast.
-const NEAR_FASTEST: f32 = 1.10;
 /// The workspace start is aligned to this many bytes (the slack is reserved too).
 const ALIGN: usize = 256;
-
-/// A convolution direction; its index into per-direction arrays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Dir {
-    Forward = 0,
-    Data = 1,
-    Filter = 2,
-}
-
-/// cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t with the enums as plain integers, so a
-/// value this cudarc does not know is not undefined behaviour (the three share one layout).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Perf {
-    algo: u32,
-    status: u32,
-    time: f32,
-    memory: usize,
-    determinism: u32,
-    math: u32,
-    reserved: [c_int; 3],
-}
+/// cudnnFind is asked for at least this many results per algorithm (one per math type it
+/// may try), when cuDNN cannot say how many it returns at most.
+const MIN_FIND_RESULTS_PER_ALGO: c_int = 4;
 
 /// A convolution as cuDNN sees it when run: per-image shape, batch, and the views' strides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,12 +55,14 @@ struct Geometry {
     y_stride: usize,
 }
 
-/// Descriptors of one geometry, and the algorithm choice per direction once made.
+/// Descriptors of one geometry, the order of preference per direction planned for it, and
+/// the algorithms usable in the workspace once the first call chose.
 struct Plan {
     x: Tensor,
     y: Tensor,
     w: Filter,
     conv: Conv,
+    preferred: [Option<Vec<(u32, usize, f32)>>; 3],
     algos: [Option<Choice>; 3],
 }
 
@@ -92,13 +73,17 @@ struct Choice {
     current: usize,
 }
 
-/// cudnnFind's results, fastest first (usable ones only), per (device ordinal, shape, planned
-/// batch, direction): shared by every executor of the process, so that they all choose alike.
-type Rankings = HashMap<(usize, ConvShape, usize, Dir), Arc<[Perf]>>;
+/// A ranking planned with: the planned batch it was made at, and the ranking.
+type Planned = (usize, Arc<[Ranked]>);
 
-/// The process-wide [`Rankings`].
-fn rankings() -> &'static Mutex<Rankings> {
-    static RANKINGS: OnceLock<Mutex<Rankings>> = OnceLock::new();
+/// What a ranking is for: device ordinal, the rules it was made under, shape, planned batch
+/// and direction.
+type RankingKey = (usize, AlgorithmFamily, Math, ConvShape, usize, Dir);
+
+/// cudnnFind's rankings ([`algos::rank`]), shared by every executor of the process, so that
+/// they all choose alike, and filled from a run's record when one is reused.
+fn rankings() -> &'static Mutex<HashMap<RankingKey, Arc<[Ranked]>>> {
+    static RANKINGS: OnceLock<Mutex<HashMap<RankingKey, Arc<[Ranked]>>>> = OnceLock::new();
     RANKINGS.get_or_init(Default::default)
 }
 
@@ -107,18 +92,55 @@ pub(super) struct Convs {
     handle: cs::cudnnHandle_t,
     /// The device's ordinal (the process-wide rankings are per device).
     ordinal: usize,
+    /// The GPU, cuDNN and rules the rankings are made for (the record's header).
+    header: Header,
     /// Aligned device address of the workspace in the arena, and the bytes algorithms may use:
     /// the reserved bytes less the alignment slack [`Convs::plan`] added, so that it does not
     /// depend on where the arena lies.
     workspace: (u64, usize),
-    /// The process-wide rankings of the last planned batch, per shape and direction.
-    ranked: HashMap<(ConvShape, Dir), Arc<[Perf]>>,
+    /// The rankings of the last planned batch (which it is, and the ranking), per shape and
+    /// direction.
+    ranked: HashMap<(ConvShape, Dir), Planned>,
     plans: HashMap<Geometry, Plan>,
+    /// How many cudnnFind calls this executor made.
+    finds: usize,
+    /// Geometries already warned about (their choice did not fit the workspace).
+    warned: HashSet<(Geometry, Dir)>,
 }
 
-/// Checks that cuDNN 9 can be loaded, with its convolution sub-library; returns its version
-/// (`major * 10000 + minor * 100 + patch`).
-pub(super) fn preflight() -> Result<usize> {
+/// The cuDNN a process loaded: its version and the CUDA version it was built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Loaded {
+    /// `major * 10000 + minor * 100 + patch` (`cudnnGetVersion`).
+    pub version: usize,
+    /// The CUDA runtime it was built for, as `1000 * major + 10 * minor`
+    /// (`cudnnGetCudartVersion`); it decides which cuBLASLt and NVRTC go with it.
+    pub cuda: usize,
+    /// The cuBLASLt loaded with it, `major * 10000 + minor * 100 + patch`
+    /// (`cublasLtGetVersion`; 0 if it does not say).
+    pub cublaslt: usize,
+}
+
+impl Loaded {
+    /// `9.13.0`.
+    pub fn version_text(&self) -> String {
+        dotted(self.version)
+    }
+
+    /// cuBLASLt's version, `13.0.1`.
+    pub fn cublaslt_text(&self) -> String {
+        dotted(self.cublaslt)
+    }
+
+    /// The major version of the CUDA libraries that go with this cuDNN (13 for CUDA 13.x).
+    pub fn cuda_major(&self) -> usize {
+        self.cuda / 1000
+    }
+}
+
+/// Checks that cuDNN 9 can be loaded, with its convolution sub-library and the cuBLASLt its
+/// legacy convolution path loads at run time (of the CUDA major version cuDNN was built for).
+pub(super) fn preflight() -> Result<Loaded> {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { cs::is_culib_present() } {
         bail!(
@@ -130,34 +152,80 @@ pub(super) fn preflight() -> Result<usize> {
     if v < 90000 {
         bail!("cuDNN {v} is older than 9: install cuDNN 9 (pip install nvidia-cudnn-cu13), or use --device cpu");
     }
+    // SAFETY: a version query of the loaded library.
+    let mut loaded = Loaded { version: v, cuda: unsafe { cs::cudnnGetCudartVersion() }, cublaslt: 0 };
     // SAFETY: version queries; they load the sub-libraries.
     let sub = unsafe { cs::cudnnOpsVersionCheck().result().and_then(|_| cs::cudnnCnnVersionCheck().result()) };
     if let Err(e) = sub {
         bail!(
-            "cuDNN {}.{}: the convolution sub-libraries (libcudnn_cnn.so.9, libcudnn_ops.so.9) did not load ({:?}): \
+            "cuDNN {}: the convolution sub-libraries (libcudnn_cnn.so.9, libcudnn_ops.so.9) did not load ({:?}): \
              reinstall cuDNN with all its libraries in one folder on LD_LIBRARY_PATH",
-            v / 10000,
-            v / 100 % 100,
+            loaded.version_text(),
             e.0
         );
     }
-    Ok(v)
+    let major = loaded.cuda_major();
+    let cublaslt = format!("libcublasLt.so.{major}");
+    // SAFETY: loads a library whose initialisers are sound (NVIDIA's cuBLASLt); cuDNN loads the
+    // same one later, and the handle is kept for the life of the process.
+    match unsafe { libloading::Library::new(&cublaslt) } {
+        Ok(lib) => {
+            // SAFETY: cuBLASLt's `size_t cublasLtGetVersion(void)`.
+            let version = unsafe { lib.get::<unsafe extern "C" fn() -> usize>(b"cublasLtGetVersion\0") };
+            // SAFETY: the symbol has that signature and the library stays loaded.
+            loaded.cublaslt = version.map_or(0, |f| unsafe { f() });
+            CUBLASLT.get_or_init(|| lib);
+        }
+        Err(e) => bail!(
+            "{cublaslt} not found ({e}): cuDNN {} for CUDA {} loads it for its convolutions: pip install \
+             nvidia-cublas{} and add the folder holding {cublaslt} to LD_LIBRARY_PATH, or use --device cpu",
+            loaded.version_text(),
+            super::ptx::cuda_text(loaded.cuda as u32),
+            if major >= 13 { String::new() } else { format!("-cu{major}") },
+        ),
+    }
+    Ok(loaded)
 }
 
+/// `major.minor.patch` of a version counted as `major * 10000 + minor * 100 + patch`.
+fn dotted(v: usize) -> String {
+    format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100)
+}
+
+/// cuBLASLt, loaded by [`preflight`] and kept loaded.
+static CUBLASLT: OnceLock<libloading::Library> = OnceLock::new();
+
 impl Convs {
-    /// A cuDNN handle on `stream` of device `ordinal` (the context must be current).
-    pub(super) fn new(stream: &CudaStream, ordinal: usize) -> Result<Convs> {
+    /// A cuDNN handle on `stream` of device `ordinal` (the context must be current), choosing
+    /// algorithms under `header`'s rules.
+    pub(super) fn new(stream: &CudaStream, ordinal: usize, header: Header) -> Result<Convs> {
         let handle = cr::create_handle().map_err(|e| err(format!("cuDNN failed to start ({:?})", e.0)))?;
-        let convs = Convs { handle, ordinal, workspace: (0, 0), ranked: HashMap::new(), plans: HashMap::new() };
+        let convs = Convs {
+            handle,
+            ordinal,
+            header,
+            workspace: (0, 0),
+            ranked: HashMap::new(),
+            plans: HashMap::new(),
+            finds: 0,
+            warned: HashSet::new(),
+        };
         // SAFETY: both handles are valid; the stream outlives the handle (GpuExec's field order).
         unsafe { cr::set_stream(handle, stream.cu_stream() as cs::cudaStream_t) }
             .map_err(|e| status("cudnnSetStream", e))?;
         Ok(convs)
     }
 
-    /// Times the algorithms of every distinct shape in `convs` at `batch` images (or takes the
-    /// process-wide rankings) and returns the workspace bytes to reserve (alignment slack
-    /// included).
+    /// Ranks the algorithms of every distinct shape in `convs` at `batch` images with
+    /// cudnnFind (unless the process already has the ranking, from another executor or a
+    /// reused record), chooses for each geometry that will run, and returns the workspace
+    /// bytes to reserve (alignment slack included): the most any of those choices needs.
+    ///
+    /// The geometries are the full batch and the fused chunks ([`FUSED_CHUNK`] images, and the
+    /// remainder `batch % FUSED_CHUNK`), each side dense or a channel slice of a larger buffer
+    /// (a larger image stride). A geometry seen only when run (a partial last batch) is chosen
+    /// for then, the same way; if its choice does not fit the workspace, the next that does
+    /// runs, with a warning.
     pub(super) fn plan(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
         let mut need = 0;
         for (i, &shape) in convs.iter().enumerate() {
@@ -169,61 +237,86 @@ impl Convs {
             {
                 bail!("invalid convolution {shape:?}");
             }
-            let (oh, ow) = (shape.spec.out(shape.h), shape.spec.out(shape.w));
-            let (x_dense, y_dense) = (shape.cin * shape.h * shape.w, shape.cout * oh * ow);
-            let g = Geometry { shape, n: batch, x_stride: x_dense, y_stride: y_dense };
-            // At run time the views are mostly channel slices (CHW-packed, a larger image stride),
-            // whose workspace can differ from the dense tensors' that cudnnFind times, and fused
-            // convolutions run FUSED_CHUNK images at a time (the last chunk `batch % FUSED_CHUNK`)
-            // from the dense scratch into sliced views: reserve the fallback algorithms' workspace
-            // for all of these, each side dense or sliced, so that one of them always fits. One
-            // image is described as dense (see `run`).
-            let mut others = Vec::new();
-            let mut counts = vec![batch, FUSED_CHUNK.min(batch), batch % FUSED_CHUNK];
-            counts.dedup();
-            for n in counts.into_iter().filter(|&n| n > 0) {
-                let sliced: &[usize] = if n > 1 { &[0, 1] } else { &[0] };
-                for (&dx, &dy) in sliced.iter().flat_map(|dx| sliced.iter().map(move |dy| (dx, dy))) {
-                    let other = Geometry { shape, n, x_stride: x_dense + dx, y_stride: y_dense + dy };
-                    if other != g {
-                        others.push(Plan::new(other)?);
-                    }
+            let geometries = geometries(shape, batch);
+            for &g in &geometries {
+                if let Entry::Vacant(e) = self.plans.entry(g) {
+                    e.insert(Plan::new(g)?);
                 }
             }
-            let handle = self.handle;
-            let plan = match self.plans.entry(g) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(Plan::new(g)?),
-            };
-            for dir in [Dir::Forward, Dir::Data, Dir::Filter] {
-                let fallback = |p: &Plan| fallbacks(dir).iter().find_map(|&a| workspace_size(handle, p, dir, a).ok());
-                let ranked = {
-                    // Held while timing: one executor times a shape, the others wait and share it.
-                    let mut all = rankings().lock().unwrap_or_else(|p| p.into_inner());
-                    match all.entry((self.ordinal, shape, batch, dir)) {
-                        Entry::Occupied(e) => e.get().clone(),
-                        Entry::Vacant(e) => {
-                            let found = find(handle, plan, dir).map_err(|e| {
-                                err(format!(
-                                    "cuDNN could not time the {dir:?} convolution algorithms for {shape:?} at batch \
-                                     {batch} ({:?})",
-                                    e.0
-                                ))
-                            })?;
-                            e.insert(found.into()).clone()
-                        }
-                    }
-                };
-                let reserve = match frugal(&ranked) {
-                    Some(p) => p.memory,
-                    None => fallback(plan).unwrap_or(0),
-                };
-                let others_reserve = others.iter().filter_map(fallback).max().unwrap_or(0);
-                need = need.max(reserve).max(others_reserve);
-                self.ranked.insert((shape, dir), ranked);
+            for dir in Dir::ALL {
+                let ranked = self.ranking(shape, batch, geometries[0], dir)?;
+                let (handle, family) = (self.handle, self.header.family);
+                for g in &geometries {
+                    let plan = self.plans.get_mut(g).expect("planned above");
+                    let pref = algos::preference(&ranked, dir, family, |a| workspace_size(handle, plan, dir, a).ok());
+                    need = need.max(pref.first().map_or(0, |p| p.1));
+                    plan.preferred[dir as usize] = Some(pref);
+                    plan.algos[dir as usize] = None;
+                }
+                self.ranked.insert((shape, dir), (batch, ranked));
             }
         }
         Ok(if need > 0 { need + ALIGN } else { 0 })
+    }
+
+    /// The ranking of `shape` at `batch` in direction `dir`: the process's, or cudnnFind's on
+    /// the dense geometry `dense` (timed once per process; other executors wait and share it).
+    fn ranking(&mut self, shape: ConvShape, batch: usize, dense: Geometry, dir: Dir) -> Result<Arc<[Ranked]>> {
+        let key = (self.ordinal, self.header.family, self.header.math, shape, batch, dir);
+        let mut all = rankings().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = all.get(&key) {
+            return Ok(r.clone());
+        }
+        let plan = self.plans.get(&dense).expect("planned by the caller");
+        let found = find(self.handle, plan, dir).map_err(|e| {
+            err(format!(
+                "cuDNN could not time the {dir:?} convolution algorithms for {shape:?} at batch {batch} ({:?})",
+                e.0
+            ))
+        })?;
+        self.finds += 1;
+        let ranked: Arc<[Ranked]> = algos::rank(&found, dir, self.header.family, self.header.math).into();
+        all.insert(key, ranked.clone());
+        Ok(ranked)
+    }
+
+    /// How many cudnnFind calls this executor made (a reused record makes none).
+    pub(super) fn finds(&self) -> usize {
+        self.finds
+    }
+
+    /// The rankings this executor planned with, as a record a later process on the same GPU
+    /// and cuDNN can reuse ([`Convs::reuse`]).
+    pub(super) fn record(&self) -> String {
+        let mut entries: Vec<algos::Entry> = self
+            .ranked
+            .iter()
+            .map(|(&(shape, dir), (batch, r))| algos::Entry { shape, batch: *batch, dir, ranked: r.to_vec() })
+            .collect();
+        entries.sort_by_key(|e| {
+            let s = e.shape;
+            (e.dir as usize, s.spec.k, s.spec.stride, s.spec.pad, s.cin, s.cout, s.h, s.w, e.batch)
+        });
+        algos::record(&self.header, &entries)
+    }
+
+    /// Takes the rankings of a record written by [`Convs::record`] (before planning), so that
+    /// they are not timed again and choose as they did; the number of rankings taken. A record
+    /// made on another GPU, cuDNN or rules, or not well formed, is refused whole (the error
+    /// says why), and planning times the algorithms as usual. Rankings the process already has
+    /// are kept.
+    pub(super) fn reuse(&mut self, text: &str) -> Result<usize> {
+        let entries = algos::parse_record(text, &self.header)?;
+        let mut all = rankings().lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = 0;
+        for e in entries {
+            let key = (self.ordinal, self.header.family, self.header.math, e.shape, e.batch, e.dir);
+            if let Entry::Vacant(v) = all.entry(key) {
+                v.insert(e.ranked.into());
+                taken += 1;
+            }
+        }
+        Ok(taken)
     }
 
     /// The workspace region of the arena: `bytes` at device address `ptr`. Algorithms may use
@@ -237,43 +330,33 @@ impl Convs {
         }
     }
 
-    /// `y = conv(x, w)` at device addresses `px`, `pw`, `py`.
-    pub(super) fn forward(&mut self, x: View, px: u64, pw: u64, y: View, py: u64, spec: ConvSpec) -> Result<()> {
-        self.run(Dir::Forward, x, px, pw, y, py, spec, 0.0)
+    /// `y = conv(x, w)`; each view with its device address, `pw` the filter's.
+    pub(super) fn forward(&mut self, x: (View, u64), pw: u64, y: (View, u64), spec: ConvSpec) -> Result<()> {
+        self.run(Dir::Forward, x, pw, y, spec, 0.0)
     }
 
     /// `gx = conv_transpose(gy, w)`.
-    pub(super) fn backward_data(
-        &mut self,
-        gx: View,
-        px: u64,
-        pw: u64,
-        gy: View,
-        py: u64,
-        spec: ConvSpec,
-    ) -> Result<()> {
-        self.run(Dir::Data, gx, px, pw, gy, py, spec, 0.0)
+    pub(super) fn backward_data(&mut self, gx: (View, u64), pw: u64, gy: (View, u64), spec: ConvSpec) -> Result<()> {
+        self.run(Dir::Data, gx, pw, gy, spec, 0.0)
     }
 
-    /// `gw = dL/dw`, or `gw += dL/dw` when `accumulate`.
-    #[allow(clippy::too_many_arguments)]
+    /// `gw = dL/dw`, or `gw += dL/dw` when `accumulate`; `pw` is gw's address.
     pub(super) fn backward_filter(
         &mut self,
-        x: View,
-        px: u64,
+        x: (View, u64),
         pw: u64,
-        gy: View,
-        py: u64,
+        gy: (View, u64),
         spec: ConvSpec,
         accumulate: bool,
     ) -> Result<()> {
-        self.run(Dir::Filter, x, px, pw, gy, py, spec, if accumulate { 1.0 } else { 0.0 })
+        self.run(Dir::Filter, x, pw, gy, spec, if accumulate { 1.0 } else { 0.0 })
     }
 
     /// One convolution call in direction `dir`; `x` is the input side (x or gx), `y` the output
-    /// side (y or gy), `pw` the filter (w or gw); the output is scaled by `beta` and added to.
-    #[allow(clippy::too_many_arguments)]
-    fn run(&mut self, dir: Dir, x: View, px: u64, pw: u64, y: View, py: u64, spec: ConvSpec, beta: f32) -> Result<()> {
+    /// side (y or gy), each with its device address, `pw` the filter (w or gw); the output is
+    /// scaled by `beta` and added to.
+    fn run(&mut self, dir: Dir, x: (View, u64), pw: u64, y: (View, u64), spec: ConvSpec, beta: f32) -> Result<()> {
+        let ((x, px), (y, py)) = (x, y);
         if x.n == 0 || x.c == 0 || y.c == 0 {
             return Ok(());
         }
@@ -285,20 +368,17 @@ impl Convs {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Plan::new(g)?),
         };
-        let (handle, (ws, ws_bytes)) = (self.handle, self.workspace);
+        let (handle, (ws, ws_bytes), family) = (self.handle, self.workspace, self.header.family);
         if plan.algos[dir as usize].is_none() {
-            let mut order: Vec<u32> =
-                self.ranked.get(&(shape, dir)).map_or(Vec::new(), |r| r.iter().map(|p| p.algo).collect());
-            for &a in fallbacks(dir) {
-                if !order.contains(&a) {
-                    order.push(a);
+            let pref = match &plan.preferred[dir as usize] {
+                Some(p) => p.clone(),
+                None => {
+                    let ranked = self.ranked.get(&(shape, dir)).map_or(&[][..], |(_, r)| &r[..]);
+                    algos::preference(ranked, dir, family, |a| workspace_size(handle, plan, dir, a).ok())
                 }
-            }
-            let usable: Vec<(u32, usize)> = order
-                .into_iter()
-                .filter_map(|a| workspace_size(handle, plan, dir, a).ok().filter(|&b| b <= ws_bytes).map(|b| (a, b)))
-                .collect();
-            if usable.is_empty() {
+            };
+            let usable: Vec<(u32, usize)> = pref.iter().filter(|p| p.1 <= ws_bytes).map(|p| (p.0, p.1)).collect();
+            let Some(&(first, _)) = usable.first() else {
                 bail!(
                     "no cuDNN {dir:?} convolution algorithm for {shape:?} at batch {} (image strides {}, {}) fits the \
                      {ws_bytes}-byte workspace",
@@ -306,15 +386,22 @@ impl Convs {
                     g.x_stride,
                     g.y_stride
                 );
+            };
+            if first != pref[0].0 && self.warned.insert((g, dir)) {
+                eprintln!(
+                    "warning: cuDNN {dir:?} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
+                     {first}, not its choice {}, which needs {} bytes of workspace ({ws_bytes} reserved)",
+                    g.n, g.x_stride, g.y_stride, pref[0].0, pref[0].1
+                );
             }
             plan.algos[dir as usize] = Some(Choice { usable, current: 0 });
         }
-        let Plan { x: xd, y: yd, w: wd, conv, algos } = plan;
+        let Plan { x: xd, y: yd, w: wd, conv, algos, .. } = plan;
         let Some(choice) = &mut algos[dir as usize] else { bail!("no cuDNN algorithm chosen") };
         let mut first_error = None;
         for (i, &(algo, bytes)) in choice.usable.iter().enumerate().skip(choice.current) {
             let wsp = if bytes > 0 { ws as usize as *mut c_void } else { std::ptr::null_mut() };
-            match execute(handle, xd, yd, wd, conv, dir, algo, (px, pw, py), (wsp, bytes), beta) {
+            match execute(handle, (xd, yd, wd, conv), dir, algo, (px, pw, py), (wsp, bytes), beta) {
                 Ok(()) => {
                     choice.current = i;
                     return Ok(());
@@ -331,6 +418,32 @@ impl Convs {
             None => bail!("cuDNN {dir:?} convolution of {shape:?}: no algorithm left to try"),
         }
     }
+}
+
+/// The geometries a shape runs at when planned for `batch`: the dense full batch first (the
+/// one cudnnFind times), then the full batch and the fused chunks (`FUSED_CHUNK` images and
+/// the remainder), each side dense or a channel slice (one more channel's plane in the image
+/// stride, aligned as a real slice is); one image only dense.
+fn geometries(shape: ConvShape, batch: usize) -> Vec<Geometry> {
+    let (oh, ow) = (shape.spec.out(shape.h), shape.spec.out(shape.w));
+    let (x_dense, y_dense) = (shape.cin * shape.h * shape.w, shape.cout * oh * ow);
+    let mut out = vec![Geometry { shape, n: batch, x_stride: x_dense, y_stride: y_dense }];
+    let mut counts = vec![batch, FUSED_CHUNK.min(batch), batch % FUSED_CHUNK];
+    counts.dedup();
+    for n in counts.into_iter().filter(|&n| n > 0) {
+        let sliced: &[bool] = if n > 1 { &[false, true] } else { &[false] };
+        for &sx in sliced {
+            for &sy in sliced {
+                let x_stride = x_dense + if sx { shape.h * shape.w } else { 0 };
+                let y_stride = y_dense + if sy { oh * ow } else { 0 };
+                let g = Geometry { shape, n, x_stride, y_stride };
+                if !out.contains(&g) {
+                    out.push(g);
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Convs {
@@ -351,6 +464,7 @@ impl Plan {
             y: Tensor::new([g.n, s.cout, oh, ow], g.y_stride)?,
             w: Filter::new([s.cout, s.cin, s.spec.k, s.spec.k])?,
             conv: Conv::new(s.spec)?,
+            preferred: [None, None, None],
             algos: [None, None, None],
         })
     }
@@ -442,12 +556,22 @@ impl Drop for Conv {
     }
 }
 
-/// cudnnFind for one direction: the deterministic FMA algorithms that succeeded within the
-/// workspace cap, fastest first.
+/// cudnnFind for one direction, every result cuDNN reports (as many as it can return, so that
+/// an FMA entry is never pushed out by the other math types' entries).
 fn find(handle: cs::cudnnHandle_t, p: &Plan, dir: Dir) -> std::result::Result<Vec<Perf>, cr::CudnnError> {
-    let mut perf = [Perf::default(); 8];
+    let mut max: c_int = 0;
+    // SAFETY: the handle is live; the call writes one int.
+    let counted = unsafe {
+        match dir {
+            Dir::Forward => cs::cudnnGetConvolutionForwardAlgorithmMaxCount(handle, &mut max),
+            Dir::Data => cs::cudnnGetConvolutionBackwardDataAlgorithmMaxCount(handle, &mut max),
+            Dir::Filter => cs::cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(handle, &mut max),
+        }
+        .result()
+    };
+    let requested = if counted.is_ok() { max } else { 0 }.max(MIN_FIND_RESULTS_PER_ALGO * dir.algo_count() as c_int);
+    let mut perf = vec![Perf::default(); requested as usize];
     let mut count: c_int = 0;
-    let requested = algo_count(dir) as c_int;
     // SAFETY: descriptors are live; `perf` has room for `requested` entries of the layout cuDNN
     // writes (see `Perf`); cuDNN allocates and frees its own buffers.
     unsafe {
@@ -485,45 +609,8 @@ fn find(handle: cs::cudnnHandle_t, p: &Plan, dir: Dir) -> std::result::Result<Ve
         }
         .result()?;
     }
-    let mut ok: Vec<Perf> = perf[..count.clamp(0, requested) as usize]
-        .iter()
-        .filter(|p| {
-            p.status == 0
-                && p.determinism == cs::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32
-                && (p.math == cs::cudnnMathType_t::CUDNN_DEFAULT_MATH as u32
-                    || p.math == cs::cudnnMathType_t::CUDNN_FMA_MATH as u32)
-                && p.memory <= WORKSPACE_CAP
-                && p.algo < algo_count(dir)
-                && p.time.is_finite()
-                && p.time >= 0.0
-        })
-        .copied()
-        .collect();
-    ok.sort_by(|a, b| a.time.total_cmp(&b.time));
-    Ok(ok)
-}
-
-/// Among algorithms within [`NEAR_FASTEST`] of the fastest, the one with the smallest workspace.
-fn frugal(ranked: &[Perf]) -> Option<&Perf> {
-    let fastest = ranked.first()?.time;
-    ranked.iter().filter(|p| p.time <= fastest * NEAR_FASTEST).min_by_key(|p| p.memory)
-}
-
-/// Deterministic algorithms tried when none of the timed ones applies (implicit GEMM first).
-fn fallbacks(dir: Dir) -> &'static [u32] {
-    match dir {
-        Dir::Forward => &[0, 1],
-        Dir::Data | Dir::Filter => &[1],
-    }
-}
-
-/// Number of algorithms cuDNN has in direction `dir`.
-fn algo_count(dir: Dir) -> u32 {
-    match dir {
-        Dir::Forward => cs::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as u32,
-        Dir::Data => cs::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as u32,
-        Dir::Filter => cs::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as u32,
-    }
+    perf.truncate(count.clamp(0, requested) as usize);
+    Ok(perf)
 }
 
 /// Workspace bytes algorithm `algo` needs for the plan's descriptors (an error when it does not
@@ -566,14 +653,11 @@ fn workspace_size(
     }
 }
 
-/// Runs one convolution: `(px, pw, py)` are the input-side, filter and output-side addresses.
-#[allow(clippy::too_many_arguments)]
+/// Runs one convolution: `(x, y, w, conv)` are the descriptors, `(px, pw, py)` the input-side,
+/// filter and output-side addresses.
 fn execute(
     handle: cs::cudnnHandle_t,
-    x: &Tensor,
-    y: &Tensor,
-    w: &Filter,
-    conv: &Conv,
+    (x, y, w, conv): (&Tensor, &Tensor, &Filter, &Conv),
     dir: Dir,
     algo: u32,
     (px, pw, py): (u64, u64, u64),

@@ -24,10 +24,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaFunction, CudaGraph, CudaStream, DriverError};
 use cudarc::nvrtc;
 
+use super::algos::{self, AlgorithmFamily, Math};
 use super::cudnn;
 use super::kernels;
 use super::launch::{Arg, Exec, Launch, Op};
-use crate::backend::{ConvShape, ConvSpec, DeviceMemory, View};
+use super::ptx;
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, View};
 use crate::{bail, Error, Result};
 
 /// Largest dynamic shared memory a launch may ask for without opting in per kernel.
@@ -45,7 +47,8 @@ pub struct GpuExec {
     // Fields drop in this order after `Drop::drop` synchronized and freed the arena: graphs,
     // cuDNN, kernels (and with them the module), stream, context.
     graphs: HashMap<u64, Step>,
-    convs: cudnn::Convs,
+    /// Boxed: the cuDNN side is most of the executor's size.
+    convs: Box<cudnn::Convs>,
     kernels: HashMap<&'static str, Kernel>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -60,9 +63,13 @@ pub struct GpuExec {
     capturing: bool,
     name: String,
     cc: (i32, i32),
-    cudnn_version: usize,
+    cudnn: cudnn::Loaded,
+    /// The CUDA version the driver supports (`cuDriverGetVersion`: 13000 is 13.0).
+    driver_version: i32,
+    /// Where the kernels' PTX came from.
+    kernels_from: KernelSource,
     /// [`GpuExec::driver_used_bytes`] right after the context was created, before the kernels,
-    /// cuDNN and the arena: subtracted for what this process added.
+    /// cuDNN and the arena: subtracted, so [`DeviceMemory::process`] leaves the context out.
     baseline_used: usize,
 }
 
@@ -71,6 +78,27 @@ pub struct GpuExec {
 // cuDNN and the driver allow a handle to move between threads.
 unsafe impl Send for GpuExec {}
 
+/// Where the loaded kernels' PTX came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelSource {
+    /// nvcc, at build time (`kernels::PTX`).
+    Nvcc,
+    /// NVRTC, when the executor opened: no PTX was built, or `DENSENET_FORCE_NVRTC=1`.
+    Nvrtc,
+    /// NVRTC, because the driver refused nvcc's PTX as too new.
+    NvrtcForOldDriver,
+}
+
+impl KernelSource {
+    fn text(self) -> &'static str {
+        match self {
+            KernelSource::Nvcc => "nvcc at build time",
+            KernelSource::Nvrtc => "NVRTC",
+            KernelSource::NvrtcForOldDriver => "NVRTC (nvcc's PTX is newer than the driver)",
+        }
+    }
+}
+
 /// A loaded kernel and its parameter sizes in bytes (when the driver can tell them).
 struct Kernel {
     func: CudaFunction,
@@ -78,10 +106,17 @@ struct Kernel {
 }
 
 impl GpuExec {
-    /// Opens GPU `ordinal`: checks the driver, the device, cuDNN and (when the kernels were built
+    /// Opens GPU `ordinal` with the convolution algorithms `DENSENET_CUDNN_ALGOS` allows (all
+    /// deterministic ones unless it says `gemm`); see [`GpuExec::open`].
+    pub fn new(ordinal: usize) -> Result<GpuExec> {
+        Self::open(ordinal, AlgorithmFamily::from_env()?)
+    }
+
+    /// Opens GPU `ordinal`, choosing among the convolution algorithms of `family`: checks the
+    /// driver, the device, cuDNN with the cuBLASLt it loads and (when the kernels were built
     /// without nvcc, or `DENSENET_FORCE_NVRTC=1`) NVRTC, then loads the kernels. Every failure is
     /// a one-line error that says what is missing and how to provide it.
-    pub fn new(ordinal: usize) -> Result<GpuExec> {
+    pub fn open(ordinal: usize, family: AlgorithmFamily) -> Result<GpuExec> {
         // SAFETY: only tries to dlopen the library.
         if !unsafe { ds::is_culib_present() } {
             bail!("no CUDA driver (libcuda.so.1 not found): install the NVIDIA driver, or use --device cpu");
@@ -96,14 +131,10 @@ impl GpuExec {
         if ordinal >= count as usize {
             bail!("no CUDA device {ordinal}: the driver sees {count} (cuda:0 to cuda:{})", count - 1);
         }
-        let cudnn_version = cudnn::preflight()?;
+        let cudnn = cudnn::preflight()?;
         let ptx = kernels::PTX.filter(|_| !std::env::var("DENSENET_FORCE_NVRTC").is_ok_and(|v| v == "1"));
         if ptx.is_none() && !Self::nvrtc_available() {
-            bail!(
-                "NVRTC not found (libnvrtc.so.13) and the kernels were built without nvcc: pip install \
-                 nvidia-cuda-nvrtc==13.0.88 and add its nvidia/cu13/lib folder to LD_LIBRARY_PATH, or rebuild with \
-                 nvcc on PATH"
-            );
+            bail!("{}, or rebuild with nvcc on PATH (the kernels were built without it)", nvrtc_missing(cudnn));
         }
         let mut driver_version = 0;
         // SAFETY: writes one int.
@@ -117,13 +148,28 @@ impl GpuExec {
         let cc = ctx.compute_capability().map_err(|e| drv("reading the compute capability", e))?;
         let name = ctx.name().map_err(|e| drv("reading the device name", e))?;
 
-        let source = if ptx.is_some() { "nvcc at build time" } else { "NVRTC" };
-        let ptx = match ptx {
-            Some(ptx) => ptx.to_string(),
-            None => Self::nvrtc_compile(nvrtc_arch((cc.0 * 10 + cc.1) as u32)?)?,
+        let arch = (cc.0 * 10 + cc.1) as u32;
+        let nvrtc_ptx = || Self::nvrtc_compile(nvrtc_arch(arch)?);
+        let (ptx, mut kernels_from) = match ptx {
+            Some(ptx) => (ptx.to_string(), KernelSource::Nvcc),
+            None => (nvrtc_ptx()?, KernelSource::Nvrtc),
         };
-        let module =
-            ctx.load_module(nvrtc::Ptx::from_src(ptx)).map_err(|e| module_error(e, cc, driver_version, source))?;
+        let module = match ctx.load_module(nvrtc::Ptx::from_src(ptx.clone())) {
+            // nvcc's PTX is newer than this driver: this machine's NVRTC may be older.
+            Err(e) if e.0 == ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION && kernels_from == KernelSource::Nvcc => {
+                let first = module_error(e, cc, driver_version, kernels_from, &ptx);
+                if !Self::nvrtc_available() {
+                    bail!("{first}; {}", nvrtc_missing(cudnn));
+                }
+                eprintln!("warning: {first}; compiling the kernels with this machine's NVRTC instead");
+                let ptx = nvrtc_ptx()?;
+                kernels_from = KernelSource::NvrtcForOldDriver;
+                ctx.load_module(nvrtc::Ptx::from_src(ptx.clone())).map_err(|e| {
+                    err(format!("{first}; and {}", module_error(e, cc, driver_version, KernelSource::Nvrtc, &ptx)))
+                })?
+            }
+            r => r.map_err(|e| module_error(e, cc, driver_version, kernels_from, &ptx))?,
+        };
         let mut loaded = HashMap::new();
         for &k in kernels::NAMES {
             let func = module.load_function(k).map_err(|e| {
@@ -132,7 +178,14 @@ impl GpuExec {
             let params = (driver_version >= 12040).then(|| param_sizes(&func)).filter(|p| !p.is_empty());
             loaded.insert(k, Kernel { func, params });
         }
-        let convs = cudnn::Convs::new(&stream, ordinal)?;
+        let header = algos::Header {
+            gpu: name.clone(),
+            cc,
+            cudnn: (cudnn.version, cudnn.cuda),
+            math: Math::for_gpu(cc),
+            family,
+        };
+        let convs = Box::new(cudnn::Convs::new(&stream, ordinal, header)?);
         Ok(GpuExec {
             graphs: HashMap::new(),
             convs,
@@ -145,7 +198,9 @@ impl GpuExec {
             capturing: false,
             name,
             cc,
-            cudnn_version,
+            cudnn,
+            driver_version,
+            kernels_from,
             baseline_used,
         })
     }
@@ -167,7 +222,10 @@ impl GpuExec {
             return Ok(ptx.clone());
         }
         if !Self::nvrtc_available() {
-            bail!("NVRTC not found (libnvrtc.so.13): add the folder holding it (pip's nvidia/cu13/lib) to LD_LIBRARY_PATH");
+            bail!(
+                "NVRTC not found (no libnvrtc.so.N the dynamic loader can find): add the folder holding it (pip's \
+                 nvidia-cuda-nvrtc puts it in nvidia/cu13/lib) to LD_LIBRARY_PATH"
+            );
         }
         let opts = nvrtc::CompileOptions {
             options: vec![format!("--gpu-architecture=compute_{arch}"), "-default-device".into(), "--std=c++17".into()],
@@ -247,17 +305,17 @@ impl GpuExec {
             Op::ConvForward(x, w, y, spec) => {
                 let (px, pw, py) = self.conv_args(x, w, y, spec, "conv_forward")?;
                 self.bind()?;
-                self.convs.forward(x, px, pw, y, py, spec)
+                self.convs.forward((x, px), pw, (y, py), spec)
             }
             Op::ConvBackwardData(gy, w, gx, spec) => {
                 let (px, pw, py) = self.conv_args(gx, w, gy, spec, "conv_backward_data")?;
                 self.bind()?;
-                self.convs.backward_data(gx, px, pw, gy, py, spec)
+                self.convs.backward_data((gx, px), pw, (gy, py), spec)
             }
             Op::ConvBackwardFilter(x, gy, gw, spec, accumulate) => {
                 let (px, pw, py) = self.conv_args(x, gw, gy, spec, "conv_backward_filter")?;
                 self.bind()?;
-                self.convs.backward_filter(x, px, pw, gy, py, spec, accumulate)
+                self.convs.backward_filter((x, px), pw, (gy, py), spec, accumulate)
             }
         }
     }
@@ -372,17 +430,43 @@ impl Exec for GpuExec {
     }
 
     fn describe(&self) -> String {
-        let v = self.cudnn_version;
         format!(
-            "cuda:{} ({}, sm_{}{}, cuDNN {}.{}.{})",
+            "cuda:{} ({}, sm_{}{}, driver for CUDA {}, cuDNN {} for CUDA {}, kernels from {})",
             self.ctx.ordinal(),
             self.name,
             self.cc.0,
             self.cc.1,
-            v / 10000,
-            v / 100 % 100,
-            v % 100
+            ptx::cuda_text(self.driver_version.max(0) as u32),
+            self.cudnn.version_text(),
+            ptx::cuda_text(self.cudnn.cuda as u32),
+            self.kernels_from.text()
         )
+    }
+
+    fn libraries(&self) -> Vec<Library> {
+        let cuda = ptx::cuda_text(self.cudnn.cuda as u32);
+        let driver = ptx::cuda_text(self.driver_version.max(0) as u32);
+        let mut libs = vec![
+            Library::loaded("cuda driver", driver.clone(), Some(driver), "libcuda.so"),
+            Library::loaded("cudnn", self.cudnn.version_text(), Some(cuda), "libcudnn.so"),
+            Library::loaded("cublaslt", self.cudnn.cublaslt_text(), None, "libcublasLt.so"),
+        ];
+        if self.kernels_from != KernelSource::Nvcc {
+            libs.push(Library::loaded("nvrtc", nvrtc_version().unwrap_or_default(), None, "libnvrtc.so"));
+        }
+        libs
+    }
+
+    fn algorithm_record(&self) -> Option<String> {
+        Some(self.convs.record())
+    }
+
+    fn reuse_algorithm_record(&mut self, record: &str) -> Result<usize> {
+        self.convs.reuse(record)
+    }
+
+    fn algorithm_searches(&self) -> usize {
+        self.convs.finds()
     }
 
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
@@ -491,7 +575,7 @@ impl Exec for GpuExec {
         Ok(())
     }
 
-    fn capture_end(&mut self, key: u64) -> Result<()> {
+    fn capture_end(&mut self, key: u64) -> Result<Option<String>> {
         let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
         if std::mem::take(&mut self.recording_failed) {
             // A step with a failed op is not recorded: no graph (nor ops to replay) is stored,
@@ -500,15 +584,12 @@ impl Exec for GpuExec {
             bail!("an op of the step failed while it was recorded: the recording is abandoned");
         }
         // The step has already run, op by op, as it was issued; capturing records it again.
-        let step = match self.capture(&ops) {
-            Ok(graph) => Step::Graph(graph),
-            Err(e) => {
-                eprintln!("warning: this training step is replayed without a CUDA graph: {e}");
-                Step::Ops(ops)
-            }
+        let (step, fell_back) = match self.capture(&ops) {
+            Ok(graph) => (Step::Graph(graph), None),
+            Err(e) => (Step::Ops(ops), Some(e.to_string())),
         };
         self.graphs.insert(key, step);
-        Ok(())
+        Ok(fell_back)
     }
 
     fn replay(&mut self, key: u64) -> Result<bool> {
@@ -577,14 +658,12 @@ fn low(b: [u8; 4]) -> u64 {
 }
 
 /// The module failed to load: say why in terms of what to change.
-fn module_error(e: DriverError, cc: (i32, i32), driver: i32, source: &str) -> Error {
+fn module_error(e: DriverError, cc: (i32, i32), driver: i32, source: KernelSource, ptx_text: &str) -> Error {
+    let source = source.text();
     match e.0 {
-        ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => err(format!(
-            "the CUDA driver ({}.{}) is older than the PTX from {source}: update the NVIDIA driver, or build with the \
-             nvcc of a CUDA no newer than the driver",
-            driver / 1000,
-            driver % 1000 / 10
-        )),
+        ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
+            err(too_new(ptx::isa(ptx_text), driver.max(0) as u32, source))
+        }
         ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU | ds::CUresult::CUDA_ERROR_INVALID_PTX => err(format!(
             "the kernels' PTX (from {source}) does not run on sm_{}{} ({}): rebuild with DENSENET_CUDA_ARCH unset or \
              set to sm_{}{}",
@@ -596,6 +675,42 @@ fn module_error(e: DriverError, cc: (i32, i32), driver: i32, source: &str) -> Er
         )),
         _ => drv("loading the kernels", e),
     }
+}
+
+/// Why PTX of ISA `isa` (from `source`) does not load on a driver for CUDA `driver`, and
+/// exactly what to rebuild with.
+fn too_new(isa: Option<(u32, u32)>, driver: ptx::CudaVersion, source: &str) -> String {
+    let have = ptx::cuda_text(driver);
+    let what = match isa {
+        Some(v) => ptx::describe(v),
+        None => "PTX without a .version directive".into(),
+    };
+    format!(
+        "the CUDA driver (for CUDA {have}) is older than the kernels' PTX from {source} ({what}): update the NVIDIA \
+         driver, or rebuild with the nvcc of CUDA {have} or older (NVCC=/path/to/nvcc cargo build --release), or put \
+         an NVRTC of CUDA {have} or older on LD_LIBRARY_PATH"
+    )
+}
+
+/// The error for a missing NVRTC: which library, of the CUDA major version cuDNN was built for.
+fn nvrtc_missing(cudnn: cudnn::Loaded) -> String {
+    let major = cudnn.cuda_major();
+    let pkg = if major >= 13 { "nvidia-cuda-nvrtc".to_string() } else { format!("nvidia-cuda-nvrtc-cu{major}") };
+    format!(
+        "NVRTC not found (libnvrtc.so.{major}, for CUDA {major} like cuDNN): pip install {pkg} and add the folder \
+         holding libnvrtc.so.{major} to LD_LIBRARY_PATH"
+    )
+}
+
+/// The loaded NVRTC's version (`13.0`), if it loads.
+fn nvrtc_version() -> Option<String> {
+    if !GpuExec::nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC loads (checked); the call writes two ints.
+    unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }.result().ok()?;
+    Some(format!("{major}.{minor}"))
 }
 
 fn err(msg: String) -> Error {
@@ -614,4 +729,36 @@ fn errname(e: DriverError) -> String {
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_too_new_ptx_says_what_it_needs_and_what_to_rebuild_with() {
+        let m = too_new(Some((9, 0)), 12080, "nvcc at build time");
+        for part in [
+            "driver (for CUDA 12.8)",
+            "PTX ISA 9.0: needs a driver for CUDA 13.0 or newer (Linux 580.65.06 or newer)",
+            "rebuild with the nvcc of CUDA 12.8 or older",
+            "an NVRTC of CUDA 12.8 or older",
+        ] {
+            assert!(m.contains(part), "{part:?} not in {m:?}");
+        }
+        assert!(too_new(None, 12080, "NVRTC").contains("PTX without a .version directive"));
+    }
+
+    #[test]
+    fn missing_nvrtc_is_named_for_cudnns_cuda() {
+        let cu13 = cudnn::Loaded { version: 91300, cuda: 13000, cublaslt: 130001 };
+        let cu12 = cudnn::Loaded { cuda: 12090, ..cu13 };
+        assert!(nvrtc_missing(cu13).contains("libnvrtc.so.13") && nvrtc_missing(cu13).contains("nvidia-cuda-nvrtc "));
+        assert!(
+            nvrtc_missing(cu12).contains("libnvrtc.so.12") && nvrtc_missing(cu12).contains("nvidia-cuda-nvrtc-cu12")
+        );
+        assert_eq!(cu13.version_text(), "9.13.0");
+        assert_eq!(cu13.cublaslt_text(), "13.0.1");
+        assert_eq!(cu12.cuda_major(), 12);
+    }
 }

@@ -129,13 +129,13 @@ impl Exec for HostExec {
         Ok(())
     }
 
-    fn capture_end(&mut self, key: u64) -> Result<()> {
+    fn capture_end(&mut self, key: u64) -> Result<Option<String>> {
         let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
         if std::mem::take(&mut self.spoiled) {
             bail!("an op of the recorded step failed: nothing recorded");
         }
         self.graphs.insert(key, ops);
-        Ok(())
+        Ok(None)
     }
 
     fn replay(&mut self, key: u64) -> Result<bool> {

@@ -1,7 +1,7 @@
 //! One launch description for both ways a kernel runs: the real GPU (cudarc) and the host
 //! execution layer (`kernels/host/`), so the configuration the GPU gets is the one tested.
 
-use crate::backend::{ConvShape, ConvSpec, DeviceMemory, View};
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, View};
 use crate::Result;
 
 /// A kernel argument, in the kernel's parameter order.
@@ -65,13 +65,32 @@ impl Op {
 pub trait Exec {
     /// What runs the work, for messages.
     fn describe(&self) -> String;
+    /// The run-time libraries it loaded (none on the host device).
+    fn libraries(&self) -> Vec<Library> {
+        Vec::new()
+    }
+    /// The convolution algorithm rankings planned with, as a record a later process on the
+    /// same GPU and libraries can reuse (`None`: this executor has no algorithms to choose).
+    fn algorithm_record(&self) -> Option<String> {
+        None
+    }
+    /// Takes a record of [`Exec::algorithm_record`] from an earlier process before planning;
+    /// the rankings taken, or why the record was refused (foreign, stale or corrupt).
+    fn reuse_algorithm_record(&mut self, _record: &str) -> Result<usize> {
+        Ok(0)
+    }
+    /// How many algorithm searches (cudnnFind calls) planning made.
+    fn algorithm_searches(&self) -> usize {
+        0
+    }
     /// Chooses a convolution algorithm for each shape at this batch and returns the workspace
     /// they need, in arena words.
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize>;
     /// Allocates the zeroed arena of `len` words, the only allocation; `conv_ws` is the
     /// (offset, words) region reserved for the convolutions.
     fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()>;
-    /// The arena's bytes, and what the process added on the device as the driver counts it.
+    /// The arena's bytes, and the device memory in use beyond what it was once the context was
+    /// created (see [`DeviceMemory::process`]).
     fn memory(&self) -> DeviceMemory;
     /// Copies host words into the arena (f32 or u32 bit patterns).
     fn write(&mut self, off: usize, data: &[u32]) -> Result<()>;
@@ -89,7 +108,9 @@ pub trait Exec {
     /// queued (that run is the warm-up of what the graph will replay).
     fn capture_begin(&mut self) -> Result<()>;
     /// Ends the recording and stores it as graph `key` (a CUDA graph on the GPU); runs nothing.
-    fn capture_end(&mut self, key: u64) -> Result<()>;
+    /// `Some(reason)` when the step could not become a graph and is stored as its ops instead
+    /// (replayed op by op).
+    fn capture_end(&mut self, key: u64) -> Result<Option<String>>;
     /// Runs recorded graph `key`; `false` when there is none (nothing ran).
     fn replay(&mut self, key: u64) -> Result<bool>;
 }

@@ -4,13 +4,16 @@
 //! host execution layer, the convolutions on the CPU backend), so the backend's own code runs
 //! in every `cargo test`.
 
+mod algos;
 mod backend;
 mod cudnn;
 mod gpu;
 mod host;
 mod hostlayer;
 mod launch;
+pub mod ptx;
 
+pub use algos::AlgorithmFamily;
 pub use backend::{CudaBackend, FUSED_CHUNK};
 pub use gpu::GpuExec;
 pub use host::HostExec;
