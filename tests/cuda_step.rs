@@ -291,7 +291,8 @@ fn algorithm_record_is_reused_across_processes() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "child failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-        let line = text.lines().find_map(|l| l.strip_prefix("record: ")).expect("the child reports").to_string();
+        // libtest prints the test's name without a newline before running it: look inside lines.
+        let line = text.lines().find_map(|l| l.split_once("record: ")).expect("the child reports").1.to_string();
         let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
         std::fs::rename(format!("{}.out", path.display()), &path).unwrap();
         (words, std::fs::read_to_string(&path).unwrap())

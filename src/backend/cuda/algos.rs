@@ -27,10 +27,17 @@ pub(super) enum Dir {
     Filter = 2,
 }
 
+impl std::fmt::Display for Dir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Dir {
     /// Every direction, in index order.
     pub const ALL: [Dir; 3] = [Dir::Forward, Dir::Data, Dir::Filter];
 
+    /// `forward`, `backward-data` or `backward-filter`, as messages and the record name it.
     fn name(self) -> &'static str {
         ["forward", "backward-data", "backward-filter"][self as usize]
     }

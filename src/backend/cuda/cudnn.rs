@@ -30,6 +30,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cudnn::{result as cr, sys as cs};
@@ -39,6 +40,9 @@ use super::algos::{self, AlgorithmFamily, Dir, Header, Math, Perf, Ranked};
 use super::FUSED_CHUNK;
 use crate::backend::{ConvShape, ConvSpec, View};
 use crate::{bail, Error, Result};
+
+/// Whether a ranking with no usable result has been reported (once per process).
+static EMPTY_RANKING_TOLD: AtomicBool = AtomicBool::new(false);
 
 /// The workspace start is aligned to this many bytes (the slack is reserved too).
 const ALIGN: usize = 256;
@@ -150,7 +154,12 @@ pub(super) fn preflight() -> Result<Loaded> {
     }
     let v = cr::get_version();
     if v < 90000 {
-        bail!("cuDNN {v} is older than 9: install cuDNN 9 (pip install nvidia-cudnn-cu13), or use --device cpu");
+        // cuDNN 8 counts its version as major * 1000 + minor * 100 + patch.
+        let (major, minor, patch) = (v / 1000, v / 100 % 10, v % 100);
+        bail!(
+            "cuDNN {major}.{minor}.{patch} is older than 9: install cuDNN 9 (pip install nvidia-cudnn-cu13), or use \
+             --device cpu"
+        );
     }
     // SAFETY: a version query of the loaded library.
     let mut loaded = Loaded { version: v, cuda: unsafe { cs::cudnnGetCudartVersion() }, cublaslt: 0 };
@@ -270,12 +279,25 @@ impl Convs {
         let plan = self.plans.get(&dense).expect("planned by the caller");
         let found = find(self.handle, plan, dir).map_err(|e| {
             err(format!(
-                "cuDNN could not time the {dir:?} convolution algorithms for {shape:?} at batch {batch} ({:?})",
+                "cuDNN could not time the {dir} convolution algorithms for {shape:?} at batch {batch} ({:?})",
                 e.0
             ))
         })?;
         self.finds += 1;
         let ranked: Arc<[Ranked]> = algos::rank(&found, dir, self.header.family, self.header.math).into();
+        if ranked.is_empty() && !found.is_empty() && !EMPTY_RANKING_TOLD.swap(true, Ordering::Relaxed) {
+            let seen: Vec<String> = found
+                .iter()
+                .map(|p| format!("algo {} status {} det {} math {}", p.algo, p.status, p.determinism, p.math))
+                .collect();
+            eprintln!(
+                "warning: none of cudnnFind's {} results for the {dir} convolution {shape:?} at batch {batch} can run \
+                 (deterministic, FMA math, {:?} algorithms): the fallback algorithms run instead (said once; seen: {})",
+                found.len(),
+                self.header.family,
+                seen.join(", ")
+            );
+        }
         all.insert(key, ranked.clone());
         Ok(ranked)
     }
@@ -377,10 +399,19 @@ impl Convs {
                     algos::preference(ranked, dir, family, |a| workspace_size(handle, plan, dir, a).ok())
                 }
             };
+            if pref.is_empty() {
+                bail!(
+                    "cuDNN supports none of the ranked or fallback {dir} algorithms for {shape:?} at batch {} (image \
+                     strides {}, {})",
+                    g.n,
+                    g.x_stride,
+                    g.y_stride
+                );
+            }
             let usable: Vec<(u32, usize)> = pref.iter().filter(|p| p.1 <= ws_bytes).map(|p| (p.0, p.1)).collect();
             let Some(&(first, _)) = usable.first() else {
                 bail!(
-                    "no cuDNN {dir:?} convolution algorithm for {shape:?} at batch {} (image strides {}, {}) fits the \
+                    "no cuDNN {dir} convolution algorithm for {shape:?} at batch {} (image strides {}, {}) fits the \
                      {ws_bytes}-byte workspace",
                     g.n,
                     g.x_stride,
@@ -389,7 +420,7 @@ impl Convs {
             };
             if first != pref[0].0 && self.warned.insert((g, dir)) {
                 eprintln!(
-                    "warning: cuDNN {dir:?} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
+                    "warning: cuDNN {dir} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
                      {first}, not its choice {}, which needs {} bytes of workspace ({ws_bytes} reserved)",
                     g.n, g.x_stride, g.y_stride, pref[0].0, pref[0].1
                 );
@@ -398,11 +429,18 @@ impl Convs {
         }
         let Plan { x: xd, y: yd, w: wd, conv, algos, .. } = plan;
         let Some(choice) = &mut algos[dir as usize] else { bail!("no cuDNN algorithm chosen") };
-        let mut first_error = None;
+        let mut first_error: Option<(u32, cr::CudnnError)> = None;
         for (i, &(algo, bytes)) in choice.usable.iter().enumerate().skip(choice.current) {
             let wsp = if bytes > 0 { ws as usize as *mut c_void } else { std::ptr::null_mut() };
             match execute(handle, (xd, yd, wd, conv), dir, algo, (px, pw, py), (wsp, bytes), beta) {
                 Ok(()) => {
+                    if let Some((refused, e)) = &first_error {
+                        eprintln!(
+                            "warning: cuDNN refused {dir} algorithm {refused} for {shape:?} at batch {} ({:?}): \
+                             algorithm {algo} runs instead from now on",
+                            g.n, e.0
+                        );
+                    }
                     choice.current = i;
                     return Ok(());
                 }
@@ -413,9 +451,9 @@ impl Convs {
         }
         match first_error {
             Some((algo, e)) => {
-                bail!("cuDNN {dir:?} convolution (algorithm {algo}) of {shape:?} at batch {} failed: {:?}", g.n, e.0)
+                bail!("cuDNN {dir} convolution (algorithm {algo}) of {shape:?} at batch {} failed: {:?}", g.n, e.0)
             }
-            None => bail!("cuDNN {dir:?} convolution of {shape:?}: no algorithm left to try"),
+            None => bail!("cuDNN {dir} convolution of {shape:?}: no algorithm left to try"),
         }
     }
 }

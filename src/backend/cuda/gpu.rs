@@ -132,13 +132,16 @@ impl GpuExec {
             bail!("no CUDA device {ordinal}: the driver sees {count} (cuda:0 to cuda:{})", count - 1);
         }
         let cudnn = cudnn::preflight()?;
-        let ptx = kernels::PTX.filter(|_| !std::env::var("DENSENET_FORCE_NVRTC").is_ok_and(|v| v == "1"));
-        if ptx.is_none() && !Self::nvrtc_available() {
-            bail!("{}, or rebuild with nvcc on PATH (the kernels were built without it)", nvrtc_missing(cudnn));
-        }
         let mut driver_version = 0;
         // SAFETY: writes one int.
         unsafe { ds::cuDriverGetVersion(&mut driver_version) }.result().map_err(|e| drv("cuDriverGetVersion", e))?;
+        let ptx = kernels::PTX.filter(|_| !std::env::var("DENSENET_FORCE_NVRTC").is_ok_and(|v| v == "1"));
+        if ptx.is_none() && !Self::nvrtc_available() {
+            bail!(
+                "{}, or rebuild with nvcc on PATH (the kernels were built without it)",
+                nvrtc_missing(cudnn, driver_version)
+            );
+        }
 
         let ctx = CudaContext::new(ordinal).map_err(|e| drv(&format!("opening CUDA device {ordinal}"), e))?;
         // SAFETY: no CudaSlice is ever created; all work is on one stream, ordered by hand.
@@ -159,7 +162,7 @@ impl GpuExec {
             Err(e) if e.0 == ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION && kernels_from == KernelSource::Nvcc => {
                 let first = module_error(e, cc, driver_version, kernels_from, &ptx);
                 if !Self::nvrtc_available() {
-                    bail!("{first}; {}", nvrtc_missing(cudnn));
+                    bail!("{first}; {}", nvrtc_missing(cudnn, driver_version));
                 }
                 eprintln!("warning: {first}; compiling the kernels with this machine's NVRTC instead");
                 let ptx = nvrtc_ptx()?;
@@ -692,10 +695,18 @@ fn too_new(isa: Option<(u32, u32)>, driver: ptx::CudaVersion, source: &str) -> S
     )
 }
 
-/// The error for a missing NVRTC: which library, of the CUDA major version cuDNN was built for.
-fn nvrtc_missing(cudnn: cudnn::Loaded) -> String {
+/// The error for a missing NVRTC: which library, of the CUDA major version cuDNN was built
+/// for, and the pip package of a release no newer than the driver (`driver`, as
+/// `cuDriverGetVersion` counts it), whose PTX the driver loads.
+fn nvrtc_missing(cudnn: cudnn::Loaded, driver: i32) -> String {
     let major = cudnn.cuda_major();
-    let pkg = if major >= 13 { "nvidia-cuda-nvrtc".to_string() } else { format!("nvidia-cuda-nvrtc-cu{major}") };
+    let name = if major >= 13 { "nvidia-cuda-nvrtc".to_string() } else { format!("nvidia-cuda-nvrtc-cu{major}") };
+    let driver = driver.max(0) as usize;
+    let pkg = match driver / 1000 {
+        d if d == major => format!("'{name}=={major}.{}.*'", driver % 1000 / 10),
+        d if d < major => format!("'{name}=={major}.0.*'"),
+        _ => name,
+    };
     format!(
         "NVRTC not found (libnvrtc.so.{major}, for CUDA {major} like cuDNN): pip install {pkg} and add the folder \
          holding libnvrtc.so.{major} to LD_LIBRARY_PATH"
@@ -750,13 +761,15 @@ mod tests {
     }
 
     #[test]
-    fn missing_nvrtc_is_named_for_cudnns_cuda() {
+    fn missing_nvrtc_is_named_for_cudnns_cuda_and_the_driver() {
         let cu13 = cudnn::Loaded { version: 91300, cuda: 13000, cublaslt: 130001 };
         let cu12 = cudnn::Loaded { cuda: 12090, ..cu13 };
-        assert!(nvrtc_missing(cu13).contains("libnvrtc.so.13") && nvrtc_missing(cu13).contains("nvidia-cuda-nvrtc "));
-        assert!(
-            nvrtc_missing(cu12).contains("libnvrtc.so.12") && nvrtc_missing(cu12).contains("nvidia-cuda-nvrtc-cu12")
-        );
+        let m = nvrtc_missing(cu13, 13000);
+        assert!(m.contains("libnvrtc.so.13") && m.contains("pip install 'nvidia-cuda-nvrtc==13.0.*'"), "{m}");
+        let m = nvrtc_missing(cu12, 12080);
+        assert!(m.contains("libnvrtc.so.12") && m.contains("'nvidia-cuda-nvrtc-cu12==12.8.*'"), "{m}");
+        // A driver newer than cuDNN's CUDA loads the PTX of any NVRTC of that major version.
+        assert!(nvrtc_missing(cu12, 13000).contains("pip install nvidia-cuda-nvrtc-cu12 and"));
         assert_eq!(cu13.version_text(), "9.13.0");
         assert_eq!(cu13.cublaslt_text(), "13.0.1");
         assert_eq!(cu12.cuda_major(), 12);
