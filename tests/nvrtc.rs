@@ -10,7 +10,7 @@
 
 use std::io::Write;
 
-use densenet::backend::cuda::{kernels, GpuExec};
+use densenet::backend::cuda::{kernels, ptx, GpuExec};
 
 fn shout(message: &str) {
     let _ = writeln!(std::io::stderr(), "\n{}\n{message}\n{}\n", "!".repeat(78), "!".repeat(78));
@@ -47,7 +47,13 @@ fn nvrtc_compiles_every_kernel() {
 #[test]
 fn nvcc_ptx_has_every_kernel() {
     match kernels::PTX {
-        Some(ptx) => assert_entries(ptx, "nvcc's PTX"),
+        Some(ptx) => {
+            assert_entries(ptx, "nvcc's PTX");
+            // `densenet --version` states the ISA built and the driver it needs.
+            let isa = ptx::isa(ptx).expect("nvcc's PTX has a .version directive");
+            assert!(kernels::BUILD.contains(&ptx::describe(isa)), "{}", kernels::BUILD);
+            assert!(kernels::VERSION.ends_with(kernels::BUILD), "{}", kernels::VERSION);
+        }
         None => {
             let why = "no PTX from nvcc in this build (set NVCC=/path/to/nvcc, or put nvcc on PATH, and rebuild)";
             assert!(!required("DENSENET_REQUIRE_PTX"), "{why}, and DENSENET_REQUIRE_PTX=1");
