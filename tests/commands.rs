@@ -167,6 +167,16 @@ fn eval_refuses_bad_checkpoints_and_missing_data() {
     std::fs::write(&plain, safetensors::serialize([("fc.bias", view)], None).unwrap()).unwrap();
     assert_fails(&s.eval_args(&plain, &[]), 1, "not a densenet checkpoint");
     assert_fails(&s.eval_args(&dir.join("t"), &[]), 1, "is a directory: give a checkpoint file, such as");
+    // Not regular files: refused before they are opened (a FIFO would block, a device never ends).
+    let fifo = dir.join("fifo.safetensors");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success(), "mkfifo");
+    assert_fails(&s.eval_args(&fifo, &[]), 1, "fifo.safetensors is not a regular file (a FIFO, socket or device)");
+    assert_fails(&s.eval_args(Path::new("/dev/zero"), &[]), 1, "/dev/zero is not a regular file");
+    let data = s.data().to_string();
+    for flag in ["--resume", "--init-weights"] {
+        let args = ["train", "--data-dir", &data, "--epochs", "1", flag, "/dev/zero"];
+        assert_fails(&args, 1, "/dev/zero is not a regular file");
+    }
 
     let empty = TempDir::new().unwrap();
     let args = ["eval", "--checkpoint", ck.to_str().unwrap(), "--data-dir", empty.path().to_str().unwrap()];

@@ -314,7 +314,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads a whole file; errors name it.
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error(format!("cannot read {}: {e}", path.display())))
+    use std::io::Read;
+    let cannot = |e: std::io::Error| Error(format!("cannot read {}: {e}", path.display()));
+    // Checked before opening: opening a FIFO would block, and a device never ends.
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file ({}): give a checkpoint file",
+            path.display(),
+            if meta.is_dir() { "a directory" } else { "a FIFO, socket or device" }
+        );
+    }
+    let file = File::open(path).map_err(cannot)?;
+    // Never more than the file's size when it was checked, whatever it grows to meanwhile.
+    let mut bytes = Vec::new();
+    if bytes.try_reserve_exact(meta.len() as usize).is_err() {
+        bail!("{}: {} bytes do not fit in memory", path.display(), meta.len());
+    }
+    file.take(meta.len()).read_to_end(&mut bytes).map_err(cannot)?;
+    Ok(bytes)
 }
 
 /// Parses a safetensors file; a file that is not one is an error naming it.
