@@ -61,7 +61,7 @@ impl NetConfig {
         num_classes: usize,
     ) -> Result<Self> {
         let (step, kind) = if bottleneck { (6, "6n+4 with bottleneck") } else { (3, "3n+4 without bottleneck") };
-        if depth < 4 + step || (depth - 4) % step != 0 {
+        if depth < 4 + step || !(depth - 4).is_multiple_of(step) {
             bail!("depth {depth} does not fit the variant: it must be {kind} (n >= 1)");
         }
         let n = (depth - 4) / step;
@@ -161,7 +161,7 @@ impl NetConfig {
     /// The channel and spatial geometry of every block for an `h` x `w` input.
     pub fn geometry(&self, h: usize, w: usize) -> Result<Vec<BlockGeom>> {
         let d = self.size_divisor();
-        if h == 0 || w == 0 || h % d != 0 || w % d != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(d) || !w.is_multiple_of(d) {
             bail!("input size {h}x{w} must be a positive multiple of {d} for this network");
         }
         let (mut h, mut w) = match self.stem {

@@ -131,14 +131,15 @@ impl File {
     }
 }
 
-/// The bytes of every file under `dir`, by path.
+/// The bytes of every file under `dir` but the run lock, by path.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
             out.extend(snapshot(&path));
-        } else {
+        } else if !path.ends_with(densenet::train::lock::LOCK) {
+            // The lock file names the last process that held the run, not the run's state.
             out.insert(path.clone(), std::fs::read(&path).unwrap());
         }
     }

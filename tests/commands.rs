@@ -354,3 +354,43 @@ fn budget_sizes_take_decimal_and_binary_units() {
     assert_fails(&["memory", "--budget", "0.1B"], 2, "less than one byte");
     assert_fails(&["memory", "--budget", "99999999999TiB"], 2, "too large");
 }
+
+/// One writer per run: while a run trains, a second `train` of the same name and a resume of
+/// it are refused, naming the holder; once the holder is killed (the kernel releases its lock)
+/// the run directory can be taken again.
+#[test]
+fn a_run_directory_has_one_writer() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let s = Setup::new();
+    let runs = s.runs.path().to_str().unwrap();
+    let mut args = vec!["train", "--data-dir", s.data(), "--runs-dir", runs, "--name", "busy", "--device", "cpu"];
+    args.extend(TINY);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_densenet"))
+        .args(&args)
+        .args(["--epochs", "100000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = s.runs.path().join("busy");
+    let holder = format!("process {} on ", first.id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // The first epoch's checkpoint exists, so that a resume gets as far as the lock.
+    while !(std::fs::read_to_string(dir.join("train.lock")).unwrap_or_default().contains(&holder)
+        && dir.join("checkpoint.safetensors").exists())
+    {
+        assert!(Instant::now() < deadline, "the first run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = format!("run 'busy' is in use by {holder}");
+    let again: Vec<&str> = args.iter().copied().chain(["--epochs", "3"]).collect();
+    assert_fails(&again, 1, &refused);
+    let ck = dir.join("checkpoint.safetensors");
+    let resume: Vec<&str> = again.iter().copied().chain(["--resume", ck.to_str().unwrap()]).collect();
+    assert_fails(&resume, 1, &refused);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Free again: a new run of that name now meets the earlier run's files, not the lock.
+    assert_fails(&again, 1, "already exists from an earlier run named 'busy'");
+}

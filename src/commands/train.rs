@@ -5,17 +5,18 @@ use super::device::{self, with_backend};
 use super::download::report_fetched;
 use super::memory::plan_line;
 use crate::*;
+use densenet::train::lock::RunLock;
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
     // Flags and files first: a usage error is reported as such whatever the device.
-    let (cfg, source, start, run_dir) = checks(&a)?;
+    let (cfg, source, start, run_dir, _lock) = checks(&a)?;
     let (be, why) = a.device.open()?;
     with_backend!(be, be => run(&a, cfg, source, start, &run_dir, be, &why))
 }
 
 /// Everything the flags and the files decide, checked before a device is opened or any data
-/// loaded or file written.
-fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf), Failure> {
+/// loaded or file written (but the run directory's lock, held until the run ends).
+fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf, RunLock), Failure> {
     let cfg = a.net.config().map_err(usage)?;
     let source = a.source.source();
     if source != Source::Official && !a.download {
@@ -37,8 +38,10 @@ fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf), Failure>
         });
     }
     let run_dir = a.runs_dir.join(&a.name);
+    // Under the lock, so that no other process can start or resume this run meanwhile.
+    let lock = RunLock::take(&run_dir, &a.name)?;
     check_run_dir(&run_dir, &a.name, start.resumed.as_deref())?;
-    Ok((cfg, source, start, run_dir))
+    Ok((cfg, source, start, run_dir, lock))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod epoch;
+pub mod lock;
 pub mod meter;
 pub mod schedule;
 pub mod tensorboard;
