@@ -361,3 +361,55 @@ fn init_weights_load_the_model_tensors_and_name_what_is_missing() {
     );
     assert!(!s.run("x").exists());
 }
+
+/// Killed at every step of every checkpoint write of a run (`DENSENET_FAULT_AT=N` aborts at the
+/// N-th: temporary file written, flushed, renamed, directory flushed), a run leaves a best file
+/// that is the one its checkpoint names as best (or the next epoch's, which resuming trains
+/// again), and resuming it through its run directory ends with exactly the checkpoint and best
+/// file of an uninterrupted run.
+#[test]
+fn a_kill_at_any_write_leaves_a_consistent_best_and_resumes_exactly() {
+    let s = Setup::new();
+    s.train_ok("whole", &["--epochs", "3"]);
+    let (whole, whole_best) = (File::read(&s.checkpoint("whole")), File::read(&s.best("whole")));
+    let epoch = |f: &File, key: &str| f.meta.get(key).map(|v| v.parse::<usize>().unwrap());
+    let mut n = 1;
+    loop {
+        let name = format!("f{n}");
+        let out = Command::new(env!("CARGO_BIN_EXE_densenet"))
+            .args(["train", "--data-dir", s.data.path().to_str().unwrap(), "--runs-dir"])
+            .args([s.runs.path().to_str().unwrap(), "--name", &name, "-p", "100", "--epochs", "3"])
+            .args(NET)
+            .env("DENSENET_FAULT_AT", n.to_string())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break; // past the last write: the run finished
+        }
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("DENSENET_FAULT_AT={n}: aborting")));
+        let (ck, best) = (s.checkpoint(&name), s.best(&name));
+        if ck.exists() {
+            let c = File::read(&ck);
+            let named = epoch(&c, "best_epoch").expect("the checkpoint names its best epoch");
+            let b = File::read(&best);
+            let held = epoch(&b, "epoch").unwrap();
+            let next = held == epoch(&c, "epoch").unwrap() + 1 && epoch(&b, "best_epoch") == Some(held);
+            assert!(held == named || next, "fault {n}: best file of epoch {held}, checkpoint names {named}");
+        }
+        let resume = s.run(&name);
+        let resume = resume.to_str().unwrap();
+        if ck.exists() && epoch(&File::read(&ck), "epoch") == Some(3) {
+            // Killed after the last checkpoint was in place: the run is complete.
+        } else if ck.exists() || best.exists() {
+            let out = s.train_ok(&name, &["--epochs", "3", "--resume", resume]);
+            assert!(!out.contains("warning"), "fault {n}: {out}");
+        } else {
+            s.train_ok(&name, &["--epochs", "3"]);
+        }
+        assert_eq!(File::read(&ck), whole, "fault {n}: the final checkpoint differs");
+        assert_eq!(File::read(&best), whole_best, "fault {n}: the final best file differs");
+        n += 1;
+        assert!(n < 100, "more write steps than a 3-epoch run has");
+    }
+    assert!(n > 8, "only {} write steps: the faults did not reach the checkpoint writes", n - 1);
+}

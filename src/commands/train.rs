@@ -22,7 +22,7 @@ fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf, RunLock),
     if source != Source::Official && !a.download {
         return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
     }
-    let start = Start::new(a, &cfg)?;
+    let mut start = Start::new(a, &cfg)?;
     if start.epoch >= a.epochs {
         return Err(match &a.resume {
             Some(path) => failure(format!(
@@ -41,6 +41,17 @@ fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf, RunLock),
     // Under the lock, so that no other process can start or resume this run meanwhile.
     let lock = RunLock::take(&run_dir, &a.name)?;
     check_run_dir(&run_dir, &a.name, start.resumed.as_deref())?;
+    match &start.resumed {
+        // This run's own checkpoint: its best file must be the one it names.
+        Some(r) if same_run(r, &run_dir) => {
+            if let Some(why) = checkpoint::check_best(r, start.epoch, start.best_epoch)? {
+                eprintln!("warning: {why}");
+            }
+        }
+        // Another run's best file stays there: this run's checkpoints name none until it
+        // writes its own.
+        _ => start.best_epoch = None,
+    }
     Ok((cfg, source, start, run_dir, lock))
 }
 
@@ -118,7 +129,7 @@ fn run<B: Backend>(
 
     let mut train_loader = Loader::train(train_set, dataset, batch, start.seed, !a.no_augment)?;
     let mut test_loader = Loader::test(test_set, dataset, batch)?;
-    let saver = Saver::create(run_dir, dataset)?;
+    let saver = Saver::create(run_dir, dataset, start.best_epoch)?;
     report(format_args!(
         "Checkpoints: {} every epoch, {} on a new best test Prec@1",
         saver.checkpoint().display(),
@@ -169,6 +180,8 @@ pub(crate) struct Start {
     epoch: usize,
     seed: u64,
     best: Option<f64>,
+    /// The `epoch` of the resumed run's best checkpoint, when it records one.
+    best_epoch: Option<usize>,
     state: Option<checkpoint::State>,
     /// The checkpoint file resumed from.
     resumed: Option<PathBuf>,
@@ -181,8 +194,15 @@ impl Start {
     fn new(a: &TrainArgs, cfg: &NetConfig) -> Result<Start, Failure> {
         let (epoch, seed) = (a.start_epoch.unwrap_or(0), a.seed.unwrap_or(0));
         if let Some(path) = &a.resume {
-            // A run directory stands for its checkpoint.
-            let path = if path.is_dir() { path.join(checkpoint::CHECKPOINT) } else { path.clone() };
+            // A run directory stands for its checkpoint, or for its best one when a kill in its
+            // first epoch left only that (it is written first, and is then the same file).
+            let path = match path.is_dir() {
+                true if !path.join(checkpoint::CHECKPOINT).exists() && path.join(checkpoint::BEST).exists() => {
+                    path.join(checkpoint::BEST)
+                }
+                true => path.join(checkpoint::CHECKPOINT),
+                false => path.clone(),
+            };
             let ck = Checkpoint::read(&path)?;
             ck.check_network(cfg, a.net.dataset)?;
             let m = ck.meta();
@@ -207,13 +227,23 @@ impl Start {
                 epoch: m.epoch,
                 seed: m.seed,
                 best: Some(m.best),
+                best_epoch: m.best_epoch,
                 state: Some(state),
                 resumed: Some(path),
             });
         }
         let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, cfg)).transpose()?;
-        Ok(Start { epoch, seed, best: None, state, resumed: None })
+        Ok(Start { epoch, seed, best: None, best_epoch: None, state, resumed: None })
     }
+}
+
+/// Whether checkpoint file `resumed` lies in `run_dir`.
+fn same_run(resumed: &Path, run_dir: &Path) -> bool {
+    let parent = match resumed.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    matches!((parent.canonicalize(), run_dir.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Hands the backend the algorithm record beside the checkpoint `resumed` from, if there is
@@ -236,12 +266,7 @@ fn reuse_algorithms<B: Backend>(be: &mut B, resumed: &Path) -> Option<usize> {
 /// Refuses to write over the checkpoints of an earlier run, unless this run resumes from a
 /// checkpoint in that run directory.
 pub(crate) fn check_run_dir(run_dir: &Path, name: &str, resumed: Option<&Path>) -> Result<(), Failure> {
-    let parent = |p: &Path| match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let same_run =
-        resumed.is_some_and(|r| matches!((parent(r).canonicalize(), run_dir.canonicalize()), (Ok(a), Ok(b)) if a == b));
+    let same_run = resumed.is_some_and(|r| same_run(r, run_dir));
     let own = run_dir.join(checkpoint::CHECKPOINT);
     if let Some(r) = resumed.filter(|r| same_run && r.file_name() != Some(checkpoint::CHECKPOINT.as_ref())) {
         if own.exists() {

@@ -15,6 +15,8 @@
 //! - `format` = `densenet-checkpoint`, `format_version` = `1`;
 //! - `epoch`: the next epoch to run (the reference's `checkpoint['epoch']`);
 //! - `best_prec1`: the best test top-1 so far, percent;
+//! - `best_epoch`: the `epoch` of the checkpoint [`BEST`] holds, the one that reached
+//!   `best_prec1` (absent in checkpoints written before it was recorded);
 //! - `network`: a JSON object of the [`NetConfig`] fields (`stem`, `stem_channels`, `growth`,
 //!   `block_layers`, `bottleneck`, `reduction`, `drop_rate`, `num_classes`);
 //! - `dataset` (`cifar10`, `cifar100`), `seed`, `steps` (the model's step counter).
@@ -34,6 +36,14 @@
 //! the target and the directory flushed: a reader sees the old file or the new one, never a
 //! part. A process killed mid-write (Ctrl-C) leaves the old file intact and, at worst, a
 //! `.checkpoint.safetensors.*.tmp` file beside it.
+//!
+//! After an epoch that improves, [`BEST`] is written before the [`CHECKPOINT`] that names it
+//! as best, so a checkpoint never names a best epoch whose weights are not on disk: killed at
+//! any instant, the run leaves a best file of the epoch the checkpoint names, or (killed
+//! between the two writes) of the epoch after the checkpoint, which resuming trains again
+//! bit-identically and writes anew. [`check_best`] tells the two apart from a stale or missing
+//! best file. `DENSENET_FAULT_AT=N` (for tests) aborts the process at the N-th step of a write
+//! (temporary file written, flushed, renamed, directory flushed), as a `kill -9` there would.
 
 use crate::backend::Backend;
 use crate::config::{NetConfig, Stem};
@@ -81,13 +91,17 @@ pub struct Meta {
     pub seed: u64,
     /// Training steps taken (each BN's `num_batches_tracked`).
     pub steps: u64,
+    /// The `epoch` of the best checkpoint so far ([`BEST`]); `None` in checkpoints that
+    /// predate it.
+    pub best_epoch: Option<usize>,
 }
 
 impl Meta {
     /// The metadata of `model` (its network, seed and step counter) trained on `dataset`, with
     /// `epoch` the next epoch to run and `best` the best test top-1 so far.
     pub fn of<B: Backend>(model: &Model<B>, dataset: Dataset, epoch: usize, best: f64) -> Meta {
-        Meta { epoch, best, config: model.config().clone(), dataset, seed: model.seed(), steps: model.steps() }
+        let (config, seed, steps) = (model.config().clone(), model.seed(), model.steps());
+        Meta { epoch, best, config, dataset, seed, steps, best_epoch: None }
     }
 
     fn to_map(&self) -> HashMap<String, String> {
@@ -101,7 +115,8 @@ impl Meta {
             ("seed", self.seed.to_string()),
             ("steps", self.steps.to_string()),
         ];
-        entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        let best_epoch = self.best_epoch.map(|e| ("best_epoch", e.to_string()));
+        entries.into_iter().chain(best_epoch).map(|(k, v)| (k.to_string(), v)).collect()
     }
 
     /// Parses the metadata of a checkpoint; errors say what is wrong, without the file name.
@@ -133,6 +148,7 @@ impl Meta {
             dataset: get("dataset")?.parse().map_err(|e: Error| format!("the checkpoint metadata: {e}"))?,
             seed: parse("seed", get("seed")?)?,
             steps: parse("steps", get("steps")?)?,
+            best_epoch: map.get("best_epoch").map(|v| parse("best_epoch", v)).transpose()?,
         })
     }
 }
@@ -305,11 +321,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     let mut tmp = builder.tempfile_in(dir).map_err(fail)?;
     tmp.write_all(bytes).map_err(fail)?;
+    fault_point();
     tmp.as_file().sync_all().map_err(fail)?;
+    fault_point();
     tmp.persist(path).map_err(|e| fail(e.error))?;
+    fault_point();
     #[cfg(unix)]
     File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+    fault_point();
     Ok(())
+}
+
+/// For tests of crash consistency: with `DENSENET_FAULT_AT=N`, the N-th call in this process
+/// aborts it (no destructor, no flush: as a `kill -9` at that instant would).
+fn fault_point() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static REACHED: AtomicUsize = AtomicUsize::new(0);
+    let Some(at) = std::env::var("DENSENET_FAULT_AT").ok().and_then(|v| v.parse::<usize>().ok()) else { return };
+    if REACHED.fetch_add(1, Ordering::SeqCst) + 1 == at {
+        eprintln!("DENSENET_FAULT_AT={at}: aborting");
+        std::process::abort();
+    }
 }
 
 /// Reads a whole file; errors name it.
@@ -499,16 +531,19 @@ pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
 }
 
 /// Writes a run's checkpoints into its directory: [`CHECKPOINT`] after every epoch, and
-/// [`BEST`] as well when the epoch's test top-1 is the best so far.
+/// [`BEST`] as well, first, when the epoch's test top-1 is the best so far.
 pub struct Saver {
     dir: PathBuf,
     dataset: Dataset,
+    /// The `epoch` of the best checkpoint so far.
+    best_epoch: std::cell::Cell<Option<usize>>,
 }
 
 impl Saver {
     /// Creates the run directory `dir` if needed, checks that files can be written there, and
-    /// removes the temporary files of writes a killed process left unfinished.
-    pub fn create(dir: &Path, dataset: Dataset) -> Result<Saver> {
+    /// removes the temporary files of writes a killed process left unfinished; `best_epoch` is
+    /// the `epoch` of the best checkpoint so far (a resumed run's).
+    pub fn create(dir: &Path, dataset: Dataset, best_epoch: Option<usize>) -> Result<Saver> {
         std::fs::create_dir_all(dir)
             .and_then(|()| tempfile::Builder::new().prefix(".probe.").tempfile_in(dir).map(drop))
             .map_err(|e| Error(format!("cannot write checkpoints in {}: {e}", dir.display())))?;
@@ -521,7 +556,7 @@ impl Saver {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Saver { dir: dir.to_path_buf(), dataset })
+        Ok(Saver { dir: dir.to_path_buf(), dataset, best_epoch: best_epoch.into() })
     }
 
     /// The path of the per-epoch checkpoint.
@@ -535,15 +570,47 @@ impl Saver {
     }
 
     /// Writes the checkpoint of `model` with `epoch` the next epoch to run and `best` the best
-    /// test top-1 so far; also as the best one when `improved`.
+    /// test top-1 so far; when `improved`, as the best one too, first (see the module docs).
     pub fn save<B: Backend>(&self, model: &Model<B>, epoch: usize, best: f64, improved: bool) -> Result<()> {
-        let bytes = encode(model, &Meta::of(model, self.dataset, epoch, best))?;
-        write_atomic(&self.checkpoint(), &bytes)?;
+        if improved {
+            self.best_epoch.set(Some(epoch));
+        }
+        let meta = Meta { best_epoch: self.best_epoch.get(), ..Meta::of(model, self.dataset, epoch, best) };
+        let bytes = encode(model, &meta)?;
         if improved {
             write_atomic(&self.best(), &bytes)?;
         }
-        Ok(())
+        write_atomic(&self.checkpoint(), &bytes)
     }
+}
+
+/// Checks that the [`BEST`] beside checkpoint `ck`, whose `epoch` is `epoch` and which names
+/// `best_epoch` as its best, is the one it names (see the module docs): `Ok(None)` when it is,
+/// or when it is the next epoch's (a run killed between the two writes; resuming trains that
+/// epoch again and rewrites it), or when `ck` predates the record; `Ok(Some(why))` when it is
+/// stale or missing, with what that means.
+pub fn check_best(ck: &Path, epoch: usize, best_epoch: Option<usize>) -> Result<Option<String>> {
+    let Some(named) = best_epoch else { return Ok(None) };
+    let best = ck.with_file_name(BEST);
+    if !best.exists() {
+        return Ok(Some(format!(
+            "{} is missing: the weights of epoch {named}, which {} names as its best, are not on disk; the next \
+             improvement writes it anew",
+            best.display(),
+            ck.display()
+        )));
+    }
+    let held = Checkpoint::read(&best)?.meta.clone();
+    if held.epoch == named || (held.epoch == epoch + 1 && held.best_epoch == Some(held.epoch)) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{} holds epoch {} but {} names epoch {named} as its best: that file is stale; the next improvement \
+         writes it anew",
+        best.display(),
+        held.epoch,
+        ck.display()
+    )))
 }
 
 #[cfg(test)]
@@ -573,6 +640,31 @@ mod tests {
 
     fn cfg() -> NetConfig {
         NetConfig::cifar(10, 4, true, 0.5, 0.2, 10).unwrap()
+    }
+
+    #[test]
+    fn a_stale_or_missing_best_file_is_told_apart_from_a_consistent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = scrambled(&cfg());
+        let saver = Saver::create(dir.path(), Dataset::Cifar10, None).unwrap();
+        saver.save(&m, 1, 10.0, true).unwrap();
+        let first = std::fs::read(saver.best()).unwrap();
+        saver.save(&m, 2, 20.0, true).unwrap();
+        saver.save(&m, 3, 20.0, false).unwrap();
+        let ck = saver.checkpoint();
+        assert_eq!(Checkpoint::read(&ck).unwrap().meta().best_epoch, Some(2));
+        assert_eq!(Checkpoint::read(&saver.best()).unwrap().meta().best_epoch, Some(2));
+        assert_eq!(check_best(&ck, 3, Some(2)).unwrap(), None);
+        // Killed between the best file and the checkpoint of epoch 4: the best is one ahead.
+        saver.save(&m, 4, 30.0, true).unwrap();
+        assert_eq!(check_best(&ck, 3, Some(2)).unwrap(), None);
+        std::fs::write(saver.best(), &first).unwrap();
+        let stale = check_best(&ck, 4, Some(4)).unwrap().expect("stale");
+        assert!(stale.contains("holds epoch 1 but") && stale.contains("names epoch 4 as its best"), "{stale}");
+        std::fs::remove_file(saver.best()).unwrap();
+        assert!(check_best(&ck, 4, Some(4)).unwrap().expect("missing").contains("is missing"));
+        // A checkpoint from before the record names no best epoch: nothing to check.
+        assert_eq!(check_best(&ck, 4, None).unwrap(), None);
     }
 
     #[test]
@@ -757,7 +849,7 @@ mod tests {
         let kept = dir.path().join("notes.tmp");
         std::fs::write(&leftover, b"partial").unwrap();
         std::fs::write(&kept, b"mine").unwrap();
-        Saver::create(dir.path(), Dataset::Cifar10).unwrap();
+        Saver::create(dir.path(), Dataset::Cifar10, None).unwrap();
         assert!(!leftover.exists(), "the unfinished write is removed");
         assert!(kept.exists(), "other files are left alone");
     }
