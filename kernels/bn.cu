@@ -29,13 +29,17 @@ extern "C" __global__ void bn_stats(Buf<const float> x, int n, int hw, u64 strid
     }
 }
 
-// running = (1 - m) running + m batch, the variance scaled by `unbias` = count / (count - 1).
+// running = (1 - m) running + m batch, the variance scaled by `unbias` = count / (count - 1);
+// flag[0] = 1 when an updated value is not finite (every writer stores the same value).
 extern "C" __global__ void bn_update_running(Buf<const float> mean, Buf<const float> var, Buf<float> running_mean,
-                                  Buf<float> running_var, int c, float unbias, float momentum) {
+                                  Buf<float> running_var, int c, float unbias, float momentum, Buf<float> flag) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < c) {
-        running_mean[i] = (1.0f - momentum) * running_mean[i] + momentum * mean[i];
-        running_var[i] = (1.0f - momentum) * running_var[i] + momentum * var[i] * unbias;
+        const float m = (1.0f - momentum) * running_mean[i] + momentum * mean[i];
+        const float v = (1.0f - momentum) * running_var[i] + momentum * var[i] * unbias;
+        running_mean[i] = m;
+        running_var[i] = v;
+        if (!isfinite(m) || !isfinite(v)) flag[0] = 1.0f;
     }
 }
 

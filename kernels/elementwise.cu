@@ -32,15 +32,18 @@ extern "C" __global__ void dropout(Buf<float> x, u64 stride, int n, u64 len, flo
 }
 
 // torch.optim.SGD: d = g + wd p; m = mu m + d; p -= lr (nesterov ? d + mu m : m), with
-// hp = {lr, mu, wd, nesterov (0 or 1)} read from the arena (a recorded step follows changes).
+// hp = {lr, mu, wd, nesterov (0 or 1)} read from the arena (a recorded step follows changes);
+// flag[0] = 1 when an updated value is not finite (every writer stores the same value).
 extern "C" __global__ void sgd(Buf<float> params, Buf<const float> grads, Buf<float> momentum, u64 len,
-                               Buf<const float> hp) {
+                               Buf<const float> hp, Buf<float> flag) {
     const u64 i = dn_index();
     if (i >= len) return;
     const float lr = hp[0], mu = hp[1], weight_decay = hp[2];
     const bool nesterov = hp[3] != 0.0f;
     const float p = params[i], d = grads[i] + weight_decay * p;
     const float m = mu * momentum[i] + d;
+    const float q = p - lr * (nesterov ? d + mu * m : m);
     momentum[i] = m;
-    params[i] = p - lr * (nesterov ? d + mu * m : m);
+    params[i] = q;
+    if (!isfinite(q) || !isfinite(m)) flag[0] = 1.0f;
 }

@@ -413,3 +413,40 @@ fn a_kill_at_any_write_leaves_a_consistent_best_and_resumes_exactly() {
     }
     assert!(n > 8, "only {} write steps: the faults did not reach the checkpoint writes", n - 1);
 }
+
+/// A checkpoint or `--init-weights` file with a value that is not finite is refused when it
+/// is read, naming the tensor and the element (ReLU would otherwise hide a NaN weight).
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let s = Setup::new();
+    s.train_ok("n", &["--epochs", "1"]);
+    let f = File::read(&s.checkpoint("n"));
+    let mut tensors = f.tensors.clone();
+    let (_, _, bytes) = tensors.get_mut("conv1.weight").unwrap();
+    bytes[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, (d, sh, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap()))
+        .collect();
+    let meta: HashMap<String, String> = f.meta.clone().into_iter().collect();
+    let bad = s.runs.path().join("nan.safetensors");
+    std::fs::write(&bad, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    let needle = "tensor 'conv1.weight' holds NaN at element 3: a checkpoint's values must be finite";
+    let bad = bad.to_str().unwrap();
+    s.train_fails("other", &["--epochs", "2", "--resume", bad], &[needle]);
+    s.train_fails("other", &["--epochs", "1", "--init-weights", bad], &[needle]);
+    let data = s.data.path().to_str().unwrap();
+    let eval = run::densenet(&["eval", "--checkpoint", bad, "--data-dir", data, "--device", "cpu"]);
+    run::assert_one_line_error(&eval, 1, &[needle], "eval of a NaN checkpoint");
+
+    // A step that overflows stops training at once, naming the tensor; the last good
+    // checkpoint is kept as it was.
+    let before = snapshot(&s.run("n"));
+    let ck = s.checkpoint("n");
+    s.train_fails(
+        "n",
+        &["--epochs", "2", "--lr", "3e38", "--resume", ck.to_str().unwrap()],
+        &["training stopped at step ", ": parameter ", " holds "],
+    );
+    assert_eq!(snapshot(&s.run("n")), before, "a failed step changed the run's files");
+}

@@ -131,14 +131,21 @@ fn batch_norm<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     for (n, c, h, w) in SHAPES {
         let mut l = Layout::default();
         let (x, y, g) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w));
-        let (bn, running, dgamma, dbeta) = (l.bn(c), l.bn(c), l.take(c), l.take(c));
+        let (bn, running, dgamma, dbeta, flag) = (l.bn(c), l.bn(c), l.take(c), l.take(c), l.take(1));
         let mut t = Twin::new(make, l.len, &[], n);
         t.positive(running.var, c);
         let at = format!("n{n} c{c} {h}x{w}");
         t.run(&format!("bn_stats {at}"), |be| be.bn_stats(x, bn.mean, bn.var));
         t.run(&format!("bn_update_running {at}"), |be| {
-            be.bn_update_running(bn.mean, bn.var, running.mean, running.var, c, n * h * w, 0.1)
+            be.bn_update_running(bn.mean, bn.var, running.mean, running.var, c, n * h * w, 0.1, flag)
         });
+        // A statistic that is not finite raises the flag on both.
+        t.write(flag, &[0.0]);
+        t.write(bn.var, &[f32::INFINITY]);
+        t.run(&format!("bn_update_running {at}, infinite variance"), |be| {
+            be.bn_update_running(bn.mean, bn.var, running.mean, running.var, c, n * h * w, 0.1, flag)
+        });
+        t.positive(bn.var, c);
         t.run(&format!("bn_relu {at}"), |be| be.bn_relu(x, bn, y));
         for accumulate in [false, true] {
             t.run(&format!("bn_relu_backward {at} accumulate {accumulate}"), |be| {
@@ -155,7 +162,7 @@ fn elementwise<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let mut l = Layout::default();
         let (x, y) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
         let len = 1000 + n * c * h * w;
-        let (p, g, m) = (l.take(len), l.take(len), l.take(len));
+        let (p, g, m, flag) = (l.take(len), l.take(len), l.take(len), l.take(1));
         let mut t = Twin::new(make, l.len, &[], n);
         let at = format!("n{n} c{c} {h}x{w}");
         t.run(&format!("copy {at}"), |be| be.copy(x, y));
@@ -164,9 +171,17 @@ fn elementwise<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
             let hp = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3, nesterov };
             t.run(&format!("sgd {len} nesterov {nesterov}"), |be| {
                 be.set_sgd(hp);
-                be.sgd(p, g, m, len, hp)
+                be.sgd(p, g, m, len, hp, flag)
             });
         }
+        // A NaN gradient raises the flag on both, and makes the same parameters NaN.
+        t.write(flag, &[0.0]);
+        t.write(g + len / 2, &[f32::NAN]);
+        let hp = Sgd::default();
+        t.run(&format!("sgd {len} with a NaN gradient"), |be| {
+            be.set_sgd(hp);
+            be.sgd(p, g, m, len, hp, flag)
+        });
     }
 }
 on_devices!(elementwise_ops_match_the_cpu, elementwise);

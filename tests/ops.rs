@@ -497,7 +497,7 @@ fn bn_update_running_blends_in_unbiased_batch_statistics() {
     let (c, momentum) = (5, 0.1);
     for count in [2, 105] {
         let mut l = Layout::new();
-        let [mean, var, rmean, rvar] = [(); 4].map(|_| l.take(c));
+        let [mean, var, rmean, rvar, flag] = [(); 5].map(|_| l.take(c));
         let mut be = l.backend(&[], 1);
         let positive = |seed| (0..c).map(|i| 0.5 + rng::uniform(seed, i as u64)).collect::<Vec<_>>();
         let (m, v, rm, rv) = (randn(11, c), positive(12), randn(13, c), positive(14));
@@ -505,13 +505,23 @@ fn bn_update_running_blends_in_unbiased_batch_statistics() {
         be.write(var, &v);
         be.write(rmean, &rm);
         be.write(rvar, &rv);
-        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum);
+        be.write(flag, &[0.0]);
+        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum, flag);
+        assert_eq!(be.read(flag, 1), [0.0], "finite statistics raised the flag");
         let unbias = count as f64 / (count - 1) as f64;
         let blend = |run: &[f32], batch: &[f32], scale: f64| -> Vec<f64> {
             run.iter().zip(batch).map(|(&r, &b)| 0.9 * r as f64 + 0.1 * b as f64 * scale).collect()
         };
         assert_ref("running mean", &be.read(rmean, c), &blend(&rm, &m, 1.0));
         assert_ref(&format!("running var, count {count}"), &be.read(rvar, c), &blend(&rv, &v, unbias));
+        // A batch variance that overflows: the flag goes up, and stays up.
+        be.write(var + 2, &[f32::INFINITY]);
+        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum, flag);
+        assert_eq!(be.read(flag, 1), [1.0], "an infinite running variance left the flag down");
+        be.write(var + 2, &[1.0]);
+        be.write(rvar + 2, &[1.0]);
+        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum, flag);
+        assert_eq!(be.read(flag, 1), [1.0], "the flag was cleared");
     }
 }
 
@@ -910,16 +920,18 @@ fn sgd_matches_torch_formulas_over_two_steps() {
         let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01, nesterov };
         let (lr, m, wd) = (hp.lr as f64, hp.momentum as f64, hp.weight_decay as f64);
         let mut l = Layout::new();
-        let (params, grads, momentum) = (l.take(len), l.take(len), l.take(len));
+        let (params, grads, momentum, flag) = (l.take(len), l.take(len), l.take(len), l.take(1));
         let mut be = l.backend(&[], 1);
         let p0 = randn(28, len);
         be.write(params, &p0);
         be.write(momentum, &vec![0.0; len]);
+        be.write(flag, &[0.0]);
         let (mut p, mut buf) = (to_f64(&p0), vec![0.0; len]);
         for step in 0..2 {
             let g = randn(29 + step, len);
             be.write(grads, &g);
-            be.sgd(params, grads, momentum, len, hp);
+            be.sgd(params, grads, momentum, len, hp, flag);
+            assert_eq!(be.read(flag, 1), [0.0], "finite values raised the flag");
             // torch.optim.SGD: d = g + wd p; buf = m buf + d; d = d + m buf (Nesterov) or buf; p -= lr d.
             for ((p, b), &g) in p.iter_mut().zip(&mut buf).zip(&g) {
                 let d = g as f64 + wd * *p;
@@ -930,6 +942,15 @@ fn sgd_matches_torch_formulas_over_two_steps() {
             assert_ref(&format!("{what}: params"), &be.read(params, len), &p);
             assert_ref(&format!("{what}: momentum"), &be.read(momentum, len), &buf);
         }
+        // A NaN gradient in the last chunk: every chunk is still updated, and the flag goes up.
+        let before = be.read(params, len);
+        let mut g = randn(40, len);
+        g[len - 3] = f32::NAN;
+        be.write(grads, &g);
+        be.sgd(params, grads, momentum, len, hp, flag);
+        assert_eq!(be.read(flag, 1), [1.0], "a NaN parameter left the flag down");
+        let after = be.read(params, len);
+        assert!(after[len - 3].is_nan() && after[..len - 3].iter().zip(&before).all(|(a, b)| a != b));
     }
 }
 

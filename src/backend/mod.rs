@@ -288,7 +288,8 @@ pub trait Backend {
 
     /// Per-channel batch mean and biased variance of `x` into `mean[c]`, `var[c]`.
     fn bn_stats(&mut self, x: View, mean: usize, var: usize);
-    /// `running = (1 - m) * running + m * batch`, the variance unbiased with `count` samples.
+    /// `running = (1 - m) * running + m * batch`, the variance unbiased with `count` samples;
+    /// sets the float at `flag` to 1 when an updated value is not finite (never clears it).
     #[allow(clippy::too_many_arguments)]
     fn bn_update_running(
         &mut self,
@@ -299,6 +300,7 @@ pub trait Backend {
         c: usize,
         count: usize,
         momentum: f32,
+        flag: usize,
     );
     /// `y = relu(gamma * (x - mean) / sqrt(var + eps) + beta)`.
     fn bn_relu(&mut self, x: View, bn: Bn, y: View);
@@ -348,8 +350,10 @@ pub trait Backend {
     /// records steps reads them from its arena, so a recorded step follows changes).
     fn set_sgd(&mut self, _hp: Sgd) {}
     /// One SGD step over `len` floats at `params`, with gradients and momentum at the same
-    /// relative layout.
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd);
+    /// relative layout; sets the float at `flag` to 1 when an updated parameter or momentum
+    /// value is not finite (never clears it).
+    #[allow(clippy::too_many_arguments)]
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize);
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::data::cifar::SIDE;
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
 use params::{BnParams, ParamLayout};
-use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Plan, Stats, TransitionPlan};
+use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Plan, Stats, TransitionPlan, RESULT_LEN};
 
 /// BN running-statistics momentum (the reference's).
 pub const BN_MOMENTUM: f32 = 0.1;
@@ -227,7 +227,7 @@ impl<B: Backend> Model<B> {
             self.backward(n);
             if let Some(hp) = hp {
                 let p = &self.plan;
-                self.be.sgd(p.params, p.grads, p.momentum, self.net.layout.len, hp);
+                self.be.sgd(p.params, p.grads, p.momentum, self.net.layout.len, hp, p.head.result + 2);
             }
             if let Some(k) = key {
                 self.be.step_end(k);
@@ -284,12 +284,36 @@ impl<B: Backend> Model<B> {
         Ok(n)
     }
 
-    /// The batch's loss and correct count, after every error of the batch's ops.
+    /// The batch's loss and correct count, after every error of the batch's ops; an error when
+    /// a step so far left a parameter, momentum or running statistic that is not finite (the
+    /// flags SGD and the running-statistics update set, read with the loss), naming it.
     fn result(&self, n: usize) -> Result<StepStats> {
-        let mut r = [0.0; 2];
+        let mut r = [0.0; RESULT_LEN];
         self.be.read_into(self.plan.head.result, &mut r);
         self.be.take_error()?;
+        if r[2] != 0.0 || r[3] != 0.0 {
+            bail!("training stopped at step {}: {}", self.steps, self.non_finite());
+        }
         Ok(StepStats { loss: r[0], correct: r[1] as usize, n })
+    }
+
+    /// Where the first value that is not finite is: the tensor (of the parameters, momentum or
+    /// running statistics), its element and value.
+    fn non_finite(&self) -> String {
+        let lay = &self.net.layout;
+        let buffers = [
+            ("parameter", self.params(), &lay.params),
+            ("momentum of", self.momentum(), &lay.params),
+            ("running statistic", self.running_stats(), &lay.stats),
+        ];
+        for (what, values, tensors) in &buffers {
+            for t in tensors.iter() {
+                if let Some(i) = values[t.off..t.off + t.len()].iter().position(|v| !v.is_finite()) {
+                    return format!("{what} {} holds {} at element {i}", t.name, values[t.off + i]);
+                }
+            }
+        }
+        "a value that is not finite was flagged, but none is left".into()
     }
 
     /// Stream key of dropout site `site` in the current step.
@@ -324,6 +348,7 @@ impl<B: Backend> Model<B> {
             p.c,
             count,
             BN_MOMENTUM,
+            self.plan.head.result + 3,
         );
     }
 

@@ -226,7 +226,8 @@ pub struct HeadPlan {
     pub logits: usize,
     /// Gradient of the logits.
     pub g_logits: usize,
-    /// `[loss, correct]`.
+    /// `[loss, correct, SGD non-finite flag, running-statistics non-finite flag]`
+    /// ([`RESULT_LEN`] floats).
     pub result: usize,
 }
 
@@ -266,6 +267,11 @@ pub struct Plan {
     /// Bytes kept outside the arena (the labels).
     pub label_bytes: usize,
 }
+
+/// Floats of the head's result: the loss, the top-1 correct count, and two flags set (to 1,
+/// never cleared) when SGD leaves a parameter or momentum value that is not finite, and when
+/// a running statistic is not finite.
+pub const RESULT_LEN: usize = 4;
 
 /// Bump allocator over the arena, 64-byte aligned regions.
 struct Arena {
@@ -498,7 +504,7 @@ impl Plan {
             logits: ar.take("logits", Category::Activations, n * classes),
             g_pooled: ar.take("pooled gradient", Category::Scratch, n * c),
             g_logits: ar.take("logits gradient", Category::Scratch, n * classes),
-            result: ar.take("loss and correct count", Category::Scratch, 2),
+            result: ar.take("loss, correct count and non-finite flags", Category::Scratch, RESULT_LEN),
         };
         let ws = workspace_len(&convs)?;
         let workspace = (ar.take("convolution workspace", Category::Workspace, ws), ws);

@@ -387,8 +387,11 @@ fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], out: &mut [f32]) -> s
     if t.shape() != shape {
         return Err(format!("tensor '{name}' has shape {:?}; expected {shape:?}", t.shape()));
     }
-    for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
+    for (i, (o, b)) in out.iter_mut().zip(t.data().chunks_exact(4)).enumerate() {
         *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if !o.is_finite() {
+            return Err(format!("tensor '{name}' holds {} at element {i}: a checkpoint's values must be finite", *o));
+        }
     }
     Ok(())
 }

@@ -214,8 +214,14 @@ impl Backend for CpuBackend {
         c: usize,
         count: usize,
         momentum: f32,
+        flag: usize,
     ) {
+        self.span(flag, 1);
         norm::update_running(&mut self.arena, mean, var, running_mean, running_var, c, count, momentum);
+        let updated = [&self.arena[running_mean..running_mean + c], &self.arena[running_var..running_var + c]];
+        if updated.iter().any(|s| s.iter().any(|v| !v.is_finite())) {
+            self.arena[flag] = 1.0;
+        }
     }
 
     fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
@@ -301,11 +307,14 @@ impl Backend for CpuBackend {
         loss::softmax_xent(&mut self.arena, &self.labels, logits, n, k, out, glogits);
     }
 
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize) {
         let mut offs = [params, grads, momentum];
         offs.iter().for_each(|&o| self.span(o, len));
+        self.span(flag, 1);
         offs.sort_unstable();
         assert!(offs[0] + len <= offs[1] && offs[1] + len <= offs[2], "SGD buffers overlap");
-        sgd::sgd(self.ptr(), params, grads, momentum, len, hp);
+        if sgd::sgd(self.ptr(), params, grads, momentum, len, hp) {
+            self.arena[flag] = 1.0;
+        }
     }
 }

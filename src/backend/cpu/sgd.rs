@@ -5,19 +5,26 @@ use crate::backend::Sgd;
 use rayon::prelude::*;
 
 /// `torch.optim.SGD` step: d = g + wd p; buf = m buf + d; d += m buf (Nesterov) or d = buf;
-/// p -= lr d.
-pub(super) fn sgd(a: Ptr, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
+/// p -= lr d. Returns whether an updated parameter or momentum value is not finite.
+pub(super) fn sgd(a: Ptr, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) -> bool {
     const CHUNK: usize = 1 << 14;
-    (0..len.div_ceil(CHUNK)).into_par_iter().for_each(|ci| {
-        let (start, l) = (ci * CHUNK, CHUNK.min(len - ci * CHUNK));
-        // SAFETY: the three regions are disjoint; chunk ci is this task's.
-        let (p, g, m) =
-            unsafe { (a.get_mut(params + start, l), a.get(grads + start, l), a.get_mut(momentum + start, l)) };
-        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-            let d = g + hp.weight_decay * *p;
-            *m = hp.momentum * *m + d;
-            let step = if hp.nesterov { d + hp.momentum * *m } else { *m };
-            *p -= hp.lr * step;
-        }
-    });
+    // Every chunk runs (`any` would stop early): `map` then `reduce`.
+    (0..len.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|ci| {
+            let (start, l) = (ci * CHUNK, CHUNK.min(len - ci * CHUNK));
+            // SAFETY: the three regions are disjoint; chunk ci is this task's.
+            let (p, g, m) =
+                unsafe { (a.get_mut(params + start, l), a.get(grads + start, l), a.get_mut(momentum + start, l)) };
+            let mut finite = true;
+            for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                let d = g + hp.weight_decay * *p;
+                *m = hp.momentum * *m + d;
+                let step = if hp.nesterov { d + hp.momentum * *m } else { *m };
+                *p -= hp.lr * step;
+                finite &= p.is_finite() & m.is_finite();
+            }
+            !finite
+        })
+        .reduce(|| false, |a, b| a | b)
 }

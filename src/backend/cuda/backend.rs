@@ -379,6 +379,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         c: usize,
         count: usize,
         momentum: f32,
+        flag: usize,
     ) {
         let unbias = count as f32 / (count.max(2) - 1) as f32;
         let args = [
@@ -389,6 +390,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             int(c),
             Arg::F32(unbias),
             Arg::F32(momentum),
+            buf(flag, 1),
         ];
         self.run_flat("bn_update_running", c, &args);
     }
@@ -529,10 +531,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.hp = Some(hp);
     }
 
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) {
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize) {
         // The kernel reads the settings from the arena, so a recorded step follows changes.
         assert_eq!(self.hp, Some(hp), "set_sgd must give the settings of an SGD step first");
-        let args = [buf(params, len), buf(grads, len), buf(momentum, len), long(len), buf(self.sgd_slot, SGD_WORDS)];
+        let (p, g, m, hp) = (buf(params, len), buf(grads, len), buf(momentum, len), buf(self.sgd_slot, SGD_WORDS));
+        let args = [p, g, m, long(len), hp, buf(flag, 1)];
         self.run_flat("sgd", len, &args);
     }
 }
