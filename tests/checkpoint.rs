@@ -450,3 +450,25 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     );
     assert_eq!(snapshot(&s.run("n")), before, "a failed step changed the run's files");
 }
+
+/// Two identical runs (same machine, threads and device) write byte-identical checkpoint and
+/// best files: the header, metadata included, is in a fixed order.
+#[test]
+fn identical_runs_write_identical_bytes() {
+    let (a, b) = (Setup::new(), Setup::new());
+    // The same data in both: the second setup reads the first one's.
+    let data = a.data.path().to_str().unwrap().to_string();
+    for s in [&a, &b] {
+        let out = Command::new(env!("CARGO_BIN_EXE_densenet"))
+            .args(["train", "--data-dir", &data, "--runs-dir", s.runs.path().to_str().unwrap(), "--name", "same"])
+            .args(["-p", "100", "--epochs", "2"])
+            .args(NET)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for file in ["checkpoint.safetensors", "model_best.safetensors"] {
+        let read = |s: &Setup| std::fs::read(s.run("same").join(file)).unwrap();
+        assert!(read(&a) == read(&b), "{file} differs between two identical runs");
+    }
+}

@@ -285,8 +285,26 @@ pub fn encode<B: Backend>(model: &Model<B>, meta: &Meta) -> Result<Vec<u8>> {
         .map(|(name, v)| v.map(|v| (name, v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error(format!("cannot lay out the checkpoint tensors: {e}")))?;
-    safetensors::serialize(tensors, Some(meta.to_map()))
-        .map_err(|e| Error(format!("cannot serialize the checkpoint: {e}")))
+    let file = safetensors::serialize(tensors, Some(meta.to_map()))
+        .map_err(|e| Error(format!("cannot serialize the checkpoint: {e}")))?;
+    Ok(canonical(file))
+}
+
+/// A safetensors file with its header's keys in sorted order (the crate writes the metadata
+/// in hash order, which changes from process to process), so that the same tensors and
+/// metadata always give the same bytes. The data section, and so every offset, is unchanged.
+fn canonical(file: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes of header length")) as usize;
+    // serde_json's maps are ordered by key.
+    let header: Value = serde_json::from_slice(&file[8..8 + n]).expect("safetensors wrote a JSON header");
+    let mut text = serde_json::to_vec(&header).expect("a JSON value serializes");
+    // The data starts 8-byte aligned, as safetensors pads it.
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + file.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&file[8 + n..]);
+    out
 }
 
 /// The F32 tensor of shape `shape` at float offset `off` of `buf`.
