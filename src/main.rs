@@ -45,7 +45,14 @@ const MAX_STEPS: usize = 1_000_000;
 const BENCH_SEED: u64 = 0;
 
 #[derive(Parser)]
-#[command(name = "densenet", version, long_version = densenet::backend::cuda::kernels::VERSION, about = "Memory-efficient DenseNet training on CIFAR")]
+#[command(
+    name = "densenet",
+    version,
+    long_version = densenet::backend::cuda::kernels::VERSION,
+    about = "Memory-efficient DenseNet training on CIFAR",
+    // A repeated flag takes its last value, as argparse does, so scripts can append overrides.
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

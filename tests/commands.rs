@@ -394,3 +394,12 @@ fn a_run_directory_has_one_writer() {
     // Free again: a new run of that name now meets the earlier run's files, not the lock.
     assert_fails(&again, 1, "already exists from an earlier run named 'busy'");
 }
+
+/// A repeated flag takes its last value, as argparse does, so a script can append overrides.
+#[test]
+fn a_repeated_flag_takes_its_last_value() {
+    let once = memory(&["--layers", "100", "-b", "32"]);
+    let twice = memory(&["--layers", "40", "-b", "8", "--layers", "100", "-b", "32"]);
+    assert_eq!(once, twice);
+    assert_eq!(twice["batch"], 32);
+}
