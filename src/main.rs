@@ -277,6 +277,10 @@ struct DownloadArgs {
     data_dir: PathBuf,
     #[command(flatten)]
     source: SourceArgs,
+    /// Download and extract again even when the dataset is there (its folder is replaced once
+    /// the new copy is in place; kept if the download fails).
+    #[arg(long)]
+    force: bool,
 }
 
 /// The memory modes asked for.

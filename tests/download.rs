@@ -427,3 +427,51 @@ fn an_unusable_dataset_in_place_is_left_alone() {
     fails(&["download", "--data-dir", d], "but unusable, so nothing was downloaded: missing CIFAR-10 file");
     assert_eq!(snapshot(tmp.path()), before);
 }
+
+/// `train --download` over unusable data says what `download` says; `download --force`
+/// replaces the dataset's folder with a fresh copy, and keeps the old one when that fails.
+#[test]
+fn force_replaces_an_unusable_dataset_and_train_download_explains_it() {
+    let tmp = TempDir::new().unwrap();
+    let root = cifar::write(tmp.path(), Format::Cifar10, true, 80, 20);
+    std::fs::remove_file(root.join("test_batch.bin")).unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let unusable = "but unusable, so nothing was downloaded: missing CIFAR-10 file";
+    let told = fails(&["download", "--data-dir", d], unusable);
+    assert!(told.contains("densenet download --force"), "{told}");
+    let mut train = vec!["train", "--download", "--data-dir", d, "--epochs", "1", "--device", "cpu"];
+    train.extend(TINY);
+    fails(&train, unusable);
+    // A failing forced download leaves the old folder as it was.
+    let junk = tmp.path().join("junk.tgz");
+    std::fs::write(&junk, b"junk").unwrap();
+    let before = snapshot(tmp.path());
+    fails(&["download", "--force", "--data-dir", d, "--archive", junk.to_str().unwrap()], "not a gzip");
+    assert_eq!(snapshot(tmp.path()), before);
+    // A good one replaces it, and training then runs.
+    let good = tmp.path().join("good.tgz");
+    std::fs::write(&good, cifar10_archive()).unwrap();
+    let (out, _) = succeeds(&["download", "--force", "--data-dir", d, "--archive", good.to_str().unwrap()]);
+    assert!(out.contains("CIFAR-10 is ready in ") && out.contains("80 training and 20 test images"), "{out}");
+    assert!(root.join("test_batch.bin").is_file());
+    let names: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.contains("-replaced-")), "the old copy was left: {names:?}");
+    succeeds(&train);
+}
+
+/// The messages point to the way out: a missing dataset names --download and `densenet download
+/// --archive`; a file:// URL names --archive.
+#[test]
+fn missing_data_and_file_urls_point_to_the_right_flags() {
+    let tmp = TempDir::new().unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let mut train = vec!["train", "--data-dir", d, "--epochs", "1", "--device", "cpu"];
+    train.extend(TINY);
+    let e = fails(&train, "CIFAR-10 not found in");
+    assert!(e.contains("add --download") && e.contains("densenet download --archive PATH"), "{e}");
+    fails(
+        &["download", "--data-dir", d, "--url", "file:///tmp/cifar-10-binary.tar.gz"],
+        "a local archive is given with --archive /tmp/cifar-10-binary.tar.gz, not as a URL",
+    );
+}

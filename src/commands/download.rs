@@ -3,7 +3,8 @@
 use crate::*;
 
 pub(crate) fn fetch(a: DownloadArgs) -> Result<(), Failure> {
-    report_fetched(&download::fetch(&a.data_dir, a.dataset, &a.source.source())?, a.dataset)?;
+    let get = if a.force { download::refetch } else { download::fetch };
+    report_fetched(&get(&a.data_dir, a.dataset, &a.source.source())?, a.dataset)?;
     Ok(())
 }
 

@@ -66,8 +66,13 @@ fn run<B: Backend>(
     why: &str,
 ) -> Result<(), Failure> {
     let (dataset, batch) = (a.net.dataset, a.net.batch);
-    if a.download && download::is_missing(&a.data.data_dir, dataset) {
-        report_fetched(&download::fetch(&a.data.data_dir, dataset, &source)?, dataset)?;
+    if a.download {
+        // As `densenet download` does: fetch what is missing, check what is there (and say
+        // nothing of usable data already in place).
+        let fetched = download::fetch(&a.data.data_dir, dataset, &source)?;
+        if !fetched.already_there {
+            report_fetched(&fetched, dataset)?;
+        }
     }
     let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);

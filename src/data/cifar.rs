@@ -252,12 +252,14 @@ fn locate(dir: &Path, dataset: Dataset) -> Result<PathBuf> {
     let python = dir.join(dataset.python_folder());
     let found = if python.is_dir() { format!("; {} is the Python version", python.display()) } else { String::new() };
     bail!(
-        "{} not found in {}: expected {}/ holding {} (or those files directly in it){found}; get \
-         the binary version, {}, from {HOME} and extract it there",
+        "{} not found in {}: expected {}/ holding {} (or those files directly in it){found}; add \
+         --download to fetch it (or run densenet download --data-dir {}), give a local copy of the \
+         binary archive with densenet download --archive PATH, or get {} from {HOME} and extract it there",
         dataset.title(),
         dir.display(),
         nested.display(),
         dataset.file_list(),
+        dir.display(),
         dataset.archive()
     )
 }

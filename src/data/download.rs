@@ -88,11 +88,56 @@ pub fn fetch(dir: &Path, dataset: Dataset, source: &Source) -> Result<Fetched> {
 
 /// An `http://` or `https://` URL with a host.
 fn check_url(url: &str) -> Result<()> {
+    if let Some(path) = url.strip_prefix("file://") {
+        bail!("--url {url}: a local archive is given with --archive {path}, not as a URL");
+    }
     let uri: ureq::http::Uri = url.parse().map_err(|e| Error(format!("bad URL '{url}': {e}")))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
         bail!("bad URL '{url}': expected http://HOST/... or https://HOST/...");
     }
     Ok(())
+}
+
+/// As [`fetch`], but replacing the dataset's folder in `dir` when it is there: the new copy is
+/// fetched and extracted first, and the old one is removed only once the new one is in place
+/// (restored if the fetch fails). Data directly in `dir`, outside the folder, is refused.
+pub fn refetch(dir: &Path, dataset: Dataset, source: &Source) -> Result<Fetched> {
+    if let Source::Url(url) = source {
+        check_url(url)?;
+    }
+    let folder = dir.join(dataset.folder());
+    if !folder.exists() {
+        if !is_missing(dir, dataset) {
+            bail!(
+                "{}'s files lie directly in {}, outside {}/: --force replaces only that folder; move them away",
+                dataset.title(),
+                dir.display(),
+                dataset.folder()
+            );
+        }
+        return fetch(dir, dataset, source);
+    }
+    // Not named like a staging folder (`.<folder>.*`), which a fetch removes as a leftover.
+    let aside = dir.join(format!(".{}-replaced-{}", dataset.folder(), std::process::id()));
+    fs::rename(&folder, &aside).map_err(|e| Error(format!("cannot move {} aside: {e}", folder.display())))?;
+    match fetch(dir, dataset, source) {
+        Ok(fetched) => {
+            // Best effort: a copy that cannot be removed is only clutter.
+            let _ = fs::remove_dir_all(&aside);
+            Ok(fetched)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&folder);
+            fs::rename(&aside, &folder).map_err(|r| {
+                Error(format!(
+                    "{e}; and the old {} could not be put back from {} ({r})",
+                    folder.display(),
+                    aside.display()
+                ))
+            })?;
+            Err(e)
+        }
+    }
 }
 
 /// The dataset already in `dir`, read back; an error when it is incomplete or damaged.
@@ -108,9 +153,11 @@ fn present(dir: &Path, dataset: Dataset) -> Result<Fetched> {
             Ok(Fetched { folder, train, test, already_there: true })
         }
         Err(e) => bail!(
-            "{} is in {} but unusable, so nothing was downloaded: {e}; move it away to download it again",
+            "{} is in {} but unusable, so nothing was downloaded: {e}; download it again with densenet download \
+             --force (which replaces {}/), or move it away",
             dataset.title(),
-            dir.display()
+            dir.display(),
+            dataset.folder()
         ),
     }
 }
