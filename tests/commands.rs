@@ -268,8 +268,12 @@ fn cuda_without_a_usable_gpu_is_a_one_line_error() {
         assert_fails(args, 1, &e.0);
     }
     assert_fails(&["bench", "--device", "cuda", "--layers", "11"], 2, "depth 11 does not fit");
-    // auto falls back to the CPU and says why.
+    // auto falls back to the CPU, briefly; -v says why.
     let text = ok(&args);
+    let line = format!("Device: cpu ({} threads) (auto: no usable GPU; -v says why)\n", num_threads());
+    assert!(text.contains(&line), "{text}");
+    let verbose: Vec<&str> = args.iter().copied().chain(["-v"]).collect();
+    let text = ok(&verbose);
     assert!(text.contains(&format!("Device: cpu ({} threads) (auto, no usable GPU: {e})", num_threads())), "{text}");
 }
 

@@ -42,6 +42,9 @@ pub(crate) struct DeviceArgs {
     /// CUDA graph (debugging, profiling).
     #[arg(long)]
     no_graphs: bool,
+    /// Say in full why `--device auto` found no usable GPU (`--device cuda` does too).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 /// An opened backend.
@@ -69,7 +72,8 @@ impl DeviceArgs {
             Device::Cuda(n) => (Opened::Gpu(cuda(GpuExec::new(n)?, graphs)), String::new()),
             Device::Auto => match GpuExec::new(0) {
                 Ok(exec) => (Opened::Gpu(cuda(exec, graphs)), " (auto)".into()),
-                Err(e) => (Opened::Cpu(CpuBackend::new()), format!(" (auto, no usable GPU: {e})")),
+                Err(e) if self.verbose => (Opened::Cpu(CpuBackend::new()), format!(" (auto, no usable GPU: {e})")),
+                Err(_) => (Opened::Cpu(CpuBackend::new()), " (auto: no usable GPU; -v says why)".into()),
             },
         })
     }
