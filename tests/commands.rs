@@ -407,3 +407,39 @@ fn a_repeated_flag_takes_its_last_value() {
     assert_eq!(once, twice);
     assert_eq!(twice["batch"], 32);
 }
+
+/// A closed stdout (`densenet train | head`) does not stop training: the run goes on to its
+/// last checkpoint and exits 0; `eval | head -1` ends quietly.
+#[test]
+fn a_closed_stdout_stops_nothing() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let s = Setup::new();
+    let runs = s.runs.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_densenet"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read one line, as `head -1` does, then close the pipe.
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (first, out)
+    };
+    let mut train = vec!["train", "--data-dir", s.data(), "--runs-dir", runs, "--name", "piped", "--device", "cpu"];
+    train.extend(TINY);
+    // More output than a pipe holds (64 KiB): the run writes into the closed pipe for sure.
+    train.extend(["--epochs", "60", "-p", "1"]);
+    let (first, out) = run(&train);
+    assert!(!first.is_empty());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ck = s.checkpoint("piped", "checkpoint.safetensors");
+    let meta = safetensors::SafeTensors::read_metadata(&std::fs::read(&ck).unwrap()).unwrap().1;
+    assert_eq!(meta.metadata().as_ref().unwrap()["epoch"], "60", "training stopped early");
+    let (first, out) = run(&s.eval_args(&ck, &[]));
+    assert!(!first.is_empty());
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

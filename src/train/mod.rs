@@ -85,7 +85,20 @@ pub fn fit<B: Backend>(
     Ok(best)
 }
 
-/// Prints one line to stdout; a closed stdout (`densenet train | head`) is an error, not a panic.
+/// Prints one line to stdout. Once stdout is closed (`densenet train | head`), the lines are
+/// dropped and the work goes on: a run keeps training and checkpointing, `eval | head -1`
+/// ends quietly. Any other failure to write is an error.
 pub fn report(line: fmt::Arguments) -> Result<()> {
-    writeln!(std::io::stdout(), "{line}").map_err(|e| Error(format!("cannot write to stdout: {e}")))
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    if CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    match writeln!(std::io::stdout(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        r => r.map_err(|e| Error(format!("cannot write to stdout: {e}"))),
+    }
 }
