@@ -354,7 +354,11 @@ fn size(s: &str) -> Result<u64, String> {
     let too_large = || format!("'{s}' is too large");
     let scale = u32::try_from(frac.len()).ok().and_then(|d| 10u128.checked_pow(d)).ok_or_else(too_large)?;
     let value = if digits.is_empty() { Ok(0) } else { digits.parse::<u128>() };
-    let bytes = value.ok().and_then(|d| d.checked_mul(unit)).ok_or_else(too_large)? / scale;
+    let total = value.ok().and_then(|d| d.checked_mul(unit)).ok_or_else(too_large)?;
+    if total % scale != 0 {
+        return Err(format!("'{s}' is not a whole number of bytes"));
+    }
+    let bytes = total / scale;
     match u64::try_from(bytes) {
         Ok(0) => Err(format!("'{s}' is less than one byte")),
         Ok(b) => Ok(b),

@@ -187,6 +187,8 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     // A run directory stands for its checkpoint; the resumed run goes on.
     let out = s.train_ok("split", &["--epochs", "3", "--resume", s.run("split").to_str().unwrap()]);
     assert!(out.contains("Resumed from ") && out.contains("epoch 2, step 22"), "{out}");
+    // Epoch 2 of 3 runs at the rate dropped at epoch 2, with no drop left to announce.
+    assert!(out.contains("Training: epochs 2 to 2, batch 8, lr 0.01 (no drop left),"), "{out}");
     assert_eq!(File::read(&s.checkpoint("split")).meta["epoch"], "3");
 }
 

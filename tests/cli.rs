@@ -180,7 +180,11 @@ fn missing_data_says_what_is_expected_and_where_to_get_it() {
     }
 
     std::fs::create_dir(dir.path().join("cifar-10-batches-py")).unwrap();
-    assert_fails(&["train", "--data-dir", d], 1, "cifar-10-batches-py is the Python version; get the binary version");
+    assert_fails(
+        &["train", "--data-dir", d],
+        1,
+        "cifar-10-batches-py is the Python version; add --download to fetch it",
+    );
 
     let dir = cifar10();
     std::fs::remove_file(dir.path().join("cifar-10-batches-bin/data_batch_4.bin")).unwrap();

@@ -345,7 +345,7 @@ fn budget_sizes_take_decimal_and_binary_units() {
         ("3TiB", 3 << 40),
         ("2mIb", 2 << 20),
         (".25kB", 250),
-        ("1.0009KB", 1000),
+        ("1.0010KB", 1001),
     ];
     for (size, bytes) in cases {
         assert_eq!(memory(&["--budget", size])["budget_bytes"].as_u64(), Some(bytes), "{size}");
@@ -355,7 +355,10 @@ fn budget_sizes_take_decimal_and_binary_units() {
         assert_fails(&["memory", "--budget", bad], 2, "expected a size such as 4GiB");
     }
     assert_fails(&["memory", "--budget", "0"], 2, "less than one byte");
-    assert_fails(&["memory", "--budget", "0.1B"], 2, "less than one byte");
+    // A fraction of a byte is not a size.
+    for bad in ["0.1B", "10.5", "1.0009KB", "1.3kib"] {
+        assert_fails(&["memory", "--budget", bad], 2, "is not a whole number of bytes");
+    }
     assert_fails(&["memory", "--budget", "99999999999TiB"], 2, "too large");
 }
 

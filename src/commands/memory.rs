@@ -105,6 +105,7 @@ pub(crate) fn memory(a: MemoryArgs) -> Result<(), Failure> {
             mib(b as usize)
         ))?;
     }
+    report(format_args!("Planned memory per category, in MiB (2^20 bytes; --json gives bytes):"))?;
     let mut header = format!("{:<8}", "MiB");
     for c in Category::ALL {
         header += &format!(" {:>11}", c.name());

@@ -117,15 +117,14 @@ fn run<B: Backend>(
         weight_decay: a.weight_decay,
         print_freq: a.progress.print_freq,
     };
-    let milestones = densenet::train::schedule::milestones(a.epochs);
+    let schedule = densenet::train::schedule::drops(start.epoch, a.epochs);
     report(format_args!(
-        "Training: epochs {} to {}, batch {batch}, lr {} (/10 at epochs {} and {}), Nesterov momentum {}, \
+        "Training: epochs {} to {}, batch {batch}, lr {} ({schedule}), Nesterov momentum {}, \
          weight decay {}, augmentation {}, seed {}",
         start.epoch,
         a.epochs - 1,
-        a.lr,
-        milestones.0,
-        milestones.1,
+        // Rounded to 9 decimals: 0.1 / 10 prints as 0.01, not 0.010000000000000002.
+        (densenet::train::schedule::learning_rate(a.lr, start.epoch, a.epochs) * 1e9).round() / 1e9,
         a.momentum,
         a.weight_decay,
         if a.no_augment { "off" } else { "on" },

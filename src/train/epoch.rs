@@ -136,7 +136,8 @@ impl Drop for Bar {
 }
 
 /// The progress line after `done` of `len` batches (`images` images in `secs` seconds):
-/// `Epoch: [3][345/782] [====>     ] Loss 0.4321 Prec@1 84.123 1234 img/s ETA 0:42`.
+/// `Epoch: [3][344/782] [====>     ] Loss 0.4321 Prec@1 84.123 1234 img/s ETA 0:42`. The
+/// counter is the index of the last batch, from 0, as in the reference's lines.
 fn bar_line(title: &str, done: usize, len: usize, images: usize, secs: f64, loss: f64, top1: f64) -> String {
     let filled = CELLS * done / len.max(1);
     let bar: String = (0..CELLS)
@@ -148,7 +149,8 @@ fn bar_line(title: &str, done: usize, len: usize, images: usize, secs: f64, loss
         .collect();
     let rate = images as f64 / secs.max(1e-9);
     let eta = secs / done.max(1) as f64 * len.saturating_sub(done) as f64;
-    format!("{title}[{done}/{len}] [{bar}] Loss {loss:.4} Prec@1 {top1:.3} {rate:.0} img/s ETA {}", clock(eta))
+    let last = done.saturating_sub(1);
+    format!("{title}[{last}/{len}] [{bar}] Loss {loss:.4} Prec@1 {top1:.3} {rate:.0} img/s ETA {}", clock(eta))
 }
 
 /// Whole seconds as `m:ss`, or `h:mm:ss` from an hour.
@@ -167,10 +169,10 @@ mod tests {
     #[test]
     fn the_bar_shows_progress_rate_and_time_left() {
         let line = bar_line("Epoch: [3]", 391, 782, 391 * 64, 20.0, 0.43211, 84.1234);
-        assert_eq!(line, "Epoch: [3][391/782] [=====>    ] Loss 0.4321 Prec@1 84.123 1251 img/s ETA 0:20");
+        assert_eq!(line, "Epoch: [3][390/782] [=====>    ] Loss 0.4321 Prec@1 84.123 1251 img/s ETA 0:20");
         assert!(line.len() < COLUMNS, "{line}");
         let done = bar_line("Test: ", 157, 157, 10_000, 4.0, 1.0, 50.0);
-        assert_eq!(done, "Test: [157/157] [==========] Loss 1.0000 Prec@1 50.000 2500 img/s ETA 0:00");
+        assert_eq!(done, "Test: [156/157] [==========] Loss 1.0000 Prec@1 50.000 2500 img/s ETA 0:00");
         assert!(bar_line("Test: ", 1, 30, 1, 0.0, 0.0, 0.0).contains("[>         ]"));
     }
 

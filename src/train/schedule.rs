@@ -13,9 +13,35 @@ pub fn milestones(epochs: usize) -> (usize, usize) {
     (epochs.div_ceil(2), (epochs as u128 * 3).div_ceil(4) as usize)
 }
 
+/// The learning-rate drops a run from epoch `start` to `epochs` (exclusive) will make, as
+/// words: `/10 at epochs 150 and 225`, `/10 at epoch 225`, or `no drop left` (a drop at
+/// `start` itself has happened already: the run starts at the lower rate).
+pub fn drops(start: usize, epochs: usize) -> String {
+    let (first, second) = milestones(epochs);
+    let mut ahead: Vec<usize> = [first, second].into_iter().filter(|&m| m > start && m < epochs).collect();
+    ahead.dedup();
+    match ahead[..] {
+        [] => "no drop left".into(),
+        [m] => format!("/10 at epoch {m}"),
+        [a, b] => format!("/10 at epochs {a} and {b}"),
+        _ => unreachable!("two milestones"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_drops_ahead_are_listed() {
+        assert_eq!(drops(0, 300), "/10 at epochs 150 and 225");
+        assert_eq!(drops(150, 300), "/10 at epoch 225");
+        assert_eq!(drops(200, 300), "/10 at epoch 225");
+        assert_eq!(drops(225, 300), "no drop left");
+        assert_eq!(drops(0, 1), "no drop left");
+        assert_eq!(drops(0, 2), "/10 at epoch 1");
+        assert_eq!(drops(0, 4), "/10 at epochs 2 and 3");
+    }
 
     #[test]
     fn reference_milestones() {
