@@ -446,3 +446,49 @@ fn a_closed_stdout_stops_nothing() {
     assert!(!first.is_empty());
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// SIGTERM and SIGINT stop a run after its current step: exit 143 or 130, one line naming the
+/// last checkpoint and the exact command that resumes it, which does (here with `--epochs`
+/// appended, so that it ends soon).
+#[test]
+fn a_signal_stops_the_run_and_says_how_to_resume() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let s = Setup::new();
+    let runs = s.runs.path().to_str().unwrap();
+    for (signal, status) in [("TERM", 143), ("INT", 130)] {
+        let name = format!("sig{signal}");
+        let mut args = vec!["train", "--data-dir", s.data(), "--runs-dir", runs, "--name", &name, "--device", "cpu"];
+        args.extend(TINY);
+        args.extend(["--epochs", "100000"]);
+        let child = Command::new(env!("CARGO_BIN_EXE_densenet"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ck = s.checkpoint(&name, "checkpoint.safetensors");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !ck.exists() {
+            assert!(Instant::now() < deadline, "no checkpoint");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let kill = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(status), "{err}");
+        let line = err.lines().last().unwrap();
+        assert!(
+            line.starts_with(&format!("error: interrupted by SIG{signal}: the last checkpoint is {}", ck.display()))
+        );
+        let resume = line.split_once("resume with: ").expect("the resume command").1;
+        assert!(resume.ends_with(&format!("--resume {}", ck.display())), "{line}");
+        let meta = safetensors::SafeTensors::read_metadata(&std::fs::read(&ck).unwrap()).unwrap().1;
+        let next: usize = meta.metadata().as_ref().unwrap()["epoch"].parse().unwrap();
+        let again = Command::new("sh").arg("-c").arg(format!("{resume} --epochs {}", next + 1)).output().unwrap();
+        let text = String::from_utf8_lossy(&again.stdout);
+        assert!(again.status.success(), "{resume}: {}", String::from_utf8_lossy(&again.stderr));
+        assert!(text.contains(&format!("Resumed from {}: epoch {next}", ck.display())), "{text}");
+    }
+}

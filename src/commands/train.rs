@@ -6,12 +6,88 @@ use super::download::report_fetched;
 use super::memory::plan_line;
 use crate::*;
 use densenet::train::lock::RunLock;
+use densenet::train::stop;
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
     // Flags and files first: a usage error is reported as such whatever the device.
     let (cfg, source, start, run_dir, _lock) = checks(&a)?;
     let (be, why) = a.device.open()?;
-    with_backend!(be, be => run(&a, cfg, source, start, &run_dir, be, &why))
+    catch_signals()?;
+    let done = with_backend!(be, be => run(&a, cfg, source, start, &run_dir, be, &why));
+    match (done, stop::requested()) {
+        (Err(_), Some(signal)) => Err(interrupted(signal, &run_dir)),
+        (done, _) => done,
+    }
+}
+
+/// Seconds a run has, after SIGINT or SIGTERM, to finish its current step and stop.
+const STOP_DEADLINE_S: u64 = 30;
+
+/// The exit status of a run stopped by `signal`: 128 + its number (130 for SIGINT, 143 for
+/// SIGTERM), as a shell reports it.
+fn signal_status(signal: i32) -> u8 {
+    (128 + signal).clamp(0, 255) as u8
+}
+
+/// SIGINT and SIGTERM ask the run to stop after its current step ([`stop`]); a second one, or
+/// a step that does not end within [`STOP_DEADLINE_S`], ends the process at once (the last
+/// checkpoint is whole either way: writes are atomic).
+fn catch_signals() -> Result<(), Failure> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    use std::sync::atomic::AtomicBool;
+    let stopping = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        let cannot = |e: std::io::Error| failure(format!("cannot catch signal {signal}: {e}"));
+        // In this order: the second signal finds `stopping` set and exits.
+        flag::register_conditional_shutdown(signal, signal_status(signal).into(), stopping.clone()).map_err(cannot)?;
+        flag::register(signal, stopping.clone()).map_err(cannot)?;
+        flag::register_usize(signal, stop::flag().clone(), signal as usize).map_err(cannot)?;
+    }
+    std::thread::spawn(|| {
+        while stop::requested().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(STOP_DEADLINE_S));
+        let signal = stop::requested().unwrap_or(SIGTERM);
+        eprintln!("error: the current step did not end within {STOP_DEADLINE_S} s of signal {signal}: abandoned");
+        std::process::exit(signal_status(signal).into());
+    });
+    Ok(())
+}
+
+/// The error of a run stopped by `signal`: where its last checkpoint is, and the exact
+/// command that resumes it (this one with `--resume` appended: a repeated flag takes its last
+/// value).
+fn interrupted(signal: i32, run_dir: &Path) -> Failure {
+    let name = match signal {
+        signal_hook::consts::SIGINT => "SIGINT".to_string(),
+        signal_hook::consts::SIGTERM => "SIGTERM".to_string(),
+        s => format!("signal {s}"),
+    };
+    let command: Vec<String> = std::env::args().map(|a| shell_quote(&a)).collect();
+    let ck = run_dir.join(checkpoint::CHECKPOINT);
+    let message = match Checkpoint::read(&ck) {
+        Ok(c) => format!(
+            "interrupted by {name}: the last checkpoint is {} (next epoch {}); resume with: {} --resume {}",
+            ck.display(),
+            c.meta().epoch,
+            command.join(" "),
+            shell_quote(&ck.display().to_string())
+        ),
+        Err(_) => format!("interrupted by {name} before the first checkpoint; start again with: {}", command.join(" ")),
+    };
+    Failure { code: signal_status(signal), message }
+}
+
+/// `s` as one shell word: unchanged when it holds only safe characters, else single-quoted.
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Everything the flags and the files decide, checked before a device is opened or any data

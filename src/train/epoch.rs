@@ -59,6 +59,9 @@ fn run(
     let mut end = Instant::now();
     let (mut i, mut images) = (0, 0);
     while let Some(batch) = batches.next_batch()? {
+        if let Some(signal) = super::stop::requested() {
+            bail!("stopped by signal {signal} before batch {i} of {title}");
+        }
         let s = step(i, batch)?;
         loss.update(s.loss as f64, s.n);
         top1.update(100.0 * s.correct as f64 / s.n as f64, s.n);

@@ -6,6 +6,7 @@ pub mod epoch;
 pub mod lock;
 pub mod meter;
 pub mod schedule;
+pub mod stop;
 pub mod tensorboard;
 
 use crate::backend::{Backend, Sgd};
