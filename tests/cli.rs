@@ -64,9 +64,13 @@ fn trains_two_epochs_on_cifar10() {
         "Epoch: [0][4/5]",
         "Epoch: [1][2/5]",
         "Test: [0/2]",
+        // After the first epoch's 5 batches (the first, a warm-up, not timed).
+        "Estimate: 2 epochs of training take about ",
+        " s a batch over 4 batches; the test passes add to it)",
     ] {
         assert!(out.contains(expect), "'{expect}' missing from:\n{out}");
     }
+    assert_eq!(out.matches("Estimate: ").count(), 1, "{out}");
     assert!(!out.contains("Epoch: [0][1/5]"), "printed off the print frequency:\n{out}");
     let epochs: Vec<&str> = out.lines().filter(|l| l.starts_with(" * Epoch [")).collect();
     assert_eq!(epochs.len(), 2, "{out}");
@@ -84,8 +88,9 @@ fn training_is_deterministic_for_a_seed() {
     let dir = cifar10();
     let run = |seed: &str| {
         let out = train(dir.path(), "16", &["--epochs", "2", "-p", "1", "--seed", seed, "--droprate", "0.1"]);
-        // Everything but the timings.
+        // Everything but the timings (the estimate is one).
         out.lines()
+            .filter(|l| !l.starts_with("Estimate: "))
             .map(|l| {
                 l.split("  ").filter(|f| !f.starts_with("Time ") && !f.ends_with(" s)")).collect::<Vec<_>>().join("  ")
             })

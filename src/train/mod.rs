@@ -63,11 +63,13 @@ pub fn fit<B: Backend>(
     mut best: Option<f64>,
     mut after_epoch: impl FnMut(&Model<B>, &EpochEnd) -> Result<()>,
 ) -> Result<Option<f64>> {
+    let mut last: Option<f64> = None;
     for e in recipe.start_epoch..recipe.epochs {
         let start = Instant::now();
         let lr = schedule::learning_rate(recipe.lr, e, recipe.epochs);
         let hp = Sgd { lr: lr as f32, momentum: recipe.momentum, weight_decay: recipe.weight_decay, nesterov: true };
-        let t = epoch::train(model, train, e, hp, recipe.print_freq)?;
+        let ahead = epoch::Ahead { epochs: recipe.epochs - e - 1, epoch_secs: last, estimate: e == recipe.start_epoch };
+        let t = epoch::train(model, train, e, hp, recipe.print_freq, ahead)?;
         let v = epoch::evaluate(model, test, recipe.print_freq)?;
         let improved = best.is_none_or(|b| v.top1 > b);
         let top = best.map_or(v.top1, |b| b.max(v.top1));
@@ -81,6 +83,7 @@ pub fn fit<B: Backend>(
             v.top1,
             start.elapsed().as_secs_f64()
         ))?;
+        last = Some(start.elapsed().as_secs_f64());
         after_epoch(model, &EpochEnd { epoch: e, lr, train: t, test: v, best: top, improved })?;
     }
     Ok(best)
