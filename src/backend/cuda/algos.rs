@@ -454,6 +454,74 @@ mod tests {
         assert_eq!(parse_record(&text, &header()).unwrap(), entries());
     }
 
+    /// Structure-aware fuzzing of the record reader: every number and string of a valid record
+    /// replaced by hostile values, truncation, bytes flipped; a fixed seeded budget. No panic;
+    /// a record either reads back as well-formed entries or is refused with one line. Prints
+    /// the case count and how many got past the first check (JSON that parses).
+    #[test]
+    fn fuzzed_records_are_refused_in_one_line_never_panics() {
+        const CASES: u64 = 20_000;
+        let text = record(&header(), &entries());
+        let bytes = text.as_bytes();
+        let mut spans = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let start = i;
+            if bytes[i].is_ascii_digit() {
+                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                spans.push((start, i));
+            } else if bytes[i] == b'"' {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += 1;
+                }
+                i += 1;
+                spans.push((start + 1, i - 1));
+            } else {
+                i += 1;
+            }
+        }
+        let values = ["0", "-1", "4294967295", "18446744073709551615", "1e308", "-0.5", "NaN", "", "\"x\"", "[]", "{}"];
+        let mut past_first = 0;
+        for case in 0..CASES {
+            let r = |k: u64| crate::rng::derive(crate::rng::derive(0x5eed, case), k);
+            let mutated = match r(0) % 3 {
+                0 => {
+                    let (a, b) = spans[(r(1) % spans.len() as u64) as usize];
+                    let mut t = text.clone();
+                    t.replace_range(a..b, values[(r(2) % values.len() as u64) as usize]);
+                    t
+                }
+                1 => text[..(r(3) % text.len() as u64) as usize].to_string(),
+                _ => {
+                    let mut b = text.clone().into_bytes();
+                    let at = (r(4) % b.len() as u64) as usize;
+                    b[at] ^= 1 << (r(5) % 7);
+                    String::from_utf8_lossy(&b).into_owned()
+                }
+            };
+            match std::panic::catch_unwind(|| parse_record(&mutated, &header())) {
+                Err(_) => panic!("case {case} panicked"),
+                Ok(Ok(entries)) => {
+                    past_first += 1;
+                    for e in entries {
+                        assert!(e.ranked.iter().all(|r| AlgorithmFamily::All.allows(e.dir, r.algo)), "case {case}");
+                    }
+                }
+                Ok(Err(e)) => {
+                    assert!(!e.0.contains('\n'), "case {case}: {e}");
+                    if !e.0.starts_with("not a record") {
+                        past_first += 1;
+                    }
+                }
+            }
+        }
+        eprintln!("algorithm record reader: {CASES} cases, {past_first} past the first check (JSON)");
+        assert!(past_first > CASES / 4, "the mutations rarely reach the record's own checks");
+    }
+
     #[test]
     fn a_foreign_stale_or_corrupt_record_is_refused() {
         let text = record(&header(), &entries());
