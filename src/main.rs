@@ -446,3 +446,33 @@ fn parse_error(e: clap::Error) -> ExitCode {
     }
     code
 }
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    /// Fuzzing the size parser with strings drawn from its own alphabet (digits, dots, spaces,
+    /// unit letters, signs) and a few others, a fixed seeded budget: no panic, every rejection
+    /// one line, and what it accepts is at least one byte.
+    #[test]
+    fn fuzzed_sizes_never_panic() {
+        const CASES: u64 = 50_000;
+        let alphabet: Vec<char> = "0123456789.  kKmMgGtTiIbB-+eE_x\u{e9}".chars().collect();
+        let mut accepted = 0;
+        for case in 0..CASES {
+            let r = |k: u64| densenet::rng::derive(densenet::rng::derive(0x517e, case), k);
+            let len = r(0) % 12;
+            let s: String = (0..len).map(|k| alphabet[(r(1 + k) % alphabet.len() as u64) as usize]).collect();
+            match std::panic::catch_unwind(|| size(&s)) {
+                Err(_) => panic!("{s:?} panicked"),
+                Ok(Ok(bytes)) => {
+                    accepted += 1;
+                    assert!(bytes >= 1, "{s:?}");
+                }
+                Ok(Err(e)) => assert!(!e.contains('\n') && !e.is_empty(), "{s:?}: {e}"),
+            }
+        }
+        eprintln!("size parser: {CASES} cases, {accepted} accepted");
+        assert!(accepted > 0, "no size was accepted");
+    }
+}

@@ -303,6 +303,34 @@ mod tests {
         Ok(images)
     }
 
+    /// Fuzzing the record reader: valid CIFAR-10 and CIFAR-100 records with random label bytes,
+    /// flipped pixels and truncation, a fixed seeded budget: no panic, every rejection one line
+    /// naming the file and the record.
+    #[test]
+    fn fuzzed_records_are_one_line_errors_never_panics() {
+        const CASES: u64 = 5_000;
+        let mut accepted = 0;
+        for case in 0..CASES {
+            let r = |k: u64| crate::rng::derive(crate::rng::derive(0xc1fa, case), k);
+            let dataset = if r(0) % 2 == 0 { Dataset::Cifar10 } else { Dataset::Cifar100 };
+            let mut bytes = records(dataset, 3);
+            for k in 0..1 + r(1) % 3 {
+                let at = (r(2 + k) % bytes.len() as u64) as usize;
+                bytes[at] = r(10 + k) as u8;
+            }
+            bytes.truncate(bytes.len() - (r(20) % 2 * (r(21) % bytes.len() as u64)) as usize);
+            let records = bytes.len().div_ceil(dataset.record_bytes());
+            let mut images = Images::with_capacity(records);
+            match std::panic::catch_unwind(move || images.append(&bytes[..], records, dataset, Path::new("x.bin"))) {
+                Err(_) => panic!("case {case} panicked"),
+                Ok(Ok(())) => accepted += 1,
+                Ok(Err(e)) => assert!(!e.0.contains('\n') && e.0.starts_with("x.bin: record "), "case {case}: {e}"),
+            }
+        }
+        eprintln!("CIFAR record reader: {CASES} cases, {accepted} accepted");
+        assert!(accepted > 0 && accepted < CASES, "{accepted} of {CASES} accepted");
+    }
+
     #[test]
     fn cifar10_records() {
         let mut bytes = records(Dataset::Cifar10, 3);
