@@ -11,6 +11,8 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod model;
 pub mod rng;
 pub mod train;

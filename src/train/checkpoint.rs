@@ -679,28 +679,8 @@ mod tests {
         let seed = encode(&m, &Meta::of(&m, Dataset::Cifar10, 3, 25.0)).unwrap();
         let n = u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
         let header = String::from_utf8(seed[8..8 + n].to_vec()).unwrap();
-        // Byte ranges of every number and every string in the header: what mutations replace.
-        let mut spans = Vec::new();
-        let bytes = header.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            let start = i;
-            if bytes[i].is_ascii_digit() {
-                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
-                    i += 1;
-                }
-                spans.push((start, i));
-            } else if bytes[i] == b'"' {
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
-                }
-                i += 1;
-                spans.push((start + 1, i.min(bytes.len()) - 1));
-            } else {
-                i += 1;
-            }
-        }
+        // Every number and string of the header: what mutations replace.
+        let spans = crate::fuzz::json_spans(&header);
         let values = [
             "0",
             "1",

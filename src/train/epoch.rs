@@ -186,8 +186,7 @@ impl Bar {
 impl Drop for Bar {
     fn drop(&mut self) {
         if self.drawn.is_some() {
-            let mut out = std::io::stdout().lock();
-            let _ = write!(out, "\r\x1b[K").and_then(|()| out.flush());
+            let _ = self.clear();
         }
     }
 }

@@ -462,27 +462,7 @@ mod tests {
     fn fuzzed_records_are_refused_in_one_line_never_panics() {
         const CASES: u64 = 20_000;
         let text = record(&header(), &entries());
-        let bytes = text.as_bytes();
-        let mut spans = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            let start = i;
-            if bytes[i].is_ascii_digit() {
-                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
-                    i += 1;
-                }
-                spans.push((start, i));
-            } else if bytes[i] == b'"' {
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    i += 1;
-                }
-                i += 1;
-                spans.push((start + 1, i - 1));
-            } else {
-                i += 1;
-            }
-        }
+        let spans = crate::fuzz::json_spans(&text);
         let values = ["0", "-1", "4294967295", "18446744073709551615", "1e308", "-0.5", "NaN", "", "\"x\"", "[]", "{}"];
         let mut past_first = 0;
         for case in 0..CASES {
