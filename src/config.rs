@@ -2,9 +2,11 @@
 //! (four blocks, 7x7 stride-2 stem and max pool), plus the geometry they imply for an input size.
 
 use crate::{bail, Result};
+use serde::{Deserialize, Serialize};
 
-/// How the image becomes the first dense block's input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How the image becomes the first dense block's input (`"cifar"` or `"imagenet"` in JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Stem {
     /// 3x3 convolution, stride 1, padding 1 (CIFAR).
     Cifar,
@@ -12,8 +14,10 @@ pub enum Stem {
     ImageNet,
 }
 
-/// A DenseNet: everything that fixes its parameters and its computation.
-#[derive(Clone, Debug, PartialEq)]
+/// A DenseNet: everything that fixes its parameters and its computation. In JSON (checkpoint
+/// metadata), an object of these fields; check a parsed one with [`NetConfig::validate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Stem type.
     pub stem: Stem,
@@ -139,6 +143,19 @@ impl NetConfig {
         Ok(())
     }
 
+    /// Whether `other` has the same parameters (every tensor's name and shape): it may differ
+    /// in its dropout rate only.
+    pub fn same_parameters(&self, other: &NetConfig) -> bool {
+        NetConfig { drop_rate: 0.0, ..self.clone() } == NetConfig { drop_rate: 0.0, ..other.clone() }
+    }
+
+    /// The depth the conventional name gives: weighted layers (two per bottleneck layer), plus
+    /// one per transition, the stem and the classifier (3n+4 or 6n+4 for the CIFAR networks).
+    pub fn depth(&self) -> usize {
+        let per_layer = if self.bottleneck { 2 } else { 1 };
+        self.block_layers.iter().sum::<usize>() * per_layer + self.block_layers.len() + 1
+    }
+
     /// Output channels of a transition whose input has `c` channels.
     pub fn transition_channels(&self, c: usize) -> usize {
         (c as f64 * self.reduction).floor() as usize
@@ -190,15 +207,13 @@ impl NetConfig {
                 return format!("DenseNet-{}", &p.0[8..]);
             }
         }
-        let per_layer = if self.bottleneck { 2 } else { 1 };
-        let depth = self.block_layers.iter().sum::<usize>() * per_layer + self.block_layers.len() + 1;
         let tag = match (self.bottleneck, self.reduction < 1.0) {
             (true, true) => "BC-",
             (true, false) => "B-",
             (false, true) => "C-",
             (false, false) => "",
         };
-        format!("DenseNet-{tag}{depth}-{}", self.growth)
+        format!("DenseNet-{tag}{}-{}", self.depth(), self.growth)
     }
 }
 

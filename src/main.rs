@@ -9,7 +9,8 @@
 //! the last line of stdout.
 
 use clap::error::ErrorKind;
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use densenet::backend::{Backend, CpuBackend, Sgd};
 use densenet::config::NetConfig;
 use densenet::data::cifar::{Dataset, Images, Split, SIDE};
@@ -20,8 +21,10 @@ use densenet::model::plan::{Category, Mode, Plan};
 use densenet::model::Model;
 use densenet::rng;
 use densenet::train::checkpoint::{self, Checkpoint, Saver};
+use densenet::train::recipe::{Recipe, MAX_BATCH, MAX_EPOCHS};
 use densenet::train::tensorboard::EventWriter;
-use densenet::train::{self, epoch, report, Recipe};
+use densenet::train::{self, epoch, report};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,10 +38,6 @@ use commands::device::DeviceArgs;
 #[global_allocator]
 static HEAP: commands::bench::heap::Counting = commands::bench::heap::Counting;
 
-/// Largest batch accepted (keeps every planned size far from overflow).
-const MAX_BATCH: usize = 1 << 24;
-/// Largest `--epochs` (keeps the schedule arithmetic far from overflow).
-const MAX_EPOCHS: usize = 1_000_000;
 /// Largest `bench --steps` and `--warmup`.
 const MAX_STEPS: usize = 1_000_000;
 /// Seed of `bench`'s network and random batch.
@@ -138,10 +137,17 @@ struct TrainArgs {
     #[arg(long, value_name = "DIR", default_value = "runs")]
     runs_dir: PathBuf,
     /// Continue a run from its checkpoint (a file, or a run directory for its
-    /// checkpoint.safetensors): weights, running statistics, momentum, step counter, next
-    /// epoch, best accuracy and seed. The network flags must describe the same network.
+    /// checkpoint.safetensors), in its run directory, with its recipe (network, data set,
+    /// batch size, SGD settings, epochs, augmentation, seed, name: no flag needs retyping) and
+    /// its state (weights, running statistics, momentum, step counter, next epoch, best
+    /// accuracy). A recipe flag that differs from the run's is refused (see --change-recipe).
     #[arg(long, value_name = "PATH", conflicts_with = "init_weights")]
     resume: Option<PathBuf>,
+    /// With --resume: change the run's recipe to the recipe flags given (a longer --epochs,
+    /// say); each change is printed and recorded in the run's checkpoints. The network's
+    /// tensors cannot change.
+    #[arg(long, requires = "resume")]
+    change_recipe: bool,
     /// Start from the weights and running statistics of a safetensors file with reference
     /// names (a checkpoint, or a converted PyTorch state dict); momentum starts at zero.
     #[arg(long, value_name = "FILE")]
@@ -166,6 +172,10 @@ struct TrainArgs {
     seed: Option<u64>,
     #[command(flatten)]
     device: DeviceArgs,
+    /// The flags given on the command line (their clap ids): a resumed run takes the others
+    /// from its recipe.
+    #[arg(skip)]
+    given: HashSet<String>,
 }
 
 /// Where the dataset is.
@@ -187,9 +197,10 @@ struct ProgressArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A checkpoint written by `densenet train` (checkpoint.safetensors or model_best.safetensors):
-    /// its metadata describes the network, so no network flags are needed.
-    #[arg(long, value_name = "FILE")]
+    /// A checkpoint written by `densenet train` (checkpoint.safetensors or model_best.safetensors),
+    /// or a run directory for its model_best.safetensors: its metadata describes the network,
+    /// so no network flags are needed.
+    #[arg(long, value_name = "PATH")]
     checkpoint: PathBuf,
     /// Dataset: cifar10 or cifar100 [default: the checkpoint's].
     #[arg(long, value_name = "NAME")]
@@ -296,10 +307,7 @@ fn modes(s: &str) -> Result<Modes, String> {
 
 /// A run name: one folder under the runs directory.
 fn run_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s == "." || s == ".." || s.contains(['/', '\\']) {
-        return Err("must be a plain folder name (no '/' or '\\'): the run goes to <runs-dir>/<name>/".into());
-    }
-    Ok(s.to_string())
+    densenet::train::recipe::check_name(s).map(|()| s.to_string())
 }
 
 /// A whole number >= 1.
@@ -404,12 +412,16 @@ fn failure(message: impl fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => return parse_error(e),
     };
     let done = match cli.command {
-        Command::Train(a) => commands::train::train(*a),
+        Command::Train(mut a) => {
+            a.given = matches.subcommand_matches("train").map(given).unwrap_or_default();
+            commands::train::train(*a)
+        }
         Command::Eval(a) => commands::eval::eval(a),
         Command::Memory(a) => commands::memory::memory(a),
         Command::Bench(a) => commands::bench::bench(a),
@@ -422,6 +434,14 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The ids of the arguments given on the command line (not defaulted).
+fn given(m: &ArgMatches) -> HashSet<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
 }
 
 /// Help and version as clap prints them; every other parse error as one line with clap's tips.

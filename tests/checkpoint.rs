@@ -34,22 +34,46 @@ impl Setup {
         Setup { data, runs: TempDir::new().unwrap() }
     }
 
-    /// `densenet train` on the tiny network and data, run `name`, with extra flags (which
-    /// replace those of [`NET`]).
-    fn train(&self, name: &str, extra: &[&str]) -> Output {
+    /// `densenet train` on the tiny network and data, run `name` in runs directory `runs`, with
+    /// extra flags (which replace those of [`NET`]).
+    fn command(&self, runs: &Path, name: &str, extra: &[&str]) -> Command {
         let mut args = vec!["train", "--data-dir", self.data.path().to_str().unwrap()];
-        args.extend(["--runs-dir", self.runs.path().to_str().unwrap(), "--name", name, "-p", "100"]);
+        args.extend(["--runs-dir", runs.to_str().unwrap(), "--name", name, "-p", "100"]);
         for pair in NET.chunks(2) {
             if !extra.contains(&pair[0]) {
                 args.extend(pair);
             }
         }
         args.extend(extra);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_densenet"));
+        command.args(&args).current_dir(runs);
+        command
+    }
+
+    /// [`Setup::command`] in this setup's runs directory, run.
+    fn train(&self, name: &str, extra: &[&str]) -> Output {
+        self.command(self.runs.path(), name, extra).output().expect("run the densenet binary")
+    }
+
+    /// `densenet train --resume PATH` and nothing else of the recipe: only the data, the
+    /// device and the print frequency (which are not recipe), run from an unrelated directory.
+    fn resume_alone(&self, path: &Path, extra: &[&str]) -> Output {
+        let elsewhere = TempDir::new().unwrap();
         Command::new(env!("CARGO_BIN_EXE_densenet"))
-            .args(&args)
-            .current_dir(self.runs.path())
+            .args(["train", "--resume", path.to_str().unwrap(), "--data-dir", self.data.path().to_str().unwrap()])
+            .args(["--device", "cpu", "-p", "100"])
+            .args(extra)
+            .current_dir(elsewhere.path())
             .output()
             .expect("run the densenet binary")
+    }
+
+    /// Run `name` of `epochs` epochs, killed once the checkpoint of its first epoch is in place
+    /// (at the 8th write step: the best file, then the checkpoint, four steps each).
+    fn train_killed_after_one(&self, name: &str, extra: &[&str]) {
+        let out = self.command(self.runs.path(), name, extra).env("DENSENET_FAULT_AT", "8").output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stderr).contains("DENSENET_FAULT_AT=8: aborting"), "{out:?}");
+        assert_eq!(File::read(&self.checkpoint(name)).meta["epoch"], "1");
     }
 
     /// As [`Setup::train`], asserting success; returns stdout.
@@ -105,11 +129,34 @@ impl File {
 
     /// Writes these tensors (no metadata) to `path`.
     fn write(tensors: &Tensors, path: &Path) {
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-            .iter()
+        File { tensors: tensors.clone(), meta: BTreeMap::new() }.save(path)
+    }
+
+    /// Writes this file (its metadata too, when it has any) to `path`.
+    fn save(&self, path: &Path) {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = (self.tensors.iter())
             .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
             .collect();
-        std::fs::write(path, safetensors::serialize(views, None::<HashMap<String, String>>).unwrap()).unwrap();
+        let meta: Option<HashMap<String, String>> = match self.meta.is_empty() {
+            true => None,
+            false => Some(self.meta.clone().into_iter().collect()),
+        };
+        std::fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
+    }
+
+    /// The recipe the metadata records.
+    fn recipe(&self) -> serde_json::Value {
+        serde_json::from_str(&self.meta["recipe"]).unwrap()
+    }
+
+    /// This file with the run name in its recipe replaced by `name` (the recipe's text
+    /// otherwise as it was).
+    fn renamed(&self, name: &str) -> File {
+        let old = format!("\"name\":{}", self.recipe()["name"]);
+        assert!(self.meta["recipe"].contains(&old), "{}", self.meta["recipe"]);
+        let mut meta = self.meta.clone();
+        meta.insert("recipe".into(), self.meta["recipe"].replace(&old, &format!("\"name\":{:?}", name)));
+        File { tensors: self.tensors.clone(), meta }
     }
 
     fn floats(&self, name: &str) -> Vec<f32> {
@@ -149,26 +196,35 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 #[test]
 fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let s = Setup::new();
-    s.train_ok("whole", &["--epochs", "2", "--seed", "5"]);
-    let first = s.train_ok("split", &["--epochs", "1", "--seed", "5"]);
-    assert!(first.contains(&format!("Checkpoints: {} every epoch", s.checkpoint("split").display())), "{first}");
-    assert!(first.contains(" * Saved checkpoint.safetensors (next epoch 1); new best Prec@1 "), "{first}");
+    // The uninterrupted run has the same name in another runs directory: the same recipe.
+    let other = TempDir::new().unwrap();
+    let out = s.command(other.path(), "split", &["--epochs", "2", "--seed", "5"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let whole_dir = other.path().join("split");
+    s.train_killed_after_one("split", &["--epochs", "2", "--seed", "5"]);
     let after_one = File::read(&s.checkpoint("split"));
-    assert_eq!(after_one.meta["epoch"], "1");
     assert_eq!(after_one.meta["steps"], BATCHES.to_string());
 
+    // `--resume` alone: the run's directory and its whole recipe come from its checkpoint.
     let resume = s.checkpoint("split");
-    let out = s.train_ok("split", &["--epochs", "2", "--resume", resume.to_str().unwrap()]);
-    assert!(out.contains(&format!("Resumed from {}: epoch 1, step {BATCHES}, ", resume.display())), "{out}");
-    assert!(out.contains("seed 5") && out.contains("Epoch: [1][0/11]") && !out.contains("Epoch: [0]"), "{out}");
+    let out = s.resume_alone(&resume, &[]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("DenseNet-BC-10-4 (run split) on CIFAR-10"), "{text}");
+    assert!(text.contains(&format!("Resumed from {}: epoch 1, step {BATCHES}, ", resume.display())), "{text}");
+    assert!(
+        text.contains("Training: epochs 1 to 1, batch 8, lr 0.01 (no drop left), Nesterov momentum 0.9,"),
+        "{text}"
+    );
+    assert!(text.contains("seed 5") && text.contains("Epoch: [1][0/11]") && !text.contains("Epoch: [0]"), "{text}");
 
-    let (whole, split) = (File::read(&s.checkpoint("whole")), File::read(&s.checkpoint("split")));
+    let (whole, split) = (File::read(&whole_dir.join("checkpoint.safetensors")), File::read(&s.checkpoint("split")));
     assert_eq!(whole.tensors.keys().collect::<Vec<_>>(), split.tensors.keys().collect::<Vec<_>>());
     for (name, t) in &whole.tensors {
         assert!(split.tensors[name] == *t, "{name} differs after the resume");
     }
     assert_eq!(whole.meta, split.meta);
-    assert_eq!((whole.meta["epoch"].as_str(), whole.meta["seed"].as_str()), ("2", "5"));
+    assert_eq!((whole.meta["epoch"].as_str(), whole.recipe()["seed"].as_u64()), ("2", Some(5)));
     assert_eq!(whole.meta["steps"], (2 * BATCHES).to_string());
     // What the comparison covers: trained weights, momentum, statistics and BN counters.
     assert_ne!(whole.floats("conv1.weight"), after_one.floats("conv1.weight"));
@@ -178,50 +234,88 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(whole.int("trans1.bn1.num_batches_tracked"), 2 * BATCHES);
 
     // model_best is the checkpoint of the best epoch, in both runs.
-    let (best_whole, best_split) = (File::read(&s.best("whole")), File::read(&s.best("split")));
+    let (best_whole, best_split) =
+        (File::read(&whole_dir.join("model_best.safetensors")), File::read(&s.best("split")));
     assert_eq!(best_whole, best_split);
     assert_eq!(best_whole.meta["best_prec1"], whole.meta["best_prec1"]);
     let best_epoch = &best_whole.meta["epoch"];
     assert_eq!(best_whole, if best_epoch == "1" { after_one } else { whole }, "epoch {best_epoch}");
 
-    // A run directory stands for its checkpoint; the resumed run goes on.
-    let out = s.train_ok("split", &["--epochs", "3", "--resume", s.run("split").to_str().unwrap()]);
-    assert!(out.contains("Resumed from ") && out.contains("epoch 2, step 22"), "{out}");
+    // A finished run says how to go on; a longer --epochs is a recipe change, refused without
+    // --change-recipe and changing nothing.
+    let run = s.run("split");
+    let before = snapshot(&run);
+    let needles =
+        ["run 'split' is complete", "is at epoch 2 of its 2", "add --change-recipe --epochs N with N above 2"];
+    run::assert_one_line_error(&s.resume_alone(&run, &[]), 1, &needles, "a finished run");
+    let needles = ["--epochs 2 in the checkpoint, 3 here", "leave those flags out", "add --change-recipe"];
+    run::assert_one_line_error(&s.resume_alone(&run, &["--epochs", "3"]), 1, &needles, "--epochs 3");
+    assert!(snapshot(&run) == before);
+    // With it: the change and what it does to the LR milestones are printed and recorded.
+    let out = s.resume_alone(&run, &["--epochs", "3", "--change-recipe"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let change = "Recipe change from epoch 2: --epochs 2 -> 3 (the LR milestones (50% and 75% of the epochs) move \
+                  from epochs 1 and 2 to 2 and 3; epoch 2 trains at lr 0.01, as epoch 1 did)";
+    assert!(text.contains(change), "{text}");
     // Epoch 2 of 3 runs at the rate dropped at epoch 2, with no drop left to announce.
-    assert!(out.contains("Training: epochs 2 to 2, batch 8, lr 0.01 (no drop left),"), "{out}");
-    assert_eq!(File::read(&s.checkpoint("split")).meta["epoch"], "3");
+    assert!(text.contains("Training: epochs 2 to 2, batch 8, lr 0.01 (no drop left),"), "{text}");
+    let ck = File::read(&s.checkpoint("split"));
+    assert_eq!((ck.meta["epoch"].as_str(), ck.recipe()["epochs"].as_u64()), ("3", Some(3)));
+    assert_eq!(ck.recipe()["changes"], serde_json::json!([{"epoch": 2, "what": "--epochs", "from": "2", "to": "3"}]));
 }
 
 #[test]
 fn a_resume_that_does_not_fit_is_refused_and_changes_nothing() {
     let s = Setup::new();
-    s.train_ok("r", &["--epochs", "1", "--seed", "3"]);
+    s.train_killed_after_one("r", &["--epochs", "2", "--seed", "3"]);
     let before = snapshot(s.runs.path());
     assert_eq!(before.len(), 2, "{:?}", before.keys());
     let ck = s.checkpoint("r");
     let ck = ck.to_str().unwrap();
+    let network = "a resumed run keeps its network";
+    let change = "or add --change-recipe to change it";
     let cases: &[(&[&str], &[&str])] = &[
-        (&["--growth", "8"], &["cannot resume from", ck, "--growth 4 in the checkpoint, 8 here", "DenseNet-BC-10-8"]),
-        (&["--layers", "16"], &["--layers 10 in the checkpoint, 16 here"]),
+        (
+            &["--growth", "8"],
+            &["cannot resume from", ck, "--growth 4 in the checkpoint, 8 here", "DenseNet-BC-10-8", network],
+        ),
+        (&["--growth", "8", "--change-recipe"], &["--growth 4 in the checkpoint, 8 here", network]),
+        (&["--layers", "16"], &["--layers 10 in the checkpoint, 16 here", network]),
         (&["--no-bottleneck"], &["bottleneck on in the checkpoint, off here"]),
         (&["--reduce", "1"], &["--reduce 0.5 in the checkpoint, 1 here"]),
-        (&["--droprate", "0"], &["--droprate 0.2 in the checkpoint, 0 here"]),
-        (&["--dataset", "cifar100"], &["--dataset cifar10 in the checkpoint, cifar100 here"]),
-        (&["--seed", "4"], &["--seed 4 disagrees with", "seed 3"]),
+        (&["--dataset", "cifar100"], &["--dataset cifar10 in the checkpoint, cifar100 here", network]),
+        (&["--droprate", "0"], &["cannot resume from", "as asked: --droprate 0.2 in the checkpoint, 0 here", change]),
+        (&["--seed", "4"], &["--seed 3 in the checkpoint, 4 here", change]),
+        (
+            &["--lr", "0.05", "-b", "16"],
+            &["--batch-size 8 in the checkpoint, 16 here; --lr 0.1 in the checkpoint, 0.05 here"],
+        ),
+        (
+            &["--no-augment", "--momentum", "0.5"],
+            &["--momentum 0.9 in the checkpoint, 0.5 here; augmentation on in the checkpoint, off here"],
+        ),
+        (&["--wd", "0"], &["--weight-decay 0.0001 in the checkpoint, 0 here"]),
+        (&["--name", "other"], &["--name r in the checkpoint, other here", "continue run 'r' with its recipe"]),
+        (&["--epochs", "1"], &["--epochs 2 in the checkpoint, 1 here", change]),
+        (&["--epochs", "1", "--change-recipe"], &["is at epoch 1 and --epochs 1 leaves nothing to train"]),
         (&["--start-epoch", "0"], &["--start-epoch 0 disagrees with", "next epoch is 1"]),
-        (&["--epochs", "1"], &["is at epoch 1 and --epochs 1 leaves nothing to train"]),
     ];
     for (flags, needles) in cases {
         let mut extra = vec!["--resume", ck];
         extra.extend(*flags);
-        if !flags.contains(&"--epochs") {
-            extra.extend(["--epochs", "2"]);
-        }
         s.train_fails("r", &extra, needles);
         assert!(snapshot(s.runs.path()) == before, "{flags:?} changed the run directory");
     }
-    // An explicit --seed or --start-epoch that agrees is fine: nothing else is refused.
-    s.train_ok("r", &["--epochs", "2", "--resume", ck, "--seed", "3", "--start-epoch", "1"]);
+    let out = s.train("r", &["--change-recipe"]);
+    run::assert_one_line_error(
+        &out,
+        2,
+        &["required arguments were not provided: --resume <PATH>"],
+        "--change-recipe alone",
+    );
+    // Explicit flags that agree with the recipe are fine, --seed and --start-epoch included.
+    s.train_ok("r", &["--epochs", "2", "--resume", ck, "--seed", "3", "--start-epoch", "1", "--lr", "0.1"]);
     assert_eq!(File::read(&s.checkpoint("r")).meta["epoch"], "2");
 
     // A new run never writes over an earlier run's checkpoints.
@@ -230,15 +324,104 @@ fn a_resume_that_does_not_fit_is_refused_and_changes_nothing() {
     let elsewhere = s.runs.path().join("elsewhere.safetensors");
     std::fs::copy(ck, &elsewhere).unwrap();
     let before_copy = snapshot(s.runs.path());
-    s.train_fails("r", &["--epochs", "3", "--resume", elsewhere.to_str().unwrap()], &["already exists"]);
+    let longer = ["--change-recipe", "--epochs", "3", "--resume"];
+    s.train_fails("r", &[&longer[..], &[elsewhere.to_str().unwrap()]].concat(), &["already exists"]);
     assert!(snapshot(s.runs.path()) == before_copy);
     std::fs::remove_file(&elsewhere).unwrap();
     assert!(snapshot(s.runs.path()) == before);
 
     // Resuming a run from its model_best would overwrite its later checkpoint.
     let best = s.runs.path().join("r").join("model_best.safetensors");
-    s.train_fails("r", &["--epochs", "3", "--resume", best.to_str().unwrap()], &["would overwrite its later", ck]);
+    s.train_fails("r", &[&longer[..], &[best.to_str().unwrap()]].concat(), &["would overwrite its later", ck]);
     assert!(snapshot(s.runs.path()) == before);
+}
+
+/// `--change-recipe` changes a run's recipe: each change printed and recorded, the run going on
+/// in its directory (or, under a new `--name`, in a new one, the old one untouched); the
+/// memory mode, which is not recipe, carries over until changed, with a word on exactness.
+#[test]
+fn recipe_changes_are_printed_and_recorded() {
+    let s = Setup::new();
+    s.train_ok("c", &["--epochs", "1"]);
+    let run = s.run("c");
+    let changed = s.resume_alone(&run, &["--change-recipe", "--epochs", "2", "--lr", "0.05", "--no-augment"]);
+    let text = String::from_utf8(changed.stdout).unwrap();
+    assert!(changed.status.success(), "{text}{}", String::from_utf8_lossy(&changed.stderr));
+    for line in [
+        "Recipe change from epoch 1: --epochs 1 -> 2 (the LR milestones",
+        "Recipe change from epoch 1: --lr 0.1 -> 0.05\n",
+        "Recipe change from epoch 1: augmentation on -> off\n",
+        "Training: epochs 1 to 1, batch 8, lr 0.005 (no drop left), Nesterov momentum 0.9, weight decay 0.0001, \
+         augmentation off, seed 0",
+    ] {
+        assert!(text.contains(line), "'{line}' not in {text}");
+    }
+    let recipe = File::read(&s.checkpoint("c")).recipe();
+    assert_eq!(
+        (recipe["epochs"].as_u64(), recipe["lr"].as_f64(), recipe["augment"].as_bool()),
+        (Some(2), Some(0.05), Some(false))
+    );
+    let whats: Vec<&str> = recipe["changes"].as_array().unwrap().iter().map(|c| c["what"].as_str().unwrap()).collect();
+    assert_eq!(whats, ["--epochs", "--lr", "augmentation"]);
+    assert!(recipe["changes"].as_array().unwrap().iter().all(|c| c["epoch"] == 1));
+
+    // Under another name the run goes on in a new directory; the old one stays as it was.
+    let before = snapshot(&run);
+    let out = s.train_ok("fork", &["--change-recipe", "--epochs", "3", "--resume", run.to_str().unwrap()]);
+    assert!(out.contains("Recipe change from epoch 2: --name c -> fork"), "{out}");
+    assert!(snapshot(&run) == before, "the forked run's directory changed");
+    let fork = File::read(&s.checkpoint("fork"));
+    assert_eq!((fork.meta["epoch"].as_str(), fork.recipe()["name"].as_str()), ("3", Some("fork")));
+    assert_eq!(fork.recipe()["changes"].as_array().unwrap().len(), 5);
+
+    // The memory mode carries over; a change of it is printed, with what it means.
+    let fork = s.run("fork");
+    let out = s.resume_alone(&fork, &["--change-recipe", "--epochs", "4", "--memory", "shared"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    let note = "Memory mode shared (the run trained in minimal until epoch 3): the modes agree to within 1e-5";
+    assert!(text.contains(note), "{text}");
+    assert_eq!(File::read(&s.checkpoint("fork")).meta["memory"], "shared");
+    let out = s.resume_alone(&fork, &["--change-recipe", "--epochs", "5"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success() && !text.contains("Memory mode"), "{text}");
+    assert_eq!(File::read(&s.checkpoint("fork")).meta["memory"], "shared");
+}
+
+/// A checkpoint written before the recipe was stored (format 1: network, data set and seed)
+/// still resumes: its network from the file, so no network flag is needed, and the rest of
+/// the recipe from the flags; the run goes on in its directory, now in format 2.
+#[test]
+fn format_1_checkpoints_resume_with_the_flags_recipe() {
+    let s = Setup::new();
+    s.train_ok("new", &["--epochs", "1", "--seed", "6"]);
+    let new = File::read(&s.checkpoint("new"));
+    let recipe = new.recipe();
+    let mut old = File { tensors: new.tensors.clone(), meta: new.meta.clone() };
+    for key in ["recipe", "memory"] {
+        old.meta.remove(key);
+    }
+    for (key, value) in [
+        ("format_version", "1".to_string()),
+        ("network", recipe["network"].to_string()),
+        ("dataset", "cifar10".into()),
+        ("seed", "6".into()),
+    ] {
+        old.meta.insert(key.into(), value);
+    }
+    std::fs::create_dir(s.run("old")).unwrap();
+    old.save(&s.checkpoint("old"));
+    let out = s.resume_alone(&s.run("old"), &["--epochs", "2", "-b", "8"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("(checkpoint format 1) records the network, data set and seed;"), "{text}");
+    assert!(text.contains("DenseNet-BC-10-4 (run old) on CIFAR-10") && text.contains("seed 6"), "{text}");
+    let resumed = File::read(&s.checkpoint("old"));
+    assert_eq!((resumed.meta["format_version"].as_str(), resumed.meta["epoch"].as_str()), ("2", "2"));
+    assert_eq!(resumed.recipe()["network"], recipe["network"]);
+    assert_eq!((resumed.recipe()["name"].as_str(), resumed.recipe()["batch_size"].as_u64()), (Some("old"), Some(8)));
+    let out = s.resume_alone(&s.run("old"), &["--epochs", "3", "--growth", "8"]);
+    run::assert_one_line_error(&out, 1, &["--growth 4 in the checkpoint, 8 here"], "another network");
 }
 
 #[test]
@@ -299,7 +482,7 @@ fn init_weights_load_the_model_tensors_and_name_what_is_missing() {
         }
     }
     assert_eq!(tuned.int("bn1.num_batches_tracked"), BATCHES, "the step counter starts at 0");
-    assert_eq!((tuned.meta["epoch"].as_str(), tuned.meta["seed"].as_str()), ("1", "2"));
+    assert_eq!((tuned.meta["epoch"].as_str(), tuned.recipe()["seed"].as_u64()), ("1", Some(2)));
 
     // From a converted state dict: model tensors only, no metadata.
     let dir = s.runs.path();
@@ -408,8 +591,8 @@ fn a_kill_at_any_write_leaves_a_consistent_best_and_resumes_exactly() {
         } else {
             s.train_ok(&name, &["--epochs", "3"]);
         }
-        assert_eq!(File::read(&ck), whole, "fault {n}: the final checkpoint differs");
-        assert_eq!(File::read(&best), whole_best, "fault {n}: the final best file differs");
+        assert!(File::read(&ck) == whole.renamed(&name), "fault {n}: the final checkpoint differs");
+        assert!(File::read(&best) == whole_best.renamed(&name), "fault {n}: the final best file differs");
         n += 1;
         assert!(n < 100, "more write steps than a 3-epoch run has");
     }
@@ -426,16 +609,11 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     let mut tensors = f.tensors.clone();
     let (_, _, bytes) = tensors.get_mut("conv1.weight").unwrap();
     bytes[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, (d, sh, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap()))
-        .collect();
-    let meta: HashMap<String, String> = f.meta.clone().into_iter().collect();
     let bad = s.runs.path().join("nan.safetensors");
-    std::fs::write(&bad, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    File { tensors, meta: f.meta.clone() }.save(&bad);
     let needle = "tensor 'conv1.weight' holds NaN at element 3: a checkpoint's values must be finite";
     let bad = bad.to_str().unwrap();
-    s.train_fails("other", &["--epochs", "2", "--resume", bad], &[needle]);
+    s.train_fails("other", &["--resume", bad], &[needle]);
     s.train_fails("other", &["--epochs", "1", "--init-weights", bad], &[needle]);
     let data = s.data.path().to_str().unwrap();
     let eval = run::densenet(&["eval", "--checkpoint", bad, "--data-dir", data, "--device", "cpu"]);
@@ -447,7 +625,7 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     let ck = s.checkpoint("n");
     s.train_fails(
         "n",
-        &["--epochs", "2", "--lr", "3e38", "--resume", ck.to_str().unwrap()],
+        &["--change-recipe", "--epochs", "2", "--lr", "3e38", "--resume", ck.to_str().unwrap()],
         &["training stopped at step ", ": parameter ", " holds "],
     );
     assert_eq!(snapshot(&s.run("n")), before, "a failed step changed the run's files");

@@ -125,6 +125,11 @@ fn eval_reproduces_the_test_precision_of_training() {
     // After one epoch the best checkpoint is the same model.
     let best = run_json(&s.eval_args(&s.checkpoint("t", "model_best.safetensors"), &["-b", "8"]));
     assert_eq!(best, json);
+    // A run directory stands for its best checkpoint.
+    let run = s.runs.path().join("t");
+    let text = ok(&s.eval_args(&run, &["-b", "8", "--json"]));
+    assert!(text.contains(&format!("from {} (next epoch 1", run.join("model_best.safetensors").display())), "{text}");
+    assert_eq!(last_json(&text), json);
 }
 
 #[test]
@@ -166,7 +171,14 @@ fn eval_refuses_bad_checkpoints_and_missing_data() {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &one).unwrap();
     std::fs::write(&plain, safetensors::serialize([("fc.bias", view)], None).unwrap()).unwrap();
     assert_fails(&s.eval_args(&plain, &[]), 1, "not a densenet checkpoint");
-    assert_fails(&s.eval_args(&dir.join("t"), &[]), 1, "is a directory: give a checkpoint file, such as");
+    // A directory stands for its model_best.safetensors (tested with a run's below).
+    let empty_run = dir.join("empty-run");
+    std::fs::create_dir(&empty_run).unwrap();
+    assert_fails(
+        &s.eval_args(&empty_run, &[]),
+        1,
+        &format!("cannot read {}", empty_run.join("model_best.safetensors").display()),
+    );
     // Not regular files: refused before they are opened (a FIFO would block, a device never ends).
     let fifo = dir.join("fifo.safetensors");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success(), "mkfifo");
@@ -181,7 +193,7 @@ fn eval_refuses_bad_checkpoints_and_missing_data() {
     let empty = TempDir::new().unwrap();
     let args = ["eval", "--checkpoint", ck.to_str().unwrap(), "--data-dir", empty.path().to_str().unwrap()];
     assert_fails(&args, 1, "CIFAR-10 not found in");
-    assert_fails(&["eval"], 2, "the following required arguments were not provided: --checkpoint <FILE>");
+    assert_fails(&["eval"], 2, "the following required arguments were not provided: --checkpoint <PATH>");
     assert_fails(&s.eval_args(&ck, &["-b", "0"]), 2, "--batch-size");
     assert_fails(&s.eval_args(&ck, &["--dataset", "mnist"]), 2, "unknown dataset 'mnist'");
     assert_fails(&s.eval_args(&ck, &["--device", "gpu"]), 2, "expected auto, cpu, cuda, cuda:N or host");
@@ -394,7 +406,8 @@ fn a_run_directory_has_one_writer() {
     let again: Vec<&str> = args.iter().copied().chain(["--epochs", "3"]).collect();
     assert_fails(&again, 1, &refused);
     let ck = dir.join("checkpoint.safetensors");
-    let resume: Vec<&str> = again.iter().copied().chain(["--resume", ck.to_str().unwrap()]).collect();
+    // The resume of its recipe (--epochs 100000 and all) gets as far as the lock.
+    let resume: Vec<&str> = args.iter().copied().chain(["--resume", ck.to_str().unwrap()]).collect();
     assert_fails(&resume, 1, &refused);
     first.kill().unwrap();
     first.wait().unwrap();
@@ -448,8 +461,8 @@ fn a_closed_stdout_stops_nothing() {
 }
 
 /// SIGTERM and SIGINT stop a run after its current step: exit 143 or 130, one line naming the
-/// last checkpoint and the exact command that resumes it, which does (here with `--epochs`
-/// appended, so that it ends soon).
+/// last checkpoint and the exact command that resumes it, which does (here with
+/// `--change-recipe --epochs` appended, so that it ends soon).
 #[test]
 fn a_signal_stops_the_run_and_says_how_to_resume() {
     use std::process::{Command, Stdio};
@@ -486,7 +499,11 @@ fn a_signal_stops_the_run_and_says_how_to_resume() {
         assert!(resume.ends_with(&format!("--resume {}", ck.display())), "{line}");
         let meta = safetensors::SafeTensors::read_metadata(&std::fs::read(&ck).unwrap()).unwrap().1;
         let next: usize = meta.metadata().as_ref().unwrap()["epoch"].parse().unwrap();
-        let again = Command::new("sh").arg("-c").arg(format!("{resume} --epochs {}", next + 1)).output().unwrap();
+        let again = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{resume} --change-recipe --epochs {}", next + 1))
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&again.stdout);
         assert!(again.status.success(), "{resume}: {}", String::from_utf8_lossy(&again.stderr));
         assert!(text.contains(&format!("Resumed from {}: epoch {next}", ck.display())), "{text}");

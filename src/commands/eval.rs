@@ -4,24 +4,17 @@ use super::device::{self, with_backend};
 use crate::*;
 
 pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
-    if a.checkpoint.is_dir() {
-        return Err(failure(format!(
-            "{} is a directory: give a checkpoint file, such as {} or {}",
-            a.checkpoint.display(),
-            a.checkpoint.join(checkpoint::CHECKPOINT).display(),
-            a.checkpoint.join(checkpoint::BEST).display()
-        )));
-    }
-    let ck = Checkpoint::read(&a.checkpoint)?;
+    let path = checkpoint::in_run_dir(&a.checkpoint, checkpoint::BEST);
+    let ck = Checkpoint::read(&path)?;
     let m = ck.meta();
-    let dataset = a.dataset.unwrap_or(m.dataset);
-    if dataset.classes() != m.config.num_classes {
+    let dataset = a.dataset.unwrap_or(m.dataset());
+    if dataset.classes() != m.config().num_classes {
         return Err(failure(format!(
             "{} holds {} for {} classes ({}); --dataset {dataset} has {}",
-            a.checkpoint.display(),
-            m.config.name(),
-            m.config.num_classes,
-            m.dataset.title(),
+            path.display(),
+            m.config().name(),
+            m.config().num_classes,
+            m.dataset().title(),
             dataset.classes()
         )));
     }
@@ -41,12 +34,12 @@ fn run<B: Backend>(
 ) -> Result<(), Failure> {
     let m = ck.meta();
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
-    let mut model = Model::new(m.config.clone(), a.batch, SIDE, SIDE, Mode::Minimal, m.seed, be)?;
+    let mut model = Model::new(m.config().clone(), a.batch, SIDE, SIDE, Mode::Minimal, m.seed(), be)?;
     state.apply(&mut model)?;
     report(format_args!(
         "{} from {} (next epoch {}, step {}, best Prec@1 {:.3}) on {}: {} test images from {}",
-        m.config.name(),
-        a.checkpoint.display(),
+        m.config().name(),
+        ck.path().display(),
         m.epoch,
         m.steps,
         m.best,

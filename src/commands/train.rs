@@ -6,14 +6,16 @@ use super::download::report_fetched;
 use super::memory::plan_line;
 use crate::*;
 use densenet::train::lock::RunLock;
-use densenet::train::stop;
+use densenet::train::recipe::Change;
+use densenet::train::{schedule, stop};
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
     // Flags and files first: a usage error is reported as such whatever the device.
-    let (cfg, source, start, run_dir, _lock) = checks(&a)?;
+    let (start, source, _lock) = checks(&a)?;
+    let run_dir = start.run_dir.clone();
     let (be, why) = a.device.open()?;
     catch_signals()?;
-    let done = with_backend!(be, be => run(&a, cfg, source, start, &run_dir, be, &why));
+    let done = with_backend!(be, be => run(&a, start, source, be, &why));
     match (done, stop::requested()) {
         (Err(_), Some(signal)) => Err(interrupted(signal, &run_dir)),
         (done, _) => done,
@@ -92,34 +94,19 @@ fn shell_quote(s: &str) -> String {
 
 /// Everything the flags and the files decide, checked before a device is opened or any data
 /// loaded or file written (but the run directory's lock, held until the run ends).
-fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf, RunLock), Failure> {
-    let cfg = a.net.config().map_err(usage)?;
+fn checks(a: &TrainArgs) -> Result<(Start, Source, RunLock), Failure> {
     let source = a.source.source();
     if source != Source::Official && !a.download {
         return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
     }
-    let mut start = Start::new(a, &cfg)?;
-    if start.epoch >= a.epochs {
-        return Err(match &a.resume {
-            Some(path) => failure(format!(
-                "{} is at epoch {} and --epochs {} leaves nothing to train: raise --epochs to continue",
-                path.display(),
-                start.epoch,
-                a.epochs
-            )),
-            None => usage(format!(
-                "--start-epoch {} leaves nothing to train: epochs run from it to --epochs {} (exclusive)",
-                start.epoch, a.epochs
-            )),
-        });
-    }
-    let run_dir = a.runs_dir.join(&a.name);
+    let mut start = Start::new(a)?;
+    let (run_dir, name) = (&start.run_dir, &start.recipe.name);
     // Under the lock, so that no other process can start or resume this run meanwhile.
-    let lock = RunLock::take(&run_dir, &a.name)?;
-    check_run_dir(&run_dir, &a.name, start.resumed.as_deref())?;
+    let lock = RunLock::take(run_dir, name)?;
+    check_run_dir(run_dir, name, start.resumed.as_deref())?;
     match &start.resumed {
         // This run's own checkpoint: its best file must be the one it names.
-        Some(r) if same_run(r, &run_dir) => {
+        Some(r) if same_run(r, run_dir) => {
             if let Some(why) = checkpoint::check_best(r, start.epoch, start.best_epoch)? {
                 eprintln!("warning: {why}");
             }
@@ -128,20 +115,12 @@ fn checks(a: &TrainArgs) -> Result<(NetConfig, Source, Start, PathBuf, RunLock),
         // writes its own.
         _ => start.best_epoch = None,
     }
-    Ok((cfg, source, start, run_dir, lock))
+    Ok((start, source, lock))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run<B: Backend>(
-    a: &TrainArgs,
-    cfg: NetConfig,
-    source: Source,
-    start: Start,
-    run_dir: &Path,
-    mut be: B,
-    why: &str,
-) -> Result<(), Failure> {
-    let (dataset, batch) = (a.net.dataset, a.net.batch);
+fn run<B: Backend>(a: &TrainArgs, start: Start, source: Source, mut be: B, why: &str) -> Result<(), Failure> {
+    let (recipe, run_dir) = (&start.recipe, start.run_dir.as_path());
+    let (dataset, batch) = (recipe.dataset, recipe.batch_size);
     if a.download {
         // As `densenet download` does: fetch what is missing, check what is there (and say
         // nothing of usable data already in place).
@@ -153,7 +132,7 @@ fn run<B: Backend>(
     let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
     let reused = start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r));
-    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, start.seed, be)?;
+    let mut model = Model::new(recipe.network.clone(), batch, SIDE, SIDE, start.memory, recipe.seed, be)?;
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
     }
@@ -162,7 +141,7 @@ fn run<B: Backend>(
     report(format_args!(
         "{} (run {}) on {}: {} training and {} test images from {}",
         cfg.name(),
-        a.name,
+        recipe.name,
         dataset.title(),
         train_set.len(),
         test_set.len(),
@@ -178,38 +157,33 @@ fn run<B: Backend>(
             start.epoch,
             model.steps(),
             start.best.unwrap_or(0.0),
-            start.seed
+            recipe.seed
         ))?,
         (None, Some(path)) => {
             report(format_args!("Initial weights and running statistics from {} (momentum from zero)", path.display()))?
         }
         (None, None) => {}
     }
-    let recipe = Recipe {
-        epochs: a.epochs,
-        start_epoch: start.epoch,
-        lr: a.lr,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        print_freq: a.progress.print_freq,
-    };
-    let schedule = densenet::train::schedule::drops(start.epoch, a.epochs);
+    for note in &start.notes {
+        report(format_args!("{note}"))?;
+    }
+    let schedule = densenet::train::schedule::drops(start.epoch, recipe.epochs);
     report(format_args!(
-        "Training: epochs {} to {}, batch {batch}, lr {} ({schedule}), Nesterov momentum {}, \
-         weight decay {}, augmentation {}, seed {}",
+        "Training: epochs {} to {}, batch {batch}, lr {} ({schedule}), {}momentum {}, weight decay {}, \
+         augmentation {}, seed {}",
         start.epoch,
-        a.epochs - 1,
-        // Rounded to 9 decimals: 0.1 / 10 prints as 0.01, not 0.010000000000000002.
-        (densenet::train::schedule::learning_rate(a.lr, start.epoch, a.epochs) * 1e9).round() / 1e9,
-        a.momentum,
-        a.weight_decay,
-        if a.no_augment { "off" } else { "on" },
-        start.seed
+        recipe.epochs - 1,
+        schedule::shown(schedule::learning_rate(recipe.lr, start.epoch, recipe.epochs)),
+        if recipe.nesterov { "Nesterov " } else { "" },
+        recipe.momentum,
+        recipe.weight_decay,
+        if recipe.augment { "on" } else { "off" },
+        recipe.seed
     ))?;
 
-    let mut train_loader = Loader::train(train_set, dataset, batch, start.seed, !a.no_augment)?;
+    let mut train_loader = Loader::train(train_set, dataset, batch, recipe.seed, recipe.augment)?;
     let mut test_loader = Loader::test(test_set, dataset, batch)?;
-    let saver = Saver::create(run_dir, dataset, start.best_epoch)?;
+    let saver = Saver::create(run_dir, recipe.clone(), start.best_epoch)?;
     report(format_args!(
         "Checkpoints: {} every epoch, {} on a new best test Prec@1",
         saver.checkpoint().display(),
@@ -232,89 +206,252 @@ fn run<B: Backend>(
     if let Some(w) = &events {
         report(format_args!("TensorBoard: {}", w.path().display()))?;
     }
-    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, &recipe, start.best, |m, end| {
-        saver.save(m, end.epoch + 1, end.best, end.improved)?;
-        if let Some(w) = events.as_mut() {
-            let step = end.epoch as i64;
-            w.scalar("train_loss", end.train.loss as f32, step)?;
-            w.scalar("train_acc", end.train.top1 as f32, step)?;
-            w.scalar("val_loss", end.test.loss as f32, step)?;
-            w.scalar("val_acc", end.test.top1 as f32, step)?;
-            w.scalar("learning_rate", end.lr as f32, step)?;
-            w.flush()?;
-        }
-        let note = if end.improved {
-            format!("; new best Prec@1 {:.3}: {}", end.best, checkpoint::BEST)
-        } else {
-            String::new()
-        };
-        report(format_args!(" * Saved {} (next epoch {}){note}", checkpoint::CHECKPOINT, end.epoch + 1))
-    })?;
+    let from = train::FitFrom { epoch: start.epoch, best: start.best };
+    let best =
+        train::fit(&mut model, &mut train_loader, &mut test_loader, recipe, from, a.progress.print_freq, |m, end| {
+            saver.save(m, end.epoch + 1, end.best, end.improved)?;
+            if let Some(w) = events.as_mut() {
+                let step = end.epoch as i64;
+                w.scalar("train_loss", end.train.loss as f32, step)?;
+                w.scalar("train_acc", end.train.top1 as f32, step)?;
+                w.scalar("val_loss", end.test.loss as f32, step)?;
+                w.scalar("val_acc", end.test.top1 as f32, step)?;
+                w.scalar("learning_rate", end.lr as f32, step)?;
+                w.flush()?;
+            }
+            let note = if end.improved {
+                format!("; new best Prec@1 {:.3}: {}", end.best, checkpoint::BEST)
+            } else {
+                String::new()
+            };
+            report(format_args!(" * Saved {} (next epoch {}){note}", checkpoint::CHECKPOINT, end.epoch + 1))
+        })?;
     report(format_args!("Best accuracy: {:.3}", best.unwrap_or(0.0)))?;
     Ok(())
 }
 
-/// Where a training run starts: the first epoch, the seed, the best accuracy so far, and the
-/// state that replaces the seed's initialization (a resumed checkpoint's, or initial weights).
+/// Where a training run starts: its recipe and directory, the first epoch, the best accuracy
+/// so far, and the state that replaces the seed's initialization (a resumed checkpoint's, or
+/// initial weights).
 pub(crate) struct Start {
+    /// The recipe trained with: the flags', or the resumed run's with the changes
+    /// `--change-recipe` made.
+    recipe: Recipe,
+    /// The memory mode.
+    memory: Mode,
+    /// The run directory.
+    run_dir: PathBuf,
     epoch: usize,
-    seed: u64,
     best: Option<f64>,
     /// The `epoch` of the resumed run's best checkpoint, when it records one.
     best_epoch: Option<usize>,
     state: Option<checkpoint::State>,
     /// The checkpoint file resumed from.
     resumed: Option<PathBuf>,
+    /// Lines saying where a resumed run's recipe came from and what changed, printed before
+    /// training.
+    notes: Vec<String>,
 }
 
+/// The clap ids of the flags that set the network (and its classes).
+const NETWORK_FLAGS: [&str; 6] = ["layers", "growth", "droprate", "reduce", "no_bottleneck", "dataset"];
+
 impl Start {
-    /// Reads and checks `--resume` or `--init-weights`. A resumed run takes the checkpoint's
-    /// next epoch, seed and best accuracy, as the reference `--resume` takes its epoch; an
-    /// explicit `--start-epoch` or `--seed` that disagrees is refused.
-    fn new(a: &TrainArgs, cfg: &NetConfig) -> Result<Start, Failure> {
-        let (epoch, seed) = (a.start_epoch.unwrap_or(0), a.seed.unwrap_or(0));
+    /// Reads and checks the flags, and `--resume` or `--init-weights`.
+    fn new(a: &TrainArgs) -> Result<Start, Failure> {
         if let Some(path) = &a.resume {
-            // A run directory stands for its checkpoint, or for its best one when a kill in its
-            // first epoch left only that (it is written first, and is then the same file).
-            let path = match path.is_dir() {
-                true if !path.join(checkpoint::CHECKPOINT).exists() && path.join(checkpoint::BEST).exists() => {
-                    path.join(checkpoint::BEST)
-                }
-                true => path.join(checkpoint::CHECKPOINT),
-                false => path.clone(),
-            };
-            let ck = Checkpoint::read(&path)?;
-            ck.check_network(cfg, a.net.dataset)?;
-            let m = ck.meta();
-            if let Some(s) = a.seed.filter(|&s| s != m.seed) {
-                return Err(failure(format!(
-                    "--seed {s} disagrees with {}, trained with seed {}: a resumed run continues its random streams \
-                     (leave --seed out)",
-                    path.display(),
-                    m.seed
-                )));
-            }
-            if let Some(e) = a.start_epoch.filter(|&e| e != m.epoch) {
-                return Err(failure(format!(
-                    "--start-epoch {e} disagrees with {}, whose next epoch is {} (leave --start-epoch out, or start \
-                     from its weights at another epoch with --init-weights)",
-                    path.display(),
-                    m.epoch
-                )));
-            }
-            let state = ck.state()?;
-            return Ok(Start {
-                epoch: m.epoch,
-                seed: m.seed,
-                best: Some(m.best),
-                best_epoch: m.best_epoch,
-                state: Some(state),
-                resumed: Some(path),
-            });
+            return Start::resume(a, path);
         }
-        let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, cfg)).transpose()?;
-        Ok(Start { epoch, seed, best: None, best_epoch: None, state, resumed: None })
+        let recipe = flags_recipe(a, a.net.config().map_err(usage)?);
+        let epoch = a.start_epoch.unwrap_or(0);
+        if epoch >= recipe.epochs {
+            return Err(usage(format!(
+                "--start-epoch {epoch} leaves nothing to train: epochs run from it to --epochs {} (exclusive)",
+                recipe.epochs
+            )));
+        }
+        let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, &recipe.network)).transpose()?;
+        Ok(Start {
+            run_dir: a.runs_dir.join(&recipe.name),
+            recipe,
+            memory: a.memory,
+            epoch,
+            best: None,
+            best_epoch: None,
+            state,
+            resumed: None,
+            notes: Vec::new(),
+        })
     }
+
+    /// A resumed run: the checkpoint's recipe (the flags' where a format-1 checkpoint records
+    /// none) with the recipe flags given over it, refused where they differ unless
+    /// `--change-recipe`; its next epoch, best accuracy and state; its directory.
+    fn resume(a: &TrainArgs, path: &Path) -> Result<Start, Failure> {
+        // A run directory stands for its checkpoint, or for its best one when a kill in its
+        // first epoch left only that (it is written first, and is then the same file).
+        let path = checkpoint::in_run_dir(path, checkpoint::CHECKPOINT);
+        let ck = Checkpoint::read(&path)?;
+        // The whole file checked first: a damaged checkpoint is the first thing to know.
+        let state = ck.state()?;
+        let (m, given) = (ck.meta(), |id: &str| a.given.contains(id));
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        // The name of the directory the checkpoint is in, when it can be a run's.
+        let dir_name = dir.canonicalize().ok().and_then(|d| Some(d.file_name()?.to_str()?.to_string()));
+        let dir_name = dir_name.filter(|n| densenet::train::recipe::check_name(n).is_ok());
+        let mut notes = Vec::new();
+        let stored = match m.recipe() {
+            Some(r) => r.clone(),
+            None => {
+                notes.push(format!(
+                    "Recipe: {} (checkpoint format 1) records the network, data set and seed; the batch size, SGD \
+                     settings, epochs and augmentation are the flags'",
+                    path.display()
+                ));
+                let name = dir_name.clone().filter(|_| !given("name")).unwrap_or_else(|| a.name.clone());
+                let network = m.config().clone();
+                Recipe { name, dataset: m.dataset(), seed: m.seed(), ..flags_recipe(a, network) }
+            }
+        };
+        let mut recipe = flags_over(a, &stored).map_err(usage)?;
+        let diffs = stored.differences(&recipe);
+        let listed: Vec<String> =
+            diffs.iter().map(|d| format!("{} {} in the checkpoint, {} here", d.what, d.from, d.to)).collect();
+        let describe = |r: &Recipe| format!("{} on {}", r.network.name(), r.dataset.title());
+        if !stored.same_tensors(&recipe) {
+            return Err(failure(format!(
+                "cannot resume from {}: it holds {}, this run is {} ({}); a resumed run keeps its network",
+                path.display(),
+                describe(&stored),
+                describe(&recipe),
+                listed.join("; ")
+            )));
+        }
+        if !diffs.is_empty() && !a.change_recipe {
+            return Err(failure(format!(
+                "cannot resume from {} as asked: {}; leave those flags out to continue run '{}' with its recipe, or \
+                 add --change-recipe to change it",
+                path.display(),
+                listed.join("; "),
+                stored.name
+            )));
+        }
+        if a.change_recipe && diffs.is_empty() {
+            eprintln!("warning: --change-recipe: the flags given change nothing in the recipe of {}", path.display());
+        }
+        let epoch = m.epoch;
+        if let Some(e) = a.start_epoch.filter(|&e| e != epoch) {
+            return Err(failure(format!(
+                "--start-epoch {e} disagrees with {}, whose next epoch is {epoch} (leave --start-epoch out, or start \
+                 from its weights at another epoch with --init-weights)",
+                path.display()
+            )));
+        }
+        for d in diffs {
+            let mut note = format!("Recipe change from epoch {epoch}: {} {} -> {}", d.what, d.from, d.to);
+            if d.what == "--epochs" {
+                note += &format!(" ({})", schedule::moved(recipe.lr, epoch, stored.epochs, recipe.epochs));
+            }
+            notes.push(note);
+            recipe.changes.push(Change { epoch, what: d.what.to_string(), from: d.from, to: d.to });
+        }
+        if epoch >= recipe.epochs {
+            return Err(failure(match given("epochs") {
+                true => format!(
+                    "{} is at epoch {epoch} and --epochs {} leaves nothing to train: raise --epochs to continue",
+                    path.display(),
+                    recipe.epochs
+                ),
+                false => format!(
+                    "run '{}' is complete: {} is at epoch {epoch} of its {}; to train longer, add --change-recipe \
+                     --epochs N with N above {epoch}",
+                    recipe.name,
+                    path.display(),
+                    recipe.epochs
+                ),
+            }));
+        }
+        let memory = match m.memory {
+            Some(trained) if !given("memory") => trained,
+            Some(trained) if trained != a.memory => {
+                notes.push(format!(
+                    "Memory mode {} (the run trained in {trained} until epoch {epoch}): the modes agree to within \
+                     1e-5, so from here the run matches an uninterrupted one to that tolerance, not bit for bit",
+                    a.memory
+                ));
+                a.memory
+            }
+            _ => a.memory,
+        };
+        // In the checkpoint's own run directory, unless told otherwise.
+        let in_place = !given("runs_dir") && recipe.name == stored.name && dir_name.as_deref() == Some(&recipe.name);
+        let run_dir = if in_place { dir } else { a.runs_dir.join(&recipe.name) };
+        Ok(Start {
+            recipe,
+            memory,
+            run_dir,
+            epoch,
+            best: Some(m.best),
+            best_epoch: m.best_epoch,
+            state: Some(state),
+            resumed: Some(path),
+            notes,
+        })
+    }
+}
+
+/// The recipe the flags give for network `cfg`.
+fn flags_recipe(a: &TrainArgs, cfg: NetConfig) -> Recipe {
+    Recipe {
+        batch_size: a.net.batch,
+        epochs: a.epochs,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        augment: !a.no_augment,
+        ..Recipe::reference(&a.name, a.net.dataset, cfg, a.seed.unwrap_or(0))
+    }
+}
+
+/// `stored` with the recipe flags given on the command line in place of its values.
+fn flags_over(a: &TrainArgs, stored: &Recipe) -> densenet::Result<Recipe> {
+    let given = |id: &str| a.given.contains(id);
+    fn pick<T>(given: bool, flag: T, stored: T) -> T {
+        if given {
+            flag
+        } else {
+            stored
+        }
+    }
+    let (net, dataset) = (&stored.network, pick(given("dataset"), a.net.dataset, stored.dataset));
+    let network = if NETWORK_FLAGS.iter().any(|id| given(id)) {
+        NetConfig::cifar(
+            pick(given("layers"), a.net.layers, net.depth()),
+            pick(given("growth"), a.net.growth, net.growth),
+            pick(given("no_bottleneck"), false, net.bottleneck),
+            pick(given("reduce"), a.net.reduce, net.reduction),
+            pick(given("droprate"), a.net.droprate, net.drop_rate),
+            dataset.classes(),
+        )?
+    } else {
+        net.clone()
+    };
+    Ok(Recipe {
+        name: pick(given("name"), a.name.clone(), stored.name.clone()),
+        dataset,
+        network,
+        batch_size: pick(given("batch"), a.net.batch, stored.batch_size),
+        epochs: pick(given("epochs"), a.epochs, stored.epochs),
+        lr: pick(given("lr"), a.lr, stored.lr),
+        momentum: pick(given("momentum"), a.momentum, stored.momentum),
+        weight_decay: pick(given("weight_decay"), a.weight_decay, stored.weight_decay),
+        augment: pick(given("no_augment"), false, stored.augment),
+        seed: a.seed.unwrap_or(stored.seed),
+        ..stored.clone()
+    })
 }
 
 /// Whether checkpoint file `resumed` lies in `run_dir`.

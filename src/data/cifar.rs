@@ -22,8 +22,9 @@ pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
 /// Where the official archives are published.
 const HOME: &str = "https://www.cs.toronto.edu/~kriz/cifar.html";
 
-/// Which CIFAR dataset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which CIFAR dataset (`"cifar10"` or `"cifar100"` in JSON, as on the command line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Dataset {
     /// CIFAR-10: 10 classes.
     Cifar10,

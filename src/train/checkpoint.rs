@@ -12,14 +12,19 @@
 //! - `momentum.<name>` for every parameter, F32: the SGD momentum buffer.
 //!
 //! Metadata (safetensors `__metadata__`, strings):
-//! - `format` = `densenet-checkpoint`, `format_version` = `1`;
+//! - `format` = `densenet-checkpoint`, `format_version` = `2`;
 //! - `epoch`: the next epoch to run (the reference's `checkpoint['epoch']`);
 //! - `best_prec1`: the best test top-1 so far, percent;
 //! - `best_epoch`: the `epoch` of the checkpoint [`BEST`] holds, the one that reached
 //!   `best_prec1` (absent in checkpoints written before it was recorded);
-//! - `network`: a JSON object of the [`NetConfig`] fields (`stem`, `stem_channels`, `growth`,
-//!   `block_layers`, `bottleneck`, `reduction`, `drop_rate`, `num_classes`);
-//! - `dataset` (`cifar10`, `cifar100`), `seed`, `steps` (the model's step counter).
+//! - `steps`: the model's step counter;
+//! - `recipe`: the run's whole [`Recipe`] as JSON (schema-versioned), the network in it a JSON
+//!   object of the [`NetConfig`] fields (`stem`, `stem_channels`, `growth`, `block_layers`,
+//!   `bottleneck`, `reduction`, `drop_rate`, `num_classes`);
+//! - `memory`: the memory mode the run trained in (not recipe: a resume may change it).
+//!
+//! Format 1 (still read) had `network`, `dataset` and `seed` in place of `recipe` and
+//! `memory`: a resume of it takes the rest of the recipe from the flags.
 //!
 //! # Random state
 //!
@@ -46,15 +51,17 @@
 //! (temporary file written, flushed, renamed, directory flushed), as a `kill -9` there would.
 
 use crate::backend::Backend;
-use crate::config::{NetConfig, Stem};
+use crate::config::NetConfig;
 use crate::data::cifar::Dataset;
 use crate::model::net::Net;
 use crate::model::params::ParamLayout;
+use crate::model::plan::Mode;
 use crate::model::Model;
+use crate::train::recipe::Recipe;
 use crate::{bail, Error, Result};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
@@ -63,7 +70,7 @@ use std::path::{Path, PathBuf};
 /// The `format` metadata value that marks a densenet checkpoint.
 pub const FORMAT: &str = "densenet-checkpoint";
 /// The format version this build writes, and the newest it reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The checkpoint written after every epoch, in the run directory.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 /// The copy of the checkpoint of the epoch with the best test top-1, in the run directory.
@@ -83,40 +90,118 @@ pub struct Meta {
     pub epoch: usize,
     /// Best test top-1 precision so far, percent.
     pub best: f64,
-    /// The network.
-    pub config: NetConfig,
-    /// The data set trained on.
-    pub dataset: Dataset,
-    /// The seed of every random stream.
-    pub seed: u64,
-    /// Training steps taken (each BN's `num_batches_tracked`).
-    pub steps: u64,
     /// The `epoch` of the best checkpoint so far ([`BEST`]); `None` in checkpoints that
     /// predate it.
     pub best_epoch: Option<usize>,
+    /// Training steps taken (each BN's `num_batches_tracked`).
+    pub steps: u64,
+    /// The run's recipe, as much of it as the checkpoint records.
+    pub recorded: Recorded,
+    /// The memory mode the run trained in (`None` in format 1).
+    pub memory: Option<Mode>,
+}
+
+/// A run's recipe as its checkpoint records it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Recorded {
+    /// The whole recipe (format 2).
+    Whole(Recipe),
+    /// Format 1 records the network, the data set and the seed only: the rest of the recipe
+    /// was the flags'.
+    Partial {
+        /// The network.
+        config: NetConfig,
+        /// The data set trained on.
+        dataset: Dataset,
+        /// The seed of every random stream.
+        seed: u64,
+    },
+}
+
+impl Recorded {
+    /// The format version of a checkpoint that records this much.
+    fn format_version(&self) -> u32 {
+        match self {
+            Recorded::Whole(_) => VERSION,
+            Recorded::Partial { .. } => 1,
+        }
+    }
 }
 
 impl Meta {
-    /// The metadata of `model` (its network, seed and step counter) trained on `dataset`, with
-    /// `epoch` the next epoch to run and `best` the best test top-1 so far.
-    pub fn of<B: Backend>(model: &Model<B>, dataset: Dataset, epoch: usize, best: f64) -> Meta {
-        let (config, seed, steps) = (model.config().clone(), model.seed(), model.steps());
-        Meta { epoch, best, config, dataset, seed, steps, best_epoch: None }
+    /// The metadata of `model` trained with `recipe` (whose network it must be), with `epoch`
+    /// the next epoch to run and `best` the best test top-1 so far.
+    pub fn of<B: Backend>(model: &Model<B>, recipe: &Recipe, epoch: usize, best: f64) -> Meta {
+        debug_assert_eq!(model.config(), &recipe.network);
+        Meta {
+            epoch,
+            best,
+            best_epoch: None,
+            steps: model.steps(),
+            recorded: Recorded::Whole(recipe.clone()),
+            memory: Some(model.plan().mode),
+        }
+    }
+
+    /// The network.
+    pub fn config(&self) -> &NetConfig {
+        match &self.recorded {
+            Recorded::Whole(r) => &r.network,
+            Recorded::Partial { config, .. } => config,
+        }
+    }
+
+    /// The data set trained on.
+    pub fn dataset(&self) -> Dataset {
+        match &self.recorded {
+            Recorded::Whole(r) => r.dataset,
+            Recorded::Partial { dataset, .. } => *dataset,
+        }
+    }
+
+    /// The seed of every random stream.
+    pub fn seed(&self) -> u64 {
+        match &self.recorded {
+            Recorded::Whole(r) => r.seed,
+            Recorded::Partial { seed, .. } => *seed,
+        }
+    }
+
+    /// The whole recipe, when the checkpoint records it.
+    pub fn recipe(&self) -> Option<&Recipe> {
+        match &self.recorded {
+            Recorded::Whole(r) => Some(r),
+            Recorded::Partial { .. } => None,
+        }
     }
 
     fn to_map(&self) -> HashMap<String, String> {
-        let entries = [
+        let mut map: HashMap<String, String> = [
             ("format", FORMAT.to_string()),
-            ("format_version", VERSION.to_string()),
+            ("format_version", self.recorded.format_version().to_string()),
             ("epoch", self.epoch.to_string()),
             ("best_prec1", self.best.to_string()),
-            ("network", network_json(&self.config).to_string()),
-            ("dataset", self.dataset.to_string()),
-            ("seed", self.seed.to_string()),
             ("steps", self.steps.to_string()),
-        ];
-        let best_epoch = self.best_epoch.map(|e| ("best_epoch", e.to_string()));
-        entries.into_iter().chain(best_epoch).map(|(k, v)| (k.to_string(), v)).collect()
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut put = |k: &str, v: String| map.insert(k.to_string(), v);
+        if let Some(e) = self.best_epoch {
+            put("best_epoch", e.to_string());
+        }
+        if let Some(m) = self.memory {
+            put("memory", m.to_string());
+        }
+        match &self.recorded {
+            Recorded::Whole(r) => put("recipe", r.to_json()),
+            Recorded::Partial { config, dataset, seed } => {
+                put("network", serde_json::to_string(config).expect("a network serializes"));
+                put("dataset", dataset.to_string());
+                put("seed", seed.to_string())
+            }
+        };
+        map
     }
 
     /// Parses the metadata of a checkpoint; errors say what is wrong, without the file name.
@@ -136,104 +221,32 @@ impl Meta {
         if !(0.0..=100.0).contains(&best) {
             return Err(format!("the checkpoint metadata 'best_prec1' is not a percentage: {best}"));
         }
-        let network = get("network")?;
-        let config = serde_json::from_str(network)
-            .map_err(|e| e.to_string())
-            .and_then(|v| network_from_json(&v))
-            .map_err(|e| format!("the checkpoint metadata 'network' is not valid ({e}): {network}"))?;
+        let recorded = if version == 1 {
+            let network = get("network")?;
+            let config: NetConfig = serde_json::from_str(network)
+                .map_err(|e| e.to_string())
+                .and_then(|c: NetConfig| c.validate().map(|()| c).map_err(|e| e.0))
+                .map_err(|e| format!("the checkpoint metadata 'network' is not valid ({e}): {network}"))?;
+            Recorded::Partial {
+                config,
+                dataset: get("dataset")?.parse().map_err(|e: Error| format!("the checkpoint metadata: {e}"))?,
+                seed: parse("seed", get("seed")?)?,
+            }
+        } else {
+            let recipe = get("recipe")?;
+            let recipe = Recipe::from_json(recipe)
+                .map_err(|e| format!("the checkpoint metadata 'recipe' is not valid ({e}): {recipe}"))?;
+            Recorded::Whole(recipe)
+        };
         Ok(Meta {
             epoch: parse("epoch", get("epoch")?)?,
             best,
-            config,
-            dataset: get("dataset")?.parse().map_err(|e: Error| format!("the checkpoint metadata: {e}"))?,
-            seed: parse("seed", get("seed")?)?,
-            steps: parse("steps", get("steps")?)?,
             best_epoch: map.get("best_epoch").map(|v| parse("best_epoch", v)).transpose()?,
+            steps: parse("steps", get("steps")?)?,
+            memory: map.get("memory").map(|v| parse("memory", v)).transpose()?,
+            recorded,
         })
     }
-}
-
-/// The network description as stored in the `network` metadata.
-fn network_json(cfg: &NetConfig) -> Value {
-    json!({
-        "stem": match cfg.stem { Stem::Cifar => "cifar", Stem::ImageNet => "imagenet" },
-        "stem_channels": cfg.stem_channels,
-        "growth": cfg.growth,
-        "block_layers": cfg.block_layers,
-        "bottleneck": cfg.bottleneck,
-        "reduction": cfg.reduction,
-        // The f32 as written (0.2, not 0.20000000298023224); it parses back to the same f32.
-        "drop_rate": cfg.drop_rate.to_string().parse::<f64>().unwrap_or(f64::NAN),
-        "num_classes": cfg.num_classes,
-    })
-}
-
-fn network_from_json(v: &Value) -> std::result::Result<NetConfig, String> {
-    let field = |k: &str| v.get(k).ok_or_else(|| format!("no '{k}'"));
-    let count = |k: &str| field(k)?.as_u64().map(|n| n as usize).ok_or_else(|| format!("'{k}' is not a count"));
-    let stem = match field("stem")?.as_str() {
-        Some("cifar") => Stem::Cifar,
-        Some("imagenet") => Stem::ImageNet,
-        _ => return Err("'stem' is neither \"cifar\" nor \"imagenet\"".into()),
-    };
-    let block_layers = field("block_layers")?
-        .as_array()
-        .and_then(|a| a.iter().map(|n| n.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
-        .ok_or("'block_layers' is not a list of counts")?;
-    let cfg = NetConfig {
-        stem,
-        stem_channels: count("stem_channels")?,
-        growth: count("growth")?,
-        block_layers,
-        bottleneck: field("bottleneck")?.as_bool().ok_or("'bottleneck' is not true or false")?,
-        reduction: field("reduction")?.as_f64().ok_or("'reduction' is not a number")?,
-        drop_rate: field("drop_rate")?.as_f64().ok_or("'drop_rate' is not a number")? as f32,
-        num_classes: count("num_classes")?,
-    };
-    cfg.validate().map_err(|e| e.0)?;
-    Ok(cfg)
-}
-
-/// The depth the conventional name gives a network (3n+4 or 6n+4 for the CIFAR ones).
-fn depth(cfg: &NetConfig) -> usize {
-    let per_layer = if cfg.bottleneck { 2 } else { 1 };
-    cfg.block_layers.iter().sum::<usize>() * per_layer + cfg.block_layers.len() + 1
-}
-
-/// What differs between the network and data set of a checkpoint (`a`, `da`) and of this run
-/// (`b`, `db`), named by the `densenet train` flags, e.g. `--growth 4 in the checkpoint, 8 here`.
-fn differences(a: &NetConfig, da: Dataset, b: &NetConfig, db: Dataset) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut differ = |what: &str, x: String, y: String| {
-        if x != y {
-            out.push(format!("{what} {x} in the checkpoint, {y} here"));
-        }
-    };
-    let yes_no = |b: bool| if b { "on" } else { "off" }.to_string();
-    differ("--dataset", da.to_string(), db.to_string());
-    differ("stem", format!("{:?}", a.stem), format!("{:?}", b.stem));
-    let uniform = |c: &NetConfig| c.block_layers.windows(2).all(|w| w[0] == w[1]);
-    if uniform(a) && uniform(b) && a.block_layers.len() == b.block_layers.len() {
-        differ("--layers", depth(a).to_string(), depth(b).to_string());
-    } else {
-        differ("layers per block", format!("{:?}", a.block_layers), format!("{:?}", b.block_layers));
-    }
-    differ("--growth", a.growth.to_string(), b.growth.to_string());
-    if a.growth == b.growth {
-        differ("stem channels", a.stem_channels.to_string(), b.stem_channels.to_string());
-    }
-    differ("bottleneck", yes_no(a.bottleneck), yes_no(b.bottleneck));
-    differ("--reduce", a.reduction.to_string(), b.reduction.to_string());
-    differ("--droprate", a.drop_rate.to_string(), b.drop_rate.to_string());
-    if da == db {
-        differ("classes", a.num_classes.to_string(), b.num_classes.to_string());
-    }
-    out
-}
-
-/// `Network on Dataset`, e.g. `DenseNet-BC-100-12 on CIFAR-10`.
-fn describe(cfg: &NetConfig, dataset: Dataset) -> String {
-    format!("{} on {}", cfg.name(), dataset.title())
 }
 
 /// The whole state a run resumes from or starts with, laid out for one network: its flat
@@ -456,26 +469,14 @@ impl Checkpoint {
         Ok(Checkpoint { path: path.to_path_buf(), bytes, meta })
     }
 
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The metadata.
     pub fn meta(&self) -> &Meta {
         &self.meta
-    }
-
-    /// Checks that the checkpoint holds the network `cfg` trained on `dataset`; the error says
-    /// what differs.
-    pub fn check_network(&self, cfg: &NetConfig, dataset: Dataset) -> Result<()> {
-        let m = &self.meta;
-        let diff = differences(&m.config, m.dataset, cfg, dataset);
-        if !diff.is_empty() {
-            bail!(
-                "cannot resume from {}: it holds {}, this run is {} ({})",
-                self.path.display(),
-                describe(&m.config, m.dataset),
-                describe(cfg, dataset),
-                diff.join("; ")
-            );
-        }
-        Ok(())
     }
 
     /// Every tensor of the checkpoint, laid out for its network: each parameter, running
@@ -484,14 +485,14 @@ impl Checkpoint {
     pub fn state(&self) -> Result<State> {
         let fail = |e: String| Error(format!("{}: {e}", self.path.display()));
         let (st, _) = parse(&self.path, &self.bytes)?;
-        let lay = Net::new(&self.meta.config).layout;
+        let lay = Net::new(self.meta.config()).layout;
         // The metadata is the file's word: check it against the file's size before trusting
         // it with an allocation (parameters and momentum, statistics, in f32).
         let needed = (2 * lay.len as u128 + lay.stats_len as u128) * 4;
         if needed > self.bytes.len() as u128 {
             return Err(fail(format!(
                 "the file is too small for the {} it describes: damaged or not a densenet checkpoint",
-                self.meta.config.name()
+                self.meta.config().name()
             )));
         }
         let (params, stats) = read_model(&st, &lay).map_err(fail)?;
@@ -517,9 +518,22 @@ impl Checkpoint {
             known.contains(n) || counters.contains(n) || n.strip_prefix(MOMENTUM).is_some_and(|p| known.contains(p))
         };
         if let Some(extra) = first_unknown(st.names().into_iter(), is_known) {
-            return Err(fail(format!("tensor '{extra}' is not part of {}", self.meta.config.name())));
+            return Err(fail(format!("tensor '{extra}' is not part of {}", self.meta.config().name())));
         }
         Ok(State { params, momentum, stats, steps: self.meta.steps })
+    }
+}
+
+/// The checkpoint `path` names: a file, itself; a run directory, its `first` file ([`CHECKPOINT`]
+/// or [`BEST`]), or the other one when only that one is there.
+pub fn in_run_dir(path: &Path, first: &str) -> PathBuf {
+    if !path.is_dir() {
+        return path.to_path_buf();
+    }
+    let other = if first == BEST { CHECKPOINT } else { BEST };
+    match (path.join(first).exists(), path.join(other).exists()) {
+        (false, true) => path.join(other),
+        _ => path.join(first),
     }
 }
 
@@ -533,9 +547,7 @@ pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
     let (st, map) = parse(path, &bytes)?;
     // A densenet checkpoint says which network it holds: worth saying when it is another one.
     let held = match Meta::from_map(&map) {
-        Ok(m) if differences(&m.config, m.dataset, cfg, m.dataset).iter().any(|d| !d.starts_with("--droprate")) => {
-            format!(" (the file holds {})", m.config.name())
-        }
+        Ok(m) if !m.config().same_parameters(cfg) => format!(" (the file holds {})", m.config().name()),
         _ => String::new(),
     };
     let fail = |e: String| Error(format!("{}: {e} for {}{held}", path.display(), cfg.name()));
@@ -559,16 +571,17 @@ pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
 /// [`BEST`] as well, first, when the epoch's test top-1 is the best so far.
 pub struct Saver {
     dir: PathBuf,
-    dataset: Dataset,
+    recipe: Recipe,
     /// The `epoch` of the best checkpoint so far.
     best_epoch: std::cell::Cell<Option<usize>>,
 }
 
 impl Saver {
     /// Creates the run directory `dir` if needed, checks that files can be written there, and
-    /// removes the temporary files of writes a killed process left unfinished; `best_epoch` is
-    /// the `epoch` of the best checkpoint so far (a resumed run's).
-    pub fn create(dir: &Path, dataset: Dataset, best_epoch: Option<usize>) -> Result<Saver> {
+    /// removes the temporary files of writes a killed process left unfinished. Its checkpoints
+    /// record `recipe`; `best_epoch` is the `epoch` of the best checkpoint so far (a resumed
+    /// run's).
+    pub fn create(dir: &Path, recipe: Recipe, best_epoch: Option<usize>) -> Result<Saver> {
         std::fs::create_dir_all(dir)
             .and_then(|()| tempfile::Builder::new().prefix(".probe.").tempfile_in(dir).map(drop))
             .map_err(|e| Error(format!("cannot write checkpoints in {}: {e}", dir.display())))?;
@@ -581,7 +594,7 @@ impl Saver {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Saver { dir: dir.to_path_buf(), dataset, best_epoch: best_epoch.into() })
+        Ok(Saver { dir: dir.to_path_buf(), recipe, best_epoch: best_epoch.into() })
     }
 
     /// The path of the per-epoch checkpoint.
@@ -600,7 +613,7 @@ impl Saver {
         if improved {
             self.best_epoch.set(Some(epoch));
         }
-        let meta = Meta { best_epoch: self.best_epoch.get(), ..Meta::of(model, self.dataset, epoch, best) };
+        let meta = Meta { best_epoch: self.best_epoch.get(), ..Meta::of(model, &self.recipe, epoch, best) };
         let bytes = encode(model, &meta)?;
         if improved {
             write_atomic(&self.best(), &bytes)?;
@@ -667,6 +680,11 @@ mod tests {
         NetConfig::cifar(10, 4, true, 0.5, 0.2, 10).unwrap()
     }
 
+    /// The reference recipe of `m`'s network and seed, on `dataset`.
+    fn recipe(m: &Model<CpuBackend>, dataset: Dataset) -> Recipe {
+        Recipe::reference("r", dataset, m.config().clone(), m.seed())
+    }
+
     /// Structure-aware fuzzing of the checkpoint reader: mutations of a valid checkpoint (the
     /// header length, numbers in the header such as offsets and shapes, dtypes, metadata
     /// values and the network JSON, truncation, bytes anywhere), a fixed seeded budget. Every
@@ -676,7 +694,7 @@ mod tests {
     fn fuzzed_checkpoints_are_one_line_errors_never_panics() {
         const CASES: u64 = 20_000;
         let m = scrambled(&cfg());
-        let seed = encode(&m, &Meta::of(&m, Dataset::Cifar10, 3, 25.0)).unwrap();
+        let seed = encode(&m, &Meta::of(&m, &recipe(&m, Dataset::Cifar10), 3, 25.0)).unwrap();
         let n = u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
         let header = String::from_utf8(seed[8..8 + n].to_vec()).unwrap();
         // Every number and string of the header: what mutations replace.
@@ -760,7 +778,7 @@ mod tests {
     fn a_stale_or_missing_best_file_is_told_apart_from_a_consistent_one() {
         let dir = tempfile::tempdir().unwrap();
         let m = scrambled(&cfg());
-        let saver = Saver::create(dir.path(), Dataset::Cifar10, None).unwrap();
+        let saver = Saver::create(dir.path(), recipe(&m, Dataset::Cifar10), None).unwrap();
         saver.save(&m, 1, 10.0, true).unwrap();
         let first = std::fs::read(saver.best()).unwrap();
         saver.save(&m, 2, 20.0, true).unwrap();
@@ -787,8 +805,8 @@ mod tests {
         let path = dir.path().join(CHECKPOINT);
         let cfg = NetConfig { reduction: 0.30000000000000004, ..cfg() };
         let m = scrambled(&cfg);
-        let meta = Meta::of(&m, Dataset::Cifar100, 17, 42.125);
-        assert_eq!((meta.seed, meta.steps), (7, 12345));
+        let meta = Meta::of(&m, &recipe(&m, Dataset::Cifar100), 17, 42.125);
+        assert_eq!((meta.seed(), meta.steps), (7, 12345));
         write_atomic(&path, &encode(&m, &meta).unwrap()).unwrap();
 
         let ck = Checkpoint::read(&path).unwrap();
@@ -822,17 +840,41 @@ mod tests {
         assert_eq!((t.dtype(), t.shape()), (Dtype::F32, &[16, 8, 1, 1][..]));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let map = header.metadata().clone().unwrap();
-        let net: Value = serde_json::from_str(&map["network"]).unwrap();
+        let stored: Value = serde_json::from_str(&map["recipe"]).unwrap();
         assert_eq!(
-            net,
-            json!({"stem": "cifar", "stem_channels": 8, "growth": 4, "block_layers": [1, 1, 1], "bottleneck": true,
-                   "reduction": 0.30000000000000004, "drop_rate": 0.2, "num_classes": 10})
+            stored["network"],
+            serde_json::json!({"stem": "cifar", "stem_channels": 8, "growth": 4, "block_layers": [1, 1, 1],
+                   "bottleneck": true, "reduction": 0.30000000000000004, "drop_rate": 0.2, "num_classes": 10})
         );
-        assert_eq!((map["format"].as_str(), map["format_version"].as_str()), (FORMAT, "1"));
         assert_eq!(
-            (map["epoch"].as_str(), map["best_prec1"].as_str(), map["dataset"].as_str()),
-            ("17", "42.125", "cifar100")
+            (stored["dataset"].as_str(), stored["seed"].as_u64(), stored["schema"].as_u64()),
+            (Some("cifar100"), Some(7), Some(1))
         );
+        assert_eq!((map["format"].as_str(), map["format_version"].as_str()), (FORMAT, "2"));
+        assert_eq!(
+            (map["epoch"].as_str(), map["best_prec1"].as_str(), map["memory"].as_str()),
+            ("17", "42.125", "minimal")
+        );
+    }
+
+    /// A format-1 checkpoint (network, data set and seed, no recipe) still loads, as what it
+    /// records.
+    #[test]
+    fn format_1_checkpoints_still_load() {
+        let m = scrambled(&cfg());
+        let mut meta = Meta::of(&m, &recipe(&m, Dataset::Cifar100), 5, 12.5);
+        (meta.recorded, meta.memory) = (Recorded::Partial { config: cfg(), dataset: Dataset::Cifar100, seed: 7 }, None);
+        let map = meta.to_map();
+        assert_eq!(map["format_version"], "1");
+        assert!(map.contains_key("network") && !map.contains_key("recipe") && !map.contains_key("memory"));
+        let bytes = encode(&m, &meta).unwrap();
+        let ck = Checkpoint::from_bytes(Path::new("old.safetensors"), bytes).unwrap();
+        assert_eq!(ck.meta(), &meta);
+        assert_eq!(
+            (ck.meta().config(), ck.meta().dataset(), ck.meta().seed(), ck.meta().recipe()),
+            (&cfg(), Dataset::Cifar100, 7, None)
+        );
+        assert_eq!(ck.state().unwrap().params, m.params());
     }
 
     #[test]
@@ -842,9 +884,9 @@ mod tests {
         let m = Model::new(cfg.clone(), 2, 32, 32, Mode::Minimal, 1, CpuBackend::new()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
-        write_atomic(&path, &encode(&m, &Meta::of(&m, Dataset::Cifar10, 1, 0.0)).unwrap()).unwrap();
+        write_atomic(&path, &encode(&m, &Meta::of(&m, &recipe(&m, Dataset::Cifar10), 1, 0.0)).unwrap()).unwrap();
         let ck = Checkpoint::read(&path).unwrap();
-        assert_eq!(ck.meta().config, cfg);
+        assert_eq!(ck.meta().config(), &cfg);
         assert_eq!(ck.state().unwrap().params, m.params());
         let bytes = std::fs::read(&path).unwrap();
         assert!(SafeTensors::deserialize(&bytes).unwrap().tensor("bn0.num_batches_tracked").is_ok());
@@ -855,7 +897,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CHECKPOINT);
         let m = scrambled(&cfg());
-        write_atomic(&path, &encode(&m, &Meta::of(&m, Dataset::Cifar10, 3, 50.0)).unwrap()).unwrap();
+        write_atomic(&path, &encode(&m, &Meta::of(&m, &recipe(&m, Dataset::Cifar10), 3, 50.0)).unwrap()).unwrap();
         // Another dropout rate is the same tensors.
         let cfg = NetConfig { drop_rate: 0.0, ..cfg() };
         let state = read_weights(&path, &cfg).unwrap();
@@ -883,7 +925,7 @@ mod tests {
         a.train_step(&images, &labels, hp).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CHECKPOINT);
-        write_atomic(&path, &encode(&a, &Meta::of(&a, Dataset::Cifar10, 1, 0.0)).unwrap()).unwrap();
+        write_atomic(&path, &encode(&a, &Meta::of(&a, &recipe(&a, Dataset::Cifar10), 1, 0.0)).unwrap()).unwrap();
         let mut b = model(&cfg, 4);
         Checkpoint::read(&path).unwrap().state().unwrap().apply(&mut b).unwrap();
         a.train_step(&images, &labels, hp).unwrap();
@@ -919,24 +961,36 @@ mod tests {
     #[test]
     fn metadata_errors_say_what_is_wrong() {
         let m = model(&cfg(), 1);
-        let good = Meta::of(&m, Dataset::Cifar10, 1, 10.0).to_map();
-        let broken = |key: &str, value: Option<&str>| {
-            let mut map = good.clone();
+        let good = Meta::of(&m, &recipe(&m, Dataset::Cifar10), 1, 10.0).to_map();
+        let old = Meta {
+            recorded: Recorded::Partial { config: cfg(), dataset: Dataset::Cifar10, seed: 1 },
+            ..Meta::from_map(&good).unwrap()
+        }
+        .to_map();
+        let broken = |map: &HashMap<String, String>, key: &str, value: Option<&str>| {
+            let mut map = map.clone();
             match value {
                 Some(v) => map.insert(key.into(), v.into()),
                 None => map.remove(key),
             };
             Meta::from_map(&map).unwrap_err()
         };
-        assert!(broken("format", None).contains("not a densenet checkpoint"));
-        assert!(broken("format_version", Some("2")).contains("version 2"));
-        assert!(broken("epoch", Some("-1")).contains("'epoch' is not valid"));
-        assert!(broken("steps", None).contains("no 'steps'"));
-        assert!(broken("best_prec1", Some("120")).contains("not a percentage"));
-        assert!(broken("dataset", Some("mnist")).contains("unknown dataset 'mnist'"));
-        assert!(broken("network", Some("{\"stem\": \"cifar\"}")).contains("'network' is not valid (no 'block_layers')"));
-        assert!(broken("network", Some("[1")).contains("'network' is not valid"));
-        assert_eq!(Meta::from_map(&good).unwrap().config, cfg());
+        assert!(broken(&good, "format", None).contains("not a densenet checkpoint"));
+        assert!(broken(&good, "format_version", Some("3")).contains("version 3; this build reads versions 1 to 2"));
+        assert!(broken(&good, "epoch", Some("-1")).contains("'epoch' is not valid"));
+        assert!(broken(&good, "steps", None).contains("no 'steps'"));
+        assert!(broken(&good, "best_prec1", Some("120")).contains("not a percentage"));
+        assert!(broken(&good, "memory", Some("lots")).contains("'memory' is not valid"));
+        assert!(broken(&good, "recipe", None).contains("no 'recipe'"));
+        let e = broken(&good, "recipe", Some(&good["recipe"].replace("\"cifar10\"", "\"mnist\"")));
+        assert!(e.contains("'recipe' is not valid (unknown variant `mnist`"), "{e}");
+        assert!(broken(&good, "recipe", Some("[1")).contains("'recipe' is not valid"));
+        assert!(broken(&old, "dataset", Some("mnist")).contains("unknown dataset 'mnist'"));
+        let e = broken(&old, "network", Some("{\"stem\": \"cifar\"}"));
+        assert!(e.contains("'network' is not valid (missing field"), "{e}");
+        assert!(broken(&old, "network", Some("[1")).contains("'network' is not valid"));
+        assert_eq!(Meta::from_map(&good).unwrap().config(), &cfg());
+        assert_eq!(Meta::from_map(&old).unwrap().config(), &cfg());
     }
 
     #[test]
@@ -944,10 +998,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CHECKPOINT);
         let m = model(&cfg(), 1);
-        let mut meta = Meta::of(&m, Dataset::Cifar10, 1, 10.0);
-        meta.config = NetConfig { growth: 1024, block_layers: vec![600; 3], ..cfg() };
+        let mut huge = recipe(&m, Dataset::Cifar10);
+        huge.network = NetConfig { growth: 1024, block_layers: vec![600; 3], ..cfg() };
+        let meta = Meta { recorded: Recorded::Whole(huge), ..Meta::of(&m, &recipe(&m, Dataset::Cifar10), 1, 10.0) };
         // The tensors are the small network's; the metadata claims a huge one.
-        let bytes = encode(&m, &Meta::of(&m, Dataset::Cifar10, 1, 10.0)).unwrap();
+        let bytes = encode(&m, &Meta::of(&m, &recipe(&m, Dataset::Cifar10), 1, 10.0)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let tensors: Vec<(String, TensorView)> = st.tensors();
         let forged = safetensors::serialize(tensors, Some(meta.to_map())).unwrap();
@@ -963,7 +1018,8 @@ mod tests {
         let kept = dir.path().join("notes.tmp");
         std::fs::write(&leftover, b"partial").unwrap();
         std::fs::write(&kept, b"mine").unwrap();
-        Saver::create(dir.path(), Dataset::Cifar10, None).unwrap();
+        let m = model(&cfg(), 1);
+        Saver::create(dir.path(), recipe(&m, Dataset::Cifar10), None).unwrap();
         assert!(!leftover.exists(), "the unfinished write is removed");
         assert!(kept.exists(), "other files are left alone");
     }

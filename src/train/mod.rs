@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod epoch;
 pub mod lock;
 pub mod meter;
+pub mod recipe;
 pub mod schedule;
 pub mod stop;
 pub mod tensorboard;
@@ -13,25 +14,19 @@ use crate::backend::{Backend, Sgd};
 use crate::data::loader::Loader;
 use crate::model::Model;
 use crate::{Error, Result};
+use recipe::Recipe;
 use std::fmt;
 use std::io::Write;
 use std::time::Instant;
 
-/// What `densenet train` runs: epochs, SGD hyper-parameters and reporting.
+/// Where [`fit`] starts: the first epoch to run (counted from 0), and the best test top-1 of
+/// the epochs before it (a resumed run's; `None` for a fresh run).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Recipe {
-    /// Total epochs; the schedule's milestones are fractions of it.
-    pub epochs: usize,
-    /// First epoch to run (counted from 0).
-    pub start_epoch: usize,
-    /// Initial learning rate.
-    pub lr: f64,
-    /// Momentum factor (Nesterov).
-    pub momentum: f32,
-    /// L2 weight decay on every parameter.
-    pub weight_decay: f32,
-    /// Batches between progress lines.
-    pub print_freq: usize,
+pub struct FitFrom {
+    /// The first epoch to run.
+    pub epoch: usize,
+    /// The best test top-1 so far, percent.
+    pub best: Option<f64>,
 }
 
 /// How an epoch ended: what is reported, logged and checkpointed after it.
@@ -52,25 +47,27 @@ pub struct EpochEnd {
     pub improved: bool,
 }
 
-/// Trains epochs `start_epoch..epochs`, evaluating on the test set after each, then calls
-/// `after_epoch` (checkpoints, logs). `best` is the best test top-1 of earlier epochs (a resumed
-/// run's), `None` for a fresh run. Returns the best test top-1 precision (percent).
+/// Trains epochs `from.epoch..recipe.epochs` with the recipe's SGD settings and schedule,
+/// evaluating on the test set after each, then calls `after_epoch` (checkpoints, logs), with a
+/// progress line every `print_freq` batches. Returns the best test top-1 precision (percent).
 pub fn fit<B: Backend>(
     model: &mut Model<B>,
     train: &mut Loader,
     test: &mut Loader,
     recipe: &Recipe,
-    mut best: Option<f64>,
+    from: FitFrom,
+    print_freq: usize,
     mut after_epoch: impl FnMut(&Model<B>, &EpochEnd) -> Result<()>,
 ) -> Result<Option<f64>> {
-    let mut last: Option<f64> = None;
-    for e in recipe.start_epoch..recipe.epochs {
+    let (mut best, mut last) = (from.best, None);
+    for e in from.epoch..recipe.epochs {
         let start = Instant::now();
         let lr = schedule::learning_rate(recipe.lr, e, recipe.epochs);
-        let hp = Sgd { lr: lr as f32, momentum: recipe.momentum, weight_decay: recipe.weight_decay, nesterov: true };
-        let ahead = epoch::Ahead { epochs: recipe.epochs - e - 1, epoch_secs: last, estimate: e == recipe.start_epoch };
-        let t = epoch::train(model, train, e, hp, recipe.print_freq, ahead)?;
-        let v = epoch::evaluate(model, test, recipe.print_freq)?;
+        let (momentum, weight_decay, nesterov) = (recipe.momentum, recipe.weight_decay, recipe.nesterov);
+        let hp = Sgd { lr: lr as f32, momentum, weight_decay, nesterov };
+        let ahead = epoch::Ahead { epochs: recipe.epochs - e - 1, epoch_secs: last, estimate: e == from.epoch };
+        let t = epoch::train(model, train, e, hp, print_freq, ahead)?;
+        let v = epoch::evaluate(model, test, print_freq)?;
         let improved = best.is_none_or(|b| v.top1 > b);
         let top = best.map_or(v.top1, |b| b.max(v.top1));
         best = Some(top);

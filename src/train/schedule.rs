@@ -28,9 +28,51 @@ pub fn drops(start: usize, epochs: usize) -> String {
     }
 }
 
+/// A learning rate as printed: rounded to 9 decimals, so that 0.1 / 10 prints as 0.01, not
+/// 0.010000000000000002.
+pub fn shown(lr: f64) -> f64 {
+    (lr * 1e9).round() / 1e9
+}
+
+/// What changing the epochs of a run from `old` to `new` at epoch `start` does to its
+/// schedule, as words: the milestones move with the epochs, so the learning rate of `start`
+/// can change, back up included. A run extended after its last epoch compares with that epoch.
+pub fn moved(base: f64, start: usize, old: usize, new: usize) -> String {
+    let ((a0, b0), (a1, b1)) = (milestones(old), milestones(new));
+    let last = start.min(old.saturating_sub(1));
+    let (before, after) = (shown(learning_rate(base, last, old)), shown(learning_rate(base, start, new)));
+    let mut rate = match (last == start, after == before) {
+        (true, true) => format!("epoch {start} keeps lr {after}"),
+        (true, false) => format!("epoch {start} trains at lr {after} instead of {before}"),
+        (false, true) => format!("epoch {start} trains at lr {after}, as epoch {last} did"),
+        (false, false) => format!("epoch {start} trains at lr {after}; epoch {last} trained at {before}"),
+    };
+    if after > before {
+        rate += ": back up, a drop already made is undone";
+    }
+    format!("the LR milestones (50% and 75% of the epochs) move from epochs {a0} and {b0} to {a1} and {b1}; {rate}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_of_epochs_says_where_the_milestones_go() {
+        assert_eq!(
+            moved(0.1, 100, 300, 400),
+            "the LR milestones (50% and 75% of the epochs) move from epochs 150 and 225 to 200 and 300; epoch 100 keeps lr 0.1"
+        );
+        let back_up = moved(0.1, 160, 300, 400);
+        assert!(back_up.ends_with("epoch 160 trains at lr 0.1 instead of 0.01: back up, a drop already made is undone"));
+        assert!(moved(0.1, 160, 400, 300).ends_with("epoch 160 trains at lr 0.01 instead of 0.1"), "shortened");
+        // A finished run extended: compared with its last epoch.
+        assert!(moved(0.1, 300, 300, 400).ends_with("epoch 300 trains at lr 0.001, as epoch 299 did"));
+        let undone = moved(0.1, 300, 300, 600);
+        assert!(undone.ends_with(
+            "epoch 300 trains at lr 0.01; epoch 299 trained at 0.001: back up, a drop already made is undone"
+        ));
+    }
 
     #[test]
     fn only_drops_ahead_are_listed() {
