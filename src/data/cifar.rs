@@ -309,7 +309,7 @@ mod tests {
     /// naming the file and the record.
     #[test]
     fn fuzzed_records_are_one_line_errors_never_panics() {
-        const CASES: u64 = 5_000;
+        const CASES: u64 = 20_000;
         let mut accepted = 0;
         for case in 0..CASES {
             let r = |k: u64| crate::rng::derive(crate::rng::derive(0xc1fa, case), k);

@@ -440,41 +440,10 @@ fn extract(archive: &Path, dir: &Path, dataset: Dataset, origin: &str) -> Result
         _ => bail!("the archive {origin} is not a gzip file; nothing was extracted"),
     }
     file.rewind().map_err(cannot)?;
-    let mut tar = tar::Archive::new(GzDecoder::new(BufReader::with_capacity(1 << 20, file)));
-    let bad = |e: io::Error| archive_error(origin, &e);
-    let mut names = Vec::new();
-    let mut elsewhere = None;
-    let mut buf = vec![0u8; 1 << 16];
-    for entry in tar.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        let path = entry.path().map_err(bad)?.into_owned();
-        let parts: Vec<Component> = path.components().filter(|c| *c != Component::CurDir).collect();
-        let kind = entry.header().entry_type();
-        match parts[..] {
-            [Component::Normal(top), Component::Normal(name)]
-                if top == folder && matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) =>
-            {
-                let mut out = File::create(root.join(name)).map_err(written)?;
-                loop {
-                    let n = match entry.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(bad(e)),
-                    };
-                    out.write_all(&buf[..n]).map_err(written)?;
-                }
-                out.sync_all().map_err(written)?;
-                names.push(name.to_string_lossy().into_owned());
-            }
-            [Component::Normal(top), ..] if top != folder => {
-                elsewhere.get_or_insert_with(|| top.to_string_lossy().into_owned());
-            }
-            _ => {}
-        }
-    }
-    // The rest of the gzip stream, so that its length and CRC are checked.
-    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(bad)?;
+    let gz = GzDecoder::new(BufReader::with_capacity(1 << 20, file));
+    let create = |name: &str| File::create(root.join(name)).map_err(written);
+    let close = |out: File| out.sync_all().map_err(written);
+    let Unpacked { names, elsewhere } = unpack(gz, dataset, origin, create, close)?;
 
     let expected = [Split::Train, Split::Test].into_iter().flat_map(|s| dataset.files(s));
     let missing: Vec<&str> = expected.into_iter().copied().filter(|f| !names.iter().any(|n| n == f)).collect();
@@ -505,6 +474,86 @@ fn extract(archive: &Path, dir: &Path, dataset: Dataset, origin: &str) -> Result
         let _ = d.sync_all();
     }
     Ok(Fetched { folder: target, train, test, already_there: false })
+}
+
+/// What [`unpack`] took from an archive.
+struct Unpacked {
+    /// The names of the files taken, in archive order.
+    names: Vec<String>,
+    /// The first top-level folder other than the dataset's, if any.
+    elsewhere: Option<String>,
+}
+
+/// Most files taken from the dataset's folder of an archive (the official ones hold 8 and 4).
+const MAX_FILES: usize = 64;
+/// Most records in one file of a dataset's folder (the official training sets hold 50,000 in
+/// all: CIFAR-100's in one file).
+const MAX_FILE_RECORDS: u64 = 50_000;
+
+/// The extraction policy. Of the tar stream `tar`, only regular files directly in the
+/// dataset's folder are taken: each is written to `create(name)`, `name` a plain file name
+/// (never a path, a link, a device or a folder), and handed to `close`. Every other entry is
+/// skipped. At most [`MAX_FILES`] files of at most [`MAX_FILE_RECORDS`] records each are
+/// taken, so that no archive can fill the disk. The stream is read to its end, so that a gzip
+/// stream's length and CRC are checked.
+fn unpack<R: Read, W: Write>(
+    tar: R,
+    dataset: Dataset,
+    origin: &str,
+    mut create: impl FnMut(&str) -> Result<W>,
+    mut close: impl FnMut(W) -> Result<()>,
+) -> Result<Unpacked> {
+    let (folder, max_bytes) = (dataset.folder(), MAX_FILE_RECORDS * dataset.record_bytes() as u64);
+    let mut tar = tar::Archive::new(tar);
+    let bad = |e: io::Error| archive_error(origin, &e);
+    let (mut names, mut elsewhere) = (Vec::new(), None);
+    let mut buf = vec![0u8; 1 << 16];
+    for entry in tar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.into_owned();
+        let parts: Vec<Component> = path.components().filter(|c| *c != Component::CurDir).collect();
+        let kind = entry.header().entry_type();
+        match parts[..] {
+            [Component::Normal(top), Component::Normal(name)]
+                if top == folder && matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) =>
+            {
+                let name = name.to_string_lossy().into_owned();
+                if names.len() == MAX_FILES {
+                    bail!("the archive {origin} holds more than {MAX_FILES} files in {folder}/: not a CIFAR archive; nothing was extracted");
+                }
+                let mut out = create(&name)?;
+                let mut bytes = 0u64;
+                loop {
+                    let n = match entry.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(bad(e)),
+                    };
+                    bytes += n as u64;
+                    if bytes > max_bytes {
+                        bail!(
+                            "the archive {origin} holds {folder}/{name} of more than {max_bytes} bytes, more than any {} \
+                             file; nothing was extracted",
+                            dataset.title()
+                        );
+                    }
+                    out.write_all(&buf[..n]).map_err(|e| {
+                        Error(format!("cannot write {folder}/{name} from {origin}: {e}; nothing was extracted"))
+                    })?;
+                }
+                close(out)?;
+                names.push(name);
+            }
+            [Component::Normal(top), ..] if top != folder => {
+                elsewhere.get_or_insert_with(|| top.to_string_lossy().into_owned());
+            }
+            _ => {}
+        }
+    }
+    // The rest of the stream (of a gzip stream, its length and CRC).
+    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(bad)?;
+    Ok(Unpacked { names, elsewhere })
 }
 
 /// One line for an archive that cannot be read: truncated or corrupt.
@@ -548,6 +597,217 @@ mod tests {
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
+    }
+
+    /// A tar stream (not compressed) of `entries`: (type, path, link name, contents).
+    fn tar_of(entries: &[(tar::EntryType, &str, &str, &[u8])]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        for &(kind, path, link, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            if !link.is_empty() {
+                header.set_link_name(link).unwrap();
+            }
+            if path.len() > 100 {
+                tar.append_data(&mut header, path, data).unwrap(); // with a GNU long-name entry
+            } else {
+                // Written raw: the builder refuses the '..' of hostile paths.
+                header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+                header.set_cksum();
+                tar.append(&header, data).unwrap();
+            }
+        }
+        tar.into_inner().unwrap()
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// Where the 512-byte headers of a tar stream start.
+    fn headers(tar: &[u8]) -> Vec<usize> {
+        let (mut at, mut out) = (0, Vec::new());
+        while at + 512 <= tar.len() && tar[at] != 0 {
+            out.push(at);
+            let size = std::str::from_utf8(&tar[at + 124..at + 135])
+                .ok()
+                .and_then(|s| u64::from_str_radix(s.trim_matches(['\0', ' ']), 8).ok());
+            at += 512 + (size.unwrap_or(0) as usize).next_multiple_of(512);
+        }
+        out
+    }
+
+    /// Structure-aware fuzzing of the archive reader and the extraction policy: a valid
+    /// CIFAR-10 tar stream mutated in its headers (entry types, with link targets; paths that
+    /// climb out, are absolute, nest deeper, name the folder itself or are not UTF-8; sizes;
+    /// checksums left wrong or fixed), with hostile entries inserted (links, folders, devices,
+    /// GNU long names, pax paths), truncated or flipped, then gzipped, or its gzip stream
+    /// truncated or flipped. A fixed seeded budget: no panic, every rejection one line, and
+    /// every file taken a plain name in the dataset's folder. Prints the case count and how many
+    /// got past the first check (the gzip and tar framing of the first entry).
+    #[test]
+    fn fuzzed_archives_never_escape_the_dataset_folder() {
+        use tar::EntryType as T;
+        const CASES: u64 = 20_000;
+        let record = records(Dataset::Cifar10, 1);
+        let mut entries: Vec<(T, String, &str, &[u8])> = vec![(T::Directory, "cifar-10-batches-bin/".into(), "", b"")];
+        for name in [Split::Train, Split::Test].iter().flat_map(|&s| Dataset::Cifar10.files(s)) {
+            entries.push((T::Regular, format!("cifar-10-batches-bin/{name}"), "", &record));
+        }
+        entries.push((T::Regular, "cifar-10-batches-bin/readme.html".into(), "", b"<html></html>"));
+        let listed: Vec<_> = entries.iter().map(|(k, p, l, d)| (*k, p.as_str(), *l, *d)).collect();
+        let seed = tar_of(&listed);
+        let blocks = headers(&seed);
+        assert_eq!(blocks.len(), entries.len());
+        let long = format!("cifar-10-batches-bin/{}", "a".repeat(150));
+        let hostile: Vec<Vec<u8>> = [
+            (T::Symlink, "cifar-10-batches-bin/data_batch_1.bin", "/etc/passwd"),
+            (T::Link, "cifar-10-batches-bin/data_batch_2.bin", "../../x"),
+            (T::Directory, "cifar-10-batches-bin/test_batch.bin", ""),
+            (T::Char, "cifar-10-batches-bin/data_batch_3.bin", ""),
+            (T::Fifo, "cifar-10-batches-bin/data_batch_4.bin", ""),
+            (T::Regular, &long, ""),
+            (T::Regular, "../escape.bin", ""),
+            (T::Regular, "cifar-10-batches-bin/../../escape.bin", ""),
+        ]
+        .iter()
+        .map(|&(k, p, l)| {
+            let t = tar_of(&[(k, p, l, if k == T::Regular { &record[..] } else { b"" })]);
+            t[..t.len() - 1024].to_vec() // without the end-of-archive blocks
+        })
+        .chain(std::iter::once({
+            // A pax header whose path climbs out, then the file it renames.
+            let pax = b"30 path=../../../pax-escape\n";
+            let t = tar_of(&[(T::XHeader, "pax", "", &pax[..27]), (T::Regular, "cifar-10-batches-bin/x", "", b"data")]);
+            t[..t.len() - 1024].to_vec()
+        }))
+        .collect();
+        let paths: [&[u8]; 12] = [
+            b"../escape",
+            b"/abs/data_batch_1.bin",
+            b"cifar-10-batches-bin/../../evil",
+            b"cifar-10-batches-bin/sub/x",
+            b"./cifar-10-batches-bin/data_batch_1.bin",
+            b"cifar-10-batches-bin/",
+            b"cifar-10-batches-bin/..",
+            b"other/data_batch_1.bin",
+            b"",
+            b"cifar-10-batches-bin//x",
+            b"cifar-10-batches-bin/\xff\xfe",
+            &[b'a'; 100],
+        ];
+        let types = b"0125346LKxgSV\0?";
+        let sizes: [&[u8]; 6] = [
+            b"00000000000",
+            b"00000010000",
+            b"77777777777",
+            b"zzzzzzzzzzz",
+            b"\x80\0\0\0\0\0\0\xff\xff\xff\xff",
+            b"00000000001",
+        ];
+        let (mut past_first, mut extracted) = (0, 0);
+        for case in 0..CASES {
+            let r = |k: u64| crate::rng::derive(crate::rng::derive(0x7a2, case), k);
+            let pick = |k: u64, n: usize| (r(k) % n as u64) as usize;
+            let mut tar = seed.clone();
+            let at = blocks[pick(1, blocks.len())];
+            let kind = r(0) % 8;
+            match kind {
+                0 => {
+                    tar[at + 156] = types[pick(2, types.len())];
+                    tar[at + 157..at + 257].fill(0);
+                    let link: &[u8] =
+                        [&b"/etc/passwd"[..], b"../../x", b"cifar-10-batches-bin/data_batch_5.bin"][pick(3, 3)];
+                    tar[at + 157..at + 157 + link.len()].copy_from_slice(link);
+                }
+                1 => {
+                    let p = paths[pick(2, paths.len())];
+                    tar[at..at + 100].fill(0);
+                    tar[at..at + p.len()].copy_from_slice(p);
+                }
+                2 => tar[at + 124..at + 135].copy_from_slice(sizes[pick(2, sizes.len())]),
+                3 => {
+                    let insert = blocks.get(pick(2, blocks.len() + 1)).copied().unwrap_or(seed.len() - 1024);
+                    tar.splice(insert..insert, hostile[pick(3, hostile.len())].iter().copied());
+                }
+                4 => tar.truncate(pick(2, tar.len())),
+                5 | 6 => {
+                    for k in 0..1 + r(2) % 4 {
+                        let at = if kind == 5 { pick(10 + k, tar.len()) } else { at + pick(10 + k, 512) };
+                        tar[at] ^= 1 << (r(20 + k) % 8);
+                    }
+                }
+                _ => {}
+            }
+            // Headers edited by kinds 0 to 2 mostly get a right checksum, to reach the policy.
+            if kind <= 2 && r(4) % 4 != 0 {
+                let mut header = tar::Header::new_old();
+                header.as_mut_bytes().copy_from_slice(&tar[at..at + 512]);
+                header.set_cksum();
+                tar[at..at + 512].copy_from_slice(header.as_bytes());
+            }
+            let mut gz = gzip(&tar);
+            if kind == 7 {
+                if r(5) % 2 == 0 {
+                    gz.truncate(pick(6, gz.len()));
+                } else {
+                    let at = pick(6, gz.len());
+                    gz[at] ^= 1 << (r(7) % 8);
+                }
+            }
+            let taken = std::cell::Cell::new(0);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let create = |name: &str| {
+                    assert!(
+                        !name.is_empty() && name != "." && name != ".." && !name.contains('/'),
+                        "case {case}: {name:?}"
+                    );
+                    taken.set(taken.get() + 1);
+                    Ok(Vec::new())
+                };
+                unpack(GzDecoder::new(&gz[..]), Dataset::Cifar10, "fuzz.tgz", create, |_| Ok(()))
+            }));
+            match outcome {
+                Err(_) => panic!("case {case} (mutation {kind}) panicked"),
+                Ok(Ok(u)) => {
+                    (past_first, extracted) = (past_first + 1, extracted + 1);
+                    assert_eq!(u.names.len(), taken.get());
+                }
+                Ok(Err(e)) => {
+                    assert!(!e.0.contains('\n') && e.0.starts_with("the archive fuzz.tgz "), "case {case}: {e}");
+                    past_first += (taken.get() > 0) as u64;
+                }
+            }
+        }
+        eprintln!("archive reader: {CASES} cases, {past_first} past the first check, {extracted} read to the end");
+        assert!(past_first > CASES / 2 && extracted < CASES, "{past_first} past the first check, {extracted} whole");
+    }
+
+    /// No archive fills the disk: more than [`MAX_FILES`] files in the folder, or a file of
+    /// more than [`MAX_FILE_RECORDS`] records, is refused as it is read.
+    #[test]
+    fn archives_too_large_for_cifar_are_refused() {
+        let unpacked =
+            |gz: &[u8]| unpack(GzDecoder::new(gz), Dataset::Cifar10, "x.tgz", |_| Ok(io::sink()), |_| Ok(()));
+        let many: Vec<String> = (0..=MAX_FILES).map(|i| format!("cifar-10-batches-bin/f{i}")).collect();
+        let entries: Vec<_> = many.iter().map(|p| (tar::EntryType::Regular, p.as_str(), "", &b"x"[..])).collect();
+        let e = unpacked(&gzip(&tar_of(&entries[..MAX_FILES]))).map(|u| u.names.len());
+        assert_eq!(e.ok(), Some(MAX_FILES));
+        let e = unpacked(&gzip(&tar_of(&entries))).err().unwrap().0;
+        assert!(e.contains(&format!("holds more than {MAX_FILES} files in cifar-10-batches-bin/")), "{e}");
+
+        let cap = MAX_FILE_RECORDS * Dataset::Cifar10.record_bytes() as u64;
+        let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(cap + 1);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, "cifar-10-batches-bin/data_batch_1.bin", io::repeat(0).take(cap + 1)).unwrap();
+        let e = unpacked(&tar.into_inner().unwrap().finish().unwrap()).err().unwrap().0;
+        assert!(e.contains(&format!("data_batch_1.bin of more than {cap} bytes, more than any CIFAR-10 file")), "{e}");
     }
 
     #[test]
