@@ -45,8 +45,9 @@ fn print_memory_table(batch: usize) {
     for cfg in [bc(100, 12), bc(250, 24), bc(190, 40)] {
         let net = Net::new(&cfg);
         for mode in Mode::ALL {
-            let plan = Plan::new(&cfg, &net, batch, SIZE, SIZE, mode, |convs| be.workspace_len(convs, batch))
-                .expect("plan DenseNet-BC");
+            let plan =
+                Plan::new(&cfg, &net, batch, SIZE, SIZE, mode, |convs| be.workspace_len(convs, 3 * SIZE * SIZE, batch))
+                    .expect("plan DenseNet-BC");
             print!("{:<22} {:<8}", cfg.name(), mode.to_string());
             for c in Category::ALL {
                 print!(" {:>11.1}", mib(plan.bytes(c)));

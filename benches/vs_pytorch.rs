@@ -324,7 +324,7 @@ fn step_rounds(workers: &mut [Worker], rounds: usize, label: &str) -> Result<Vec
 
 /// Planned activations + scratch bytes of our side in mode `mode`.
 fn planned_bytes(cfg: &NetConfig, s: &Settings, mode: &str) -> Result<usize> {
-    let workspace = |convs: &[_]| CpuBackend::new().workspace_len(convs, 1);
+    let workspace = |convs: &[_]| CpuBackend::new().workspace_len(convs, 3 * SIZE * SIZE, 1);
     let plan = Plan::new(cfg, &Net::new(cfg), s.batch, SIZE, SIZE, mode.parse()?, workspace)?;
     Ok(plan.bytes(Category::Activations) + plan.bytes(Category::Scratch))
 }

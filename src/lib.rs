@@ -13,6 +13,7 @@ pub mod data;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
+pub mod input;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -13,7 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use densenet::backend::{Backend, CpuBackend, Sgd};
 use densenet::config::NetConfig;
-use densenet::data::cifar::{Dataset, Images, Split, SIDE};
+use densenet::data::cifar::{Dataset, Images, Split, IMAGE_BYTES, SIDE};
 use densenet::data::download::{self, Fetched, Source};
 use densenet::data::loader::Loader;
 use densenet::model::net::Net;

@@ -84,7 +84,7 @@ fn errors(label: &str, make: &mut dyn FnMut() -> Box<dyn Backend>) -> Vec<(Strin
         let (ox, oy, ogy, ogx, ow_, ogw) = (0, xl, xl + yl, xl + 2 * yl, 2 * xl + 2 * yl, 2 * xl + 2 * yl + wl);
         let len = ogw + wl;
         let mut be = make();
-        let ws = be.workspace_len(&[ConvShape { spec, cin, cout, h, w }], N).unwrap();
+        let ws = be.workspace_len(&[ConvShape { spec, cin, cout, h, w }], 0, N).unwrap();
         be.allocate(len + ws, (len, ws), N).unwrap();
         be.write(ox, &x);
         be.write(ow_, &wt);

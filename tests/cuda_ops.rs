@@ -10,14 +10,18 @@ mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
 use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
-use densenet::data::augment::{Crop, Normalize};
+use densenet::data::augment::normalization;
 use densenet::data::cifar::Dataset;
+use densenet::input::Crop;
 use densenet::rng;
 
 /// Relative tolerance (cuDNN with FMA math, no TF32, against the CPU).
 const TOL: f32 = 1e-4;
 /// Magnitude below which the tolerance is absolute.
 const FLOOR: f32 = 1e-2;
+
+/// Floats of the largest input image the tests stage (3 x 32 x 32).
+const IMAGE_LEN: usize = 3072;
 
 /// A CPU backend and a CUDA backend over the same layout of `len` floats (plus each one's
 /// own workspace after it), filled with the same random values.
@@ -33,7 +37,7 @@ impl<E: Exec> Twin<E> {
         let mut cpu = CpuBackend::new();
         let mut dev = make();
         for be in [&mut cpu as &mut dyn Backend, &mut dev] {
-            let ws = be.workspace_len(convs, batch).unwrap();
+            let ws = be.workspace_len(convs, IMAGE_LEN, batch).unwrap();
             be.allocate(len + ws, (len, ws), batch).unwrap();
         }
         let mut t = Twin { cpu, dev, len, seed: 1 };
@@ -224,16 +228,17 @@ fn head<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
 on_devices!(head_matches_the_cpu, head);
 
 fn input_batch<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
-    for n in [1, 5] {
+    // CIFAR's 32 x 32, and images that are neither square nor CIFAR-sized.
+    for (n, h, w) in [(1, 32, 32), (5, 32, 32), (3, 12, 20)] {
         let mut l = Layout::default();
-        let dst = View::dense(l.take(n * 3 * 32 * 32), n, 3, 32, 32);
-        let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h: 32, w: 32 }], n);
-        let bytes: Vec<u8> = (0..n * 3072).map(|i| rng::mix64(i as u64) as u8).collect();
+        let dst = View::dense(l.take(n * 3 * h * w), n, 3, h, w);
+        let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h, w }], n);
+        let bytes: Vec<u8> = (0..n * 3 * h * w).map(|i| rng::mix64(i as u64) as u8).collect();
         // Windows in every corner and the center, mirrored or not.
         let crops: Vec<Crop> =
             (0..n).map(|i| Crop { top: [4, 0, 8, 0, 8][i], left: [4, 0, 0, 8, 8][i], flip: i % 2 == 1 }).collect();
-        let norm = Normalize::of(Dataset::Cifar100);
-        t.run(&format!("augment n{n}"), |be| be.augment(&bytes, &crops, &norm, dst));
+        let norm = normalization(Dataset::Cifar100);
+        t.run(&format!("augment n{n} {h}x{w}"), |be| be.augment(&bytes, &crops, &norm, dst));
     }
 }
 on_devices!(input_batch_matches_the_cpu, input_batch);

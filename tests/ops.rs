@@ -58,7 +58,7 @@ impl Layout {
     /// A backend over this layout plus the workspace for `convs`, every float set to NaN.
     fn backend(self, convs: &[ConvShape], max_batch: usize) -> CpuBackend {
         let mut be = CpuBackend::new();
-        let ws = be.workspace_len(convs, max_batch).unwrap();
+        let ws = be.workspace_len(convs, 0, max_batch).unwrap();
         be.allocate(self.len + ws, (self.len, ws), max_batch).unwrap();
         be.write(0, &vec![f32::NAN; self.len + ws]);
         be

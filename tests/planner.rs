@@ -14,7 +14,7 @@ const DEPTHS: [usize; 7] = [40, 64, 100, 136, 172, 208, 250];
 fn batch_bytes(depth: usize, mode: Mode) -> f64 {
     let cfg = NetConfig::cifar(depth, 12, true, 0.5, 0.0, 10).unwrap();
     let mut be = CpuBackend::new();
-    let plan = Plan::new(&cfg, &Net::new(&cfg), 64, 32, 32, mode, |c| be.workspace_len(c, 64)).unwrap();
+    let plan = Plan::new(&cfg, &Net::new(&cfg), 64, 32, 32, mode, |c| be.workspace_len(c, 3 * 32 * 32, 64)).unwrap();
     [Category::Activations, Category::Scratch, Category::Workspace].iter().map(|&c| plan.bytes(c) as f64).sum()
 }
 

@@ -13,7 +13,7 @@ pub mod cuda;
 
 pub use cpu::CpuBackend;
 
-use crate::data::augment::{Crop, Normalize};
+use crate::input::{Crop, Normalize};
 use crate::Result;
 
 /// A channel slice of an NCHW tensor in the arena.
@@ -191,10 +191,10 @@ impl Library {
 pub trait Backend {
     /// What runs the ops, for messages ("cpu (2 threads)").
     fn describe(&self) -> String;
-    /// Lays out the convolution workspace for these shapes at batches of up to `batch` images
-    /// and returns its length in arena floats (the layout is remembered for
-    /// [`Backend::allocate`]).
-    fn workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize>;
+    /// Lays out the workspace for these convolution shapes at batches of up to `batch` input
+    /// images of `image_len` floats each, and returns its length in arena floats (the layout is
+    /// remembered for [`Backend::allocate`]).
+    fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize>;
     /// Allocates the zeroed arena (`len` floats) and the label buffer; `workspace` is the
     /// region reserved for [`Backend::workspace_len`]. Called once, before any op.
     fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()>;
@@ -271,9 +271,9 @@ pub trait Backend {
     fn set_labels(&mut self, labels: &[u32]);
     /// `dst = src` (same shape).
     fn copy(&mut self, src: View, dst: View);
-    /// Writes the network input `dst` (dense [n, 3, 32, 32]) from stored images (`bytes`, n of
-    /// 3 x 32 x 32): image i cut through window `crops[i]` of its zero-padded copy and
-    /// normalized by `norm`, as [`Crop::apply`] does.
+    /// Writes the network input `dst` (dense [n, 3, h, w]) from stored images (`bytes`, n of
+    /// 3 x h x w, the size `dst` says): image i cut through window `crops[i]` of its
+    /// zero-padded copy and normalized by `norm`, as [`Crop::apply`] does.
     fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View);
 
     /// `y = conv(pre(x), w)`; `w` is [cout, cin, k, k]; `pre` = `Some(bn)` applies

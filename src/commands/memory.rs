@@ -27,7 +27,7 @@ pub(crate) fn plan(
     batch: usize,
     mode: Mode,
 ) -> densenet::Result<Plan> {
-    Plan::new(cfg, net, batch, SIDE, SIDE, mode, |c| be.workspace_len(c, batch))
+    Plan::new(cfg, net, batch, SIDE, SIDE, mode, |c| be.workspace_len(c, IMAGE_BYTES, batch))
 }
 
 /// The largest batch (up to [`MAX_BATCH`]) whose planned total fits in `budget` bytes, if any

@@ -6,9 +6,9 @@
 //! shuffle keyed by (seed, epoch), starting from the identity each epoch, so any epoch's batches
 //! can be regenerated on their own.
 
-use super::augment::{Crop, Normalize};
+use super::augment::{normalization, random_crop};
 use super::cifar::{Dataset, Images, IMAGE_BYTES};
-use crate::model::Input;
+use crate::input::{Crop, Input, Normalize};
 use crate::{bail, rng, Error, Result};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
@@ -100,7 +100,7 @@ impl Worker {
         for &i in indices {
             let i = i as usize;
             batch.bytes.extend_from_slice(self.data.image(i));
-            batch.crops.push(self.augment.map_or(Crop::NONE, |seed| Crop::random(seed, epoch, i)));
+            batch.crops.push(self.augment.map_or(Crop::NONE, |seed| random_crop(seed, epoch, i)));
         }
     }
 }
@@ -152,7 +152,7 @@ impl Loader {
                 bytes: Vec::with_capacity(capacity * IMAGE_BYTES),
                 crops: Vec::with_capacity(capacity),
                 labels: Vec::with_capacity(capacity),
-                norm: Normalize::of(dataset),
+                norm: normalization(dataset),
             };
             free.send(buffer).map_err(|_| stopped())?;
         }
@@ -305,9 +305,9 @@ mod tests {
         let mut batches = loader.epoch(4).unwrap();
         let b = batches.next_batch().unwrap().unwrap();
         let order = shuffled(5, 9, 4);
-        assert_eq!(b.norm, Normalize::of(Dataset::Cifar10));
+        assert_eq!(b.norm, normalization(Dataset::Cifar10));
         for ((img, crop), &i) in b.bytes.chunks_exact(IMAGE_BYTES).zip(&b.crops).zip(&order) {
-            assert_eq!((img, *crop), (data.image(i as usize), Crop::random(9, 4, i as usize)));
+            assert_eq!((img, *crop), (data.image(i as usize), random_crop(9, 4, i as usize)));
         }
     }
 }

@@ -11,8 +11,7 @@ pub mod plan;
 
 use crate::backend::{Backend, Bn, ConvSpec, Sgd, View};
 use crate::config::NetConfig;
-use crate::data::augment::{Crop, Normalize};
-use crate::data::cifar::SIDE;
+use crate::input::{Input, CHANNELS};
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
 use params::{BnParams, ParamLayout};
@@ -30,23 +29,6 @@ pub struct StepStats {
     pub correct: usize,
     /// Images in the batch.
     pub n: usize,
-}
-
-/// A batch's images as the model takes them.
-#[derive(Clone, Copy)]
-pub enum Input<'a> {
-    /// Normalized floats [n, 3, h, w].
-    Floats(&'a [f32]),
-    /// Stored images (bytes [n, 3, 32, 32]) with their crop windows and normalization, applied
-    /// by the backend ([`Backend::augment`]: on the device for the CUDA backend).
-    Stored {
-        /// The stored bytes.
-        bytes: &'a [u8],
-        /// One window per image.
-        crops: &'a [Crop],
-        /// The dataset's normalization.
-        norm: &'a Normalize,
-    },
 }
 
 /// A DenseNet with its planned arena on a backend.
@@ -74,7 +56,7 @@ impl<B: Backend> Model<B> {
     pub fn new(cfg: NetConfig, batch: usize, h: usize, w: usize, mode: Mode, seed: u64, mut be: B) -> Result<Self> {
         cfg.validate()?;
         let net = Net::new(&cfg);
-        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, batch))?;
+        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?;
         be.allocate(plan.len, plan.workspace, batch)?;
         let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w };
         let lay = &m.net.layout;
@@ -252,20 +234,15 @@ impl<B: Backend> Model<B> {
 
     fn load_batch(&mut self, images: Input, labels: &[u32]) -> Result<usize> {
         let n = labels.len();
-        let per = 3 * self.h * self.w;
+        let per = CHANNELS * self.h * self.w;
         if n == 0 || n > self.plan.batch {
             bail!("batch of {n} images; the plan holds 1 to {}", self.plan.batch);
         }
         let (len, what) = match images {
             Input::Floats(f) => (f.len(), "floats"),
             Input::Stored { bytes, crops, .. } => {
-                if crops.len() != n || (self.h, self.w) != (SIDE, SIDE) {
-                    bail!(
-                        "{} crops of {}x{} images for {n} labels of {SIDE}x{SIDE} images",
-                        crops.len(),
-                        self.h,
-                        self.w
-                    );
+                if crops.len() != n {
+                    bail!("{} crop windows for {n} labels", crops.len());
                 }
                 (bytes.len(), "bytes")
             }

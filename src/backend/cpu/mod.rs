@@ -16,7 +16,7 @@ mod pool;
 mod sgd;
 
 use super::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
-use crate::data::augment::{Crop, Normalize};
+use crate::input::{Crop, Normalize};
 use crate::{bail, Result};
 use conv::Workspace;
 use rayon::prelude::*;
@@ -131,7 +131,7 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
-    fn workspace_len(&mut self, convs: &[ConvShape], _batch: usize) -> Result<usize> {
+    fn workspace_len(&mut self, convs: &[ConvShape], _image_len: usize, _batch: usize) -> Result<usize> {
         self.workspace = Workspace::new(convs, self.threads);
         Ok(self.workspace.len())
     }
@@ -174,7 +174,8 @@ impl Backend for CpuBackend {
         let per = dst.c * dst.hw();
         assert!(dst.img_stride == per && bytes.len() == crops.len() * per && crops.len() == dst.n, "augment shapes");
         let out = &mut self.arena[dst.off..dst.off + dst.numel()];
-        out.par_chunks_mut(per).zip(bytes.par_chunks(per)).zip(crops).for_each(|((d, s), c)| c.apply(s, norm, d));
+        let (h, w) = (dst.h, dst.w);
+        out.par_chunks_mut(per).zip(bytes.par_chunks(per)).zip(crops).for_each(|((d, s), c)| c.apply(s, norm, h, w, d));
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {

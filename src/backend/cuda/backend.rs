@@ -9,8 +9,7 @@
 
 use super::launch::{Arg, Exec, Launch};
 use crate::backend::{Backend, Bn, ConvShape, ConvSpec, DeviceMemory, Sgd, View};
-use crate::data::augment::{Crop, Normalize, PAD};
-use crate::data::cifar::IMAGE_BYTES;
+use crate::input::{Crop, Normalize, CHANNELS, PAD};
 use crate::Result;
 use std::cell::RefCell;
 
@@ -189,10 +188,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.exec.describe()
     }
 
-    fn workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
-        // Fused inputs, FUSED_CHUNK images at a time; the input batch passes through here too.
+    fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
+        // Fused inputs, FUSED_CHUNK images at a time; the input batch passes through here too:
+        // its bytes 4 to a word, 3 words of crop window per image, and the normalization table.
         let fused = FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
-        self.pre_len = fused.max(batch * (IMAGE_BYTES / 4 + 3) + 3 * 256);
+        self.pre_len = fused.max(batch * (image_len.div_ceil(4) + 3) + CHANNELS * 256);
         self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
         Ok(self.pre_len + self.conv_len + SGD_WORDS)
     }
@@ -315,6 +315,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(dst);
         let (n, per) = (dst.n, dst.c * dst.hw());
         assert!(dst.img_stride == per && bytes.len() == n * per && crops.len() == n, "augment shapes");
+        assert!(dst.c == CHANNELS, "{} input channels", dst.c);
         // Bytes, crops and the table go to the fused-BN scratch, unused between steps.
         let s = &mut self.staging;
         s.clear();
@@ -333,6 +334,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             buf(self.pre + table_off, total - table_off),
             view_arg(dst),
             int(n),
+            int(dst.h),
             int(dst.w),
             int(PAD),
         ];

@@ -82,7 +82,7 @@ impl Exec for HostExec {
 
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
         self.spare = convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
-        self.cpu.workspace_len(convs, batch)
+        self.cpu.workspace_len(convs, 0, batch)
     }
 
     fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
