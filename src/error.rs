@@ -17,6 +17,12 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// `s` on one line: every run of whitespace (newlines included) one space, for messages that
+/// quote text from outside (a server's reply, a file's contents).
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Returns early with an [`Error`] built from a format string.
 #[macro_export]
 macro_rules! bail {

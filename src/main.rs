@@ -163,11 +163,11 @@ struct TrainArgs {
     download: bool,
     #[command(flatten)]
     source: SourceArgs,
-    /// Memory mode: naive, shared or minimal.
+    /// Memory mode: naive, shared or minimal [with --resume: the run's unless given].
     #[arg(long, value_name = "MODE", default_value = "minimal")]
     memory: Mode,
     /// Seed of the initialization, the shuffles, the augmentation and dropout [default: 0; with
-    /// --resume: the checkpoint's, which an explicit value must equal].
+    /// --resume: the run's, which an explicit value must equal unless --change-recipe].
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
     #[command(flatten)]

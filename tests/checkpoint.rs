@@ -386,6 +386,21 @@ fn recipe_changes_are_printed_and_recorded() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success() && !text.contains("Memory mode"), "{text}");
     assert_eq!(File::read(&s.checkpoint("fork")).meta["memory"], "shared");
+
+    // A renamed run directory is still the run's: the resume continues in it.
+    let renamed = s.run("renamed");
+    std::fs::rename(&fork, &renamed).unwrap();
+    let out = s.resume_alone(&renamed, &["--change-recipe", "--epochs", "6"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success() && !text.contains("Run directory:"), "{text}");
+    assert_eq!(File::read(&renamed.join("checkpoint.safetensors")).meta["epoch"], "6");
+    assert!(!fork.exists());
+    // A new name without --runs-dir goes beside the run, and says so.
+    let out = s.resume_alone(&renamed, &["--change-recipe", "--epochs", "7", "--name", "beside"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("Run directory: {} (not the directory of ", s.run("beside").display())), "{text}");
+    assert_eq!(File::read(&s.checkpoint("beside")).meta["epoch"], "7");
 }
 
 /// A checkpoint written before the recipe was stored (format 1: network, data set and seed)

@@ -67,19 +67,40 @@ fn interrupted(signal: i32, run_dir: &Path) -> Failure {
         signal_hook::consts::SIGTERM => "SIGTERM".to_string(),
         s => format!("signal {s}"),
     };
-    let command: Vec<String> = std::env::args().map(|a| shell_quote(&a)).collect();
+    let args: Vec<String> = std::env::args().collect();
     let ck = run_dir.join(checkpoint::CHECKPOINT);
     let message = match Checkpoint::read(&ck) {
         Ok(c) => format!(
-            "interrupted by {name}: the last checkpoint is {} (next epoch {}); resume with: {} --resume {}",
+            "interrupted by {name}: the last checkpoint is {} (next epoch {}); resume with: {}",
             ck.display(),
             c.meta().epoch,
-            command.join(" "),
-            shell_quote(&ck.display().to_string())
+            resume_command(&args, &ck)
         ),
-        Err(_) => format!("interrupted by {name} before the first checkpoint; start again with: {}", command.join(" ")),
+        Err(_) => format!(
+            "interrupted by {name} before the first checkpoint; start again with: {}",
+            args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+        ),
     };
     Failure { code: signal_status(signal), message }
+}
+
+/// The command that resumes the run of command line `args` from its checkpoint `ck`: the same
+/// command (its recipe flags agree with the run's recipe) without what only starts a run
+/// (`--init-weights`, `--start-epoch`), with `--resume ck` appended (a repeated flag takes
+/// its last value).
+fn resume_command(args: &[String], ck: &Path) -> String {
+    let mut words = Vec::new();
+    let mut skip = false;
+    for a in args {
+        let starting = ["--init-weights", "--start-epoch"].iter().find(|f| a == *f || a.starts_with(&format!("{f}=")));
+        match (skip, starting) {
+            (true, _) => skip = false,
+            (false, Some(f)) => skip = a == *f,
+            (false, None) => words.push(shell_quote(a)),
+        }
+    }
+    words.extend(["--resume".to_string(), shell_quote(&ck.display().to_string())]);
+    words.join(" ")
 }
 
 /// `s` as one shell word: unchanged when it holds only safe characters, else single-quoted.
@@ -114,6 +135,16 @@ fn checks(a: &TrainArgs) -> Result<(Start, Source, RunLock), Failure> {
         // Another run's best file stays there: this run's checkpoints name none until it
         // writes its own.
         _ => start.best_epoch = None,
+    }
+    // Read before the lock was taken: refused if a process that held it wrote a later one.
+    if let Some(r) = &start.resumed {
+        let (m, steps) = (Checkpoint::read(r)?.meta().clone(), start.state.as_ref().map(|s| s.steps));
+        if (m.epoch, Some(m.steps)) != (start.epoch, steps) {
+            return Err(failure(format!(
+                "{} changed while this run was starting (another process wrote it): run the command again",
+                r.display()
+            )));
+        }
     }
     Ok((start, source, lock))
 }
@@ -353,21 +384,27 @@ impl Start {
         for d in diffs {
             let mut note = format!("Recipe change from epoch {epoch}: {} {} -> {}", d.what, d.from, d.to);
             if d.what == "--epochs" {
-                note += &format!(" ({})", schedule::moved(recipe.lr, epoch, stored.epochs, recipe.epochs));
+                note += &format!(" ({})", schedule::moved(stored.lr, recipe.lr, epoch, stored.epochs, recipe.epochs));
             }
             notes.push(note);
             recipe.changes.push(Change { epoch, what: d.what.to_string(), from: d.from, to: d.to });
         }
         if epoch >= recipe.epochs {
-            return Err(failure(match given("epochs") {
+            // A format-1 checkpoint's epochs are the flags' anyway.
+            let legacy = m.recipe().is_none();
+            let how = match (legacy, a.change_recipe) {
+                (true, _) => format!("give --epochs N with N above {epoch}"),
+                (false, true) => "raise --epochs to continue".to_string(),
+                (false, false) => format!("to train longer, add --change-recipe --epochs N with N above {epoch}"),
+            };
+            return Err(failure(match given("epochs") || legacy {
                 true => format!(
-                    "{} is at epoch {epoch} and --epochs {} leaves nothing to train: raise --epochs to continue",
+                    "{} is at epoch {epoch} and --epochs {} leaves nothing to train: {how}",
                     path.display(),
                     recipe.epochs
                 ),
                 false => format!(
-                    "run '{}' is complete: {} is at epoch {epoch} of its {}; to train longer, add --change-recipe \
-                     --epochs N with N above {epoch}",
+                    "run '{}' is complete: {} is at epoch {epoch} of its {}; {how}",
                     recipe.name,
                     path.display(),
                     recipe.epochs
@@ -386,9 +423,18 @@ impl Start {
             }
             _ => a.memory,
         };
-        // In the checkpoint's own run directory, unless told otherwise.
-        let in_place = !given("runs_dir") && recipe.name == stored.name && dir_name.as_deref() == Some(&recipe.name);
-        let run_dir = if in_place { dir } else { a.runs_dir.join(&recipe.name) };
+        // A run's own file (not a copy elsewhere) continues in its directory, unless a new name
+        // or --runs-dir says otherwise; a new name goes beside it.
+        let run_file = [checkpoint::CHECKPOINT, checkpoint::BEST].iter().any(|f| path.file_name() == Some(f.as_ref()));
+        let runs_dir = match dir.parent() {
+            Some(parent) if run_file && !given("runs_dir") => parent.to_path_buf(),
+            _ => a.runs_dir.clone(),
+        };
+        let in_place = run_file && !given("runs_dir") && recipe.name == stored.name;
+        let run_dir = if in_place { dir } else { runs_dir.join(&recipe.name) };
+        if !same_run(&path, &run_dir) {
+            notes.push(format!("Run directory: {} (not the directory of {})", run_dir.display(), path.display()));
+        }
         Ok(Start {
             recipe,
             memory,
@@ -488,23 +534,53 @@ pub(crate) fn check_run_dir(run_dir: &Path, name: &str, resumed: Option<&Path>) 
     if let Some(r) = resumed.filter(|r| same_run && r.file_name() != Some(checkpoint::CHECKPOINT.as_ref())) {
         if own.exists() {
             return Err(failure(format!(
-                "resuming run '{name}' from {} would overwrite its later {}: resume from that one, or continue \
-                 under another --name or --runs-dir",
+                "resuming run '{name}' from {} would overwrite its later {}: resume from that one, or fork a \
+                 new run from this one with --change-recipe --name NEW",
                 r.display(),
                 own.display()
             )));
         }
     }
+    // What names a new run directory: for a resume, a new name is a recipe change.
+    let other =
+        if resumed.is_some() { "--change-recipe --name NEW (or --runs-dir)" } else { "another --name or --runs-dir" };
     for file in [checkpoint::CHECKPOINT, checkpoint::BEST] {
         let path = run_dir.join(file);
         if !same_run && path.exists() {
             return Err(failure(format!(
                 "{} already exists from an earlier run named '{name}': continue that run with --resume {}, or \
-                 choose another --name or --runs-dir",
+                 choose {other}",
                 path.display(),
                 run_dir.join(checkpoint::CHECKPOINT).display()
             )));
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resume_command;
+    use std::path::Path;
+
+    #[test]
+    fn the_resume_command_drops_what_only_starts_a_run() {
+        let args: Vec<String> = [
+            "densenet",
+            "train",
+            "--init-weights",
+            "w.safetensors",
+            "--start-epoch=3",
+            "--lr",
+            "0.05",
+            "--name",
+            "a b",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            resume_command(&args, Path::new("runs/a b/checkpoint.safetensors")),
+            "densenet train --lr 0.05 --name 'a b' --resume 'runs/a b/checkpoint.safetensors'"
+        );
+    }
 }

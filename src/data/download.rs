@@ -11,6 +11,7 @@
 //! that does not (a rebuilt or trimmed copy) is used with a note, once its files check out.
 
 use super::cifar::{Dataset, Images, Split};
+use crate::error::one_line;
 use crate::{bail, Error, Result};
 use flate2::read::GzDecoder;
 use md5::{Digest, Md5};
@@ -312,10 +313,6 @@ fn request_error(url: &str, e: ureq::Error) -> Error {
         ureq::Error::ConnectionFailed => format!("cannot download {url}: connection failed{offline}"),
         e => format!("cannot download {url}: {}", one_line(&e.to_string())),
     })
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Download progress on stderr: one line redrawn with `\r` on a terminal, otherwise a line at

@@ -57,7 +57,7 @@ use crate::model::net::Net;
 use crate::model::params::ParamLayout;
 use crate::model::plan::Mode;
 use crate::model::Model;
-use crate::train::recipe::Recipe;
+use crate::train::recipe::{self, Recipe};
 use crate::{bail, Error, Result};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
@@ -175,6 +175,8 @@ impl Meta {
         }
     }
 
+    /// The metadata as stored, in the format of what it records (a format-1 meta, as read,
+    /// writes back as format 1).
     fn to_map(&self) -> HashMap<String, String> {
         let mut map: HashMap<String, String> = [
             ("format", FORMAT.to_string()),
@@ -211,7 +213,7 @@ impl Meta {
         }
         let get = |key: &str| map.get(key).ok_or_else(|| format!("the checkpoint metadata has no '{key}'"));
         fn parse<T: std::str::FromStr>(key: &str, v: &str) -> std::result::Result<T, String> {
-            v.parse().map_err(|_| format!("the checkpoint metadata '{key}' is not valid: '{v}'"))
+            v.parse().map_err(|_| format!("the checkpoint metadata '{key}' is not valid: '{}'", v.escape_debug()))
         }
         let version: u32 = parse("format_version", get("format_version")?)?;
         if version == 0 || version > VERSION {
@@ -226,16 +228,16 @@ impl Meta {
             let config: NetConfig = serde_json::from_str(network)
                 .map_err(|e| e.to_string())
                 .and_then(|c: NetConfig| c.validate().map(|()| c).map_err(|e| e.0))
-                .map_err(|e| format!("the checkpoint metadata 'network' is not valid ({e}): {network}"))?;
-            Recorded::Partial {
-                config,
-                dataset: get("dataset")?.parse().map_err(|e: Error| format!("the checkpoint metadata: {e}"))?,
-                seed: parse("seed", get("seed")?)?,
-            }
+                .map_err(|e| {
+                    format!("the checkpoint metadata 'network' is not valid ({e}): {}", network.escape_debug())
+                })?;
+            let dataset = get("dataset")?.parse().map_err(|e: Error| format!("the checkpoint metadata: {e}"))?;
+            recipe::check_classes(&config, dataset).map_err(|e| format!("the checkpoint metadata: {e}"))?;
+            Recorded::Partial { config, dataset, seed: parse("seed", get("seed")?)? }
         } else {
             let recipe = get("recipe")?;
-            let recipe = Recipe::from_json(recipe)
-                .map_err(|e| format!("the checkpoint metadata 'recipe' is not valid ({e}): {recipe}"))?;
+            let recipe =
+                Recipe::from_json(recipe).map_err(|e| format!("the checkpoint metadata 'recipe' is not valid: {e}"))?;
             Recorded::Whole(recipe)
         };
         Ok(Meta {
@@ -803,7 +805,7 @@ mod tests {
     fn round_trips_every_tensor_and_metadata_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CHECKPOINT);
-        let cfg = NetConfig { reduction: 0.30000000000000004, ..cfg() };
+        let cfg = NetConfig { reduction: 0.30000000000000004, num_classes: 100, ..cfg() };
         let m = scrambled(&cfg);
         let meta = Meta::of(&m, &recipe(&m, Dataset::Cifar100), 17, 42.125);
         assert_eq!((meta.seed(), meta.steps), (7, 12345));
@@ -844,7 +846,7 @@ mod tests {
         assert_eq!(
             stored["network"],
             serde_json::json!({"stem": "cifar", "stem_channels": 8, "growth": 4, "block_layers": [1, 1, 1],
-                   "bottleneck": true, "reduction": 0.30000000000000004, "drop_rate": 0.2, "num_classes": 10})
+                   "bottleneck": true, "reduction": 0.30000000000000004, "drop_rate": 0.2, "num_classes": 100})
         );
         assert_eq!(
             (stored["dataset"].as_str(), stored["seed"].as_u64(), stored["schema"].as_u64()),
@@ -862,8 +864,8 @@ mod tests {
     #[test]
     fn format_1_checkpoints_still_load() {
         let m = scrambled(&cfg());
-        let mut meta = Meta::of(&m, &recipe(&m, Dataset::Cifar100), 5, 12.5);
-        (meta.recorded, meta.memory) = (Recorded::Partial { config: cfg(), dataset: Dataset::Cifar100, seed: 7 }, None);
+        let mut meta = Meta::of(&m, &recipe(&m, Dataset::Cifar10), 5, 12.5);
+        (meta.recorded, meta.memory) = (Recorded::Partial { config: cfg(), dataset: Dataset::Cifar10, seed: 7 }, None);
         let map = meta.to_map();
         assert_eq!(map["format_version"], "1");
         assert!(map.contains_key("network") && !map.contains_key("recipe") && !map.contains_key("memory"));
@@ -872,7 +874,7 @@ mod tests {
         assert_eq!(ck.meta(), &meta);
         assert_eq!(
             (ck.meta().config(), ck.meta().dataset(), ck.meta().seed(), ck.meta().recipe()),
-            (&cfg(), Dataset::Cifar100, 7, None)
+            (&cfg(), Dataset::Cifar10, 7, None)
         );
         assert_eq!(ck.state().unwrap().params, m.params());
     }
@@ -880,7 +882,7 @@ mod tests {
     #[test]
     fn imagenet_networks_round_trip_with_the_stem_bn() {
         let mut cfg = NetConfig::imagenet("densenet121").unwrap();
-        (cfg.growth, cfg.stem_channels, cfg.block_layers, cfg.num_classes) = (4, 8, vec![1, 1, 1, 1], 5);
+        (cfg.growth, cfg.stem_channels, cfg.block_layers, cfg.num_classes) = (4, 8, vec![1, 1, 1, 1], 10);
         let m = Model::new(cfg.clone(), 2, 32, 32, Mode::Minimal, 1, CpuBackend::new()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
@@ -983,7 +985,8 @@ mod tests {
         assert!(broken(&good, "memory", Some("lots")).contains("'memory' is not valid"));
         assert!(broken(&good, "recipe", None).contains("no 'recipe'"));
         let e = broken(&good, "recipe", Some(&good["recipe"].replace("\"cifar10\"", "\"mnist\"")));
-        assert!(e.contains("'recipe' is not valid (unknown variant `mnist`"), "{e}");
+        assert!(e.contains("'recipe' is not valid: unknown variant `mnist`"), "{e}");
+        assert!(broken(&old, "dataset", Some("cifar100")).contains("predicts 10 classes; CIFAR-100 has 100"));
         assert!(broken(&good, "recipe", Some("[1")).contains("'recipe' is not valid"));
         assert!(broken(&old, "dataset", Some("mnist")).contains("unknown dataset 'mnist'"));
         let e = broken(&old, "network", Some("{\"stem\": \"cifar\"}"));

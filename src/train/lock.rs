@@ -42,8 +42,8 @@ impl RunLock {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     let holder = holder.trim();
                     bail!(
-                        "run '{name}' is in use by {} ({}): wait for it to end, or train under another --name or \
-                         --runs-dir",
+                        "run '{name}' is in use by {} ({}): wait for it to end, or use another run directory \
+                         (--name or --runs-dir; with --resume, --change-recipe --name)",
                         if holder.is_empty() { "another process" } else { holder },
                         path.display()
                     );

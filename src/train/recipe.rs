@@ -137,13 +137,14 @@ impl Recipe {
 
     /// Parses and checks a stored recipe; errors say what is wrong in one line.
     pub fn from_json(text: &str) -> Result<Recipe, String> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let message = |e: serde_json::Error| crate::error::one_line(&e.to_string());
+        let value: serde_json::Value = serde_json::from_str(text).map_err(message)?;
         match value.get("schema").and_then(serde_json::Value::as_u64) {
             Some(v) if (1..=SCHEMA as u64).contains(&v) => {}
             Some(v) => return Err(format!("recipe schema {v}; this build reads schemas 1 to {SCHEMA}")),
             None => return Err("no schema version".into()),
         }
-        let recipe: Recipe = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        let recipe: Recipe = serde_json::from_value(value).map_err(message)?;
         recipe.validate()?;
         Ok(recipe)
     }
@@ -152,7 +153,8 @@ impl Recipe {
     /// the flags accept, and a name that is one folder.
     pub fn validate(&self) -> Result<(), String> {
         self.network.validate().map_err(|e| e.0)?;
-        check_name(&self.name).map_err(|e| format!("name '{}' {e}", self.name))?;
+        check_classes(&self.network, self.dataset)?;
+        check_name(&self.name).map_err(|e| format!("name {:?} {e}", self.name))?;
         let finite = |x: f64| x.is_finite() && x >= 0.0;
         let checks = [
             ((1..=MAX_BATCH).contains(&self.batch_size), "batch_size"),
@@ -190,12 +192,29 @@ impl Recipe {
     }
 }
 
-/// Checks a run name: one plain folder name under the runs directory.
+/// Checks a run name: one plain folder name under the runs directory, printable.
 pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
-        return Err("must be a plain folder name (no '/' or '\\'): the run goes to <runs-dir>/<name>/".into());
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\']) || name.contains(char::is_control) {
+        return Err(
+            "must be a plain folder name (no '/', '\\' or control characters): the run goes to <runs-dir>/<name>/"
+                .into(),
+        );
     }
     Ok(())
+}
+
+/// Checks that `network` predicts the classes of `dataset`.
+pub fn check_classes(network: &NetConfig, dataset: Dataset) -> Result<(), String> {
+    match network.num_classes == dataset.classes() {
+        true => Ok(()),
+        false => Err(format!(
+            "{} predicts {} classes; {} has {}",
+            network.name(),
+            network.num_classes,
+            dataset.title(),
+            dataset.classes()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +248,8 @@ mod tests {
         assert!(bad(r#""epochs":300"#, r#""epochs":0"#).contains("'epochs' is out of range"));
         assert!(bad(r#""momentum":0.9"#, r#""momentum":1.0"#).contains("'momentum'"));
         assert!(bad(r#""growth":4"#, r#""growth":0"#).contains("growth rate"));
+        assert!(bad(r#""cifar10""#, r#""cifar100""#).contains("predicts 10 classes; CIFAR-100 has 100"));
+        assert!(bad(r#""name":"r""#, r#""name":"a\nb""#).contains(r#"name "a\nb" must be"#));
         assert!(bad(r#""seed":3"#, r#""seed":3,"extra":1"#).contains("unknown field `extra`"));
         assert!(bad(r#""lr":0.1"#, r#""lr":"fast""#).contains("invalid type"));
         assert!(Recipe::from_json("[1").is_err());
@@ -263,6 +284,7 @@ mod tests {
             "schema",
             "name",
             "\\u0000",
+            "\\n",
             "",
         ];
         let mut accepted = 0;

@@ -34,13 +34,14 @@ pub fn shown(lr: f64) -> f64 {
     (lr * 1e9).round() / 1e9
 }
 
-/// What changing the epochs of a run from `old` to `new` at epoch `start` does to its
-/// schedule, as words: the milestones move with the epochs, so the learning rate of `start`
-/// can change, back up included. A run extended after its last epoch compares with that epoch.
-pub fn moved(base: f64, start: usize, old: usize, new: usize) -> String {
+/// What changing the epochs of a run from `old` to `new` (and its base learning rate from
+/// `old_lr` to `new_lr`) at epoch `start` does to its schedule, as words: the milestones move
+/// with the epochs, so the learning rate of `start` can change, back up included. A run
+/// extended after its last epoch compares with that epoch.
+pub fn moved(old_lr: f64, new_lr: f64, start: usize, old: usize, new: usize) -> String {
     let ((a0, b0), (a1, b1)) = (milestones(old), milestones(new));
     let last = start.min(old.saturating_sub(1));
-    let (before, after) = (shown(learning_rate(base, last, old)), shown(learning_rate(base, start, new)));
+    let (before, after) = (shown(learning_rate(old_lr, last, old)), shown(learning_rate(new_lr, start, new)));
     let mut rate = match (last == start, after == before) {
         (true, true) => format!("epoch {start} keeps lr {after}"),
         (true, false) => format!("epoch {start} trains at lr {after} instead of {before}"),
@@ -60,15 +61,17 @@ mod tests {
     #[test]
     fn a_change_of_epochs_says_where_the_milestones_go() {
         assert_eq!(
-            moved(0.1, 100, 300, 400),
+            moved(0.1, 0.1, 100, 300, 400),
             "the LR milestones (50% and 75% of the epochs) move from epochs 150 and 225 to 200 and 300; epoch 100 keeps lr 0.1"
         );
-        let back_up = moved(0.1, 160, 300, 400);
+        let back_up = moved(0.1, 0.1, 160, 300, 400);
         assert!(back_up.ends_with("epoch 160 trains at lr 0.1 instead of 0.01: back up, a drop already made is undone"));
-        assert!(moved(0.1, 160, 400, 300).ends_with("epoch 160 trains at lr 0.01 instead of 0.1"), "shortened");
+        assert!(moved(0.1, 0.1, 160, 400, 300).ends_with("epoch 160 trains at lr 0.01 instead of 0.1"), "shortened");
         // A finished run extended: compared with its last epoch.
-        assert!(moved(0.1, 300, 300, 400).ends_with("epoch 300 trains at lr 0.001, as epoch 299 did"));
-        let undone = moved(0.1, 300, 300, 600);
+        assert!(moved(0.1, 0.1, 300, 300, 400).ends_with("epoch 300 trains at lr 0.001, as epoch 299 did"));
+        // A new base rate too: each schedule with its own.
+        assert!(moved(0.1, 0.05, 1, 1, 2).ends_with("epoch 1 trains at lr 0.005; epoch 0 trained at 0.1"));
+        let undone = moved(0.1, 0.1, 300, 300, 600);
         assert!(undone.ends_with(
             "epoch 300 trains at lr 0.01; epoch 299 trained at 0.001: back up, a drop already made is undone"
         ));
