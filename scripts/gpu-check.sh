@@ -3,7 +3,8 @@
 #
 #   bash scripts/gpu-check.sh prepare   # on the build machine; no GPU needed
 #     Builds the release binary and the GPU test binaries (tests/cuda_ops.rs, tests/cuda_step.rs,
-#     tests/conv_error.rs, tests/nvrtc.rs) with nvcc's PTX embedded, copies them stripped to target/gpu-check/ and
+#     tests/conv_error.rs, tests/nvrtc.rs, and the bodies every backend runs: tests/golden.rs,
+#     tests/modes.rs, tests/gradcheck.rs) with nvcc's PTX embedded, copies them stripped to target/gpu-check/ and
 #     prints `densenet --version` (the kernels' build). nvcc, the first found of: $NVCC,
 #     $CUDA_HOME/bin/nvcc, nvcc on PATH, the pip package in the virtual environment .ci/run
 #     creates. DENSENET_CUDA_ARCH (e.g. sm_90) is passed on to the build when set; without it
@@ -22,7 +23,8 @@
 #          with --no-graphs; PyTorch naive and checkpointed, each with cuDNN's benchmark search
 #          over all algorithms and over the deterministic ones,
 #       5. the other GPU tests (cuda_ops, cuda_step, then conv_error: each cuDNN algorithm
-#          family's error against float64),
+#          family's error against float64; then the PyTorch golden data, the memory modes'
+#          agreement and the finite differences, on the GPU),
 #       6. the NVRTC tests, and one op test with the kernels compiled by NVRTC,
 #       7. compute-sanitizer memcheck and racecheck over the preflight, where installed,
 #       8. the optional torch.compile row, when 90 s remain.
@@ -37,6 +39,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 CARRY=${GPU_CHECK_CARRY:-target/gpu-check}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-390}
+# The test binaries whose bodies run on every backend (their ::gpu tests run here).
+BACKEND_TESTS="golden modes gradcheck"
 # The benchmarked network and run, for both sides.
 LAYERS=100 GROWTH=12 BATCH=64 STEPS=20 WARMUP=5
 
@@ -72,7 +76,7 @@ prepare() {
   echo "DENSENET_CUDA_ARCH=${DENSENET_CUDA_ARCH:-(unset: the oldest PTX nvcc offers)}"
   cargo build --release --bin densenet
   local tests=() t json
-  for t in cuda_ops cuda_step conv_error nvrtc; do
+  for t in cuda_ops cuda_step conv_error nvrtc $BACKEND_TESTS; do
     [ -f "tests/$t.rs" ] && tests+=(--test "$t")
   done
   json=$(cargo test --release --no-run --message-format=json "${tests[@]}")
@@ -195,7 +199,7 @@ list_tests() {
 # ("not a dynamic executable" is fine); records the check "carried binaries".
 check_carried() {
   local bin missing list problems=()
-  for bin in densenet cuda_ops cuda_step conv_error nvrtc; do
+  for bin in densenet cuda_ops cuda_step conv_error nvrtc $BACKEND_TESTS; do
     if [ ! -f "$CARRY/$bin" ]; then
       problems+=("$bin is missing")
       continue
@@ -475,7 +479,7 @@ run() {
   check_carried
   environment
 
-  local op_tests step_tests error_tests nvrtc_tests t first_op=
+  local op_tests step_tests error_tests nvrtc_tests backend_tests bin t first_op=
   mapfile -t op_tests < <(list_tests cuda_ops | grep '::gpu$')
   mapfile -t step_tests < <(list_tests cuda_step | grep '::gpu$')
   mapfile -t error_tests < <(list_tests conv_error | grep '::gpu$')
@@ -506,6 +510,12 @@ run() {
   # A GPU-only test with no host twin (it reruns itself in two processes).
   run_test cuda_step algorithm_record_is_reused_across_processes gpu
   for t in "${error_tests[@]}"; do run_test conv_error "$t" gpu; done
+  # The test bodies every backend runs (PyTorch golden data, modes, finite differences).
+  for bin in $BACKEND_TESTS; do
+    mapfile -t backend_tests < <(list_tests "$bin" | grep '::gpu$')
+    [ "${#backend_tests[@]}" -gt 0 ] || record "$bin (::gpu tests)" "FAILED ($bin --list names no ::gpu test)" - 1
+    for t in "${backend_tests[@]}"; do run_test "$bin" "$t" gpu; done
+  done
 
   # NVRTC (needs no GPU): the kernels compile, nvcc's PTX is complete; one op with NVRTC's PTX.
   for t in "${nvrtc_tests[@]}"; do

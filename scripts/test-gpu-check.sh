@@ -37,7 +37,7 @@ world() {
   cp "$STUBS/nvidia-smi" "$STUBS/compute-sanitizer" "$STUBS/python" "$W/bin/"
   cp "$STUBS/densenet" "$W/carry/"
   local t
-  for t in cuda_ops cuda_step conv_error nvrtc; do cp "$STUBS/libtest" "$W/carry/$t"; done
+  for t in cuda_ops cuda_step conv_error nvrtc golden modes gradcheck; do cp "$STUBS/libtest" "$W/carry/$t"; done
   chmod +x "$W/bin/"*
   touch "$W/site/nvidia/cudnn/lib/libcudnn.so.9" "$W/site/nvidia/cu13/lib/libcublasLt.so.13" \
     "$W/site/nvidia/cu13/lib/libnvrtc.so.13" "$W/site/nvidia/cublas/lib/libcublasLt.so.12"
@@ -74,7 +74,7 @@ ok "a failed check makes the exit status non-zero (got $RC)" [ "$RC" -ne 0 ]
 ok "table.txt ends stdout" bash -c "tail -n \$(wc -l <'$T') '$W/stdout' | cmp -s - '$T'"
 ok "the failing test is FAILED" has "$T" '^  cuda_ops pooling_matches_the_cpu::gpu +FAILED \(rc 101\)'
 ok "every other check is ok" [ "$(grep -cE '^  .*  (FAILED|skipped)' "$T")" = 1 ]
-ok "24 checks" [ "$(sed -n '/^== checks/,/^$/p' "$T" | grep -c '^  ')" = 24 ]
+ok "28 checks" [ "$(sed -n '/^== checks/,/^$/p' "$T" | grep -c '^  ')" = 28 ]
 ok "each test in its own process, smoke first, in order" diff -u - <(runs) <<'EOF'
 densenet bench --device cuda --layers 10 --growth 4 --batch-size 2 --steps 1 --warmup 1 --json
 cuda_ops --exact batch_norm_matches_the_cpu::gpu --nocapture --test-threads=1
@@ -93,6 +93,10 @@ cuda_step --exact device_allocation_is_the_plan::gpu --nocapture --test-threads=
 cuda_step --exact two_runs_are_bitwise_identical::gpu --nocapture --test-threads=1
 cuda_step --exact algorithm_record_is_reused_across_processes --nocapture --test-threads=1
 conv_error --exact by_family::gpu --nocapture --test-threads=1
+golden --exact bottleneck_matches_pytorch_in_every_mode::gpu --nocapture --test-threads=1
+modes --exact bottleneck_modes_agree::gpu --nocapture --test-threads=1
+modes --exact partial_batch_equals_a_plan_of_its_size::gpu --nocapture --test-threads=1
+gradcheck --exact bottleneck_network_gradients_match_finite_differences::gpu --nocapture --test-threads=1
 DENSENET_REQUIRE_NVRTC=1 DENSENET_REQUIRE_PTX=1 nvrtc --exact nvcc_ptx_has_every_kernel --nocapture --test-threads=1
 DENSENET_REQUIRE_NVRTC=1 DENSENET_REQUIRE_PTX=1 nvrtc --exact nvrtc_compiles_every_kernel --nocapture --test-threads=1
 DENSENET_FORCE_NVRTC=1 cuda_ops --exact batch_norm_matches_the_cpu::gpu --nocapture --test-threads=1
@@ -155,7 +159,7 @@ gpu_check STUB_PREFLIGHT_FAIL=1
 T=$W/out/table.txt
 ok "a failed preflight fails the run (got $RC)" [ "$RC" -ne 0 ]
 ok "preflight FAILED" has "$T" '^  preflight +FAILED \(rc 1\)'
-ok "GPU items skipped after it" [ "$(grep -c '^  .*  skipped: the preflight failed' "$T")" = 15 ]
+ok "GPU items skipped after it" [ "$(grep -c '^  .*  skipped: the preflight failed' "$T")" = 19 ]
 ok "PyTorch rows still run" has "$T" "^torch checkpointed det +1524 +42.00$torch"'eager$'
 ok "NVRTC tests still run" has "$T" '^  nvrtc nvrtc_compiles_every_kernel +ok'
 

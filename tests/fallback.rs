@@ -10,7 +10,7 @@ use densenet::model::plan::Mode;
 fn portable_kernels_match_pytorch() {
     std::env::set_var("DENSENET_NO_SIMD", "1");
     for mode in Mode::ALL {
-        common::golden::check("bc", mode);
-        common::golden::check("basic", mode);
+        common::golden::check(&densenet::backend::CpuBackend::new, "bc", mode);
+        common::golden::check(&densenet::backend::CpuBackend::new, "basic", mode);
     }
 }

@@ -1,22 +1,25 @@
 //! PyTorch golden data: the same weights and batch must give the reference logits, loss,
 //! gradients, running statistics, weights after one SGD step and evaluation logits, in every
-//! memory mode (tests/common/golden.rs states the tolerances).
+//! memory mode (tests/common/golden.rs states the tolerances), on every backend: the CPU, the
+//! CUDA backend on the host device and on a GPU.
 
+#[macro_use]
 mod common;
 
 use common::golden::check;
+use densenet::backend::Backend;
 use densenet::model::plan::Mode;
 
-#[test]
-fn bottleneck_matches_pytorch_in_every_mode() {
+fn bottleneck<B: Backend>(make: &dyn Fn() -> B) {
     for mode in Mode::ALL {
-        check("bc", mode);
+        check(make, "bc", mode);
     }
 }
+on_backends!(bottleneck_matches_pytorch_in_every_mode, bottleneck);
 
-#[test]
-fn basic_matches_pytorch_in_every_mode() {
+fn basic<B: Backend>(make: &dyn Fn() -> B) {
     for mode in Mode::ALL {
-        check("basic", mode);
+        check(make, "basic", mode);
     }
 }
+on_backends!(basic_matches_pytorch_in_every_mode, basic);

@@ -1,9 +1,12 @@
 //! Finite-difference check of a whole network's backward pass: for every parameter tensor, the
 //! directional derivative of the loss along a random direction (central differences) equals
-//! the gradient's projection on it.
+//! the gradient's projection on it. On every backend: the CPU, the CUDA backend on the host
+//! device and on a GPU.
 
+#[macro_use]
 mod common;
 
+use densenet::backend::Backend;
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
 use densenet::rng;
@@ -14,9 +17,9 @@ use densenet::rng;
 /// limits the absolute accuracy of a difference quotient to about 1e-3): a wrong gradient
 /// disagrees at every step size. The direction mixes the tensor's gradient with noise so that
 /// the projection is well above rounding. Feature maps of at least 8x8 keep BN smooth enough.
-fn check(cfg: NetConfig, h: usize, n: usize, mode: Mode) {
+fn check<B: Backend>(make: &dyn Fn() -> B, cfg: NetConfig, h: usize, n: usize, mode: Mode) {
     let (images, labels) = common::batch(5, n, h, h, cfg.num_classes);
-    let mut m = common::model(&cfg, n, h, h, mode, 9);
+    let mut m = common::model_on(make, &cfg, n, h, h, mode, 9);
     m.forward_backward(&images, &labels).unwrap();
     let (p0, grads, stats, mom) = (m.params(), m.grads(), m.running_stats(), m.momentum());
     let mut loss_at = |p: &[f32]| {
@@ -56,28 +59,27 @@ fn m_layout(cfg: &NetConfig) -> Vec<(String, usize, usize)> {
     densenet::model::net::Net::new(cfg).layout.params.iter().map(|t| (t.name.clone(), t.off, t.len())).collect()
 }
 
-#[test]
-fn bottleneck_network_gradients_match_finite_differences() {
-    check(NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(), 32, 4, Mode::Minimal);
+fn bottleneck<B: Backend>(make: &dyn Fn() -> B) {
+    check(make, NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(), 32, 4, Mode::Minimal);
 }
+on_backends!(bottleneck_network_gradients_match_finite_differences, bottleneck);
 
-#[test]
-fn basic_network_gradients_match_finite_differences() {
-    check(NetConfig::cifar(13, 3, false, 0.5, 0.0, 6).unwrap(), 32, 3, Mode::Shared);
+fn basic<B: Backend>(make: &dyn Fn() -> B) {
+    check(make, NetConfig::cifar(13, 3, false, 0.5, 0.0, 6).unwrap(), 32, 3, Mode::Shared);
 }
+on_backends!(basic_network_gradients_match_finite_differences, basic);
 
-#[test]
-fn imagenet_network_gradients_match_finite_differences() {
-    check(common::tiny_imagenet([1, 2, 1, 1], 4), 128, 2, Mode::Naive);
+fn imagenet<B: Backend>(make: &dyn Fn() -> B) {
+    check(make, common::tiny_imagenet([1, 2, 1, 1], 4), 128, 2, Mode::Naive);
 }
+on_backends!(imagenet_network_gradients_match_finite_differences, imagenet);
 
-#[test]
-fn dropout_network_gradients_match_finite_differences() {
+fn dropout<B: Backend>(make: &dyn Fn() -> B) {
     // The mask depends on the step, so each evaluation must use the same step: finite
     // differences run with the step counter reset.
     let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.3, 10).unwrap();
     let (images, labels) = common::batch(5, 4, 32, 32, 10);
-    let mut m = common::model(&cfg, 4, 32, 32, Mode::Minimal, 9);
+    let mut m = common::model_on(make, &cfg, 4, 32, 32, Mode::Minimal, 9);
     m.forward_backward(&images, &labels).unwrap();
     let (p0, grads, stats, mom) = (m.params(), m.grads(), m.running_stats(), m.momentum());
     let dir: Vec<f32> = (0..p0.len()).map(|j| rng::normal(123, j as u64) as f32).collect();
@@ -92,3 +94,4 @@ fn dropout_network_gradients_match_finite_differences() {
     let an: f64 = grads.iter().zip(&dir).map(|(&g, &d)| g as f64 * d as f64).sum();
     assert!((fd - an).abs() / an.abs() < 5e-2, "fd {fd} vs backward {an}");
 }
+on_backends!(dropout_network_gradients_match_finite_differences, dropout);

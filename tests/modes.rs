@@ -1,18 +1,20 @@
 //! The three memory modes compute the same step: logits, loss, every gradient, running
 //! statistics, updated weights and evaluation logits, with and without dropout; and a batch
-//! smaller than the planned one computes what a plan of its own size computes.
+//! smaller than the planned one computes what a plan of its own size computes. On every
+//! backend: the CPU, the CUDA backend on the host device and on a GPU.
 
+#[macro_use]
 mod common;
 
-use densenet::backend::Sgd;
+use densenet::backend::{Backend, Sgd};
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
 
-fn compare(cfg: NetConfig, h: usize, n: usize) {
+fn compare<B: Backend>(make: &dyn Fn() -> B, cfg: NetConfig, h: usize, n: usize) {
     let (images, labels) = common::batch(7, n, h, h, cfg.num_classes);
     let mut outs = Vec::new();
     for mode in Mode::ALL {
-        let mut m = common::model(&cfg, n, h, h, mode, 11);
+        let mut m = common::model_on(make, &cfg, n, h, h, mode, 11);
         let s1 = m.forward_backward(&images, &labels).unwrap();
         let grads = m.grads();
         let logits = m.logits(n);
@@ -42,35 +44,34 @@ fn compare(cfg: NetConfig, h: usize, n: usize) {
     }
 }
 
-#[test]
-fn bottleneck_modes_agree() {
-    compare(NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(), 16, 4);
+fn bottleneck<B: Backend>(make: &dyn Fn() -> B) {
+    compare(make, NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap(), 16, 4);
 }
+on_backends!(bottleneck_modes_agree, bottleneck);
 
-#[test]
-fn bottleneck_modes_agree_with_dropout() {
-    compare(NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap(), 16, 4);
+fn bottleneck_dropout<B: Backend>(make: &dyn Fn() -> B) {
+    compare(make, NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap(), 16, 4);
 }
+on_backends!(bottleneck_modes_agree_with_dropout, bottleneck_dropout);
 
-#[test]
-fn basic_modes_agree_with_dropout() {
-    compare(NetConfig::cifar(13, 3, false, 0.5, 0.2, 7).unwrap(), 8, 3);
+fn basic_dropout<B: Backend>(make: &dyn Fn() -> B) {
+    compare(make, NetConfig::cifar(13, 3, false, 0.5, 0.2, 7).unwrap(), 8, 3);
 }
+on_backends!(basic_modes_agree_with_dropout, basic_dropout);
 
-#[test]
-fn imagenet_stem_modes_agree() {
-    compare(common::tiny_imagenet([2, 1, 1, 2], 5), 32, 2);
+fn imagenet_stem<B: Backend>(make: &dyn Fn() -> B) {
+    compare(make, common::tiny_imagenet([2, 1, 1, 2], 5), 32, 2);
 }
+on_backends!(imagenet_stem_modes_agree, imagenet_stem);
 
-#[test]
-fn partial_batch_equals_a_plan_of_its_size() {
+fn partial_batch<B: Backend>(make: &dyn Fn() -> B) {
     // The last batch of an epoch is smaller than the planned batch: every op must take the
     // actual image count from its views.
     let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap();
     let (images, labels) = common::batch(3, 3, 16, 16, 10);
     for mode in Mode::ALL {
-        let mut big = common::model(&cfg, 5, 16, 16, mode, 4);
-        let mut exact = common::model(&cfg, 3, 16, 16, mode, 4);
+        let mut big = common::model_on(make, &cfg, 5, 16, 16, mode, 4);
+        let mut exact = common::model_on(make, &cfg, 3, 16, 16, mode, 4);
         for m in [&mut big, &mut exact] {
             m.train_step(&images, &labels, Sgd::default()).unwrap();
         }
@@ -80,3 +81,4 @@ fn partial_batch_equals_a_plan_of_its_size() {
         assert_eq!((a, big.logits(3)), (b, exact.logits(3)), "{mode}: evaluation");
     }
 }
+on_backends!(partial_batch_equals_a_plan_of_its_size, partial_batch);

@@ -1,6 +1,7 @@
-//! The executors the CUDA backend is tested on: the host device always, a GPU when one is
-//! present (otherwise the GPU variant says loudly that it was skipped, or fails under
-//! `DENSENET_REQUIRE_GPU=1`, as `scripts/gpu-check.sh run` sets it on a GPU machine).
+//! The backends a test body runs on: the CPU backend, the CUDA backend on the host device
+//! always, and on a GPU when one is present (otherwise the GPU variant says loudly that it was
+//! skipped, or fails under `DENSENET_REQUIRE_GPU=1`, as `scripts/gpu-check.sh run` sets it on a
+//! GPU machine). `on_backends!` runs one body on all three, `on_devices!` on the CUDA two.
 
 use densenet::backend::cuda::{CudaBackend, GpuExec, HostExec};
 
@@ -24,6 +25,30 @@ pub fn on_gpu(name: &str, test: impl FnOnce(&dyn Fn() -> CudaBackend<GpuExec>)) 
 /// skipping.
 pub fn gpu_required() -> bool {
     std::env::var("DENSENET_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Declares `$name` three times, like candle's `test_device!`: `cpu` on the CPU backend,
+/// `host` on the CUDA backend's host device and `gpu` on GPU 0 (skipped without one); `$body`
+/// is a function generic over the backend, `fn body<B: Backend>(make: &dyn Fn() -> B)`, taking
+/// a factory of fresh backends.
+#[macro_export]
+macro_rules! on_backends {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn cpu() {
+                super::$body(&densenet::backend::CpuBackend::new);
+            }
+            #[test]
+            fn host() {
+                super::common::devices::on_host(|make| super::$body(make));
+            }
+            #[test]
+            fn gpu() {
+                super::common::devices::on_gpu(stringify!($name), |make| super::$body(make));
+            }
+        }
+    };
 }
 
 /// Declares `$name` twice: `host` on the host device and `gpu` on GPU 0 (skipped without one);

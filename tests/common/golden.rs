@@ -1,8 +1,8 @@
 //! The PyTorch golden data (tests/data/golden.safetensors, written by tests/gen_golden.py in
 //! float64) and the check of a model against it.
 
-use super::{max_rel, model, norm_rel};
-use densenet::backend::Sgd;
+use super::{max_rel, model_on, norm_rel};
+use densenet::backend::{Backend, Sgd};
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
 use safetensors::{Dtype, SafeTensors};
@@ -40,10 +40,10 @@ fn config(net: &str) -> (NetConfig, usize) {
 /// momentum tensor 2e-5 in norm (1.2e-6); updated weights and running statistics 5e-6 per
 /// element (4.5e-7, 9.8e-7), tight enough to tell the unbiased running variance from the biased
 /// one (a 1.2e-5 difference here).
-pub fn check(net: &str, mode: Mode) {
+pub fn check<B: Backend>(make: &dyn Fn() -> B, net: &str, mode: Mode) {
     let st = SafeTensors::deserialize(GOLDEN).unwrap();
     let (cfg, n) = config(net);
-    let mut m = model(&cfg, n, 32, 32, mode, 0);
+    let mut m = model_on(make, &cfg, n, 32, 32, mode, 0);
     let names: Vec<String> = m.layout().params.iter().chain(&m.layout().stats).map(|t| t.name.clone()).collect();
     for name in &names {
         m.set_tensor(name, &floats(&st, &format!("{net}.init.{name}"))).unwrap();

@@ -5,7 +5,7 @@
 pub mod devices;
 pub mod golden;
 
-use densenet::backend::CpuBackend;
+use densenet::backend::{Backend, CpuBackend};
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
 use densenet::model::Model;
@@ -20,7 +20,20 @@ pub fn batch(seed: u64, n: usize, h: usize, w: usize, classes: usize) -> (Vec<f3
 
 /// A CPU model.
 pub fn model(cfg: &NetConfig, n: usize, h: usize, w: usize, mode: Mode, seed: u64) -> Model<CpuBackend> {
-    Model::new(cfg.clone(), n, h, w, mode, seed, CpuBackend::new()).unwrap()
+    model_on(&CpuBackend::new, cfg, n, h, w, mode, seed)
+}
+
+/// A model on a backend from `make`.
+pub fn model_on<B: Backend>(
+    make: &dyn Fn() -> B,
+    cfg: &NetConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    mode: Mode,
+    seed: u64,
+) -> Model<B> {
+    Model::new(cfg.clone(), n, h, w, mode, seed, make()).unwrap()
 }
 
 /// Largest |a - b| / max(|b|, floor) over two slices.
