@@ -970,3 +970,20 @@ fn copy_moves_a_strided_slice_to_dense_and_back() {
         assert_fenced(&be, dst, "copy");
     }
 }
+
+/// An output that overlaps an input its contract keeps apart is an error in release builds
+/// too (a planner bug must not become a data race behind the arena pointer); channel slices of
+/// one buffer side by side are apart, and `bn_relu_backward` may work in place.
+#[test]
+fn outputs_overlapping_their_inputs_are_refused() {
+    let mut l = Layout::new();
+    let buf = l.dense(2, 6, 4, 4);
+    let (a, b) = (buf.channels(0, 3), buf.channels(3, 3));
+    let mut be = l.backend(&[], 2);
+    be.copy(a, b);
+    let shifted = View { off: a.off + 8, ..a };
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| be.copy(a, shifted))).unwrap_err();
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.starts_with("copy: output View") && msg.contains("overlaps input"), "{msg}");
+    assert!(a.overlaps(&shifted) && !a.overlaps(&b) && a.overlaps(&buf));
+}

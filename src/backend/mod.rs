@@ -31,12 +31,47 @@ pub struct View {
     pub w: usize,
     /// Floats between consecutive images (at least `c * h * w`).
     pub img_stride: usize,
+    /// The planned tensor this view is part of (0: none). The planner gives each tensor its
+    /// own tag and derived views keep it, so the plan audit ([`crate::model::audit`]) can tell
+    /// two tensors that share memory apart.
+    pub tag: u32,
 }
 
 impl View {
-    /// A dense [n, c, h, w] tensor at `off`.
+    /// A dense [n, c, h, w] tensor at `off`, untagged.
     pub fn dense(off: usize, n: usize, c: usize, h: usize, w: usize) -> View {
-        View { off, n, c, h, w, img_stride: c * h * w }
+        View { off, n, c, h, w, img_stride: c * h * w, tag: 0 }
+    }
+
+    /// This view as part of planned tensor `tag`.
+    pub fn tagged(self, tag: u32) -> View {
+        View { tag, ..self }
+    }
+
+    /// The arena ranges `[start, end)` the view touches, one per image, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let len = self.c * self.hw();
+        (0..self.n).map(move |i| (self.off + i * self.img_stride, self.off + i * self.img_stride + len))
+    }
+
+    /// Whether the two views share an arena float.
+    pub fn overlaps(&self, other: &View) -> bool {
+        if self.numel() == 0 || other.numel() == 0 || self.end() <= other.off || other.end() <= self.off {
+            return false;
+        }
+        // Both lists of ranges are sorted: one merge walk.
+        let (mut a, mut b) = (self.ranges().peekable(), other.ranges().peekable());
+        while let (Some(&(a0, a1)), Some(&(b0, b1))) = (a.peek(), b.peek()) {
+            if a0 < b1 && b0 < a1 {
+                return true;
+            }
+            if a1 <= b1 {
+                a.next();
+            } else {
+                b.next();
+            }
+        }
+        false
     }
 
     /// Channels `[c0, c0 + c)` of this view.

@@ -5,6 +5,7 @@
 //! and reused by every later BN that reads them. Running statistics are updated once per step,
 //! in forward; recomputation in backward reuses the saved batch statistics.
 
+pub mod audit;
 pub mod net;
 pub mod params;
 pub mod plan;

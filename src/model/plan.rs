@@ -119,6 +119,19 @@ pub struct Region {
     pub off: usize,
     /// Length in floats.
     pub len: usize,
+    /// The tag of the tensor the region holds (a shared scratch region's own tag; the
+    /// tensors that share it have theirs).
+    pub tag: u32,
+}
+
+/// A planned tensor: what it is, and the region it lies in. Tag `t` (from 1) of a [`View`] is
+/// `Plan::tags[t - 1]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tag {
+    /// What the tensor is ("block1 features", "block2.layer.3 z in scratch: conv outputs").
+    pub name: String,
+    /// Index of its region in `Plan::regions`.
+    pub region: usize,
 }
 
 /// Mean and variance offsets (per channel).
@@ -240,6 +253,8 @@ pub struct Plan {
     pub batch: usize,
     /// Every region, in arena order.
     pub regions: Vec<Region>,
+    /// Every planned tensor, by tag (see [`Tag`]).
+    pub tags: Vec<Tag>,
     /// Arena length in floats.
     pub len: usize,
     /// Parameter buffer offset.
@@ -276,19 +291,41 @@ pub const RESULT_LEN: usize = 4;
 /// Bump allocator over the arena, 64-byte aligned regions.
 struct Arena {
     regions: Vec<Region>,
+    tags: Vec<Tag>,
     top: usize,
 }
 
 impl Arena {
+    /// A new tag for a tensor in region `region`.
+    fn tag(&mut self, name: String, region: usize) -> u32 {
+        self.tags.push(Tag { name, region });
+        self.tags.len() as u32
+    }
+
     fn take(&mut self, name: impl Into<String>, category: Category, len: usize) -> usize {
-        let off = self.top;
+        let (off, name) = (self.top, name.into());
         self.top += len.div_ceil(16) * 16;
-        self.regions.push(Region { name: name.into(), category, off, len });
+        let tag = self.tag(name.clone(), self.regions.len());
+        self.regions.push(Region { name, category, off, len, tag });
         off
     }
 
     fn tensor(&mut self, name: impl Into<String>, category: Category, n: usize, c: usize, h: usize, w: usize) -> View {
-        View::dense(self.take(name, category, n * c * h * w), n, c, h, w)
+        let off = self.take(name, category, n * c * h * w);
+        View::dense(off, n, c, h, w).tagged(self.regions[self.regions.len() - 1].tag)
+    }
+
+    /// A shared scratch region: its index, for [`Arena::slot`].
+    fn scratch(&mut self, name: &str, len: usize) -> usize {
+        self.take(name, Category::Scratch, len);
+        self.regions.len() - 1
+    }
+
+    /// Tensor `name` [n, c, h, w] at the start of shared scratch region `region`, with a tag
+    /// of its own.
+    fn slot(&mut self, region: usize, name: String, n: usize, c: usize, h: usize, w: usize) -> View {
+        let tag = self.tag(format!("{name} in {}", self.regions[region].name), region);
+        View::dense(self.regions[region].off, n, c, h, w).tagged(tag)
     }
 
     fn stats(&mut self, name: impl Into<String>, c: usize) -> Stats {
@@ -356,7 +393,7 @@ impl Plan {
             }
         }
 
-        let mut ar = Arena { regions: Vec::new(), top: 0 };
+        let mut ar = Arena { regions: Vec::new(), tags: Vec::new(), top: 0 };
         let plen = net.layout.len;
         let params = ar.take("parameters", Category::Parameters, plen);
         let stats = ar.take("bn running statistics", Category::Parameters, net.layout.stats_len);
@@ -376,10 +413,9 @@ impl Plan {
             .enumerate()
             .map(|(b, g)| ar.tensor(format!("block{} gradient", b + 1), Category::Scratch, n, g.c_final, g.h, g.w))
             .collect();
-        let act_slot = ar.take("scratch: BN-ReLU outputs and gradients", Category::Scratch, act);
-        let mid_slot = ar.take("scratch: conv outputs", Category::Scratch, mid);
-        let mid2_slot = ar.take("scratch: bottleneck BN-ReLU gradients", Category::Scratch, mid2);
-        let slot = |off: usize, c: usize, h: usize, w: usize| View::dense(off, n, c, h, w);
+        let act_slot = ar.scratch("scratch: BN-ReLU outputs and gradients", act);
+        let mid_slot = ar.scratch("scratch: conv outputs", mid);
+        let mid2_slot = ar.scratch("scratch: bottleneck BN-ReLU gradients", mid2);
 
         // Stem.
         let c0 = cfg.stem_channels;
@@ -402,14 +438,15 @@ impl Plan {
                 let t = if keep_a {
                     ar.tensor("stem BN-ReLU output", Category::Activations, n, c0, sh, sw)
                 } else {
-                    slot(act_slot, c0, sh, sw)
+                    ar.slot(act_slot, "stem BN-ReLU output".into(), n, c0, sh, sw)
                 };
+                let g = ar.slot(mid_slot, "stem BN-ReLU output gradient".into(), n, c0, sh, sw);
                 StemPlan {
                     conv_out,
                     out: first,
                     g_out: grad_blocks[0].channels(0, c0),
                     stats_out: block_stats[0],
-                    pool: Some((bn_stats, t, slot(mid_slot, c0, sh, sw))),
+                    pool: Some((bn_stats, t, g)),
                 }
             }
         };
@@ -431,7 +468,7 @@ impl Plan {
                 let a1 = if keep_a {
                     ar.tensor(name("a1"), Category::Activations, n, c, g.h, g.w)
                 } else {
-                    slot(act_slot, c, g.h, g.w)
+                    ar.slot(act_slot, name("a1"), n, c, g.h, g.w)
                 };
                 let bottleneck = if cfg.bottleneck {
                     conv(ConvSpec::POINTWISE, c, width, g.h, g.w);
@@ -439,12 +476,12 @@ impl Plan {
                     let z = if mode.keeps_z() {
                         ar.tensor(name("z"), Category::Activations, n, width, g.h, g.w)
                     } else {
-                        slot(mid_slot, width, g.h, g.w)
+                        ar.slot(mid_slot, name("z"), n, width, g.h, g.w)
                     };
                     let a2 = if keep_a {
                         ar.tensor(name("a2"), Category::Activations, n, width, g.h, g.w)
                     } else {
-                        slot(mid2_slot, width, g.h, g.w)
+                        ar.slot(mid2_slot, name("a2"), n, width, g.h, g.w)
                     };
                     Some(BottleneckPlan { z, a2, stats: ar.stats(name("bn2 statistics"), width) })
                 } else {
@@ -473,7 +510,10 @@ impl Plan {
                         ar.tensor(name("z"), Category::Activations, n, t.c_out, g.h, g.w),
                     )
                 } else {
-                    (slot(act_slot, t.c_in, g.h, g.w), slot(mid_slot, t.c_out, g.h, g.w))
+                    (
+                        ar.slot(act_slot, name("a"), n, t.c_in, g.h, g.w),
+                        ar.slot(mid_slot, name("z"), n, t.c_out, g.h, g.w),
+                    )
                 };
                 transitions.push(TransitionPlan {
                     input: x,
@@ -496,7 +536,7 @@ impl Plan {
             a: if keep_a {
                 ar.tensor("head a", Category::Activations, n, c, gl.h, gl.w)
             } else {
-                slot(act_slot, c, gl.h, gl.w)
+                ar.slot(act_slot, "head a".into(), n, c, gl.h, gl.w)
             },
             g_in: grad_blocks[last],
             stats_in: block_stats[last],
@@ -513,6 +553,7 @@ impl Plan {
             batch,
             len: ar.top,
             regions: ar.regions,
+            tags: ar.tags,
             params,
             grads,
             momentum,

@@ -101,6 +101,15 @@ impl CpuBackend {
         assert!(v.n <= 1 || v.img_stride >= v.c * v.hw(), "view {v:?} has overlapping images");
     }
 
+    /// Asserts that output `out` of op `op` shares no float with an input its contract keeps
+    /// apart from it (in release builds too: a planner bug is an error, not a data race
+    /// behind the arena pointer).
+    fn apart(&self, op: &str, out: View, ins: &[View]) {
+        for x in ins {
+            assert!(!out.overlaps(x), "{op}: output {out:?} overlaps input {x:?}");
+        }
+    }
+
     fn span(&self, off: usize, len: usize) {
         assert!(off.checked_add(len).is_some_and(|e| e <= self.arena.len()), "range {off}+{len} outside the arena");
     }
@@ -166,6 +175,7 @@ impl Backend for CpuBackend {
     fn copy(&mut self, src: View, dst: View) {
         self.check(src);
         self.check(dst);
+        self.apart("copy", dst, &[src]);
         elementwise::copy(self.ptr(), src, dst);
     }
 
@@ -180,6 +190,7 @@ impl Backend for CpuBackend {
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
         self.check_conv(x, w, y, spec);
+        self.apart("conv_forward", y, &[x]);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
@@ -188,6 +199,7 @@ impl Backend for CpuBackend {
 
     fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
         self.check_conv(gx, w, gy, spec);
+        self.apart("conv_backward_data", gx, &[gy]);
         conv::backward_data(self.ptr(), &self.workspace, gy, w, gx, spec);
     }
 
@@ -229,6 +241,7 @@ impl Backend for CpuBackend {
         self.check(x);
         self.check(y);
         self.check_bn(bn, x.c);
+        self.apart("bn_relu", y, &[x]);
         norm::bn_relu(self.ptr(), x, bn, y);
     }
 
@@ -237,6 +250,9 @@ impl Backend for CpuBackend {
         self.check(x);
         self.check(dx);
         self.check_bn(bn, x.c);
+        // dx may be g itself (in place), and else overlaps neither input.
+        let ins = [x, g];
+        self.apart("bn_relu_backward", dx, &ins[..if dx == g { 1 } else { 2 }]);
         self.span(dgamma, x.c);
         self.span(dbeta, x.c);
         norm::bn_relu_backward(self.ptr(), g, x, bn, dgamma, dbeta, dx, accumulate);
@@ -250,18 +266,21 @@ impl Backend for CpuBackend {
     fn avg_pool2(&mut self, x: View, y: View) {
         self.check(x);
         self.check(y);
+        self.apart("avg_pool2", y, &[x]);
         pool::avg2(self.ptr(), x, y);
     }
 
     fn avg_pool2_backward(&mut self, gy: View, gx: View) {
         self.check(gy);
         self.check(gx);
+        self.apart("avg_pool2_backward", gx, &[gy]);
         pool::avg2_backward(self.ptr(), gy, gx);
     }
 
     fn max_pool3(&mut self, x: View, y: View) {
         self.check(x);
         self.check(y);
+        self.apart("max_pool3", y, &[x]);
         pool::max3(self.ptr(), x, y);
     }
 
@@ -269,6 +288,7 @@ impl Backend for CpuBackend {
         self.check(x);
         self.check(gy);
         self.check(gx);
+        self.apart("max_pool3_backward", gx, &[x, gy]);
         pool::max3_backward(self.ptr(), x, gy, gx);
     }
 

@@ -1,0 +1,344 @@
+//! The plan audited by live ranges (llm.c's audited offsets, made mechanical). A training step
+//! and an evaluation run on a [`Recorder`], a backend that only records every op with what it
+//! reads and writes; [`audit`] replays the trace against the plan:
+//! - every view lies inside the region of its tensor (its [`View::tag`]), every raw operand
+//!   (weights, statistics, logits) inside one region;
+//! - every float an op reads was written before, through the tensor the op reads it as: no op
+//!   writes over a tensor that a later op still reads (two tensors that share memory must
+//!   have disjoint live ranges), and nothing is read that was never written (the zeroed
+//!   arena counts as each region's own tensor written: a shared scratch tensor never does);
+//! - and it derives each tensor's live range: from its first write to its last read.
+
+use super::plan::Plan;
+use crate::backend::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
+use crate::input::{Crop, Normalize};
+use crate::Result;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// An operand of a recorded op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operand {
+    /// A tensor view.
+    View(View),
+    /// `len` floats at `off` (weights, statistics, logits: the tensor is the region's).
+    Span {
+        /// First float.
+        off: usize,
+        /// Floats.
+        len: usize,
+    },
+}
+
+/// One recorded op: its name and what it reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Op {
+    /// The backend method.
+    pub name: &'static str,
+    /// Operands read.
+    pub reads: Vec<Operand>,
+    /// Operands written.
+    pub writes: Vec<Operand>,
+}
+
+/// A backend that computes nothing and records every op (reads of the arena by the host
+/// included): the trace [`audit`] checks.
+#[derive(Default)]
+pub struct Recorder {
+    ops: RefCell<Vec<Op>>,
+}
+
+impl Recorder {
+    /// A recorder with an empty trace.
+    pub fn new() -> Recorder {
+        Recorder::default()
+    }
+
+    /// The ops recorded so far.
+    pub fn ops(&self) -> Vec<Op> {
+        self.ops.borrow().clone()
+    }
+
+    fn push(&self, name: &'static str, reads: Vec<Operand>, writes: Vec<Operand>) {
+        self.ops.borrow_mut().push(Op { name, reads, writes });
+    }
+}
+
+/// The name of the op that allocates the zeroed arena: every region holds zeros of its own
+/// tensor.
+const ALLOCATE: &str = "allocate";
+
+fn v(view: View) -> Operand {
+    Operand::View(view)
+}
+
+fn s(off: usize, len: usize) -> Operand {
+    Operand::Span { off, len }
+}
+
+/// The operands of a BN's mean, variance, scale and shift over `c` channels.
+fn bn(b: Bn, c: usize) -> [Operand; 4] {
+    [s(b.mean, c), s(b.var, c), s(b.gamma, c), s(b.beta, c)]
+}
+
+impl Backend for Recorder {
+    fn describe(&self) -> String {
+        "recorder (the plan audit)".into()
+    }
+
+    fn workspace_len(&mut self, _convs: &[ConvShape], _image_len: usize, _batch: usize) -> Result<usize> {
+        Ok(0)
+    }
+
+    fn allocate(&mut self, len: usize, _workspace: (usize, usize), _max_batch: usize) -> Result<()> {
+        // The arena starts zeroed (the momentum's first step reads those zeros).
+        self.push(ALLOCATE, vec![], vec![s(0, len)]);
+        Ok(())
+    }
+
+    fn write(&mut self, off: usize, data: &[f32]) {
+        self.push("write", vec![], vec![s(off, data.len())]);
+    }
+
+    fn read_into(&self, off: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        self.push("read", vec![s(off, out.len())], vec![]);
+    }
+
+    fn set_labels(&mut self, _labels: &[u32]) {}
+
+    fn copy(&mut self, src: View, dst: View) {
+        self.push("copy", vec![v(src)], vec![v(dst)]);
+    }
+
+    fn augment(&mut self, _bytes: &[u8], _crops: &[Crop], _norm: &Normalize, dst: View) {
+        self.push("augment", vec![], vec![v(dst)]);
+    }
+
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+        let mut reads = vec![v(x), s(w, y.c * x.c * spec.k * spec.k)];
+        reads.extend(pre.into_iter().flat_map(|b| bn(b, x.c)));
+        self.push("conv_forward", reads, vec![v(y)]);
+    }
+
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+        self.push("conv_backward_data", vec![v(gy), s(w, gy.c * gx.c * spec.k * spec.k)], vec![v(gx)]);
+    }
+
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+        let mut reads = vec![v(x), v(gy)];
+        reads.extend(pre.into_iter().flat_map(|b| bn(b, x.c)));
+        self.push("conv_backward_filter", reads, vec![s(gw, gy.c * x.c * spec.k * spec.k)]);
+    }
+
+    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
+        self.push("bn_stats", vec![v(x)], vec![s(mean, x.c), s(var, x.c)]);
+    }
+
+    fn bn_update_running(
+        &mut self,
+        mean: usize,
+        var: usize,
+        running_mean: usize,
+        running_var: usize,
+        c: usize,
+        _count: usize,
+        _momentum: f32,
+        flag: usize,
+    ) {
+        // The flag is set or left: a write, not a read.
+        let running = [s(running_mean, c), s(running_var, c)];
+        let mut reads = vec![s(mean, c), s(var, c)];
+        reads.extend(running);
+        self.push("bn_update_running", reads, vec![running[0], running[1], s(flag, 1)]);
+    }
+
+    fn bn_relu(&mut self, x: View, b: Bn, y: View) {
+        let mut reads = vec![v(x)];
+        reads.extend(bn(b, x.c));
+        self.push("bn_relu", reads, vec![v(y)]);
+    }
+
+    fn bn_relu_backward(&mut self, g: View, x: View, b: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+        let mut reads = vec![v(g), v(x)];
+        reads.extend(bn(b, x.c));
+        if accumulate {
+            reads.push(v(dx));
+        }
+        self.push("bn_relu_backward", reads, vec![s(dgamma, x.c), s(dbeta, x.c), v(dx)]);
+    }
+
+    fn dropout(&mut self, x: View, _p: f32, _key: u64) {
+        self.push("dropout", vec![v(x)], vec![v(x)]);
+    }
+
+    fn avg_pool2(&mut self, x: View, y: View) {
+        self.push("avg_pool2", vec![v(x)], vec![v(y)]);
+    }
+
+    fn avg_pool2_backward(&mut self, gy: View, gx: View) {
+        self.push("avg_pool2_backward", vec![v(gy)], vec![v(gx)]);
+    }
+
+    fn max_pool3(&mut self, x: View, y: View) {
+        self.push("max_pool3", vec![v(x)], vec![v(y)]);
+    }
+
+    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
+        self.push("max_pool3_backward", vec![v(x), v(gy)], vec![v(gx)]);
+    }
+
+    fn global_avg_pool(&mut self, x: View, y: usize) {
+        self.push("global_avg_pool", vec![v(x)], vec![s(y, x.n * x.c)]);
+    }
+
+    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+        self.push("global_avg_pool_backward", vec![s(gy, gx.n * gx.c)], vec![v(gx)]);
+    }
+
+    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
+        self.push("linear", vec![s(x, n * cin), s(w, cout * cin), s(b, cout)], vec![s(y, n * cout)]);
+    }
+
+    fn linear_backward(
+        &mut self,
+        x: usize,
+        w: usize,
+        gy: usize,
+        gx: usize,
+        gw: usize,
+        gb: usize,
+        n: usize,
+        cin: usize,
+        cout: usize,
+    ) {
+        let reads = vec![s(x, n * cin), s(w, cout * cin), s(gy, n * cout)];
+        self.push("linear_backward", reads, vec![s(gx, n * cin), s(gw, cout * cin), s(gb, cout)]);
+    }
+
+    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
+        self.push("softmax_xent", vec![s(logits, n * k)], vec![s(out, 2), s(glogits, n * k)]);
+    }
+
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, _hp: Sgd, flag: usize) {
+        let state = [s(params, len), s(momentum, len)];
+        let mut reads = vec![s(grads, len)];
+        reads.extend(state);
+        // The flag is set or left: a write, not a read.
+        self.push("sgd", reads, vec![state[0], state[1], s(flag, 1)]);
+    }
+}
+
+/// What [`audit`] found: each tensor's live range, by tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// For every tag written: (the tag's name, index of the first op writing it, index of
+    /// the last op reading it, if any).
+    pub live: Vec<(String, usize, Option<usize>)>,
+}
+
+/// Checks the trace `ops` of a model planned by `plan` (see the module docs); the error names
+/// the op, the tensor and the one that overwrote it.
+pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
+    let name = |tag: u32| plan.tags.get(tag as usize - 1).map_or("?", |t| t.name.as_str()).to_string();
+    // Each operand as its tag and arena ranges, checked against its region.
+    let resolve = |i: usize, o: &Operand| -> std::result::Result<(u32, Vec<(usize, usize)>), String> {
+        let op = &ops[i].name;
+        match *o {
+            Operand::View(view) => {
+                let tag = plan
+                    .tags
+                    .get((view.tag as usize).wrapping_sub(1))
+                    .ok_or_else(|| format!("op {i} ({op}): view {view:?} has no tag of the plan"))?;
+                let r = &plan.regions[tag.region];
+                if view.numel() > 0 && (view.off < r.off || view.end() > r.off + r.len) {
+                    return Err(format!("op {i} ({op}): view of '{}' {view:?} lies outside its region", tag.name));
+                }
+                Ok((view.tag, view.ranges().collect()))
+            }
+            Operand::Span { off, len } => {
+                let r = plan.regions.iter().find(|r| r.off <= off && off + len <= r.off + r.len);
+                let r = r.ok_or_else(|| format!("op {i} ({op}): {len} floats at {off} lie in no region"))?;
+                Ok((r.tag, vec![(off, off + len)]))
+            }
+        }
+    };
+    // Who last wrote each stretch of the arena: start -> (end, tag, op).
+    let mut owner: BTreeMap<usize, (usize, u32, usize)> = BTreeMap::new();
+    let mut live: BTreeMap<u32, (usize, Option<usize>)> = BTreeMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        for o in &op.reads {
+            let (tag, ranges) = resolve(i, o)?;
+            for (r_start, r_end) in ranges {
+                let r = r_start..r_end;
+                // The stretches are sorted and disjoint: walking back from the range's end,
+                // the first one that ends before its start ends the walk.
+                let mut covered = 0;
+                for (&start, &(end, by, writer)) in owner.range(..r.end).rev() {
+                    if end <= r.start {
+                        break;
+                    }
+                    if by != tag {
+                        return Err(format!(
+                            "op {i} ({}) reads '{}' at {}, overwritten by op {writer} ({}) as '{}': their live \
+                             ranges overlap",
+                            op.name,
+                            name(tag),
+                            start.max(r.start),
+                            ops[writer].name,
+                            name(by)
+                        ));
+                    }
+                    covered += end.min(r.end) - start.max(r.start);
+                }
+                if covered < r.len() {
+                    return Err(format!("op {i} ({}) reads '{}' at {}, never written", op.name, name(tag), r.start));
+                }
+            }
+            if let Some(l) = live.get_mut(&tag) {
+                l.1 = Some(i);
+            }
+        }
+        if op.name == ALLOCATE {
+            for r in &plan.regions {
+                write(&mut owner, r.off..r.off + r.len, r.tag, i);
+            }
+            continue;
+        }
+        for o in &op.writes {
+            let (tag, ranges) = resolve(i, o)?;
+            for (start, end) in ranges {
+                write(&mut owner, start..end, tag, i);
+            }
+            live.entry(tag).or_insert((i, None));
+        }
+    }
+    Ok(Audit { live: live.into_iter().map(|(tag, (first, last))| (name(tag), first, last)).collect() })
+}
+
+/// Records that op `op` wrote `r` as tensor `tag`.
+fn write(owner: &mut BTreeMap<usize, (usize, u32, usize)>, r: Range<usize>, tag: u32, op: usize) {
+    if r.is_empty() {
+        return;
+    }
+    // A stretch that starts before `r` and reaches into it keeps its head (and its tail, past
+    // `r`); stretches inside `r` go.
+    let before: Option<(usize, (usize, u32, usize))> = owner.range(..r.start).next_back().map(|(&a, &b)| (a, b));
+    if let Some((a, (end, by, w))) = before {
+        if end > r.start {
+            owner.insert(a, (r.start, by, w));
+            if end > r.end {
+                owner.insert(r.end, (end, by, w));
+            }
+        }
+    }
+    let inside: Vec<usize> = owner.range(r.start..r.end).map(|(&a, _)| a).collect();
+    for a in inside {
+        let (end, by, w) = owner.remove(&a).expect("listed");
+        if end > r.end {
+            owner.insert(r.end, (end, by, w));
+        }
+    }
+    owner.insert(r.start, (r.end, tag, op));
+}

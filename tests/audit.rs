@@ -1,0 +1,87 @@
+//! The plan audited by live ranges (`densenet::model::audit`): a training step and an
+//! evaluation of every CIFAR variant and ImageNet preset, in every memory mode, at batch 1
+//! and 64, recorded and replayed against the plan: every view inside its region, no tensor
+//! overwritten while a later op still reads it, nothing read that was never written.
+
+use densenet::backend::Sgd;
+use densenet::config::NetConfig;
+use densenet::model::audit::{audit, Recorder};
+use densenet::model::plan::Mode;
+use densenet::model::Model;
+
+/// Audits one training step and one evaluation of `cfg` at batch `n` on `side` x `side`.
+fn check(cfg: &NetConfig, n: usize, side: usize, mode: Mode) {
+    let mut m = Model::new(cfg.clone(), n, side, side, mode, 1, Recorder::new()).unwrap();
+    let images = vec![0.5; n * 3 * side * side];
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % cfg.num_classes as u32).collect();
+    m.train_step(&images, &labels, Sgd::default()).unwrap();
+    m.evaluate(&images, &labels).unwrap();
+    let ops = m.backend().ops();
+    let what = format!("{} {mode} batch {n}", cfg.name());
+    let report = audit(m.plan(), &ops).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(ops.len() > 10 && report.live.len() > 5, "{what}: {} ops, {} tensors", ops.len(), report.live.len());
+}
+
+#[test]
+fn cifar_variants_pass_the_audit() {
+    let variants =
+        [(40, 12, false, 1.0), (100, 12, true, 0.5), (250, 24, true, 0.5), (190, 40, true, 0.5), (100, 24, false, 1.0)];
+    for (depth, growth, bottleneck, reduction) in variants {
+        let cfg = NetConfig::cifar(depth, growth, bottleneck, reduction, 0.2, 10).unwrap();
+        for mode in Mode::ALL {
+            for n in [1, 64] {
+                check(&cfg, n, 32, mode);
+            }
+        }
+    }
+}
+
+#[test]
+fn imagenet_presets_pass_the_audit() {
+    for preset in ["densenet121", "densenet169", "densenet201", "densenet161", "densenet264"] {
+        let cfg = NetConfig::imagenet(preset).unwrap();
+        for mode in Mode::ALL {
+            for n in [1, 64] {
+                check(&cfg, n, 224, mode);
+            }
+        }
+    }
+}
+
+/// The audit fails where it must: a tensor read after another one that shares its memory
+/// overwrote it, and a scratch tensor read before anything wrote it.
+#[test]
+fn the_audit_finds_overlapping_live_ranges_and_unwritten_reads() {
+    use densenet::model::audit::{Op, Operand};
+    let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap();
+    let m = Model::new(cfg, 2, 16, 16, Mode::Minimal, 1, Recorder::new()).unwrap();
+    let plan = m.plan();
+    // Two tensors of the shared conv-output scratch: a layer's z and a transition's z.
+    let z = plan.layers[0][0].bottleneck.unwrap().z;
+    let tz = plan.transitions[0].z;
+    assert!(z.overlaps(&tz) && z.tag != tz.tag);
+    let op = |name, reads: &[View], writes: &[View]| Op {
+        name,
+        reads: reads.iter().map(|&v| Operand::View(v)).collect(),
+        writes: writes.iter().map(|&v| Operand::View(v)).collect(),
+    };
+    use densenet::backend::View;
+    let fine = [op("a", &[], &[z]), op("b", &[z], &[]), op("c", &[], &[tz]), op("d", &[tz], &[])];
+    let report = audit(plan, &fine).unwrap();
+    assert!(report
+        .live
+        .iter()
+        .any(|(name, first, last)| name.contains("z in scratch") && (*first, *last) == (0, Some(1))));
+    let clobbered = [op("a", &[], &[z]), op("c", &[], &[tz]), op("b", &[z], &[])];
+    let e = audit(plan, &clobbered).unwrap_err();
+    assert!(
+        e.contains("op 2 (b) reads 'block1.layer.0 z") && e.contains("overwritten by op 1 (c) as 'trans1 z"),
+        "{e}"
+    );
+    let e = audit(plan, &[op("b", &[z], &[])]).unwrap_err();
+    assert!(e.contains("op 0 (b) reads 'block1.layer.0 z") && e.contains("never written"), "{e}");
+    // A view that strays out of its region.
+    let stray = View { off: z.off + 1, ..z };
+    let e = audit(plan, &[op("a", &[], &[stray])]).unwrap_err();
+    assert!(e.contains("lies outside its region"), "{e}");
+}
