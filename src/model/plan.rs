@@ -13,7 +13,7 @@
 
 use super::net::Net;
 use crate::backend::{ConvShape, ConvSpec, View};
-use crate::config::{NetConfig, Stem};
+use crate::config::{BlockGeom, NetConfig, Stem};
 use crate::{bail, Error, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -293,6 +293,36 @@ struct Arena {
     regions: Vec<Region>,
     tags: Vec<Tag>,
     top: usize,
+    /// The region index of each shared scratch region ([`Slot`]), and the most floats its
+    /// tensors have asked for.
+    slots: [usize; SLOTS],
+    need: [usize; SLOTS],
+}
+
+/// The shared scratch regions: each holds one tensor at a time, of many layers (the audit
+/// checks that their live ranges are disjoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// BN-ReLU outputs (outside `naive`: their gradients).
+    Act,
+    /// Convolution outputs: the bottleneck's z in `minimal`, the transitions' z, the ImageNet
+    /// stem's gradient.
+    Mid,
+    /// The bottleneck's BN-ReLU outputs, then their gradients.
+    Mid2,
+}
+
+/// Number of [`Slot`]s.
+const SLOTS: usize = 3;
+
+impl Slot {
+    fn name(self) -> &'static str {
+        match self {
+            Slot::Act => "scratch: BN-ReLU outputs and gradients",
+            Slot::Mid => "scratch: conv outputs",
+            Slot::Mid2 => "scratch: bottleneck BN-ReLU gradients",
+        }
+    }
 }
 
 impl Arena {
@@ -315,15 +345,19 @@ impl Arena {
         View::dense(off, n, c, h, w).tagged(self.regions[self.regions.len() - 1].tag)
     }
 
-    /// A shared scratch region: its index, for [`Arena::slot`].
-    fn scratch(&mut self, name: &str, len: usize) -> usize {
-        self.take(name, Category::Scratch, len);
-        self.regions.len() - 1
+    /// Takes the shared scratch regions, `sizes[s]` floats for slot `s`.
+    fn scratch(&mut self, sizes: [usize; SLOTS]) {
+        for (i, s) in [Slot::Act, Slot::Mid, Slot::Mid2].into_iter().enumerate() {
+            self.take(s.name(), Category::Scratch, sizes[i]);
+            self.slots[i] = self.regions.len() - 1;
+        }
     }
 
-    /// Tensor `name` [n, c, h, w] at the start of shared scratch region `region`, with a tag
-    /// of its own.
-    fn slot(&mut self, region: usize, name: String, n: usize, c: usize, h: usize, w: usize) -> View {
+    /// Tensor `name` [n, c, h, w] at the start of shared scratch region `slot`, with a tag of
+    /// its own; the region must hold it (the measuring pass records what it needs).
+    fn slot(&mut self, slot: Slot, name: String, n: usize, c: usize, h: usize, w: usize) -> View {
+        let region = self.slots[slot as usize];
+        self.need[slot as usize] = self.need[slot as usize].max(n * c * h * w);
         let tag = self.tag(format!("{name} in {}", self.regions[region].name), region);
         View::dense(self.regions[region].off, n, c, h, w).tagged(tag)
     }
@@ -334,9 +368,217 @@ impl Arena {
     }
 }
 
+/// What one pass of the layout lays out besides the shared regions and the workspace.
+struct Parts {
+    params: usize,
+    stats: usize,
+    grads: usize,
+    momentum: usize,
+    image: View,
+    stem: StemPlan,
+    layers: Vec<Vec<LayerPlan>>,
+    transitions: Vec<TransitionPlan>,
+    head: HeadPlan,
+}
+
+/// The block buffers: features, their statistics and their gradients, one of each per block.
+struct Blocks {
+    x: Vec<View>,
+    stats: Vec<Stats>,
+    g: Vec<View>,
+}
+
+/// One pass of the layout: the arena as it fills, and the convolution shapes met.
+struct Planner<'a> {
+    cfg: &'a NetConfig,
+    net: &'a Net,
+    geo: &'a [BlockGeom],
+    n: usize,
+    mode: Mode,
+    /// Shared scratch sizes, per [`Slot`].
+    sizes: [usize; SLOTS],
+    ar: Arena,
+    convs: Vec<ConvShape>,
+}
+
+impl<'a> Planner<'a> {
+    /// A pass at batch `n` whose shared scratch regions get `sizes` floats.
+    fn new(
+        cfg: &'a NetConfig,
+        net: &'a Net,
+        geo: &'a [BlockGeom],
+        n: usize,
+        mode: Mode,
+        sizes: [usize; SLOTS],
+    ) -> Self {
+        let ar = Arena { regions: Vec::new(), tags: Vec::new(), top: 0, slots: [0; SLOTS], need: [0; SLOTS] };
+        Planner { cfg, net, geo, n, mode, sizes, ar, convs: Vec::new() }
+    }
+
+    /// Notes a convolution shape (each distinct one once).
+    fn conv(&mut self, spec: ConvSpec, cin: usize, cout: usize, h: usize, w: usize) {
+        let s = ConvShape { spec, cin, cout, h, w };
+        if !self.convs.contains(&s) {
+            self.convs.push(s);
+        }
+    }
+
+    /// A kept tensor named `name` in `naive` (which keeps BN-ReLU outputs), else a tensor of
+    /// shared scratch `slot`.
+    fn kept_or_slot(&mut self, slot: Slot, name: String, c: usize, h: usize, w: usize) -> View {
+        match self.mode.keeps_bn_outputs() {
+            true => self.ar.tensor(name, Category::Activations, self.n, c, h, w),
+            false => self.ar.slot(slot, name, self.n, c, h, w),
+        }
+    }
+
+    /// The whole layout for `h` x `w` inputs, in arena order.
+    fn pass(mut self, h: usize, w: usize) -> (Self, Parts) {
+        let (n, plen) = (self.n, self.net.layout.len);
+        let params = self.ar.take("parameters", Category::Parameters, plen);
+        let stats = self.ar.take("bn running statistics", Category::Parameters, self.net.layout.stats_len);
+        let grads = self.ar.take("gradients", Category::Gradients, plen);
+        let momentum = self.ar.take("momentum", Category::Momentum, plen);
+        let image = self.ar.tensor("input images", Category::Activations, n, 3, h, w);
+        let mut blocks = Blocks { x: Vec::new(), stats: Vec::new(), g: Vec::new() };
+        for (b, g) in self.geo.iter().enumerate() {
+            let x = self.ar.tensor(format!("block{} features", b + 1), Category::Activations, n, g.c_final, g.h, g.w);
+            blocks.x.push(x);
+        }
+        for (b, g) in self.geo.iter().enumerate() {
+            blocks.stats.push(self.ar.stats(format!("block{} statistics", b + 1), g.c_final));
+        }
+        for (b, g) in self.geo.iter().enumerate() {
+            let gx = self.ar.tensor(format!("block{} gradient", b + 1), Category::Scratch, n, g.c_final, g.h, g.w);
+            blocks.g.push(gx);
+        }
+        self.ar.scratch(self.sizes);
+        let stem = self.stem(&blocks, h, w);
+        let (mut layers, mut transitions) = (Vec::new(), Vec::new());
+        for b in 0..self.geo.len() {
+            layers.push(self.block(&blocks, b));
+            if b + 1 < self.geo.len() {
+                transitions.push(self.transition(&blocks, b));
+            }
+        }
+        let head = self.head(&blocks);
+        let parts = Parts { params, stats, grads, momentum, image, stem, layers, transitions, head };
+        (self, parts)
+    }
+
+    /// The stem: a 3x3 convolution into the first block (CIFAR), or a 7x7 stride-2 one, BN,
+    /// ReLU and a max pool into it (ImageNet).
+    fn stem(&mut self, blocks: &Blocks, h: usize, w: usize) -> StemPlan {
+        let (n, c0) = (self.n, self.cfg.stem_channels);
+        let first = blocks.x[0].channels(0, c0);
+        let (g_out, stats_out) = (blocks.g[0].channels(0, c0), blocks.stats[0]);
+        match self.cfg.stem {
+            Stem::Cifar => {
+                self.conv(ConvSpec::SAME3, 3, c0, h, w);
+                StemPlan { conv_out: first, out: first, g_out, stats_out, pool: None }
+            }
+            Stem::ImageNet => {
+                self.conv(ConvSpec::STEM7, 3, c0, h, w);
+                let (sh, sw) = (h / 2, w / 2);
+                let conv_out = self.ar.tensor("stem conv output", Category::Activations, n, c0, sh, sw);
+                let bn_stats = self.ar.stats("stem statistics", c0);
+                let t = self.kept_or_slot(Slot::Act, "stem BN-ReLU output".into(), c0, sh, sw);
+                let g = self.ar.slot(Slot::Mid, "stem BN-ReLU output gradient".into(), n, c0, sh, sw);
+                StemPlan { conv_out, out: first, g_out, stats_out, pool: Some((bn_stats, t, g)) }
+            }
+        }
+    }
+
+    /// The dense layers of block `b`.
+    fn block(&mut self, blocks: &Blocks, b: usize) -> Vec<LayerPlan> {
+        let (g, n, k, width) = (self.geo[b], self.n, self.cfg.growth, self.cfg.bottleneck_width());
+        let (x, gx, st) = (blocks.x[b], blocks.g[b], blocks.stats[b]);
+        let mut plans = Vec::new();
+        for (i, layer) in self.net.blocks[b].iter().enumerate() {
+            let c = layer.c_in;
+            let name = |what: &str| format!("block{}.layer.{i} {what}", b + 1);
+            let features = x.channels(0, c);
+            let input = match self.mode {
+                Mode::Naive => self.ar.tensor(name("concatenated input"), Category::Activations, n, c, g.h, g.w),
+                _ => features,
+            };
+            let a1 = self.kept_or_slot(Slot::Act, name("a1"), c, g.h, g.w);
+            let bottleneck = if self.cfg.bottleneck {
+                self.conv(ConvSpec::POINTWISE, c, width, g.h, g.w);
+                self.conv(ConvSpec::SAME3, width, k, g.h, g.w);
+                let z = match self.mode.keeps_z() {
+                    true => self.ar.tensor(name("z"), Category::Activations, n, width, g.h, g.w),
+                    false => self.ar.slot(Slot::Mid, name("z"), n, width, g.h, g.w),
+                };
+                let a2 = self.kept_or_slot(Slot::Mid2, name("a2"), width, g.h, g.w);
+                Some(BottleneckPlan { z, a2, stats: self.ar.stats(name("bn2 statistics"), width) })
+            } else {
+                self.conv(ConvSpec::SAME3, c, k, g.h, g.w);
+                None
+            };
+            plans.push(LayerPlan {
+                input,
+                features,
+                a1,
+                bottleneck,
+                out: x.channels(c, k),
+                g_in: gx.channels(0, c),
+                g_out: gx.channels(c, k),
+                stats_in: st,
+                stats_out: st.from(c),
+            });
+        }
+        plans
+    }
+
+    /// The transition after block `b`: BN-ReLU, 1x1 convolution, 2x2 average pool into the
+    /// next block.
+    fn transition(&mut self, blocks: &Blocks, b: usize) -> TransitionPlan {
+        let (g, t) = (self.geo[b], &self.net.transitions[b]);
+        let (c_in, c_out) = (t.c_in, t.c_out);
+        self.conv(ConvSpec::POINTWISE, c_in, c_out, g.h, g.w);
+        let name = |what: &str| format!("trans{} {what}", b + 1);
+        let a = self.kept_or_slot(Slot::Act, name("a"), c_in, g.h, g.w);
+        let z = self.kept_or_slot(Slot::Mid, name("z"), c_out, g.h, g.w);
+        TransitionPlan {
+            input: blocks.x[b],
+            a,
+            z,
+            out: blocks.x[b + 1].channels(0, c_out),
+            g_in: blocks.g[b],
+            g_out: blocks.g[b + 1].channels(0, c_out),
+            stats_in: blocks.stats[b],
+            stats_out: blocks.stats[b + 1],
+        }
+    }
+
+    /// The classifier: BN-ReLU, global average pool, linear, softmax cross-entropy.
+    fn head(&mut self, blocks: &Blocks) -> HeadPlan {
+        let last = self.geo.len() - 1;
+        let (gl, n, classes) = (self.geo[last], self.n, self.cfg.num_classes);
+        let c = gl.c_final;
+        let a = self.kept_or_slot(Slot::Act, "head a".into(), c, gl.h, gl.w);
+        HeadPlan {
+            input: blocks.x[last],
+            a,
+            g_in: blocks.g[last],
+            stats_in: blocks.stats[last],
+            pooled: self.ar.take("pooled features", Category::Activations, n * c),
+            logits: self.ar.take("logits", Category::Activations, n * classes),
+            g_pooled: self.ar.take("pooled gradient", Category::Scratch, n * c),
+            g_logits: self.ar.take("logits gradient", Category::Scratch, n * classes),
+            result: self.ar.take("loss, correct count and non-finite flags", Category::Scratch, RESULT_LEN),
+        }
+    }
+}
+
 impl Plan {
     /// Plans `net` (built from `cfg`) for batches of up to `batch` images of `h` x `w`;
     /// `workspace_len` sizes the convolution workspace for the network's shapes.
+    ///
+    /// The layout is one pass over the network, run twice: the first measures what the
+    /// tensors of each shared scratch region need, the second lays the regions out with those
+    /// sizes, so sizes and slots cannot disagree.
     pub fn new(
         cfg: &NetConfig,
         net: &Net,
@@ -350,221 +592,28 @@ impl Plan {
             bail!("batch size must be at least 1");
         }
         let geo = cfg.geometry(h, w)?;
-        let n = batch;
-        let (k, width) = (cfg.growth, cfg.bottleneck_width());
-        let keep_a = mode.keeps_bn_outputs();
-        let mut convs = Vec::new();
-        let mut conv = |spec: ConvSpec, cin: usize, cout: usize, h: usize, w: usize| {
-            let s = ConvShape { spec, cin, cout, h, w };
-            if !convs.contains(&s) {
-                convs.push(s);
-            }
-        };
-
-        // Sizes of the shared scratch slots (pre-pass over the geometry).
-        let (sh, sw) = (h / 2, w / 2);
-        let mut act = 0;
-        let mut mid = 0;
-        let mut mid2 = 0;
-        if cfg.stem == Stem::ImageNet {
-            act = n * cfg.stem_channels * sh * sw;
-            mid = act;
-        }
-        for (b, g) in geo.iter().enumerate() {
-            let hw = g.h * g.w;
-            act = act.max(n * g.c_final * hw);
-            if cfg.bottleneck {
-                mid2 = mid2.max(n * width * hw);
-                if !mode.keeps_z() {
-                    mid = mid.max(n * width * hw);
-                }
-            }
-            if b + 1 < geo.len() {
-                mid = mid.max(n * cfg.transition_channels(g.c_final) * hw);
-            }
-        }
-        if keep_a {
-            act = 0;
-            mid2 = 0;
-            if cfg.stem == Stem::Cifar {
-                mid = 0;
-            } else {
-                mid = n * cfg.stem_channels * sh * sw;
-            }
-        }
-
-        let mut ar = Arena { regions: Vec::new(), tags: Vec::new(), top: 0 };
-        let plen = net.layout.len;
-        let params = ar.take("parameters", Category::Parameters, plen);
-        let stats = ar.take("bn running statistics", Category::Parameters, net.layout.stats_len);
-        let grads = ar.take("gradients", Category::Gradients, plen);
-        let momentum = ar.take("momentum", Category::Momentum, plen);
-
-        let image = ar.tensor("input images", Category::Activations, n, 3, h, w);
-        let blocks: Vec<View> = geo
-            .iter()
-            .enumerate()
-            .map(|(b, g)| ar.tensor(format!("block{} features", b + 1), Category::Activations, n, g.c_final, g.h, g.w))
-            .collect();
-        let block_stats: Vec<Stats> =
-            geo.iter().enumerate().map(|(b, g)| ar.stats(format!("block{} statistics", b + 1), g.c_final)).collect();
-        let grad_blocks: Vec<View> = geo
-            .iter()
-            .enumerate()
-            .map(|(b, g)| ar.tensor(format!("block{} gradient", b + 1), Category::Scratch, n, g.c_final, g.h, g.w))
-            .collect();
-        let act_slot = ar.scratch("scratch: BN-ReLU outputs and gradients", act);
-        let mid_slot = ar.scratch("scratch: conv outputs", mid);
-        let mid2_slot = ar.scratch("scratch: bottleneck BN-ReLU gradients", mid2);
-
-        // Stem.
-        let c0 = cfg.stem_channels;
-        let first = blocks[0].channels(0, c0);
-        let stem = match cfg.stem {
-            Stem::Cifar => {
-                conv(ConvSpec::SAME3, 3, c0, h, w);
-                StemPlan {
-                    conv_out: first,
-                    out: first,
-                    g_out: grad_blocks[0].channels(0, c0),
-                    stats_out: block_stats[0],
-                    pool: None,
-                }
-            }
-            Stem::ImageNet => {
-                conv(ConvSpec::STEM7, 3, c0, h, w);
-                let conv_out = ar.tensor("stem conv output", Category::Activations, n, c0, sh, sw);
-                let bn_stats = ar.stats("stem statistics", c0);
-                let t = if keep_a {
-                    ar.tensor("stem BN-ReLU output", Category::Activations, n, c0, sh, sw)
-                } else {
-                    ar.slot(act_slot, "stem BN-ReLU output".into(), n, c0, sh, sw)
-                };
-                let g = ar.slot(mid_slot, "stem BN-ReLU output gradient".into(), n, c0, sh, sw);
-                StemPlan {
-                    conv_out,
-                    out: first,
-                    g_out: grad_blocks[0].channels(0, c0),
-                    stats_out: block_stats[0],
-                    pool: Some((bn_stats, t, g)),
-                }
-            }
-        };
-
-        let mut layers = Vec::new();
-        let mut transitions = Vec::new();
-        for (b, g) in geo.iter().enumerate() {
-            let (x, gx, st) = (blocks[b], grad_blocks[b], block_stats[b]);
-            let mut plans = Vec::new();
-            for (i, layer) in net.blocks[b].iter().enumerate() {
-                let c = layer.c_in;
-                let name = |what: &str| format!("block{}.layer.{i} {what}", b + 1);
-                let features = x.channels(0, c);
-                let input = if mode == Mode::Naive {
-                    ar.tensor(name("concatenated input"), Category::Activations, n, c, g.h, g.w)
-                } else {
-                    features
-                };
-                let a1 = if keep_a {
-                    ar.tensor(name("a1"), Category::Activations, n, c, g.h, g.w)
-                } else {
-                    ar.slot(act_slot, name("a1"), n, c, g.h, g.w)
-                };
-                let bottleneck = if cfg.bottleneck {
-                    conv(ConvSpec::POINTWISE, c, width, g.h, g.w);
-                    conv(ConvSpec::SAME3, width, k, g.h, g.w);
-                    let z = if mode.keeps_z() {
-                        ar.tensor(name("z"), Category::Activations, n, width, g.h, g.w)
-                    } else {
-                        ar.slot(mid_slot, name("z"), n, width, g.h, g.w)
-                    };
-                    let a2 = if keep_a {
-                        ar.tensor(name("a2"), Category::Activations, n, width, g.h, g.w)
-                    } else {
-                        ar.slot(mid2_slot, name("a2"), n, width, g.h, g.w)
-                    };
-                    Some(BottleneckPlan { z, a2, stats: ar.stats(name("bn2 statistics"), width) })
-                } else {
-                    conv(ConvSpec::SAME3, c, k, g.h, g.w);
-                    None
-                };
-                plans.push(LayerPlan {
-                    input,
-                    features,
-                    a1,
-                    bottleneck,
-                    out: x.channels(c, k),
-                    g_in: gx.channels(0, c),
-                    g_out: gx.channels(c, k),
-                    stats_in: st,
-                    stats_out: st.from(c),
-                });
-            }
-            layers.push(plans);
-            if let Some(t) = net.transitions.get(b) {
-                conv(ConvSpec::POINTWISE, t.c_in, t.c_out, g.h, g.w);
-                let name = |what: &str| format!("trans{} {what}", b + 1);
-                let (a, z) = if keep_a {
-                    (
-                        ar.tensor(name("a"), Category::Activations, n, t.c_in, g.h, g.w),
-                        ar.tensor(name("z"), Category::Activations, n, t.c_out, g.h, g.w),
-                    )
-                } else {
-                    (
-                        ar.slot(act_slot, name("a"), n, t.c_in, g.h, g.w),
-                        ar.slot(mid_slot, name("z"), n, t.c_out, g.h, g.w),
-                    )
-                };
-                transitions.push(TransitionPlan {
-                    input: x,
-                    a,
-                    z,
-                    out: blocks[b + 1].channels(0, t.c_out),
-                    g_in: gx,
-                    g_out: grad_blocks[b + 1].channels(0, t.c_out),
-                    stats_in: st,
-                    stats_out: block_stats[b + 1],
-                });
-            }
-        }
-
-        let last = geo.len() - 1;
-        let (gl, c) = (geo[last], geo[last].c_final);
-        let classes = cfg.num_classes;
-        let head = HeadPlan {
-            input: blocks[last],
-            a: if keep_a {
-                ar.tensor("head a", Category::Activations, n, c, gl.h, gl.w)
-            } else {
-                ar.slot(act_slot, "head a".into(), n, c, gl.h, gl.w)
-            },
-            g_in: grad_blocks[last],
-            stats_in: block_stats[last],
-            pooled: ar.take("pooled features", Category::Activations, n * c),
-            logits: ar.take("logits", Category::Activations, n * classes),
-            g_pooled: ar.take("pooled gradient", Category::Scratch, n * c),
-            g_logits: ar.take("logits gradient", Category::Scratch, n * classes),
-            result: ar.take("loss, correct count and non-finite flags", Category::Scratch, RESULT_LEN),
-        };
-        let ws = workspace_len(&convs)?;
-        let workspace = (ar.take("convolution workspace", Category::Workspace, ws), ws);
+        let need = Planner::new(cfg, net, &geo, batch, mode, [0; SLOTS]).pass(h, w).0.ar.need;
+        let (mut p, parts) = Planner::new(cfg, net, &geo, batch, mode, need).pass(h, w);
+        assert_eq!(p.ar.need, need, "the two passes of the layout disagree");
+        let ws = workspace_len(&p.convs)?;
+        let workspace = (p.ar.take("convolution workspace", Category::Workspace, ws), ws);
         Ok(Plan {
             mode,
             batch,
-            len: ar.top,
-            regions: ar.regions,
-            tags: ar.tags,
-            params,
-            grads,
-            momentum,
-            stats,
-            image,
-            stem,
-            layers,
-            transitions,
-            head,
+            len: p.ar.top,
+            regions: p.ar.regions,
+            tags: p.ar.tags,
+            params: parts.params,
+            grads: parts.grads,
+            momentum: parts.momentum,
+            stats: parts.stats,
+            image: parts.image,
+            stem: parts.stem,
+            layers: parts.layers,
+            transitions: parts.transitions,
+            head: parts.head,
             workspace,
-            convs,
+            convs: p.convs,
             label_bytes: batch * std::mem::size_of::<u32>(),
         })
     }
