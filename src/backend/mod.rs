@@ -391,6 +391,145 @@ pub trait Backend {
     fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize);
 }
 
+/// A boxed backend is a backend: the commands open one `Box<dyn Backend>` (CPU, host device or
+/// GPU) and are compiled once, not once per backend type. An op is a coarse call (a whole
+/// convolution, a BN over a block), so the virtual call costs nothing measurable. Every method
+/// forwards, the defaulted ones too.
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
+        (**self).workspace_len(convs, image_len, batch)
+    }
+    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
+        (**self).allocate(len, workspace, max_batch)
+    }
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        (**self).device_memory()
+    }
+    fn take_error(&self) -> Result<()> {
+        (**self).take_error()
+    }
+    fn step_begin(&mut self, key: u64) -> bool {
+        (**self).step_begin(key)
+    }
+    fn step_end(&mut self, key: u64) {
+        (**self).step_end(key)
+    }
+    fn graphs(&self) -> Option<String> {
+        (**self).graphs()
+    }
+    fn algorithm_record(&self) -> Option<String> {
+        (**self).algorithm_record()
+    }
+    fn reuse_algorithm_record(&mut self, record: &str) -> Result<usize> {
+        (**self).reuse_algorithm_record(record)
+    }
+    fn algorithm_searches(&self) -> usize {
+        (**self).algorithm_searches()
+    }
+    fn libraries(&self) -> Vec<Library> {
+        (**self).libraries()
+    }
+    fn write(&mut self, off: usize, data: &[f32]) {
+        (**self).write(off, data)
+    }
+    fn read_into(&self, off: usize, out: &mut [f32]) {
+        (**self).read_into(off, out)
+    }
+    fn read(&self, off: usize, len: usize) -> Vec<f32> {
+        (**self).read(off, len)
+    }
+    fn set_labels(&mut self, labels: &[u32]) {
+        (**self).set_labels(labels)
+    }
+    fn copy(&mut self, src: View, dst: View) {
+        (**self).copy(src, dst)
+    }
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
+        (**self).augment(bytes, crops, norm, dst)
+    }
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+        (**self).conv_forward(x, pre, w, y, spec)
+    }
+    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+        (**self).conv_backward_data(gy, w, gx, spec)
+    }
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+        (**self).conv_backward_filter(x, pre, gy, gw, spec)
+    }
+    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
+        (**self).bn_stats(x, mean, var)
+    }
+    fn bn_update_running(
+        &mut self,
+        mean: usize,
+        var: usize,
+        running_mean: usize,
+        running_var: usize,
+        c: usize,
+        count: usize,
+        momentum: f32,
+        flag: usize,
+    ) {
+        (**self).bn_update_running(mean, var, running_mean, running_var, c, count, momentum, flag)
+    }
+    fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
+        (**self).bn_relu(x, bn, y)
+    }
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+        (**self).bn_relu_backward(g, x, bn, dgamma, dbeta, dx, accumulate)
+    }
+    fn dropout(&mut self, x: View, p: f32, key: u64) {
+        (**self).dropout(x, p, key)
+    }
+    fn avg_pool2(&mut self, x: View, y: View) {
+        (**self).avg_pool2(x, y)
+    }
+    fn avg_pool2_backward(&mut self, gy: View, gx: View) {
+        (**self).avg_pool2_backward(gy, gx)
+    }
+    fn max_pool3(&mut self, x: View, y: View) {
+        (**self).max_pool3(x, y)
+    }
+    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
+        (**self).max_pool3_backward(x, gy, gx)
+    }
+    fn global_avg_pool(&mut self, x: View, y: usize) {
+        (**self).global_avg_pool(x, y)
+    }
+    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+        (**self).global_avg_pool_backward(gy, gx)
+    }
+    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
+        (**self).linear(x, w, b, y, n, cin, cout)
+    }
+    fn linear_backward(
+        &mut self,
+        x: usize,
+        w: usize,
+        gy: usize,
+        gx: usize,
+        gw: usize,
+        gb: usize,
+        n: usize,
+        cin: usize,
+        cout: usize,
+    ) {
+        (**self).linear_backward(x, w, gy, gx, gw, gb, n, cin, cout)
+    }
+    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
+        (**self).softmax_xent(logits, n, k, out, glogits)
+    }
+    fn set_sgd(&mut self, hp: Sgd) {
+        (**self).set_sgd(hp)
+    }
+    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize) {
+        (**self).sgd(params, grads, momentum, len, hp, flag)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Library;

@@ -1,13 +1,13 @@
 //! `densenet bench`: training steps on random data, planned and measured memory.
 
-use super::device::{self, with_backend};
+use super::device;
 use super::memory::{mib, plan_line};
 use crate::*;
 
 pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
     let cfg = a.net.config().map_err(usage)?;
     let (be, why) = a.device.open()?;
-    with_backend!(be, be => run(a, cfg, be, &why))
+    run(a, cfg, be, &why)
 }
 
 fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(), Failure> {

@@ -47,33 +47,24 @@ pub(crate) struct DeviceArgs {
     verbose: bool,
 }
 
-/// An opened backend.
-pub(crate) enum Opened {
-    /// The CPU backend.
-    Cpu(CpuBackend),
-    /// The CUDA backend on a GPU.
-    Gpu(CudaBackend<GpuExec>),
-    /// The CUDA backend on the host device.
-    Host(CudaBackend<HostExec>),
-}
-
 impl DeviceArgs {
     /// Opens the backend, and says why when `auto` chose it.
-    pub(crate) fn open(&self) -> Result<(Opened, String), Failure> {
-        fn cuda<E: Exec>(exec: E, graphs: bool) -> CudaBackend<E> {
+    pub(crate) fn open(&self) -> Result<(Box<dyn Backend>, String), Failure> {
+        fn cuda<E: Exec + 'static>(exec: E, graphs: bool) -> Box<dyn Backend> {
             let mut be = CudaBackend::new(exec);
             be.set_graphs(graphs);
-            be
+            Box::new(be)
         }
+        let cpu = || -> Box<dyn Backend> { Box::new(CpuBackend::new()) };
         let graphs = !self.no_graphs;
         Ok(match self.device {
-            Device::Cpu => (Opened::Cpu(CpuBackend::new()), String::new()),
-            Device::Host => (Opened::Host(cuda(HostExec::new(), graphs)), String::new()),
-            Device::Cuda(n) => (Opened::Gpu(cuda(GpuExec::new(n)?, graphs)), String::new()),
+            Device::Cpu => (cpu(), String::new()),
+            Device::Host => (cuda(HostExec::new(), graphs), String::new()),
+            Device::Cuda(n) => (cuda(GpuExec::new(n)?, graphs), String::new()),
             Device::Auto => match GpuExec::new(0) {
-                Ok(exec) => (Opened::Gpu(cuda(exec, graphs)), " (auto)".into()),
-                Err(e) if self.verbose => (Opened::Cpu(CpuBackend::new()), format!(" (auto, no usable GPU: {e})")),
-                Err(_) => (Opened::Cpu(CpuBackend::new()), " (auto: no usable GPU; -v says why)".into()),
+                Ok(exec) => (cuda(exec, graphs), " (auto)".into()),
+                Err(e) if self.verbose => (cpu(), format!(" (auto, no usable GPU: {e})")),
+                Err(_) => (cpu(), " (auto: no usable GPU; -v says why)".into()),
             },
         })
     }
@@ -83,15 +74,3 @@ impl DeviceArgs {
 pub(crate) fn line(backend: &impl Backend, why: &str) -> String {
     format!("Device: {}{why}", backend.describe())
 }
-
-/// Runs `$body` with `$be` bound to the backend in `$opened`, whichever type it has.
-macro_rules! with_backend {
-    ($opened:expr, $be:ident => $body:expr) => {
-        match $opened {
-            $crate::commands::device::Opened::Cpu($be) => $body,
-            $crate::commands::device::Opened::Gpu($be) => $body,
-            $crate::commands::device::Opened::Host($be) => $body,
-        }
-    };
-}
-pub(crate) use with_backend;

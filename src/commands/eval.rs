@@ -1,6 +1,6 @@
 //! `densenet eval`: a checkpoint on the test set.
 
-use super::device::{self, with_backend};
+use super::device;
 use crate::*;
 
 pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
@@ -21,7 +21,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<(), Failure> {
     let state = ck.state()?;
     // The checkpoint is read and checked before a device is opened.
     let (be, why) = a.device.open()?;
-    with_backend!(be, be => run(&a, &ck, dataset, &state, be, &why))
+    run(&a, &ck, dataset, &state, be, &why)
 }
 
 fn run<B: Backend>(

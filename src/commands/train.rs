@@ -1,7 +1,7 @@
 //! `densenet train`: the reference recipe with checkpoints, resume, initial weights and
 //! TensorBoard logs.
 
-use super::device::{self, with_backend};
+use super::device;
 use super::download::report_fetched;
 use super::memory::plan_line;
 use crate::*;
@@ -15,7 +15,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), Failure> {
     let run_dir = start.run_dir.clone();
     let (be, why) = a.device.open()?;
     catch_signals()?;
-    let done = with_backend!(be, be => run(&a, start, source, be, &why));
+    let done = run(&a, start, source, be, &why);
     match (done, stop::requested()) {
         (Err(_), Some(signal)) => Err(interrupted(signal, &run_dir)),
         (done, _) => done,
