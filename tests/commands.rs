@@ -256,6 +256,8 @@ fn bench_runs_the_cuda_backend_on_the_host_device() {
     // The device allocation is the plan, exactly.
     assert_eq!(j["device_allocated_bytes"], j["planned_peak_bytes"], "{j}");
     assert!(j["images_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    // Through the boxed backend the commands open, the recorded step is replayed.
+    assert_eq!(j["graphs"], "replayed", "{j}");
 }
 
 #[test]
