@@ -136,10 +136,10 @@ fn checks(a: &TrainArgs) -> Result<(Start, Source, RunLock), Failure> {
         // writes its own.
         _ => start.best_epoch = None,
     }
-    // Read before the lock was taken: refused if a process that held it wrote a later one.
+    // Read before the lock was taken: refused if a process that held it wrote a later one (a
+    // checkpoint is replaced whole, by a rename: a new size or time, not read again here).
     if let Some(r) = &start.resumed {
-        let (m, steps) = (Checkpoint::read(r)?.meta().clone(), start.state.as_ref().map(|s| s.steps));
-        if (m.epoch, Some(m.steps)) != (start.epoch, steps) {
+        if stamp(r) != start.stamp {
             return Err(failure(format!(
                 "{} changed while this run was starting (another process wrote it): run the command again",
                 r.display()
@@ -279,6 +279,8 @@ pub(crate) struct Start {
     state: Option<checkpoint::State>,
     /// The checkpoint file resumed from.
     resumed: Option<PathBuf>,
+    /// Its size and modification time before it was read.
+    stamp: Option<(u64, std::time::SystemTime)>,
     /// Lines saying where a resumed run's recipe came from and what changed, printed before
     /// training.
     notes: Vec<String>,
@@ -311,6 +313,7 @@ impl Start {
             best_epoch: None,
             state,
             resumed: None,
+            stamp: None,
             notes: Vec::new(),
         })
     }
@@ -322,6 +325,7 @@ impl Start {
         // A run directory stands for its checkpoint, or for its best one when a kill in its
         // first epoch left only that (it is written first, and is then the same file).
         let path = checkpoint::in_run_dir(path, checkpoint::CHECKPOINT);
+        let stamp = stamp(&path);
         let ck = Checkpoint::read(&path)?;
         // The whole file checked first: a damaged checkpoint is the first thing to know.
         let state = ck.state()?;
@@ -444,6 +448,7 @@ impl Start {
             best_epoch: m.best_epoch,
             state: Some(state),
             resumed: Some(path),
+            stamp,
             notes,
         })
     }
@@ -498,6 +503,12 @@ fn flags_over(a: &TrainArgs, stored: &Recipe) -> densenet::Result<Recipe> {
         seed: a.seed.unwrap_or(stored.seed),
         ..stored.clone()
     })
+}
+
+/// A file's size and modification time (`None` when they cannot be read).
+fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
 }
 
 /// Whether checkpoint file `resumed` lies in `run_dir`.

@@ -39,14 +39,22 @@ macro_rules! on_backends {
             fn cpu() {
                 super::$body(&densenet::backend::CpuBackend::new);
             }
-            #[test]
-            fn host() {
-                super::common::devices::on_host(|make| super::$body(make));
-            }
-            #[test]
-            fn gpu() {
-                super::common::devices::on_gpu(stringify!($name), |make| super::$body(make));
-            }
+            $crate::cuda_variants!($name, $body);
+        }
+    };
+}
+
+/// The `host` and `gpu` tests of `$body` in the module `$name` being declared.
+#[macro_export]
+macro_rules! cuda_variants {
+    ($name:ident, $body:ident) => {
+        #[test]
+        fn host() {
+            super::common::devices::on_host(|make| super::$body(make));
+        }
+        #[test]
+        fn gpu() {
+            super::common::devices::on_gpu(stringify!($name), |make| super::$body(make));
         }
     };
 }
@@ -57,14 +65,7 @@ macro_rules! on_backends {
 macro_rules! on_devices {
     ($name:ident, $body:ident) => {
         mod $name {
-            #[test]
-            fn host() {
-                super::common::devices::on_host(|make| super::$body(make));
-            }
-            #[test]
-            fn gpu() {
-                super::common::devices::on_gpu(stringify!($name), |make| super::$body(make));
-            }
+            $crate::cuda_variants!($name, $body);
         }
     };
 }
