@@ -10,7 +10,7 @@
 mod common;
 
 use densenet::backend::cuda::{AlgorithmFamily, CudaBackend, GpuExec};
-use densenet::backend::{Backend, ConvShape, ConvSpec, CpuBackend, View};
+use densenet::backend::{Backend, ConvShape, ConvSpec, CpuBackend, Span, View};
 use densenet::rng;
 
 /// Largest relative error (in norm) any backend may show here: the whole-step tests' tolerance.
@@ -81,25 +81,28 @@ fn errors(label: &str, make: &mut dyn FnMut() -> Box<dyn Backend>) -> Vec<(Strin
         let gy: Vec<f32> = (0..yl).map(|i| rng::normal(seed + 2, i as u64) as f32).collect();
         let want = reference(spec, (cin, cout, h, w), &x, &wt, &gy);
         // One dense layout: x, y, gy, gx, w, gw, then the workspace.
-        let (ox, oy, ogy, ogx, ow_, ogw) = (0, xl, xl + yl, xl + 2 * yl, 2 * xl + 2 * yl, 2 * xl + 2 * yl + wl);
-        let len = ogw + wl;
+        let mut top = 0;
+        let mut take = |len: usize| {
+            top += 4 * len;
+            Span::f32(top - 4 * len, len)
+        };
+        let (sx, sy, sgy, sgx, sw, sgw) = (take(xl), take(yl), take(yl), take(xl), take(wl), take(wl));
         let mut be = make();
         let ws = be.workspace_len(&[ConvShape { spec, cin, cout, h, w }], 0, N).unwrap();
-        be.allocate(len + ws, (len, ws), N).unwrap();
-        be.write(ox, &x);
-        be.write(ow_, &wt);
-        be.write(ogy, &gy);
-        let (xv, yv) = (View::dense(ox, N, cin, h, w), View::dense(oy, N, cout, oh, ow));
-        be.conv_forward(xv, None, ow_, yv, spec);
-        be.conv_backward_data(View::dense(ogy, N, cout, oh, ow), ow_, View::dense(ogx, N, cin, h, w), spec);
-        be.conv_backward_filter(xv, None, View::dense(ogy, N, cout, oh, ow), ogw, spec);
+        be.allocate(top + ws, Span::f32(top, ws / 4), N).unwrap();
+        be.write(sx, &x);
+        be.write(sw, &wt);
+        be.write(sgy, &gy);
+        let (xv, yv) = (View::dense(sx.off, N, cin, h, w), View::dense(sy.off, N, cout, oh, ow));
+        let (gyv, gxv) = (View::dense(sgy.off, N, cout, oh, ow), View::dense(sgx.off, N, cin, h, w));
+        be.conv_forward(xv, None, sw, yv, spec);
+        be.conv_backward_data(gyv, sw, gxv, spec);
+        be.conv_backward_filter(xv, None, gyv, sgw, spec);
         be.take_error().unwrap_or_else(|e| panic!("{label} {name}: {e}"));
-        for (dir, (off, n), want) in [
-            ("forward", (oy, yl), &want[0]),
-            ("backward-data", (ogx, xl), &want[1]),
-            ("backward-filter", (ogw, wl), &want[2]),
-        ] {
-            let got = be.read(off, n);
+        for (dir, span, want) in
+            [("forward", sy, &want[0]), ("backward-data", sgx, &want[1]), ("backward-filter", sgw, &want[2])]
+        {
+            let got = be.read(span);
             let d: f64 = got.iter().zip(want).map(|(&g, &r)| (g as f64 - r).powi(2)).sum();
             let r: f64 = want.iter().map(|r| r * r).sum();
             let norm = (d / r).sqrt();

@@ -9,7 +9,7 @@
 mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
-use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
+use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, Moments, Sgd, Span, View};
 use densenet::data::augment::normalization;
 use densenet::data::cifar::Dataset;
 use densenet::input::Crop;
@@ -38,24 +38,24 @@ impl<E: Exec> Twin<E> {
         let mut dev = make();
         for be in [&mut cpu as &mut dyn Backend, &mut dev] {
             let ws = be.workspace_len(convs, IMAGE_LEN, batch).unwrap();
-            be.allocate(len + ws, (len, ws), batch).unwrap();
+            be.allocate(4 * len + ws, Span::f32(4 * len, ws / 4), batch).unwrap();
         }
         let mut t = Twin { cpu, dev, len, seed: 1 };
         let data: Vec<f32> = (0..len).map(|i| rng::normal(len as u64, i as u64) as f32).collect();
-        t.write(0, &data);
+        t.write(Span::f32(0, len), &data);
         t
     }
 
-    fn write(&mut self, off: usize, data: &[f32]) {
-        self.cpu.write(off, data);
-        self.dev.write(off, data);
+    fn write(&mut self, dst: Span, data: &[f32]) {
+        self.cpu.write(dst, data);
+        self.dev.write(dst, data);
     }
 
-    /// Positive values (variances) at `off`.
-    fn positive(&mut self, off: usize, len: usize) {
+    /// Positive values (variances) in `dst`.
+    fn positive(&mut self, dst: Span) {
         self.seed += 1;
-        let v: Vec<f32> = (0..len).map(|i| 0.2 + rng::uniform(self.seed, i as u64)).collect();
-        self.write(off, &v);
+        let v: Vec<f32> = (0..dst.len).map(|i| 0.2 + rng::uniform(self.seed, i as u64)).collect();
+        self.write(dst, &v);
     }
 
     /// Runs `op` on both backends and compares their whole data region.
@@ -63,7 +63,8 @@ impl<E: Exec> Twin<E> {
         op(&mut self.cpu);
         op(&mut self.dev);
         self.dev.take_error().unwrap_or_else(|e| panic!("{what}: {e}"));
-        let (a, b) = (self.dev.read(0, self.len), self.cpu.read(0, self.len));
+        let all = Span::f32(0, self.len);
+        let (a, b) = (self.dev.read(all), self.cpu.read(all));
         let mut worst = (0.0f32, 0);
         for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
             let e = (x - y).abs() / y.abs().max(FLOOR);
@@ -83,17 +84,25 @@ struct Layout {
 }
 
 impl Layout {
-    fn take(&mut self, len: usize) -> usize {
-        self.len += len + 3; // odd gaps: nothing may rely on alignment
-        self.len - len
+    fn take(&mut self, len: usize) -> Span {
+        self.len += len + 3; // odd gaps: nothing may rely on more than the element's alignment
+        Span::f32(4 * (self.len - len), len)
     }
 
     fn slice(&mut self, n: usize, c: usize, h: usize, w: usize) -> View {
-        View::dense(self.take(n * (c + 3) * h * w), n, c + 3, h, w).channels(2, c)
+        View::dense(self.take(n * (c + 3) * h * w).off, n, c + 3, h, w).channels(2, c)
+    }
+
+    fn moments(&mut self, c: usize) -> Moments {
+        Moments { mean: self.take(c), var: self.take(c) }
+    }
+
+    fn affine(&mut self, c: usize) -> Affine {
+        Affine { gamma: self.take(c), beta: self.take(c) }
     }
 
     fn bn(&mut self, c: usize) -> Bn {
-        Bn { mean: self.take(c), var: self.take(c), gamma: self.take(c), beta: self.take(c) }
+        Bn { stats: self.moments(c), affine: self.affine(c) }
     }
 }
 
@@ -118,7 +127,7 @@ fn convolutions<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let (wt, gw, bn) = (l.take(cout * cin * spec.k * spec.k), l.take(cout * cin * spec.k * spec.k), l.bn(cin));
         let shape = ConvShape { spec, cin, cout, h, w };
         let mut t = Twin::new(make, l.len, &[shape], n);
-        t.positive(bn.var, cin);
+        t.positive(bn.stats.var);
         let at = format!("{spec:?} n{n} {cin}->{cout} {h}x{w}");
         for pre in [None, Some(bn)] {
             t.run(&format!("conv_forward {at} pre {}", pre.is_some()), |be| be.conv_forward(x, pre, wt, y, spec));
@@ -135,28 +144,26 @@ fn batch_norm<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     for (n, c, h, w) in SHAPES {
         let mut l = Layout::default();
         let (x, y, g) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w));
-        let (bn, running, dgamma, dbeta, flag) = (l.bn(c), l.bn(c), l.take(c), l.take(c), l.take(1));
+        let (bn, running, grad, flag) = (l.bn(c), l.moments(c), l.affine(c), l.take(1));
         let mut t = Twin::new(make, l.len, &[], n);
-        t.positive(running.var, c);
+        t.positive(running.var);
         let at = format!("n{n} c{c} {h}x{w}");
-        t.run(&format!("bn_stats {at}"), |be| be.bn_stats(x, bn.mean, bn.var));
-        t.run(&format!("bn_update_running {at}"), |be| {
-            be.bn_update_running(bn.mean, bn.var, running.mean, running.var, c, n * h * w, 0.1, flag)
-        });
+        t.run(&format!("bn_stats {at}"), |be| be.bn_stats(x, bn.stats));
+        t.run(&format!("bn_update_running {at}"), |be| be.bn_update_running(bn.stats, running, n * h * w, 0.1, flag));
         // A statistic that is not finite raises the flag on both.
         t.write(flag, &[0.0]);
-        t.write(bn.var, &[f32::INFINITY]);
+        t.write(bn.stats.var.at(0, 1), &[f32::INFINITY]);
         t.run(&format!("bn_update_running {at}, infinite variance"), |be| {
-            be.bn_update_running(bn.mean, bn.var, running.mean, running.var, c, n * h * w, 0.1, flag)
+            be.bn_update_running(bn.stats, running, n * h * w, 0.1, flag)
         });
-        t.positive(bn.var, c);
+        t.positive(bn.stats.var);
         t.run(&format!("bn_relu {at}"), |be| be.bn_relu(x, bn, y));
         for accumulate in [false, true] {
             t.run(&format!("bn_relu_backward {at} accumulate {accumulate}"), |be| {
-                be.bn_relu_backward(g, x, bn, dgamma, dbeta, y, accumulate)
+                be.bn_relu_backward(g, x, bn, grad, y, accumulate)
             });
         }
-        t.run(&format!("bn_relu_backward {at} in place"), |be| be.bn_relu_backward(g, x, bn, dgamma, dbeta, g, false));
+        t.run(&format!("bn_relu_backward {at} in place"), |be| be.bn_relu_backward(g, x, bn, grad, g, false));
     }
 }
 on_devices!(batch_norm_matches_the_cpu, batch_norm);
@@ -166,26 +173,20 @@ fn elementwise<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let mut l = Layout::default();
         let (x, y) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
         let len = 1000 + n * c * h * w;
-        let (p, g, m, flag) = (l.take(len), l.take(len), l.take(len), l.take(1));
+        let (p, g, m, flag, settings) = (l.take(len), l.take(len), l.take(len), l.take(1), l.take(Sgd::LEN));
         let mut t = Twin::new(make, l.len, &[], n);
         let at = format!("n{n} c{c} {h}x{w}");
         t.run(&format!("copy {at}"), |be| be.copy(x, y));
         t.run(&format!("dropout {at}"), |be| be.dropout(x, 0.3, 0xfeed + n as u64));
         for nesterov in [true, false] {
-            let hp = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3, nesterov };
-            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| {
-                be.set_sgd(hp);
-                be.sgd(p, g, m, len, hp, flag)
-            });
+            t.write(settings, &Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3, nesterov }.floats());
+            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| be.sgd(p, g, m, settings, flag));
         }
         // A NaN gradient raises the flag on both, and makes the same parameters NaN.
         t.write(flag, &[0.0]);
-        t.write(g + len / 2, &[f32::NAN]);
-        let hp = Sgd::default();
-        t.run(&format!("sgd {len} with a NaN gradient"), |be| {
-            be.set_sgd(hp);
-            be.sgd(p, g, m, len, hp, flag)
-        });
+        t.write(g.at(len / 2, 1), &[f32::NAN]);
+        t.write(settings, &Sgd::default().floats());
+        t.run(&format!("sgd {len} with a NaN gradient"), |be| be.sgd(p, g, m, settings, flag));
     }
 }
 on_devices!(elementwise_ops_match_the_cpu, elementwise);
@@ -197,7 +198,7 @@ fn pooling<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let (a, ga, gx) = (l.slice(n, c, h / 2, w / 2), l.slice(n, c, h / 2, w / 2), l.slice(n, c, h, w));
         let (mh, mw) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
         let (m, gm) = (l.slice(n, c, mh, mw), l.slice(n, c, mh, mw));
-        let (pooled, gp) = (l.take(n * c), l.take(n * c));
+        let (pooled, gp) = (l.take(n * c).matrix(n, c), l.take(n * c).matrix(n, c));
         let mut t = Twin::new(make, l.len, &[], n);
         let at = format!("n{n} c{c} {h}x{w}");
         t.run(&format!("avg_pool2 {at}"), |be| be.avg_pool2(x, a));
@@ -213,16 +214,17 @@ on_devices!(pooling_matches_the_cpu, pooling);
 fn head<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     for (n, cin, k) in [(1, 7, 3), (3, 33, 10), (300, 5, 100)] {
         let mut l = Layout::default();
-        let (x, w, b, y) = (l.take(n * cin), l.take(k * cin), l.take(k), l.take(n * k));
-        let (gx, gw, gb, gy, out) = (l.take(n * cin), l.take(k * cin), l.take(k), l.take(n * k), l.take(2));
+        let mut mat = |rows: usize, cols: usize| l.take(rows * cols).matrix(rows, cols);
+        let (x, w, y, gx, gw, gy) = (mat(n, cin), mat(k, cin), mat(n, k), mat(n, cin), mat(k, cin), mat(n, k));
+        let (b, gb, out) = (l.take(k), l.take(k), l.take(2));
         let mut t = Twin::new(make, l.len, &[], n);
         let labels: Vec<u32> = (0..n).map(|i| (rng::mix64(i as u64) % k as u64) as u32).collect();
         t.cpu.set_labels(&labels);
         t.dev.set_labels(&labels);
         let at = format!("n{n} {cin}->{k}");
-        t.run(&format!("linear {at}"), |be| be.linear(x, w, b, y, n, cin, k));
-        t.run(&format!("linear_backward {at}"), |be| be.linear_backward(x, w, gy, gx, gw, gb, n, cin, k));
-        t.run(&format!("softmax_xent {at}"), |be| be.softmax_xent(y, n, k, out, gy));
+        t.run(&format!("linear {at}"), |be| be.linear(x, w, b, y));
+        t.run(&format!("linear_backward {at}"), |be| be.linear_backward(x, w, gy, gx, gw, gb));
+        t.run(&format!("softmax_xent {at}"), |be| be.softmax_xent(y, out, gy));
     }
 }
 on_devices!(head_matches_the_cpu, head);
@@ -231,7 +233,7 @@ fn input_batch<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
     // CIFAR's 32 x 32, and images that are neither square nor CIFAR-sized.
     for (n, h, w) in [(1, 32, 32), (5, 32, 32), (3, 12, 20)] {
         let mut l = Layout::default();
-        let dst = View::dense(l.take(n * 3 * h * w), n, 3, h, w);
+        let dst = View::dense(l.take(n * 3 * h * w).off, n, 3, h, w);
         let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h, w }], n);
         let bytes: Vec<u8> = (0..n * 3 * h * w).map(|i| rng::mix64(i as u64) as u8).collect();
         // Windows in every corner and the center, mirrored or not.

@@ -7,7 +7,7 @@
 mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
-use densenet::backend::{Backend, ConvSpec, Sgd, View};
+use densenet::backend::{Backend, ConvSpec, Sgd, Span, View};
 use densenet::config::NetConfig;
 use densenet::model::plan::Mode;
 use densenet::model::Model;
@@ -180,35 +180,28 @@ impl Exec for NoGraphs {
     fn conv_workspace_len(&mut self, convs: &[densenet::backend::ConvShape], batch: usize) -> densenet::Result<usize> {
         self.0.conv_workspace_len(convs, batch)
     }
-    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> densenet::Result<()> {
+    fn allocate(&mut self, len: usize, conv_ws: Span) -> densenet::Result<()> {
         self.0.allocate(len, conv_ws)
     }
     fn memory(&self) -> densenet::backend::DeviceMemory {
         self.0.memory()
     }
-    fn write(&mut self, off: usize, data: &[u32]) -> densenet::Result<()> {
+    fn write(&mut self, off: usize, data: &[u8]) -> densenet::Result<()> {
         self.0.write(off, data)
     }
-    fn read_into(&self, off: usize, out: &mut [u32]) -> densenet::Result<()> {
+    fn read_into(&self, off: usize, out: &mut [u8]) -> densenet::Result<()> {
         self.0.read_into(off, out)
     }
     fn launch(&mut self, launch: &densenet::backend::cuda::Launch) -> densenet::Result<()> {
         self.0.launch(launch)
     }
-    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> densenet::Result<()> {
+    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> densenet::Result<()> {
         self.0.conv_forward(x, w, y, spec)
     }
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> densenet::Result<()> {
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> densenet::Result<()> {
         self.0.conv_backward_data(gy, w, gx, spec)
     }
-    fn conv_backward_filter(
-        &mut self,
-        x: View,
-        gy: View,
-        gw: usize,
-        spec: ConvSpec,
-        acc: bool,
-    ) -> densenet::Result<()> {
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, acc: bool) -> densenet::Result<()> {
         self.0.conv_backward_filter(x, gy, gw, spec, acc)
     }
     fn capture_begin(&mut self) -> densenet::Result<()> {
@@ -271,7 +264,7 @@ fn algorithm_record_is_reused_across_processes() {
         println!(
             "record: taken {taken} searches {} workspace {} loss {:08x}",
             m.backend().algorithm_searches(),
-            m.plan().workspace.1,
+            m.plan().workspace.len,
             loss.to_bits()
         );
         return;

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use densenet::backend::cuda::{host_launch, host_launch_timeout, Arg, Launch};
+use densenet::backend::Span;
 
 fn run(
     arena: &mut [u32],
@@ -38,7 +39,7 @@ fn error(
 }
 
 fn buf(off: usize, len: usize) -> Arg {
-    Arg::Buf { off, len }
+    Arg::Buf(Span::f32(4 * off, len))
 }
 
 fn floats(arena: &[u32]) -> Vec<f32> {
@@ -445,7 +446,7 @@ fn arguments_must_match_the_kernel() {
         [256, 1, 1],
         1024,
         &[buf(0, 256), buf(256, 45), Arg::I32(1)],
-        &["argument 1", "outside the arena of 300 words"],
+        &["argument 1", "outside the arena of 1200 bytes"],
     );
     error(
         &mut arena,

@@ -14,7 +14,7 @@
 mod common;
 
 use common::norm_rel;
-use densenet::backend::{Backend, Bn, ConvShape, ConvSpec, CpuBackend, Sgd, View};
+use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, Matrix, Moments, Sgd, Span, View};
 use densenet::rng;
 
 /// Forward-vs-reference tolerance (`rel_inf`).
@@ -36,18 +36,30 @@ struct Layout {
 }
 
 impl Layout {
-    /// Starts at an odd offset so that nothing can rely on offset 0.
+    /// Starts at an odd element so that nothing can rely on offset 0 (or on more than the
+    /// element's alignment).
     fn new() -> Layout {
         Layout { len: 13 }
     }
 
-    fn take(&mut self, len: usize) -> usize {
+    /// The next `len` floats.
+    fn take(&mut self, len: usize) -> Span {
         self.len += len;
-        self.len - len
+        Span::f32(4 * (self.len - len), len)
     }
 
     fn dense(&mut self, n: usize, c: usize, h: usize, w: usize) -> View {
-        View::dense(self.take(n * c * h * w), n, c, h, w)
+        View::dense(self.take(n * c * h * w).off, n, c, h, w)
+    }
+
+    /// Mean and variance of `c` channels.
+    fn moments(&mut self, c: usize) -> Moments {
+        Moments { mean: self.take(c), var: self.take(c) }
+    }
+
+    /// Scale and shift (or their gradients) of `c` channels.
+    fn affine(&mut self, c: usize) -> Affine {
+        Affine { gamma: self.take(c), beta: self.take(c) }
     }
 
     /// Channels `[PRE, PRE + c)` of a fresh `[n, PRE + c + POST, h, w]` buffer.
@@ -58,34 +70,38 @@ impl Layout {
     /// A backend over this layout plus the workspace for `convs`, every float set to NaN.
     fn backend(self, convs: &[ConvShape], max_batch: usize) -> CpuBackend {
         let mut be = CpuBackend::new();
-        let ws = be.workspace_len(convs, 0, max_batch).unwrap();
-        be.allocate(self.len + ws, (self.len, ws), max_batch).unwrap();
-        be.write(0, &vec![f32::NAN; self.len + ws]);
+        let ws = be.workspace_len(convs, 0, max_batch).unwrap() / 4;
+        be.allocate(4 * (self.len + ws), Span::f32(4 * self.len, ws), max_batch).unwrap();
+        be.write(Span::f32(0, self.len + ws), &vec![f32::NAN; self.len + ws]);
         be
     }
 }
 
 /// The buffer a [`Layout::slice`] view was cut from.
 fn parent(v: View) -> View {
-    View { off: v.off - PRE * v.hw(), c: PRE + v.c + POST, ..v }
+    View { off: v.off - 4 * PRE * v.hw(), c: PRE + v.c + POST, ..v }
 }
 
-/// Arena offsets of a view's elements, in logical NCHW order.
-fn offsets(v: View) -> Vec<usize> {
-    let per = v.c * v.hw();
-    (0..v.numel()).map(|i| v.off + i / per * v.img_stride + i % per).collect()
+/// A view's elements, one span each, in logical NCHW order.
+fn offsets(v: View) -> Vec<Span> {
+    (0..v.n).flat_map(|n| each(v.image(n))).collect()
+}
+
+/// A span's elements, one span each.
+fn each(s: Span) -> Vec<Span> {
+    (0..s.len).map(|i| s.at(i, 1)).collect()
 }
 
 /// A view's elements, dense NCHW.
 fn gather(be: &CpuBackend, v: View) -> Vec<f32> {
-    (0..v.n).flat_map(|n| be.read(v.off + n * v.img_stride, v.c * v.hw())).collect()
+    (0..v.n).flat_map(|n| be.read(v.image(n))).collect()
 }
 
 /// Writes dense NCHW `data` into a view.
 fn scatter(be: &mut CpuBackend, v: View, data: &[f32]) {
     assert_eq!(data.len(), v.numel());
     for (n, image) in data.chunks(v.c * v.hw()).enumerate() {
-        be.write(v.off + n * v.img_stride, image);
+        be.write(v.image(n), image);
     }
 }
 
@@ -139,7 +155,7 @@ fn assert_ref(what: &str, got: &[f32], want: &[f64]) {
 fn check_fd(
     what: &str,
     be: &mut CpuBackend,
-    offs: &[usize],
+    offs: &[Span],
     grad: &[f32],
     eps: f32,
     skip: impl Fn(usize) -> bool,
@@ -148,7 +164,7 @@ fn check_fd(
     assert_eq!(offs.len(), grad.len(), "{what}: gradient length");
     let (mut fd, mut an) = (Vec::new(), Vec::new());
     for (i, &off) in offs.iter().enumerate().filter(|&(i, _)| !skip(i)) {
-        let x0 = be.read(off, 1)[0];
+        let x0 = be.read(off)[0];
         let (hi, lo) = (x0 + eps, x0 - eps);
         be.write(off, &[hi]);
         let up = loss(be);
@@ -193,9 +209,8 @@ struct Conv {
     y: View,
     gy: View,
     gx: View,
-    w: usize,
-    gw: usize,
-    wlen: usize,
+    w: Span,
+    gw: Span,
 }
 
 impl Conv {
@@ -211,7 +226,7 @@ impl Conv {
         scatter(&mut be, x, &randn(1, x.numel()));
         scatter(&mut be, gy, &randn(2, gy.numel()));
         be.write(wt, &randn(3, wlen));
-        (be, Conv { spec, x, y, gy, gx, w: wt, gw, wlen })
+        (be, Conv { spec, x, y, gy, gx, w: wt, gw })
     }
 
     fn name(&self) -> String {
@@ -262,7 +277,7 @@ fn conv_forward_matches_naive_and_writes_only_its_channel_slice() {
         let (mut be, c) = Conv::new(case);
         fence(&mut be, c.y);
         be.conv_forward(c.x, None, c.w, c.y, c.spec);
-        let want = naive_conv(&gather(&be, c.x), c.x, &be.read(c.w, c.wlen), c.y.c, c.spec);
+        let want = naive_conv(&gather(&be, c.x), c.x, &be.read(c.w), c.y.c, c.spec);
         assert_ref(&c.name(), &gather(&be, c.y), &want);
         assert_fenced(&be, c.y, &c.name());
     }
@@ -285,9 +300,8 @@ fn conv_backward_filter_matches_finite_differences() {
     for case in CONVS {
         let (mut be, c) = Conv::new(case);
         be.conv_backward_filter(c.x, None, c.gy, c.gw, c.spec);
-        let grad = be.read(c.gw, c.wlen);
-        let offs: Vec<usize> = (c.w..c.w + c.wlen).collect();
-        check_fd(&c.name(), &mut be, &offs, &grad, 1e-2, |_| false, |be| c.loss(be));
+        let grad = be.read(c.gw);
+        check_fd(&c.name(), &mut be, &each(c.w), &grad, 1e-2, |_| false, |be| c.loss(be));
     }
 }
 
@@ -302,14 +316,14 @@ fn conv_with_fused_bn_relu_equals_bn_relu_then_conv() {
         let (y1, y2, gy) = (l.slice(n, cout, ho, wo), l.slice(n, cout, ho, wo), l.slice(n, cout, ho, wo));
         let wlen = cout * cin * spec.k * spec.k;
         let (wt, gw1, gw2) = (l.take(wlen), l.take(wlen), l.take(wlen));
-        let bn = Bn { mean: l.take(cin), var: l.take(cin), gamma: l.take(cin), beta: l.take(cin) };
+        let bn = Bn { stats: l.moments(cin), affine: l.affine(cin) };
         let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w }], n);
         scatter(&mut be, x, &randn(1, x.numel()));
         scatter(&mut be, gy, &randn(2, gy.numel()));
         be.write(wt, &randn(3, wlen));
-        be.write(bn.gamma, &randn(4, cin).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
-        be.write(bn.beta, &randn(5, cin).iter().map(|v| 0.3 * v).collect::<Vec<_>>());
-        be.bn_stats(x, bn.mean, bn.var);
+        be.write(bn.affine.gamma, &randn(4, cin).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+        be.write(bn.affine.beta, &randn(5, cin).iter().map(|v| 0.3 * v).collect::<Vec<_>>());
+        be.bn_stats(x, bn.stats);
         be.bn_relu(x, bn, a);
         let name = format!("{:?} cin {cin} cout {cout} {h}x{w}", spec);
         be.conv_forward(x, Some(bn), wt, y1, spec);
@@ -317,7 +331,7 @@ fn conv_with_fused_bn_relu_equals_bn_relu_then_conv() {
         assert_eq!(gather(&be, y1), gather(&be, y2), "{name}: fused forward");
         be.conv_backward_filter(x, Some(bn), gy, gw1, spec);
         be.conv_backward_filter(a, None, gy, gw2, spec);
-        assert_eq!(be.read(gw1, wlen), be.read(gw2, wlen), "{name}: fused weight gradient");
+        assert_eq!(be.read(gw1), be.read(gw2), "{name}: fused weight gradient");
     }
 }
 
@@ -335,28 +349,26 @@ struct BnCase {
     g: View,
     dx: View,
     bn: Bn,
-    dgamma: usize,
-    dbeta: usize,
+    grad: Affine,
 }
 
 impl BnCase {
     fn new((n, c, h, w): Shape) -> (CpuBackend, BnCase) {
         let mut l = Layout::new();
         let (x, y, g, dx) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w));
-        let bn = Bn { mean: l.take(c), var: l.take(c), gamma: l.take(c), beta: l.take(c) };
-        let (dgamma, dbeta) = (l.take(c), l.take(c));
+        let (bn, grad) = (Bn { stats: l.moments(c), affine: l.affine(c) }, l.affine(c));
         let mut be = l.backend(&[], n);
         let affine = |seed, a: f32, b: f32, len| randn(seed, len).iter().map(|v| a + b * v).collect::<Vec<_>>();
         scatter(&mut be, x, &affine(4, 0.5, 2.0, x.numel()));
         scatter(&mut be, g, &randn(5, g.numel()));
-        be.write(bn.gamma, &affine(6, 1.0, 0.5, c));
-        be.write(bn.beta, &affine(7, 0.0, 0.3, c));
-        (be, BnCase { x, y, g, dx, bn, dgamma, dbeta })
+        be.write(bn.affine.gamma, &affine(6, 1.0, 0.5, c));
+        be.write(bn.affine.beta, &affine(7, 0.0, 0.3, c));
+        (be, BnCase { x, y, g, dx, bn, grad })
     }
 
     /// `sum(g * relu(bn(x)))` with the batch statistics of `x` itself.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
-        be.bn_stats(self.x, self.bn.mean, self.bn.var);
+        be.bn_stats(self.x, self.bn.stats);
         be.bn_relu(self.x, self.bn, self.y);
         dot(&gather(be, self.g), &gather(be, self.y))
     }
@@ -389,10 +401,10 @@ fn to_f64(v: &[f32]) -> Vec<f64> {
 fn bn_stats_matches_mean_and_biased_variance() {
     for shape in BNS {
         let (mut be, b) = BnCase::new(shape);
-        be.bn_stats(b.x, b.bn.mean, b.bn.var);
+        be.bn_stats(b.x, b.bn.stats);
         let (mean, var) = naive_stats(&gather(&be, b.x), b.x);
-        assert_ref("bn_stats mean", &be.read(b.bn.mean, b.x.c), &mean);
-        assert_ref("bn_stats var", &be.read(b.bn.var, b.x.c), &var);
+        assert_ref("bn_stats mean", &be.read(b.bn.stats.mean), &mean);
+        assert_ref("bn_stats var", &be.read(b.bn.stats.var), &var);
     }
 }
 
@@ -402,11 +414,11 @@ fn bn_relu_matches_formula_and_writes_only_its_channel_slice() {
         let (mut be, b) = BnCase::new(shape);
         let c = b.x.c;
         let (mean, var) = (randn(8, c), (0..c).map(|i| 0.1 + rng::uniform(9, i as u64)).collect::<Vec<_>>());
-        be.write(b.bn.mean, &mean);
-        be.write(b.bn.var, &var);
+        be.write(b.bn.stats.mean, &mean);
+        be.write(b.bn.stats.var, &var);
         fence(&mut be, b.y);
         be.bn_relu(b.x, b.bn, b.y);
-        let (gamma, beta) = (be.read(b.bn.gamma, c), be.read(b.bn.beta, c));
+        let (gamma, beta) = (be.read(b.bn.affine.gamma), be.read(b.bn.affine.beta));
         let want: Vec<f64> = gather(&be, b.x)
             .iter()
             .enumerate()
@@ -426,19 +438,18 @@ fn bn_relu_backward_matches_finite_differences_through_batch_statistics() {
     const EPS: f32 = 1e-3;
     for shape in BNS {
         let (mut be, b) = BnCase::new(shape);
-        let c = b.x.c;
-        be.bn_stats(b.x, b.bn.mean, b.bn.var);
+        be.bn_stats(b.x, b.bn.stats);
         fence(&mut be, b.dx);
-        be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, false);
+        be.bn_relu_backward(b.g, b.x, b.bn, b.grad, b.dx, false);
         assert_fenced(&be, b.dx, "bn_relu_backward");
-        let (dx, dgamma, dbeta) = (gather(&be, b.dx), be.read(b.dgamma, c), be.read(b.dbeta, c));
+        let (dx, dgamma, dbeta) = (gather(&be, b.dx), be.read(b.grad.gamma), be.read(b.grad.beta));
 
         // Perturbations that move a pre-activation across the ReLU kink are skipped: x_i moves
         // pre_i by about eps * gamma / std; gamma_c moves every pre_i of channel c by
         // eps * xhat_i, beta_c by eps.
         let xs = gather(&be, b.x);
         let (mean, var) = naive_stats(&xs, b.x);
-        let (gamma, beta) = (to_f64(&be.read(b.bn.gamma, c)), to_f64(&be.read(b.bn.beta, c)));
+        let (gamma, beta) = (to_f64(&be.read(b.bn.affine.gamma)), to_f64(&be.read(b.bn.affine.beta)));
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
         let chan = |i| channel(b.x, i);
         let xhat: Vec<f64> =
@@ -449,12 +460,11 @@ fn bn_relu_backward_matches_finite_differences_through_batch_statistics() {
         let skip_gamma = |ch| (0..xs.len()).any(|i| chan(i) == ch && pre[i].abs() < 2.0 * eps * xhat[i].abs());
         let skip_beta = |ch| (0..xs.len()).any(|i| chan(i) == ch && pre[i].abs() < 2.0 * eps);
 
-        let params = |off| (off..off + c).collect::<Vec<_>>();
         let skips: [&dyn Fn(usize) -> bool; 3] = [&skip_x, &skip_gamma, &skip_beta];
         let checks = [
             ("bn dx", offsets(b.x), dx),
-            ("bn dgamma", params(b.bn.gamma), dgamma),
-            ("bn dbeta", params(b.bn.beta), dbeta),
+            ("bn dgamma", each(b.bn.affine.gamma), dgamma),
+            ("bn dbeta", each(b.bn.affine.beta), dbeta),
         ];
         for ((what, offs, grad), skip) in checks.into_iter().zip(skips) {
             check_fd(what, &mut be, &offs, &grad, EPS, skip, |be| b.loss(be));
@@ -465,30 +475,29 @@ fn bn_relu_backward_matches_finite_differences_through_batch_statistics() {
 #[test]
 fn bn_relu_backward_accumulates_and_runs_in_place() {
     let (mut be, b) = BnCase::new(BNS[1]);
-    let c = b.x.c;
-    be.bn_stats(b.x, b.bn.mean, b.bn.var);
-    be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, false);
-    let (dx, dgamma, dbeta) = (gather(&be, b.dx), to_f64(&be.read(b.dgamma, c)), to_f64(&be.read(b.dbeta, c)));
+    be.bn_stats(b.x, b.bn.stats);
+    be.bn_relu_backward(b.g, b.x, b.bn, b.grad, b.dx, false);
+    let (dx, dgamma, dbeta) = (gather(&be, b.dx), to_f64(&be.read(b.grad.gamma)), to_f64(&be.read(b.grad.beta)));
 
     // Accumulating adds to dx; dgamma and dbeta are still overwritten.
     let base = randn(10, dx.len());
     fence(&mut be, b.dx);
     scatter(&mut be, b.dx, &base);
-    be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.dx, true);
+    be.bn_relu_backward(b.g, b.x, b.bn, b.grad, b.dx, true);
     let want: Vec<f64> = base.iter().zip(&dx).map(|(&a, &d)| a as f64 + d as f64).collect();
     assert_ref("accumulated dx", &gather(&be, b.dx), &want);
-    assert_ref("dgamma with accumulate", &be.read(b.dgamma, c), &dgamma);
-    assert_ref("dbeta with accumulate", &be.read(b.dbeta, c), &dbeta);
+    assert_ref("dgamma with accumulate", &be.read(b.grad.gamma), &dgamma);
+    assert_ref("dbeta with accumulate", &be.read(b.grad.beta), &dbeta);
     assert_fenced(&be, b.dx, "accumulating bn_relu_backward");
 
     // In place (dx is g): the same result as out of place.
     let g = gather(&be, b.g);
     fence(&mut be, b.g);
     scatter(&mut be, b.g, &g);
-    be.bn_relu_backward(b.g, b.x, b.bn, b.dgamma, b.dbeta, b.g, false);
+    be.bn_relu_backward(b.g, b.x, b.bn, b.grad, b.g, false);
     assert_ref("in-place dx", &gather(&be, b.g), &to_f64(&dx));
-    assert_ref("in-place dgamma", &be.read(b.dgamma, c), &dgamma);
-    assert_ref("in-place dbeta", &be.read(b.dbeta, c), &dbeta);
+    assert_ref("in-place dgamma", &be.read(b.grad.gamma), &dgamma);
+    assert_ref("in-place dbeta", &be.read(b.grad.beta), &dbeta);
     assert_fenced(&be, b.g, "in-place bn_relu_backward");
 }
 
@@ -497,7 +506,8 @@ fn bn_update_running_blends_in_unbiased_batch_statistics() {
     let (c, momentum) = (5, 0.1);
     for count in [2, 105] {
         let mut l = Layout::new();
-        let [mean, var, rmean, rvar, flag] = [(); 5].map(|_| l.take(c));
+        let ([batch, running], flag) = ([(); 2].map(|_| l.moments(c)), l.take(1));
+        let (mean, var, rmean, rvar) = (batch.mean, batch.var, running.mean, running.var);
         let mut be = l.backend(&[], 1);
         let positive = |seed| (0..c).map(|i| 0.5 + rng::uniform(seed, i as u64)).collect::<Vec<_>>();
         let (m, v, rm, rv) = (randn(11, c), positive(12), randn(13, c), positive(14));
@@ -506,22 +516,22 @@ fn bn_update_running_blends_in_unbiased_batch_statistics() {
         be.write(rmean, &rm);
         be.write(rvar, &rv);
         be.write(flag, &[0.0]);
-        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum, flag);
-        assert_eq!(be.read(flag, 1), [0.0], "finite statistics raised the flag");
+        be.bn_update_running(batch, running, count, momentum, flag);
+        assert_eq!(be.read(flag), [0.0], "finite statistics raised the flag");
         let unbias = count as f64 / (count - 1) as f64;
         let blend = |run: &[f32], batch: &[f32], scale: f64| -> Vec<f64> {
             run.iter().zip(batch).map(|(&r, &b)| 0.9 * r as f64 + 0.1 * b as f64 * scale).collect()
         };
-        assert_ref("running mean", &be.read(rmean, c), &blend(&rm, &m, 1.0));
-        assert_ref(&format!("running var, count {count}"), &be.read(rvar, c), &blend(&rv, &v, unbias));
+        assert_ref("running mean", &be.read(rmean), &blend(&rm, &m, 1.0));
+        assert_ref(&format!("running var, count {count}"), &be.read(rvar), &blend(&rv, &v, unbias));
         // A batch variance that overflows: the flag goes up, and stays up.
-        be.write(var + 2, &[f32::INFINITY]);
-        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum, flag);
-        assert_eq!(be.read(flag, 1), [1.0], "an infinite running variance left the flag down");
-        be.write(var + 2, &[1.0]);
-        be.write(rvar + 2, &[1.0]);
-        be.bn_update_running(mean, var, rmean, rvar, c, count, momentum, flag);
-        assert_eq!(be.read(flag, 1), [1.0], "the flag was cleared");
+        be.write(var.at(2, 1), &[f32::INFINITY]);
+        be.bn_update_running(batch, running, count, momentum, flag);
+        assert_eq!(be.read(flag), [1.0], "an infinite running variance left the flag down");
+        be.write(var.at(2, 1), &[1.0]);
+        be.write(rvar.at(2, 1), &[1.0]);
+        be.bn_update_running(batch, running, count, momentum, flag);
+        assert_eq!(be.read(flag), [1.0], "the flag was cleared");
     }
 }
 
@@ -722,25 +732,25 @@ fn max_pool3_routes_ties_to_the_first_maximum_and_never_to_padding() {
 struct Gap {
     x: View,
     gx: View,
-    y: usize,
-    gy: usize,
+    y: Matrix,
+    gy: Matrix,
 }
 
 impl Gap {
     fn new((n, c, h, w): Shape) -> (CpuBackend, Gap) {
         let mut l = Layout::new();
-        let (x, gx, y, gy) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.take(n * c), l.take(n * c));
+        let (x, gx) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
+        let (y, gy) = (l.take(n * c).matrix(n, c), l.take(n * c).matrix(n, c));
         let mut be = l.backend(&[], n);
         scatter(&mut be, x, &randn(21, x.numel()));
-        be.write(gy, &randn(22, n * c));
+        be.write(gy.data, &randn(22, n * c));
         (be, Gap { x, gx, y, gy })
     }
 
     /// `sum(gy * global_avg_pool(x))`.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
         be.global_avg_pool(self.x, self.y);
-        let len = self.x.n * self.x.c;
-        dot(&be.read(self.gy, len), &be.read(self.y, len))
+        dot(&be.read(self.gy.data), &be.read(self.y.data))
     }
 }
 
@@ -750,7 +760,7 @@ fn global_avg_pool_matches_naive() {
         let (mut be, p) = Gap::new(shape);
         be.global_avg_pool(p.x, p.y);
         let want: Vec<f64> = gather(&be, p.x).chunks(p.x.hw()).map(|plane| mean_of(&to_f64(plane))).collect();
-        assert_ref("global_avg_pool", &be.read(p.y, p.x.n * p.x.c), &want);
+        assert_ref("global_avg_pool", &be.read(p.y.data), &want);
     }
 }
 
@@ -772,37 +782,37 @@ fn global_avg_pool_backward_matches_finite_differences() {
 /// A linear layer laid out densely: random `x` [n, cin], `w` [cout, cin], `b` [cout], `gy`
 /// [n, cout].
 struct Linear {
-    n: usize,
     cin: usize,
     cout: usize,
-    x: usize,
-    w: usize,
-    b: usize,
-    y: usize,
-    gy: usize,
-    gx: usize,
-    gw: usize,
-    gb: usize,
+    x: Matrix,
+    w: Matrix,
+    b: Span,
+    y: Matrix,
+    gy: Matrix,
+    gx: Matrix,
+    gw: Matrix,
+    gb: Span,
 }
 
 impl Linear {
     fn new(n: usize, cin: usize, cout: usize) -> (CpuBackend, Linear) {
         let mut l = Layout::new();
-        let (x, w, b) = (l.take(n * cin), l.take(cout * cin), l.take(cout));
-        let (y, gy) = (l.take(n * cout), l.take(n * cout));
-        let (gx, gw, gb) = (l.take(n * cin), l.take(cout * cin), l.take(cout));
+        let mut mat = |rows: usize, cols: usize| l.take(rows * cols).matrix(rows, cols);
+        let (x, w, y, gy, gx, gw) =
+            (mat(n, cin), mat(cout, cin), mat(n, cout), mat(n, cout), mat(n, cin), mat(cout, cin));
+        let (b, gb) = (l.take(cout), l.take(cout));
         let mut be = l.backend(&[], n);
-        be.write(x, &randn(23, n * cin));
-        be.write(w, &randn(24, cout * cin));
+        be.write(x.data, &randn(23, n * cin));
+        be.write(w.data, &randn(24, cout * cin));
         be.write(b, &randn(25, cout));
-        be.write(gy, &randn(26, n * cout));
-        (be, Linear { n, cin, cout, x, w, b, y, gy, gx, gw, gb })
+        be.write(gy.data, &randn(26, n * cout));
+        (be, Linear { cin, cout, x, w, b, y, gy, gx, gw, gb })
     }
 
     /// `sum(gy * linear(x))`.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
-        be.linear(self.x, self.w, self.b, self.y, self.n, self.cin, self.cout);
-        dot(&be.read(self.gy, self.n * self.cout), &be.read(self.y, self.n * self.cout))
+        be.linear(self.x, self.w, self.b, self.y);
+        dot(&be.read(self.gy.data), &be.read(self.y.data))
     }
 }
 
@@ -810,15 +820,15 @@ impl Linear {
 fn linear_matches_naive() {
     for n in [1, 3] {
         let (mut be, f) = Linear::new(n, 7, 5);
-        be.linear(f.x, f.w, f.b, f.y, n, f.cin, f.cout);
-        let (x, w, b) = (be.read(f.x, n * f.cin), be.read(f.w, f.cout * f.cin), be.read(f.b, f.cout));
+        be.linear(f.x, f.w, f.b, f.y);
+        let (x, w, b) = (be.read(f.x.data), be.read(f.w.data), be.read(f.b));
         let want: Vec<f64> = (0..n * f.cout)
             .map(|i| {
                 let (row, k) = (i / f.cout, i % f.cout);
                 b[k] as f64 + dot(&x[row * f.cin..][..f.cin], &w[k * f.cin..][..f.cin])
             })
             .collect();
-        assert_ref("linear", &be.read(f.y, n * f.cout), &want);
+        assert_ref("linear", &be.read(f.y.data), &want);
     }
 }
 
@@ -826,14 +836,12 @@ fn linear_matches_naive() {
 fn linear_backward_matches_finite_differences() {
     for n in [1, 3] {
         let (mut be, f) = Linear::new(n, 7, 5);
-        be.linear_backward(f.x, f.w, f.gy, f.gx, f.gw, f.gb, n, f.cin, f.cout);
-        for (what, off, grad, len) in [
-            ("linear dx", f.x, f.gx, n * f.cin),
-            ("linear dw", f.w, f.gw, f.cout * f.cin),
-            ("linear db", f.b, f.gb, f.cout),
-        ] {
-            let grad = be.read(grad, len);
-            check_fd(what, &mut be, &(off..off + len).collect::<Vec<_>>(), &grad, 1e-2, |_| false, |be| f.loss(be));
+        be.linear_backward(f.x, f.w, f.gy, f.gx, f.gw, f.gb);
+        for (what, at, grad) in
+            [("linear dx", f.x.data, f.gx.data), ("linear dw", f.w.data, f.gw.data), ("linear db", f.b, f.gb)]
+        {
+            let grad = be.read(grad);
+            check_fd(what, &mut be, &each(at), &grad, 1e-2, |_| false, |be| f.loss(be));
         }
     }
 }
@@ -841,21 +849,20 @@ fn linear_backward_matches_finite_differences() {
 /// Softmax cross-entropy over random logits [n, k]; even rows are labelled with their argmax
 /// (correct), odd rows with their argmin (wrong).
 struct Xent {
-    n: usize,
     k: usize,
-    logits: usize,
-    out: usize,
-    glogits: usize,
+    logits: Matrix,
+    out: Span,
+    glogits: Matrix,
     labels: Vec<u32>,
 }
 
 impl Xent {
     fn new(n: usize, k: usize) -> (CpuBackend, Xent) {
         let mut l = Layout::new();
-        let (logits, out, glogits) = (l.take(n * k), l.take(2), l.take(n * k));
+        let (logits, out, glogits) = (l.take(n * k).matrix(n, k), l.take(2), l.take(n * k).matrix(n, k));
         let mut be = l.backend(&[], n);
         let z: Vec<f32> = randn(27, n * k).iter().map(|v| 3.0 * v).collect();
-        be.write(logits, &z);
+        be.write(logits.data, &z);
         let labels: Vec<u32> = z
             .chunks(k)
             .enumerate()
@@ -866,13 +873,13 @@ impl Xent {
             })
             .collect();
         be.set_labels(&labels);
-        (be, Xent { n, k, logits, out, glogits, labels })
+        (be, Xent { k, logits, out, glogits, labels })
     }
 
     /// The mean loss.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
-        be.softmax_xent(self.logits, self.n, self.k, self.out, self.glogits);
-        be.read(self.out, 1)[0] as f64
+        be.softmax_xent(self.logits, self.out, self.glogits);
+        be.read(self.out)[0] as f64
     }
 }
 
@@ -880,8 +887,8 @@ impl Xent {
 fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
     for n in [1, 3] {
         let (mut be, s) = Xent::new(n, 5);
-        be.softmax_xent(s.logits, n, s.k, s.out, s.glogits);
-        let z = to_f64(&be.read(s.logits, n * s.k));
+        be.softmax_xent(s.logits, s.out, s.glogits);
+        let z = to_f64(&be.read(s.logits.data));
         let (mut loss, mut correct, mut grad) = (0.0, 0, Vec::new());
         for (row, &label) in z.chunks(s.k).zip(&s.labels) {
             let label = label as usize;
@@ -891,10 +898,10 @@ fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
             grad.extend(row.iter().enumerate().map(|(j, v)| ((v - lse).exp() - (j == label) as u8 as f64) / n as f64));
         }
         assert_eq!(correct, n.div_ceil(2), "labels are built so that even rows are correct");
-        let out = be.read(s.out, 2);
+        let out = be.read(s.out);
         assert_ref("softmax_xent loss", &out[..1], &[loss]);
         assert_eq!(out[1], correct as f32, "softmax_xent correct count");
-        assert_ref("softmax_xent gradient", &be.read(s.glogits, n * s.k), &grad);
+        assert_ref("softmax_xent gradient", &be.read(s.glogits.data), &grad);
     }
 }
 
@@ -902,10 +909,9 @@ fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
 fn softmax_xent_gradient_matches_finite_differences() {
     for n in [1, 3] {
         let (mut be, s) = Xent::new(n, 5);
-        be.softmax_xent(s.logits, n, s.k, s.out, s.glogits);
-        let grad = be.read(s.glogits, n * s.k);
-        let offs: Vec<usize> = (s.logits..s.logits + n * s.k).collect();
-        check_fd("softmax_xent", &mut be, &offs, &grad, 1e-2, |_| false, |be| s.loss(be));
+        be.softmax_xent(s.logits, s.out, s.glogits);
+        let grad = be.read(s.glogits.data);
+        check_fd("softmax_xent", &mut be, &each(s.logits.data), &grad, 1e-2, |_| false, |be| s.loss(be));
     }
 }
 
@@ -920,8 +926,9 @@ fn sgd_matches_torch_formulas_over_two_steps() {
         let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01, nesterov };
         let (lr, m, wd) = (hp.lr as f64, hp.momentum as f64, hp.weight_decay as f64);
         let mut l = Layout::new();
-        let (params, grads, momentum, flag) = (l.take(len), l.take(len), l.take(len), l.take(1));
+        let (params, grads, momentum, flag, settings) = (l.take(len), l.take(len), l.take(len), l.take(1), l.take(4));
         let mut be = l.backend(&[], 1);
+        be.write(settings, &hp.floats());
         let p0 = randn(28, len);
         be.write(params, &p0);
         be.write(momentum, &vec![0.0; len]);
@@ -930,8 +937,8 @@ fn sgd_matches_torch_formulas_over_two_steps() {
         for step in 0..2 {
             let g = randn(29 + step, len);
             be.write(grads, &g);
-            be.sgd(params, grads, momentum, len, hp, flag);
-            assert_eq!(be.read(flag, 1), [0.0], "finite values raised the flag");
+            be.sgd(params, grads, momentum, settings, flag);
+            assert_eq!(be.read(flag), [0.0], "finite values raised the flag");
             // torch.optim.SGD: d = g + wd p; buf = m buf + d; d = d + m buf (Nesterov) or buf; p -= lr d.
             for ((p, b), &g) in p.iter_mut().zip(&mut buf).zip(&g) {
                 let d = g as f64 + wd * *p;
@@ -939,17 +946,17 @@ fn sgd_matches_torch_formulas_over_two_steps() {
                 *p -= lr * if nesterov { d + m * *b } else { *b };
             }
             let what = format!("sgd step {step}, nesterov {nesterov}");
-            assert_ref(&format!("{what}: params"), &be.read(params, len), &p);
-            assert_ref(&format!("{what}: momentum"), &be.read(momentum, len), &buf);
+            assert_ref(&format!("{what}: params"), &be.read(params), &p);
+            assert_ref(&format!("{what}: momentum"), &be.read(momentum), &buf);
         }
         // A NaN gradient in the last chunk: every chunk is still updated, and the flag goes up.
-        let before = be.read(params, len);
+        let before = be.read(params);
         let mut g = randn(40, len);
         g[len - 3] = f32::NAN;
         be.write(grads, &g);
-        be.sgd(params, grads, momentum, len, hp, flag);
-        assert_eq!(be.read(flag, 1), [1.0], "a NaN parameter left the flag down");
-        let after = be.read(params, len);
+        be.sgd(params, grads, momentum, settings, flag);
+        assert_eq!(be.read(flag), [1.0], "a NaN parameter left the flag down");
+        let after = be.read(params);
         assert!(after[len - 3].is_nan() && after[..len - 3].iter().zip(&before).all(|(a, b)| a != b));
     }
 }
@@ -981,7 +988,7 @@ fn outputs_overlapping_their_inputs_are_refused() {
     let (a, b) = (buf.channels(0, 3), buf.channels(3, 3));
     let mut be = l.backend(&[], 2);
     be.copy(a, b);
-    let shifted = View { off: a.off + 8, ..a };
+    let shifted = View { off: a.off + 4 * 8, ..a };
     let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| be.copy(a, shifted))).unwrap_err();
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.starts_with("copy: output View") && msg.contains("overlaps input"), "{msg}");

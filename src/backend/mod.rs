@@ -1,8 +1,9 @@
-//! The `Backend` trait: the primitive ops the model is written against, addressed by offsets into
-//! one planned arena of `f32` (llm.c style). The CPU backend is the numerical reference.
+//! The `Backend` trait: the primitive ops the model is written against, on typed operands
+//! ([`operand`]: spans, matrices and channel views at byte offsets) of one planned arena
+//! (llm.c style). The CPU backend is the numerical reference.
 //!
 //! Activations are NCHW; a [`View`] is a channel slice of such a buffer: `c` channels of `h*w`
-//! contiguous pixels per image, images `img_stride` floats apart. Dense-block layers read and
+//! contiguous pixels per image, images `img_stride` elements apart. Dense-block layers read and
 //! write channel slices of their block buffer in place, so no concatenation is ever copied.
 //!
 //! Aliasing contract: unless an op says otherwise, its output must not overlap its inputs.
@@ -10,106 +11,13 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod operand;
 
 pub use cpu::CpuBackend;
+pub use operand::{aligned, Affine, Bn, DType, Matrix, Moments, Span, View, ALIGN};
 
 use crate::input::{Crop, Normalize};
 use crate::Result;
-
-/// A channel slice of an NCHW tensor in the arena.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct View {
-    /// Arena offset of image 0, channel 0 of the slice.
-    pub off: usize,
-    /// Images.
-    pub n: usize,
-    /// Channels in the slice.
-    pub c: usize,
-    /// Height.
-    pub h: usize,
-    /// Width.
-    pub w: usize,
-    /// Floats between consecutive images (at least `c * h * w`).
-    pub img_stride: usize,
-    /// The planned tensor this view is part of (0: none). The planner gives each tensor its
-    /// own tag and derived views keep it, so the plan audit ([`crate::model::audit`]) can tell
-    /// two tensors that share memory apart.
-    pub tag: u32,
-}
-
-impl View {
-    /// A dense [n, c, h, w] tensor at `off`, untagged.
-    pub fn dense(off: usize, n: usize, c: usize, h: usize, w: usize) -> View {
-        View { off, n, c, h, w, img_stride: c * h * w, tag: 0 }
-    }
-
-    /// This view as part of planned tensor `tag`.
-    pub fn tagged(self, tag: u32) -> View {
-        View { tag, ..self }
-    }
-
-    /// The arena ranges `[start, end)` the view touches, one per image, in order.
-    pub fn ranges(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let len = self.c * self.hw();
-        (0..self.n).map(move |i| (self.off + i * self.img_stride, self.off + i * self.img_stride + len))
-    }
-
-    /// Whether the two views share an arena float.
-    pub fn overlaps(&self, other: &View) -> bool {
-        if self.numel() == 0 || other.numel() == 0 || self.end() <= other.off || other.end() <= self.off {
-            return false;
-        }
-        // Both lists of ranges are sorted: one merge walk.
-        let (mut a, mut b) = (self.ranges().peekable(), other.ranges().peekable());
-        while let (Some(&(a0, a1)), Some(&(b0, b1))) = (a.peek(), b.peek()) {
-            if a0 < b1 && b0 < a1 {
-                return true;
-            }
-            if a1 <= b1 {
-                a.next();
-            } else {
-                b.next();
-            }
-        }
-        false
-    }
-
-    /// Channels `[c0, c0 + c)` of this view.
-    pub fn channels(self, c0: usize, c: usize) -> View {
-        assert!(c0 + c <= self.c, "channel slice {c0}+{c} out of {}", self.c);
-        View { off: self.off + c0 * self.h * self.w, c, ..self }
-    }
-
-    /// Images `[i, i + n)` of this view.
-    pub fn images(self, i: usize, n: usize) -> View {
-        assert!(i + n <= self.n, "images {i}+{n} out of {}", self.n);
-        View { off: self.off + i * self.img_stride, n, ..self }
-    }
-
-    /// The first `n` images of this view.
-    pub fn batch(self, n: usize) -> View {
-        assert!(n <= self.n, "batch {n} larger than planned {}", self.n);
-        View { n, ..self }
-    }
-
-    /// Pixels per channel plane.
-    pub fn hw(&self) -> usize {
-        self.h * self.w
-    }
-
-    /// Logical element count n*c*h*w.
-    pub fn numel(&self) -> usize {
-        self.n * self.c * self.hw()
-    }
-
-    /// One past the last arena float the view touches.
-    pub fn end(&self) -> usize {
-        if self.n == 0 {
-            return self.off;
-        }
-        self.off + (self.n - 1) * self.img_stride + self.c * self.hw()
-    }
-}
 
 /// A square convolution without bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -151,19 +59,6 @@ pub struct ConvShape {
     pub w: usize,
 }
 
-/// Batch-norm operands: statistics (mean, biased variance) and affine parameters, as offsets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bn {
-    /// Per-channel mean.
-    pub mean: usize,
-    /// Per-channel variance (biased batch variance in training, running variance in eval).
-    pub var: usize,
-    /// Scale (gamma).
-    pub gamma: usize,
-    /// Shift (beta).
-    pub beta: usize,
-}
-
 /// Batch-norm epsilon, as the reference.
 pub const BN_EPS: f32 = 1e-5;
 
@@ -183,6 +78,22 @@ pub struct Sgd {
 impl Default for Sgd {
     fn default() -> Self {
         Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true }
+    }
+}
+
+impl Sgd {
+    /// Arena floats of the settings, as [`Sgd::floats`] lays them out.
+    pub const LEN: usize = 4;
+
+    /// The settings as the arena holds them for [`Backend::sgd`]: learning rate, momentum,
+    /// weight decay, and Nesterov as 0 or 1.
+    pub fn floats(self) -> [f32; Sgd::LEN] {
+        [self.lr, self.momentum, self.weight_decay, self.nesterov as u8 as f32]
+    }
+
+    /// The settings from their arena floats ([`Sgd::floats`]).
+    pub fn from_floats(f: [f32; Sgd::LEN]) -> Sgd {
+        Sgd { lr: f[0], momentum: f[1], weight_decay: f[2], nesterov: f[3] != 0.0 }
     }
 }
 
@@ -222,17 +133,17 @@ impl Library {
     }
 }
 
-/// The primitive ops of a training step. All offsets index the backend's arena of `f32`.
+/// The primitive ops of a training step, on operands of the backend's one arena.
 pub trait Backend {
     /// What runs the ops, for messages ("cpu (2 threads)").
     fn describe(&self) -> String;
     /// Lays out the workspace for these convolution shapes at batches of up to `batch` input
-    /// images of `image_len` floats each, and returns its length in arena floats (the layout is
+    /// images of `image_len` elements each, and returns its length in bytes (the layout is
     /// remembered for [`Backend::allocate`]).
     fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize>;
-    /// Allocates the zeroed arena (`len` floats) and the label buffer; `workspace` is the
+    /// Allocates the zeroed arena (`len` bytes) and the label buffer; `workspace` is the
     /// region reserved for [`Backend::workspace_len`]. Called once, before any op.
-    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()>;
+    fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()>;
 
     /// Device memory, for backends whose arena lives on a device (`None`: host memory, which
     /// the process's heap accounts for).
@@ -292,14 +203,14 @@ pub trait Backend {
         Vec::new()
     }
 
-    /// Copies host data into the arena.
-    fn write(&mut self, off: usize, data: &[f32]);
-    /// Copies arena data at `off` into `out`.
-    fn read_into(&self, off: usize, out: &mut [f32]);
-    /// Copies `len` floats of arena data to a new vector.
-    fn read(&self, off: usize, len: usize) -> Vec<f32> {
-        let mut out = vec![0.0; len];
-        self.read_into(off, &mut out);
+    /// Copies host values into `dst` (`data.len()` is its length).
+    fn write(&mut self, dst: Span, data: &[f32]);
+    /// Copies `src` into `out` (`out.len()` is its length).
+    fn read_into(&self, src: Span, out: &mut [f32]);
+    /// Copies `src` to a new vector.
+    fn read(&self, src: Span) -> Vec<f32> {
+        let mut out = vec![0.0; src.len];
+        self.read_into(src, &mut out);
         out
     }
     /// Sets the labels of the current batch (class indices).
@@ -314,36 +225,24 @@ pub trait Backend {
     /// `y = conv(pre(x), w)`; `w` is [cout, cin, k, k]; `pre` = `Some(bn)` applies
     /// `relu(bn(.))` to the input on the fly (the same arithmetic as [`Backend::bn_relu`]),
     /// so the normalized input is never stored.
-    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec);
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec);
     /// `gx = conv_transpose(gy, w)` (overwrites gx).
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec);
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec);
     /// `gw = dL/dw` summed over the batch (overwrites gw), for the input `pre(x)` as in
     /// [`Backend::conv_forward`].
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec);
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec);
 
-    /// Per-channel batch mean and biased variance of `x` into `mean[c]`, `var[c]`.
-    fn bn_stats(&mut self, x: View, mean: usize, var: usize);
+    /// Per-channel batch mean and biased variance of `x` into `out`.
+    fn bn_stats(&mut self, x: View, out: Moments);
     /// `running = (1 - m) * running + m * batch`, the variance unbiased with `count` samples;
-    /// sets the float at `flag` to 1 when an updated value is not finite (never clears it).
-    #[allow(clippy::too_many_arguments)]
-    fn bn_update_running(
-        &mut self,
-        mean: usize,
-        var: usize,
-        running_mean: usize,
-        running_var: usize,
-        c: usize,
-        count: usize,
-        momentum: f32,
-        flag: usize,
-    );
+    /// sets `flag` (one element) to 1 when an updated value is not finite (never clears it).
+    fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span);
     /// `y = relu(gamma * (x - mean) / sqrt(var + eps) + beta)`.
     fn bn_relu(&mut self, x: View, bn: Bn, y: View);
     /// Backward of [`Backend::bn_relu`] with batch statistics: the ReLU mask is recomputed
-    /// from `x`; writes `dgamma`, `dbeta`; `dx = ...` or `dx += ...` when `accumulate`.
-    /// `dx` may be the same view as `g` (in place); otherwise no overlap.
-    #[allow(clippy::too_many_arguments)]
-    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool);
+    /// from `x`; writes the affine parameters' gradients `grad`; `dx = ...` or `dx += ...`
+    /// when `accumulate`. `dx` may be the same view as `g` (in place); otherwise no overlap.
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool);
     /// In place: `x *= mask / (1 - p)` with the mask from stream `key` (element index is the
     /// logical NCHW index in the view). The same call is its own backward.
     fn dropout(&mut self, x: View, p: f32, key: u64);
@@ -357,38 +256,23 @@ pub trait Backend {
     /// Backward of [`Backend::max_pool3`]: the first maximum of each window gets the gradient.
     fn max_pool3_backward(&mut self, x: View, gy: View, gx: View);
     /// Mean over each channel plane into `y` [n, c].
-    fn global_avg_pool(&mut self, x: View, y: usize);
+    fn global_avg_pool(&mut self, x: View, y: Matrix);
     /// Backward of [`Backend::global_avg_pool`] (overwrites gx).
-    fn global_avg_pool_backward(&mut self, gy: usize, gx: View);
+    fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View);
 
     /// `y[n, k] = x[n, :] . w[k, :] + b[k]`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize);
+    fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix);
     /// Backward of [`Backend::linear`]: overwrites gx, gw, gb.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_backward(
-        &mut self,
-        x: usize,
-        w: usize,
-        gy: usize,
-        gx: usize,
-        gw: usize,
-        gb: usize,
-        n: usize,
-        cin: usize,
-        cout: usize,
-    );
-    /// Softmax cross-entropy against the current labels, mean over the batch: writes
-    /// `out[0]` = loss, `out[1]` = top-1 correct count, and `glogits` = dloss/dlogits.
-    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize);
-    /// The settings of the SGD steps that follow, given before a step begins (a backend that
-    /// records steps reads them from its arena, so a recorded step follows changes).
-    fn set_sgd(&mut self, _hp: Sgd) {}
-    /// One SGD step over `len` floats at `params`, with gradients and momentum at the same
-    /// relative layout; sets the float at `flag` to 1 when an updated parameter or momentum
-    /// value is not finite (never clears it).
-    #[allow(clippy::too_many_arguments)]
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize);
+    fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span);
+    /// Softmax cross-entropy of `logits` [n, k] against the current labels, mean over the
+    /// batch: writes `out` (two elements) = [loss, top-1 correct count], and `glogits` =
+    /// dloss/dlogits.
+    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix);
+    /// One SGD step over `params` with its gradients and momentum (spans of the same length),
+    /// by the settings the arena holds at `settings` ([`Sgd::floats`], written before the step,
+    /// so a recorded step follows changes); sets `flag` (one element) to 1 when an updated
+    /// parameter or momentum value is not finite (never clears it).
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span);
 }
 
 /// A boxed backend is a backend: the commands open one `Box<dyn Backend>` (CPU, host device or
@@ -402,7 +286,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
         (**self).workspace_len(convs, image_len, batch)
     }
-    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
+    fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
         (**self).allocate(len, workspace, max_batch)
     }
     fn device_memory(&self) -> Option<DeviceMemory> {
@@ -432,14 +316,14 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn libraries(&self) -> Vec<Library> {
         (**self).libraries()
     }
-    fn write(&mut self, off: usize, data: &[f32]) {
-        (**self).write(off, data)
+    fn write(&mut self, dst: Span, data: &[f32]) {
+        (**self).write(dst, data)
     }
-    fn read_into(&self, off: usize, out: &mut [f32]) {
-        (**self).read_into(off, out)
+    fn read_into(&self, src: Span, out: &mut [f32]) {
+        (**self).read_into(src, out)
     }
-    fn read(&self, off: usize, len: usize) -> Vec<f32> {
-        (**self).read(off, len)
+    fn read(&self, src: Span) -> Vec<f32> {
+        (**self).read(src)
     }
     fn set_labels(&mut self, labels: &[u32]) {
         (**self).set_labels(labels)
@@ -450,36 +334,26 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
         (**self).augment(bytes, crops, norm, dst)
     }
-    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
         (**self).conv_forward(x, pre, w, y, spec)
     }
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) {
         (**self).conv_backward_data(gy, w, gx, spec)
     }
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
         (**self).conv_backward_filter(x, pre, gy, gw, spec)
     }
-    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
-        (**self).bn_stats(x, mean, var)
+    fn bn_stats(&mut self, x: View, out: Moments) {
+        (**self).bn_stats(x, out)
     }
-    fn bn_update_running(
-        &mut self,
-        mean: usize,
-        var: usize,
-        running_mean: usize,
-        running_var: usize,
-        c: usize,
-        count: usize,
-        momentum: f32,
-        flag: usize,
-    ) {
-        (**self).bn_update_running(mean, var, running_mean, running_var, c, count, momentum, flag)
+    fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
+        (**self).bn_update_running(batch, running, count, momentum, flag)
     }
     fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
         (**self).bn_relu(x, bn, y)
     }
-    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
-        (**self).bn_relu_backward(g, x, bn, dgamma, dbeta, dx, accumulate)
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
+        (**self).bn_relu_backward(g, x, bn, grad, dx, accumulate)
     }
     fn dropout(&mut self, x: View, p: f32, key: u64) {
         (**self).dropout(x, p, key)
@@ -496,37 +370,23 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
         (**self).max_pool3_backward(x, gy, gx)
     }
-    fn global_avg_pool(&mut self, x: View, y: usize) {
+    fn global_avg_pool(&mut self, x: View, y: Matrix) {
         (**self).global_avg_pool(x, y)
     }
-    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+    fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         (**self).global_avg_pool_backward(gy, gx)
     }
-    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
-        (**self).linear(x, w, b, y, n, cin, cout)
+    fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {
+        (**self).linear(x, w, b, y)
     }
-    fn linear_backward(
-        &mut self,
-        x: usize,
-        w: usize,
-        gy: usize,
-        gx: usize,
-        gw: usize,
-        gb: usize,
-        n: usize,
-        cin: usize,
-        cout: usize,
-    ) {
-        (**self).linear_backward(x, w, gy, gx, gw, gb, n, cin, cout)
+    fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
+        (**self).linear_backward(x, w, gy, gx, gw, gb)
     }
-    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
-        (**self).softmax_xent(logits, n, k, out, glogits)
+    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+        (**self).softmax_xent(logits, out, glogits)
     }
-    fn set_sgd(&mut self, hp: Sgd) {
-        (**self).set_sgd(hp)
-    }
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize) {
-        (**self).sgd(params, grads, momentum, len, hp, flag)
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
+        (**self).sgd(params, grads, momentum, settings, flag)
     }
 }
 

@@ -1,16 +1,16 @@
 //! The plan audited by live ranges (llm.c's audited offsets, made mechanical). A training step
 //! and an evaluation run on a [`Recorder`], a backend that only records every op with what it
 //! reads and writes; [`audit`] replays the trace against the plan:
-//! - every view lies inside the region of its tensor (its [`View::tag`]), every raw operand
-//!   (weights, statistics, logits) inside one region;
+//! - every view and tagged span lies inside the region of its tensor (its [`View::tag`]),
+//!   every untagged span inside one region;
 //! - every float an op reads was written before, through the tensor the op reads it as: no op
 //!   writes over a tensor that a later op still reads (two tensors that share memory must
 //!   have disjoint live ranges), and nothing is read that was never written (the zeroed
 //!   arena counts as each region's own tensor written: a shared scratch tensor never does);
 //! - and it derives each tensor's live range: from its first write to its last read.
 
-use super::plan::Plan;
-use crate::backend::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
+use super::plan::{Plan, Region};
+use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, Matrix, Moments, Span, View};
 use crate::input::{Crop, Normalize};
 use crate::Result;
 use std::cell::RefCell;
@@ -22,13 +22,9 @@ use std::ops::Range;
 pub enum Operand {
     /// A tensor view.
     View(View),
-    /// `len` floats at `off` (weights, statistics, logits: the tensor is the region's).
-    Span {
-        /// First float.
-        off: usize,
-        /// Floats.
-        len: usize,
-    },
+    /// A span (weights, statistics, logits: a tagged span is its tensor's, an untagged one the
+    /// region's).
+    Span(Span),
 }
 
 /// One recorded op: its name and what it reads and writes.
@@ -73,13 +69,17 @@ fn v(view: View) -> Operand {
     Operand::View(view)
 }
 
-fn s(off: usize, len: usize) -> Operand {
-    Operand::Span { off, len }
+fn s(span: Span) -> Operand {
+    Operand::Span(span)
 }
 
-/// The operands of a BN's mean, variance, scale and shift over `c` channels.
-fn bn(b: Bn, c: usize) -> [Operand; 4] {
-    [s(b.mean, c), s(b.var, c), s(b.gamma, c), s(b.beta, c)]
+fn m(matrix: Matrix) -> Operand {
+    Operand::Span(matrix.data)
+}
+
+/// The operands of a BN's mean, variance, scale and shift.
+fn bn(b: Bn) -> [Operand; 4] {
+    b.spans().map(s)
 }
 
 impl Backend for Recorder {
@@ -91,19 +91,19 @@ impl Backend for Recorder {
         Ok(0)
     }
 
-    fn allocate(&mut self, len: usize, _workspace: (usize, usize), _max_batch: usize) -> Result<()> {
+    fn allocate(&mut self, len: usize, _workspace: Span, _max_batch: usize) -> Result<()> {
         // The arena starts zeroed (the momentum's first step reads those zeros).
-        self.push(ALLOCATE, vec![], vec![s(0, len)]);
+        self.push(ALLOCATE, vec![], vec![s(Span { off: 0, len, dtype: DType::F32, tag: 0 })]);
         Ok(())
     }
 
-    fn write(&mut self, off: usize, data: &[f32]) {
-        self.push("write", vec![], vec![s(off, data.len())]);
+    fn write(&mut self, dst: Span, _data: &[f32]) {
+        self.push("write", vec![], vec![s(dst)]);
     }
 
-    fn read_into(&self, off: usize, out: &mut [f32]) {
+    fn read_into(&self, src: Span, out: &mut [f32]) {
         out.fill(0.0);
-        self.push("read", vec![s(off, out.len())], vec![]);
+        self.push("read", vec![s(src)], vec![]);
     }
 
     fn set_labels(&mut self, _labels: &[u32]) {}
@@ -116,57 +116,45 @@ impl Backend for Recorder {
         self.push("augment", vec![], vec![v(dst)]);
     }
 
-    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
-        let mut reads = vec![v(x), s(w, y.c * x.c * spec.k * spec.k)];
-        reads.extend(pre.into_iter().flat_map(|b| bn(b, x.c)));
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, _spec: ConvSpec) {
+        let mut reads = vec![v(x), s(w)];
+        reads.extend(pre.into_iter().flat_map(bn));
         self.push("conv_forward", reads, vec![v(y)]);
     }
 
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
-        self.push("conv_backward_data", vec![v(gy), s(w, gy.c * gx.c * spec.k * spec.k)], vec![v(gx)]);
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, _spec: ConvSpec) {
+        self.push("conv_backward_data", vec![v(gy), s(w)], vec![v(gx)]);
     }
 
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, _spec: ConvSpec) {
         let mut reads = vec![v(x), v(gy)];
-        reads.extend(pre.into_iter().flat_map(|b| bn(b, x.c)));
-        self.push("conv_backward_filter", reads, vec![s(gw, gy.c * x.c * spec.k * spec.k)]);
+        reads.extend(pre.into_iter().flat_map(bn));
+        self.push("conv_backward_filter", reads, vec![s(gw)]);
     }
 
-    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
-        self.push("bn_stats", vec![v(x)], vec![s(mean, x.c), s(var, x.c)]);
+    fn bn_stats(&mut self, x: View, out: Moments) {
+        self.push("bn_stats", vec![v(x)], vec![s(out.mean), s(out.var)]);
     }
 
-    fn bn_update_running(
-        &mut self,
-        mean: usize,
-        var: usize,
-        running_mean: usize,
-        running_var: usize,
-        c: usize,
-        _count: usize,
-        _momentum: f32,
-        flag: usize,
-    ) {
+    fn bn_update_running(&mut self, batch: Moments, running: Moments, _count: usize, _momentum: f32, flag: Span) {
         // The flag is set or left: a write, not a read.
-        let running = [s(running_mean, c), s(running_var, c)];
-        let mut reads = vec![s(mean, c), s(var, c)];
-        reads.extend(running);
-        self.push("bn_update_running", reads, vec![running[0], running[1], s(flag, 1)]);
+        let reads = vec![s(batch.mean), s(batch.var), s(running.mean), s(running.var)];
+        self.push("bn_update_running", reads, vec![s(running.mean), s(running.var), s(flag)]);
     }
 
     fn bn_relu(&mut self, x: View, b: Bn, y: View) {
         let mut reads = vec![v(x)];
-        reads.extend(bn(b, x.c));
+        reads.extend(bn(b));
         self.push("bn_relu", reads, vec![v(y)]);
     }
 
-    fn bn_relu_backward(&mut self, g: View, x: View, b: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+    fn bn_relu_backward(&mut self, g: View, x: View, b: Bn, grad: Affine, dx: View, accumulate: bool) {
         let mut reads = vec![v(g), v(x)];
-        reads.extend(bn(b, x.c));
+        reads.extend(bn(b));
         if accumulate {
             reads.push(v(dx));
         }
-        self.push("bn_relu_backward", reads, vec![s(dgamma, x.c), s(dbeta, x.c), v(dx)]);
+        self.push("bn_relu_backward", reads, vec![s(grad.gamma), s(grad.beta), v(dx)]);
     }
 
     fn dropout(&mut self, x: View, _p: f32, _key: u64) {
@@ -189,44 +177,29 @@ impl Backend for Recorder {
         self.push("max_pool3_backward", vec![v(x), v(gy)], vec![v(gx)]);
     }
 
-    fn global_avg_pool(&mut self, x: View, y: usize) {
-        self.push("global_avg_pool", vec![v(x)], vec![s(y, x.n * x.c)]);
+    fn global_avg_pool(&mut self, x: View, y: Matrix) {
+        self.push("global_avg_pool", vec![v(x)], vec![m(y)]);
     }
 
-    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
-        self.push("global_avg_pool_backward", vec![s(gy, gx.n * gx.c)], vec![v(gx)]);
+    fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
+        self.push("global_avg_pool_backward", vec![m(gy)], vec![v(gx)]);
     }
 
-    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
-        self.push("linear", vec![s(x, n * cin), s(w, cout * cin), s(b, cout)], vec![s(y, n * cout)]);
+    fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {
+        self.push("linear", vec![m(x), m(w), s(b)], vec![m(y)]);
     }
 
-    fn linear_backward(
-        &mut self,
-        x: usize,
-        w: usize,
-        gy: usize,
-        gx: usize,
-        gw: usize,
-        gb: usize,
-        n: usize,
-        cin: usize,
-        cout: usize,
-    ) {
-        let reads = vec![s(x, n * cin), s(w, cout * cin), s(gy, n * cout)];
-        self.push("linear_backward", reads, vec![s(gx, n * cin), s(gw, cout * cin), s(gb, cout)]);
+    fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
+        self.push("linear_backward", vec![m(x), m(w), m(gy)], vec![m(gx), m(gw), s(gb)]);
     }
 
-    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
-        self.push("softmax_xent", vec![s(logits, n * k)], vec![s(out, 2), s(glogits, n * k)]);
+    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+        self.push("softmax_xent", vec![m(logits)], vec![s(out), m(glogits)]);
     }
 
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, _hp: Sgd, flag: usize) {
-        let state = [s(params, len), s(momentum, len)];
-        let mut reads = vec![s(grads, len)];
-        reads.extend(state);
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
         // The flag is set or left: a write, not a read.
-        self.push("sgd", reads, vec![state[0], state[1], s(flag, 1)]);
+        self.push("sgd", vec![s(grads), s(params), s(momentum), s(settings)], vec![s(params), s(momentum), s(flag)]);
     }
 }
 
@@ -252,15 +225,20 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
                     .get((view.tag as usize).wrapping_sub(1))
                     .ok_or_else(|| format!("op {i} ({op}): view {view:?} has no tag of the plan"))?;
                 let r = &plan.regions[tag.region];
-                if view.numel() > 0 && (view.off < r.off || view.end() > r.off + r.len) {
+                if view.numel() > 0 && (view.off < r.off || view.end() > r.end() || view.dtype != r.dtype) {
                     return Err(format!("op {i} ({op}): view of '{}' {view:?} lies outside its region", tag.name));
                 }
                 Ok((view.tag, view.ranges().collect()))
             }
-            Operand::Span { off, len } => {
-                let r = plan.regions.iter().find(|r| r.off <= off && off + len <= r.off + r.len);
-                let r = r.ok_or_else(|| format!("op {i} ({op}): {len} floats at {off} lie in no region"))?;
-                Ok((r.tag, vec![(off, off + len)]))
+            Operand::Span(span) => {
+                let inside = |r: &Region| r.off <= span.off && span.end() <= r.end() && r.dtype == span.dtype;
+                let r = match span.tag {
+                    0 => plan.regions.iter().find(|r| inside(r)),
+                    t => plan.tags.get(t as usize - 1).map(|t| &plan.regions[t.region]).filter(|r| inside(r)),
+                };
+                let r = r.ok_or_else(|| format!("op {i} ({op}): {span:?} lies in no region of its tensor"))?;
+                let tag = if span.tag == 0 { r.tag } else { span.tag };
+                Ok((tag, vec![(span.off, span.end())]))
             }
         }
     };
@@ -302,7 +280,7 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
         }
         if op.name == ALLOCATE {
             for r in &plan.regions {
-                write(&mut owner, r.off..r.off + r.len, r.tag, i);
+                write(&mut owner, r.off..r.end(), r.tag, i);
             }
             continue;
         }

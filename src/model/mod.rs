@@ -10,13 +10,13 @@ pub mod net;
 pub mod params;
 pub mod plan;
 
-use crate::backend::{Backend, Bn, ConvSpec, Sgd, View};
+use crate::backend::{Affine, Backend, Bn, ConvSpec, Moments, Sgd, Span, View};
 use crate::config::NetConfig;
 use crate::input::{Input, CHANNELS};
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
 use params::{BnParams, ParamLayout};
-use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Plan, Stats, TransitionPlan, RESULT_LEN};
+use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Plan, TransitionPlan, RESULT_LEN};
 
 /// BN running-statistics momentum (the reference's).
 pub const BN_MOMENTUM: f32 = 0.1;
@@ -42,7 +42,15 @@ pub struct Model<B: Backend> {
     steps: u64,
     h: usize,
     w: usize,
+    /// The SGD settings last written to the arena (written again only when they change: a
+    /// copy to a device waits for it).
+    sgd: Option<Sgd>,
 }
+
+/// The element of the head's result that SGD's update sets when a value is not finite.
+const SGD_FLAG: usize = 2;
+/// The element of the head's result that the running-statistics update sets likewise.
+const RUNNING_FLAG: usize = 3;
 
 /// Whether a pass trains (batch statistics, dropout) or evaluates (running statistics).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,12 +67,12 @@ impl<B: Backend> Model<B> {
         let net = Net::new(&cfg);
         let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?;
         be.allocate(plan.len, plan.workspace, batch)?;
-        let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w };
+        let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None };
         let lay = &m.net.layout;
         // One tensor at a time: the host never holds more than the largest tensor.
         for (tensors, base) in [(&lay.params, m.plan.params), (&lay.stats, m.plan.stats)] {
             for (i, t) in tensors.iter().enumerate() {
-                m.be.write(base + t.off, &ParamLayout::initial_tensor(t, i, seed));
+                m.be.write(base.at(t.off, t.len()), &ParamLayout::initial_tensor(t, i, seed));
             }
         }
         m.be.take_error()?;
@@ -108,27 +116,27 @@ impl<B: Backend> Model<B> {
 
     /// The flat parameter buffer.
     pub fn params(&self) -> Vec<f32> {
-        self.be.read(self.plan.params, self.net.layout.len)
+        self.be.read(self.plan.params)
     }
 
     /// The flat gradient buffer (of the last backward pass).
     pub fn grads(&self) -> Vec<f32> {
-        self.be.read(self.plan.grads, self.net.layout.len)
+        self.be.read(self.plan.grads)
     }
 
     /// The flat momentum buffer.
     pub fn momentum(&self) -> Vec<f32> {
-        self.be.read(self.plan.momentum, self.net.layout.len)
+        self.be.read(self.plan.momentum)
     }
 
     /// The flat BN running-statistics buffer.
     pub fn running_stats(&self) -> Vec<f32> {
-        self.be.read(self.plan.stats, self.net.layout.stats_len)
+        self.be.read(self.plan.stats)
     }
 
     /// Logits of the last forward pass, [n, classes].
     pub fn logits(&self, n: usize) -> Vec<f32> {
-        self.be.read(self.plan.head.logits, n * self.cfg.num_classes)
+        self.be.read(self.plan.head.logits.rows(n).data)
     }
 
     /// Overwrites the parameter, momentum and running-statistics buffers (each whole).
@@ -151,26 +159,25 @@ impl<B: Backend> Model<B> {
         self.be.take_error()
     }
 
-    /// Finds a parameter or running statistic by reference name: (is_param, offset, length).
-    fn find(&self, name: &str) -> Option<(bool, usize, usize)> {
+    /// Finds a parameter or running statistic by reference name: its span of the arena.
+    fn find(&self, name: &str) -> Option<Span> {
         let lay = &self.net.layout;
-        let p = lay.params.iter().find(|t| t.name == name).map(|t| (true, t.off, t.len()));
-        p.or_else(|| lay.stats.iter().find(|t| t.name == name).map(|t| (false, t.off, t.len())))
+        let p = lay.params.iter().find(|t| t.name == name).map(|t| self.plan.params.at(t.off, t.len()));
+        p.or_else(|| lay.stats.iter().find(|t| t.name == name).map(|t| self.plan.stats.at(t.off, t.len())))
     }
 
     /// One parameter or running statistic by reference name.
     pub fn tensor(&self, name: &str) -> Option<Vec<f32>> {
-        let (param, off, len) = self.find(name)?;
-        Some(self.be.read(if param { self.plan.params } else { self.plan.stats } + off, len))
+        Some(self.be.read(self.find(name)?))
     }
 
     /// Overwrites one parameter or running statistic by reference name.
     pub fn set_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
-        let Some((param, off, len)) = self.find(name) else { bail!("the network has no tensor '{name}'") };
-        if data.len() != len {
-            bail!("tensor '{name}' has {} values; the network expects {len}", data.len());
+        let Some(span) = self.find(name) else { bail!("the network has no tensor '{name}'") };
+        if data.len() != span.len {
+            bail!("tensor '{name}' has {} values; the network expects {}", data.len(), span.len);
         }
-        self.be.write(if param { self.plan.params } else { self.plan.stats } + off, data);
+        self.be.write(span, data);
         self.be.take_error()
     }
 
@@ -201,16 +208,17 @@ impl<B: Backend> Model<B> {
             bail!("training needs at least 2 values per channel for batch statistics: {} image(s) of a {hw}-pixel final map", labels.len());
         }
         let n = self.load_batch(images, labels)?;
-        if let Some(hp) = hp {
-            self.be.set_sgd(hp);
+        if let Some(hp) = hp.filter(|&hp| self.sgd != Some(hp)) {
+            self.be.write(self.plan.head.sgd, &hp.floats());
+            self.sgd = Some(hp);
         }
         let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, hp.is_some()));
         if !key.is_some_and(|k| self.be.step_begin(k)) {
             self.forward(n, Pass::Train);
             self.backward(n);
-            if let Some(hp) = hp {
+            if hp.is_some() {
                 let p = &self.plan;
-                self.be.sgd(p.params, p.grads, p.momentum, self.net.layout.len, hp, p.head.result + 2);
+                self.be.sgd(p.params, p.grads, p.momentum, p.head.sgd, p.head.result.at(SGD_FLAG, 1));
             }
             if let Some(k) = key {
                 self.be.step_end(k);
@@ -255,7 +263,7 @@ impl<B: Backend> Model<B> {
             bail!("label {l} out of range for {} classes", self.cfg.num_classes);
         }
         match images {
-            Input::Floats(f) => self.be.write(self.plan.image.off, f),
+            Input::Floats(f) => self.be.write(self.plan.image.batch(n).span(), f),
             Input::Stored { bytes, crops, norm } => self.be.augment(bytes, crops, norm, self.plan.image.batch(n)),
         }
         self.be.set_labels(labels);
@@ -269,7 +277,7 @@ impl<B: Backend> Model<B> {
         let mut r = [0.0; RESULT_LEN];
         self.be.read_into(self.plan.head.result, &mut r);
         self.be.take_error()?;
-        if r[2] != 0.0 || r[3] != 0.0 {
+        if r[SGD_FLAG] != 0.0 || r[RUNNING_FLAG] != 0.0 {
             bail!("training stopped at step {}: {}", self.steps, self.non_finite());
         }
         Ok(StepStats { loss: r[0], correct: r[1] as usize, n })
@@ -306,32 +314,34 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// A BN's running statistics.
+    fn running(&self, p: &BnParams) -> Moments {
+        let s = self.plan.stats;
+        Moments { mean: s.at(p.running_mean, p.c), var: s.at(p.running_var, p.c) }
+    }
+
+    /// A BN's affine parameters in `buffer` (the parameters, or their gradients).
+    fn affine(p: &BnParams, buffer: Span) -> Affine {
+        Affine { gamma: buffer.at(p.gamma, p.c), beta: buffer.at(p.beta, p.c) }
+    }
+
     /// BN operands: batch statistics when training, the layer's running statistics otherwise.
-    fn bn(&self, p: &BnParams, batch: Stats, pass: Pass) -> Bn {
-        let (mean, var) = match pass {
-            Pass::Train => (batch.mean, batch.var),
-            Pass::Eval => (self.plan.stats + p.running_mean, self.plan.stats + p.running_var),
+    fn bn(&self, p: &BnParams, batch: Moments, pass: Pass) -> Bn {
+        let stats = match pass {
+            Pass::Train => batch,
+            Pass::Eval => self.running(p),
         };
-        Bn { mean, var, gamma: self.plan.params + p.gamma, beta: self.plan.params + p.beta }
+        Bn { stats, affine: Self::affine(p, self.plan.params) }
     }
 
     /// Folds this step's batch statistics into the layer's running statistics (once per step).
-    fn update_running(&mut self, p: &BnParams, batch: Stats, count: usize) {
-        let s = self.plan.stats;
-        self.be.bn_update_running(
-            batch.mean,
-            batch.var,
-            s + p.running_mean,
-            s + p.running_var,
-            p.c,
-            count,
-            BN_MOMENTUM,
-            self.plan.head.result + 3,
-        );
+    fn update_running(&mut self, p: &BnParams, batch: Moments, count: usize) {
+        let flag = self.plan.head.result.at(RUNNING_FLAG, 1);
+        self.be.bn_update_running(batch, self.running(p), count, BN_MOMENTUM, flag);
     }
 
     /// `relu(bn(x)) -> y`, updating running statistics when training and not recomputing.
-    fn bn_relu(&mut self, p: &BnParams, batch: Stats, x: View, y: View, pass: Pass) {
+    fn bn_relu(&mut self, p: &BnParams, batch: Moments, x: View, y: View, pass: Pass) {
         if pass == Pass::Train {
             self.update_running(p, batch, x.n * x.hw());
         }
@@ -341,29 +351,31 @@ impl<B: Backend> Model<B> {
 
     /// Backward of `relu(bn(x))` into `dx` (accumulated or in place), writing the BN's
     /// parameter gradients.
-    fn bn_relu_backward(&mut self, p: &BnParams, batch: Stats, g: View, x: View, dx: View, accumulate: bool) {
+    fn bn_relu_backward(&mut self, p: &BnParams, batch: Moments, g: View, x: View, dx: View, accumulate: bool) {
         let bn = self.bn(p, batch, Pass::Train);
-        let grads = self.plan.grads;
-        self.be.bn_relu_backward(g, x, bn, grads + p.gamma, grads + p.beta, dx, accumulate);
+        self.be.bn_relu_backward(g, x, bn, Self::affine(p, self.plan.grads), dx, accumulate);
     }
 
-    /// `y = conv(pre(x), w)` (`pre`: a BN-ReLU fused into the convolution's input).
+    /// `y = conv(pre(x), w)` (`pre`: a BN-ReLU fused into the convolution's input; `w`: the
+    /// weight's offset in the parameter layout).
     fn conv(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
-        self.be.conv_forward(x, pre, self.plan.params + w, y, spec);
+        let w = self.plan.params.at(w, y.c * x.c * spec.k * spec.k);
+        self.be.conv_forward(x, pre, w, y, spec);
     }
 
     /// Weight gradient for the input `pre(x)`, then (if `gx` is given) the data gradient
     /// (with respect to `pre(x)`).
     fn conv_backward(&mut self, x: View, pre: Option<Bn>, gy: View, w: usize, gx: Option<View>, spec: ConvSpec) {
-        self.be.conv_backward_filter(x, pre, gy, self.plan.grads + w, spec);
+        let len = gy.c * x.c * spec.k * spec.k;
+        self.be.conv_backward_filter(x, pre, gy, self.plan.grads.at(w, len), spec);
         if let Some(gx) = gx {
-            self.be.conv_backward_data(gy, self.plan.params + w, gx, spec);
+            self.be.conv_backward_data(gy, self.plan.params.at(w, len), gx, spec);
         }
     }
 
     /// The input of a convolution that follows a BN-ReLU of `x`: in `naive` the BN-ReLU output
     /// `kept` (written in forward), otherwise `x` with the BN-ReLU fused into the convolution.
-    fn bn_relu_input(&self, p: &BnParams, batch: Stats, x: View, kept: View, pass: Pass) -> (View, Option<Bn>) {
+    fn bn_relu_input(&self, p: &BnParams, batch: Moments, x: View, kept: View, pass: Pass) -> (View, Option<Bn>) {
         if self.plan.mode.keeps_bn_outputs() {
             (kept, None)
         } else {
@@ -373,7 +385,7 @@ impl<B: Backend> Model<B> {
 
     /// Forward BN-ReLU before a convolution: updates running statistics when training and,
     /// in `naive`, writes the output it keeps. Returns the convolution's input.
-    fn bn_relu_forward(&mut self, p: &BnParams, batch: Stats, x: View, kept: View, pass: Pass) -> (View, Option<Bn>) {
+    fn bn_relu_forward(&mut self, p: &BnParams, batch: Moments, x: View, kept: View, pass: Pass) -> (View, Option<Bn>) {
         if self.plan.mode.keeps_bn_outputs() {
             self.bn_relu(p, batch, x, kept, pass);
         } else if pass == Pass::Train {
@@ -390,14 +402,14 @@ impl<B: Backend> Model<B> {
                 let (lp, layer) = (self.plan.layers[b][i], self.net.blocks[b][i]);
                 self.layer_forward(&lp, &layer, site(b, i), n, pass);
                 if train {
-                    self.be.bn_stats(lp.out.batch(n), lp.stats_out.mean, lp.stats_out.var);
+                    self.be.bn_stats(lp.out.batch(n), lp.stats_out);
                 }
             }
             if b < self.plan.transitions.len() {
                 let (tp, t) = (self.plan.transitions[b], self.net.transitions[b]);
                 self.transition_forward(&tp, &t, b, n, pass);
                 if train {
-                    self.be.bn_stats(tp.out.batch(n), tp.stats_out.mean, tp.stats_out.var);
+                    self.be.bn_stats(tp.out.batch(n), tp.stats_out);
                 }
             }
         }
@@ -432,7 +444,7 @@ impl<B: Backend> Model<B> {
                 let s = sp.conv_out.batch(n);
                 self.conv(image, None, self.net.stem_conv, s, ConvSpec::STEM7);
                 if pass == Pass::Train {
-                    self.be.bn_stats(s, stats.mean, stats.var);
+                    self.be.bn_stats(s, stats);
                 }
                 self.bn_relu(&bn, stats, s, t.batch(n), pass);
                 self.be.max_pool3(t.batch(n), sp.out.batch(n));
@@ -440,7 +452,7 @@ impl<B: Backend> Model<B> {
             _ => unreachable!("ImageNet stem without BN"),
         }
         if pass == Pass::Train {
-            self.be.bn_stats(sp.out.batch(n), sp.stats_out.mean, sp.stats_out.var);
+            self.be.bn_stats(sp.out.batch(n), sp.stats_out);
         }
     }
 
@@ -479,7 +491,7 @@ impl<B: Backend> Model<B> {
                 self.conv(x1, pre1, l.conv1, z, ConvSpec::POINTWISE);
                 if pass == Pass::Train {
                     self.drop(z, site);
-                    self.be.bn_stats(z, sz.mean, sz.var);
+                    self.be.bn_stats(z, sz);
                 }
                 let (x2, pre2) = self.bn_relu_forward(bn2, sz, z, a2.batch(n), pass);
                 self.conv(x2, pre2, *conv2, out, ConvSpec::SAME3);
@@ -541,24 +553,31 @@ impl<B: Backend> Model<B> {
 
     // ---- classifier -------------------------------------------------------------------------
 
+    /// The classifier's weight [classes, C] and bias in `buffer` (the parameters, or their
+    /// gradients).
+    fn classifier(&self, buffer: Span) -> (crate::backend::Matrix, Span) {
+        let (c, k) = (self.plan.head.pooled.cols, self.cfg.num_classes);
+        (buffer.at(self.net.fc_w, k * c).matrix(k, c), buffer.at(self.net.fc_b, k))
+    }
+
     fn head_forward(&mut self, hp: &HeadPlan, n: usize, pass: Pass) {
         let (x, a) = (hp.input.batch(n), hp.a.batch(n));
         let bn = self.net.head_bn;
         self.bn_relu(&bn, hp.stats_in, x, a, pass);
-        self.be.global_avg_pool(a, hp.pooled);
-        let (c, k) = (a.c, self.cfg.num_classes);
-        let p = self.plan.params;
-        self.be.linear(hp.pooled, p + self.net.fc_w, p + self.net.fc_b, hp.logits, n, c, k);
-        self.be.softmax_xent(hp.logits, n, k, hp.result, hp.g_logits);
+        let (pooled, logits) = (hp.pooled.rows(n), hp.logits.rows(n));
+        self.be.global_avg_pool(a, pooled);
+        let (w, b) = self.classifier(self.plan.params);
+        self.be.linear(pooled, w, b, logits);
+        self.be.softmax_xent(logits, hp.result.at(0, 2), hp.g_logits.rows(n));
     }
 
     fn head_backward(&mut self, hp: &HeadPlan, n: usize) {
         let a = hp.a.batch(n);
-        let (c, k) = (a.c, self.cfg.num_classes);
-        let (p, g) = (self.plan.params, self.plan.grads);
-        let (w, bias) = (self.net.fc_w, self.net.fc_b);
-        self.be.linear_backward(hp.pooled, p + w, hp.g_logits, hp.g_pooled, g + w, g + bias, n, c, k);
-        self.be.global_avg_pool_backward(hp.g_pooled, a);
+        let (w, _) = self.classifier(self.plan.params);
+        let (gw, gb) = self.classifier(self.plan.grads);
+        let (pooled, g_pooled) = (hp.pooled.rows(n), hp.g_pooled.rows(n));
+        self.be.linear_backward(pooled, w, hp.g_logits.rows(n), g_pooled, gw, gb);
+        self.be.global_avg_pool_backward(g_pooled, a);
         let bn = self.net.head_bn;
         self.bn_relu_backward(&bn, hp.stats_in, a, hp.input.batch(n), hp.g_in.batch(n), false);
     }

@@ -12,7 +12,7 @@
 //! Outside `naive`, the views named for BN-ReLU outputs (a1, a2, a) hold their gradients.
 
 use super::net::Net;
-use crate::backend::{ConvShape, ConvSpec, View};
+use crate::backend::{aligned, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
 use crate::config::{BlockGeom, NetConfig, Stem};
 use crate::{bail, Error, Result};
 use std::fmt;
@@ -108,17 +108,19 @@ impl Category {
     }
 }
 
-/// One named arena region.
+/// One named arena region, [`ALIGN`](crate::backend::ALIGN)ed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
     /// What it holds.
     pub name: String,
     /// Report category.
     pub category: Category,
-    /// Offset in floats.
+    /// Byte offset.
     pub off: usize,
-    /// Length in floats.
+    /// Elements.
     pub len: usize,
+    /// Element type.
+    pub dtype: DType,
     /// The tag of the tensor the region holds (a shared scratch region's own tag; the
     /// tensors that share it have theirs).
     pub tag: u32,
@@ -134,19 +136,15 @@ pub struct Tag {
     pub region: usize,
 }
 
-/// Mean and variance offsets (per channel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stats {
-    /// Mean offset.
-    pub mean: usize,
-    /// Variance offset.
-    pub var: usize,
-}
+impl Region {
+    /// Bytes of its elements (before alignment).
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
 
-impl Stats {
-    /// The statistics of channels `[c0, ..)`.
-    pub fn from(self, c0: usize) -> Stats {
-        Stats { mean: self.mean + c0, var: self.var + c0 }
+    /// One past its last byte.
+    pub fn end(&self) -> usize {
+        self.off + self.bytes()
     }
 }
 
@@ -168,9 +166,9 @@ pub struct LayerPlan {
     /// Block gradient of the output channels.
     pub g_out: View,
     /// Block statistics of the input channels.
-    pub stats_in: Stats,
+    pub stats_in: Moments,
     /// Block statistics of the output channels (written after the layer).
-    pub stats_out: Stats,
+    pub stats_out: Moments,
 }
 
 /// Where a bottleneck layer's inner tensors live.
@@ -181,7 +179,7 @@ pub struct BottleneckPlan {
     /// Its BN-ReLU output (kept in `naive`), then its gradient.
     pub a2: View,
     /// BN2 batch statistics.
-    pub stats: Stats,
+    pub stats: Moments,
 }
 
 /// Where a transition's tensors live.
@@ -200,9 +198,9 @@ pub struct TransitionPlan {
     /// Gradient of `out`.
     pub g_out: View,
     /// Statistics of the input block.
-    pub stats_in: Stats,
+    pub stats_in: Moments,
     /// Statistics of `out` in the next block.
-    pub stats_out: Stats,
+    pub stats_out: Moments,
 }
 
 /// Where the stem's tensors live.
@@ -215,9 +213,9 @@ pub struct StemPlan {
     /// Gradient of `out`.
     pub g_out: View,
     /// Statistics of `out`.
-    pub stats_out: Stats,
+    pub stats_out: Moments,
     /// ImageNet: (stem BN statistics, BN-ReLU output, gradient slot of that output).
-    pub pool: Option<(Stats, View, View)>,
+    pub pool: Option<(Moments, View, View)>,
 }
 
 /// Where the classifier's tensors live.
@@ -230,18 +228,20 @@ pub struct HeadPlan {
     /// Its gradient target (the last block's gradient).
     pub g_in: View,
     /// Statistics of the last block.
-    pub stats_in: Stats,
+    pub stats_in: Moments,
     /// Pooled features [n, C].
-    pub pooled: usize,
+    pub pooled: Matrix,
     /// Gradient of the pooled features.
-    pub g_pooled: usize,
+    pub g_pooled: Matrix,
     /// Logits [n, classes].
-    pub logits: usize,
+    pub logits: Matrix,
     /// Gradient of the logits.
-    pub g_logits: usize,
+    pub g_logits: Matrix,
     /// `[loss, correct, SGD non-finite flag, running-statistics non-finite flag]`
     /// ([`RESULT_LEN`] floats).
-    pub result: usize,
+    pub result: Span,
+    /// The SGD settings the step's update reads ([`Sgd::floats`]).
+    pub sgd: Span,
 }
 
 /// The whole arena layout for one network, batch size, input size and mode.
@@ -255,16 +255,16 @@ pub struct Plan {
     pub regions: Vec<Region>,
     /// Every planned tensor, by tag (see [`Tag`]).
     pub tags: Vec<Tag>,
-    /// Arena length in floats.
+    /// Arena length in bytes.
     pub len: usize,
-    /// Parameter buffer offset.
-    pub params: usize,
-    /// Gradient buffer offset (same layout).
-    pub grads: usize,
-    /// Momentum buffer offset (same layout).
-    pub momentum: usize,
-    /// Running statistics buffer offset.
-    pub stats: usize,
+    /// The parameter buffer.
+    pub params: Span,
+    /// The gradient buffer (same layout).
+    pub grads: Span,
+    /// The momentum buffer (same layout).
+    pub momentum: Span,
+    /// The running statistics buffer.
+    pub stats: Span,
     /// Input images [n, 3, H, W].
     pub image: View,
     /// Stem.
@@ -275,8 +275,8 @@ pub struct Plan {
     pub transitions: Vec<TransitionPlan>,
     /// Classifier.
     pub head: HeadPlan,
-    /// Convolution workspace region (offset, floats).
-    pub workspace: (usize, usize),
+    /// Convolution workspace region.
+    pub workspace: Span,
     /// Every distinct convolution shape, for workspace sizing and algorithm selection.
     pub convs: Vec<ConvShape>,
     /// Bytes kept outside the arena (the labels).
@@ -288,12 +288,12 @@ pub struct Plan {
 /// a running statistic is not finite.
 pub const RESULT_LEN: usize = 4;
 
-/// Bump allocator over the arena, 64-byte aligned regions.
+/// Bump allocator over the arena, [`ALIGN`](crate::backend::ALIGN)ed regions.
 struct Arena {
     regions: Vec<Region>,
     tags: Vec<Tag>,
     top: usize,
-    /// The region index of each shared scratch region ([`Slot`]), and the most floats its
+    /// The region index of each shared scratch region ([`Slot`]), and the most elements its
     /// tensors have asked for.
     slots: [usize; SLOTS],
     need: [usize; SLOTS],
@@ -332,20 +332,22 @@ impl Arena {
         self.tags.len() as u32
     }
 
-    fn take(&mut self, name: impl Into<String>, category: Category, len: usize) -> usize {
-        let (off, name) = (self.top, name.into());
-        self.top += len.div_ceil(16) * 16;
-        let tag = self.tag(name.clone(), self.regions.len());
-        self.regions.push(Region { name, category, off, len, tag });
-        off
+    /// A region of `len` f32, tagged as its own tensor.
+    fn take(&mut self, name: impl Into<String>, category: Category, len: usize) -> Span {
+        let (off, name, dtype) = (self.top, name.into(), DType::F32);
+        let r = Region { name: name.clone(), category, off, len, dtype, tag: 0 };
+        self.top += aligned(r.bytes());
+        let tag = self.tag(name, self.regions.len());
+        self.regions.push(Region { tag, ..r });
+        Span { off, len, dtype, tag }
     }
 
     fn tensor(&mut self, name: impl Into<String>, category: Category, n: usize, c: usize, h: usize, w: usize) -> View {
-        let off = self.take(name, category, n * c * h * w);
-        View::dense(off, n, c, h, w).tagged(self.regions[self.regions.len() - 1].tag)
+        let s = self.take(name, category, n * c * h * w);
+        View::dense(s.off, n, c, h, w).tagged(s.tag)
     }
 
-    /// Takes the shared scratch regions, `sizes[s]` floats for slot `s`.
+    /// Takes the shared scratch regions, `sizes[s]` elements for slot `s`.
     fn scratch(&mut self, sizes: [usize; SLOTS]) {
         for (i, s) in [Slot::Act, Slot::Mid, Slot::Mid2].into_iter().enumerate() {
             self.take(s.name(), Category::Scratch, sizes[i]);
@@ -362,18 +364,18 @@ impl Arena {
         View::dense(self.regions[region].off, n, c, h, w).tagged(tag)
     }
 
-    fn stats(&mut self, name: impl Into<String>, c: usize) -> Stats {
-        let mean = self.take(name, Category::Activations, 2 * c);
-        Stats { mean, var: mean + c }
+    fn stats(&mut self, name: impl Into<String>, c: usize) -> Moments {
+        let s = self.take(name, Category::Activations, 2 * c);
+        Moments { mean: s.at(0, c), var: s.at(c, c) }
     }
 }
 
 /// What one pass of the layout lays out besides the shared regions and the workspace.
 struct Parts {
-    params: usize,
-    stats: usize,
-    grads: usize,
-    momentum: usize,
+    params: Span,
+    stats: Span,
+    grads: Span,
+    momentum: Span,
     image: View,
     stem: StemPlan,
     layers: Vec<Vec<LayerPlan>>,
@@ -384,7 +386,7 @@ struct Parts {
 /// The block buffers: features, their statistics and their gradients, one of each per block.
 struct Blocks {
     x: Vec<View>,
-    stats: Vec<Stats>,
+    stats: Vec<Moments>,
     g: Vec<View>,
 }
 
@@ -471,7 +473,7 @@ impl<'a> Planner<'a> {
     fn stem(&mut self, blocks: &Blocks, h: usize, w: usize) -> StemPlan {
         let (n, c0) = (self.n, self.cfg.stem_channels);
         let first = blocks.x[0].channels(0, c0);
-        let (g_out, stats_out) = (blocks.g[0].channels(0, c0), blocks.stats[0]);
+        let (g_out, stats_out) = (blocks.g[0].channels(0, c0), blocks.stats[0].channels(0, c0));
         match self.cfg.stem {
             Stem::Cifar => {
                 self.conv(ConvSpec::SAME3, 3, c0, h, w);
@@ -524,8 +526,8 @@ impl<'a> Planner<'a> {
                 out: x.channels(c, k),
                 g_in: gx.channels(0, c),
                 g_out: gx.channels(c, k),
-                stats_in: st,
-                stats_out: st.from(c),
+                stats_in: st.channels(0, c),
+                stats_out: st.channels(c, k),
             });
         }
         plans
@@ -548,7 +550,7 @@ impl<'a> Planner<'a> {
             g_in: blocks.g[b],
             g_out: blocks.g[b + 1].channels(0, c_out),
             stats_in: blocks.stats[b],
-            stats_out: blocks.stats[b + 1],
+            stats_out: blocks.stats[b + 1].channels(0, c_out),
         }
     }
 
@@ -558,16 +560,23 @@ impl<'a> Planner<'a> {
         let (gl, n, classes) = (self.geo[last], self.n, self.cfg.num_classes);
         let c = gl.c_final;
         let a = self.kept_or_slot(Slot::Act, "head a".into(), c, gl.h, gl.w);
+        let pooled = self.ar.take("pooled features", Category::Activations, n * c).matrix(n, c);
+        let logits = self.ar.take("logits", Category::Activations, n * classes).matrix(n, classes);
+        let g_pooled = self.ar.take("pooled gradient", Category::Scratch, n * c).matrix(n, c);
+        let g_logits = self.ar.take("logits gradient", Category::Scratch, n * classes).matrix(n, classes);
+        let control = "loss, correct count, non-finite flags and SGD settings";
+        let control = self.ar.take(control, Category::Scratch, RESULT_LEN + Sgd::LEN);
         HeadPlan {
             input: blocks.x[last],
             a,
             g_in: blocks.g[last],
             stats_in: blocks.stats[last],
-            pooled: self.ar.take("pooled features", Category::Activations, n * c),
-            logits: self.ar.take("logits", Category::Activations, n * classes),
-            g_pooled: self.ar.take("pooled gradient", Category::Scratch, n * c),
-            g_logits: self.ar.take("logits gradient", Category::Scratch, n * classes),
-            result: self.ar.take("loss, correct count and non-finite flags", Category::Scratch, RESULT_LEN),
+            pooled,
+            logits,
+            g_pooled,
+            g_logits,
+            result: control.at(0, RESULT_LEN),
+            sgd: control.at(RESULT_LEN, Sgd::LEN),
         }
     }
 }
@@ -596,7 +605,8 @@ impl Plan {
         let (mut p, parts) = Planner::new(cfg, net, &geo, batch, mode, need).pass(h, w);
         assert_eq!(p.ar.need, need, "the two passes of the layout disagree");
         let ws = workspace_len(&p.convs)?;
-        let workspace = (p.ar.take("convolution workspace", Category::Workspace, ws), ws);
+        assert!(ws.is_multiple_of(DType::F32.size()), "a workspace of {ws} bytes");
+        let workspace = p.ar.take("convolution workspace", Category::Workspace, ws / DType::F32.size());
         Ok(Plan {
             mode,
             batch,
@@ -618,16 +628,15 @@ impl Plan {
         })
     }
 
-    /// Bytes planned for one category (regions rounded to their 64-byte alignment; the labels
-    /// count as activations).
+    /// Bytes planned for one category (regions rounded to their alignment; the labels count as
+    /// activations).
     pub fn bytes(&self, category: Category) -> usize {
-        let arena: usize =
-            self.regions.iter().filter(|r| r.category == category).map(|r| r.len.div_ceil(16) * 16 * 4).sum();
+        let arena: usize = self.regions.iter().filter(|r| r.category == category).map(|r| aligned(r.bytes())).sum();
         arena + if category == Category::Activations { self.label_bytes } else { 0 }
     }
 
     /// Total planned bytes: the arena plus the labels.
     pub fn total_bytes(&self) -> usize {
-        self.len * 4 + self.label_bytes
+        self.len + self.label_bytes
     }
 }

@@ -17,6 +17,19 @@ pub(super) struct Affine {
     pub inv_std: f32,
 }
 
+/// The coefficients of the BN input gradient `k * (gm - mg - xhat * mgx)` of one channel.
+#[derive(Clone, Copy)]
+pub(super) struct Grad {
+    /// gamma / sqrt(var + eps).
+    pub k: f32,
+    /// Mean of the masked output gradient.
+    pub mg: f32,
+    /// Mean of the masked output gradient times xhat.
+    pub mgx: f32,
+    /// Add to the destination instead of overwriting it.
+    pub accumulate: bool,
+}
+
 /// `(sum(x - s), sum((x - s)^2))`.
 pub(super) fn moments(x: &[f32], s: f32) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
@@ -51,24 +64,15 @@ pub(super) fn grad_sums(g: &[f32], x: &[f32], f: Affine) -> (f64, f64) {
     })
 }
 
-/// The BN input gradient `k * (gm - mg - xhat * mgx)`, written into `d` (or added to it);
-/// `g = None` reads the output gradient from `d` itself (in place).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn grad(
-    d: &mut [f32],
-    g: Option<&[f32]>,
-    x: &[f32],
-    f: Affine,
-    k: f32,
-    mg: f32,
-    mgx: f32,
-    accumulate: bool,
-) {
+/// The BN input gradient of [`Grad`], written into `d` (or added to it); `g = None` reads the
+/// output gradient from `d` itself (in place).
+pub(super) fn grad(d: &mut [f32], g: Option<&[f32]>, x: &[f32], f: Affine, c: Grad) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::grad(d, g, x, f, k, mg, mgx, accumulate) };
+        return unsafe { avx2::grad(d, g, x, f, c) };
     }
+    let Grad { k, mg, mgx, accumulate } = c;
     for i in 0..d.len() {
         let gv = g.map_or(d[i], |g| g[i]);
         let gm = if x[i] * f.scale + f.shift > 0.0 { gv } else { 0.0 };
@@ -79,7 +83,7 @@ pub(super) fn grad(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Affine;
+    use super::{Affine, Grad};
     use std::arch::x86_64::*;
 
     /// Adds the 8 lanes in f64.
@@ -158,17 +162,8 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn grad(
-        d: &mut [f32],
-        g: Option<&[f32]>,
-        x: &[f32],
-        f: Affine,
-        k: f32,
-        mg: f32,
-        mgx: f32,
-        acc: bool,
-    ) {
+    pub(super) unsafe fn grad(d: &mut [f32], g: Option<&[f32]>, x: &[f32], f: Affine, c: Grad) {
+        let Grad { k, mg, mgx, accumulate: acc } = c;
         let (sc, sh) = (_mm256_set1_ps(f.scale), _mm256_set1_ps(f.shift));
         let (mean, inv) = (_mm256_set1_ps(f.mean), _mm256_set1_ps(f.inv_std));
         let (kv, mgv, mgxv) = (_mm256_set1_ps(k), _mm256_set1_ps(mg), _mm256_set1_ps(mgx));

@@ -11,7 +11,7 @@
 //! transformed image is written to the slot's input area first.
 
 use super::bnvec;
-use super::matmul::{self, matmul, matmul_nt, pack, Pre, Shifted};
+use super::matmul::{self, matmul, matmul_nt, pack, Dims, Dst, Pre, Shifted, Src};
 use super::norm::affine;
 use super::{image_chunk, Ptr};
 use crate::backend::{Bn, ConvShape, ConvSpec, View};
@@ -292,13 +292,14 @@ unsafe fn source<'a>(x: &'a [f32], pre: Option<Pre>, input: Ptr, g: &Geo) -> (&'
 /// `y` is this task's and overlaps neither `x`, `w` nor `area`; `pre` only if [`fuses`].
 unsafe fn image_forward(x: &[f32], pre: Option<Pre>, w: *const f32, y: *mut f32, g: &Geo, area: Ptr) {
     if is_pointwise(g.spec) {
-        matmul(g.cout, g.p(), g.cin, y, g.p(), false, w, x.as_ptr(), g.p(), pre);
+        let d = Dims { m: g.cout, n: g.p(), k: g.cin };
+        matmul(d, Dst { ptr: y, ld: g.p(), acc: false }, w, Src { ptr: x.as_ptr(), ld: g.p() }, pre);
     } else if direct(g.spec) {
         #[cfg(target_arch = "x86_64")]
         {
             let mut offs = [0; 49];
             let xs = g.padded(x, pre, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
-            matmul::conv_direct(g.cout, g.r, w, xs, g.ho, g.wo, y, g.p());
+            matmul::conv_direct(g.cout, g.r, w, xs, (g.ho, g.wo), Dst { ptr: y, ld: g.p(), acc: false });
         }
     } else {
         assert!(pre.is_none(), "im2col path without fused BN-ReLU");
@@ -307,7 +308,8 @@ unsafe fn image_forward(x: &[f32], pre: Option<Pre>, w: *const f32, y: *mut f32,
             let cols = area.get_mut(0, g.r * tp);
             let y = y.add(rows.start * g.wo);
             im2col(x, cols, g, rows);
-            matmul(g.cout, tp, g.r, y, g.p(), false, w, cols.as_ptr(), tp, None);
+            let d = Dims { m: g.cout, n: tp, k: g.r };
+            matmul(d, Dst { ptr: y, ld: g.p(), acc: false }, w, Src { ptr: cols.as_ptr(), ld: tp }, None);
         }
     }
 }
@@ -356,10 +358,14 @@ pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View
                 if same(spec) {
                     image_forward(a.get(gyo, g.cout * g.p()), None, wt.at(0), a.at(gxo), &flipped, area);
                 } else if is_pointwise(spec) {
-                    matmul(g.cin, g.p(), g.cout, a.at(gxo), g.p(), false, wt.at(0), a.at(gyo), g.p(), None);
+                    let (d, dst) =
+                        (Dims { m: g.cin, n: g.p(), k: g.cout }, Dst { ptr: a.at(gxo), ld: g.p(), acc: false });
+                    matmul(d, dst, wt.at(0), Src { ptr: a.at(gyo), ld: g.p() }, None);
                 } else {
                     let cols = area.get_mut(0, g.r * g.p());
-                    matmul(g.r, g.p(), g.cout, cols.as_mut_ptr(), g.p(), false, wt.at(0), a.at(gyo), g.p(), None);
+                    let d = Dims { m: g.r, n: g.p(), k: g.cout };
+                    let dst = Dst { ptr: cols.as_mut_ptr(), ld: g.p(), acc: false };
+                    matmul(d, dst, wt.at(0), Src { ptr: a.at(gyo), ld: g.p() }, None);
                     col2im(cols, a.get_mut(gxo, g.cin * g.h * g.w), &g);
                 }
             }
@@ -382,23 +388,28 @@ pub(super) fn backward_filter(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, g
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
                 let (xs, pre) = source(a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w), pre, input, &g);
+                let gys = Src { ptr: gyp, ld: g.p() };
                 if is_pointwise(spec) {
-                    matmul_nt(g.cout, g.cin, g.p(), dw, g.cin, i > 0, (gyp, g.p()), (xs.as_ptr(), g.p()), pack, pre);
+                    let (d, dst) = (Dims { m: g.cout, n: g.cin, k: g.p() }, Dst { ptr: dw, ld: g.cin, acc: i > 0 });
+                    matmul_nt(d, dst, gys, Src { ptr: xs.as_ptr(), ld: g.p() }, pack, pre);
                 } else if direct(spec) {
                     #[cfg(target_arch = "x86_64")]
                     {
                         let mut offs = [0; 49];
                         let shifted = g.padded(xs, pre, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
-                        matmul::conv_direct_filter(g.cout, g.r, (gyp, g.p()), shifted, g.ho, g.wo, dw, i > 0, pack);
+                        let dst = Dst { ptr: dw, ld: g.r, acc: i > 0 };
+                        matmul::conv_direct_filter((g.cout, g.r), gys, shifted, (g.ho, g.wo), dst, pack);
                     }
                 } else {
                     assert!(pre.is_none(), "im2col path without fused BN-ReLU");
                     for rows in g.tiles() {
                         let (tp, first) = (rows.len() * g.wo, rows.start == 0);
                         let cols = area.get_mut(0, g.r * tp);
-                        let gyt = (gyp.add(rows.start * g.wo), g.p());
+                        let gyt = Src { ptr: gyp.add(rows.start * g.wo), ld: g.p() };
                         im2col(xs, cols, &g, rows);
-                        matmul_nt(g.cout, g.r, tp, dw, g.r, i > 0 || !first, gyt, (cols.as_ptr(), tp), pack, None);
+                        let (d, dst) =
+                            (Dims { m: g.cout, n: g.r, k: tp }, Dst { ptr: dw, ld: g.r, acc: i > 0 || !first });
+                        matmul_nt(d, dst, gyt, Src { ptr: cols.as_ptr(), ld: tp }, pack, None);
                     }
                 }
             }

@@ -1,8 +1,11 @@
 //! The classifier's linear layer (small: [n, C] x [classes, C]).
 
-/// `y = x w^T + b` for a small classifier.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn linear(arena: &mut [f32], x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
+use crate::backend::{Matrix, Span};
+
+/// `y = x w^T + b` for a small classifier (operands checked by the caller).
+pub(super) fn linear(arena: &mut [f32], x: Matrix, w: Matrix, b: Span, y: Matrix) {
+    let (n, cin, cout) = (x.rows, x.cols, w.rows);
+    let (x, w, b, y) = (x.data.index(), w.data.index(), b.index(), y.data.index());
     for i in 0..n {
         for k in 0..cout {
             let xs = &arena[x + i * cin..][..cin];
@@ -14,19 +17,10 @@ pub(super) fn linear(arena: &mut [f32], x: usize, w: usize, b: usize, y: usize, 
 }
 
 /// Backward of [`linear`]: overwrites gx [n, cin], gw [cout, cin], gb [cout].
-#[allow(clippy::too_many_arguments)]
-pub(super) fn linear_backward(
-    arena: &mut [f32],
-    x: usize,
-    w: usize,
-    gy: usize,
-    gx: usize,
-    gw: usize,
-    gb: usize,
-    n: usize,
-    cin: usize,
-    cout: usize,
-) {
+pub(super) fn linear_backward(arena: &mut [f32], x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
+    let (n, cin, cout) = (x.rows, x.cols, w.rows);
+    let (x, w, gy) = (x.data.index(), w.data.index(), gy.data.index());
+    let (gx, gw, gb) = (gx.data.index(), gw.data.index(), gb.index());
     for k in 0..cout {
         arena[gb + k] = (0..n).map(|i| arena[gy + i * cout + k] as f64).sum::<f64>() as f32;
         for j in 0..cin {

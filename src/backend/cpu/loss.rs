@@ -1,15 +1,11 @@
 //! Softmax cross-entropy with top-1 accuracy.
 
+use crate::backend::{Matrix, Span};
+
 /// Mean softmax cross-entropy, top-1 correct count and dloss/dlogits.
-pub(super) fn softmax_xent(
-    arena: &mut [f32],
-    labels: &[u32],
-    logits: usize,
-    n: usize,
-    k: usize,
-    out: usize,
-    glogits: usize,
-) {
+pub(super) fn softmax_xent(arena: &mut [f32], labels: &[u32], logits: Matrix, out: Span, glogits: Matrix) {
+    let (n, k) = (logits.rows, logits.cols);
+    let (logits, out, glogits) = (logits.data.index(), out.index(), glogits.data.index());
     let (mut loss, mut correct) = (0.0f64, 0usize);
     for (i, &label) in labels.iter().enumerate() {
         let z = &arena[logits + i * k..][..k];

@@ -45,6 +45,37 @@ pub(super) struct Pre {
 unsafe impl Send for Pre {}
 unsafe impl Sync for Pre {}
 
+/// The shape of a product `Y[m x n] = A[m x k] * B[k x n]` (or `* B[n x k]^T`).
+#[derive(Clone, Copy)]
+pub(super) struct Dims {
+    /// Rows of Y and A.
+    pub m: usize,
+    /// Columns of Y.
+    pub n: usize,
+    /// The depth summed over.
+    pub k: usize,
+}
+
+/// A row-major operand read in place: row i at `ptr + i * ld`.
+#[derive(Clone, Copy)]
+pub(super) struct Src {
+    /// Row 0.
+    pub ptr: *const f32,
+    /// Floats between rows.
+    pub ld: usize,
+}
+
+/// A product's destination: row i at `ptr + i * ld`, overwritten, or added to when `acc`.
+#[derive(Clone, Copy)]
+pub(super) struct Dst {
+    /// Row 0.
+    pub ptr: *mut f32,
+    /// Floats between rows.
+    pub ld: usize,
+    /// Add the product to what is there.
+    pub acc: bool,
+}
+
 /// An implicit im2col matrix: row `c * offs.len() + r` is channel `c` of a zero-padded image
 /// shifted by `offs[r]`; pixel (oy, ox) of a row is at `oy * ld + ox`.
 #[derive(Clone, Copy)]
@@ -70,43 +101,31 @@ impl Shifted<'_> {
     }
 }
 
-/// `y[m x p] (row stride ldy) = [y +] a[m x k] (row-major) * pre(b[k x p]) (row stride ldb)`.
+/// `y[m x n] (+)= a[m x k] (row-major) * pre(b[k x n])`.
 ///
 /// # Safety
 /// The pointers cover the stated extents; `y` overlaps neither `a` nor `b`; `pre` only when
 /// [`simd`] is true (the caller applies it otherwise).
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn matmul(
-    m: usize,
-    p: usize,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-    accumulate: bool,
-    a: *const f32,
-    b: *const f32,
-    ldb: usize,
-    pre: Option<Pre>,
-) {
+pub(super) unsafe fn matmul(d: Dims, y: Dst, a: *const f32, b: Src, pre: Option<Pre>) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        return avx2::matmul(m, p, k, y, ldy, accumulate, a, b, ldb, pre);
+        return avx2::matmul(d, y, a, b, pre);
     }
     assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
     gemm::gemm(
-        m,
-        p,
-        k,
-        y,
+        d.m,
+        d.n,
+        d.k,
+        y.ptr,
         1,
-        ldy as isize,
-        accumulate,
+        y.ld as isize,
+        y.acc,
         a,
         1,
-        k as isize,
-        b,
+        d.k as isize,
+        b.ptr,
         1,
-        ldb as isize,
+        b.ld as isize,
         1.0f32,
         1.0f32,
         false,
@@ -116,44 +135,32 @@ pub(super) unsafe fn matmul(
     )
 }
 
-/// `y[m x n] (row stride ldy) = [y +] a[m x p] (row stride lda) * pre(b[n x p])^T (row stride
-/// ldb)`; `pack` is scratch of [`nt_pack_len`]`(1, p)` floats.
+/// `y[m x n] (+)= a[m x k] * pre(b[n x k])^T`; `pack` is scratch of [`nt_pack_len`]`(1, k)`
+/// floats.
 ///
 /// # Safety
 /// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn matmul_nt(
-    m: usize,
-    n: usize,
-    p: usize,
-    y: *mut f32,
-    ldy: usize,
-    accumulate: bool,
-    a: (*const f32, usize),
-    b: (*const f32, usize),
-    pack: *mut f32,
-    pre: Option<Pre>,
-) {
+pub(super) unsafe fn matmul_nt(d: Dims, y: Dst, a: Src, b: Src, pack: *mut f32, pre: Option<Pre>) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        let walk = avx2::Walk { rows: 1, cols: p, lda: 0, ldb: 0 };
-        return avx2::nt(m, n, y, ldy, accumulate, a, walk, |j| b.0.add(j * b.1), pack, pre);
+        let walk = avx2::Walk { rows: 1, cols: d.k, lda: 0, ldb: 0 };
+        return avx2::nt((d.m, d.n), y, a, walk, |j| b.ptr.add(j * b.ld), pack, pre);
     }
     assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
     let _ = pack;
     gemm::gemm(
-        m,
-        n,
-        p,
-        y,
+        d.m,
+        d.n,
+        d.k,
+        y.ptr,
         1,
-        ldy as isize,
-        accumulate,
-        a.0,
+        y.ld as isize,
+        y.acc,
+        a.ptr,
         1,
-        a.1 as isize,
-        b.0,
-        b.1 as isize,
+        a.ld as isize,
+        b.ptr,
+        b.ld as isize,
         1,
         1.0f32,
         1.0f32,
@@ -164,45 +171,32 @@ pub(super) unsafe fn matmul_nt(
     )
 }
 
-/// `y[m x ho*wo] (row stride ldy) = a[m x k] * x` for the implicit im2col `x` (k rows).
+/// `y[m x ho*wo] (+)= a[m x k] * x` for the implicit im2col `x` (k rows) of an `out` = (ho, wo)
+/// output.
 ///
 /// # Safety
 /// [`simd`] is true; the padded image covers every tap of every output pixel.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn conv_direct(
-    m: usize,
-    k: usize,
-    a: *const f32,
-    x: Shifted,
-    ho: usize,
-    wo: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    avx2::direct(m, k, a, x, ho, wo, y, ldy)
+pub(super) unsafe fn conv_direct(m: usize, k: usize, a: *const f32, x: Shifted, out: (usize, usize), y: Dst) {
+    avx2::direct(m, k, a, x, out, y)
 }
 
-/// `dw[m x n] (+)= gy[m x ho*wo] (row stride ldg) * x^T` for the implicit im2col `x` (n rows);
-/// `pack` is scratch of [`nt_pack_len`]`(ho, wo)` floats.
+/// `dw[m x n] (+)= gy[m x ho*wo] * x^T` for the implicit im2col `x` (n rows) of an `out` =
+/// (ho, wo) output; `pack` is scratch of [`nt_pack_len`]`(ho, wo)` floats.
 ///
 /// # Safety
 /// As [`conv_direct`].
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn conv_direct_filter(
-    m: usize,
-    n: usize,
-    gy: (*const f32, usize),
+    (m, n): (usize, usize),
+    gy: Src,
     x: Shifted,
-    ho: usize,
-    wo: usize,
-    dw: *mut f32,
-    accumulate: bool,
+    (ho, wo): (usize, usize),
+    dw: Dst,
     pack: *mut f32,
 ) {
     let walk = avx2::Walk { rows: ho, cols: wo, lda: wo, ldb: x.ld };
-    avx2::nt(m, n, dw, n, accumulate, gy, walk, |j| x.row(j), pack, None)
+    avx2::nt((m, n), dw, gy, walk, |j| x.row(j), pack, None)
 }
 
 /// Floats of the scratch [`matmul_nt`] and [`conv_direct_filter`] need for products over
@@ -216,7 +210,7 @@ pub(super) fn nt_pack_len(rows: usize, cols: usize) -> usize {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Pre, Shifted};
+    use super::{Dims, Dst, Pre, Shifted, Src};
     use std::arch::x86_64::*;
 
     /// `relu(v * scale[row] + shift[row])` when `pre` is set.
@@ -261,18 +255,9 @@ mod avx2 {
     /// Accumulates an R x 16 block over k rows of B (the first `cols` columns when MASKED),
     /// then stores (or adds) it into y.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, const MASKED: bool>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: Rows,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-        cols: usize,
-    ) {
+    unsafe fn block<const R: usize, const MASKED: bool>(k: usize, a: Src, b: Rows, y: Dst, cols: usize) {
         let (m0, m1) = masks(cols);
+        let (a, lda, acc) = (a.ptr, a.ld, y.acc);
         let mut c = [[_mm256_setzero_ps(); 2]; R];
         // A macro, not a closure: closures do not inherit `target_feature`.
         macro_rules! step {
@@ -309,7 +294,7 @@ mod avx2 {
             }
         }
         for (r, cr) in c.iter().enumerate() {
-            let out = y.add(r * ldy);
+            let out = y.ptr.add(r * y.ld);
             let (mut v0, mut v1) = (cr[0], cr[1]);
             if MASKED {
                 if acc {
@@ -329,29 +314,19 @@ mod avx2 {
         }
     }
 
-    /// Every 6-row block of A against one 16-column tile of B.
+    /// Every 6-row block of A (m rows, depth k) against one 16-column tile of B.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
-        m: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: Rows,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-        cols: usize,
-    ) {
+    unsafe fn tile(m: usize, k: usize, a: Src, b: Rows, y: Dst, cols: usize) {
         let mut i = 0;
         while i < m {
-            let (ap, yp) = (a.add(i * lda), y.add(i * ldy));
+            let ap = Src { ptr: a.ptr.add(i * a.ld), ..a };
+            let yp = Dst { ptr: y.ptr.add(i * y.ld), ..y };
             macro_rules! run {
                 ($r:literal) => {
                     if cols == 16 {
-                        block::<$r, false>(k, ap, lda, b, yp, ldy, acc, cols)
+                        block::<$r, false>(k, ap, b, yp, cols)
                     } else {
-                        block::<$r, true>(k, ap, lda, b, yp, ldy, acc, cols)
+                        block::<$r, true>(k, ap, b, yp, cols)
                     }
                 };
             }
@@ -368,19 +343,9 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn matmul(
-        m: usize,
-        p: usize,
-        k: usize,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-        a: *const f32,
-        b: *const f32,
-        ldb: usize,
-        pre: Option<Pre>,
-    ) {
+    pub(super) unsafe fn matmul(d: Dims, y: Dst, a: *const f32, b: Src, pre: Option<Pre>) {
+        let Dims { m, n: p, k } = d;
+        let (b, ldb) = (b.ptr, b.ld);
         // B is consumed in panels of KC rows x 16 columns, copied into a contiguous buffer
         // first: rows of B are whole image planes apart (often a multiple of 4 KB), which would
         // alias in L1 and miss on every row if read in place. GROUP panels side by side are
@@ -410,7 +375,8 @@ mod avx2 {
                 for t in 0..tiles {
                     let (j, cols) = (j0 + 16 * t, (p - j0 - 16 * t).min(16));
                     let rows = Rows::Panel(panels.as_ptr().add(t * KC * 16));
-                    tile(m, kc, a.add(k0), k, rows, y.add(j), ldy, acc || k0 > 0, cols);
+                    let dst = Dst { ptr: y.ptr.add(j), acc: y.acc || k0 > 0, ..y };
+                    tile(m, kc, Src { ptr: a.add(k0), ld: k }, rows, dst, cols);
                 }
                 j0 += 16 * GROUP;
             }
@@ -419,22 +385,14 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn direct(
-        m: usize,
-        k: usize,
-        a: *const f32,
-        x: Shifted,
-        ho: usize,
-        wo: usize,
-        y: *mut f32,
-        ldy: usize,
-    ) {
+    pub(super) unsafe fn direct(m: usize, k: usize, a: *const f32, x: Shifted, (ho, wo): (usize, usize), y: Dst) {
+        let a = Src { ptr: a, ld: k };
         if wo == 8 {
             // Two image rows per 16-pixel run (the output rows are contiguous).
             for oy in (0..ho).step_by(2) {
                 let rows = Rows::Shifted(Shifted { base: x.base.add(oy * x.ld), hi: x.ld, ..x });
-                tile(m, k, a, k, rows, y.add(oy * wo), ldy, false, if oy + 1 < ho { 16 } else { 8 });
+                let dst = Dst { ptr: y.ptr.add(oy * wo), ..y };
+                tile(m, k, a, rows, dst, if oy + 1 < ho { 16 } else { 8 });
             }
             return;
         }
@@ -443,7 +401,7 @@ mod avx2 {
             while ox < wo {
                 let cols = (wo - ox).min(16);
                 let rows = Rows::Shifted(Shifted { base: x.base.add(oy * x.ld + ox), hi: 8, ..x });
-                tile(m, k, a, k, rows, y.add(oy * wo + ox), ldy, false, cols);
+                tile(m, k, a, rows, Dst { ptr: y.ptr.add(oy * wo + ox), ..y }, cols);
                 ox += 16;
             }
         }
@@ -460,19 +418,15 @@ mod avx2 {
     }
 
     /// `y[m x n] (+)= a[m rows] . b[n rows]` over the pixels of `walk`; A row i starts at
-    /// `a.0 + i * a.1`, B row j at `brow(j)`. Blocks of 3 x 3 dot products keep 9
+    /// `a.ptr + i * a.ld`, B row j at `brow(j)`. Blocks of 3 x 3 dot products keep 9
     /// accumulators in registers. Each group of three B rows is first interleaved into `pack`
     /// ([`pack_len`] floats): rows of B are whole planes apart and would alias in L1 with
     /// each other and with A; packed, they stay in L1 while every block of A streams past.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn nt(
-        m: usize,
-        n: usize,
-        y: *mut f32,
-        ldy: usize,
-        acc: bool,
-        a: (*const f32, usize),
+        (m, n): (usize, usize),
+        y: Dst,
+        a: Src,
         walk: Walk,
         brow: impl Fn(usize) -> *const f32,
         pack: *mut f32,
@@ -507,12 +461,12 @@ mod avx2 {
             let mut i = 0;
             while i < m {
                 let r = (m - i).min(3);
-                let ar: [*const f32; 3] = std::array::from_fn(|q| a.0.add((i + q.min(r - 1)) * a.1));
+                let ar: [*const f32; 3] = std::array::from_fn(|q| a.ptr.add((i + q.min(r - 1)) * a.ld));
                 let sums = dots(ar, pack, walk);
                 for (q, row) in sums.iter().enumerate().take(r) {
                     for (s, &v) in row.iter().enumerate().take(c) {
-                        let out = y.add((i + q) * ldy + j + s);
-                        *out = if acc { *out + v } else { v };
+                        let out = y.ptr.add((i + q) * y.ld + j + s);
+                        *out = if y.acc { *out + v } else { v };
                     }
                 }
                 i += 3;

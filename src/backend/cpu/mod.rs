@@ -15,7 +15,7 @@ mod norm;
 mod pool;
 mod sgd;
 
-use super::{Backend, Bn, ConvShape, ConvSpec, Sgd, View};
+use super::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
 use crate::input::{Crop, Normalize};
 use crate::{bail, Result};
 use conv::Workspace;
@@ -55,10 +55,10 @@ impl Ptr {
         std::slice::from_raw_parts_mut(self.at(off), len)
     }
 
-    /// Arena offset of channel plane (n, c) of a view.
+    /// Arena index of channel plane (n, c) of a view.
     #[inline]
     pub(crate) fn plane_off(v: View, n: usize, c: usize) -> usize {
-        v.off + n * v.img_stride + c * v.hw()
+        v.index() + n * v.img_stride + c * v.hw()
     }
 }
 
@@ -84,9 +84,14 @@ impl CpuBackend {
         CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: Workspace::default(), threads }
     }
 
-    /// The arena as raw 4-byte words (for the host device's kernels) and its length.
-    pub(crate) fn arena_words(&mut self) -> (*mut u32, usize) {
-        (self.arena.as_mut_ptr().cast(), self.arena.len())
+    /// The arena's bytes (the host device's memory).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.arena)
+    }
+
+    /// The arena's bytes, to read.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.arena)
     }
 
     fn ptr(&mut self) -> Ptr {
@@ -97,7 +102,9 @@ impl CpuBackend {
     /// inside the arena with non-overlapping images, offset ranges inside the arena, and
     /// convolutions within the workspace laid out for them.
     fn check(&self, v: View) {
-        assert!(v.end() <= self.arena.len(), "view {v:?} outside the arena ({})", self.arena.len());
+        assert_eq!(v.dtype, DType::F32, "the CPU backend holds f32: {v:?}");
+        assert!(v.off.is_multiple_of(4), "view {v:?} not aligned to its elements");
+        assert!(v.end() <= self.arena.len() * 4, "view {v:?} outside the arena ({} bytes)", self.arena.len() * 4);
         assert!(v.n <= 1 || v.img_stride >= v.c * v.hw(), "view {v:?} has overlapping images");
     }
 
@@ -110,17 +117,25 @@ impl CpuBackend {
         }
     }
 
-    fn span(&self, off: usize, len: usize) {
-        assert!(off.checked_add(len).is_some_and(|e| e <= self.arena.len()), "range {off}+{len} outside the arena");
+    /// Checks a span of `len` elements inside the arena and returns its first index.
+    fn span(&self, s: Span, len: usize) -> usize {
+        assert_eq!((s.dtype, s.len), (DType::F32, len), "span {s:?}: expected {len} f32");
+        assert!(s.off.is_multiple_of(4) && s.end() <= self.arena.len() * 4, "span {s:?} outside the arena");
+        s.index()
     }
 
     fn check_bn(&self, bn: Bn, c: usize) {
-        for off in [bn.mean, bn.var, bn.gamma, bn.beta] {
-            self.span(off, c);
+        for s in bn.spans() {
+            self.span(s, c);
         }
     }
 
-    fn check_conv(&self, x: View, w: usize, y: View, spec: ConvSpec) {
+    fn check_matrix(&self, m: Matrix, rows: usize, cols: usize) {
+        assert_eq!((m.rows, m.cols), (rows, cols), "matrix {m:?}: expected {rows}x{cols}");
+        self.span(m.data, rows * cols);
+    }
+
+    fn check_conv(&self, x: View, w: Span, y: View, spec: ConvSpec) {
         self.check(x);
         self.check(y);
         self.span(w, y.c * x.c * spec.k * spec.k);
@@ -142,28 +157,31 @@ impl Backend for CpuBackend {
 
     fn workspace_len(&mut self, convs: &[ConvShape], _image_len: usize, _batch: usize) -> Result<usize> {
         self.workspace = Workspace::new(convs, self.threads);
-        Ok(self.workspace.len())
+        Ok(self.workspace.len() * std::mem::size_of::<f32>())
     }
 
-    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
+    fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
+        assert!(len.is_multiple_of(4), "an arena of {len} bytes does not hold whole f32");
         let mut arena = Vec::new();
-        if arena.try_reserve_exact(len).is_err() {
-            bail!("cannot allocate the {} MiB arena", (len * 4) >> 20);
+        if arena.try_reserve_exact(len / 4).is_err() {
+            bail!("cannot allocate the {} MiB arena", len >> 20);
         }
-        arena.resize(len, 0.0);
+        arena.resize(len / 4, 0.0);
         self.arena = arena;
         self.labels = Vec::with_capacity(max_batch);
-        assert_eq!(workspace.1, self.workspace.len(), "workspace not laid out by workspace_len");
-        self.workspace.off = workspace.0;
+        let ws = self.workspace.len();
+        self.workspace.off = self.span(workspace, ws);
         Ok(())
     }
 
-    fn write(&mut self, off: usize, data: &[f32]) {
-        self.arena[off..off + data.len()].copy_from_slice(data);
+    fn write(&mut self, dst: Span, data: &[f32]) {
+        let i = self.span(dst, data.len());
+        self.arena[i..i + data.len()].copy_from_slice(data);
     }
 
-    fn read_into(&self, off: usize, out: &mut [f32]) {
-        out.copy_from_slice(&self.arena[off..off + out.len()]);
+    fn read_into(&self, src: Span, out: &mut [f32]) {
+        let i = self.span(src, out.len());
+        out.copy_from_slice(&self.arena[i..i + out.len()]);
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
@@ -183,56 +201,50 @@ impl Backend for CpuBackend {
         self.check(dst);
         let per = dst.c * dst.hw();
         assert!(dst.img_stride == per && bytes.len() == crops.len() * per && crops.len() == dst.n, "augment shapes");
-        let out = &mut self.arena[dst.off..dst.off + dst.numel()];
+        let out = &mut self.arena[dst.index()..dst.index() + dst.numel()];
         let (h, w) = (dst.h, dst.w);
         out.par_chunks_mut(per).zip(bytes.par_chunks(per)).zip(crops).for_each(|((d, s), c)| c.apply(s, norm, h, w, d));
     }
 
-    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
         self.check_conv(x, w, y, spec);
         self.apart("conv_forward", y, &[x]);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        conv::forward(self.ptr(), &self.workspace, x, pre, w, y, spec);
+        conv::forward(self.ptr(), &self.workspace, x, pre, w.index(), y, spec);
     }
 
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) {
         self.check_conv(gx, w, gy, spec);
         self.apart("conv_backward_data", gx, &[gy]);
-        conv::backward_data(self.ptr(), &self.workspace, gy, w, gx, spec);
+        conv::backward_data(self.ptr(), &self.workspace, gy, w.index(), gx, spec);
     }
 
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
         self.check_conv(x, gw, gy, spec);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, gw, spec);
+        conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, gw.index(), spec);
     }
 
-    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
+    fn bn_stats(&mut self, x: View, out: Moments) {
         self.check(x);
-        self.span(mean, x.c);
-        self.span(var, x.c);
-        norm::stats(self.ptr(), x, mean, var);
+        self.span(out.mean, x.c);
+        self.span(out.var, x.c);
+        norm::stats(self.ptr(), x, out);
     }
 
-    fn bn_update_running(
-        &mut self,
-        mean: usize,
-        var: usize,
-        running_mean: usize,
-        running_var: usize,
-        c: usize,
-        count: usize,
-        momentum: f32,
-        flag: usize,
-    ) {
-        self.span(flag, 1);
-        norm::update_running(&mut self.arena, mean, var, running_mean, running_var, c, count, momentum);
-        let updated = [&self.arena[running_mean..running_mean + c], &self.arena[running_var..running_var + c]];
-        if updated.iter().any(|s| s.iter().any(|v| !v.is_finite())) {
+    fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
+        let c = batch.mean.len;
+        for s in [batch.mean, batch.var, running.mean, running.var] {
+            self.span(s, c);
+        }
+        let flag = self.span(flag, 1);
+        norm::update_running(&mut self.arena, batch, running, count, momentum);
+        let (m, v) = (running.mean.index(), running.var.index());
+        if self.arena[m..m + c].iter().chain(&self.arena[v..v + c]).any(|v| !v.is_finite()) {
             self.arena[flag] = 1.0;
         }
     }
@@ -245,7 +257,7 @@ impl Backend for CpuBackend {
         norm::bn_relu(self.ptr(), x, bn, y);
     }
 
-    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
         self.check(g);
         self.check(x);
         self.check(dx);
@@ -253,9 +265,9 @@ impl Backend for CpuBackend {
         // dx may be g itself (in place), and else overlaps neither input.
         let ins = [x, g];
         self.apart("bn_relu_backward", dx, &ins[..if dx == g { 1 } else { 2 }]);
-        self.span(dgamma, x.c);
-        self.span(dbeta, x.c);
-        norm::bn_relu_backward(self.ptr(), g, x, bn, dgamma, dbeta, dx, accumulate);
+        self.span(grad.gamma, x.c);
+        self.span(grad.beta, x.c);
+        norm::bn_relu_backward(self.ptr(), g, x, bn, grad, dx, accumulate);
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
@@ -292,49 +304,54 @@ impl Backend for CpuBackend {
         pool::max3_backward(self.ptr(), x, gy, gx);
     }
 
-    fn global_avg_pool(&mut self, x: View, y: usize) {
+    fn global_avg_pool(&mut self, x: View, y: Matrix) {
         self.check(x);
-        self.span(y, x.n * x.c);
-        pool::global_avg(self.ptr(), x, y);
+        self.check_matrix(y, x.n, x.c);
+        pool::global_avg(self.ptr(), x, y.data.index());
     }
 
-    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+    fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         self.check(gx);
-        self.span(gy, gx.n * gx.c);
-        pool::global_avg_backward(self.ptr(), gy, gx);
+        self.check_matrix(gy, gx.n, gx.c);
+        pool::global_avg_backward(self.ptr(), gy.data.index(), gx);
     }
 
-    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
-        linear::linear(&mut self.arena, x, w, b, y, n, cin, cout);
+    fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {
+        let (n, cin, cout) = (x.rows, x.cols, w.rows);
+        self.check_matrix(x, n, cin);
+        self.check_matrix(w, cout, cin);
+        self.span(b, cout);
+        self.check_matrix(y, n, cout);
+        linear::linear(&mut self.arena, x, w, b, y);
     }
 
-    fn linear_backward(
-        &mut self,
-        x: usize,
-        w: usize,
-        gy: usize,
-        gx: usize,
-        gw: usize,
-        gb: usize,
-        n: usize,
-        cin: usize,
-        cout: usize,
-    ) {
-        linear::linear_backward(&mut self.arena, x, w, gy, gx, gw, gb, n, cin, cout);
+    fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
+        let (n, cin, cout) = (x.rows, x.cols, w.rows);
+        for (m, rows, cols) in [(x, n, cin), (w, cout, cin), (gy, n, cout), (gx, n, cin), (gw, cout, cin)] {
+            self.check_matrix(m, rows, cols);
+        }
+        self.span(gb, cout);
+        linear::linear_backward(&mut self.arena, x, w, gy, gx, gw, gb);
     }
 
-    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
+    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+        let (n, k) = (logits.rows, logits.cols);
         assert_eq!(self.labels.len(), n, "labels for {} images, batch of {n}", self.labels.len());
-        loss::softmax_xent(&mut self.arena, &self.labels, logits, n, k, out, glogits);
+        self.check_matrix(logits, n, k);
+        self.check_matrix(glogits, n, k);
+        self.span(out, 2);
+        loss::softmax_xent(&mut self.arena, &self.labels, logits, out, glogits);
     }
 
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize) {
-        let mut offs = [params, grads, momentum];
-        offs.iter().for_each(|&o| self.span(o, len));
-        self.span(flag, 1);
-        offs.sort_unstable();
-        assert!(offs[0] + len <= offs[1] && offs[1] + len <= offs[2], "SGD buffers overlap");
-        if sgd::sgd(self.ptr(), params, grads, momentum, len, hp) {
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
+        let len = params.len;
+        let mut spans = [params, grads, momentum].map(|s| (self.span(s, len), s));
+        spans.sort_unstable_by_key(|s| s.0);
+        assert!(spans[0].1.end() <= spans[1].1.off && spans[1].1.end() <= spans[2].1.off, "SGD buffers overlap");
+        let hp = self.span(settings, Sgd::LEN);
+        let hp = Sgd::from_floats(self.arena[hp..hp + Sgd::LEN].try_into().expect("Sgd::LEN floats"));
+        let flag = self.span(flag, 1);
+        if sgd::sgd(self.ptr(), params.index(), grads.index(), momentum.index(), len, hp) {
             self.arena[flag] = 1.0;
         }
     }

@@ -4,27 +4,28 @@
 
 use super::bnvec::{self, Affine};
 use super::Ptr;
-use crate::backend::{Bn, View, BN_EPS};
+use crate::backend::{Affine as Params, Bn, Moments, View, BN_EPS};
 use rayon::prelude::*;
 
 /// Channel `c`'s constants; forward and backward share this, so the recomputed ReLU mask is
 /// bitwise the forward one.
 #[inline]
 pub(super) fn affine(a: Ptr, bn: Bn, c: usize) -> (Affine, f32) {
-    let at = |off: usize| {
-        // SAFETY: offsets come from the planner and are read-only in the op using them.
-        unsafe { *a.at(off + c) }
+    let at = |s: crate::backend::Span| {
+        // SAFETY: the spans are checked by the op using them and read-only in it.
+        unsafe { *a.at(s.index() + c) }
     };
-    let (mean, gamma) = (at(bn.mean), at(bn.gamma));
-    let inv_std = 1.0 / (at(bn.var) + BN_EPS).sqrt();
+    let (mean, gamma) = (at(bn.stats.mean), at(bn.affine.gamma));
+    let inv_std = 1.0 / (at(bn.stats.var) + BN_EPS).sqrt();
     let scale = gamma * inv_std;
-    (Affine { scale, shift: at(bn.beta) - mean * scale, mean, inv_std }, gamma)
+    (Affine { scale, shift: at(bn.affine.beta) - mean * scale, mean, inv_std }, gamma)
 }
 
 /// Per-channel mean and biased variance, in one pass: sums of x - s and (x - s)^2 with the
 /// shift s = the channel's first value (keeps the subtraction well conditioned); planes are
 /// summed in f32 lanes and added in f64.
-pub(super) fn stats(a: Ptr, x: View, mean: usize, var: usize) {
+pub(super) fn stats(a: Ptr, x: View, out: Moments) {
+    let (mean, var) = (out.mean.index(), out.var.index());
     let hw = x.hw();
     let count = (x.n * hw) as f64;
     (0..x.c).into_par_iter().for_each(|c| {
@@ -45,19 +46,11 @@ pub(super) fn stats(a: Ptr, x: View, mean: usize, var: usize) {
 }
 
 /// Running statistics update (PyTorch's: unbiased variance, momentum on the new value).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn update_running(
-    arena: &mut [f32],
-    mean: usize,
-    var: usize,
-    running_mean: usize,
-    running_var: usize,
-    c: usize,
-    count: usize,
-    momentum: f32,
-) {
+pub(super) fn update_running(arena: &mut [f32], batch: Moments, running: Moments, count: usize, momentum: f32) {
     let unbias = count as f32 / (count.max(2) - 1) as f32;
-    for i in 0..c {
+    let (mean, var) = (batch.mean.index(), batch.var.index());
+    let (running_mean, running_var) = (running.mean.index(), running.var.index());
+    for i in 0..batch.mean.len {
         arena[running_mean + i] = (1.0 - momentum) * arena[running_mean + i] + momentum * arena[mean + i];
         arena[running_var + i] = (1.0 - momentum) * arena[running_var + i] + momentum * arena[var + i] * unbias;
     }
@@ -78,17 +71,8 @@ pub(super) fn bn_relu(a: Ptr, x: View, bn: Bn, y: View) {
 }
 
 /// Backward of `relu(bn(x))` with batch statistics, mask recomputed from x.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn bn_relu_backward(
-    a: Ptr,
-    g: View,
-    x: View,
-    bn: Bn,
-    dgamma: usize,
-    dbeta: usize,
-    dx: View,
-    accumulate: bool,
-) {
+pub(super) fn bn_relu_backward(a: Ptr, g: View, x: View, bn: Bn, grad: Params, dx: View, accumulate: bool) {
+    let (dgamma, dbeta) = (grad.gamma.index(), grad.beta.index());
     let hw = x.hw();
     let count = (x.n * hw) as f64;
     let in_place = dx.off == g.off;
@@ -107,12 +91,13 @@ pub(super) fn bn_relu_backward(
             }
             *a.at(dgamma + c) = sgx as f32;
             *a.at(dbeta + c) = sg as f32;
-            let (mg, mgx) = ((sg / count) as f32, (sgx / count) as f32);
+            let k =
+                bnvec::Grad { k: gamma * f.inv_std, mg: (sg / count) as f32, mgx: (sgx / count) as f32, accumulate };
             for n in 0..x.n {
                 let xp = a.get(Ptr::plane_off(x, n, c), hw);
                 let dp = a.get_mut(Ptr::plane_off(dx, n, c), hw);
                 let gp = if in_place { None } else { Some(a.get(Ptr::plane_off(g, n, c), hw)) };
-                bnvec::grad(dp, gp, xp, f, gamma * f.inv_std, mg, mgx, accumulate);
+                bnvec::grad(dp, gp, xp, f, k);
             }
         }
     });

@@ -4,11 +4,11 @@
 //! The device allocation is the plan's arena followed by the labels (the plan counts both).
 //! The plan's convolution workspace region holds, in order: the fused-BN scratch (cuDNN cannot
 //! apply BN-ReLU while loading its input, so `pre` is applied into it first, [`FUSED_CHUNK`]
-//! images at a time; between steps it also stages the input batch), the executor's
-//! convolution workspace, and the SGD settings.
+//! images at a time; between steps it also stages the input batch) and the executor's
+//! convolution workspace.
 
 use super::launch::{Arg, Exec, Launch};
-use crate::backend::{Backend, Bn, ConvShape, ConvSpec, DeviceMemory, Sgd, View};
+use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, Matrix, Moments, Span, View};
 use crate::input::{Crop, Normalize, CHANNELS, PAD};
 use crate::Result;
 use std::cell::RefCell;
@@ -19,21 +19,21 @@ const BLOCK: u32 = 256;
 /// holds this many normalized images instead of the whole batch, at the cost of more cuDNN
 /// calls per fused convolution (`batch / FUSED_CHUNK`).
 pub const FUSED_CHUNK: usize = 16;
-/// Arena words of the SGD settings (lr, momentum, weight decay, nesterov as 0 or 1).
-const SGD_WORDS: usize = 4;
 /// Shared bytes of the block reductions: two f64 per thread.
 const REDUCE_SHARED: u32 = 2 * 8 * BLOCK;
 
 /// The CUDA backend over an executor (a GPU or the host device).
 pub struct CudaBackend<E: Exec> {
     exec: E,
+    /// Bytes of the plan's arena.
     len: usize,
     /// Floats of the fused-BN scratch: the largest convolution input of [`FUSED_CHUNK`]
     /// images, or the staged input batch if larger.
     pre_len: usize,
-    /// Words of the executor's convolution workspace.
+    /// Bytes of the executor's convolution workspace.
     conv_len: usize,
-    /// Offsets of the scratch and of the labels, after the plan's arena (set by `allocate`).
+    /// Byte offsets of the scratch and of the labels, after the plan's arena (set by
+    /// `allocate`).
     pre: usize,
     labels: usize,
     max_batch: usize,
@@ -44,9 +44,6 @@ pub struct CudaBackend<E: Exec> {
     graphs: bool,
     /// How the training steps ran so far (see [`Backend::graphs`]).
     graph_state: GraphState,
-    /// Offset of the SGD settings (in the workspace region), and the settings last written.
-    sgd_slot: usize,
-    hp: Option<Sgd>,
     /// Host words of the input batch on their way to the device (reused).
     staging: Vec<u32>,
 }
@@ -64,12 +61,17 @@ enum GraphState {
 
 /// A buffer argument covering a view.
 fn view_arg(v: View) -> Arg {
-    Arg::Buf { off: v.off, len: v.end() - v.off }
+    Arg::Buf(Span { off: v.off, len: (v.end() - v.off) / v.dtype.size(), dtype: v.dtype, tag: v.tag })
 }
 
-/// A buffer argument of `len` words at `off`.
-fn buf(off: usize, len: usize) -> Arg {
-    Arg::Buf { off, len }
+/// A buffer argument of a span.
+fn buf(s: Span) -> Arg {
+    Arg::Buf(s)
+}
+
+/// A buffer argument of `len` 4-byte words (staged bytes, crop windows, labels) at byte `off`.
+fn words(off: usize, len: usize) -> Arg {
+    Arg::Buf(Span::f32(off, len))
 }
 
 /// A 1-D launch configuration covering `total` threads.
@@ -101,8 +103,6 @@ impl<E: Exec> CudaBackend<E> {
             graphs: true,
             graph_state: GraphState::NotReplayed,
             staging: Vec::new(),
-            sgd_slot: 0,
-            hp: None,
         }
     }
 
@@ -136,7 +136,8 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     fn bn_args(bn: Bn, c: usize) -> [Arg; 4] {
-        [buf(bn.mean, c), buf(bn.var, c), buf(bn.gamma, c), buf(bn.beta, c)]
+        assert!(bn.spans().iter().all(|s| s.len == c), "BN operands {bn:?} for {c} channels");
+        bn.spans().map(buf)
     }
 
     /// `relu(bn(x))` into `y`.
@@ -194,17 +195,18 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let fused = FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
         self.pre_len = fused.max(batch * (image_len.div_ceil(4) + 3) + CHANNELS * 256);
         self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
-        Ok(self.pre_len + self.conv_len + SGD_WORDS)
+        Ok(self.pre_len * DType::F32.size() + self.conv_len)
     }
 
-    fn allocate(&mut self, len: usize, workspace: (usize, usize), max_batch: usize) -> Result<()> {
-        assert_eq!(workspace.1, self.pre_len + self.conv_len + SGD_WORDS, "workspace not laid out by workspace_len");
-        self.pre = workspace.0;
-        self.sgd_slot = self.pre + self.pre_len + self.conv_len;
+    fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
+        let pre_bytes = self.pre_len * DType::F32.size();
+        assert_eq!(workspace.bytes(), pre_bytes + self.conv_len, "workspace not laid out by workspace_len");
+        self.pre = workspace.off;
         self.labels = len;
         self.max_batch = max_batch;
         self.len = len;
-        self.exec.allocate(len + max_batch, (self.pre + self.pre_len, self.conv_len))
+        let conv_ws = Span::f32(self.pre + pre_bytes, self.conv_len / DType::F32.size());
+        self.exec.allocate(len + max_batch * std::mem::size_of::<u32>(), conv_ws)
     }
 
     fn device_memory(&self) -> Option<DeviceMemory> {
@@ -282,13 +284,15 @@ impl<E: Exec> Backend for CudaBackend<E> {
         })
     }
 
-    fn write(&mut self, off: usize, data: &[f32]) {
-        let r = self.exec.write(off, bytemuck::cast_slice(data));
+    fn write(&mut self, dst: Span, data: &[f32]) {
+        assert_eq!((dst.dtype, dst.len), (DType::F32, data.len()), "a write of {} f32 to {dst:?}", data.len());
+        let r = self.exec.write(dst.off, bytemuck::cast_slice(data));
         self.record(r);
     }
 
-    fn read_into(&self, off: usize, out: &mut [f32]) {
-        let r = self.exec.read_into(off, bytemuck::cast_slice_mut(out));
+    fn read_into(&self, src: Span, out: &mut [f32]) {
+        assert_eq!((src.dtype, src.len), (DType::F32, out.len()), "a read of {} f32 from {src:?}", out.len());
+        let r = self.exec.read_into(src.off, bytemuck::cast_slice_mut(out));
         if r.is_err() {
             out.fill(f32::NAN);
         }
@@ -298,7 +302,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
     fn set_labels(&mut self, labels: &[u32]) {
         assert!(labels.len() <= self.max_batch, "more labels than the planned batch");
         self.n_labels = labels.len();
-        let r = self.exec.write(self.labels, labels);
+        let r = self.exec.write(self.labels, bytemuck::cast_slice(labels));
         self.record(r);
     }
 
@@ -326,12 +330,13 @@ impl<E: Exec> Backend for CudaBackend<E> {
         s.extend(norm.table().iter().map(|v| v.to_bits()));
         let total = s.len();
         assert!(total <= self.pre_len, "the input batch does not fit the scratch");
-        let r = self.exec.write(self.pre, &self.staging);
+        let r = self.exec.write(self.pre, bytemuck::cast_slice(&self.staging));
         self.record(r);
+        let word = |i: usize| self.pre + i * std::mem::size_of::<u32>();
         let args = [
-            buf(self.pre, crop_off),
-            buf(self.pre + crop_off, table_off - crop_off),
-            buf(self.pre + table_off, total - table_off),
+            words(self.pre, crop_off),
+            words(word(crop_off), table_off - crop_off),
+            words(word(table_off), total - table_off),
             view_arg(dst),
             int(n),
             int(dst.h),
@@ -341,7 +346,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.run_flat("augment", dst.numel(), &args);
     }
 
-    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
         self.check_view(x);
         self.check_view(y);
         self.chunks(x, pre, |be, input, _, i, n| {
@@ -350,14 +355,14 @@ impl<E: Exec> Backend for CudaBackend<E> {
         });
     }
 
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) {
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) {
         self.check_view(gy);
         self.check_view(gx);
         let r = self.exec.conv_backward_data(gy, w, gx, spec);
         self.record(r);
     }
 
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
         self.check_view(x);
         self.check_view(gy);
         self.chunks(x, pre, |be, input, first, i, n| {
@@ -366,33 +371,25 @@ impl<E: Exec> Backend for CudaBackend<E> {
         });
     }
 
-    fn bn_stats(&mut self, x: View, mean: usize, var: usize) {
+    fn bn_stats(&mut self, x: View, out: Moments) {
         self.check_view(x);
-        let args = [view_arg(x), int(x.n), int(x.hw()), long(x.img_stride), buf(mean, x.c), buf(var, x.c)];
+        assert!(out.mean.len == x.c && out.var.len == x.c, "{} channels into {out:?}", x.c);
+        let args = [view_arg(x), int(x.n), int(x.hw()), long(x.img_stride), buf(out.mean), buf(out.var)];
         self.run("bn_stats", [x.c as u32, 1, 1], REDUCE_SHARED, &args);
     }
 
-    fn bn_update_running(
-        &mut self,
-        mean: usize,
-        var: usize,
-        running_mean: usize,
-        running_var: usize,
-        c: usize,
-        count: usize,
-        momentum: f32,
-        flag: usize,
-    ) {
+    fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
+        let c = batch.mean.len;
         let unbias = count as f32 / (count.max(2) - 1) as f32;
         let args = [
-            buf(mean, c),
-            buf(var, c),
-            buf(running_mean, c),
-            buf(running_var, c),
+            buf(batch.mean),
+            buf(batch.var),
+            buf(running.mean),
+            buf(running.var),
             int(c),
             Arg::F32(unbias),
             Arg::F32(momentum),
-            buf(flag, 1),
+            buf(flag),
         ];
         self.run_flat("bn_update_running", c, &args);
     }
@@ -403,7 +400,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.launch_bn_relu(x, bn, y);
     }
 
-    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, dgamma: usize, dbeta: usize, dx: View, accumulate: bool) {
+    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
         self.check_view(g);
         self.check_view(x);
         self.check_view(dx);
@@ -422,8 +419,8 @@ impl<E: Exec> Backend for CudaBackend<E> {
             v,
             ga,
             be,
-            buf(dgamma, x.c),
-            buf(dbeta, x.c),
+            buf(grad.gamma),
+            buf(grad.beta),
             Arg::I32(accumulate as i32),
         ];
         self.run("bn_relu_backward", [x.c as u32, 1, 1], REDUCE_SHARED, &args);
@@ -480,64 +477,44 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.run_flat("max_pool3_backward", x.numel(), &args);
     }
 
-    fn global_avg_pool(&mut self, x: View, y: usize) {
+    fn global_avg_pool(&mut self, x: View, y: Matrix) {
         self.check_view(x);
-        let args = [view_arg(x), long(x.img_stride), buf(y, x.n * x.c), int(x.n), int(x.c), int(x.hw())];
+        let args = [view_arg(x), long(x.img_stride), buf(y.data), int(x.n), int(x.c), int(x.hw())];
         self.run_flat("global_avg_pool", x.n * x.c, &args);
     }
 
-    fn global_avg_pool_backward(&mut self, gy: usize, gx: View) {
+    fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         self.check_view(gx);
-        let args = [buf(gy, gx.n * gx.c), view_arg(gx), long(gx.img_stride), int(gx.n), int(gx.c), int(gx.hw())];
+        let args = [buf(gy.data), view_arg(gx), long(gx.img_stride), int(gx.n), int(gx.c), int(gx.hw())];
         self.run_flat("global_avg_pool_backward", gx.numel(), &args);
     }
 
-    fn linear(&mut self, x: usize, w: usize, b: usize, y: usize, n: usize, cin: usize, cout: usize) {
-        let args = [buf(x, n * cin), buf(w, cout * cin), buf(b, cout), buf(y, n * cout), int(n), int(cin), int(cout)];
+    fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {
+        let (n, cin, cout) = (x.rows, x.cols, w.rows);
+        let args = [buf(x.data), buf(w.data), buf(b), buf(y.data), int(n), int(cin), int(cout)];
         self.run_flat("linear", n * cout, &args);
     }
 
-    fn linear_backward(
-        &mut self,
-        x: usize,
-        w: usize,
-        gy: usize,
-        gx: usize,
-        gw: usize,
-        gb: usize,
-        n: usize,
-        cin: usize,
-        cout: usize,
-    ) {
-        let (xs, ws, gys) = (buf(x, n * cin), buf(w, cout * cin), buf(gy, n * cout));
-        let args = [xs, gys, buf(gw, cout * cin), buf(gb, cout), int(n), int(cin), int(cout)];
+    fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
+        let (n, cin, cout) = (x.rows, x.cols, w.rows);
+        let args = [buf(x.data), buf(gy.data), buf(gw.data), buf(gb), int(n), int(cin), int(cout)];
         self.run_flat("linear_backward_params", cout * cin + cout, &args);
-        let args = [ws, gys, buf(gx, n * cin), int(n), int(cin), int(cout)];
+        let args = [buf(w.data), buf(gy.data), buf(gx.data), int(n), int(cin), int(cout)];
         self.run_flat("linear_backward_data", n * cin, &args);
     }
 
-    fn softmax_xent(&mut self, logits: usize, n: usize, k: usize, out: usize, glogits: usize) {
+    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+        let (n, k) = (logits.rows, logits.cols);
         assert_eq!(self.n_labels, n, "labels for {} images, batch of {n}", self.n_labels);
-        let args = [buf(logits, n * k), buf(self.labels, n), buf(out, 2), buf(glogits, n * k), int(n), int(k)];
+        let args = [buf(logits.data), words(self.labels, n), buf(out), buf(glogits.data), int(n), int(k)];
         self.run("softmax_xent", [1, 1, 1], REDUCE_SHARED, &args);
     }
 
-    fn set_sgd(&mut self, hp: Sgd) {
-        // Written when they change (a copy waits for the device), not every step.
-        if self.hp == Some(hp) {
-            return;
-        }
-        let words = [hp.lr, hp.momentum, hp.weight_decay, hp.nesterov as u8 as f32].map(f32::to_bits);
-        let r = self.exec.write(self.sgd_slot, &words);
-        self.record(r);
-        self.hp = Some(hp);
-    }
-
-    fn sgd(&mut self, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd, flag: usize) {
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
         // The kernel reads the settings from the arena, so a recorded step follows changes.
-        assert_eq!(self.hp, Some(hp), "set_sgd must give the settings of an SGD step first");
-        let (p, g, m, hp) = (buf(params, len), buf(grads, len), buf(momentum, len), buf(self.sgd_slot, SGD_WORDS));
-        let args = [p, g, m, long(len), hp, buf(flag, 1)];
+        let len = params.len;
+        assert!(grads.len == len && momentum.len == len, "SGD spans of different lengths");
+        let args = [buf(params), buf(grads), buf(momentum), long(len), buf(settings), buf(flag)];
         self.run_flat("sgd", len, &args);
     }
 }

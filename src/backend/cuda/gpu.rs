@@ -29,7 +29,7 @@ use super::cudnn;
 use super::kernels;
 use super::launch::{Arg, Exec, Launch, Op};
 use super::ptx;
-use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, View};
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, Span, View};
 use crate::{bail, Error, Result};
 
 /// Largest dynamic shared memory a launch may ask for without opting in per kernel.
@@ -52,7 +52,7 @@ pub struct GpuExec {
     kernels: HashMap<&'static str, Kernel>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
-    /// Device pointer and length in words of the arena, once allocated.
+    /// Device pointer and length in bytes of the arena, once allocated.
     arena: Option<(u64, usize)>,
     /// The ops of the step being recorded (between `capture_begin` and `capture_end`).
     recording: Option<Vec<Op>>,
@@ -253,7 +253,7 @@ impl GpuExec {
 
     /// Bytes this executor allocated on the device (the arena; zero before `allocate`).
     fn device_bytes(&self) -> usize {
-        self.arena.map_or(0, |(_, words)| words.max(1) * 4)
+        self.arena.map_or(0, |(_, bytes)| bytes.max(1))
     }
 
     /// Device memory in use now, by every process and context, as the driver counts it
@@ -262,12 +262,12 @@ impl GpuExec {
         self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
     }
 
-    /// Device address of arena word `off`, checking that `len` words from it are inside.
+    /// Device address of arena byte `off`, checking that `len` bytes from it are inside.
     fn addr(&self, off: usize, len: usize, what: &str) -> Result<u64> {
-        let Some((base, words)) = self.arena else { bail!("{what}: the GPU arena is not allocated yet") };
+        let Some((base, bytes)) = self.arena else { bail!("{what}: the GPU arena is not allocated yet") };
         match off.checked_add(len) {
-            Some(end) if end <= words => Ok(base + 4 * off as u64),
-            _ => bail!("{what}: words {off}..{off}+{len} are outside the arena of {words} words"),
+            Some(end) if end <= bytes => Ok(base + off as u64),
+            _ => bail!("{what}: bytes {off}..{off}+{len} are outside the arena of {bytes} bytes"),
         }
     }
 
@@ -285,12 +285,15 @@ impl GpuExec {
     }
 
     /// Checks and resolves one convolution call: (x/gx address, w address, y/gy address).
-    fn conv_args(&self, x: View, w: usize, y: View, spec: ConvSpec, what: &str) -> Result<(u64, u64, u64)> {
+    fn conv_args(&self, x: View, w: Span, y: View, spec: ConvSpec, what: &str) -> Result<(u64, u64, u64)> {
         let fits = spec.stride > 0 && spec.k > 0 && x.h + 2 * spec.pad >= spec.k && x.w + 2 * spec.pad >= spec.k;
         if !fits || x.n != y.n || spec.out(x.h) != y.h || spec.out(x.w) != y.w {
             bail!("{what}: views {x:?} and {y:?} do not match {spec:?}");
         }
-        let wx = self.addr(w, y.c * x.c * spec.k * spec.k, what)?;
+        if w.len != y.c * x.c * spec.k * spec.k {
+            bail!("{what}: a weight of {} elements for {x:?} -> {y:?}", w.len);
+        }
+        let wx = self.addr(w.off, w.bytes(), what)?;
         Ok((self.view_addr(x, what)?, wx, self.view_addr(y, what)?))
     }
 
@@ -379,7 +382,7 @@ impl GpuExec {
         let mut slots = Vec::with_capacity(l.args.len());
         for a in l.args {
             slots.push(match *a {
-                Arg::Buf { off, len } => self.addr(off, len, l.kernel)?,
+                Arg::Buf(s) => self.addr(s.off, s.bytes(), l.kernel)?,
                 Arg::I32(v) => low(v.to_ne_bytes()),
                 Arg::U32(v) => low(v.to_ne_bytes()),
                 Arg::F32(v) => low(v.to_ne_bytes()),
@@ -479,21 +482,21 @@ impl Exec for GpuExec {
         }
         self.bind()?;
         let bytes = self.convs.plan(convs, batch)?;
-        Ok(bytes.div_ceil(4))
+        Ok(bytes.next_multiple_of(4))
     }
 
-    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
+    fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()> {
         if self.arena.is_some() {
             bail!("the GPU arena is already allocated");
         }
         if self.in_step() {
             bail!("allocating the GPU arena during a CUDA graph capture");
         }
-        if conv_ws.0.checked_add(conv_ws.1).is_none_or(|end| end > len) {
-            bail!("convolution workspace {conv_ws:?} is outside the arena of {len} words");
+        if conv_ws.end() > len {
+            bail!("convolution workspace {conv_ws:?} is outside the arena of {len} bytes");
         }
         self.bind()?;
-        let bytes = len.max(1) * 4;
+        let bytes = len.max(1);
         // SAFETY: a plain device allocation, freed in Drop.
         let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
@@ -510,11 +513,11 @@ impl Exec for GpuExec {
         unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
             .map_err(|e| drv("zeroing the arena", e))?;
         self.sync("zeroing the arena")?;
-        self.convs.set_workspace(ptr + 4 * conv_ws.0 as u64, conv_ws.1 * 4);
+        self.convs.set_workspace(ptr + conv_ws.off as u64, conv_ws.bytes());
         Ok(())
     }
 
-    fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
+    fn write(&mut self, off: usize, data: &[u8]) -> Result<()> {
         if self.recording.is_some() {
             // The step would replay without this copy: abandon its recording.
             self.recording_failed = true;
@@ -527,14 +530,14 @@ impl Exec for GpuExec {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: `dst` holds `data.len()` words (checked); the sync below keeps `data` alive
+        // SAFETY: `dst` holds `data.len()` bytes (checked); the sync below keeps `data` alive
         // until the copy has finished.
         unsafe { dr::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
             .map_err(|e| drv("copying to the GPU", e))?;
         self.sync("copying to the GPU (or an earlier kernel failed)")
     }
 
-    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()> {
+    fn read_into(&self, off: usize, out: &mut [u8]) -> Result<()> {
         let src = self.addr(off, out.len(), "read")?;
         if self.in_step() {
             bail!("read from the GPU arena during graph capture");
@@ -543,7 +546,7 @@ impl Exec for GpuExec {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: `src` holds `out.len()` words (checked); the sync below completes the copy
+        // SAFETY: `src` holds `out.len()` bytes (checked); the sync below completes the copy
         // before `out` is released.
         unsafe { dr::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
             .map_err(|e| drv("copying from the GPU", e))?;
@@ -557,15 +560,15 @@ impl Exec for GpuExec {
         self.submit(Op::launch(l))
     }
 
-    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()> {
+    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
         self.submit(Op::ConvForward(x, w, y, spec))
     }
 
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()> {
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()> {
         self.submit(Op::ConvBackwardData(gy, w, gx, spec))
     }
 
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec, accumulate: bool) -> Result<()> {
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()> {
         self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
     }
 

@@ -5,7 +5,7 @@
 
 use super::hostlayer;
 use super::launch::{Exec, Launch, Op};
-use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DeviceMemory, View};
+use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DeviceMemory, Span, View};
 use crate::{bail, Result};
 use std::collections::HashMap;
 
@@ -16,9 +16,9 @@ pub struct HostExec {
     graphs: HashMap<u64, Vec<Op>>,
     /// An op failed during the recording.
     spoiled: bool,
-    /// Words of the emulated device allocation.
+    /// Bytes of the emulated device allocation.
     len: usize,
-    /// Words after it (host only): a weight gradient, for accumulating filter gradients.
+    /// Bytes after it (host only): a weight gradient, for accumulating filter gradients.
     spare: usize,
 }
 
@@ -43,18 +43,21 @@ impl HostExec {
     fn execute(&mut self, op: &Op) -> Result<()> {
         match *op {
             Op::Launch { kernel, grid, block, shared, ref args } => {
-                let (ptr, len) = self.cpu.arena_words();
-                return hostlayer::launch(ptr, len, &Launch { kernel, grid, block, shared, args });
+                let arena = self.cpu.bytes_mut();
+                return hostlayer::launch(
+                    arena.as_mut_ptr(),
+                    arena.len(),
+                    &Launch { kernel, grid, block, shared, args },
+                );
             }
             Op::ConvForward(x, w, y, spec) => self.cpu.conv_forward(x, None, w, y, spec),
             Op::ConvBackwardData(gy, w, gx, spec) => self.cpu.conv_backward_data(gy, w, gx, spec),
             Op::ConvBackwardFilter(x, gy, gw, spec, false) => self.cpu.conv_backward_filter(x, None, gy, gw, spec),
             Op::ConvBackwardFilter(x, gy, gw, spec, true) => {
                 // cuDNN's beta = 1: the CPU backend overwrites, so go through the spare area.
-                let n = gy.c * x.c * spec.k * spec.k;
-                self.cpu.conv_backward_filter(x, None, gy, self.len, spec);
-                let sum: Vec<f32> =
-                    self.cpu.read(gw, n).iter().zip(self.cpu.read(self.len, n)).map(|(a, b)| a + b).collect();
+                let spare = Span { off: self.len, ..gw };
+                self.cpu.conv_backward_filter(x, None, gy, spare, spec);
+                let sum: Vec<f32> = self.cpu.read(gw).iter().zip(self.cpu.read(spare)).map(|(a, b)| a + b).collect();
                 self.cpu.write(gw, &sum);
             }
         }
@@ -81,28 +84,37 @@ impl Exec for HostExec {
     }
 
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
-        self.spare = convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
+        self.spare = 4 * convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
         self.cpu.workspace_len(convs, 0, batch)
     }
 
-    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()> {
-        self.len = len;
-        self.cpu.allocate(len + self.spare, conv_ws, 0)
+    fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()> {
+        // Whole f32 for the CPU backend's arena (the labels' words may round it).
+        self.len = len.next_multiple_of(4);
+        self.cpu.allocate(self.len + self.spare, conv_ws, 0)
     }
 
     fn memory(&self) -> DeviceMemory {
-        DeviceMemory { allocated: self.len * 4, process: None }
+        DeviceMemory { allocated: self.len, process: None }
     }
 
-    fn write(&mut self, off: usize, data: &[u32]) -> Result<()> {
+    fn write(&mut self, off: usize, data: &[u8]) -> Result<()> {
         self.idle("a host-to-device copy")?;
-        self.cpu.write(off, bytemuck::cast_slice(data));
+        let arena = self.cpu.bytes_mut();
+        let Some(dst) = off.checked_add(data.len()).and_then(|end| arena.get_mut(off..end)) else {
+            bail!("a copy of {} bytes to byte {off} is outside the arena", data.len())
+        };
+        dst.copy_from_slice(data);
         Ok(())
     }
 
-    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()> {
+    fn read_into(&self, off: usize, out: &mut [u8]) -> Result<()> {
         self.idle("a device-to-host copy")?;
-        self.cpu.read_into(off, bytemuck::cast_slice_mut(out));
+        let arena = self.cpu.bytes();
+        let Some(src) = off.checked_add(out.len()).and_then(|end| arena.get(off..end)) else {
+            bail!("a copy of {} bytes from byte {off} is outside the arena", out.len())
+        };
+        out.copy_from_slice(src);
         Ok(())
     }
 
@@ -111,15 +123,15 @@ impl Exec for HostExec {
         self.submit(op)
     }
 
-    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()> {
+    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
         self.submit(Op::ConvForward(x, w, y, spec))
     }
 
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()> {
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()> {
         self.submit(Op::ConvBackwardData(gy, w, gx, spec))
     }
 
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec, accumulate: bool) -> Result<()> {
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()> {
         self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
     }
 

@@ -35,24 +35,27 @@ type HostFn = unsafe extern "C" fn(*const DnDims, *const DnArg, usize, *mut c_ch
 
 include!(concat!(env!("OUT_DIR"), "/host_kernels.rs"));
 
-/// Runs `l` on the host layer over the arena of `arena_len` words at `arena`, which must be
-/// valid for reads and writes of that many words for the duration of the call.
-pub(crate) fn launch(arena: *mut u32, arena_len: usize, l: &Launch) -> Result<()> {
+/// Runs `l` on the host layer over the arena of `arena_len` bytes at `arena`, which must be
+/// valid for reads and writes of that many bytes for the duration of the call.
+pub(crate) fn launch(arena: *mut u8, arena_len: usize, l: &Launch) -> Result<()> {
     launch_with(arena, arena_len, l, None)
 }
 
-fn launch_with(arena: *mut u32, arena_len: usize, l: &Launch, timeout: Option<Duration>) -> Result<()> {
+fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Duration>) -> Result<()> {
     let Some(&(_, kernel)) = KERNELS.iter().find(|(name, _)| *name == l.kernel) else {
         bail!("kernel `{}`: no such __global__ function in kernels/*.cu (host layer)", l.kernel)
     };
     let mut args = Vec::with_capacity(l.args.len());
     for (i, a) in l.args.iter().enumerate() {
         let (kind, bits) = match *a {
-            Arg::Buf { off, len } => {
-                if off.checked_add(len).is_none_or(|end| end > arena_len) {
+            Arg::Buf(s) => {
+                let (off, len) = (s.off, s.len);
+                if s.len.checked_mul(s.dtype.size()).and_then(|b| b.checked_add(off)).is_none_or(|end| end > arena_len)
+                    || !off.is_multiple_of(s.dtype.size())
+                {
                     bail!(
-                        "kernel `{}`: argument {i}, a Buf of {len} elements at offset {off}, is outside the arena of \
-                         {arena_len} words",
+                        "kernel `{}`: argument {i}, a Buf of {len} elements at byte {off}, is outside the arena of \
+                         {arena_len} bytes",
                         l.kernel
                     )
                 }
@@ -79,15 +82,16 @@ fn launch_with(arena: *mut u32, arena_len: usize, l: &Launch, timeout: Option<Du
     Err(Error(if msg.is_empty() { format!("kernel `{}`: the host layer failed", l.kernel) } else { msg }))
 }
 
-/// Runs `l` on the host execution layer over `arena` (for tests of the layer itself; the
-/// backend goes through `HostExec`). The time limit is `$DENSENET_HOST_TIMEOUT_S`, else 20 s.
+/// Runs `l` on the host execution layer over `arena` (4-byte words; for tests of the layer
+/// itself; the backend goes through `HostExec`). The time limit is `$DENSENET_HOST_TIMEOUT_S`,
+/// else 20 s.
 #[doc(hidden)]
 pub fn host_launch(arena: &mut [u32], l: &Launch) -> Result<()> {
-    launch_with(arena.as_mut_ptr(), arena.len(), l, None)
+    launch_with(arena.as_mut_ptr().cast(), arena.len() * 4, l, None)
 }
 
 /// [`host_launch`] with the time limit `timeout`.
 #[doc(hidden)]
 pub fn host_launch_timeout(arena: &mut [u32], l: &Launch, timeout: Duration) -> Result<()> {
-    launch_with(arena.as_mut_ptr(), arena.len(), l, Some(timeout))
+    launch_with(arena.as_mut_ptr().cast(), arena.len() * 4, l, Some(timeout))
 }

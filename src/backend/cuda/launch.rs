@@ -1,20 +1,15 @@
 //! One launch description for both ways a kernel runs: the real GPU (cudarc) and the host
 //! execution layer (`kernels/host/`), so the configuration the GPU gets is the one tested.
 
-use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, View};
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, Span, View};
 use crate::Result;
 
 /// A kernel argument, in the kernel's parameter order.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Arg {
-    /// `Buf<T>` of 4-byte elements: `len` of them at arena offset `off` (the host layer
-    /// bounds-checks every access against it; the GPU gets the bare pointer).
-    Buf {
-        /// Arena offset, in 4-byte words.
-        off: usize,
-        /// Elements the kernel may touch.
-        len: usize,
-    },
+    /// `Buf<T>`: the elements of a span of the arena (the host layer bounds-checks every
+    /// access against it; the GPU gets the bare pointer).
+    Buf(Span),
     /// `int`.
     I32(i32),
     /// `unsigned`.
@@ -46,11 +41,11 @@ pub(crate) enum Op {
     /// A kernel launch ([`Launch`] with its arguments).
     Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
     /// [`Exec::conv_forward`]`(x, w, y, spec)`.
-    ConvForward(View, usize, View, ConvSpec),
+    ConvForward(View, Span, View, ConvSpec),
     /// [`Exec::conv_backward_data`]`(gy, w, gx, spec)`.
-    ConvBackwardData(View, usize, View, ConvSpec),
+    ConvBackwardData(View, Span, View, ConvSpec),
     /// [`Exec::conv_backward_filter`]`(x, gy, gw, spec, accumulate)`.
-    ConvBackwardFilter(View, View, usize, ConvSpec, bool),
+    ConvBackwardFilter(View, View, Span, ConvSpec, bool),
 }
 
 impl Op {
@@ -61,7 +56,7 @@ impl Op {
 }
 
 /// What executes the CUDA backend's work: a real GPU, or the host device (kernels on the host
-/// execution layer, convolutions on the CPU backend). Offsets index one arena of 4-byte words.
+/// execution layer, convolutions on the CPU backend). Offsets count bytes of one arena.
 pub trait Exec {
     /// What runs the work, for messages.
     fn describe(&self) -> String;
@@ -84,26 +79,26 @@ pub trait Exec {
         0
     }
     /// Chooses a convolution algorithm for each shape at this batch and returns the workspace
-    /// they need, in arena words.
+    /// they need, in bytes (a multiple of 4).
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize>;
-    /// Allocates the zeroed arena of `len` words, the only allocation; `conv_ws` is the
-    /// (offset, words) region reserved for the convolutions.
-    fn allocate(&mut self, len: usize, conv_ws: (usize, usize)) -> Result<()>;
+    /// Allocates the zeroed arena of `len` bytes, the only allocation; `conv_ws` is the
+    /// region reserved for the convolutions.
+    fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()>;
     /// The arena's bytes, and the device memory in use beyond what it was once the context was
     /// created (see [`DeviceMemory::process`]).
     fn memory(&self) -> DeviceMemory;
-    /// Copies host words into the arena (f32 or u32 bit patterns).
-    fn write(&mut self, off: usize, data: &[u32]) -> Result<()>;
-    /// Copies arena words at `off` into `out`, after all queued work.
-    fn read_into(&self, off: usize, out: &mut [u32]) -> Result<()>;
+    /// Copies host bytes into the arena at byte `off`.
+    fn write(&mut self, off: usize, data: &[u8]) -> Result<()>;
+    /// Copies the arena's bytes at `off` into `out`, after all queued work.
+    fn read_into(&self, off: usize, out: &mut [u8]) -> Result<()>;
     /// Queues a kernel launch.
     fn launch(&mut self, launch: &Launch) -> Result<()>;
     /// `y = conv(x, w)`, no bias; `w` is [cout, cin, k, k].
-    fn conv_forward(&mut self, x: View, w: usize, y: View, spec: ConvSpec) -> Result<()>;
+    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()>;
     /// `gx = conv_transpose(gy, w)` (overwrites gx).
-    fn conv_backward_data(&mut self, gy: View, w: usize, gx: View, spec: ConvSpec) -> Result<()>;
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()>;
     /// `gw = dL/dw` summed over the batch, or `gw += ...` when `accumulate`.
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: usize, spec: ConvSpec, accumulate: bool) -> Result<()>;
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()>;
     /// Starts recording the work queued from now on as a graph; the work still runs as it is
     /// queued (that run is the warm-up of what the graph will replay).
     fn capture_begin(&mut self) -> Result<()>;
