@@ -12,7 +12,7 @@
 #include <functional>
 
 extern "C" {
-// The launch configuration, as Rust's `Launch` (src/backend/cuda/hostlayer.rs mirrors it).
+// The launch configuration, as Rust's `Launch` (src/backend/cuda/host_layer.rs mirrors it).
 struct DnDims {
   unsigned grid[3];
   unsigned block[3];
@@ -20,7 +20,7 @@ struct DnDims {
   unsigned timeout_ms;  // 0: $DENSENET_HOST_TIMEOUT_S, else 20 s
 };
 
-// One kernel argument, as Rust's `Arg` (mirrored in hostlayer.rs).
+// One kernel argument, as Rust's `Arg` (mirrored in host_layer.rs).
 struct DnArg {
   unsigned kind;            // dn::ArgKind
   unsigned pad;

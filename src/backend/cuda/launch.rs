@@ -36,25 +36,6 @@ pub struct Launch<'a> {
     pub args: &'a [Arg],
 }
 
-/// One unit of an executor's work, owned: what a recorded step keeps.
-pub(crate) enum Op {
-    /// A kernel launch ([`Launch`] with its arguments).
-    Launch { kernel: &'static str, grid: [u32; 3], block: [u32; 3], shared: u32, args: Vec<Arg> },
-    /// [`Exec::conv_forward`]`(x, w, y, spec)`.
-    ConvForward(View, Span, View, ConvSpec),
-    /// [`Exec::conv_backward_data`]`(gy, w, gx, spec)`.
-    ConvBackwardData(View, Span, View, ConvSpec),
-    /// [`Exec::conv_backward_filter`]`(x, gy, gw, spec, accumulate)`.
-    ConvBackwardFilter(View, View, Span, ConvSpec, bool),
-}
-
-impl Op {
-    /// The owned copy of a launch.
-    pub(crate) fn launch(l: &Launch) -> Op {
-        Op::Launch { kernel: l.kernel, grid: l.grid, block: l.block, shared: l.shared, args: l.args.to_vec() }
-    }
-}
-
 /// What executes the CUDA backend's work: a real GPU, or the host device (kernels on the host
 /// execution layer, convolutions on the CPU backend). Offsets count bytes of one arena.
 pub trait Exec {

@@ -8,16 +8,17 @@ mod algos;
 mod backend;
 mod cudnn;
 mod gpu;
-mod host;
-mod hostlayer;
+mod host_device;
+mod host_layer;
 mod launch;
 pub mod ptx;
+mod record;
 
 pub use algos::AlgorithmFamily;
 pub use backend::{CudaBackend, FUSED_CHUNK};
 pub use gpu::GpuExec;
-pub use host::HostExec;
-pub use hostlayer::{host_launch, host_launch_timeout};
+pub use host_device::HostExec;
+pub use host_layer::{host_launch, host_launch_timeout};
 pub use launch::{Arg, Exec, Launch};
 
 /// The kernels as built by build.rs: source, PTX if nvcc was found, and names.

@@ -3,19 +3,17 @@
 //! convolutions (cuDNN's part on a GPU) on the CPU backend. A graph is the op list recorded
 //! while its step ran, replayed as a GPU replays a CUDA graph.
 
-use super::hostlayer;
-use super::launch::{Exec, Launch, Op};
+use super::host_layer;
+use super::launch::{Exec, Launch};
+use super::record::{Op, Recorder, Steps};
 use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DeviceMemory, Span, View};
 use crate::{bail, Result};
-use std::collections::HashMap;
 
 /// Runs the CUDA backend on the CPU (see the module docs).
 pub struct HostExec {
     cpu: CpuBackend,
-    recording: Option<Vec<Op>>,
-    graphs: HashMap<u64, Vec<Op>>,
-    /// An op failed during the recording.
-    spoiled: bool,
+    /// The recorded steps, each its op list.
+    steps: Steps<Vec<Op>>,
     /// Bytes of the emulated device allocation.
     len: usize,
     /// Bytes after it (host only): a weight gradient, for accumulating filter gradients.
@@ -25,26 +23,30 @@ pub struct HostExec {
 impl HostExec {
     /// A host device over rayon's global pool (for the convolutions).
     pub fn new() -> Self {
-        HostExec { cpu: CpuBackend::new(), recording: None, graphs: HashMap::new(), spoiled: false, len: 0, spare: 0 }
+        HostExec { cpu: CpuBackend::new(), steps: Steps::new(), len: 0, spare: 0 }
     }
 
-    /// Runs `op`, and records it while a graph is being captured (a failed op spoils the
-    /// recording: `capture_end` then stores nothing).
-    fn submit(&mut self, op: Op) -> Result<()> {
-        let r = self.execute(&op);
-        match (&mut self.recording, &r) {
-            (Some(ops), Ok(())) => ops.push(op),
-            (Some(_), Err(_)) => self.spoiled = true,
-            (None, _) => {}
+    /// An error when a step is being recorded: `what` cannot be part of it.
+    fn idle(&self, what: &str) -> Result<()> {
+        if self.steps.recording() {
+            bail!("{what} while a graph is being captured");
         }
-        r
+        Ok(())
+    }
+}
+
+impl Recorder for HostExec {
+    type Step = Vec<Op>;
+
+    fn steps(&mut self) -> &mut Steps<Vec<Op>> {
+        &mut self.steps
     }
 
-    fn execute(&mut self, op: &Op) -> Result<()> {
+    fn issue(&mut self, op: &Op) -> Result<()> {
         match *op {
             Op::Launch { kernel, grid, block, shared, ref args } => {
                 let arena = self.cpu.bytes_mut();
-                return hostlayer::launch(
+                return host_layer::launch(
                     arena.as_mut_ptr(),
                     arena.len(),
                     &Launch { kernel, grid, block, shared, args },
@@ -64,11 +66,8 @@ impl HostExec {
         Ok(())
     }
 
-    fn idle(&self, what: &str) -> Result<()> {
-        if self.recording.is_some() {
-            bail!("{what} while a graph is being captured");
-        }
-        Ok(())
+    fn issue_step(&mut self, ops: &Vec<Op>) -> Result<()> {
+        self.issue_ops(ops)
     }
 }
 
@@ -136,24 +135,16 @@ impl Exec for HostExec {
     }
 
     fn capture_begin(&mut self) -> Result<()> {
-        self.idle("a capture")?;
-        self.recording = Some(Vec::new());
-        Ok(())
+        self.steps.begin()
     }
 
     fn capture_end(&mut self, key: u64) -> Result<Option<String>> {
-        let Some(ops) = self.recording.take() else { bail!("capture_end without capture_begin") };
-        if std::mem::take(&mut self.spoiled) {
-            bail!("an op of the recorded step failed: nothing recorded");
-        }
-        self.graphs.insert(key, ops);
+        let ops = self.steps.end(key)?;
+        self.steps.store(key, ops);
         Ok(None)
     }
 
     fn replay(&mut self, key: u64) -> Result<bool> {
-        let Some(ops) = self.graphs.remove(&key) else { return Ok(false) };
-        let r = ops.iter().try_for_each(|op| self.execute(op));
-        self.graphs.insert(key, ops);
-        r.map(|()| true)
+        self.replay_stored(key)
     }
 }

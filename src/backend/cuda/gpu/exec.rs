@@ -1,0 +1,378 @@
+//! [`GpuExec`] at work: checked kernel launches and cuDNN convolutions queued on its stream,
+//! copies, the arena, and recorded steps captured as CUDA graphs.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{result as dr, sys as ds, CudaGraph};
+
+use super::open::nvrtc_version;
+use super::{drv, err, errname, GpuExec, KernelSource, Step};
+use crate::backend::cuda::launch::{Arg, Exec, Launch};
+use crate::backend::cuda::ptx;
+use crate::backend::cuda::record::{Op, Recorder, Steps};
+use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, Span, View};
+use crate::{bail, Result};
+
+/// Largest dynamic shared memory a launch may ask for without opting in per kernel.
+const MAX_SHARED: u32 = 48 * 1024;
+
+impl GpuExec {
+    /// Bytes this executor allocated on the device (the arena; zero before `allocate`).
+    fn device_bytes(&self) -> usize {
+        self.arena.map_or(0, |(_, bytes)| bytes.max(1))
+    }
+
+    /// Device memory in use now, by every process and context, as the driver counts it
+    /// (total minus free); `None` if the driver cannot tell.
+    fn driver_used_bytes(&self) -> Option<usize> {
+        self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
+    }
+
+    /// Device address of arena byte `off`, checking that `len` bytes from it are inside.
+    fn addr(&self, off: usize, len: usize, what: &str) -> Result<u64> {
+        let Some((base, bytes)) = self.arena else { bail!("{what}: the GPU arena is not allocated yet") };
+        match off.checked_add(len) {
+            Some(end) if end <= bytes => Ok(base + off as u64),
+            _ => bail!("{what}: bytes {off}..{off}+{len} are outside the arena of {bytes} bytes"),
+        }
+    }
+
+    /// The arena address of a view's first element, after checking the whole view is inside.
+    fn view_addr(&self, v: View, what: &str) -> Result<u64> {
+        self.addr(v.off, v.end() - v.off, what)
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| drv("binding the CUDA context", e))
+    }
+
+    fn sync(&self, what: &str) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv(what, e))
+    }
+
+    /// Checks and resolves one convolution call: (x/gx address, w address, y/gy address).
+    fn conv_args(&self, x: View, w: Span, y: View, spec: ConvSpec, what: &str) -> Result<(u64, u64, u64)> {
+        let fits = spec.stride > 0 && spec.k > 0 && x.h + 2 * spec.pad >= spec.k && x.w + 2 * spec.pad >= spec.k;
+        if !fits || x.n != y.n || spec.out(x.h) != y.h || spec.out(x.w) != y.w {
+            bail!("{what}: views {x:?} and {y:?} do not match {spec:?}");
+        }
+        if w.len != y.c * x.c * spec.k * spec.k {
+            bail!("{what}: a weight of {} elements for {x:?} -> {y:?}", w.len);
+        }
+        let wx = self.addr(w.off, w.bytes(), what)?;
+        Ok((self.view_addr(x, what)?, wx, self.view_addr(y, what)?))
+    }
+
+    /// Whether a step is being recorded or captured (no copies, allocations or cudnnFind then).
+    fn in_step(&self) -> bool {
+        self.steps.recording() || self.capturing
+    }
+
+    /// Issues `ops` under stream capture (nothing runs) and instantiates the graph.
+    fn capture(&mut self, ops: &[Op]) -> Result<Option<CudaGraph>> {
+        self.stream
+            .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| drv("starting a CUDA graph capture", e))?;
+        self.capturing = true;
+        let issued = self.issue_ops(ops);
+        self.capturing = false;
+        // Always end the capture, also after a failed op. cudarc's `end_capture` returns early,
+        // leaving the stream capturing, on an error stored by an earlier drop: `bind` takes it.
+        let _ = self.bind();
+        let graph = self.stream.end_capture(ds::CUgraphInstantiate_flags(0));
+        issued?;
+        graph.map_err(|e| {
+            err(format!(
+                "CUDA graph capture failed ({}): something queued during the capture cannot be captured",
+                errname(e)
+            ))
+        })
+    }
+
+    /// A kernel launch, checked and queued.
+    fn launch_now(&mut self, l: &Launch) -> Result<()> {
+        let Some(k) = self.kernels.get(l.kernel) else { bail!("no kernel named {} in kernels/*.cu", l.kernel) };
+        let threads: u64 = l.block.iter().map(|&b| b as u64).product();
+        if threads == 0 || threads > 1024 || l.block[2] > 64 {
+            bail!("{}: block {:?} is not 1 to 1024 threads", l.kernel, l.block);
+        }
+        if l.grid.contains(&0) || l.grid[0] > i32::MAX as u32 || l.grid[1] > 65535 || l.grid[2] > 65535 {
+            bail!("{}: grid {:?} is out of range", l.kernel, l.grid);
+        }
+        if l.shared > MAX_SHARED {
+            bail!("{}: {} bytes of shared memory, more than {MAX_SHARED}", l.kernel, l.shared);
+        }
+        if let Some(params) = &k.params {
+            let sizes: Vec<usize> = l.args.iter().map(arg_size).collect();
+            if &sizes != params {
+                bail!("{}: argument sizes {sizes:?} do not match the kernel's parameters {params:?}", l.kernel);
+            }
+        }
+        let mut slots = Vec::with_capacity(l.args.len());
+        for a in l.args {
+            slots.push(match *a {
+                Arg::Buf(s) => self.addr(s.off, s.bytes(), l.kernel)?,
+                Arg::I32(v) => low(v.to_ne_bytes()),
+                Arg::U32(v) => low(v.to_ne_bytes()),
+                Arg::F32(v) => low(v.to_ne_bytes()),
+                Arg::U64(v) => v,
+            });
+        }
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        self.bind()?;
+        let (g, b) = (l.grid, l.block);
+        // SAFETY: the function is from our module; each parameter points at a value of the size
+        // the kernel expects (checked above when the driver can tell), buffers are inside the
+        // arena, and `slots` outlives the call (the driver copies parameters at launch).
+        unsafe {
+            dr::launch_kernel(
+                k.func.cu_function(),
+                (g[0], g[1], g[2]),
+                (b[0], b[1], b[2]),
+                l.shared,
+                self.stream.cu_stream(),
+                &mut ptrs,
+            )
+        }
+        .map_err(|e| err(format!("launching {} failed: {}", l.kernel, errname(e))))
+    }
+}
+
+impl Recorder for GpuExec {
+    type Step = Step;
+
+    fn steps(&mut self) -> &mut Steps<Step> {
+        &mut self.steps
+    }
+
+    fn issue(&mut self, op: &Op) -> Result<()> {
+        match *op {
+            Op::Launch { kernel, grid, block, shared, ref args } => {
+                self.launch_now(&Launch { kernel, grid, block, shared, args })
+            }
+            Op::ConvForward(x, w, y, spec) => {
+                let (px, pw, py) = self.conv_args(x, w, y, spec, "conv_forward")?;
+                self.bind()?;
+                self.convs.forward((x, px), pw, (y, py), spec)
+            }
+            Op::ConvBackwardData(gy, w, gx, spec) => {
+                let (px, pw, py) = self.conv_args(gx, w, gy, spec, "conv_backward_data")?;
+                self.bind()?;
+                self.convs.backward_data((gx, px), pw, (gy, py), spec)
+            }
+            Op::ConvBackwardFilter(x, gy, gw, spec, accumulate) => {
+                let (px, pw, py) = self.conv_args(x, gw, gy, spec, "conv_backward_filter")?;
+                self.bind()?;
+                self.convs.backward_filter((x, px), pw, (gy, py), spec, accumulate)
+            }
+        }
+    }
+
+    fn issue_step(&mut self, step: &Step) -> Result<()> {
+        match step {
+            Step::Graph(Some(g)) => g.launch().map_err(|e| drv("launching a CUDA graph", e)),
+            Step::Graph(None) => Ok(()),
+            Step::Ops(ops) => self.issue_ops(ops),
+        }
+    }
+}
+
+impl Drop for GpuExec {
+    fn drop(&mut self) {
+        let _ = self.bind();
+        if self.capturing {
+            // SAFETY: ends the capture this executor began on its own stream.
+            if let Ok(g) = unsafe { dr::stream::end_capture(self.stream.cu_stream()) } {
+                if !g.is_null() {
+                    // SAFETY: the graph was just returned by the driver and is not used again.
+                    let _ = unsafe { dr::graph::destroy(g) };
+                }
+            }
+        }
+        let _ = self.stream.synchronize();
+        if let Some((ptr, _)) = self.arena.take() {
+            // SAFETY: allocated by `allocate`, all work that used it has finished.
+            let _ = unsafe { dr::free_sync(ptr) };
+        }
+    }
+}
+
+impl Exec for GpuExec {
+    fn memory(&self) -> DeviceMemory {
+        let process = self.driver_used_bytes().map(|u| u.saturating_sub(self.baseline_used));
+        DeviceMemory { allocated: self.device_bytes(), process }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda:{} ({}, sm_{}{}, driver for CUDA {}, cuDNN {} for CUDA {}, kernels from {})",
+            self.ctx.ordinal(),
+            self.name,
+            self.cc.0,
+            self.cc.1,
+            ptx::cuda_text(self.driver_version.max(0) as u32),
+            self.cudnn.version_text(),
+            ptx::cuda_text(self.cudnn.cuda as u32),
+            self.kernels_from.text()
+        )
+    }
+
+    fn libraries(&self) -> Vec<Library> {
+        let cuda = ptx::cuda_text(self.cudnn.cuda as u32);
+        let driver = ptx::cuda_text(self.driver_version.max(0) as u32);
+        let mut libs = vec![
+            Library::loaded("cuda driver", driver.clone(), Some(driver), "libcuda.so"),
+            Library::loaded("cudnn", self.cudnn.version_text(), Some(cuda), "libcudnn.so"),
+            Library::loaded("cublaslt", self.cudnn.cublaslt_text(), None, "libcublasLt.so"),
+        ];
+        if self.kernels_from != KernelSource::Nvcc {
+            libs.push(Library::loaded("nvrtc", nvrtc_version().unwrap_or_default(), None, "libnvrtc.so"));
+        }
+        libs
+    }
+
+    fn algorithm_record(&self) -> Option<String> {
+        Some(self.convs.record())
+    }
+
+    fn reuse_algorithm_record(&mut self, record: &str) -> Result<usize> {
+        self.convs.reuse(record)
+    }
+
+    fn algorithm_searches(&self) -> usize {
+        self.convs.finds()
+    }
+
+    fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
+        if self.in_step() {
+            // cudnnFind allocates, synchronizes and times: none of that may happen in a capture.
+            bail!("choosing convolution algorithms during a CUDA graph capture");
+        }
+        self.bind()?;
+        let bytes = self.convs.plan(convs, batch)?;
+        Ok(bytes.next_multiple_of(4))
+    }
+
+    fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()> {
+        if self.arena.is_some() {
+            bail!("the GPU arena is already allocated");
+        }
+        if self.in_step() {
+            bail!("allocating the GPU arena during a CUDA graph capture");
+        }
+        if conv_ws.end() > len {
+            bail!("convolution workspace {conv_ws:?} is outside the arena of {len} bytes");
+        }
+        self.bind()?;
+        let bytes = len.max(1);
+        // SAFETY: a plain device allocation, freed in Drop.
+        let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            err(format!(
+                "cannot allocate the {:.1} MiB GPU arena ({}): {:.1} MiB free of {:.1} MiB; use a smaller batch or --memory minimal",
+                mib(bytes),
+                errname(e),
+                mib(free),
+                mib(total)
+            ))
+        })?;
+        self.arena = Some((ptr, len));
+        // SAFETY: `ptr` holds `bytes` bytes.
+        unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| drv("zeroing the arena", e))?;
+        self.sync("zeroing the arena")?;
+        self.convs.set_workspace(ptr + conv_ws.off as u64, conv_ws.bytes());
+        Ok(())
+    }
+
+    fn write(&mut self, off: usize, data: &[u8]) -> Result<()> {
+        // The step would replay without this copy: abandon its recording.
+        self.steps.abandon();
+        let dst = self.addr(off, data.len(), "write")?;
+        if self.in_step() {
+            bail!("write to the GPU arena during graph capture (copies from host memory cannot be captured)");
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `dst` holds `data.len()` bytes (checked); the sync below keeps `data` alive
+        // until the copy has finished.
+        unsafe { dr::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying to the GPU", e))?;
+        self.sync("copying to the GPU (or an earlier kernel failed)")
+    }
+
+    fn read_into(&self, off: usize, out: &mut [u8]) -> Result<()> {
+        let src = self.addr(off, out.len(), "read")?;
+        if self.in_step() {
+            bail!("read from the GPU arena during graph capture");
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `src` holds `out.len()` bytes (checked); the sync below completes the copy
+        // before `out` is released.
+        unsafe { dr::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying from the GPU", e))?;
+        self.sync("copying from the GPU (or an earlier kernel failed)")
+    }
+
+    fn launch(&mut self, l: &Launch) -> Result<()> {
+        if !self.steps.recording() {
+            return self.launch_now(l);
+        }
+        self.submit(Op::launch(l))
+    }
+
+    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
+        self.submit(Op::ConvForward(x, w, y, spec))
+    }
+
+    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()> {
+        self.submit(Op::ConvBackwardData(gy, w, gx, spec))
+    }
+
+    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()> {
+        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
+    }
+
+    fn capture_begin(&mut self) -> Result<()> {
+        self.steps.begin()
+    }
+
+    fn capture_end(&mut self, key: u64) -> Result<Option<String>> {
+        let ops = self.steps.end(key)?;
+        // The step has already run, op by op, as it was issued; capturing records it again.
+        let (step, fell_back) = match self.capture(&ops) {
+            Ok(graph) => (Step::Graph(graph), None),
+            Err(e) => (Step::Ops(ops), Some(e.to_string())),
+        };
+        self.steps.store(key, step);
+        Ok(fell_back)
+    }
+
+    fn replay(&mut self, key: u64) -> Result<bool> {
+        self.replay_stored(key)
+    }
+}
+
+/// Bytes of a kernel parameter.
+fn arg_size(a: &Arg) -> usize {
+    match a {
+        Arg::Buf { .. } | Arg::U64(_) => 8,
+        Arg::I32(_) | Arg::U32(_) | Arg::F32(_) => 4,
+    }
+}
+
+/// A 64-bit slot whose first four bytes in memory are `b`.
+fn low(b: [u8; 4]) -> u64 {
+    let mut s = [0; 8];
+    s[..4].copy_from_slice(&b);
+    u64::from_ne_bytes(s)
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
