@@ -411,7 +411,33 @@ fn failure(message: impl fmt::Display) -> Failure {
     Failure { code: 1, message: message.to_string() }
 }
 
+/// Prints the library's log records on stderr: errors as `error: ...`, warnings as `warning:
+/// ...`, notes as they are; other crates' records are not ours to show.
+struct Stderr;
+
+impl log::Log for Stderr {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info && m.target().starts_with("densenet")
+    }
+
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            match r.level() {
+                log::Level::Error => eprintln!("error: {}", r.args()),
+                log::Level::Warn => eprintln!("warning: {}", r.args()),
+                _ => eprintln!("{}", r.args()),
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    static LOGGER: Stderr = Stderr;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
     let (cli, matches) = match parsed {
         Ok(parsed) => parsed,
