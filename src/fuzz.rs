@@ -1,5 +1,6 @@
 //! What the parsers' fuzz tests share: where a JSON text's values are, for mutations that
-//! replace them (structure-aware, unlike flipping random bytes).
+//! replace them (structure-aware, unlike flipping random bytes), and the README's table of
+//! their counts, which each test checks its row of.
 
 /// Byte ranges of every number and every string's contents in the JSON text `text`.
 pub(crate) fn json_spans(text: &str) -> Vec<(usize, usize)> {
@@ -25,6 +26,43 @@ pub(crate) fn json_spans(text: &str) -> Vec<(usize, usize)> {
         }
     }
     spans
+}
+
+/// What a fuzz test counted: its cases, and how many got past each of its checks.
+pub(crate) struct Tally {
+    /// The parser, as the README's fuzz table names it in its first column.
+    pub parser: &'static str,
+    /// Cases run.
+    pub cases: u64,
+    /// The counts the README's row gives after the cases, in its order.
+    pub counts: Vec<u64>,
+}
+
+impl Tally {
+    /// Checks the counts against the README's fuzz table (the tests are seeded, so the counts
+    /// are exact): a parser that now accepts more or less than the README says fails here.
+    pub fn check(&self) {
+        let readme = include_str!("../README.md");
+        let row = readme
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(&format!("| {} |", self.parser)))
+            .unwrap_or_else(|| panic!("the README's fuzz table has no row '{}'", self.parser));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let numbers = |cell: &str| -> Vec<u64> {
+            cell.split(|c: char| !c.is_ascii_digit() && c != ',')
+                .filter_map(|w| w.replace(',', "").parse().ok())
+                .collect()
+        };
+        let (cases, counts) = (numbers(cells[2]), numbers(cells[3]));
+        assert_eq!(
+            (cases.as_slice(), counts.as_slice()),
+            (&[self.cases][..], self.counts.as_slice()),
+            "the README's fuzz table says {row}; this build counts {} cases, {:?}: update the row",
+            self.cases,
+            self.counts
+        );
+    }
 }
 
 #[test]

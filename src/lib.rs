@@ -14,6 +14,7 @@ pub mod error;
 #[cfg(test)]
 mod fuzz;
 pub mod input;
+pub mod measure;
 pub mod model;
 pub mod rng;
 pub mod train;

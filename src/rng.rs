@@ -29,6 +29,18 @@ pub fn normal(key: u64, index: u64) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+/// A random batch of `n` images of `h` x `w` (3 channels, standard normal, as normalized images
+/// are) and labels below `classes`, drawn from `seed` (benchmarks); `None` when it does not fit
+/// in memory.
+pub fn random_batch(seed: u64, n: usize, h: usize, w: usize, classes: usize) -> Option<(Vec<f32>, Vec<u32>)> {
+    let len = n.checked_mul(crate::input::CHANNELS * h * w)?;
+    let mut images = Vec::new();
+    images.try_reserve_exact(len).ok()?;
+    images.extend((0..len).map(|i| normal(seed, i as u64) as f32));
+    let labels = (0..n).map(|i| (derive(seed, i as u64) % classes as u64) as u32).collect();
+    Some((images, labels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,7 +109,7 @@ pub struct DeviceMemory {
 }
 
 /// A run-time library a backend loaded, for reports (`bench --json`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Library {
     /// What it is (`cudnn`).
     pub name: String,

@@ -1,35 +1,115 @@
 //! `densenet bench`: training steps on random data, planned and measured memory.
 
-use super::device;
-use super::memory::{mib, plan_line};
-use crate::*;
+use super::args::NetArgs;
+use super::device::{self, DeviceArgs};
+use super::memory::plan_line;
+use super::output::{report, report_json};
+use super::{parse, usage, Outcome};
+use clap::Args;
+use densenet::backend::{Backend, Library, Sgd};
+use densenet::config::NetConfig;
+use densenet::data::cifar::SIDE;
+use densenet::measure::{self, mib, Heap};
+use densenet::model::plan::Mode;
+use densenet::model::Model;
+use densenet::rng;
+use serde::Serialize;
+use std::time::Instant;
 
-pub(crate) fn bench(a: BenchArgs) -> Result<(), Failure> {
-    let cfg = a.net.config().map_err(usage)?;
-    let (be, why) = a.device.open()?;
-    run(a, cfg, be, &why)
+/// Seed of `bench`'s network and random batch.
+const SEED: u64 = 0;
+
+/// The flags of `densenet bench`.
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Timed training steps (the step time reported is their median).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse::steps, allow_negative_numbers = true)]
+    steps: usize,
+    /// Untimed steps first (thread start-up, first touch of the arena, caches).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse::warmup, allow_negative_numbers = true)]
+    warmup: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Memory mode: naive, shared or minimal.
+    #[arg(long, value_name = "MODE", default_value = "minimal")]
+    memory: Mode,
+    /// Also print the result as one JSON object, the last line.
+    #[arg(long)]
+    json: bool,
 }
 
-fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(), Failure> {
+/// `bench --json`: speed, planned and measured memory, and what ran the steps.
+#[derive(Serialize)]
+pub(crate) struct BenchReport {
+    /// The network's conventional name.
+    network: String,
+    /// What ran the steps (the `Device:` line's description).
+    device: String,
+    /// The memory mode.
+    memory: String,
+    batch: usize,
+    /// Timed steps.
+    steps: usize,
+    /// Untimed steps before them.
+    warmup: usize,
+    /// Images per second at the median step time.
+    images_per_s: f64,
+    /// The median step time, milliseconds.
+    step_ms: f64,
+    /// The plan's total bytes.
+    planned_peak_bytes: usize,
+    /// The peak heap, counted from just before the model was built to the last step.
+    measured_peak_bytes: usize,
+    /// The process's peak resident set size (0 where unknown).
+    peak_rss_bytes: usize,
+    /// On a device: the bytes allocated (the plan's); `null` on the CPU.
+    device_allocated_bytes: Option<usize>,
+    /// On a device: the memory in use beyond what it was once the CUDA context was created.
+    device_process_bytes: Option<usize>,
+    /// How the timed steps ran on a GPU (`replayed`, `eager`, ...); `null` on the CPU.
+    graphs: Option<String>,
+    /// The wall clock (Unix seconds) when the timed steps started.
+    timed_start_unix_s: f64,
+    /// The wall clock when they ended.
+    timed_end_unix_s: f64,
+    /// The run-time libraries loaded.
+    libraries: Vec<Library>,
+    /// The cuDNN loaded; `null` on the CPU.
+    cudnn: Option<Cudnn>,
+}
+
+/// The cuDNN of a [`BenchReport`].
+#[derive(Serialize)]
+pub(crate) struct Cudnn {
+    version: String,
+    cuda: Option<String>,
+    path: Option<String>,
+}
+
+/// Runs `densenet bench`.
+pub(crate) fn run(a: BenchArgs) -> Outcome {
+    let cfg = a.net.config().map_err(usage)?;
+    let (be, why) = a.device.open()?;
+    bench(a, cfg, be, &why)
+}
+
+fn bench(a: BenchArgs, cfg: NetConfig, be: impl Backend, why: &str) -> Outcome {
     let (batch, classes) = (a.net.batch, cfg.num_classes);
-    // Normalized-image statistics, and labels of every class.
-    let len = batch * 3 * SIDE * SIDE;
-    let mut images = Vec::new();
-    if images.try_reserve_exact(len).is_err() {
-        return Err(failure(format!("a random batch of {batch} images does not fit in memory")));
-    }
-    images.extend((0..len).map(|i| rng::normal(BENCH_SEED, i as u64) as f32));
-    let labels: Vec<u32> = (0..batch).map(|i| (rng::derive(BENCH_SEED, i as u64) % classes as u64) as u32).collect();
-    let heap_start = heap::start();
-    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, BENCH_SEED, be)?;
+    let Some((images, labels)) = rng::random_batch(SEED, batch, SIDE, SIDE, classes) else {
+        return Err(super::failure(format!("a random batch of {batch} images does not fit in memory")));
+    };
+    let heap = Heap::start();
+    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, SEED, be)?;
     report(format_args!(
-        "{}: training steps on random {}-shaped data (seed {BENCH_SEED}), batch {batch}, {} parameters",
+        "{}: training steps on random {}-shaped data (seed {SEED}), batch {batch}, {} parameters",
         model.config().name(),
         a.net.dataset.title(),
         model.layout().len
     ))?;
-    report(format_args!("{}", device::line(model.backend(), why)))?;
-    report(format_args!("{}", plan_line(model.plan())))?;
+    report(device::line(model.backend(), why))?;
+    report(plan_line(model.plan()))?;
     let mut times = Vec::new();
     let mut window = (0.0, 0.0);
     for s in 0..a.warmup + a.steps {
@@ -48,9 +128,9 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
         }
     }
     window.1 = unix_seconds();
-    let measured = heap::peak().saturating_sub(heap_start);
+    let measured = heap.peak_growth();
     let planned = model.plan().total_bytes();
-    let rss = peak_rss();
+    let rss = measure::peak_rss();
     times.sort_by(f64::total_cmp);
     let median = match times.len() % 2 {
         1 => times[times.len() / 2],
@@ -63,9 +143,9 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
         1e3 * times[0],
         1e3 * times[times.len() - 1]
     ))?;
-    let device = model.backend().device_memory();
-    let rss_text = if rss == 0 { "unknown".to_string() } else { format!("{:.1} MiB", mib(rss as usize)) };
-    match device {
+    let on_device = model.backend().device_memory();
+    let rss_text = rss.map_or("unknown".to_string(), |r| format!("{:.1} MiB", mib(r)));
+    match on_device {
         // The arena is on the device: the host heap holds little of the plan.
         Some(d) => report(format_args!(
             "Device memory {:.1} MiB allocated, {:.1} MiB planned; {} in use on the device beyond what it was \
@@ -85,38 +165,30 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
     if let Some(g) = &graphs {
         report(format_args!("Training steps: {g} (CUDA graphs)"))?;
     }
-    let libraries: Vec<serde_json::Value> = model
-        .backend()
-        .libraries()
-        .into_iter()
-        .map(|l| serde_json::json!({ "name": l.name, "version": l.version, "cuda": l.cuda, "path": l.path }))
-        .collect();
     if a.json {
-        let cudnn = libraries
-            .iter()
-            .find(|l| l["name"] == "cudnn")
-            .map(|l| serde_json::json!({ "version": l["version"], "cuda": l["cuda"], "path": l["path"] }));
-        let json = serde_json::json!({
-            "network": model.config().name(),
-            "device": model.backend().describe(),
-            "memory": a.memory.to_string(),
-            "batch": batch,
-            "steps": a.steps,
-            "warmup": a.warmup,
-            "images_per_s": images_per_s,
-            "step_ms": 1e3 * median,
-            "planned_peak_bytes": planned,
-            "measured_peak_bytes": measured,
-            "peak_rss_bytes": rss,
-            "device_allocated_bytes": device.map(|d| d.allocated),
-            "device_process_bytes": device.and_then(|d| d.process),
-            "graphs": graphs,
-            "timed_start_unix_s": window.0,
-            "timed_end_unix_s": window.1,
-            "libraries": libraries,
-            "cudnn": cudnn,
-        });
-        report(format_args!("{json}"))?;
+        let libraries = model.backend().libraries();
+        let cudnn = libraries.iter().find(|l| l.name == "cudnn");
+        let cudnn = cudnn.map(|l| Cudnn { version: l.version.clone(), cuda: l.cuda.clone(), path: l.path.clone() });
+        report_json(&BenchReport {
+            network: model.config().name(),
+            device: model.backend().describe(),
+            memory: a.memory.to_string(),
+            batch,
+            steps: a.steps,
+            warmup: a.warmup,
+            images_per_s,
+            step_ms: 1e3 * median,
+            planned_peak_bytes: planned,
+            measured_peak_bytes: measured,
+            peak_rss_bytes: rss.unwrap_or(0),
+            device_allocated_bytes: on_device.map(|d| d.allocated),
+            device_process_bytes: on_device.and_then(|d| d.process),
+            graphs,
+            timed_start_unix_s: window.0,
+            timed_end_unix_s: window.1,
+            libraries,
+            cudnn,
+        })?;
     }
     Ok(())
 }
@@ -125,82 +197,4 @@ fn run<B: Backend>(a: BenchArgs, cfg: NetConfig, be: B, why: &str) -> Result<(),
 /// the device's memory taken by another process).
 fn unix_seconds() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// This process's peak resident set size in bytes (`VmHWM` in /proc/self/status); 0 where
-/// that is not available.
-pub(crate) fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().strip_suffix("kB"));
-    kib.and_then(|v| v.trim().parse::<u64>().ok()).map_or(0, |k| k * 1024)
-}
-
-/// Heap accounting for `bench`: the system allocator, counting the bytes in use and their peak
-/// (two relaxed atomic operations per allocation; a training step allocates next to nothing).
-pub(crate) mod heap {
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-    static CURRENT: AtomicUsize = AtomicUsize::new(0);
-    static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-    /// The counting allocator.
-    pub struct Counting;
-
-    fn grow(bytes: usize) {
-        let now = CURRENT.fetch_add(bytes, Relaxed) + bytes;
-        PEAK.fetch_max(now, Relaxed);
-    }
-
-    fn shrink(bytes: usize) {
-        CURRENT.fetch_sub(bytes, Relaxed);
-    }
-
-    // SAFETY: every call goes to the system allocator unchanged; only successful ones are counted.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            let p = System.alloc(layout);
-            if !p.is_null() {
-                grow(layout.size());
-            }
-            p
-        }
-
-        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-            let p = System.alloc_zeroed(layout);
-            if !p.is_null() {
-                grow(layout.size());
-            }
-            p
-        }
-
-        unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-            System.dealloc(p, layout);
-            shrink(layout.size());
-        }
-
-        unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
-            let q = System.realloc(p, layout, size);
-            if !q.is_null() {
-                if size > layout.size() {
-                    grow(size - layout.size());
-                } else {
-                    shrink(layout.size() - size);
-                }
-            }
-            q
-        }
-    }
-
-    /// Starts a measurement: the peak restarts from the bytes in use now, which are returned.
-    pub fn start() -> usize {
-        let now = CURRENT.load(Relaxed);
-        PEAK.store(now, Relaxed);
-        now
-    }
-
-    /// The most bytes in use at once since [`start`].
-    pub fn peak() -> usize {
-        PEAK.load(Relaxed)
-    }
 }

@@ -1,8 +1,10 @@
 //! `--device`: which backend runs the model, opened before any data is loaded so that a
 //! missing GPU fails fast, with one line saying what is missing.
 
-use crate::*;
+use super::{parse, Failure};
+use clap::Args;
 use densenet::backend::cuda::{CudaBackend, Exec, GpuExec, HostExec};
+use densenet::backend::{Backend, CpuBackend};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,26 +19,12 @@ pub(crate) enum Device {
     Host,
 }
 
-/// Parses `--device`.
-pub(crate) fn device(s: &str) -> Result<Device, String> {
-    match s {
-        "auto" => Ok(Device::Auto),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        "host" => Ok(Device::Host),
-        _ => match s.strip_prefix("cuda:").map(str::parse) {
-            Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => Err("expected auto, cpu, cuda, cuda:N or host".into()),
-        },
-    }
-}
-
 /// Where the model runs.
 #[derive(Args)]
 pub(crate) struct DeviceArgs {
     /// Device: auto (GPU 0 when it works, else the CPU), cpu, cuda, cuda:N, or host (the CUDA
     /// backend with its kernels run on the CPU: slow, for debugging).
-    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = device)]
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse::device)]
     device: Device,
     /// On a GPU, issue every op of every step instead of replaying the step recorded once as a
     /// CUDA graph (debugging, profiling).

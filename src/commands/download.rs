@@ -1,10 +1,37 @@
 //! `densenet download`: fetch, check and extract a CIFAR archive.
 
-use crate::*;
+use super::args::SourceArgs;
+use super::output::report;
+use super::progress::Transfer;
+use super::Outcome;
+use clap::Args;
+use densenet::data::cifar::Dataset;
+use densenet::data::download::{self, Fetched};
+use std::path::PathBuf;
 
-pub(crate) fn fetch(a: DownloadArgs) -> Result<(), Failure> {
+/// The flags of `densenet download`.
+#[derive(Args)]
+pub(crate) struct DownloadArgs {
+    /// Dataset: cifar10 or cifar100.
+    #[arg(long, value_name = "NAME", default_value = "cifar10")]
+    dataset: Dataset,
+    /// Directory to extract into (the dataset lands in its folder, cifar-10-batches-bin/ or
+    /// cifar-100-binary/).
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Download and extract again even when the dataset is there (its folder is replaced once
+    /// the new copy is in place; kept if the download fails).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Runs `densenet download`.
+pub(crate) fn run(a: DownloadArgs) -> Outcome {
     let get = if a.force { download::refetch } else { download::fetch };
-    report_fetched(&get(&a.data_dir, a.dataset, &a.source.source())?, a.dataset)?;
+    let fetched = get(&a.data_dir, a.dataset, &a.source.source(), &mut Transfer::new())?;
+    report_fetched(&fetched, a.dataset)?;
     Ok(())
 }
 

@@ -1,7 +1,111 @@
-//! `densenet memory`: the plan per category and mode, the largest batch for a budget; and
-//! the plan helpers the other commands print with.
+//! `densenet memory`: the plan per category and mode, the largest batch for a budget; and the
+//! plan line the other commands print.
 
-use crate::*;
+use super::args::NetArgs;
+use super::output::{report, report_json};
+use super::{parse, usage, Outcome};
+use clap::Args;
+use densenet::backend::{Backend, CpuBackend};
+use densenet::config::NetConfig;
+use densenet::data::cifar::{IMAGE_BYTES, SIDE};
+use densenet::measure::{self, mib};
+use densenet::model::net::Net;
+use densenet::model::plan::{Category, Mode, Plan};
+use densenet::train::recipe::MAX_BATCH;
+use serde::Serialize;
+
+/// The flags of `densenet memory`.
+#[derive(Args)]
+pub(crate) struct MemoryArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Memory mode: naive, shared, minimal, or all.
+    #[arg(long, value_name = "MODE", default_value = "all", value_parser = parse::modes)]
+    memory: parse::Modes,
+    /// For each mode, also find the largest batch whose planned total fits in SIZE: bytes, or a
+    /// number with a unit, B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of
+    /// 1024), e.g. 4GiB, 512MB, 1.5GB.
+    #[arg(long, value_name = "SIZE", value_parser = measure::parse_size, allow_hyphen_values = true)]
+    budget: Option<u64>,
+    /// Print one JSON object as the last line instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `memory --json`: the plan of each mode asked for.
+#[derive(Serialize)]
+pub(crate) struct MemoryReport {
+    /// The network's conventional name.
+    network: String,
+    /// Trainable parameters.
+    params: usize,
+    /// The batch planned for.
+    batch: usize,
+    /// `--budget`, in bytes (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_bytes: Option<u64>,
+    /// The plan of each mode asked for.
+    modes: ModePlans,
+}
+
+/// The plans of a [`MemoryReport`], by mode (those asked for).
+#[derive(Default, Serialize)]
+pub(crate) struct ModePlans {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    naive: Option<ModePlan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared: Option<ModePlan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    minimal: Option<ModePlan>,
+}
+
+impl ModePlans {
+    /// The plans of `plans` (each with its budget's answer).
+    fn of(plans: &[(Plan, Option<Option<usize>>)]) -> ModePlans {
+        let mut modes = ModePlans::default();
+        for (plan, fit) in plans {
+            let slot = match plan.mode {
+                Mode::Naive => &mut modes.naive,
+                Mode::Shared => &mut modes.shared,
+                Mode::Minimal => &mut modes.minimal,
+            };
+            *slot = Some(ModePlan::of(plan, *fit));
+        }
+        modes
+    }
+}
+
+/// One mode's plan in a [`MemoryReport`]: bytes per category and in all.
+#[derive(Serialize)]
+pub(crate) struct ModePlan {
+    total_bytes: usize,
+    parameters: usize,
+    gradients: usize,
+    momentum: usize,
+    activations: usize,
+    scratch: usize,
+    workspace: usize,
+    /// With `--budget`: the largest batch that fits, `null` when not even one image does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_batch: Option<Option<usize>>,
+}
+
+impl ModePlan {
+    /// `plan`'s bytes; `fit`: the budget's answer, when one was asked.
+    fn of(plan: &Plan, fit: Option<Option<usize>>) -> ModePlan {
+        let b = |c| plan.bytes(c);
+        ModePlan {
+            total_bytes: plan.total_bytes(),
+            parameters: b(Category::Parameters),
+            gradients: b(Category::Gradients),
+            momentum: b(Category::Momentum),
+            activations: b(Category::Activations),
+            scratch: b(Category::Scratch),
+            workspace: b(Category::Workspace),
+            max_batch: fit,
+        }
+    }
+}
 
 /// One line: the plan's total and its bytes per category, in MiB.
 pub(crate) fn plan_line(plan: &Plan) -> String {
@@ -15,24 +119,14 @@ pub(crate) fn plan_line(plan: &Plan) -> String {
     )
 }
 
-pub(crate) fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1u64 << 20) as f64
-}
-
 /// The plan of `cfg` (built as `net`) for `batch` images in `mode`, its workspace sized by `be`.
-pub(crate) fn plan(
-    cfg: &NetConfig,
-    net: &Net,
-    be: &mut CpuBackend,
-    batch: usize,
-    mode: Mode,
-) -> densenet::Result<Plan> {
+fn plan(cfg: &NetConfig, net: &Net, be: &mut CpuBackend, batch: usize, mode: Mode) -> densenet::Result<Plan> {
     Plan::new(cfg, net, batch, SIDE, SIDE, mode, |c| be.workspace_len(c, IMAGE_BYTES, batch))
 }
 
 /// The largest batch (up to [`MAX_BATCH`]) whose planned total fits in `budget` bytes, if any
 /// does. The total grows with the batch, so a binary search finds it.
-pub(crate) fn max_batch(
+fn max_batch(
     cfg: &NetConfig,
     net: &Net,
     be: &mut CpuBackend,
@@ -59,7 +153,8 @@ pub(crate) fn max_batch(
     Ok(Some(lo))
 }
 
-pub(crate) fn memory(a: MemoryArgs) -> Result<(), Failure> {
+/// Runs `densenet memory`.
+pub(crate) fn run(a: MemoryArgs) -> Outcome {
     let cfg = a.net.config().map_err(usage)?;
     let net = Net::new(&cfg);
     let mut be = CpuBackend::new();
@@ -67,30 +162,12 @@ pub(crate) fn memory(a: MemoryArgs) -> Result<(), Failure> {
     let mut plans = Vec::new();
     for &mode in &a.memory.0 {
         let fit = a.budget.map(|b| max_batch(&cfg, &net, &mut be, mode, b)).transpose()?;
-        plans.push((plan(&cfg, &net, &mut be, batch, mode)?, fit.flatten()));
+        plans.push((plan(&cfg, &net, &mut be, batch, mode)?, fit));
     }
     let params = net.layout.len;
     if a.json {
-        let modes: serde_json::Map<String, serde_json::Value> = plans
-            .iter()
-            .map(|(p, fit)| {
-                let mut m = serde_json::Map::new();
-                m.insert("total_bytes".into(), p.total_bytes().into());
-                for c in Category::ALL {
-                    m.insert(c.name().into(), p.bytes(c).into());
-                }
-                if a.budget.is_some() {
-                    m.insert("max_batch".into(), (*fit).into());
-                }
-                (p.mode.to_string(), m.into())
-            })
-            .collect();
-        let mut json = serde_json::json!({"network": cfg.name(), "params": params, "batch": batch, "modes": modes});
-        if let Some(b) = a.budget {
-            json["budget_bytes"] = b.into();
-        }
-        report(format_args!("{json}"))?;
-        return Ok(());
+        let (budget_bytes, modes) = (a.budget, ModePlans::of(&plans));
+        return Ok(report_json(&MemoryReport { network: cfg.name(), params, batch, budget_bytes, modes })?);
     }
     report(format_args!(
         "{} on {}, batch {batch} of {SIDE}x{SIDE}, {params} parameters; workspace for {} (the CUDA \
@@ -105,26 +182,27 @@ pub(crate) fn memory(a: MemoryArgs) -> Result<(), Failure> {
             mib(b as usize)
         ))?;
     }
-    report(format_args!("Planned memory per category, in MiB (2^20 bytes; --json gives bytes):"))?;
+    report("Planned memory per category, in MiB (2^20 bytes; --json gives bytes):")?;
+    let cell = |text: &str| format!(" {text:>11}");
     let mut header = format!("{:<8}", "MiB");
     for c in Category::ALL {
-        header += &format!(" {:>11}", c.name());
+        header += &cell(c.name());
     }
-    header += &format!(" {:>11}", "total");
+    header += &cell("total");
     if a.budget.is_some() {
-        header += &format!(" {:>11}", "max batch");
+        header += &cell("max batch");
     }
-    report(format_args!("{header}"))?;
+    report(header)?;
     for (p, fit) in &plans {
         let mut row = format!("{:<8}", p.mode.to_string());
         for c in Category::ALL {
-            row += &format!(" {:>11.1}", mib(p.bytes(c)));
+            row += &cell(&format!("{:.1}", mib(p.bytes(c))));
         }
-        row += &format!(" {:>11.1}", mib(p.total_bytes()));
-        if a.budget.is_some() {
-            row += &format!(" {:>11}", fit.map_or("none fits".to_string(), |n| n.to_string()));
+        row += &cell(&format!("{:.1}", mib(p.total_bytes())));
+        if let Some(fit) = fit {
+            row += &cell(&fit.map_or("none fits".to_string(), |n| n.to_string()));
         }
-        report(format_args!("{row}"))?;
+        report(row)?;
     }
     Ok(())
 }

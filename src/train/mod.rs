@@ -1,5 +1,5 @@
 //! Training: the reference recipe (SGD with Nesterov momentum, step learning-rate decay), the
-//! epoch loop with its progress lines, and model selection on test top-1.
+//! epoch loop, and model selection on test top-1.
 
 pub mod checkpoint;
 pub mod epoch;
@@ -13,10 +13,9 @@ pub mod tensorboard;
 use crate::backend::{Backend, Sgd};
 use crate::data::loader::Loader;
 use crate::model::Model;
-use crate::{Error, Result};
+use crate::Result;
+use epoch::Progress;
 use recipe::Recipe;
-use std::fmt;
-use std::io::Write;
 use std::time::Instant;
 
 /// Where [`fit`] starts: the first epoch to run (counted from 0), and the best test top-1 of
@@ -34,8 +33,8 @@ pub struct FitFrom {
 pub struct EpochEnd {
     /// The epoch just trained (counted from 0).
     pub epoch: usize,
-    /// Its learning rate.
-    pub lr: f64,
+    /// Its learning rate (as SGD used it).
+    pub lr: f32,
     /// Training loss and top-1 (running averages over the epoch).
     pub train: epoch::EpochStats,
     /// Test loss and top-1.
@@ -45,18 +44,21 @@ pub struct EpochEnd {
     /// Whether this epoch's test top-1 is a new best (always true for the first epoch of a run
     /// that starts without a best).
     pub improved: bool,
+    /// Seconds the epoch took (training and test).
+    pub secs: f64,
 }
 
 /// Trains epochs `from.epoch..recipe.epochs` with the recipe's SGD settings and schedule,
-/// evaluating on the test set after each, then calls `after_epoch` (checkpoints, logs), with a
-/// progress line every `print_freq` batches. Returns the best test top-1 precision (percent).
+/// evaluating on the test set after each, then calls `after_epoch` (checkpoints, logs, the
+/// epoch's summary), reporting every pass to `progress`. Returns the best test top-1
+/// precision (percent).
 pub fn fit<B: Backend>(
     model: &mut Model<B>,
     train: &mut Loader,
     test: &mut Loader,
     recipe: &Recipe,
     from: FitFrom,
-    print_freq: usize,
+    progress: &mut dyn Progress,
     mut after_epoch: impl FnMut(&Model<B>, &EpochEnd) -> Result<()>,
 ) -> Result<Option<f64>> {
     let (mut best, mut last) = (from.best, None);
@@ -64,42 +66,16 @@ pub fn fit<B: Backend>(
         let start = Instant::now();
         let lr = schedule::learning_rate(recipe.lr, e, recipe.epochs);
         let (momentum, weight_decay, nesterov) = (recipe.momentum, recipe.weight_decay, recipe.nesterov);
-        let hp = Sgd { lr: lr as f32, momentum, weight_decay, nesterov };
-        let ahead = epoch::Ahead { epochs: recipe.epochs - e - 1, epoch_secs: last, estimate: e == from.epoch };
-        let t = epoch::train(model, train, e, hp, print_freq, ahead)?;
-        let v = epoch::evaluate(model, test, print_freq)?;
+        let sgd = Sgd { lr: lr as f32, momentum, weight_decay, nesterov };
+        let ahead = epoch::Ahead { epochs: recipe.epochs - e - 1, epoch_secs: last, first: e == from.epoch };
+        let t = epoch::train(model, train, e, sgd, ahead, progress)?;
+        let v = epoch::evaluate(model, test, progress)?;
         let improved = best.is_none_or(|b| v.top1 > b);
         let top = best.map_or(v.top1, |b| b.max(v.top1));
         best = Some(top);
-        report(format_args!(
-            " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}  ({:.1} s)",
-            hp.lr,
-            t.loss,
-            t.top1,
-            v.loss,
-            v.top1,
-            start.elapsed().as_secs_f64()
-        ))?;
-        last = Some(start.elapsed().as_secs_f64());
-        after_epoch(model, &EpochEnd { epoch: e, lr, train: t, test: v, best: top, improved })?;
+        let secs = start.elapsed().as_secs_f64();
+        last = Some(secs);
+        after_epoch(model, &EpochEnd { epoch: e, lr: sgd.lr, train: t, test: v, best: top, improved, secs })?;
     }
     Ok(best)
-}
-
-/// Prints one line to stdout. Once stdout is closed (`densenet train | head`), the lines are
-/// dropped and the work goes on: a run keeps training and checkpointing, `eval | head -1`
-/// ends quietly. Any other failure to write is an error.
-pub fn report(line: fmt::Arguments) -> Result<()> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static CLOSED: AtomicBool = AtomicBool::new(false);
-    if CLOSED.load(Ordering::Relaxed) {
-        return Ok(());
-    }
-    match writeln!(std::io::stdout(), "{line}") {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            CLOSED.store(true, Ordering::Relaxed);
-            Ok(())
-        }
-        r => r.map_err(|e| Error(format!("cannot write to stdout: {e}"))),
-    }
 }

@@ -1,0 +1,99 @@
+//! What the command line writes: result lines on stdout, the library's log records and the
+//! one-line errors on stderr, and the exit status. Nothing else in the program prints.
+
+use super::{progress, Outcome};
+use clap::error::ErrorKind;
+use serde::Serialize;
+use std::fmt;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Prints one line to stdout (above a progress bar, if one is drawn). Once stdout is closed
+/// (`densenet train | head`), the lines are dropped and the work goes on: a run keeps training
+/// and checkpointing, `eval | head -1` ends quietly. Any other failure to write is an error.
+pub(crate) fn report(line: impl fmt::Display) -> densenet::Result<()> {
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    if CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    match progress::suspend(|| writeln!(std::io::stdout(), "{line}")) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        r => r.map_err(|e| densenet::Error(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// Prints `value` as one line of JSON (a `--json` report: its type is the documented schema).
+pub(crate) fn report_json(value: &impl Serialize) -> densenet::Result<()> {
+    let json = serde_json::to_string(value).map_err(|e| densenet::Error(format!("cannot write JSON: {e}")))?;
+    report(json)
+}
+
+/// Prints the library's log records on stderr (above a progress bar, if one is drawn): errors
+/// as `error: ...`, warnings as `warning: ...`, notes as they are. Other crates' records are
+/// not ours to show.
+struct Stderr;
+
+impl log::Log for Stderr {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info && m.target().starts_with("densenet")
+    }
+
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let tag = match r.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            progress::suspend(|| eprintln!("{tag}{}", r.args()));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Makes the library's log records appear on stderr.
+pub(crate) fn show_log() {
+    static LOGGER: Stderr = Stderr;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
+/// The exit status of a command, after printing its error as one line.
+pub(crate) fn exit(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            progress::suspend(|| eprintln!("error: {}", f.message));
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Help and version as clap prints them; every other parse error as one line with clap's tips.
+pub(crate) fn clap_error(e: clap::Error) -> ExitCode {
+    let code = ExitCode::from(e.exit_code() as u8);
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return code;
+    }
+    let text = e.to_string();
+    // The first paragraph (a missing argument's name is on an indented line of its own), joined.
+    let message: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    let message = if message.is_empty() { "error: bad arguments".to_string() } else { message.join(" ") };
+    let tips: Vec<&str> = text.lines().filter_map(|l| l.trim().strip_prefix("tip: ")).collect();
+    if tips.is_empty() {
+        eprintln!("{message}");
+    } else {
+        eprintln!("{message} ({})", tips.join("; "));
+    }
+    code
+}

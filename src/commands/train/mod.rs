@@ -1,0 +1,255 @@
+//! `densenet train`: the reference recipe with checkpoints, resume, initial weights and
+//! TensorBoard logs.
+
+mod signals;
+mod start;
+
+use super::args::{DataArgs, NetArgs, ProgressArgs, SourceArgs};
+use super::device::{self, DeviceArgs};
+use super::download::report_fetched;
+use super::memory::plan_line;
+use super::output::report;
+use super::progress::{Passes, Transfer};
+use super::{parse, Outcome};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use densenet::backend::Backend;
+use densenet::data::cifar::{Images, Split, SIDE};
+use densenet::data::download::{self, Source};
+use densenet::data::loader::Loader;
+use densenet::model::plan::Mode;
+use densenet::model::Model;
+use densenet::train::checkpoint::{self, Saver};
+use densenet::train::tensorboard::EventWriter;
+use densenet::train::{self, schedule, stop};
+use start::Start;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The flags of `densenet train`: the reference `train.py`'s, and what it lacks.
+#[derive(Args)]
+pub(crate) struct TrainArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Epochs to train.
+    #[arg(long, value_name = "N", default_value_t = 300, value_parser = parse::epochs, allow_negative_numbers = true)]
+    epochs: usize,
+    /// First epoch to run, counted from 0 (the LR schedule follows it) [default: 0; with
+    /// --resume: the checkpoint's next epoch, which an explicit value must equal].
+    #[arg(long, value_name = "N")]
+    start_epoch: Option<usize>,
+    /// Initial learning rate (divided by 10 at 50% and 75% of the epochs).
+    #[arg(long, default_value_t = 0.1, value_parser = parse::non_negative::<f64>, allow_negative_numbers = true)]
+    lr: f64,
+    /// Nesterov momentum factor, in [0, 1).
+    #[arg(long, default_value_t = 0.9, value_parser = parse::momentum, allow_negative_numbers = true)]
+    momentum: f32,
+    /// L2 weight decay on every parameter.
+    #[arg(long = "weight-decay", visible_alias = "wd", value_name = "WD", default_value_t = 1e-4, value_parser = parse::non_negative::<f32>, allow_negative_numbers = true)]
+    weight_decay: f32,
+    #[command(flatten)]
+    progress: ProgressArgs,
+    /// Train without augmentation (no random crop or flip).
+    #[arg(long)]
+    no_augment: bool,
+    /// Name of the run: its checkpoints go to <runs-dir>/<name>/.
+    #[arg(long, default_value = "DenseNet_BC_100_12", value_parser = parse::run_name)]
+    name: String,
+    /// Directory of the runs.
+    #[arg(long, value_name = "DIR", default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Continue a run from its checkpoint (a file, or a run directory for its
+    /// checkpoint.safetensors), in its run directory, with its recipe (network, data set,
+    /// batch size, SGD settings, epochs, augmentation, seed, name: no flag needs retyping) and
+    /// its state (weights, running statistics, momentum, step counter, next epoch, best
+    /// accuracy). A recipe flag that differs from the run's is refused (see --change-recipe).
+    #[arg(long, value_name = "PATH", conflicts_with = "init_weights")]
+    resume: Option<PathBuf>,
+    /// With --resume: change the run's recipe to the recipe flags given (a longer --epochs,
+    /// say); each change is printed and recorded in the run's checkpoints. The network's
+    /// tensors cannot change.
+    #[arg(long, requires = "resume")]
+    change_recipe: bool,
+    /// Start from the weights and running statistics of a safetensors file with reference
+    /// names (a checkpoint, or a converted PyTorch state dict); momentum starts at zero.
+    #[arg(long, value_name = "FILE")]
+    init_weights: Option<PathBuf>,
+    /// Log train_loss, train_acc, val_loss, val_acc and learning_rate per epoch as TensorBoard
+    /// event files in the run directory.
+    #[arg(long)]
+    tensorboard: bool,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Download the dataset into --data-dir first when it is not there (as `densenet download`).
+    #[arg(long)]
+    download: bool,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Memory mode: naive, shared or minimal [with --resume: the run's unless given].
+    #[arg(long, value_name = "MODE", default_value = "minimal")]
+    memory: Mode,
+    /// Seed of the initialization, the shuffles, the augmentation and dropout [default: 0; with
+    /// --resume: the run's, which an explicit value must equal unless --change-recipe].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// The flags given on the command line (their clap ids): a resumed run takes the others
+    /// from its recipe.
+    #[arg(skip)]
+    given: HashSet<String>,
+}
+
+/// Runs `densenet train` with `args` as parsed into `matches`.
+pub(crate) fn run(mut a: TrainArgs, matches: &ArgMatches) -> Outcome {
+    a.given = matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect();
+    // Flags and files first: a usage error is reported as such whatever the device.
+    let (start, source, _lock) = Start::checked(&a)?;
+    let run_dir = start.run_dir.clone();
+    let (be, why) = a.device.open()?;
+    signals::catch_signals()?;
+    let done = train(&a, start, source, be, &why);
+    match (done, stop::requested()) {
+        (Err(_), Some(signal)) => Err(signals::interrupted(signal, &run_dir)),
+        (done, _) => done,
+    }
+}
+
+fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why: &str) -> Outcome {
+    let (recipe, run_dir) = (&start.recipe, start.run_dir.as_path());
+    let (dataset, batch) = (recipe.dataset, recipe.batch_size);
+    if a.download {
+        // As `densenet download` does: fetch what is missing, check what is there (and say
+        // nothing of usable data already in place).
+        let fetched = download::fetch(&a.data.data_dir, dataset, &source, &mut Transfer::new())?;
+        if !fetched.already_there {
+            report_fetched(&fetched, dataset)?;
+        }
+    }
+    let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
+    let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
+    let reused = start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r));
+    let mut model = Model::new(recipe.network.clone(), batch, SIDE, SIDE, start.memory, recipe.seed, be)?;
+    if let Some(state) = &start.state {
+        state.apply(&mut model)?;
+    }
+
+    let cfg = model.config();
+    report(format_args!(
+        "{} (run {}) on {}: {} training and {} test images from {}",
+        cfg.name(),
+        recipe.name,
+        dataset.title(),
+        train_set.len(),
+        test_set.len(),
+        a.data.data_dir.display()
+    ))?;
+    report(format_args!("Number of model parameters: {}", model.layout().len))?;
+    report(device::line(model.backend(), why))?;
+    report(plan_line(model.plan()))?;
+    match (&start.resumed, &a.init_weights) {
+        (Some(path), _) => report(format_args!(
+            "Resumed from {}: epoch {}, step {}, best Prec@1 {:.3}, seed {} (weights, running statistics, momentum)",
+            path.display(),
+            start.epoch,
+            model.steps(),
+            start.best.unwrap_or(0.0),
+            recipe.seed
+        ))?,
+        (None, Some(path)) => {
+            report(format_args!("Initial weights and running statistics from {} (momentum from zero)", path.display()))?
+        }
+        (None, None) => {}
+    }
+    for note in &start.notes {
+        report(note)?;
+    }
+    let schedule = schedule::drops(start.epoch, recipe.epochs);
+    report(format_args!(
+        "Training: epochs {} to {}, batch {batch}, lr {} ({schedule}), {}momentum {}, weight decay {}, \
+         augmentation {}, seed {}",
+        start.epoch,
+        recipe.epochs - 1,
+        schedule::shown(schedule::learning_rate(recipe.lr, start.epoch, recipe.epochs)),
+        if recipe.nesterov { "Nesterov " } else { "" },
+        recipe.momentum,
+        recipe.weight_decay,
+        if recipe.augment { "on" } else { "off" },
+        recipe.seed
+    ))?;
+
+    let mut train_loader = Loader::train(train_set, dataset, batch, recipe.seed, recipe.augment)?;
+    let mut test_loader = Loader::test(test_set, dataset, batch)?;
+    let saver = Saver::create(run_dir, recipe.clone(), start.best_epoch)?;
+    report(format_args!(
+        "Checkpoints: {} every epoch, {} on a new best test Prec@1",
+        saver.checkpoint().display(),
+        checkpoint::BEST
+    ))?;
+    if let Some(record) = model.backend().algorithm_record() {
+        let path = run_dir.join(checkpoint::ALGORITHMS);
+        checkpoint::write_atomic(&path, record.as_bytes())?;
+        let searches = model.backend().algorithm_searches();
+        report(format_args!(
+            "Convolution algorithms: {} ({})",
+            path.display(),
+            match reused {
+                Some(n) if searches == 0 => format!("{n} rankings reused from the resumed run, no search"),
+                _ => format!("{searches} cudnnFind searches"),
+            }
+        ))?;
+    }
+    let mut events = if a.tensorboard { Some(EventWriter::create(run_dir)?) } else { None };
+    if let Some(w) = &events {
+        report(format_args!("TensorBoard: {}", w.path().display()))?;
+    }
+    let (mut passes, from) =
+        (Passes::new(a.progress.print_freq), train::FitFrom { epoch: start.epoch, best: start.best });
+    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, recipe, from, &mut passes, |m, end| {
+        let (e, t, v) = (end.epoch, end.train, end.test);
+        report(format_args!(
+            " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}  ({:.1} s)",
+            end.lr, t.loss, t.top1, v.loss, v.top1, end.secs
+        ))?;
+        saver.save(m, e + 1, end.best, end.improved)?;
+        if let Some(w) = events.as_mut() {
+            for (tag, value) in [
+                ("train_loss", t.loss),
+                ("train_acc", t.top1),
+                ("val_loss", v.loss),
+                ("val_acc", v.top1),
+                ("learning_rate", end.lr.into()),
+            ] {
+                w.scalar(tag, value as f32, e as i64)?;
+            }
+            w.flush()?;
+        }
+        let note = match end.improved {
+            true => format!("; new best Prec@1 {:.3}: {}", end.best, checkpoint::BEST),
+            false => String::new(),
+        };
+        report(format_args!(" * Saved {} (next epoch {}){note}", checkpoint::CHECKPOINT, e + 1))
+    })?;
+    report(format_args!("Best accuracy: {:.3}", best.unwrap_or(0.0)))?;
+    Ok(())
+}
+
+/// Hands the backend the algorithm record beside the checkpoint `resumed` from, if there is
+/// one: the rankings reused, or `None` (no record, or one refused with a warning: the
+/// algorithms are timed again, which can only cost time).
+fn reuse_algorithms<B: Backend>(be: &mut B, resumed: &Path) -> Option<usize> {
+    let path = resumed.with_file_name(checkpoint::ALGORITHMS);
+    let reused = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => Err(e.to_string()),
+        Ok(text) => be.reuse_algorithm_record(&text).map_err(|e| e.to_string()),
+    };
+    reused
+        .map_err(|e| log::warn!("{} not reused ({e}): the convolution algorithms are timed again", path.display()))
+        .ok()
+}
