@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use densenet::backend::{Backend, CpuBackend, Sgd};
 use densenet::config::NetConfig;
+use densenet::measure::mib;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 use densenet::model::Model;
@@ -25,13 +26,6 @@ fn batch() -> usize {
 /// DenseNet-BC-`depth`-`growth` for CIFAR-10.
 fn bc(depth: usize, growth: usize) -> NetConfig {
     NetConfig::cifar(depth, growth, true, 0.5, 0.0, CLASSES).expect("valid DenseNet-BC")
-}
-
-/// Normal images [n, 3, 32, 32] and uniform labels.
-fn random_batch(n: usize) -> (Vec<f32>, Vec<u32>) {
-    let images = (0..n * 3 * SIZE * SIZE).map(|i| rng::normal(1, i as u64) as f32).collect();
-    let labels = (0..n).map(|i| (rng::mix64(i as u64) % CLASSES as u64) as u32).collect();
-    (images, labels)
 }
 
 /// Prints the planned bytes per category (MiB) of each network and mode, without allocating.
@@ -58,16 +52,11 @@ fn print_memory_table(batch: usize) {
     println!();
 }
 
-/// Bytes in MiB.
-fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1 << 20) as f64
-}
-
 /// Benchmarks one training step of BC-100-12 in each memory mode.
 fn train_step(c: &mut Criterion) {
     let batch = batch();
     print_memory_table(batch);
-    let (images, labels) = random_batch(batch);
+    let (images, labels) = rng::random_batch(1, batch, SIZE, SIZE, CLASSES).expect("a batch fits in memory");
     let mut group = c.benchmark_group(format!("train_step/DenseNet-BC-100-12/batch{batch}"));
     group
         .throughput(Throughput::Elements(batch as u64))

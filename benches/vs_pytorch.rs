@@ -15,7 +15,7 @@ use densenet::config::NetConfig;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 use densenet::model::Model;
-use densenet::{bail, rng, Error, Result};
+use densenet::{bail, measure, rng, Error, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,7 +93,8 @@ fn main() {
 fn serve(mode: &str) -> Result<()> {
     let s = Settings::from_env()?;
     let mut model = Model::new(s.network()?, s.batch, SIZE, SIZE, mode.parse()?, 0, CpuBackend::new())?;
-    let (images, labels) = random_batch(s.batch);
+    let (images, labels) =
+        rng::random_batch(1, s.batch, SIZE, SIZE, CLASSES).ok_or(Error("no memory for a batch".into()))?;
     println!("ready");
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| Error(format!("reading stdin: {e}")))?;
@@ -103,34 +104,13 @@ fn serve(mode: &str) -> Result<()> {
                 model.train_step(&images, &labels, Sgd::default())?;
                 println!("{}", start.elapsed().as_secs_f64());
             }
-            "rss" => println!("{}", peak_rss()?),
+            "rss" => println!("{}", measure::peak_rss().ok_or(Error("no VmHWM in /proc/self/status".into()))?),
             "quit" => break,
             "" => {}
             other => bail!("unknown command {other:?}"),
         }
     }
     Ok(())
-}
-
-/// Normal images [n, 3, 32, 32] and uniform labels.
-fn random_batch(n: usize) -> (Vec<f32>, Vec<u32>) {
-    let images = (0..n * 3 * SIZE * SIZE).map(|i| rng::normal(1, i as u64) as f32).collect();
-    let labels = (0..n).map(|i| (rng::mix64(i as u64) % CLASSES as u64) as u32).collect();
-    (images, labels)
-}
-
-/// This process's peak resident set size in bytes (`VmHWM` in /proc/self/status).
-fn peak_rss() -> Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").map_err(|e| Error(format!("reading /proc/self/status: {e}")))?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    match kib {
-        Some(kib) => Ok(kib * 1024),
-        None => bail!("no VmHWM in /proc/self/status"),
-    }
 }
 
 // ---- worker processes -------------------------------------------------------------------------
@@ -353,11 +333,6 @@ fn compare_to_torch(outcomes: &mut [Outcome]) -> Option<f64> {
     rss_ratio
 }
 
-/// Bytes in MiB.
-fn mib(bytes: f64) -> f64 {
-    bytes / (1 << 20) as f64
-}
-
 /// Prints the comparison table.
 fn print_table(outcomes: &[Outcome], rss_ratio: Option<f64>) {
     let opt = |v: Option<f64>, suffix: &str| v.map_or("-".into(), |v| format!("{v:.2}{suffix}"));
@@ -372,8 +347,8 @@ fn print_table(outcomes: &[Outcome], rss_ratio: Option<f64>) {
             o.median,
             o.images_per_s,
             opt(o.vs_torch, "x"),
-            mib(o.peak_rss as f64),
-            opt(o.planned.map(|b| mib(b as f64)), "")
+            measure::mib(o.peak_rss as usize),
+            opt(o.planned.map(measure::mib), "")
         );
     }
     println!("torch-naive peak RSS / ours-minimal peak RSS: {}", opt(rss_ratio, "x"));

@@ -73,15 +73,15 @@ fn the_audit_finds_overlapping_live_ranges_and_unwritten_reads() {
         .iter()
         .any(|(name, first, last)| name.contains("z in scratch") && (*first, *last) == (0, Some(1))));
     let clobbered = [op("a", &[], &[z]), op("c", &[], &[tz]), op("b", &[z], &[])];
-    let e = audit(plan, &clobbered).unwrap_err();
+    let e = audit(plan, &clobbered).unwrap_err().0;
     assert!(
         e.contains("op 2 (b) reads 'block1.layer.0 z") && e.contains("overwritten by op 1 (c) as 'trans1 z"),
         "{e}"
     );
-    let e = audit(plan, &[op("b", &[z], &[])]).unwrap_err();
+    let e = audit(plan, &[op("b", &[z], &[])]).unwrap_err().0;
     assert!(e.contains("op 0 (b) reads 'block1.layer.0 z") && e.contains("never written"), "{e}");
     // A view that strays out of its region.
     let stray = View { off: z.off + 1, ..z };
-    let e = audit(plan, &[op("a", &[], &[stray])]).unwrap_err();
+    let e = audit(plan, &[op("a", &[], &[stray])]).unwrap_err().0;
     assert!(e.contains("lies outside its region"), "{e}");
 }

@@ -6,55 +6,17 @@ mod common;
 
 use densenet::backend::Sgd;
 use densenet::config::NetConfig;
+use densenet::measure::{Counting, Heap};
 use densenet::model::plan::Mode;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static CALLS: AtomicUsize = AtomicUsize::new(0);
-
-fn grow(n: usize) {
-    CALLS.fetch_add(1, SeqCst);
-    let now = CURRENT.fetch_add(n, SeqCst) + n;
-    PEAK.fetch_max(now, SeqCst);
-}
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        grow(l.size());
-        System.alloc(l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        grow(l.size());
-        System.alloc_zeroed(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        CURRENT.fetch_sub(l.size(), SeqCst);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if new > l.size() {
-            grow(new - l.size());
-        } else {
-            CURRENT.fetch_sub(l.size() - new, SeqCst);
-        }
-        System.realloc(p, l, new)
-    }
-}
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
 /// Heap growth above the start at the peak of `f`, and the allocations `f` made.
 fn peak_growth(f: impl FnOnce()) -> (usize, usize) {
-    let (start, calls) = (CURRENT.load(SeqCst), CALLS.load(SeqCst));
-    PEAK.store(start, SeqCst);
+    let heap = Heap::start();
     f();
-    (PEAK.load(SeqCst) - start, CALLS.load(SeqCst) - calls)
+    (heap.peak_growth(), heap.calls_since())
 }
 
 /// Network description, names and plan bookkeeping allocated beside the arena, plus one

@@ -198,3 +198,44 @@ fn bench(a: BenchArgs, cfg: NetConfig, be: impl Backend, why: &str) -> Outcome {
 fn unix_seconds() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_has_the_readmes_schema() {
+        let cpu = || BenchReport {
+            network: "DenseNet-BC-100-12".into(),
+            device: "cpu (2 threads)".into(),
+            memory: "minimal".into(),
+            batch: 64,
+            steps: 10,
+            warmup: 2,
+            images_per_s: 80.5,
+            step_ms: 795.0,
+            planned_peak_bytes: 1 << 28,
+            measured_peak_bytes: 1 << 28,
+            peak_rss_bytes: 1 << 29,
+            device_allocated_bytes: None,
+            device_process_bytes: None,
+            graphs: None,
+            timed_start_unix_s: 1.5e9,
+            timed_end_unix_s: 1.6e9,
+            libraries: Vec::new(),
+            cudnn: None,
+        };
+        let cudnn = Library { name: "cudnn".into(), version: "9.13.0".into(), cuda: Some("13.0".into()), path: None };
+        let gpu = BenchReport {
+            device_allocated_bytes: Some(1 << 28),
+            device_process_bytes: Some(1 << 29),
+            graphs: Some("replayed".into()),
+            libraries: vec![cudnn.clone()],
+            cudnn: Some(Cudnn { version: cudnn.version, cuda: cudnn.cuda, path: Some("libcudnn.so.9".into()) }),
+            ..cpu()
+        };
+        for report in [&cpu(), &gpu] {
+            crate::commands::output::schema::check("densenet bench --json", report);
+        }
+    }
+}

@@ -101,3 +101,12 @@ fn evaluate(a: &EvalArgs, ck: &Checkpoint, dataset: Dataset, state: &State, be: 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_report_has_the_readmes_schema() {
+        let report = super::EvalReport { loss: 0.25, top1: 95.5, error: 4.5 };
+        crate::commands::output::schema::check("densenet eval --json", &report);
+    }
+}

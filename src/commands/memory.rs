@@ -206,3 +206,32 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_has_the_readmes_schema() {
+        let plan = |max_batch| ModePlan {
+            total_bytes: 21,
+            parameters: 1,
+            gradients: 2,
+            momentum: 3,
+            activations: 4,
+            scratch: 5,
+            workspace: 6,
+            max_batch,
+        };
+        let report = |budget_bytes, fit: Option<Option<usize>>| MemoryReport {
+            network: "DenseNet-BC-100-12".into(),
+            params: 769_162,
+            batch: 64,
+            budget_bytes,
+            modes: ModePlans { naive: Some(plan(fit)), shared: None, minimal: Some(plan(fit)) },
+        };
+        for r in [report(None, None), report(Some(1 << 30), Some(Some(128))), report(Some(1), Some(None))] {
+            crate::commands::output::schema::check("densenet memory --json", &r);
+        }
+    }
+}

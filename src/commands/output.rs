@@ -97,3 +97,67 @@ pub(crate) fn clap_error(e: clap::Error) -> ExitCode {
     }
     code
 }
+
+/// The `--json` schemas of the README, and the check of a report against one.
+#[cfg(test)]
+pub(crate) mod schema {
+    use serde_json::Value;
+
+    /// The schema block that follows the README's mention of `` `command` ``.
+    fn readme(command: &str) -> Value {
+        let readme = include_str!("../../README.md");
+        let at = readme.find(&format!("`{command}`")).unwrap_or_else(|| panic!("the README never says `{command}`"));
+        let block = readme[at..].split("```json\n").nth(1).and_then(|b| b.split("```").next());
+        let block = block.unwrap_or_else(|| panic!("no JSON block after `{command}` in the README"));
+        serde_json::from_str(block).unwrap_or_else(|e| panic!("the README's schema of `{command}`: {e}"))
+    }
+
+    /// Checks `report` (serialized) against the README's schema of `command` (see the README:
+    /// `?` after a key, present only where said; `|null` after a type or an object's key).
+    pub(crate) fn check(command: &str, report: &impl serde::Serialize) {
+        let value = serde_json::to_value(report).unwrap();
+        matches(&readme(command), &value, command);
+    }
+
+    /// A key of the schema: its name, whether it may be absent, whether its value may be null.
+    fn key(name: &str) -> (&str, bool, bool) {
+        let (name, nullable) = name.strip_suffix("|null").map_or((name, false), |n| (n, true));
+        let (name, optional) = name.strip_suffix('?').map_or((name, false), |n| (n, true));
+        (name, optional, nullable)
+    }
+
+    fn matches(schema: &Value, value: &Value, path: &str) {
+        match (schema, value) {
+            (Value::String(t), v) => {
+                let (t, nullable) = t.strip_suffix("|null").map_or((t.as_str(), false), |t| (t, true));
+                let ok = match v {
+                    Value::Null => nullable,
+                    Value::Number(n) => t == "number" || (t == "integer" && (n.is_u64() || n.is_i64())),
+                    Value::String(_) => t == "string",
+                    Value::Bool(_) => t == "bool",
+                    _ => false,
+                };
+                assert!(ok, "{path}: {v} is not {t}{}", if nullable { "|null" } else { "" });
+            }
+            (Value::Array(items), Value::Array(got)) => {
+                for (i, g) in got.iter().enumerate() {
+                    matches(&items[0], g, &format!("{path}[{i}]"));
+                }
+            }
+            (Value::Object(fields), Value::Object(got)) => {
+                for (name, v) in got {
+                    let described = fields.iter().find(|(k, _)| key(k).0 == name || key(k).0.starts_with('<'));
+                    let (k, s) = described.unwrap_or_else(|| panic!("{path}.{name} is not in the README's schema"));
+                    if !(v.is_null() && key(k).2) {
+                        matches(s, v, &format!("{path}.{name}"));
+                    }
+                }
+                for (k, _) in fields {
+                    let (name, optional, _) = key(k);
+                    assert!(optional || name.starts_with('<') || got.contains_key(name), "{path}.{name} is missing");
+                }
+            }
+            (s, v) => panic!("{path}: {v} does not have the README's shape {s}"),
+        }
+    }
+}

@@ -12,7 +12,7 @@
 use super::plan::{Plan, Region};
 use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, Matrix, Moments, Span, View};
 use crate::input::{Crop, Normalize};
-use crate::Result;
+use crate::{bail, Error, Result};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -213,20 +213,20 @@ pub struct Audit {
 
 /// Checks the trace `ops` of a model planned by `plan` (see the module docs); the error names
 /// the op, the tensor and the one that overwrote it.
-pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
+pub fn audit(plan: &Plan, ops: &[Op]) -> Result<Audit> {
     let name = |tag: u32| plan.tags.get(tag as usize - 1).map_or("?", |t| t.name.as_str()).to_string();
     // Each operand as its tag and arena ranges, checked against its region.
-    let resolve = |i: usize, o: &Operand| -> std::result::Result<(u32, Vec<(usize, usize)>), String> {
+    let resolve = |i: usize, o: &Operand| -> Result<(u32, Vec<(usize, usize)>)> {
         let op = &ops[i].name;
         match *o {
             Operand::View(view) => {
                 let tag = plan
                     .tags
                     .get((view.tag as usize).wrapping_sub(1))
-                    .ok_or_else(|| format!("op {i} ({op}): view {view:?} has no tag of the plan"))?;
+                    .ok_or_else(|| Error(format!("op {i} ({op}): view {view:?} has no tag of the plan")))?;
                 let r = &plan.regions[tag.region];
                 if view.numel() > 0 && (view.off < r.off || view.end() > r.end() || view.dtype != r.dtype) {
-                    return Err(format!("op {i} ({op}): view of '{}' {view:?} lies outside its region", tag.name));
+                    bail!("op {i} ({op}): view of '{}' {view:?} lies outside its region", tag.name);
                 }
                 Ok((view.tag, view.ranges().collect()))
             }
@@ -236,7 +236,7 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
                     0 => plan.regions.iter().find(|r| inside(r)),
                     t => plan.tags.get(t as usize - 1).map(|t| &plan.regions[t.region]).filter(|r| inside(r)),
                 };
-                let r = r.ok_or_else(|| format!("op {i} ({op}): {span:?} lies in no region of its tensor"))?;
+                let r = r.ok_or_else(|| Error(format!("op {i} ({op}): {span:?} lies in no region of its tensor")))?;
                 let tag = if span.tag == 0 { r.tag } else { span.tag };
                 Ok((tag, vec![(span.off, span.end())]))
             }
@@ -258,7 +258,7 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
                         break;
                     }
                     if by != tag {
-                        return Err(format!(
+                        bail!(
                             "op {i} ({}) reads '{}' at {}, overwritten by op {writer} ({}) as '{}': their live \
                              ranges overlap",
                             op.name,
@@ -266,12 +266,12 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> std::result::Result<Audit, String> {
                             start.max(r.start),
                             ops[writer].name,
                             name(by)
-                        ));
+                        );
                     }
                     covered += end.min(r.end) - start.max(r.start);
                 }
                 if covered < r.len() {
-                    return Err(format!("op {i} ({}) reads '{}' at {}, never written", op.name, name(tag), r.start));
+                    bail!("op {i} ({}) reads '{}' at {}, never written", op.name, name(tag), r.start);
                 }
             }
             if let Some(l) = live.get_mut(&tag) {
