@@ -116,10 +116,10 @@ fn graphs_replay_the_eager_step<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         // recorded once and replayed with the settings of the moment.
         let slow = Sgd { lr: 0.01, ..Sgd::default() };
         let mut losses = Vec::new();
-        for (k, hp) in
+        for (k, sgd) in
             [(n, Sgd::default()), (n, Sgd::default()), (n - 1, Sgd::default()), (n, slow), (n - 1, slow), (n, slow)]
         {
-            losses.push(m.train_step(&images[..k * per], &labels[..k], hp).unwrap().loss);
+            losses.push(m.train_step(&images[..k * per], &labels[..k], sgd).unwrap().loss);
         }
         losses.push(m.forward_backward(&images, &labels).unwrap().loss);
         losses.push(m.forward_backward(&images, &labels).unwrap().loss);

@@ -58,7 +58,7 @@ fn names_follow_the_reference_state_dict() {
     ] {
         assert!(names.contains(&want), "missing {want}");
     }
-    let stats: Vec<&str> = net.layout.stats.iter().map(|t| t.name.as_str()).collect();
+    let stats: Vec<&str> = net.layout.running.iter().map(|t| t.name.as_str()).collect();
     assert!(stats.contains(&"block2.layer.3.bn1.running_mean"));
     assert!(stats.contains(&"bn1.running_var"));
     let conv = net.layout.params.iter().find(|t| t.name == "block1.layer.0.conv1.weight").unwrap();

@@ -47,6 +47,11 @@ pub struct Model<B: Backend> {
     sgd: Option<Sgd>,
 }
 
+/// The elements of the head's result that `softmax_xent` writes: the batch's mean loss, then
+/// its top-1 correct count.
+const LOSS: usize = 0;
+/// See [`LOSS`].
+const CORRECT: usize = 1;
 /// The element of the head's result that SGD's update sets when a value is not finite.
 const SGD_FLAG: usize = 2;
 /// The element of the head's result that the running-statistics update sets likewise.
@@ -70,7 +75,7 @@ impl<B: Backend> Model<B> {
         let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None };
         let lay = &m.net.layout;
         // One tensor at a time: the host never holds more than the largest tensor.
-        for (tensors, base) in [(&lay.params, m.plan.params), (&lay.stats, m.plan.stats)] {
+        for (tensors, base) in [(&lay.params, m.plan.params), (&lay.running, m.plan.running)] {
             for (i, t) in tensors.iter().enumerate() {
                 m.be.write(base.at(t.off, t.len()), &ParamLayout::initial_tensor(t, i, seed));
             }
@@ -131,7 +136,7 @@ impl<B: Backend> Model<B> {
 
     /// The flat BN running-statistics buffer.
     pub fn running_stats(&self) -> Vec<f32> {
-        self.be.read(self.plan.stats)
+        self.be.read(self.plan.running)
     }
 
     /// Logits of the last forward pass, [n, classes].
@@ -140,22 +145,22 @@ impl<B: Backend> Model<B> {
     }
 
     /// Overwrites the parameter, momentum and running-statistics buffers (each whole).
-    pub fn load(&mut self, params: &[f32], momentum: &[f32], stats: &[f32]) -> Result<()> {
+    pub fn load(&mut self, params: &[f32], momentum: &[f32], running: &[f32]) -> Result<()> {
         let lay = &self.net.layout;
-        if params.len() != lay.len || momentum.len() != lay.len || stats.len() != lay.stats_len {
+        if params.len() != lay.len || momentum.len() != lay.len || running.len() != lay.running_len {
             bail!(
                 "state sizes {}/{}/{} do not match the network's {}/{}/{}",
                 params.len(),
                 momentum.len(),
-                stats.len(),
+                running.len(),
                 lay.len,
                 lay.len,
-                lay.stats_len
+                lay.running_len
             );
         }
         self.be.write(self.plan.params, params);
         self.be.write(self.plan.momentum, momentum);
-        self.be.write(self.plan.stats, stats);
+        self.be.write(self.plan.running, running);
         self.be.take_error()
     }
 
@@ -163,7 +168,7 @@ impl<B: Backend> Model<B> {
     fn find(&self, name: &str) -> Option<Span> {
         let lay = &self.net.layout;
         let p = lay.params.iter().find(|t| t.name == name).map(|t| self.plan.params.at(t.off, t.len()));
-        p.or_else(|| lay.stats.iter().find(|t| t.name == name).map(|t| self.plan.stats.at(t.off, t.len())))
+        p.or_else(|| lay.running.iter().find(|t| t.name == name).map(|t| self.plan.running.at(t.off, t.len())))
     }
 
     /// One parameter or running statistic by reference name.
@@ -183,13 +188,13 @@ impl<B: Backend> Model<B> {
 
     /// Forward, loss, backward and one SGD step on a batch of normalized images
     /// [n, 3, h, w] with labels.
-    pub fn train_step(&mut self, images: &[f32], labels: &[u32], hp: Sgd) -> Result<StepStats> {
-        self.step(Input::Floats(images), labels, Some(hp))
+    pub fn train_step(&mut self, images: &[f32], labels: &[u32], sgd: Sgd) -> Result<StepStats> {
+        self.step(Input::Floats(images), labels, Some(sgd))
     }
 
     /// [`Model::train_step`] on images in either [`Input`] form.
-    pub fn train_step_on(&mut self, input: Input, labels: &[u32], hp: Sgd) -> Result<StepStats> {
-        self.step(input, labels, Some(hp))
+    pub fn train_step_on(&mut self, input: Input, labels: &[u32], sgd: Sgd) -> Result<StepStats> {
+        self.step(input, labels, Some(sgd))
     }
 
     /// Forward, loss and backward (gradients in [`Model::grads`]); updates running statistics
@@ -198,25 +203,25 @@ impl<B: Backend> Model<B> {
         self.step(Input::Floats(images), labels, None)
     }
 
-    /// A training step, with the SGD update if `hp` is given. Without dropout (whose masks
+    /// A training step, with the SGD update if `sgd` is given. Without dropout (whose masks
     /// change every step) the backend may record the step once per batch size and
     /// hyper-parameters and replay it ([`Backend::step_begin`]: a CUDA graph).
-    fn step(&mut self, images: Input, labels: &[u32], hp: Option<Sgd>) -> Result<StepStats> {
+    fn step(&mut self, images: Input, labels: &[u32], sgd: Option<Sgd>) -> Result<StepStats> {
         // The smallest feature map is the last block's; training BN needs two values per channel.
         let hw = self.plan.head.input.hw();
         if labels.len() * hw < 2 {
             bail!("training needs at least 2 values per channel for batch statistics: {} image(s) of a {hw}-pixel final map", labels.len());
         }
         let n = self.load_batch(images, labels)?;
-        if let Some(hp) = hp.filter(|&hp| self.sgd != Some(hp)) {
-            self.be.write(self.plan.head.sgd, &hp.floats());
-            self.sgd = Some(hp);
+        if let Some(settings) = sgd.filter(|&s| self.sgd != Some(s)) {
+            self.be.write(self.plan.head.sgd, &settings.floats());
+            self.sgd = Some(settings);
         }
-        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, hp.is_some()));
+        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, sgd.is_some()));
         if !key.is_some_and(|k| self.be.step_begin(k)) {
             self.forward(n, Pass::Train);
             self.backward(n);
-            if hp.is_some() {
+            if sgd.is_some() {
                 let p = &self.plan;
                 self.be.sgd(p.params, p.grads, p.momentum, p.head.sgd, p.head.result.at(SGD_FLAG, 1));
             }
@@ -280,7 +285,7 @@ impl<B: Backend> Model<B> {
         if r[SGD_FLAG] != 0.0 || r[RUNNING_FLAG] != 0.0 {
             bail!("training stopped at step {}: {}", self.steps, self.non_finite());
         }
-        Ok(StepStats { loss: r[0], correct: r[1] as usize, n })
+        Ok(StepStats { loss: r[LOSS], correct: r[CORRECT] as usize, n })
     }
 
     /// Where the first value that is not finite is: the tensor (of the parameters, momentum or
@@ -290,7 +295,7 @@ impl<B: Backend> Model<B> {
         let buffers = [
             ("parameter", self.params(), &lay.params),
             ("momentum of", self.momentum(), &lay.params),
-            ("running statistic", self.running_stats(), &lay.stats),
+            ("running statistic", self.running_stats(), &lay.running),
         ];
         for (what, values, tensors) in &buffers {
             for t in tensors.iter() {
@@ -316,7 +321,7 @@ impl<B: Backend> Model<B> {
 
     /// A BN's running statistics.
     fn running(&self, p: &BnParams) -> Moments {
-        let s = self.plan.stats;
+        let s = self.plan.running;
         Moments { mean: s.at(p.running_mean, p.c), var: s.at(p.running_var, p.c) }
     }
 
@@ -413,13 +418,13 @@ impl<B: Backend> Model<B> {
                 }
             }
         }
-        let hp = self.plan.head;
-        self.head_forward(&hp, n, pass);
+        let head = self.plan.head;
+        self.head_forward(&head, n, pass);
     }
 
     fn backward(&mut self, n: usize) {
-        let hp = self.plan.head;
-        self.head_backward(&hp, n);
+        let head = self.plan.head;
+        self.head_backward(&head, n);
         for b in (0..self.plan.layers.len()).rev() {
             if b < self.plan.transitions.len() {
                 let (tp, t) = (self.plan.transitions[b], self.net.transitions[b]);
@@ -560,26 +565,26 @@ impl<B: Backend> Model<B> {
         (buffer.at(self.net.fc_w, k * c).matrix(k, c), buffer.at(self.net.fc_b, k))
     }
 
-    fn head_forward(&mut self, hp: &HeadPlan, n: usize, pass: Pass) {
-        let (x, a) = (hp.input.batch(n), hp.a.batch(n));
+    fn head_forward(&mut self, head: &HeadPlan, n: usize, pass: Pass) {
+        let (x, a) = (head.input.batch(n), head.a.batch(n));
         let bn = self.net.head_bn;
-        self.bn_relu(&bn, hp.stats_in, x, a, pass);
-        let (pooled, logits) = (hp.pooled.rows(n), hp.logits.rows(n));
+        self.bn_relu(&bn, head.stats_in, x, a, pass);
+        let (pooled, logits) = (head.pooled.rows(n), head.logits.rows(n));
         self.be.global_avg_pool(a, pooled);
         let (w, b) = self.classifier(self.plan.params);
         self.be.linear(pooled, w, b, logits);
-        self.be.softmax_xent(logits, hp.result.at(0, 2), hp.g_logits.rows(n));
+        self.be.softmax_xent(logits, head.result.at(LOSS, 2), head.g_logits.rows(n));
     }
 
-    fn head_backward(&mut self, hp: &HeadPlan, n: usize) {
-        let a = hp.a.batch(n);
+    fn head_backward(&mut self, head: &HeadPlan, n: usize) {
+        let a = head.a.batch(n);
         let (w, _) = self.classifier(self.plan.params);
         let (gw, gb) = self.classifier(self.plan.grads);
-        let (pooled, g_pooled) = (hp.pooled.rows(n), hp.g_pooled.rows(n));
-        self.be.linear_backward(pooled, w, hp.g_logits.rows(n), g_pooled, gw, gb);
+        let (pooled, g_pooled) = (head.pooled.rows(n), head.g_pooled.rows(n));
+        self.be.linear_backward(pooled, w, head.g_logits.rows(n), g_pooled, gw, gb);
         self.be.global_avg_pool_backward(g_pooled, a);
         let bn = self.net.head_bn;
-        self.bn_relu_backward(&bn, hp.stats_in, a, hp.input.batch(n), hp.g_in.batch(n), false);
+        self.bn_relu_backward(&bn, head.stats_in, a, head.input.batch(n), head.g_in.batch(n), false);
     }
 }
 
@@ -589,11 +594,21 @@ fn step_key(n: usize, sgd: bool) -> u64 {
     rng::mix64(n as u64 * 2 + sgd as u64)
 }
 
-/// Dropout site ids: two per dense layer (after each convolution), one per transition.
+/// Dropout sites (the streams of the masks, [`Model::drop_key`]): the block's index above bit
+/// [`SITE_BLOCK_SHIFT`], below it [`LAYER_SITES`] per dense layer (after each convolution)
+/// and the transition's, [`TRANSITION_SITE`], above every layer's.
+const SITE_BLOCK_SHIFT: u32 = 32;
+/// See [`SITE_BLOCK_SHIFT`].
+const LAYER_SITES: u64 = 2;
+/// See [`SITE_BLOCK_SHIFT`]: above the sites of [`crate::config::MAX_LAYERS`] layers.
+const TRANSITION_SITE: u64 = 0xffff_fff0;
+
+/// The first dropout site of layer `layer` of block `block` (the second is the next).
 fn site(block: usize, layer: usize) -> u64 {
-    ((block as u64) << 32) | (2 * layer as u64)
+    ((block as u64) << SITE_BLOCK_SHIFT) | (LAYER_SITES * layer as u64)
 }
 
+/// The dropout site of the transition after block `block`.
 fn transition_site(block: usize) -> u64 {
-    ((block as u64) << 32) | 0xffff_fff0
+    ((block as u64) << SITE_BLOCK_SHIFT) | TRANSITION_SITE
 }

@@ -67,9 +67,9 @@ pub struct ParamLayout {
     /// Floats in the parameter buffer.
     pub len: usize,
     /// BN running statistics (a second flat buffer).
-    pub stats: Vec<Tensor>,
+    pub running: Vec<Tensor>,
     /// Floats in the statistics buffer.
-    pub stats_len: usize,
+    pub running_len: usize,
 }
 
 impl ParamLayout {
@@ -94,7 +94,7 @@ impl ParamLayout {
         let gamma = p(self, "weight", 1.0);
         let beta = p(self, "bias", 0.0);
         let s = |s: &mut Self, what: &str, v: f32| {
-            Self::push(&mut s.stats, &mut s.stats_len, format!("{prefix}.{what}"), vec![c], Init::Const(v))
+            Self::push(&mut s.running, &mut s.running_len, format!("{prefix}.{what}"), vec![c], Init::Const(v))
         };
         let running_mean = s(self, "running_mean", 0.0);
         let running_var = s(self, "running_var", 1.0);

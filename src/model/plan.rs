@@ -263,8 +263,9 @@ pub struct Plan {
     pub grads: Span,
     /// The momentum buffer (same layout).
     pub momentum: Span,
-    /// The running statistics buffer.
-    pub stats: Span,
+    /// The BN running-statistics buffer (laid out as
+    /// [`ParamLayout::running`](super::params::ParamLayout::running)).
+    pub running: Span,
     /// Input images [n, 3, H, W].
     pub image: View,
     /// Stem.
@@ -373,7 +374,7 @@ impl Arena {
 /// What one pass of the layout lays out besides the shared regions and the workspace.
 struct Parts {
     params: Span,
-    stats: Span,
+    running: Span,
     grads: Span,
     momentum: Span,
     image: View,
@@ -438,7 +439,7 @@ impl<'a> Planner<'a> {
     fn pass(mut self, h: usize, w: usize) -> (Self, Parts) {
         let (n, plen) = (self.n, self.net.layout.len);
         let params = self.ar.take("parameters", Category::Parameters, plen);
-        let stats = self.ar.take("bn running statistics", Category::Parameters, self.net.layout.stats_len);
+        let running = self.ar.take("bn running statistics", Category::Parameters, self.net.layout.running_len);
         let grads = self.ar.take("gradients", Category::Gradients, plen);
         let momentum = self.ar.take("momentum", Category::Momentum, plen);
         let image = self.ar.tensor("input images", Category::Activations, n, 3, h, w);
@@ -464,7 +465,7 @@ impl<'a> Planner<'a> {
             }
         }
         let head = self.head(&blocks);
-        let parts = Parts { params, stats, grads, momentum, image, stem, layers, transitions, head };
+        let parts = Parts { params, running, grads, momentum, image, stem, layers, transitions, head };
         (self, parts)
     }
 
@@ -616,7 +617,7 @@ impl Plan {
             params: parts.params,
             grads: parts.grads,
             momentum: parts.momentum,
-            stats: parts.stats,
+            running: parts.running,
             image: parts.image,
             stem: parts.stem,
             layers: parts.layers,

@@ -259,7 +259,7 @@ pub struct State {
     /// The momentum buffer.
     pub momentum: Vec<f32>,
     /// The running-statistics buffer.
-    pub stats: Vec<f32>,
+    pub running: Vec<f32>,
     /// Training steps taken.
     pub steps: u64,
 }
@@ -267,7 +267,7 @@ pub struct State {
 impl State {
     /// Overwrites the model's parameters, momentum, running statistics and step counter.
     pub fn apply<B: Backend>(&self, model: &mut Model<B>) -> Result<()> {
-        model.load(&self.params, &self.momentum, &self.stats)?;
+        model.load(&self.params, &self.momentum, &self.running)?;
         model.set_steps(self.steps);
         Ok(())
     }
@@ -278,7 +278,7 @@ impl State {
 pub fn encode<B: Backend>(model: &Model<B>, meta: &Meta) -> Result<Vec<u8>> {
     let lay = model.layout();
     let bytes = |v: Vec<f32>| v.into_iter().flat_map(f32::to_le_bytes).collect::<Vec<u8>>();
-    let (params, momentum, stats) = (bytes(model.params()), bytes(model.momentum()), bytes(model.running_stats()));
+    let (params, momentum, running) = (bytes(model.params()), bytes(model.momentum()), bytes(model.running_stats()));
     // A device error while reading must not replace a good checkpoint with NaN.
     model.backend().take_error()?;
     let steps = i64::try_from(meta.steps).map_err(|_| Error(format!("step counter {} overflows I64", meta.steps)))?;
@@ -288,8 +288,8 @@ pub fn encode<B: Backend>(model: &Model<B>, meta: &Meta) -> Result<Vec<u8>> {
         tensors.push((t.name.clone(), view(&params, t.off, &t.shape)));
         tensors.push((format!("{MOMENTUM}{}", t.name), view(&momentum, t.off, &t.shape)));
     }
-    for t in &lay.stats {
-        tensors.push((t.name.clone(), view(&stats, t.off, &t.shape)));
+    for t in &lay.running {
+        tensors.push((t.name.clone(), view(&running, t.off, &t.shape)));
     }
     for bn in bn_prefixes(lay) {
         tensors.push((format!("{bn}{BATCHES_TRACKED}"), TensorView::new(Dtype::I64, vec![], &steps)));
@@ -330,7 +330,7 @@ fn view<'a>(buf: &'a [u8], off: usize, shape: &[usize]) -> std::result::Result<T
 
 /// The BN prefixes of a layout: every running-statistics name ending in `.running_mean`.
 fn bn_prefixes(lay: &ParamLayout) -> impl Iterator<Item = &str> {
-    lay.stats.iter().filter_map(|t| t.name.strip_suffix(".running_mean"))
+    lay.running.iter().filter_map(|t| t.name.strip_suffix(".running_mean"))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, written and
@@ -429,21 +429,21 @@ fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], out: &mut [f32]) -> R
     Ok(())
 }
 
-/// The parameters and running statistics of `lay` read from `st`: (params, stats).
+/// The parameters and running statistics of `lay` read from `st`: (params, running).
 fn read_model(st: &SafeTensors, lay: &ParamLayout) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (mut params, mut stats) = (vec![0.0; lay.len], vec![0.0; lay.stats_len]);
+    let (mut params, mut running) = (vec![0.0; lay.len], vec![0.0; lay.running_len]);
     for t in &lay.params {
         read_f32(st, &t.name, &t.shape, &mut params[t.off..t.off + t.len()])?;
     }
-    for t in &lay.stats {
-        read_f32(st, &t.name, &t.shape, &mut stats[t.off..t.off + t.len()])?;
+    for t in &lay.running {
+        read_f32(st, &t.name, &t.shape, &mut running[t.off..t.off + t.len()])?;
     }
-    Ok((params, stats))
+    Ok((params, running))
 }
 
 /// The model tensor names of a layout: parameters and running statistics.
 fn model_names(lay: &ParamLayout) -> HashSet<&str> {
-    lay.params.iter().chain(&lay.stats).map(|t| t.name.as_str()).collect()
+    lay.params.iter().chain(&lay.running).map(|t| t.name.as_str()).collect()
 }
 
 /// The first (in name order) of `names` not in `known`.
@@ -495,11 +495,11 @@ impl Checkpoint {
         let lay = Net::new(self.meta.config()).layout;
         // The metadata is the file's word: check it against the file's size before trusting
         // it with an allocation (parameters and momentum, statistics, in f32).
-        let needed = (2 * lay.len as u128 + lay.stats_len as u128) * DType::F32.size() as u128;
+        let needed = (2 * lay.len as u128 + lay.running_len as u128) * DType::F32.size() as u128;
         if needed > self.bytes.len() as u128 {
             bail!("the file is too small for the {name} it describes: damaged or not a densenet checkpoint");
         }
-        let (params, stats) = read_model(st, &lay)?;
+        let (params, running) = read_model(st, &lay)?;
         let mut momentum = vec![0.0; lay.len];
         for t in &lay.params {
             read_f32(st, &format!("{MOMENTUM}{}", t.name), &t.shape, &mut momentum[t.off..t.off + t.len()])?;
@@ -521,7 +521,7 @@ impl Checkpoint {
         if let Some(extra) = first_unknown(st.names().into_iter(), is_known) {
             bail!("tensor '{extra}' is not part of {name}");
         }
-        Ok(State { params, momentum, stats, steps })
+        Ok(State { params, momentum, running, steps })
     }
 }
 
@@ -563,9 +563,9 @@ pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
         };
         return Err(Error(format!("{}: tensor '{extra}' is not part of {}{held}{hint}", path.display(), cfg.name())));
     }
-    let (params, stats) =
+    let (params, running) =
         read_model(&st, &lay).map_err(|e| Error(format!("{}: {e} for {}{held}", path.display(), cfg.name())))?;
-    Ok(State { params, momentum: vec![0.0; lay.len], stats, steps: 0 })
+    Ok(State { params, momentum: vec![0.0; lay.len], running, steps: 0 })
 }
 
 /// Writes a run's checkpoints into its directory: [`CHECKPOINT`] after every epoch, and
@@ -671,8 +671,8 @@ mod tests {
     fn scrambled(cfg: &NetConfig) -> Model<CpuBackend> {
         let mut m = model(cfg, 7);
         let lay = m.layout().clone();
-        let stats: Vec<f32> = random(3, lay.stats_len).iter().map(|v| v.abs()).collect();
-        m.load(&random(1, lay.len), &random(2, lay.len), &stats).unwrap();
+        let running: Vec<f32> = random(3, lay.running_len).iter().map(|v| v.abs()).collect();
+        m.load(&random(1, lay.len), &random(2, lay.len), &running).unwrap();
         m.set_steps(12345);
         m
     }
@@ -813,7 +813,10 @@ mod tests {
         let ck = Checkpoint::read(&path).unwrap();
         assert_eq!(ck.meta(), &meta);
         let state = ck.state().unwrap();
-        assert_eq!(state, State { params: m.params(), momentum: m.momentum(), stats: m.running_stats(), steps: 12345 });
+        assert_eq!(
+            state,
+            State { params: m.params(), momentum: m.momentum(), running: m.running_stats(), steps: 12345 }
+        );
         let mut fresh = model(&cfg, 99);
         state.apply(&mut fresh).unwrap();
         assert_eq!(
@@ -826,7 +829,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let lay = m.layout();
-        let mut expect: Vec<String> = lay.params.iter().chain(&lay.stats).map(|t| t.name.clone()).collect();
+        let mut expect: Vec<String> = lay.params.iter().chain(&lay.running).map(|t| t.name.clone()).collect();
         expect.extend(lay.params.iter().map(|t| format!("momentum.{}", t.name)));
         let bns: Vec<&str> = bn_prefixes(lay).collect();
         assert_eq!(bns.len(), 3 * 2 + 2 + 1, "two BNs per bottleneck layer, one per transition, the head's");
@@ -920,17 +923,17 @@ mod tests {
     fn a_step_then_a_restore_continues_identically() {
         // The state of a model after a step, restored into a fresh one, steps identically.
         let cfg = cfg();
-        let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
+        let sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
         let (images, labels): (Vec<f32>, Vec<u32>) = (random(11, 2 * 3 * 64), vec![3, 7]);
         let mut a = model(&cfg, 4);
-        a.train_step(&images, &labels, hp).unwrap();
+        a.train_step(&images, &labels, sgd).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CHECKPOINT);
         write_atomic(&path, &encode(&a, &Meta::of(&a, &recipe(&a, Dataset::Cifar10), 1, 0.0)).unwrap()).unwrap();
         let mut b = model(&cfg, 4);
         Checkpoint::read(&path).unwrap().state().unwrap().apply(&mut b).unwrap();
-        a.train_step(&images, &labels, hp).unwrap();
-        b.train_step(&images, &labels, hp).unwrap();
+        a.train_step(&images, &labels, sgd).unwrap();
+        b.train_step(&images, &labels, sgd).unwrap();
         assert_eq!((a.params(), a.momentum(), a.running_stats()), (b.params(), b.momentum(), b.running_stats()));
     }
 

@@ -44,13 +44,13 @@ pub fn check<B: Backend>(make: &dyn Fn() -> B, net: &str, mode: Mode) {
     let st = SafeTensors::deserialize(GOLDEN).unwrap();
     let (cfg, n) = config(net);
     let mut m = model_on(make, &cfg, n, 32, 32, mode, 0);
-    let names: Vec<String> = m.layout().params.iter().chain(&m.layout().stats).map(|t| t.name.clone()).collect();
+    let names: Vec<String> = m.layout().params.iter().chain(&m.layout().running).map(|t| t.name.clone()).collect();
     for name in &names {
         m.set_tensor(name, &floats(&st, &format!("{net}.init.{name}"))).unwrap();
     }
     let images = floats(&st, &format!("{net}.input"));
     let labels: Vec<u32> = floats(&st, &format!("{net}.labels")).iter().map(|&l| l as u32).collect();
-    let hp = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
+    let sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
 
     let s = m.forward_backward(&images, &labels).unwrap();
     let want_loss = floats(&st, &format!("{net}.loss"))[0];
@@ -68,7 +68,7 @@ pub fn check<B: Backend>(make: &dyn Fn() -> B, net: &str, mode: Mode) {
         m.set_tensor(name, &floats(&st, &format!("{net}.init.{name}"))).unwrap();
     }
     m.set_steps(0);
-    m.train_step(&images, &labels, hp).unwrap();
+    m.train_step(&images, &labels, sgd).unwrap();
     assert_eq!(m.steps() as f32, floats(&st, &format!("{net}.after.bn1.num_batches_tracked"))[0]);
     for name in &names {
         let want = floats(&st, &format!("{net}.after.{name}"));

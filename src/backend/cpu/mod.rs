@@ -348,10 +348,10 @@ impl Backend for CpuBackend {
         let mut spans = [params, grads, momentum].map(|s| (self.span(s, len), s));
         spans.sort_unstable_by_key(|s| s.0);
         assert!(spans[0].1.end() <= spans[1].1.off && spans[1].1.end() <= spans[2].1.off, "SGD buffers overlap");
-        let hp = self.span(settings, Sgd::LEN);
-        let hp = Sgd::from_floats(self.arena[hp..hp + Sgd::LEN].try_into().expect("Sgd::LEN floats"));
+        let at = self.span(settings, Sgd::LEN);
+        let settings = Sgd::from_floats(self.arena[at..at + Sgd::LEN].try_into().expect("Sgd::LEN floats"));
         let flag = self.span(flag, 1);
-        if sgd::sgd(self.ptr(), params.index(), grads.index(), momentum.index(), len, hp) {
+        if sgd::sgd(self.ptr(), params.index(), grads.index(), momentum.index(), len, settings) {
             self.arena[flag] = 1.0;
         }
     }

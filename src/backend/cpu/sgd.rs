@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 /// `torch.optim.SGD` step: d = g + wd p; buf = m buf + d; d += m buf (Nesterov) or d = buf;
 /// p -= lr d. Returns whether an updated parameter or momentum value is not finite.
-pub(super) fn sgd(a: Ptr, params: usize, grads: usize, momentum: usize, len: usize, hp: Sgd) -> bool {
+pub(super) fn sgd(a: Ptr, params: usize, grads: usize, momentum: usize, len: usize, settings: Sgd) -> bool {
     const CHUNK: usize = 1 << 14;
     // Every chunk runs (`any` would stop early): `map` then `reduce`.
     (0..len.div_ceil(CHUNK))
@@ -18,10 +18,10 @@ pub(super) fn sgd(a: Ptr, params: usize, grads: usize, momentum: usize, len: usi
                 unsafe { (a.get_mut(params + start, l), a.get(grads + start, l), a.get_mut(momentum + start, l)) };
             let mut finite = true;
             for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-                let d = g + hp.weight_decay * *p;
-                *m = hp.momentum * *m + d;
-                let step = if hp.nesterov { d + hp.momentum * *m } else { *m };
-                *p -= hp.lr * step;
+                let d = g + settings.weight_decay * *p;
+                *m = settings.momentum * *m + d;
+                let step = if settings.nesterov { d + settings.momentum * *m } else { *m };
+                *p -= settings.lr * step;
                 finite &= p.is_finite() & m.is_finite();
             }
             !finite
