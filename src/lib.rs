@@ -11,12 +11,12 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod error;
-#[cfg(test)]
-mod fuzz;
 pub mod input;
 pub mod measure;
 pub mod model;
 pub mod rng;
+#[cfg(test)]
+mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -87,16 +87,19 @@ impl Heap {
         Heap { current, calls: CALLS.load(Relaxed) }
     }
 
-    /// The most bytes in use at once since this measurement started, above what was in use
-    /// then.
-    pub fn peak_growth(&self) -> usize {
-        PEAK.load(Relaxed).saturating_sub(self.current)
+    /// What the heap did since this measurement started.
+    pub fn since(&self) -> Growth {
+        Growth { peak: PEAK.load(Relaxed).saturating_sub(self.current), calls: CALLS.load(Relaxed) - self.calls }
     }
+}
 
-    /// Allocation calls since this measurement started.
-    pub fn calls_since(&self) -> usize {
-        CALLS.load(Relaxed) - self.calls
-    }
+/// The heap's growth over a measurement ([`Heap::since`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Growth {
+    /// The most bytes in use at once above what was in use at the start.
+    pub peak: usize,
+    /// Allocation calls.
+    pub calls: usize,
 }
 
 /// This process's peak resident set size in bytes (`VmHWM` in `/proc/self/status`), where the
@@ -215,6 +218,6 @@ mod tests {
                 Ok(Err(e)) => assert!(!e.0.contains('\n') && !e.0.is_empty(), "{s:?}: {e}"),
             }
         }
-        crate::fuzz::Tally { parser: "`--budget` sizes", cases: CASES, counts: vec![accepted] }.check();
+        crate::testing::Tally { parser: "`--budget` sizes", cases: CASES, counts: vec![accepted] }.check();
     }
 }

@@ -3,10 +3,9 @@
 //! network, a damaged file or a mismatched `--init-weights` file is a one-line error that
 //! changes nothing.
 
-#[path = "common/cifar.rs"]
-mod cifar;
-#[path = "common/run.rs"]
-mod run;
+mod common;
+
+use common::{cifar, run};
 
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};

@@ -2,10 +2,9 @@
 //! training on both formats and layouts, determinism, the memory report, and one clear
 //! one-line error (no panic) for every bad input.
 
-#[path = "common/cifar.rs"]
-mod cifar;
-#[path = "common/run.rs"]
-mod run;
+mod common;
+
+use common::{cifar, run};
 
 use cifar::Format;
 use run::{assert_fails, densenet};

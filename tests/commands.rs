@@ -4,10 +4,9 @@
 //! close to it), the largest batch for a budget is exactly the largest whose plan fits, and
 //! every bad input is a one-line error with a non-zero exit and no panic.
 
-#[path = "common/cifar.rs"]
-mod cifar;
-#[path = "common/run.rs"]
-mod run;
+mod common;
+
+use common::{cifar, run};
 
 use run::{assert_fails, densenet};
 use serde_json::Value;

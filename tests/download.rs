@@ -3,8 +3,9 @@
 //! progress, an existing dataset left alone, and for every bad archive or failed download a
 //! one-line error with the data directory left exactly as it was.
 
-#[path = "common/cifar.rs"]
-mod cifar;
+mod common;
+
+use common::cifar;
 
 use cifar::Format;
 use flate2::write::GzEncoder;

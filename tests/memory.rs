@@ -16,7 +16,8 @@ static ALLOC: Counting = Counting;
 fn peak_growth(f: impl FnOnce()) -> (usize, usize) {
     let heap = Heap::start();
     f();
-    (heap.peak_growth(), heap.calls_since())
+    let grown = heap.since();
+    (grown.peak, grown.calls)
 }
 
 /// Network description, names and plan bookkeeping allocated beside the arena, plus one

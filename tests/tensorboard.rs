@@ -6,8 +6,9 @@
 //! Without the `tensorboard` package the read-back test says loudly that it was skipped and how
 //! to install it, and fails instead under `DENSENET_REQUIRE_TENSORBOARD=1` (as in CI).
 
-#[path = "common/cifar.rs"]
-mod cifar;
+mod common;
+
+use common::cifar;
 
 use densenet::train::tensorboard::EventWriter;
 use std::io::Write;

@@ -128,7 +128,7 @@ fn bench(a: BenchArgs, cfg: NetConfig, be: impl Backend, why: &str) -> Outcome {
         }
     }
     window.1 = unix_seconds();
-    let measured = heap.peak_growth();
+    let measured = heap.since().peak;
     let planned = model.plan().total_bytes();
     let rss = measure::peak_rss();
     times.sort_by(f64::total_cmp);

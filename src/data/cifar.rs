@@ -189,12 +189,13 @@ impl Images {
         Ok(images)
     }
 
-    fn with_capacity(records: usize) -> Images {
+    /// No images yet, with room for `records`.
+    pub(crate) fn with_capacity(records: usize) -> Images {
         Images { pixels: Vec::with_capacity(records * IMAGE_BYTES), labels: Vec::with_capacity(records) }
     }
 
     /// Appends `records` records of `dataset` read from `r`; `path` names the source in errors.
-    fn append(&mut self, mut r: impl Read, records: usize, dataset: Dataset, path: &Path) -> Result<()> {
+    pub(crate) fn append(&mut self, mut r: impl Read, records: usize, dataset: Dataset, path: &Path) -> Result<()> {
         let fields = dataset.label_bytes();
         let mut label = [0u8; 2];
         let label = &mut label[..fields.len()];
@@ -265,37 +266,10 @@ fn locate(dir: &Path, dataset: Dataset) -> Result<PathBuf> {
     )
 }
 
-/// Test helpers: CIFAR records and in-memory images.
-#[cfg(test)]
-pub(crate) mod testing {
-    use super::*;
-
-    /// `n` records of `dataset` whose image `i` has every byte equal to `i` and label `i %
-    /// classes` (CIFAR-100: coarse label `i % 20`).
-    pub fn records(dataset: Dataset, n: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for i in 0..n {
-            if dataset == Dataset::Cifar100 {
-                out.push((i % 20) as u8);
-            }
-            out.push((i % dataset.classes()) as u8);
-            out.extend(std::iter::repeat_n(i as u8, IMAGE_BYTES));
-        }
-        out
-    }
-
-    /// The images of [`records`].
-    pub fn images(dataset: Dataset, n: usize) -> Images {
-        let mut images = Images::with_capacity(n);
-        images.append(&records(dataset, n)[..], n, dataset, Path::new("mem")).unwrap();
-        images
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::testing::records;
     use super::*;
+    use crate::testing::records;
 
     fn parse(bytes: &[u8], dataset: Dataset) -> Result<Images> {
         let n = bytes.len() / dataset.record_bytes();
@@ -328,7 +302,7 @@ mod tests {
                 Ok(Err(e)) => assert!(!e.0.contains('\n') && e.0.starts_with("x.bin: record "), "case {case}: {e}"),
             }
         }
-        crate::fuzz::Tally { parser: "CIFAR records", cases: CASES, counts: vec![accepted] }.check();
+        crate::testing::Tally { parser: "CIFAR records", cases: CASES, counts: vec![accepted] }.check();
     }
 
     #[test]

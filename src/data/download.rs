@@ -486,7 +486,7 @@ fn archive_error(origin: &str, e: &io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::cifar::testing::records;
+    use crate::testing::records;
     use flate2::write::GzEncoder;
 
     /// A CIFAR-10 tar.gz with `n` records per file.
@@ -695,7 +695,7 @@ mod tests {
             }
         }
         let parser = "tar.gz archive and extraction policy";
-        crate::fuzz::Tally { parser, cases: CASES, counts: vec![past_first, extracted] }.check();
+        crate::testing::Tally { parser, cases: CASES, counts: vec![past_first, extracted] }.check();
     }
 
     /// No archive fills the disk: more than [`MAX_FILES`] files in the folder, or a file of

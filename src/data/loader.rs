@@ -212,7 +212,6 @@ fn stopped() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::cifar::testing;
 
     fn is_permutation(order: &[u32]) -> bool {
         let mut sorted = order.to_vec();
@@ -267,7 +266,7 @@ mod tests {
 
     #[test]
     fn test_loader_yields_every_image_in_order_with_a_partial_last_batch() {
-        let data = Arc::new(testing::images(Dataset::Cifar10, 37));
+        let data = Arc::new(crate::testing::images(Dataset::Cifar10, 37));
         let mut loader = Loader::test(data, Dataset::Cifar10, 16).unwrap();
         assert_eq!(loader.batches(), 3);
         for e in 0..2 {
@@ -280,7 +279,7 @@ mod tests {
 
     #[test]
     fn train_loader_shuffles_each_epoch_and_survives_an_abandoned_epoch() {
-        let data = Arc::new(testing::images(Dataset::Cifar10, 37));
+        let data = Arc::new(crate::testing::images(Dataset::Cifar10, 37));
         let mut loader = Loader::train(data.clone(), Dataset::Cifar10, 8, 3, false).unwrap();
         let (first, sizes) = epoch(&mut loader, 0);
         assert_eq!(sizes, [8, 8, 8, 8, 5]);
@@ -300,7 +299,7 @@ mod tests {
 
     #[test]
     fn augmented_batches_follow_the_crop_draws() {
-        let data = Arc::new(testing::images(Dataset::Cifar10, 5));
+        let data = Arc::new(crate::testing::images(Dataset::Cifar10, 5));
         let mut loader = Loader::train(data.clone(), Dataset::Cifar10, 5, 9, true).unwrap();
         let mut batches = loader.epoch(4).unwrap();
         let b = batches.next_batch().unwrap().unwrap();

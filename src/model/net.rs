@@ -96,9 +96,4 @@ impl Net {
         let (fc_w, fc_b) = p.linear("fc", cfg.num_classes, c);
         Net { layout: p, stem_conv, stem_bn, blocks, transitions, head_bn, fc_w, fc_b }
     }
-
-    /// Trainable parameter count.
-    pub fn param_count(&self) -> usize {
-        self.layout.len
-    }
 }

@@ -127,14 +127,4 @@ impl ParamLayout {
             })
             .collect()
     }
-
-    /// Initial contents of a whole buffer laid out by `tensors` ([`ParamLayout::initial_tensor`]
-    /// for each).
-    pub fn initial(tensors: &[Tensor], len: usize, seed: u64) -> Vec<f32> {
-        let mut out = vec![0.0f32; len];
-        for (i, t) in tensors.iter().enumerate() {
-            out[t.off..t.off + t.len()].copy_from_slice(&Self::initial_tensor(t, i, seed));
-        }
-        out
-    }
 }

@@ -699,7 +699,7 @@ mod tests {
         let n = u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
         let header = String::from_utf8(seed[8..8 + n].to_vec()).unwrap();
         // Every number and string of the header: what mutations replace.
-        let spans = crate::fuzz::json_spans(&header);
+        let spans = crate::testing::json_spans(&header);
         let values = [
             "0",
             "1",
@@ -772,7 +772,7 @@ mod tests {
             }
         }
         let parser = "checkpoint (safetensors framing, header, metadata, tensors)";
-        crate::fuzz::Tally { parser, cases: CASES, counts: vec![past_first] }.check();
+        crate::testing::Tally { parser, cases: CASES, counts: vec![past_first] }.check();
     }
 
     #[test]

@@ -262,7 +262,7 @@ mod tests {
         let mut seed = recipe();
         seed.changes.push(Change { epoch: 2, what: "--epochs".into(), from: "300".into(), to: "400".into() });
         let text = seed.to_json();
-        let spans = crate::fuzz::json_spans(&text);
+        let spans = crate::testing::json_spans(&text);
         let values = [
             "0",
             "1",
@@ -306,7 +306,7 @@ mod tests {
                 Ok(Err(e)) => assert!(!e.0.is_empty() && !e.0.contains('\n'), "case {case}: {e}"),
             }
         }
-        crate::fuzz::Tally { parser: "recipe (checkpoint metadata)", cases: CASES, counts: vec![accepted] }.check();
+        crate::testing::Tally { parser: "recipe (checkpoint metadata)", cases: CASES, counts: vec![accepted] }.check();
     }
 
     #[test]

@@ -1,5 +1,4 @@
 //! Tiny data sets in the official CIFAR binary formats, written to a directory.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

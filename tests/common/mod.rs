@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cifar;
 #[macro_use]
 pub mod devices;
 pub mod golden;
+pub mod run;
 
 use densenet::backend::{Backend, CpuBackend};
 use densenet::config::NetConfig;

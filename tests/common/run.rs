@@ -1,5 +1,4 @@
 //! Running the `densenet` binary from the end-to-end tests.
-#![allow(dead_code)]
 
 use std::process::{Command, Output};
 use tempfile::TempDir;

@@ -462,7 +462,7 @@ mod tests {
     fn fuzzed_records_are_refused_in_one_line_never_panics() {
         const CASES: u64 = 20_000;
         let text = record(&header(), &entries());
-        let spans = crate::fuzz::json_spans(&text);
+        let spans = crate::testing::json_spans(&text);
         let values = ["0", "-1", "4294967295", "18446744073709551615", "1e308", "-0.5", "NaN", "", "\"x\"", "[]", "{}"];
         let mut past_first = 0;
         for case in 0..CASES {
@@ -498,7 +498,7 @@ mod tests {
                 }
             }
         }
-        crate::fuzz::Tally { parser: "cuDNN algorithm record", cases: CASES, counts: vec![past_first] }.check();
+        crate::testing::Tally { parser: "cuDNN algorithm record", cases: CASES, counts: vec![past_first] }.check();
     }
 
     #[test]

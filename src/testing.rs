@@ -1,6 +1,31 @@
-//! What the parsers' fuzz tests share: where a JSON text's values are, for mutations that
+//! What the library's unit tests share (the integration tests share `tests/common/`): CIFAR
+//! records; for the parsers' fuzz tests, where a JSON text's values are, for mutations that
 //! replace them (structure-aware, unlike flipping random bytes), and the README's table of
 //! their counts, which each test checks its row of.
+
+use crate::data::cifar::{Dataset, Images, IMAGE_BYTES};
+use std::path::Path;
+
+/// `n` records of `dataset` whose image `i` has every byte equal to `i` and label `i %
+/// classes` (CIFAR-100: coarse label `i % 20`).
+pub(crate) fn records(dataset: Dataset, n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        if dataset == Dataset::Cifar100 {
+            out.push((i % 20) as u8);
+        }
+        out.push((i % dataset.classes()) as u8);
+        out.extend(std::iter::repeat_n(i as u8, IMAGE_BYTES));
+    }
+    out
+}
+
+/// The images of [`records`].
+pub(crate) fn images(dataset: Dataset, n: usize) -> Images {
+    let mut images = Images::with_capacity(n);
+    images.append(&records(dataset, n)[..], n, dataset, Path::new("mem")).unwrap();
+    images
+}
 
 /// Byte ranges of every number and every string's contents in the JSON text `text`.
 pub(crate) fn json_spans(text: &str) -> Vec<(usize, usize)> {
