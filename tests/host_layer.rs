@@ -2,6 +2,7 @@
 //! values computed here, and each deliberately broken kernel of kernels/host/tests/broken.cu
 //! fails its launch with a message naming the problem, never hanging or passing silently.
 
+use std::ffi::{c_int, c_long};
 use std::time::{Duration, Instant};
 
 use densenet::backend::cuda::{host_launch, host_launch_timeout, Arg, Launch};
@@ -46,6 +47,20 @@ fn floats(arena: &[u32]) -> Vec<f32> {
     arena.iter().map(|&w| f32::from_bits(w)).collect()
 }
 
+/// Voluntary context switches of every thread of this process so far (`ru_nvcsw` of
+/// getrusage(2)): one each time a thread waits on the OS (a lock, a condition variable, a
+/// sleep); switching fibers makes none.
+fn voluntary_switches() -> c_long {
+    extern "C" {
+        fn getrusage(who: c_int, usage: *mut [c_long; 18]) -> c_int;
+    }
+    // struct rusage on 64-bit Linux: two timevals, then 14 longs, ru_nvcsw the 13th.
+    let mut ru = [0; 18];
+    // SAFETY: RUSAGE_SELF (0) writes one struct rusage, the 18 longs of `ru`.
+    assert_eq!(unsafe { getrusage(0, &mut ru) }, 0);
+    ru[16]
+}
+
 #[test]
 fn block_reduction_sums_every_block() {
     let (blocks, threads) = (64usize, 256usize);
@@ -67,9 +82,11 @@ fn block_reduction_sums_every_block() {
 fn barriers_are_real_and_cheap() {
     let (blocks, threads, rounds) = (64usize, 256usize, 5);
     let mut arena = vec![0u32; blocks * threads];
-    let mut best = Duration::MAX;
+    // The fewest of three launches: the other tests of this process share its worker pool, and
+    // the switches they make meanwhile count too (a few hundred in all).
+    let mut switches = c_long::MAX;
     for _ in 0..3 {
-        let t = Instant::now();
+        let before = voluntary_switches();
         run(
             &mut arena,
             "hosttest_barriers",
@@ -79,7 +96,7 @@ fn barriers_are_real_and_cheap() {
             &[buf(0, blocks * threads), Arg::I32(rounds)],
         )
         .unwrap();
-        best = best.min(t.elapsed());
+        switches = switches.min(voluntary_switches() - before);
     }
     // The same rounds, sequentially.
     let mut s: Vec<f32> = (0..threads).map(|t| t as f32).collect();
@@ -95,8 +112,11 @@ fn barriers_are_real_and_cheap() {
     for b in 0..blocks {
         assert_eq!(&y[b * threads..(b + 1) * threads], &acc[..], "block {b}");
     }
-    eprintln!("64 blocks x 256 threads, 11 barriers each: {best:?}");
-    assert!(best < Duration::from_secs(1), "{best:?}");
+    // Cheap: a barrier switches fibers on the block's worker and never waits on the OS. Waiting
+    // once per block and barrier would make 64 x 11 = 704 switches (once per thread, 256 times
+    // as many); the launch itself makes a few per worker.
+    let barriers = (blocks * (2 * rounds as usize + 1)) as c_long;
+    assert!(switches < barriers, "{switches} voluntary context switches for {barriers} block barriers");
 }
 
 #[test]
@@ -231,7 +251,9 @@ fn missing_barrier_is_caught_in_both_schedule_orders() {
 #[test]
 fn divergent_barriers_are_errors_not_hangs() {
     let mut arena = vec![0u32; 256];
-    let t = Instant::now();
+    // The block scheduler finds that no thread can go on. A hang would end at the launch's time
+    // limit with that limit's message instead, which these checks reject: they are on what the
+    // launch reports, not on how long it took.
     error(
         &mut arena,
         "hosttest_divergent_barrier",
@@ -268,7 +290,6 @@ fn divergent_barriers_are_errors_not_hangs() {
         &[buf(0, 256), Arg::I32(2)],
         &["deadlock", "threads 0-15,32-47", "at __shfl_xor_sync", "threads 16-31,48-63", "at __syncthreads"],
     );
-    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -365,10 +386,13 @@ fn shared_write_conflicts_and_stale_references() {
 fn infinite_loop_hits_the_time_limit() {
     let mut arena = vec![0u32; 2];
     let l = Launch { kernel: "hosttest_spin", grid: [4, 1, 1], block: [32, 1, 1], shared: 0, args: &[buf(0, 2)] };
+    let limit = Duration::from_millis(300);
     let t = Instant::now();
-    let msg = host_launch_timeout(&mut arena, &l, Duration::from_millis(300)).unwrap_err().0;
+    let msg = host_launch_timeout(&mut arena, &l, limit).unwrap_err().0;
     assert!(msg.contains("kernel `hosttest_spin`") && msg.contains("time limit of 0.3 s"), "{msg}");
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The launch ran until its limit. No bound above: a launch that ignored the limit would never
+    // return, and how soon after the limit one returns depends on the machine's load.
+    assert!(t.elapsed() >= limit, "the launch ended {:?} after it started, before its limit", t.elapsed());
     // The pool is usable afterwards.
     let mut arena = vec![0u32; 4];
     run(&mut arena, "hosttest_grid2d", [1, 1, 1], [2, 2, 1], 0, &[buf(0, 4), Arg::I32(2), Arg::I32(2)]).unwrap();
