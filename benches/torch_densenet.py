@@ -37,25 +37,38 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
 
-class BasicBlock(nn.Module):
-    """bn -> relu -> 3x3 conv producing `out_planes` new channels."""
+class BnReluConv(nn.Module):
+    """bn1 -> relu -> conv1 (`kernel_size`, same padding) -> dropout: what every
+    layer and transition starts with."""
 
-    def __init__(self, in_planes, out_planes, dropRate=0.0):
+    def __init__(self, in_planes, out_planes, kernel_size, dropRate=0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=1,
-                               padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=kernel_size,
+                               stride=1, padding=kernel_size // 2, bias=False)
         self.droprate = dropRate
 
-    def forward(self, x):
-        out = self.conv1(self.relu(self.bn1(x)))
+    def dropout(self, out):
         if self.droprate > 0:
             out = F.dropout(out, p=self.droprate, training=self.training)
-        return torch.cat([x, out], 1)
+        return out
+
+    def forward(self, x):
+        return self.dropout(self.conv1(self.relu(self.bn1(x))))
 
 
-class BottleneckBlock(nn.Module):
+class BasicBlock(BnReluConv):
+    """bn -> relu -> 3x3 conv producing `out_planes` new channels."""
+
+    def __init__(self, in_planes, out_planes, dropRate=0.0):
+        super().__init__(in_planes, out_planes, 3, dropRate)
+
+    def forward(self, x):
+        return torch.cat([x, super().forward(x)], 1)
+
+
+class BottleneckBlock(BnReluConv):
     """bn -> relu -> 1x1 conv (4k) -> bn -> relu -> 3x3 conv (k).
 
     In the checkpointed variant `forward` receives the list of all feature
@@ -64,26 +77,15 @@ class BottleneckBlock(nn.Module):
     """
 
     def __init__(self, in_planes, out_planes, dropRate=0.0, checkpointed=False):
-        super().__init__()
         inter_planes = out_planes * 4
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_planes, inter_planes, kernel_size=1, stride=1,
-                               padding=0, bias=False)
+        super().__init__(in_planes, inter_planes, 1, dropRate)
         self.bn2 = nn.BatchNorm2d(inter_planes)
         self.conv2 = nn.Conv2d(inter_planes, out_planes, kernel_size=3, stride=1,
                                padding=1, bias=False)
-        self.droprate = dropRate
         self.checkpointed = checkpointed
 
-    def _first_half(self, x):
-        out = self.conv1(self.relu(self.bn1(x)))
-        if self.droprate > 0:
-            out = F.dropout(out, p=self.droprate, training=self.training)
-        return out
-
     def _concat_first_half(self, *features):
-        return self._first_half(torch.cat(features, 1))
+        return super().forward(torch.cat(features, 1))
 
     def forward(self, x):
         if self.checkpointed:
@@ -91,31 +93,21 @@ class BottleneckBlock(nn.Module):
             # second time, as in torchvision's memory-efficient DenseNet.
             out = cp.checkpoint(self._concat_first_half, *x, use_reentrant=False)
         else:
-            out = self._first_half(x)
-        out = self.conv2(self.relu(self.bn2(out)))
-        if self.droprate > 0:
-            out = F.dropout(out, p=self.droprate, training=self.training)
+            out = super().forward(x)
+        out = self.dropout(self.conv2(self.relu(self.bn2(out))))
         if self.checkpointed:
             return out
         return torch.cat([x, out], 1)
 
 
-class TransitionBlock(nn.Module):
+class TransitionBlock(BnReluConv):
     """bn -> relu -> 1x1 conv -> 2x2 average pool."""
 
     def __init__(self, in_planes, out_planes, dropRate=0.0):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=1,
-                               padding=0, bias=False)
-        self.droprate = dropRate
+        super().__init__(in_planes, out_planes, 1, dropRate)
 
     def forward(self, x):
-        out = self.conv1(self.relu(self.bn1(x)))
-        if self.droprate > 0:
-            out = F.dropout(out, p=self.droprate, training=self.training)
-        return F.avg_pool2d(out, 2)
+        return F.avg_pool2d(super().forward(x), 2)
 
 
 class DenseBlock(nn.Module):
@@ -154,21 +146,17 @@ class DenseNet3(nn.Module):
 
         self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1,
                                bias=False)
-        self.block1 = DenseBlock(n, in_planes, growth_rate, block, dropRate,
-                                 checkpointed)
-        in_planes = in_planes + n * growth_rate
-        out_planes = int(math.floor(in_planes * reduction))
-        self.trans1 = TransitionBlock(in_planes, out_planes, dropRate=dropRate)
-        in_planes = out_planes
-        self.block2 = DenseBlock(n, in_planes, growth_rate, block, dropRate,
-                                 checkpointed)
-        in_planes = in_planes + n * growth_rate
-        out_planes = int(math.floor(in_planes * reduction))
-        self.trans2 = TransitionBlock(in_planes, out_planes, dropRate=dropRate)
-        in_planes = out_planes
-        self.block3 = DenseBlock(n, in_planes, growth_rate, block, dropRate,
-                                 checkpointed)
-        in_planes = in_planes + n * growth_rate
+        # block1, trans1, block2, trans2, block3: a transition after each dense
+        # block but the last scales its channels by `reduction`.
+        for i in (1, 2, 3):
+            setattr(self, f"block{i}", DenseBlock(n, in_planes, growth_rate, block,
+                                                  dropRate, checkpointed))
+            in_planes = in_planes + n * growth_rate
+            if i < 3:
+                out_planes = int(math.floor(in_planes * reduction))
+                setattr(self, f"trans{i}",
+                        TransitionBlock(in_planes, out_planes, dropRate=dropRate))
+                in_planes = out_planes
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(in_planes, num_classes)
@@ -206,17 +194,24 @@ def print_params():
     print(f"DenseNet-40-12     CIFAR-10: {count_params(basic)} (expected 1059298)")
 
 
-def run_worker(args):
-    torch.set_num_threads(args.threads)
+def training_setup(args, device):
+    """The benchmarked model (seed 0, training mode) on `device`, its SGD
+    optimizer, and one random batch in host memory."""
     torch.manual_seed(0)
     model = DenseNet3(args.depth, args.classes, growth_rate=args.growth,
                       reduction=0.5, bottleneck=True,
-                      checkpointed=args.mode == "checkpointed")
+                      checkpointed=args.mode == "checkpointed").to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                                 nesterov=True, weight_decay=1e-4)
     images = torch.randn(args.batch, 3, 32, 32)
     labels = torch.randint(0, args.classes, (args.batch,))
+    return model, optimizer, images, labels
+
+
+def run_worker(args):
+    torch.set_num_threads(args.threads)
+    model, optimizer, images, labels = training_setup(args, torch.device("cpu"))
 
     print("ready", flush=True)
     for line in sys.stdin:
@@ -273,18 +268,10 @@ def run_gpu(args):
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.deterministic = args.deterministic
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    model = DenseNet3(args.depth, args.classes, growth_rate=args.growth,
-                      reduction=0.5, bottleneck=True,
-                      checkpointed=args.mode == "checkpointed").to(dev)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
-                                nesterov=True, weight_decay=1e-4)
+    model, optimizer, images, labels = training_setup(args, dev)
     forward = torch.compile(model, mode="reduce-overhead") if args.compile else model
     # With CUDA graphs, a new step must not reuse the previous step's graph outputs.
     mark_step = torch.compiler.cudagraph_mark_step_begin if args.compile else None
-    images = torch.randn(args.batch, 3, 32, 32)
-    labels = torch.randint(0, args.classes, (args.batch,))
 
     def step():
         start = time.perf_counter()
@@ -327,19 +314,16 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="print reference parameter counts")
-    worker = sub.add_parser("worker", help="benchmark worker driven over stdin")
-    worker.add_argument("--mode", choices=["naive", "checkpointed"], required=True)
-    worker.add_argument("--depth", type=int, default=100)
-    worker.add_argument("--growth", type=int, default=12)
-    worker.add_argument("--batch", type=int, default=64)
+    # The model and batch of training_setup, for both benchmarks.
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--mode", choices=["naive", "checkpointed"], required=True)
+    model.add_argument("--depth", type=int, default=100)
+    model.add_argument("--growth", type=int, default=12)
+    model.add_argument("--batch", type=int, default=64)
+    model.add_argument("--classes", type=int, default=10)
+    worker = sub.add_parser("worker", parents=[model], help="benchmark worker driven over stdin")
     worker.add_argument("--threads", type=int, default=2)
-    worker.add_argument("--classes", type=int, default=10)
-    gpu = sub.add_parser("gpu", help="training steps on the GPU, one JSON line")
-    gpu.add_argument("--mode", choices=["naive", "checkpointed"], required=True)
-    gpu.add_argument("--depth", type=int, default=100)
-    gpu.add_argument("--growth", type=int, default=12)
-    gpu.add_argument("--batch", type=int, default=64)
-    gpu.add_argument("--classes", type=int, default=10)
+    gpu = sub.add_parser("gpu", parents=[model], help="training steps on the GPU, one JSON line")
     gpu.add_argument("--steps", type=int, default=20)
     gpu.add_argument("--warmup", type=int, default=5)
     gpu.add_argument("--deterministic", action="store_true",

@@ -663,50 +663,64 @@ fn numel((n, c, h, w): Shape) -> usize {
     n * c * h * w
 }
 
+/// A stride-2 pooling under test: the backend's forward and backward, its output plane, and
+/// the naive reference's window (`k` x `k`, input padded by `pad`, `reduce`d).
+struct PoolOp {
+    name: &'static str,
+    forward: fn(&mut CpuBackend, View, View),
+    backward: fn(&mut CpuBackend, &Pool),
+    out: fn(Shape) -> (usize, usize),
+    k: usize,
+    pad: usize,
+    reduce: fn(&[f64]) -> f64,
+}
+
+const AVG_POOL2: PoolOp = PoolOp {
+    name: "avg_pool2",
+    forward: CpuBackend::avg_pool2,
+    backward: |be, p| be.avg_pool2_backward(p.gy, p.gx),
+    out: avg2_out,
+    k: 2,
+    pad: 0,
+    reduce: mean_of,
+};
+
+const MAX_POOL3: PoolOp = PoolOp {
+    name: "max_pool3",
+    forward: CpuBackend::max_pool3,
+    backward: |be, p| be.max_pool3_backward(p.x, p.gy, p.gx),
+    out: max3_out,
+    k: 3,
+    pad: 1,
+    reduce: max_of,
+};
+
 #[test]
-fn avg_pool2_matches_naive_and_writes_only_its_channel_slice() {
-    for shape in POOLS {
-        let (mut be, p) = Pool::new(shape, avg2_out(shape), randn(18, numel(shape)));
-        fence(&mut be, p.y);
-        be.avg_pool2(p.x, p.y);
-        assert_ref("avg_pool2", &gather(&be, p.y), &naive_pool(&gather(&be, p.x), p.x, 2, 0, mean_of));
-        assert_fenced(&be, p.y, "avg_pool2");
+fn pools_match_naive_and_write_only_their_channel_slice() {
+    for (op, seed) in [(&AVG_POOL2, 18), (&MAX_POOL3, 19)] {
+        for shape in POOLS {
+            let (mut be, p) = Pool::new(shape, (op.out)(shape), randn(seed, numel(shape)));
+            fence(&mut be, p.y);
+            (op.forward)(&mut be, p.x, p.y);
+            assert_ref(op.name, &gather(&be, p.y), &naive_pool(&gather(&be, p.x), p.x, op.k, op.pad, op.reduce));
+            assert_fenced(&be, p.y, op.name);
+        }
     }
 }
 
 #[test]
-fn avg_pool2_backward_matches_finite_differences() {
+fn pool_backwards_match_finite_differences() {
     for shape in POOLS {
-        let (mut be, p) = Pool::new(shape, avg2_out(shape), randn(18, numel(shape)));
-        fence(&mut be, p.gx);
-        be.avg_pool2_backward(p.gy, p.gx);
-        assert_fenced(&be, p.gx, "avg_pool2_backward");
-        let grad = gather(&be, p.gx);
-        check_fd("avg_pool2", &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be, CpuBackend::avg_pool2));
-    }
-}
-
-#[test]
-fn max_pool3_matches_naive_and_writes_only_its_channel_slice() {
-    for shape in POOLS {
-        let (mut be, p) = Pool::new(shape, max3_out(shape), randn(19, numel(shape)));
-        fence(&mut be, p.y);
-        be.max_pool3(p.x, p.y);
-        assert_ref("max_pool3", &gather(&be, p.y), &naive_pool(&gather(&be, p.x), p.x, 3, 1, max_of));
-        assert_fenced(&be, p.y, "max_pool3");
-    }
-}
-
-#[test]
-fn max_pool3_backward_matches_finite_differences() {
-    for shape in POOLS {
-        // Distinct inputs 0.05 apart: no window has a tie within the ±1e-2 perturbation.
-        let (mut be, p) = Pool::new(shape, max3_out(shape), distinct(20, numel(shape)));
-        fence(&mut be, p.gx);
-        be.max_pool3_backward(p.x, p.gy, p.gx);
-        assert_fenced(&be, p.gx, "max_pool3_backward");
-        let grad = gather(&be, p.gx);
-        check_fd("max_pool3", &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be, CpuBackend::max_pool3));
+        // Distinct inputs 0.05 apart for the max: no window has a tie within the ±1e-2 perturbation.
+        let n = numel(shape);
+        for (op, x) in [(&AVG_POOL2, randn(18, n)), (&MAX_POOL3, distinct(20, n))] {
+            let (mut be, p) = Pool::new(shape, (op.out)(shape), x);
+            fence(&mut be, p.gx);
+            (op.backward)(&mut be, &p);
+            assert_fenced(&be, p.gx, &format!("{}_backward", op.name));
+            let grad = gather(&be, p.gx);
+            check_fd(op.name, &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be, op.forward));
+        }
     }
 }
 

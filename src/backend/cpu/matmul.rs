@@ -111,28 +111,7 @@ pub(super) unsafe fn matmul(d: Dims, y: Dst, a: *const f32, b: Src, pre: Option<
     if simd() {
         return avx2::matmul(d, y, a, b, pre);
     }
-    assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
-    gemm::gemm(
-        d.m,
-        d.n,
-        d.k,
-        y.ptr,
-        1,
-        y.ld as isize,
-        y.acc,
-        a,
-        1,
-        d.k as isize,
-        b.ptr,
-        1,
-        b.ld as isize,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    portable(d, y, Src { ptr: a, ld: d.k }, b.ptr, (b.ld, 1), pre)
 }
 
 /// `y[m x n] (+)= a[m x k] * pre(b[n x k])^T`; `pack` is scratch of [`nt_pack_len`]`(1, k)`
@@ -146,8 +125,17 @@ pub(super) unsafe fn matmul_nt(d: Dims, y: Dst, a: Src, b: Src, pack: *mut f32, 
         let walk = avx2::Walk { rows: 1, cols: d.k, lda: 0, ldb: 0 };
         return avx2::nt((d.m, d.n), y, a, walk, |j| b.ptr.add(j * b.ld), pack, pre);
     }
-    assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
     let _ = pack;
+    portable(d, y, a, b.ptr, (1, b.ld), pre)
+}
+
+/// `y[m x n] (+)= a[m x k] * B[k x n]` through the `gemm` crate, where the AVX2 kernels do not
+/// run: B's element (kk, j) is at `b + kk * rs + j * cs`.
+///
+/// # Safety
+/// As [`matmul`].
+unsafe fn portable(d: Dims, y: Dst, a: Src, b: *const f32, (rs, cs): (usize, usize), pre: Option<Pre>) {
+    assert!(pre.is_none(), "fused BN-ReLU needs the AVX2 kernels");
     gemm::gemm(
         d.m,
         d.n,
@@ -159,9 +147,9 @@ pub(super) unsafe fn matmul_nt(d: Dims, y: Dst, a: Src, b: Src, pack: *mut f32, 
         a.ptr,
         1,
         a.ld as isize,
-        b.ptr,
-        b.ld as isize,
-        1,
+        b,
+        cs as isize,
+        rs as isize,
         1.0f32,
         1.0f32,
         false,
