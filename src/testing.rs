@@ -53,6 +53,33 @@ pub(crate) fn json_spans(text: &str) -> Vec<(usize, usize)> {
     spans
 }
 
+/// Values that replace a JSON text's numbers and strings in the fuzz tests: numbers at and past
+/// the limits of every integer type, non-finite and fractional ones, other types, control
+/// characters, empty text; then `extra`, the parser's own words.
+pub(crate) fn json_values<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let common = [
+        "0",
+        "1",
+        "-1",
+        "0.5",
+        "4294967296",
+        "18446744073709551615",
+        "99999999999999999999",
+        "1e308",
+        "1e400",
+        "nan",
+        "true",
+        "null",
+        "[]",
+        "[1,2]",
+        "{}",
+        "\\u0000",
+        "\\n",
+        "",
+    ];
+    common.into_iter().chain(extra.iter().copied()).collect()
+}
+
 /// What a fuzz test counted: its cases, and how many got past each of its checks.
 pub(crate) struct Tally {
     /// The parser, as the README's fuzz table names it in its first column.

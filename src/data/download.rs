@@ -236,22 +236,43 @@ fn install(dir: &Path, dataset: Dataset, archive: &Path, md5: &str, origin: &str
 /// The lowercase hex MD5 of a file.
 fn md5_file(path: &Path) -> Result<String> {
     let cannot = |e: io::Error| Error(format!("cannot read the archive {}: {e}", path.display()));
-    let mut file = File::open(path).map_err(cannot)?;
+    let file = File::open(path).map_err(cannot)?;
     if !file.metadata().map_err(cannot)?.is_file() {
         bail!("cannot read the archive {}: not a file", path.display());
     }
     let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(cannot(e)),
-        }
-    }
+    let hash = |chunk: &[u8], _| {
+        hasher.update(chunk);
+        Ok(())
+    };
+    each_chunk(file, hash, |e, _| cannot(e))?;
     Ok(hex(&hasher.finalize()))
 }
+
+/// Reads `r` to its end, handing every chunk and the bytes read so far (that chunk included) to
+/// `take`; a read interrupted by a signal is retried, another failure is `failed(error, bytes
+/// read before it)`.
+fn each_chunk(
+    mut r: impl Read,
+    mut take: impl FnMut(&[u8], u64) -> Result<()>,
+    failed: impl FnOnce(io::Error, u64) -> Error,
+) -> Result<()> {
+    let (mut buf, mut done) = (vec![0u8; CHUNK_BYTES], 0u64);
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                done += n as u64;
+                take(&buf[..n], done)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed(e, done)),
+        }
+    }
+}
+
+/// Bytes read at a time from a download, an archive or one of its files.
+const CHUNK_BYTES: usize = 1 << 16;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -275,34 +296,30 @@ fn download(
     log::info!("Downloading {} from {url}", dataset.title());
     let mut response = agent.get(url).call().map_err(|e| request_error(url, e))?;
     let total = response.body().content_length();
-    let mut body = response.body_mut().as_reader();
+    let body = response.body_mut().as_reader();
     let mut file = tempfile::Builder::new()
         .prefix(&format!(".{}.", dataset.archive()))
         .suffix(".part")
         .tempfile_in(dir)
         .map_err(|e| Error(format!("cannot create a temporary file in {}: {e}", dir.display())))?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut got = 0u64;
-    loop {
-        let n = match body.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    bail!("download from {url} cut off after {got}{of} bytes (the connection closed early)");
-                }
-                bail!("download from {url} failed after {got}{of} bytes: {}", one_line(&e.to_string()));
-            }
-        };
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
+    let (mut hasher, mut got) = (Md5::new(), 0);
+    let write = |chunk: &[u8], done| {
+        hasher.update(chunk);
+        file.write_all(chunk)
             .map_err(|e| Error(format!("cannot write the download to {}: {e}", file.path().display())))?;
-        got += n as u64;
-        progress.update(got, total);
-    }
+        got = done;
+        progress.update(done, total);
+        Ok(())
+    };
+    each_chunk(body, write, |e, got| {
+        let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                Error(format!("download from {url} cut off after {got}{of} bytes (the connection closed early)"))
+            }
+            _ => Error(format!("download from {url} failed after {got}{of} bytes: {}", one_line(&e.to_string()))),
+        }
+    })?;
     progress.finish(got);
     if let Some(t) = total.filter(|&t| t != got) {
         bail!("download from {url} cut off after {got} of {t} bytes");
@@ -418,7 +435,6 @@ fn unpack<R: Read, W: Write>(
     let mut tar = tar::Archive::new(tar);
     let bad = |e: io::Error| archive_error(origin, &e);
     let (mut names, mut elsewhere) = (Vec::new(), None);
-    let mut buf = vec![0u8; 1 << 16];
     for entry in tar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let path = entry.path().map_err(bad)?.into_owned();
@@ -433,15 +449,7 @@ fn unpack<R: Read, W: Write>(
                     bail!("the archive {origin} holds more than {MAX_FILES} files in {folder}/: not a CIFAR archive; nothing was extracted");
                 }
                 let mut out = create(&name)?;
-                let mut bytes = 0u64;
-                loop {
-                    let n = match entry.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(bad(e)),
-                    };
-                    bytes += n as u64;
+                let write = |chunk: &[u8], bytes| {
                     if bytes > max_bytes {
                         bail!(
                             "the archive {origin} holds {folder}/{name} of more than {max_bytes} bytes, more than any {} \
@@ -449,10 +457,11 @@ fn unpack<R: Read, W: Write>(
                             dataset.title()
                         );
                     }
-                    out.write_all(&buf[..n]).map_err(|e| {
+                    out.write_all(chunk).map_err(|e| {
                         Error(format!("cannot write {folder}/{name} from {origin}: {e}; nothing was extracted"))
-                    })?;
-                }
+                    })
+                };
+                each_chunk(&mut entry, write, |e, _| bad(e))?;
                 close(out)?;
                 names.push(name);
             }

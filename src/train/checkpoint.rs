@@ -700,26 +700,7 @@ mod tests {
         let header = String::from_utf8(seed[8..8 + n].to_vec()).unwrap();
         // Every number and string of the header: what mutations replace.
         let spans = crate::testing::json_spans(&header);
-        let values = [
-            "0",
-            "1",
-            "-1",
-            "4294967296",
-            "18446744073709551615",
-            "99999999999999999999",
-            "1e308",
-            "F16",
-            "I64",
-            "BOGUS",
-            "",
-            "[]",
-            "[1,2]",
-            "null",
-            "{}",
-            "\\u0000",
-            "[1000000,1000000]",
-            "nan",
-        ];
+        let values = crate::testing::json_values(&["F16", "I64", "BOGUS", "[1000000,1000000]"]);
         let (mut past_first, path) = (0, Path::new("fuzz.safetensors"));
         for case in 0..CASES {
             let r = |k: u64| rng::derive(rng::derive(0xf022, case), k);
