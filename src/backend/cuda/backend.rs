@@ -238,7 +238,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             }
         }
         if let Err(e) = self.exec.capture_begin() {
-            eprintln!("warning: running steps without graphs: {e}");
+            log::warn!("running steps without graphs: {e}");
             self.graph_state = GraphState::FellBack(e.to_string());
             self.graphs = false;
         }
@@ -252,7 +252,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         match self.exec.capture_end(key) {
             Ok(None) => {}
             Ok(Some(why)) => {
-                eprintln!("warning: this training step is replayed without a CUDA graph: {why}");
+                log::warn!("this training step is replayed without a CUDA graph: {why}");
                 self.graph_state = GraphState::FellBack(why);
             }
             Err(e) => self.record(Err(e)),

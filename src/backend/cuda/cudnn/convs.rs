@@ -185,8 +185,8 @@ impl Convs {
                 .iter()
                 .map(|p| format!("algo {} status {} det {} math {}", p.algo, p.status, p.determinism, p.math))
                 .collect();
-            eprintln!(
-                "warning: none of cudnnFind's {} results for the {dir} convolution {shape:?} at batch {batch} can run \
+            log::warn!(
+                "none of cudnnFind's {} results for the {dir} convolution {shape:?} at batch {batch} can run \
                  (deterministic, FMA math, {:?} algorithms): the fallback algorithms run instead (said once; seen: {})",
                 found.len(),
                 self.header.family,
@@ -314,10 +314,14 @@ impl Convs {
                 );
             };
             if first != pref[0].0 && self.warned.insert((g, dir)) {
-                eprintln!(
-                    "warning: cuDNN {dir} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
+                log::warn!(
+                    "cuDNN {dir} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
                      {first}, not its choice {}, which needs {} bytes of workspace ({ws_bytes} reserved)",
-                    g.n, g.x_stride, g.y_stride, pref[0].0, pref[0].1
+                    g.n,
+                    g.x_stride,
+                    g.y_stride,
+                    pref[0].0,
+                    pref[0].1
                 );
             }
             plan.algos[dir as usize] = Some(Choice { usable, current: 0 });
@@ -330,10 +334,11 @@ impl Convs {
             match execute(handle, desc, dir, algo, (px, pw, py), (wsp, bytes), beta) {
                 Ok(()) => {
                     if let Some((refused, e)) = &first_error {
-                        eprintln!(
-                            "warning: cuDNN refused {dir} algorithm {refused} for {shape:?} at batch {} ({:?}): \
+                        log::warn!(
+                            "cuDNN refused {dir} algorithm {refused} for {shape:?} at batch {} ({:?}): \
                              algorithm {algo} runs instead from now on",
-                            g.n, e.0
+                            g.n,
+                            e.0
                         );
                     }
                     choice.current = i;

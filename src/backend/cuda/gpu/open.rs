@@ -74,7 +74,7 @@ impl GpuExec {
                 if !Self::nvrtc_available() {
                     bail!("{first}; {}", nvrtc_missing(cudnn, driver_version));
                 }
-                eprintln!("warning: {first}; compiling the kernels with this machine's NVRTC instead");
+                log::warn!("{first}; compiling the kernels with this machine's NVRTC instead");
                 let ptx = nvrtc_ptx()?;
                 kernels_from = KernelSource::NvrtcForOldDriver;
                 ctx.load_module(nvrtc::Ptx::from_src(ptx.clone())).map_err(|e| {
