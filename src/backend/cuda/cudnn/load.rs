@@ -102,7 +102,7 @@ pub(crate) fn preflight() -> Result<Loaded> {
 
 /// The pip package of NVIDIA library `name` for CUDA `major` (`nvidia-cublas-cu12`,
 /// `nvidia-cublas` for CUDA 13 on).
-fn pip_package(name: &str, major: usize) -> String {
+pub(crate) fn pip_package(name: &str, major: usize) -> String {
     if major >= UNSUFFIXED_PIP_CUDA {
         name.to_string()
     } else {

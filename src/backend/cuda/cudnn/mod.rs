@@ -15,7 +15,7 @@ mod descriptor;
 mod load;
 
 pub(super) use convs::Convs;
-pub(super) use load::{preflight, Loaded};
+pub(super) use load::{pip_package, preflight, Loaded};
 
 use cudarc::cudnn::result as cr;
 
