@@ -55,7 +55,7 @@ __device__ void bn_affine(P mean, P var, P gamma, P beta, int c, float& scale, f
 extern "C" __global__ void bn_relu(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int hw,
                         Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
                         Buf<const float> beta) {
-    const u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x, chw = (u64)c * hw;
+    const u64 i = dn_index(), chw = (u64)c * hw;
     if (i >= (u64)n * chw) return;
     const u64 img = i / chw, r = i - img * chw;
     const int ch = (int)(r / hw);

@@ -31,13 +31,16 @@ template <class T> using Buf = T*;
 // Element i of a 1-D launch.
 __device__ __forceinline__ u64 dn_index() { return blockIdx.x * (u64)blockDim.x + threadIdx.x; }
 
-// (image, channel plane, pixel) of flattened element i over n images of c planes of hw.
-__device__ __forceinline__ void dn_split(u64 i, int c, int hw, u64& img, u64& plane, int& p) {
-    const u64 chw = (u64)c * hw;
+// (image, channel plane, pixel) of this thread's element of a 1-D launch over n images of c
+// planes of hw; false past the last element (the thread has nothing to do).
+__device__ __forceinline__ bool dn_element(int n, int c, int hw, u64& img, u64& plane, int& p) {
+    const u64 i = dn_index(), chw = (u64)c * hw;
+    if (i >= (u64)n * chw) return false;
     img = i / chw;
     const u64 r = i - img * chw;
     plane = r / hw;
     p = (int)(r - plane * hw);
+    return true;
 }
 
 // Sums `a` and `b` over the block (blockDim.x a power of two; `s` holds 2 * blockDim.x

@@ -3,15 +3,21 @@
 // output, reductions over the batch in one block, so results are reproducible.
 #include "dn.cuh"
 
+// sum over t < len of a[t * a_step] * b[t * b_step], in f64.
+template <class A, class B>
+__device__ double dn_dot(A a, int a_step, B b, int b_step, int len) {
+    double s = 0.0;
+    for (int t = 0; t < len; t++) s += (double)a[t * a_step] * (double)b[t * b_step];
+    return s;
+}
+
 // y[i, k] = x[i, :] . w[k, :] + b[k].
 extern "C" __global__ void linear(Buf<const float> x, Buf<const float> w, Buf<const float> b, Buf<float> y, int n, int cin,
                        int cout) {
     const int o = blockIdx.x * blockDim.x + threadIdx.x;
     if (o >= n * cout) return;
     const int i = o / cout, k = o - i * cout;
-    double s = 0.0;
-    for (int j = 0; j < cin; j++) s += (double)x[i * cin + j] * (double)w[k * cin + j];
-    y[o] = (float)(s + (double)b[k]);
+    y[o] = (float)(dn_dot(x + i * cin, 1, w + k * cin, 1, cin) + (double)b[k]);
 }
 
 // gw[k, j] = sum_i gy[i, k] x[i, j] for o < cout * cin; gb[k] = sum_i gy[i, k] after them.
@@ -20,9 +26,7 @@ extern "C" __global__ void linear_backward_params(Buf<const float> x, Buf<const 
     const int o = blockIdx.x * blockDim.x + threadIdx.x;
     if (o < cout * cin) {
         const int k = o / cin, j = o - k * cin;
-        double s = 0.0;
-        for (int i = 0; i < n; i++) s += (double)gy[i * cout + k] * (double)x[i * cin + j];
-        gw[o] = (float)s;
+        gw[o] = (float)dn_dot(gy + k, cout, x + j, cin, n);
     } else if (o < cout * cin + cout) {
         const int k = o - cout * cin;
         double s = 0.0;
@@ -37,9 +41,7 @@ extern "C" __global__ void linear_backward_data(Buf<const float> w, Buf<const fl
     const int o = blockIdx.x * blockDim.x + threadIdx.x;
     if (o >= n * cin) return;
     const int i = o / cin, j = o - i * cin;
-    double s = 0.0;
-    for (int k = 0; k < cout; k++) s += (double)gy[i * cout + k] * (double)w[k * cin + j];
-    gx[o] = (float)s;
+    gx[o] = (float)dn_dot(gy + i * cout, 1, w + j, cin, cout);
 }
 
 // One block: row i (thread i, i + blockDim.x, ...) gets softmax, loss and argmax; glogits =

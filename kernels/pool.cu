@@ -7,11 +7,9 @@
 extern "C" __global__ void avg_pool2(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int h,
                           int w) {
     const int oh = h / 2, ow = w / 2;
-    const u64 i = dn_index();
-    if (i >= (u64)n * c * oh * ow) return;
     u64 img, plane;
     int p;
-    dn_split(i, c, oh * ow, img, plane, p);
+    if (!dn_element(n, c, oh * ow, img, plane, p)) return;
     const int oy = p / ow, ox = p - oy * ow;
     const u64 s = img * x_stride + plane * h * w + (u64)(2 * oy) * w + 2 * ox;
     y[img * y_stride + plane * oh * ow + p] = 0.25f * (x[s] + x[s + 1] + x[s + w] + x[s + w + 1]);
@@ -21,16 +19,17 @@ extern "C" __global__ void avg_pool2(Buf<const float> x, u64 x_stride, Buf<float
 extern "C" __global__ void avg_pool2_backward(Buf<const float> gy, u64 gy_stride, Buf<float> gx, u64 gx_stride, int n, int c,
                                    int h, int w) {
     const int oh = h / 2, ow = w / 2;
-    const u64 i = dn_index();
-    if (i >= (u64)n * c * h * w) return;
     u64 img, plane;
     int p;
-    dn_split(i, c, h * w, img, plane, p);
+    if (!dn_element(n, c, h * w, img, plane, p)) return;
     const int iy = p / w, ix = p - iy * w, oy = iy / 2, ox = ix / 2;
     const bool covered = oy < oh && ox < ow;
     gx[img * gx_stride + plane * h * w + p] =
         covered ? 0.25f * gy[img * gy_stride + plane * oh * ow + (u64)oy * ow + ox] : 0.0f;
 }
+
+// Output size of a 3x3/2 window with padding 1 over an input of size h.
+__device__ __forceinline__ int dn_pool3_out(int h) { return (h - 1) / 2 + 1; }
 
 // Flat index (in the plane) of the first maximum of 3x3/2 window (oy, ox), padding 1 (padding
 // never wins; NaN wins as on the CPU).
@@ -53,12 +52,10 @@ __device__ int dn_argmax3(P x, u64 plane, int h, int w, int oy, int ox) {
 // y = max over each 3x3/2 window with padding 1.
 extern "C" __global__ void max_pool3(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int h,
                           int w) {
-    const int oh = (h - 1) / 2 + 1, ow = (w - 1) / 2 + 1;
-    const u64 i = dn_index();
-    if (i >= (u64)n * c * oh * ow) return;
+    const int oh = dn_pool3_out(h), ow = dn_pool3_out(w);
     u64 img, plane;
     int p;
-    dn_split(i, c, oh * ow, img, plane, p);
+    if (!dn_element(n, c, oh * ow, img, plane, p)) return;
     const int oy = p / ow, ox = p - oy * ow;
     const u64 xp = img * x_stride + plane * h * w;
     y[img * y_stride + plane * oh * ow + p] = x[xp + dn_argmax3(x, xp, h, w, oy, ox)];
@@ -67,12 +64,10 @@ extern "C" __global__ void max_pool3(Buf<const float> x, u64 x_stride, Buf<float
 // gx[pixel] = sum of gy over the windows whose first maximum is this pixel.
 extern "C" __global__ void max_pool3_backward(Buf<const float> x, u64 x_stride, Buf<const float> gy, u64 gy_stride,
                                    Buf<float> gx, u64 gx_stride, int n, int c, int h, int w) {
-    const int oh = (h - 1) / 2 + 1, ow = (w - 1) / 2 + 1;
-    const u64 i = dn_index();
-    if (i >= (u64)n * c * h * w) return;
+    const int oh = dn_pool3_out(h), ow = dn_pool3_out(w);
     u64 img, plane;
     int p;
-    dn_split(i, c, h * w, img, plane, p);
+    if (!dn_element(n, c, h * w, img, plane, p)) return;
     const int iy = p / w, ix = p - iy * w;
     const u64 xp = img * x_stride + plane * h * w, gp = img * gy_stride + plane * oh * ow;
     float sum = 0.0f;
@@ -97,10 +92,8 @@ extern "C" __global__ void global_avg_pool(Buf<const float> x, u64 x_stride, Buf
 
 // gx = gy[img * c + plane] / hw over the plane.
 extern "C" __global__ void global_avg_pool_backward(Buf<const float> gy, Buf<float> gx, u64 gx_stride, int n, int c, int hw) {
-    const u64 i = dn_index();
-    if (i >= (u64)n * c * hw) return;
     u64 img, plane;
     int p;
-    dn_split(i, c, hw, img, plane, p);
+    if (!dn_element(n, c, hw, img, plane, p)) return;
     gx[img * gx_stride + plane * hw + p] = gy[img * c + plane] / (float)hw;
 }

@@ -32,10 +32,21 @@ __thread Thread* tls_thread __attribute__((tls_model("initial-exec"))) = nullptr
 __thread Block* tls_block __attribute__((tls_model("initial-exec"))) = nullptr;
 __thread const std::atomic<bool>* tls_abort __attribute__((tls_model("initial-exec"))) = nullptr;
 
-constexpr unsigned MAX_THREADS = 1024;
-constexpr unsigned MAX_SHARED = 48 * 1024;
-constexpr size_t STACK = 64 * 1024;
-constexpr size_t MSG = 1024;
+// CUDA's launch limits, the same for every compute capability since 3.0 (MAX_THREADS, the most
+// threads in a block, is in dn_rt.h).
+constexpr unsigned MAX_BLOCK_XY = 1024;       // threads along a block's x and y axes
+constexpr unsigned MAX_BLOCK_Z = 64;          // threads along a block's z axis
+constexpr unsigned MAX_GRID_X = 2147483647u;  // blocks along the grid's x axis (2^31 - 1)
+constexpr unsigned MAX_GRID_YZ = 65535;       // blocks along the grid's y and z axes
+constexpr unsigned MAX_SHARED = 48 * 1024;    // dynamic shared memory per block without an opt-in
+
+// The host layer's own sizes and defaults.
+constexpr size_t STACK = 64 * 1024;           // a fiber's stack
+constexpr size_t MSG = 1024;                  // an error message
+constexpr size_t FULL_MSG = MSG + 256;        // an error message with its kernel, block and thread
+constexpr unsigned DEFAULT_WORKERS = 8;       // pool threads without DENSENET_HOST_THREADS (or the cores)
+constexpr long MAX_WORKERS = 64;              // most pool threads DENSENET_HOST_THREADS may ask for
+constexpr double DEFAULT_TIMEOUT_MS = 20000;  // a launch's time limit without DENSENET_HOST_TIMEOUT_S
 
 // One launch.
 struct Job {
@@ -188,7 +199,7 @@ static void thread_name(const Block& b, unsigned lin, char* out, size_t n) {
 
 static void vblock_error(const char* fmt, va_list ap) {
   Block& b = *tls_block;
-  char msg[MSG], full[MSG + 256];
+  char msg[MSG], full[FULL_MSG];
   vsnprintf(msg, sizeof msg, fmt, ap);
   snprintf(full, sizeof full, "kernel `%s`, block (%u,%u,%u): %s", b.kernel, b.idx.x, b.idx.y, b.idx.z, msg);
   set_error(*b.job, full);
@@ -206,7 +217,7 @@ static void block_error(const char* fmt, ...) {
 void fail(const char* fmt, ...) {
   Block& b = *tls_block;
   Thread& t = *tls_thread;
-  char msg[MSG], full[MSG + 256];
+  char msg[MSG], full[FULL_MSG];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(msg, sizeof msg, fmt, ap);
@@ -693,15 +704,15 @@ static bool spawn(Pool& p, unsigned n) {
 static unsigned pool_size() {
   const char* e = getenv("DENSENET_HOST_THREADS");
   long n = e ? strtol(e, nullptr, 10) : 0;
-  if (n <= 0) n = (long)std::min(std::thread::hardware_concurrency(), 8u);
-  return (unsigned)std::max(1L, std::min(n, 64L));
+  if (n <= 0) n = (long)std::min(std::thread::hardware_concurrency(), DEFAULT_WORKERS);
+  return (unsigned)std::max(1L, std::min(n, MAX_WORKERS));
 }
 
 static double timeout_ms(const DnDims* d) {
   if (d->timeout_ms) return d->timeout_ms;
   const char* e = getenv("DENSENET_HOST_TIMEOUT_S");
   double s = e ? strtod(e, nullptr) : 0;
-  return s > 0 ? s * 1000 : 20000;
+  return s > 0 ? s * 1000 : DEFAULT_TIMEOUT_MS;
 }
 
 int config_error(const char* kernel, char* err, size_t err_len, const char* fmt, ...) {
@@ -722,12 +733,12 @@ int run(const char* kernel, const DnDims* d, std::function<void()> body, char* e
   if (!bl[0] || !bl[1] || !bl[2])
     return config_error(kernel, err, err_len, "block (%u,%u,%u) has a zero dimension", bl[0], bl[1], bl[2]);
   unsigned long long threads = (unsigned long long)bl[0] * bl[1] * bl[2];
-  if (bl[0] > 1024 || bl[1] > 1024 || bl[2] > 64 || threads > MAX_THREADS)
+  if (bl[0] > MAX_BLOCK_XY || bl[1] > MAX_BLOCK_XY || bl[2] > MAX_BLOCK_Z || threads > MAX_THREADS)
     return config_error(kernel, err, err_len,
                         "block (%u,%u,%u) exceeds CUDA's limits (%llu threads; at most 1024, x and y up to 1024, z "
                         "up to 64)",
                         bl[0], bl[1], bl[2], threads);
-  if (g[0] > 2147483647u || g[1] > 65535 || g[2] > 65535)
+  if (g[0] > MAX_GRID_X || g[1] > MAX_GRID_YZ || g[2] > MAX_GRID_YZ)
     return config_error(kernel, err, err_len, "grid (%u,%u,%u) exceeds CUDA's limits (x < 2^31, y and z up to 65535)",
                         g[0], g[1], g[2]);
   if (d->shared > MAX_SHARED)

@@ -81,52 +81,80 @@ struct Ident {
   typedef T type;
 };
 
+// The bits of `v` as a `To` of the same size (std::bit_cast, which C++17 lacks).
+template <class To, class From>
+inline To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From) && std::is_trivially_copyable<From>::value, "bit_cast: same-size values");
+  To r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+}
+
 __attribute__((always_inline)) inline bool synced(const Block* b, unsigned me, unsigned other, uint32_t gen) {
   // Same warp, and a warp collective (e.g. __syncwarp) completed since the access.
-  return other < 1024 && (other >> 5) == (me >> 5) && b->wgen[(me >> 5) & 31] != gen;
+  return other < MAX_THREADS && (other >> 5) == (me >> 5) && b->wgen[(me >> 5) & 31] != gen;
+}
+
+// The warp's count of completed collectives, as thread `me` sees it.
+__attribute__((always_inline)) inline uint32_t warp_gen(const Block* b, unsigned me) { return b->wgen[(me >> 5) & 31]; }
+
+// Whether another thread, not synchronized with `me`, wrote shadowed word `s` in epoch e.
+__attribute__((always_inline)) inline bool racing_write(const Block* b, const Shadow& s, unsigned me, uint32_t e) {
+  return __builtin_expect(s.w_epoch == e && s.w_thr != me, 0) && !synced(b, me, s.w_thr, s.w_gen);
+}
+
+// Whether other threads, or one not synchronized with `me`, read shadowed word `s` in epoch e.
+__attribute__((always_inline)) inline bool racing_read(const Block* b, const Shadow& s, unsigned me, uint32_t e) {
+  return __builtin_expect(s.r_epoch == e && (s.r_thr != me || s.r_multi), 0) &&
+         (s.r_multi || !synced(b, me, s.r_thr, s.r_gen));
+}
+
+// Who accesses shared memory: the block, the thread and the epoch.
+struct Access {
+  Block* b;
+  unsigned me;
+  uint32_t e;
+};
+
+// The access of shared `name`[i] through a reference made in epoch `made`, which must be the
+// current one (a reference kept across __syncthreads is reported).
+__attribute__((always_inline)) inline Access access(const char* name, long long i, uint32_t made) {
+  Access a{tls_block, tls_thread->lin, tls_block->epoch};
+  if (__builtin_expect(made != a.e, 0)) shared_race(4, name, i, a.me);
+  return a;
 }
 
 __attribute__((always_inline)) inline void sh_read(unsigned word, unsigned nwords, const char* name, long long i,
                                                    uint32_t made) {
-  Block* b = tls_block;
-  unsigned me = tls_thread->lin;
-  uint32_t e = b->epoch;
-  if (__builtin_expect(made != e, 0)) shared_race(4, name, i, me);
+  const auto [b, me, e] = access(name, i, made);
   for (unsigned k = 0; k < nwords; k++) {
     Shadow& s = b->shadow[word + k];
     if (__builtin_expect(s.w_epoch < b->epoch_base, 0)) shared_uninit(name, i);
-    if (__builtin_expect(s.w_epoch == e && s.w_thr != me, 0) && !synced(b, me, s.w_thr, s.w_gen))
-      shared_race(0, name, i, s.w_thr);
+    if (racing_write(b, s, me, e)) shared_race(0, name, i, s.w_thr);
     if (s.r_epoch != e) {
       s.r_epoch = e;
       s.r_thr = (uint16_t)me;
       s.r_multi = 0;
-      s.r_gen = b->wgen[(me >> 5) & 31];
+      s.r_gen = warp_gen(b, me);
     } else if (s.r_thr != me) {
       s.r_multi = 1;
     } else {
-      s.r_gen = b->wgen[(me >> 5) & 31];
+      s.r_gen = warp_gen(b, me);
     }
   }
 }
 
 __attribute__((always_inline)) inline void sh_write(unsigned word, unsigned nwords, const char* name, long long i,
                                                     const void* v, uint32_t made) {
-  Block* b = tls_block;
-  unsigned me = tls_thread->lin;
-  uint32_t e = b->epoch;
-  if (__builtin_expect(made != e, 0)) shared_race(4, name, i, me);
+  const auto [b, me, e] = access(name, i, made);
   for (unsigned k = 0; k < nwords; k++) {
     Shadow& s = b->shadow[word + k];
-    if (__builtin_expect(s.r_epoch == e && (s.r_thr != me || s.r_multi), 0) &&
-        (s.r_multi || !synced(b, me, s.r_thr, s.r_gen)))
-      shared_race(1, name, i, s.r_thr != me ? s.r_thr : MULTI);
-    if (__builtin_expect(s.w_epoch == e && s.w_thr != me, 0) && !synced(b, me, s.w_thr, s.w_gen) &&
-        memcmp(b->shared + 4 * (size_t)(word + k), (const char*)v + 4 * k, 4) != 0)
+    if (racing_read(b, s, me, e)) shared_race(1, name, i, s.r_thr != me ? s.r_thr : MULTI);
+    if (racing_write(b, s, me, e) && memcmp(b->shared + 4 * (size_t)(word + k), (const char*)v + 4 * k, 4) != 0)
       shared_race(s.w_thr == ATOMIC ? 3 : 2, name, i, s.w_thr);
     s.w_epoch = e;
     s.w_thr = (uint16_t)me;
-    s.w_gen = b->wgen[(me >> 5) & 31];
+    s.w_gen = warp_gen(b, me);
   }
 }
 
@@ -138,10 +166,8 @@ inline void sh_atomic(unsigned word, const char* name, long long i) {
   uint32_t e = b->epoch;
   Shadow& s = b->shadow[word];
   if (s.w_epoch < b->epoch_base) shared_uninit(name, i);
-  if (s.w_epoch == e && s.w_thr != ATOMIC && s.w_thr != me && !synced(b, me, s.w_thr, s.w_gen))
-    shared_race(3, name, i, s.w_thr);
-  if (s.r_epoch == e && (s.r_thr != me || s.r_multi) && (s.r_multi || !synced(b, me, s.r_thr, s.r_gen)))
-    shared_race(1, name, i, s.r_thr != me ? s.r_thr : MULTI);
+  if (s.w_thr != ATOMIC && racing_write(b, s, me, e)) shared_race(3, name, i, s.w_thr);
+  if (racing_read(b, s, me, e)) shared_race(1, name, i, s.r_thr != me ? s.r_thr : MULTI);
   s.w_epoch = e;
   s.w_thr = ATOMIC;
 }
@@ -352,20 +378,13 @@ inline float atomicAdd(float* p, float v) {
   unsigned* w = reinterpret_cast<unsigned*>(p);
   unsigned old = __atomic_load_n(w, __ATOMIC_RELAXED), next;
   do {
-    float f;
-    memcpy(&f, &old, 4);
-    f += v;
-    memcpy(&next, &f, 4);
+    next = ::dn::bit_cast<unsigned>(::dn::bit_cast<float>(old) + v);
   } while (!__atomic_compare_exchange_n(w, &old, next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-  memcpy(&v, &old, 4);
-  return v;
+  return ::dn::bit_cast<float>(old);
 }
 inline float atomicExch(float* p, float v) {
-  unsigned n, o;
-  memcpy(&n, &v, 4);
-  o = __atomic_exchange_n(reinterpret_cast<unsigned*>(p), n, __ATOMIC_RELAXED);
-  memcpy(&v, &o, 4);
-  return v;
+  unsigned old = __atomic_exchange_n(reinterpret_cast<unsigned*>(p), ::dn::bit_cast<unsigned>(v), __ATOMIC_RELAXED);
+  return ::dn::bit_cast<float>(old);
 }
 
 // Shared memory (`&s[i]`): the block's threads share one OS thread, so these are plain
@@ -423,26 +442,10 @@ inline unsigned __float2uint_rz(float x) {
 }
 inline float __int2float_rn(int x) { return (float)x; }
 inline float __uint2float_rn(unsigned x) { return (float)x; }
-inline float __int_as_float(int x) {
-  float f;
-  memcpy(&f, &x, 4);
-  return f;
-}
-inline int __float_as_int(float x) {
-  int i;
-  memcpy(&i, &x, 4);
-  return i;
-}
-inline float __uint_as_float(unsigned x) {
-  float f;
-  memcpy(&f, &x, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float x) {
-  unsigned i;
-  memcpy(&i, &x, 4);
-  return i;
-}
+inline float __int_as_float(int x) { return ::dn::bit_cast<float>(x); }
+inline int __float_as_int(float x) { return ::dn::bit_cast<int>(x); }
+inline float __uint_as_float(unsigned x) { return ::dn::bit_cast<float>(x); }
+inline unsigned __float_as_uint(float x) { return ::dn::bit_cast<unsigned>(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }

@@ -88,6 +88,9 @@ struct Shadow {
 };
 constexpr uint16_t MULTI = 0xffff, ATOMIC = 0xfffe;
 
+// CUDA's most threads in a block, and so the most warps of 32.
+constexpr unsigned MAX_THREADS = 1024, MAX_WARPS = MAX_THREADS / 32;
+
 struct Job;
 
 // The block a worker runs.
@@ -102,8 +105,8 @@ struct Block {
   unsigned shared_bytes;
   Shadow* shadow;
   uint32_t epoch, epoch_base;
-  uint32_t wgen[32];     // completed collectives per warp
-  unsigned wwaiting[32];  // lanes waiting at a collective, per warp
+  uint32_t wgen[MAX_WARPS];     // completed collectives per warp
+  unsigned wwaiting[MAX_WARPS];  // lanes waiting at a collective, per warp
 };
 
 extern __thread Thread* tls_thread __attribute__((tls_model("initial-exec")));

@@ -43,6 +43,7 @@ pub(super) struct Pre {
 
 // SAFETY: the constants are written before the parallel section and only read inside it.
 unsafe impl Send for Pre {}
+// SAFETY: as for `Send`: tasks only read the constants, which outlive the parallel section.
 unsafe impl Sync for Pre {}
 
 /// The shape of a product `Y[m x n] = A[m x k] * B[k x n]` (or `* B[n x k]^T`).

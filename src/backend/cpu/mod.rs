@@ -27,6 +27,7 @@ use rayon::prelude::*;
 pub(crate) struct Ptr(*mut f32);
 // SAFETY: the pointer is only dereferenced inside ops whose tasks touch disjoint memory.
 unsafe impl Send for Ptr {}
+// SAFETY: as for `Send`: tasks sharing it write disjoint memory, and none reads what another writes.
 unsafe impl Sync for Ptr {}
 
 impl Ptr {

@@ -18,6 +18,9 @@ pub(super) const WORKSPACE_CAP: usize = 256 << 20;
 const NEAR_FASTEST: f32 = 1.10;
 /// The version of the record's format.
 const RECORD_FORMAT: u64 = 1;
+/// The first compute capability major version with TF32 (8.0, Ampere), which cuDNN's default
+/// math may use for f32.
+const TF32_MAJOR: i32 = 8;
 
 /// A convolution direction; its index into per-direction arrays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -142,7 +145,7 @@ impl Math {
     /// The rule for a GPU of compute capability `cc` in this environment.
     pub fn for_gpu(cc: (i32, i32)) -> Math {
         let tf32_off = std::env::var("NVIDIA_TF32_OVERRIDE").is_ok_and(|v| v.trim() == "0");
-        if cc.0 < 8 || tf32_off {
+        if cc.0 < TF32_MAJOR || tf32_off {
             Math::FmaOrDefault
         } else {
             Math::Fma
@@ -169,7 +172,7 @@ pub(super) fn rank(found: &[Perf], dir: Dir, family: AlgorithmFamily, math: Math
     let mut ok: Vec<Ranked> = found
         .iter()
         .filter(|p| {
-            p.status == 0
+            p.status == cs::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32
                 && p.determinism == cs::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32
                 && math.accepts(p.math)
                 && family.allows(dir, p.algo)
@@ -311,6 +314,12 @@ pub(super) fn parse_record(text: &str, header: &Header) -> Result<Vec<Entry>> {
         .collect()
 }
 
+/// Whether `spec` is a convolution of an `h` x `w` input: it has a kernel and a stride, and
+/// the kernel fits the padded input.
+pub(super) fn is_convolution(spec: ConvSpec, h: usize, w: usize) -> bool {
+    spec.k > 0 && spec.stride > 0 && h + 2 * spec.pad >= spec.k && w + 2 * spec.pad >= spec.k
+}
+
 /// One entry of a record, checked.
 fn entry(e: &Value, family: AlgorithmFamily) -> std::result::Result<Entry, String> {
     let num = |k: &str| e.get(k).and_then(Value::as_u64).map(|v| v as usize).ok_or(format!("no {k}"));
@@ -323,8 +332,7 @@ fn entry(e: &Value, family: AlgorithmFamily) -> std::result::Result<Entry, Strin
     let spec = ConvSpec { k: num("k")?, stride: num("stride")?, pad: num("pad")? };
     let shape = ConvShape { spec, cin: num("cin")?, cout: num("cout")?, h: num("h")?, w: num("w")? };
     let batch = num("batch")?;
-    let fits = spec.k > 0 && spec.stride > 0 && shape.h + 2 * spec.pad >= spec.k && shape.w + 2 * spec.pad >= spec.k;
-    if !fits || batch == 0 || shape.cin == 0 || shape.cout == 0 {
+    if !is_convolution(spec, shape.h, shape.w) || batch == 0 || shape.cin == 0 || shape.cout == 0 {
         return Err(format!("{shape:?} at batch {batch} is not a convolution"));
     }
     let dense = (shape.cin * shape.h * shape.w, shape.cout * spec.out(shape.h) * spec.out(shape.w));

@@ -7,7 +7,7 @@
 //! images at a time; between steps it also stages the input batch) and the executor's
 //! convolution workspace.
 
-use super::launch::{Arg, Exec, Launch};
+use super::launch::{Arg, Args, Exec, Launch};
 use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, Matrix, Moments, Span, View};
 use crate::input::{Crop, Normalize, CHANNELS, PAD};
 use crate::Result;
@@ -20,7 +20,14 @@ const BLOCK: u32 = 256;
 /// calls per fused convolution (`batch / FUSED_CHUNK`).
 pub const FUSED_CHUNK: usize = 16;
 /// Shared bytes of the block reductions: two f64 per thread.
-const REDUCE_SHARED: u32 = 2 * 8 * BLOCK;
+const REDUCE_SHARED: u32 = 2 * size_of::<f64>() as u32 * BLOCK;
+/// Bytes of the input batch packed into one staged word.
+const WORD_BYTES: usize = size_of::<u32>();
+/// Staged words of one image's crop window: top, left and flip (kernels/input.cu).
+const CROP_WORDS: usize = 3;
+/// Staged words of the normalization table: a float per channel and byte value
+/// ([`Normalize::table`]).
+const TABLE_WORDS: usize = CHANNELS * (u8::MAX as usize + 1);
 
 /// The CUDA backend over an executor (a GPU or the host device).
 pub struct CudaBackend<E: Exec> {
@@ -38,7 +45,7 @@ pub struct CudaBackend<E: Exec> {
     labels: usize,
     max_batch: usize,
     n_labels: usize,
-    /// The first error since the last `take_error` (reads record through `&self`).
+    /// The first error since the last `take_error` (reads keep it through `&self`).
     error: RefCell<Option<crate::Error>>,
     /// Whether training steps are recorded once and replayed (CUDA graphs).
     graphs: bool,
@@ -59,32 +66,15 @@ enum GraphState {
     FellBack(String),
 }
 
-/// A buffer argument covering a view.
-fn view_arg(v: View) -> Arg {
-    Arg::Buf(Span { off: v.off, len: (v.end() - v.off) / v.dtype.size(), dtype: v.dtype, tag: v.tag })
-}
-
-/// A buffer argument of a span.
-fn buf(s: Span) -> Arg {
-    Arg::Buf(s)
-}
-
-/// A buffer argument of `len` 4-byte words (staged bytes, crop windows, labels) at byte `off`.
-fn words(off: usize, len: usize) -> Arg {
-    Arg::Buf(Span::f32(off, len))
-}
-
 /// A 1-D launch configuration covering `total` threads.
 fn grid(total: usize) -> [u32; 3] {
     [total.div_ceil(BLOCK as usize).max(1) as u32, 1, 1]
 }
 
-fn int(v: usize) -> Arg {
-    Arg::I32(i32::try_from(v).expect("size fits the kernels' int"))
-}
-
-fn long(v: usize) -> Arg {
-    Arg::U64(v as u64)
+/// The words of a staged input batch of `batch` images of `image_len` bytes: the bytes,
+/// [`WORD_BYTES`] to a word, the crop windows and the normalization table.
+fn staged_words(batch: usize, image_len: usize) -> usize {
+    batch * (image_len.div_ceil(WORD_BYTES) + CROP_WORDS) + TABLE_WORDS
 }
 
 impl<E: Exec> CudaBackend<E> {
@@ -112,22 +102,23 @@ impl<E: Exec> CudaBackend<E> {
         self.graphs = on;
     }
 
-    /// Records the first error of an op (reported by [`Backend::take_error`]).
-    fn record(&self, r: Result<()>) {
+    /// Keeps the first error of an op (reported by [`Backend::take_error`]).
+    fn keep_error(&self, r: Result<()>) {
         let mut slot = self.error.borrow_mut();
         if let (Err(e), None) = (r, &*slot) {
             *slot = Some(e);
         }
     }
 
-    fn run(&mut self, kernel: &'static str, grid: [u32; 3], shared: u32, args: &[Arg]) {
-        let r = self.exec.launch(&Launch { kernel, grid, block: [BLOCK, 1, 1], shared, args });
-        self.record(r);
+    /// Launches `kernel` with [`BLOCK`] threads per block.
+    fn launch(&mut self, kernel: &'static str, grid: [u32; 3], shared: u32, args: Args) {
+        let r = self.exec.launch(&Launch { kernel, grid, block: [BLOCK, 1, 1], shared, args: &args.0 });
+        self.keep_error(r);
     }
 
     /// Flattened elementwise launch over `total` elements.
-    fn run_flat(&mut self, kernel: &'static str, total: usize, args: &[Arg]) {
-        self.run(kernel, grid(total), 0, args);
+    fn launch_flat(&mut self, kernel: &'static str, total: usize, args: Args) {
+        self.launch(kernel, grid(total), 0, args);
     }
 
     fn check_view(&self, v: View) {
@@ -135,37 +126,27 @@ impl<E: Exec> CudaBackend<E> {
         assert!(v.n <= 1 || v.img_stride >= v.c * v.hw(), "view {v:?} has overlapping images");
     }
 
-    fn bn_args(bn: Bn, c: usize) -> [Arg; 4] {
+    /// The spans of `bn`, checked to hold `c` channels.
+    fn bn_spans(bn: Bn, c: usize) -> [Span; 4] {
         assert!(bn.spans().iter().all(|s| s.len == c), "BN operands {bn:?} for {c} channels");
-        bn.spans().map(buf)
+        bn.spans()
     }
 
     /// `relu(bn(x))` into `y`.
     fn launch_bn_relu(&mut self, x: View, bn: Bn, y: View) {
-        let [m, v, g, b] = Self::bn_args(bn, x.c);
-        let args = [
-            view_arg(x),
-            long(x.img_stride),
-            view_arg(y),
-            long(y.img_stride),
-            int(x.n),
-            int(x.c),
-            int(x.hw()),
-            m,
-            v,
-            g,
-            b,
-        ];
-        self.run_flat("bn_relu", x.numel(), &args);
+        let args = Args::new().view(x).view(y).ints([x.n, x.c, x.hw()]).spans(Self::bn_spans(bn, x.c));
+        self.launch_flat("bn_relu", x.numel(), args);
     }
 
-    /// A pooling forward `x -> y` with one thread per output element.
-    fn pool(&mut self, kernel: &'static str, x: View, y: View, outputs: usize) {
-        self.check_view(x);
-        self.check_view(y);
-        let args =
-            [view_arg(x), long(x.img_stride), view_arg(y), long(y.img_stride), int(x.n), int(x.c), int(x.h), int(x.w)];
-        self.run_flat(kernel, outputs, &args);
+    /// A pooling kernel over `threads` elements: each view's buffer and image stride, then the
+    /// sizes `n, c, h, w` of the input side `input`.
+    fn pool(&mut self, kernel: &'static str, views: &[View], input: View, threads: usize) {
+        let mut args = Args::new();
+        for &v in views {
+            self.check_view(v);
+            args = args.view(v);
+        }
+        self.launch_flat(kernel, threads, args.ints([input.n, input.c, input.h, input.w]));
     }
 
     /// Calls `conv(self, input, first, i, n)` for each chunk of images `[i, i + n)` of `x`:
@@ -190,10 +171,9 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
-        // Fused inputs, FUSED_CHUNK images at a time; the input batch passes through here too:
-        // its bytes 4 to a word, 3 words of crop window per image, and the normalization table.
+        // Fused inputs, FUSED_CHUNK images at a time; the input batch is staged here too.
         let fused = FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
-        self.pre_len = fused.max(batch * (image_len.div_ceil(4) + 3) + CHANNELS * 256);
+        self.pre_len = fused.max(staged_words(batch, image_len));
         self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
         Ok(self.pre_len * DType::F32.size() + self.conv_len)
     }
@@ -233,12 +213,12 @@ impl<E: Exec> Backend for CudaBackend<E> {
             }
             Ok(false) => {}
             Err(e) => {
-                self.record(Err(e));
+                self.keep_error(Err(e));
                 return true;
             }
         }
         if let Err(e) = self.exec.capture_begin() {
-            eprintln!("warning: running steps without graphs: {e}");
+            log::warn!("running steps without graphs: {e}");
             self.graph_state = GraphState::FellBack(e.to_string());
             self.graphs = false;
         }
@@ -252,10 +232,10 @@ impl<E: Exec> Backend for CudaBackend<E> {
         match self.exec.capture_end(key) {
             Ok(None) => {}
             Ok(Some(why)) => {
-                eprintln!("warning: this training step is replayed without a CUDA graph: {why}");
+                log::warn!("this training step is replayed without a CUDA graph: {why}");
                 self.graph_state = GraphState::FellBack(why);
             }
-            Err(e) => self.record(Err(e)),
+            Err(e) => self.keep_error(Err(e)),
         }
     }
 
@@ -287,7 +267,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
     fn write(&mut self, dst: Span, data: &[f32]) {
         assert_eq!((dst.dtype, dst.len), (DType::F32, data.len()), "a write of {} f32 to {dst:?}", data.len());
         let r = self.exec.write(dst.off, bytemuck::cast_slice(data));
-        self.record(r);
+        self.keep_error(r);
     }
 
     fn read_into(&self, src: Span, out: &mut [f32]) {
@@ -296,14 +276,14 @@ impl<E: Exec> Backend for CudaBackend<E> {
         if r.is_err() {
             out.fill(f32::NAN);
         }
-        self.record(r);
+        self.keep_error(r);
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
         assert!(labels.len() <= self.max_batch, "more labels than the planned batch");
         self.n_labels = labels.len();
         let r = self.exec.write(self.labels, bytemuck::cast_slice(labels));
-        self.record(r);
+        self.keep_error(r);
     }
 
     fn copy(&mut self, src: View, dst: View) {
@@ -311,8 +291,8 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(src);
         self.check_view(dst);
         let len = src.c * src.hw();
-        let args = [view_arg(src), long(src.img_stride), view_arg(dst), long(dst.img_stride), int(src.n), long(len)];
-        self.run_flat("copy_images", src.n * len, &args);
+        let args = Args::new().view(src).view(dst).ints([src.n]).u64(len);
+        self.launch_flat("copy_images", src.n * len, args);
     }
 
     fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
@@ -323,7 +303,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         // Bytes, crops and the table go to the fused-BN scratch, unused between steps.
         let s = &mut self.staging;
         s.clear();
-        s.extend(bytes.chunks(4).map(|b| b.iter().rev().fold(0, |w, &v| w << 8 | v as u32)));
+        s.extend(bytes.chunks(WORD_BYTES).map(|b| b.iter().rev().fold(0, |w, &v| w << 8 | v as u32)));
         let crop_off = s.len();
         s.extend(crops.iter().flat_map(|c| [c.top as u32, c.left as u32, c.flip as u32]));
         let table_off = s.len();
@@ -331,19 +311,15 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let total = s.len();
         assert!(total <= self.pre_len, "the input batch does not fit the scratch");
         let r = self.exec.write(self.pre, bytemuck::cast_slice(&self.staging));
-        self.record(r);
-        let word = |i: usize| self.pre + i * std::mem::size_of::<u32>();
-        let args = [
-            words(self.pre, crop_off),
-            words(word(crop_off), table_off - crop_off),
-            words(word(table_off), total - table_off),
-            view_arg(dst),
-            int(n),
-            int(dst.h),
-            int(dst.w),
-            int(PAD),
-        ];
-        self.run_flat("augment", dst.numel(), &args);
+        self.keep_error(r);
+        let word = |i: usize| self.pre + i * WORD_BYTES;
+        let args = Args::new()
+            .words(self.pre, crop_off)
+            .words(word(crop_off), table_off - crop_off)
+            .words(word(table_off), total - table_off)
+            .view_buf(dst)
+            .ints([n, dst.h, dst.w, PAD]);
+        self.launch_flat("augment", dst.numel(), args);
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
@@ -351,7 +327,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(y);
         self.chunks(x, pre, |be, input, _, i, n| {
             let r = be.exec.conv_forward(input, w, y.images(i, n), spec);
-            be.record(r);
+            be.keep_error(r);
         });
     }
 
@@ -359,7 +335,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(gy);
         self.check_view(gx);
         let r = self.exec.conv_backward_data(gy, w, gx, spec);
-        self.record(r);
+        self.keep_error(r);
     }
 
     fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
@@ -367,31 +343,27 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(gy);
         self.chunks(x, pre, |be, input, first, i, n| {
             let r = be.exec.conv_backward_filter(input, gy.images(i, n), gw, spec, !first);
-            be.record(r);
+            be.keep_error(r);
         });
     }
 
     fn bn_stats(&mut self, x: View, out: Moments) {
         self.check_view(x);
         assert!(out.mean.len == x.c && out.var.len == x.c, "{} channels into {out:?}", x.c);
-        let args = [view_arg(x), int(x.n), int(x.hw()), long(x.img_stride), buf(out.mean), buf(out.var)];
-        self.run("bn_stats", [x.c as u32, 1, 1], REDUCE_SHARED, &args);
+        let args = Args::new().view_buf(x).ints([x.n, x.hw()]).u64(x.img_stride).spans([out.mean, out.var]);
+        self.launch("bn_stats", [x.c as u32, 1, 1], REDUCE_SHARED, args);
     }
 
     fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
         let c = batch.mean.len;
         let unbias = count as f32 / (count.max(2) - 1) as f32;
-        let args = [
-            buf(batch.mean),
-            buf(batch.var),
-            buf(running.mean),
-            buf(running.var),
-            int(c),
-            Arg::F32(unbias),
-            Arg::F32(momentum),
-            buf(flag),
-        ];
-        self.run_flat("bn_update_running", c, &args);
+        let args = Args::new()
+            .spans([batch.mean, batch.var, running.mean, running.var])
+            .ints([c])
+            .f32(unbias)
+            .f32(momentum)
+            .spans([flag]);
+        self.launch_flat("bn_update_running", c, args);
     }
 
     fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
@@ -405,116 +377,79 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(x);
         self.check_view(dx);
         assert!(!(dx.off == g.off && accumulate), "in-place BN backward cannot accumulate");
-        let [m, v, ga, be] = Self::bn_args(bn, x.c);
-        let args = [
-            view_arg(g),
-            long(g.img_stride),
-            view_arg(x),
-            long(x.img_stride),
-            view_arg(dx),
-            long(dx.img_stride),
-            int(x.n),
-            int(x.hw()),
-            m,
-            v,
-            ga,
-            be,
-            buf(grad.gamma),
-            buf(grad.beta),
-            Arg::I32(accumulate as i32),
-        ];
-        self.run("bn_relu_backward", [x.c as u32, 1, 1], REDUCE_SHARED, &args);
+        let args = Args::new()
+            .view(g)
+            .view(x)
+            .view(dx)
+            .ints([x.n, x.hw()])
+            .spans(Self::bn_spans(bn, x.c))
+            .spans([grad.gamma, grad.beta])
+            .arg(Arg::I32(accumulate as i32));
+        self.launch("bn_relu_backward", [x.c as u32, 1, 1], REDUCE_SHARED, args);
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
         self.check_view(x);
         let len = x.c * x.hw();
         let keep = 1.0 / (1.0 - p);
-        let args = [view_arg(x), long(x.img_stride), int(x.n), long(len), Arg::F32(p), Arg::F32(keep), Arg::U64(key)];
-        self.run_flat("dropout", x.n * len, &args);
+        let args = Args::new().view(x).ints([x.n]).u64(len).f32(p).f32(keep).arg(Arg::U64(key));
+        self.launch_flat("dropout", x.n * len, args);
     }
 
     fn avg_pool2(&mut self, x: View, y: View) {
-        self.pool("avg_pool2", x, y, y.numel());
+        self.pool("avg_pool2", &[x, y], x, y.numel());
     }
 
     fn avg_pool2_backward(&mut self, gy: View, gx: View) {
-        self.check_view(gy);
-        self.check_view(gx);
-        let args = [
-            view_arg(gy),
-            long(gy.img_stride),
-            view_arg(gx),
-            long(gx.img_stride),
-            int(gx.n),
-            int(gx.c),
-            int(gx.h),
-            int(gx.w),
-        ];
-        self.run_flat("avg_pool2_backward", gx.numel(), &args);
+        self.pool("avg_pool2_backward", &[gy, gx], gx, gx.numel());
     }
 
     fn max_pool3(&mut self, x: View, y: View) {
-        self.pool("max_pool3", x, y, y.numel());
+        self.pool("max_pool3", &[x, y], x, y.numel());
     }
 
     fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
-        self.check_view(x);
-        self.check_view(gy);
-        self.check_view(gx);
-        let args = [
-            view_arg(x),
-            long(x.img_stride),
-            view_arg(gy),
-            long(gy.img_stride),
-            view_arg(gx),
-            long(gx.img_stride),
-            int(x.n),
-            int(x.c),
-            int(x.h),
-            int(x.w),
-        ];
-        self.run_flat("max_pool3_backward", x.numel(), &args);
+        self.pool("max_pool3_backward", &[x, gy, gx], x, x.numel());
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {
         self.check_view(x);
-        let args = [view_arg(x), long(x.img_stride), buf(y.data), int(x.n), int(x.c), int(x.hw())];
-        self.run_flat("global_avg_pool", x.n * x.c, &args);
+        let args = Args::new().view(x).spans([y.data]).ints([x.n, x.c, x.hw()]);
+        self.launch_flat("global_avg_pool", x.n * x.c, args);
     }
 
     fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         self.check_view(gx);
-        let args = [buf(gy.data), view_arg(gx), long(gx.img_stride), int(gx.n), int(gx.c), int(gx.hw())];
-        self.run_flat("global_avg_pool_backward", gx.numel(), &args);
+        let args = Args::new().spans([gy.data]).view(gx).ints([gx.n, gx.c, gx.hw()]);
+        self.launch_flat("global_avg_pool_backward", gx.numel(), args);
     }
 
     fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {
         let (n, cin, cout) = (x.rows, x.cols, w.rows);
-        let args = [buf(x.data), buf(w.data), buf(b), buf(y.data), int(n), int(cin), int(cout)];
-        self.run_flat("linear", n * cout, &args);
+        let args = Args::new().spans([x.data, w.data, b, y.data]).ints([n, cin, cout]);
+        self.launch_flat("linear", n * cout, args);
     }
 
     fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
         let (n, cin, cout) = (x.rows, x.cols, w.rows);
-        let args = [buf(x.data), buf(gy.data), buf(gw.data), buf(gb), int(n), int(cin), int(cout)];
-        self.run_flat("linear_backward_params", cout * cin + cout, &args);
-        let args = [buf(w.data), buf(gy.data), buf(gx.data), int(n), int(cin), int(cout)];
-        self.run_flat("linear_backward_data", n * cin, &args);
+        let args = Args::new().spans([x.data, gy.data, gw.data, gb]).ints([n, cin, cout]);
+        self.launch_flat("linear_backward_params", cout * cin + cout, args);
+        let args = Args::new().spans([w.data, gy.data, gx.data]).ints([n, cin, cout]);
+        self.launch_flat("linear_backward_data", n * cin, args);
     }
 
     fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
         let (n, k) = (logits.rows, logits.cols);
         assert_eq!(self.n_labels, n, "labels for {} images, batch of {n}", self.n_labels);
-        let args = [buf(logits.data), words(self.labels, n), buf(out), buf(glogits.data), int(n), int(k)];
-        self.run("softmax_xent", [1, 1, 1], REDUCE_SHARED, &args);
+        let args = Args::new().spans([logits.data]).words(self.labels, n).spans([out, glogits.data]).ints([n, k]);
+        self.launch("softmax_xent", [1, 1, 1], REDUCE_SHARED, args);
     }
 
     fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
         // The kernel reads the settings from the arena, so a recorded step follows changes.
         let len = params.len;
         assert!(grads.len == len && momentum.len == len, "SGD spans of different lengths");
-        let args = [buf(params), buf(grads), buf(momentum), long(len), buf(settings), buf(flag)];
-        self.run_flat("sgd", len, &args);
+        let args = Args::new().spans([params, grads, momentum]).u64(len).spans([settings, flag]);
+        self.launch_flat("sgd", len, args);
     }
 }

@@ -3,10 +3,12 @@
 //! convolutions (cuDNN's part on a GPU) on the CPU backend. A graph is the op list recorded
 //! while its step ran, replayed as a GPU replays a CUDA graph.
 
+use std::ops::Range;
+
 use super::host_layer;
 use super::launch::{Exec, Launch};
-use super::record::{Op, Recorder, Steps};
-use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DeviceMemory, Span, View};
+use super::record::{recorded_exec_methods, Op, Recorder, Steps};
+use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DType, DeviceMemory, Span, View};
 use crate::{bail, Result};
 
 /// Runs the CUDA backend on the CPU (see the module docs).
@@ -32,6 +34,16 @@ impl HostExec {
             bail!("{what} while a graph is being captured");
         }
         Ok(())
+    }
+
+    /// The arena bytes of `copy`, `len` bytes `to` or `from` byte `off`, checked: no step is
+    /// being recorded, and they are inside the arena.
+    fn copy_range(&self, off: usize, len: usize, copy: &str, to: &str) -> Result<Range<usize>> {
+        self.idle(copy)?;
+        match off.checked_add(len) {
+            Some(end) if end <= self.cpu.bytes().len() => Ok(off..end),
+            _ => bail!("a copy of {len} bytes {to} byte {off} is outside the arena"),
+        }
     }
 }
 
@@ -83,13 +95,13 @@ impl Exec for HostExec {
     }
 
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
-        self.spare = 4 * convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
+        self.spare = DType::F32.size() * convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
         self.cpu.workspace_len(convs, 0, batch)
     }
 
     fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()> {
         // Whole f32 for the CPU backend's arena (the labels' words may round it).
-        self.len = len.next_multiple_of(4);
+        self.len = len.next_multiple_of(DType::F32.size());
         self.cpu.allocate(self.len + self.spare, conv_ws, 0)
     }
 
@@ -98,53 +110,26 @@ impl Exec for HostExec {
     }
 
     fn write(&mut self, off: usize, data: &[u8]) -> Result<()> {
-        self.idle("a host-to-device copy")?;
-        let arena = self.cpu.bytes_mut();
-        let Some(dst) = off.checked_add(data.len()).and_then(|end| arena.get_mut(off..end)) else {
-            bail!("a copy of {} bytes to byte {off} is outside the arena", data.len())
-        };
-        dst.copy_from_slice(data);
+        let range = self.copy_range(off, data.len(), "a host-to-device copy", "to")?;
+        self.cpu.bytes_mut()[range].copy_from_slice(data);
         Ok(())
     }
 
     fn read_into(&self, off: usize, out: &mut [u8]) -> Result<()> {
-        self.idle("a device-to-host copy")?;
-        let arena = self.cpu.bytes();
-        let Some(src) = off.checked_add(out.len()).and_then(|end| arena.get(off..end)) else {
-            bail!("a copy of {} bytes from byte {off} is outside the arena", out.len())
-        };
-        out.copy_from_slice(src);
+        let range = self.copy_range(off, out.len(), "a device-to-host copy", "from")?;
+        out.copy_from_slice(&self.cpu.bytes()[range]);
         Ok(())
     }
 
     fn launch(&mut self, l: &Launch) -> Result<()> {
-        let op = Op::launch(l);
-        self.submit(op)
+        self.submit(Op::launch(l))
     }
 
-    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
-        self.submit(Op::ConvForward(x, w, y, spec))
-    }
-
-    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()> {
-        self.submit(Op::ConvBackwardData(gy, w, gx, spec))
-    }
-
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()> {
-        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
-    }
-
-    fn capture_begin(&mut self) -> Result<()> {
-        self.steps.begin()
-    }
+    recorded_exec_methods!();
 
     fn capture_end(&mut self, key: u64) -> Result<Option<String>> {
         let ops = self.steps.end(key)?;
         self.steps.store(key, ops);
         Ok(None)
-    }
-
-    fn replay(&mut self, key: u64) -> Result<bool> {
-        self.replay_stored(key)
     }
 }

@@ -10,6 +10,10 @@ use std::time::Duration;
 use super::launch::{Arg, Launch};
 use crate::{bail, Error, Result};
 
+/// Bytes of the buffer a failed launch writes its message into: room for the host layer's
+/// longest (`FULL_MSG` bytes in kernels/host/dn_host.cpp; a longer one would be cut short).
+const MESSAGE_BYTES: usize = 2048;
+
 /// The launch configuration (`DnDims` in kernels/host/dn_rt.h).
 #[repr(C)]
 struct DnDims {
@@ -20,10 +24,21 @@ struct DnDims {
     timeout_ms: u32,
 }
 
+/// The kind of a kernel argument (`dn::ArgKind` in kernels/host/dn_rt.h).
+#[repr(u32)]
+#[derive(Clone, Copy)]
+enum ArgKind {
+    Buf = 0,
+    I32 = 1,
+    U32 = 2,
+    F32 = 3,
+    U64 = 4,
+}
+
 /// One kernel argument (`DnArg` in kernels/host/dn_rt.h).
 #[repr(C)]
 struct DnArg {
-    kind: u32,
+    kind: ArgKind,
     pad: u32,
     bits: u64,
     ptr: *mut c_void,
@@ -59,26 +74,27 @@ fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Dur
                         l.kernel
                     )
                 }
-                args.push(DnArg { kind: 0, pad: 0, bits: 0, ptr: arena.wrapping_add(off).cast(), len });
+                args.push(DnArg { kind: ArgKind::Buf, pad: 0, bits: 0, ptr: arena.wrapping_add(off).cast(), len });
                 continue;
             }
-            Arg::I32(v) => (1, v as u32 as u64),
-            Arg::U32(v) => (2, v as u64),
-            Arg::F32(v) => (3, v.to_bits() as u64),
-            Arg::U64(v) => (4, v),
+            Arg::I32(v) => (ArgKind::I32, v as u32 as u64),
+            Arg::U32(v) => (ArgKind::U32, v as u64),
+            Arg::F32(v) => (ArgKind::F32, v.to_bits() as u64),
+            Arg::U64(v) => (ArgKind::U64, v),
         };
         args.push(DnArg { kind, pad: 0, bits, ptr: std::ptr::null_mut(), len: 0 });
     }
     let timeout_ms = timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
     let dims = DnDims { grid: l.grid, block: l.block, shared: l.shared, timeout_ms };
-    let mut err = [0u8; 2048];
+    let mut message = [0u8; MESSAGE_BYTES];
     // SAFETY: the wrapper reads `dims` and `args.len()` arguments; Buf pointers are inside the
-    // arena (checked above), which the caller guarantees is valid; the message fits `err`.
-    let rc = unsafe { kernel(&dims, args.as_ptr(), args.len(), err.as_mut_ptr().cast(), err.len()) };
+    // arena (checked above), which the caller guarantees is valid; the wrapper writes at most
+    // `message.len()` bytes, NUL included (snprintf).
+    let rc = unsafe { kernel(&dims, args.as_ptr(), args.len(), message.as_mut_ptr().cast(), message.len()) };
     if rc == 0 {
         return Ok(());
     }
-    let msg = CStr::from_bytes_until_nul(&err).map(|m| m.to_string_lossy().into_owned()).unwrap_or_default();
+    let msg = CStr::from_bytes_until_nul(&message).map(|m| m.to_string_lossy().into_owned()).unwrap_or_default();
     Err(Error(if msg.is_empty() { format!("kernel `{}`: the host layer failed", l.kernel) } else { msg }))
 }
 
@@ -87,11 +103,11 @@ fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Dur
 /// else 20 s.
 #[doc(hidden)]
 pub fn host_launch(arena: &mut [u32], l: &Launch) -> Result<()> {
-    launch_with(arena.as_mut_ptr().cast(), arena.len() * 4, l, None)
+    launch_with(arena.as_mut_ptr().cast(), size_of_val(arena), l, None)
 }
 
 /// [`host_launch`] with the time limit `timeout`.
 #[doc(hidden)]
 pub fn host_launch_timeout(arena: &mut [u32], l: &Launch, timeout: Duration) -> Result<()> {
-    launch_with(arena.as_mut_ptr().cast(), arena.len() * 4, l, Some(timeout))
+    launch_with(arena.as_mut_ptr().cast(), size_of_val(arena), l, Some(timeout))
 }

@@ -20,6 +20,60 @@ pub enum Arg {
     U64(u64),
 }
 
+/// A kernel's arguments, built in its parameter order (`Args::new().view(x).ints([n, c])`).
+pub(super) struct Args(pub(super) Vec<Arg>);
+
+impl Args {
+    /// No arguments yet.
+    pub(super) fn new() -> Args {
+        Args(Vec::new())
+    }
+
+    /// Appends `a`.
+    pub(super) fn arg(mut self, a: Arg) -> Args {
+        self.0.push(a);
+        self
+    }
+
+    /// `Buf<T> x, u64 x_stride`: the elements a view covers and its image stride.
+    pub(super) fn view(self, v: View) -> Args {
+        self.view_buf(v).u64(v.img_stride)
+    }
+
+    /// `Buf<T> x`: the elements a view covers.
+    pub(super) fn view_buf(self, v: View) -> Args {
+        let len = (v.end() - v.off) / v.dtype.size();
+        self.arg(Arg::Buf(Span { off: v.off, len, dtype: v.dtype, tag: v.tag }))
+    }
+
+    /// `Buf<T>` of each span.
+    pub(super) fn spans<const N: usize>(mut self, spans: [Span; N]) -> Args {
+        self.0.extend(spans.map(Arg::Buf));
+        self
+    }
+
+    /// `Buf<unsigned>` of `len` 4-byte words at byte `off` (staged bytes, crop windows, labels).
+    pub(super) fn words(self, off: usize, len: usize) -> Args {
+        self.arg(Arg::Buf(Span::f32(off, len)))
+    }
+
+    /// `int` of each size (which must fit).
+    pub(super) fn ints<const N: usize>(mut self, sizes: [usize; N]) -> Args {
+        self.0.extend(sizes.map(|v| Arg::I32(i32::try_from(v).expect("size fits the kernels' int"))));
+        self
+    }
+
+    /// `u64` of a size or stride.
+    pub(super) fn u64(self, v: usize) -> Args {
+        self.arg(Arg::U64(v as u64))
+    }
+
+    /// `float`.
+    pub(super) fn f32(self, v: f32) -> Args {
+        self.arg(Arg::F32(v))
+    }
+}
+
 /// A kernel launch: grid and block in threads as CUDA's `dim3`, dynamic shared bytes, and
 /// the arguments.
 #[derive(Clone, Copy, Debug)]

@@ -43,9 +43,15 @@ pub fn requirement(v: (u32, u32)) -> Option<(CudaVersion, &'static str)> {
     ISA.iter().find(|(isa, ..)| *isa == v).map(|&(_, cuda, driver)| (cuda, driver))
 }
 
+/// `(13, 0)` for 13000.
+pub fn cuda_parts(v: CudaVersion) -> (u32, u32) {
+    (v / 1000, v % 1000 / 10)
+}
+
 /// `13.0` for 13000.
 pub fn cuda_text(v: CudaVersion) -> String {
-    format!("{}.{}", v / 1000, v % 1000 / 10)
+    let (major, minor) = cuda_parts(v);
+    format!("{major}.{minor}")
 }
 
 /// One line on PTX of ISA `v`: what it needs ("PTX ISA 9.0: needs a driver for CUDA 13.0 or

@@ -132,3 +132,39 @@ pub(super) trait Recorder {
         r.map(|()| true)
     }
 }
+
+/// The [`Exec`](super::Exec) methods both executors implement alike, through [`Recorder`]:
+/// each convolution is submitted as an [`Op`], and steps begin and replay in [`Steps`].
+/// Expanded inside each executor's `impl Exec`, where `View`, `Span`, `ConvSpec`, `Op` and
+/// `Result` are in scope.
+macro_rules! recorded_exec_methods {
+    () => {
+        fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
+            self.submit(Op::ConvForward(x, w, y, spec))
+        }
+
+        fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()> {
+            self.submit(Op::ConvBackwardData(gy, w, gx, spec))
+        }
+
+        fn conv_backward_filter(
+            &mut self,
+            x: View,
+            gy: View,
+            gw: Span,
+            spec: ConvSpec,
+            accumulate: bool,
+        ) -> Result<()> {
+            self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
+        }
+
+        fn capture_begin(&mut self) -> Result<()> {
+            self.steps().begin()
+        }
+
+        fn replay(&mut self, key: u64) -> Result<bool> {
+            self.replay_stored(key)
+        }
+    };
+}
+pub(super) use recorded_exec_methods;

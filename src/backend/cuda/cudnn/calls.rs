@@ -1,5 +1,7 @@
 //! The cuDNN calls on one geometry's [`Descriptors`]: cudnnFind, the workspace an algorithm
 //! needs, and the convolution itself, in each direction (algorithms as `algos` numbers them).
+//! Every direction's calls take the operands in one order: the two inputs, the convolution,
+//! the output (forward: x, w -> y; backward data: w, dy -> dx; backward filter: x, dy -> dw).
 
 use std::ffi::{c_int, c_void};
 
@@ -29,47 +31,22 @@ pub(super) fn find(
         }
         .result()
     };
-    let requested = if counted.is_ok() { max } else { 0 }.max(MIN_FIND_RESULTS_PER_ALGO * dir.algo_count() as c_int);
-    let mut perf = vec![Perf::default(); requested as usize];
+    let n = if counted.is_ok() { max } else { 0 }.max(MIN_FIND_RESULTS_PER_ALGO * dir.algo_count() as c_int);
+    let mut perf = vec![Perf::default(); n as usize];
+    let (x, w, y, conv) = d.raw();
     let mut count: c_int = 0;
-    // SAFETY: descriptors are live; `perf` has room for `requested` entries of the layout cuDNN
-    // writes (see `Perf`); cuDNN allocates and frees its own buffers.
+    let (found, out): (*mut c_int, *mut Perf) = (&mut count, perf.as_mut_ptr());
+    // SAFETY: descriptors are live; `out` has room for `n` entries of the layout cuDNN writes
+    // (see `Perf`) and `found` for one int; cuDNN allocates and frees its own buffers.
     unsafe {
         match dir {
-            Dir::Forward => cs::cudnnFindConvolutionForwardAlgorithm(
-                handle,
-                d.x.raw(),
-                d.w.raw(),
-                d.conv.raw(),
-                d.y.raw(),
-                requested,
-                &mut count,
-                perf.as_mut_ptr().cast(),
-            ),
-            Dir::Data => cs::cudnnFindConvolutionBackwardDataAlgorithm(
-                handle,
-                d.w.raw(),
-                d.y.raw(),
-                d.conv.raw(),
-                d.x.raw(),
-                requested,
-                &mut count,
-                perf.as_mut_ptr().cast(),
-            ),
-            Dir::Filter => cs::cudnnFindConvolutionBackwardFilterAlgorithm(
-                handle,
-                d.x.raw(),
-                d.y.raw(),
-                d.conv.raw(),
-                d.w.raw(),
-                requested,
-                &mut count,
-                perf.as_mut_ptr().cast(),
-            ),
+            Dir::Forward => cs::cudnnFindConvolutionForwardAlgorithm(handle, x, w, conv, y, n, found, out.cast()),
+            Dir::Data => cs::cudnnFindConvolutionBackwardDataAlgorithm(handle, w, y, conv, x, n, found, out.cast()),
+            Dir::Filter => cs::cudnnFindConvolutionBackwardFilterAlgorithm(handle, x, y, conv, w, n, found, out.cast()),
         }
         .result()?;
     }
-    perf.truncate(count.clamp(0, requested) as usize);
+    perf.truncate(count.clamp(0, n) as usize);
     Ok(perf)
 }
 
@@ -81,34 +58,13 @@ pub(super) fn workspace_size(
     dir: Dir,
     algo: u32,
 ) -> std::result::Result<usize, cr::CudnnError> {
-    let bad = cr::CudnnError(cs::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM);
-    // SAFETY: descriptors are live; the algorithm values come from the enums' ranges.
+    let (x, w, y, conv) = d.raw();
+    // SAFETY: descriptors are live; the algorithm values are variants of their enums (`to_enum`).
     unsafe {
         match dir {
-            Dir::Forward => cr::get_convolution_forward_workspace_size(
-                handle,
-                d.x.raw(),
-                d.w.raw(),
-                d.conv.raw(),
-                d.y.raw(),
-                fwd_algo(algo).ok_or(bad)?,
-            ),
-            Dir::Data => cr::get_convolution_backward_data_workspace_size(
-                handle,
-                d.w.raw(),
-                d.y.raw(),
-                d.conv.raw(),
-                d.x.raw(),
-                data_algo(algo).ok_or(bad)?,
-            ),
-            Dir::Filter => cr::get_convolution_backward_filter_workspace_size(
-                handle,
-                d.x.raw(),
-                d.y.raw(),
-                d.conv.raw(),
-                d.w.raw(),
-                filter_algo(algo).ok_or(bad)?,
-            ),
+            Dir::Forward => cr::get_convolution_forward_workspace_size(handle, x, w, conv, y, to_enum(algo)?),
+            Dir::Data => cr::get_convolution_backward_data_workspace_size(handle, w, y, conv, x, to_enum(algo)?),
+            Dir::Filter => cr::get_convolution_backward_filter_workspace_size(handle, x, y, conv, w, to_enum(algo)?),
         }
     }
 }
@@ -127,98 +83,57 @@ pub(super) fn execute(
     let alpha = 1.0f32;
     let (a, b) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
     let (px, pw, py) = (px as usize as *mut c_void, pw as usize as *mut c_void, py as usize as *mut c_void);
-    let bad = cr::CudnnError(cs::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM);
+    let (x, w, y, conv) = d.raw();
     // SAFETY: descriptors are live and describe the views at these arena addresses (checked by
-    // the caller); the workspace holds `ws_bytes`; alpha/beta outlive the (host-side) call.
+    // the caller); the workspace holds `ws_bytes`; alpha/beta outlive the (host-side) call; the
+    // algorithm values are variants of their enums (`to_enum`).
     unsafe {
         match dir {
-            Dir::Forward => cr::convolution_forward(
-                handle,
-                a,
-                d.x.raw(),
-                px,
-                d.w.raw(),
-                pw,
-                d.conv.raw(),
-                fwd_algo(algo).ok_or(bad)?,
-                ws,
-                ws_bytes,
-                b,
-                d.y.raw(),
-                py,
-            ),
-            Dir::Data => cr::convolution_backward_data(
-                handle,
-                a,
-                d.w.raw(),
-                pw,
-                d.y.raw(),
-                py,
-                d.conv.raw(),
-                data_algo(algo).ok_or(bad)?,
-                ws,
-                ws_bytes,
-                b,
-                d.x.raw(),
-                px,
-            ),
-            Dir::Filter => cr::convolution_backward_filter(
-                handle,
-                a,
-                d.x.raw(),
-                px,
-                d.y.raw(),
-                py,
-                d.conv.raw(),
-                filter_algo(algo).ok_or(bad)?,
-                ws,
-                ws_bytes,
-                b,
-                d.w.raw(),
-                pw,
-            ),
+            Dir::Forward => {
+                cr::convolution_forward(handle, a, x, px, w, pw, conv, to_enum(algo)?, ws, ws_bytes, b, y, py)
+            }
+            Dir::Data => {
+                cr::convolution_backward_data(handle, a, w, pw, y, py, conv, to_enum(algo)?, ws, ws_bytes, b, x, px)
+            }
+            Dir::Filter => {
+                cr::convolution_backward_filter(handle, a, x, px, y, py, conv, to_enum(algo)?, ws, ws_bytes, b, w, pw)
+            }
         }
     }
 }
 
-fn fwd_algo(a: u32) -> Option<cs::cudnnConvolutionFwdAlgo_t> {
-    use cs::cudnnConvolutionFwdAlgo_t::*;
-    Some(match a {
-        0 => CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-        1 => CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-        2 => CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-        3 => CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-        4 => CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-        5 => CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-        6 => CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-        7 => CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-        _ => return None,
-    })
+/// One of cuDNN's algorithm enums, to which `algos`' numbers convert by value.
+///
+/// # Safety
+///
+/// The type is a `#[repr(u32)]` enum with a variant of every value below `COUNT`.
+unsafe trait AlgoEnum: Copy {
+    /// The number of algorithms: the enum's `_COUNT` value.
+    const COUNT: u32;
 }
 
-fn data_algo(a: u32) -> Option<cs::cudnnConvolutionBwdDataAlgo_t> {
-    use cs::cudnnConvolutionBwdDataAlgo_t::*;
-    Some(match a {
-        0 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-        1 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-        2 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
-        3 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
-        4 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
-        5 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
-        _ => return None,
-    })
+// SAFETY: `#[repr(u32)]`, variants 0 to 8 (cudnn_cnn.h through cudarc's bindings).
+unsafe impl AlgoEnum for cs::cudnnConvolutionFwdAlgo_t {
+    const COUNT: u32 = Self::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as u32;
 }
 
-fn filter_algo(a: u32) -> Option<cs::cudnnConvolutionBwdFilterAlgo_t> {
-    use cs::cudnnConvolutionBwdFilterAlgo_t::*;
-    Some(match a {
-        0 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-        1 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-        2 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
-        3 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
-        4 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
-        5 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
-        6 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
-        _ => return None,
-    })
+// SAFETY: `#[repr(u32)]`, variants 0 to 6 (cudnn_cnn.h through cudarc's bindings).
+unsafe impl AlgoEnum for cs::cudnnConvolutionBwdDataAlgo_t {
+    const COUNT: u32 = Self::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as u32;
+}
+
+// SAFETY: `#[repr(u32)]`, variants 0 to 7 (cudnn_cnn.h through cudarc's bindings).
+unsafe impl AlgoEnum for cs::cudnnConvolutionBwdFilterAlgo_t {
+    const COUNT: u32 = Self::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as u32;
+}
+
+/// Algorithm `algo` as enum `A`, or `CUDNN_STATUS_BAD_PARAM` when `A` has no such algorithm.
+fn to_enum<A: AlgoEnum>(algo: u32) -> std::result::Result<A, cr::CudnnError> {
+    const { assert!(std::mem::size_of::<A>() == std::mem::size_of::<u32>()) };
+    if algo >= A::COUNT {
+        return Err(cr::CudnnError(cs::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM));
+    }
+    // SAFETY: `A` is a `#[repr(u32)]` enum (4 bytes, asserted above) with a variant of every
+    // value below `COUNT` (`AlgoEnum`'s contract), and `algo` is below it.
+    Ok(unsafe { std::mem::transmute_copy::<u32, A>(&algo) })
 }

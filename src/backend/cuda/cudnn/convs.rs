@@ -35,18 +35,19 @@ use cudarc::cudnn::{result as cr, sys as cs};
 use cudarc::driver::CudaStream;
 
 use super::calls::{execute, find, workspace_size};
+use super::cudnn_failed;
 use super::descriptor::{Descriptors, Geometry};
-use super::{err, status};
 use crate::backend::cuda::algos::{self, AlgorithmFamily, Dir, Header, Math, Ranked};
 use crate::backend::cuda::FUSED_CHUNK;
 use crate::backend::{ConvShape, ConvSpec, View};
-use crate::{bail, Result};
+use crate::{bail, Error, Result};
 
 /// Whether a ranking with no usable result has been reported (once per process).
 static EMPTY_RANKING_TOLD: AtomicBool = AtomicBool::new(false);
 
-/// The workspace start is aligned to this many bytes (the slack is reserved too).
-const ALIGN: usize = 256;
+/// The workspace start is aligned to this many bytes (the slack is reserved too): what
+/// `cudaMalloc` guarantees, so the workspace is aligned as one cuDNN allocated itself would be.
+const WORKSPACE_ALIGN: usize = 256;
 
 /// Descriptors of one geometry, the order of preference per direction planned for it, and
 /// the algorithms usable in the workspace once the first call chose.
@@ -102,7 +103,7 @@ impl Convs {
     /// A cuDNN handle on `stream` of device `ordinal` (the context must be current), choosing
     /// algorithms under `header`'s rules.
     pub(crate) fn new(stream: &CudaStream, ordinal: usize, header: Header) -> Result<Convs> {
-        let handle = cr::create_handle().map_err(|e| err(format!("cuDNN failed to start ({:?})", e.0)))?;
+        let handle = cr::create_handle().map_err(|e| Error(format!("cuDNN failed to start ({:?})", e.0)))?;
         let convs = Convs {
             handle,
             ordinal,
@@ -115,7 +116,7 @@ impl Convs {
         };
         // SAFETY: both handles are valid; the stream outlives the handle (GpuExec's field order).
         unsafe { cr::set_stream(handle, stream.cu_stream() as cs::cudaStream_t) }
-            .map_err(|e| status("cudnnSetStream", e))?;
+            .map_err(|e| cudnn_failed("cudnnSetStream", e))?;
         Ok(convs)
     }
 
@@ -135,9 +136,7 @@ impl Convs {
             if batch == 0 || convs[..i].contains(&shape) {
                 continue;
             }
-            let k = shape.spec.k;
-            if shape.spec.stride == 0 || k == 0 || shape.h + 2 * shape.spec.pad < k || shape.w + 2 * shape.spec.pad < k
-            {
+            if !algos::is_convolution(shape.spec, shape.h, shape.w) {
                 bail!("invalid convolution {shape:?}");
             }
             let geometries = geometries(shape, batch);
@@ -160,7 +159,7 @@ impl Convs {
                 self.ranked.insert((shape, dir), (batch, ranked));
             }
         }
-        Ok(if need > 0 { need + ALIGN } else { 0 })
+        Ok(if need > 0 { need + WORKSPACE_ALIGN } else { 0 })
     }
 
     /// The ranking of `shape` at `batch` in direction `dir`: the process's, or cudnnFind's on
@@ -173,7 +172,7 @@ impl Convs {
         }
         let plan = self.plans.get(&dense).expect("planned by the caller");
         let found = find(self.handle, &plan.desc, dir).map_err(|e| {
-            err(format!(
+            Error(format!(
                 "cuDNN could not time the {dir} convolution algorithms for {shape:?} at batch {batch} ({:?})",
                 e.0
             ))
@@ -185,8 +184,8 @@ impl Convs {
                 .iter()
                 .map(|p| format!("algo {} status {} det {} math {}", p.algo, p.status, p.determinism, p.math))
                 .collect();
-            eprintln!(
-                "warning: none of cudnnFind's {} results for the {dir} convolution {shape:?} at batch {batch} can run \
+            log::warn!(
+                "none of cudnnFind's {} results for the {dir} convolution {shape:?} at batch {batch} can run \
                  (deterministic, FMA math, {:?} algorithms): the fallback algorithms run instead (said once; seen: {})",
                 found.len(),
                 self.header.family,
@@ -237,11 +236,11 @@ impl Convs {
     }
 
     /// The workspace region of the arena: `bytes` at device address `ptr`. Algorithms may use
-    /// `bytes` less [`ALIGN`] from the aligned start (the slack `plan` added), whatever the
-    /// alignment of `ptr`, so that the choices depend only on the workspace size.
+    /// `bytes` less [`WORKSPACE_ALIGN`] from the aligned start (the slack `plan` added),
+    /// whatever the alignment of `ptr`, so that the choices depend only on the workspace size.
     pub(crate) fn set_workspace(&mut self, ptr: u64, bytes: usize) {
-        let aligned = ptr.next_multiple_of(ALIGN as u64);
-        self.workspace = (aligned, bytes.saturating_sub(ALIGN));
+        let aligned = ptr.next_multiple_of(WORKSPACE_ALIGN as u64);
+        self.workspace = (aligned, bytes.saturating_sub(WORKSPACE_ALIGN));
         for plan in self.plans.values_mut() {
             plan.algos = [None, None, None];
         }
@@ -314,10 +313,14 @@ impl Convs {
                 );
             };
             if first != pref[0].0 && self.warned.insert((g, dir)) {
-                eprintln!(
-                    "warning: cuDNN {dir} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
+                log::warn!(
+                    "cuDNN {dir} convolution {shape:?} at batch {} (image strides {}, {}) runs algorithm \
                      {first}, not its choice {}, which needs {} bytes of workspace ({ws_bytes} reserved)",
-                    g.n, g.x_stride, g.y_stride, pref[0].0, pref[0].1
+                    g.n,
+                    g.x_stride,
+                    g.y_stride,
+                    pref[0].0,
+                    pref[0].1
                 );
             }
             plan.algos[dir as usize] = Some(Choice { usable, current: 0 });
@@ -330,10 +333,11 @@ impl Convs {
             match execute(handle, desc, dir, algo, (px, pw, py), (wsp, bytes), beta) {
                 Ok(()) => {
                     if let Some((refused, e)) = &first_error {
-                        eprintln!(
-                            "warning: cuDNN refused {dir} algorithm {refused} for {shape:?} at batch {} ({:?}): \
+                        log::warn!(
+                            "cuDNN refused {dir} algorithm {refused} for {shape:?} at batch {} ({:?}): \
                              algorithm {algo} runs instead from now on",
-                            g.n, e.0
+                            g.n,
+                            e.0
                         );
                     }
                     choice.current = i;

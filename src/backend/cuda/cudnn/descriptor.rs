@@ -8,9 +8,12 @@ use std::ffi::c_int;
 
 use cudarc::cudnn::{result as cr, sys as cs};
 
-use super::{err, status};
+use super::cudnn_failed;
 use crate::backend::{ConvShape, ConvSpec};
-use crate::Result;
+use crate::{Error, Result};
+
+/// Dilation of every convolution: none (the network has no dilated convolutions).
+const DILATION: c_int = 1;
 
 /// A convolution as cuDNN sees it when run: per-image shape, batch, and the views' strides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,6 +52,18 @@ impl Descriptors {
             conv: Conv::new(s.spec)?,
         })
     }
+
+    /// The raw handles `(x, w, y, conv)`, for cuDNN calls (valid while `self` lives).
+    pub(super) fn raw(
+        &self,
+    ) -> (
+        cs::cudnnTensorDescriptor_t,
+        cs::cudnnFilterDescriptor_t,
+        cs::cudnnTensorDescriptor_t,
+        cs::cudnnConvolutionDescriptor_t,
+    ) {
+        (self.x.0, self.w.0, self.y.0, self.conv.0)
+    }
 }
 
 /// A kind of cuDNN descriptor: its raw handle and the calls that create and destroy one.
@@ -69,12 +84,7 @@ pub(super) struct Descriptor<K: Kind>(K::Raw);
 impl<K: Kind> Descriptor<K> {
     /// A new descriptor, not yet set.
     fn create() -> Result<Self> {
-        (K::CREATE)().map(Descriptor).map_err(|e| status(K::CREATE_NAME, e))
-    }
-
-    /// The raw handle, for cuDNN calls (valid while `self` lives).
-    pub(super) fn raw(&self) -> K::Raw {
-        self.0
+        (K::CREATE)().map(Descriptor).map_err(|e| cudnn_failed(K::CREATE_NAME, e))
     }
 }
 
@@ -85,35 +95,46 @@ impl<K: Kind> Drop for Descriptor<K> {
     }
 }
 
-/// [`Kind`] of a tensor descriptor.
-pub(super) enum TensorKind {}
+/// Declares `$kind`, the [`Kind`] of cuDNN descriptor `$raw`, made by cudarc's `$create` (the C
+/// function `$name`) and destroyed by `$destroy`.
+macro_rules! kind {
+    ($(#[$doc:meta])* $kind:ident, $raw:ty, $name:literal, $create:ident, $destroy:ident) => {
+        $(#[$doc])*
+        pub(super) enum $kind {}
 
-impl Kind for TensorKind {
-    type Raw = cs::cudnnTensorDescriptor_t;
-    const CREATE_NAME: &'static str = "cudnnCreateTensorDescriptor";
-    const CREATE: fn() -> std::result::Result<Self::Raw, cr::CudnnError> = cr::create_tensor_descriptor;
-    const DESTROY: unsafe fn(Self::Raw) -> std::result::Result<(), cr::CudnnError> = cr::destroy_tensor_descriptor;
+        impl Kind for $kind {
+            type Raw = $raw;
+            const CREATE_NAME: &'static str = $name;
+            const CREATE: fn() -> std::result::Result<Self::Raw, cr::CudnnError> = cr::$create;
+            const DESTROY: unsafe fn(Self::Raw) -> std::result::Result<(), cr::CudnnError> = cr::$destroy;
+        }
+    };
 }
 
-/// [`Kind`] of a filter descriptor.
-pub(super) enum FilterKind {}
-
-impl Kind for FilterKind {
-    type Raw = cs::cudnnFilterDescriptor_t;
-    const CREATE_NAME: &'static str = "cudnnCreateFilterDescriptor";
-    const CREATE: fn() -> std::result::Result<Self::Raw, cr::CudnnError> = cr::create_filter_descriptor;
-    const DESTROY: unsafe fn(Self::Raw) -> std::result::Result<(), cr::CudnnError> = cr::destroy_filter_descriptor;
-}
-
-/// [`Kind`] of a convolution descriptor.
-pub(super) enum ConvKind {}
-
-impl Kind for ConvKind {
-    type Raw = cs::cudnnConvolutionDescriptor_t;
-    const CREATE_NAME: &'static str = "cudnnCreateConvolutionDescriptor";
-    const CREATE: fn() -> std::result::Result<Self::Raw, cr::CudnnError> = cr::create_convolution_descriptor;
-    const DESTROY: unsafe fn(Self::Raw) -> std::result::Result<(), cr::CudnnError> = cr::destroy_convolution_descriptor;
-}
+kind!(
+    /// [`Kind`] of a tensor descriptor.
+    TensorKind,
+    cs::cudnnTensorDescriptor_t,
+    "cudnnCreateTensorDescriptor",
+    create_tensor_descriptor,
+    destroy_tensor_descriptor
+);
+kind!(
+    /// [`Kind`] of a filter descriptor.
+    FilterKind,
+    cs::cudnnFilterDescriptor_t,
+    "cudnnCreateFilterDescriptor",
+    create_filter_descriptor,
+    destroy_filter_descriptor
+);
+kind!(
+    /// [`Kind`] of a convolution descriptor.
+    ConvKind,
+    cs::cudnnConvolutionDescriptor_t,
+    "cudnnCreateConvolutionDescriptor",
+    create_convolution_descriptor,
+    destroy_convolution_descriptor
+);
 
 /// A float tensor descriptor [n, c, h, w] with strides (image stride, h*w, w, 1).
 pub(super) type Tensor = Descriptor<TensorKind>;
@@ -127,12 +148,11 @@ pub(super) type Conv = Descriptor<ConvKind>;
 impl Tensor {
     fn new(dims: [usize; 4], img_stride: usize) -> Result<Tensor> {
         let t = Tensor::create()?;
-        let [n, c, h, w] = dims;
-        let dims = [int(n)?, int(c)?, int(h)?, int(w)?];
-        let strides = [int(img_stride)?, int(h * w)?, int(w)?, 1];
-        // SAFETY: `t` is a live descriptor.
+        let [_, _, h, w] = dims;
+        let (dims, strides) = (c_ints(dims)?, c_ints([img_stride, h * w, w, 1])?);
+        // SAFETY: `t` is a live descriptor this function owns; the rest are plain values.
         unsafe { cr::set_tensor4d_descriptor_ex(t.0, cs::cudnnDataType_t::CUDNN_DATA_FLOAT, dims, strides) }
-            .map_err(|e| status("cudnnSetTensor4dDescriptorEx", e))?;
+            .map_err(|e| cudnn_failed("cudnnSetTensor4dDescriptorEx", e))?;
         Ok(t)
     }
 }
@@ -140,8 +160,8 @@ impl Tensor {
 impl Filter {
     fn new(dims: [usize; 4]) -> Result<Filter> {
         let f = Filter::create()?;
-        let dims = [int(dims[0])?, int(dims[1])?, int(dims[2])?, int(dims[3])?];
-        // SAFETY: `f` is a live descriptor.
+        let dims = c_ints(dims)?;
+        // SAFETY: `f` is a live descriptor this function owns; the rest are plain values.
         unsafe {
             cr::set_filter4d_descriptor(
                 f.0,
@@ -150,7 +170,7 @@ impl Filter {
                 dims,
             )
         }
-        .map_err(|e| status("cudnnSetFilter4dDescriptor", e))?;
+        .map_err(|e| cudnn_failed("cudnnSetFilter4dDescriptor", e))?;
         Ok(f)
     }
 }
@@ -158,8 +178,8 @@ impl Filter {
 impl Conv {
     fn new(spec: ConvSpec) -> Result<Conv> {
         let c = Conv::create()?;
-        let (pad, stride) = (int(spec.pad)?, int(spec.stride)?);
-        // SAFETY: `c` is a live descriptor.
+        let [pad, stride] = c_ints([spec.pad, spec.stride])?;
+        // SAFETY: `c` is a live descriptor this function owns; the rest are plain values.
         unsafe {
             cr::set_convolution2d_descriptor(
                 c.0,
@@ -167,20 +187,25 @@ impl Conv {
                 pad,
                 stride,
                 stride,
-                1,
-                1,
+                DILATION,
+                DILATION,
                 cs::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
                 cs::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
-            .map_err(|e| status("cudnnSetConvolution2dDescriptor", e))?;
+            .map_err(|e| cudnn_failed("cudnnSetConvolution2dDescriptor", e))?;
             cr::set_convolution_math_type(c.0, cs::cudnnMathType_t::CUDNN_FMA_MATH)
-                .map_err(|e| status("cudnnSetConvolutionMathType", e))?;
+                .map_err(|e| cudnn_failed("cudnnSetConvolutionMathType", e))?;
         }
         Ok(c)
     }
 }
 
-/// `v` as a C int for a descriptor.
-fn int(v: usize) -> Result<c_int> {
-    c_int::try_from(v).map_err(|_| err(format!("a convolution dimension or stride ({v}) is too large for cuDNN")))
+/// `v` as the C ints a descriptor takes, or an error for the first that does not fit.
+fn c_ints<const N: usize>(v: [usize; N]) -> Result<[c_int; N]> {
+    let mut out = [0; N];
+    for (o, &x) in out.iter_mut().zip(&v) {
+        *o = c_int::try_from(x)
+            .map_err(|_| Error(format!("a convolution dimension or stride ({x}) is too large for cuDNN")))?;
+    }
+    Ok(out)
 }

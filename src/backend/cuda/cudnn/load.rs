@@ -5,7 +5,15 @@ use std::sync::OnceLock;
 
 use cudarc::cudnn::{result as cr, sys as cs};
 
+use crate::backend::cuda::ptx;
 use crate::{bail, Result};
+
+/// cuDNN 9.0.0 as `cudnnGetVersion` counts it (`major * 10000 + minor * 100 + patch` from
+/// cuDNN 9 on; cuDNN 8 counted `major * 1000 + minor * 100 + patch`).
+const CUDNN_9: usize = 90000;
+/// The first CUDA major version whose pip packages have no `-cuN` suffix (`nvidia-cublas`,
+/// not `nvidia-cublas-cu13`).
+const UNSUFFIXED_PIP_CUDA: usize = 13;
 
 /// The cuDNN a process loaded: its version and the CUDA version it was built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,14 +41,14 @@ impl Loaded {
 
     /// The major version of the CUDA libraries that go with this cuDNN (13 for CUDA 13.x).
     pub fn cuda_major(&self) -> usize {
-        self.cuda / 1000
+        ptx::cuda_parts(self.cuda as u32).0 as usize
     }
 }
 
 /// Checks that cuDNN 9 can be loaded, with its convolution sub-library and the cuBLASLt its
 /// legacy convolution path loads at run time (of the CUDA major version cuDNN was built for).
 pub(crate) fn preflight() -> Result<Loaded> {
-    // SAFETY: only tries to dlopen the library.
+    // SAFETY: only tries to dlopen libcudnn; nothing in it is called, a missing one is `false`.
     if !unsafe { cs::is_culib_present() } {
         bail!(
             "cuDNN 9 not found (libcudnn.so.9): pip install nvidia-cudnn-cu13 and add its nvidia/cudnn/lib folder to \
@@ -48,7 +56,7 @@ pub(crate) fn preflight() -> Result<Loaded> {
         );
     }
     let v = cr::get_version();
-    if v < 90000 {
+    if v < CUDNN_9 {
         // cuDNN 8 counts its version as major * 1000 + minor * 100 + patch.
         let (major, minor, patch) = (v / 1000, v / 100 % 10, v % 100);
         bail!(
@@ -56,9 +64,10 @@ pub(crate) fn preflight() -> Result<Loaded> {
              --device cpu"
         );
     }
-    // SAFETY: a version query of the loaded library.
+    // SAFETY: cuDNN is loaded (checked above); the query takes no arguments and returns a number.
     let mut loaded = Loaded { version: v, cuda: unsafe { cs::cudnnGetCudartVersion() }, cublaslt: 0 };
-    // SAFETY: version queries; they load the sub-libraries.
+    // SAFETY: argument-free queries of the loaded cuDNN; a sub-library that does not load is an
+    // error status, checked below.
     let sub = unsafe { cs::cudnnOpsVersionCheck().result().and_then(|_| cs::cudnnCnnVersionCheck().result()) };
     if let Err(e) = sub {
         bail!(
@@ -81,14 +90,24 @@ pub(crate) fn preflight() -> Result<Loaded> {
             CUBLASLT.get_or_init(|| lib);
         }
         Err(e) => bail!(
-            "{cublaslt} not found ({e}): cuDNN {} for CUDA {} loads it for its convolutions: pip install \
-             nvidia-cublas{} and add the folder holding {cublaslt} to LD_LIBRARY_PATH, or use --device cpu",
+            "{cublaslt} not found ({e}): cuDNN {} for CUDA {} loads it for its convolutions: pip install {} \
+             and add the folder holding {cublaslt} to LD_LIBRARY_PATH, or use --device cpu",
             loaded.version_text(),
-            crate::backend::cuda::ptx::cuda_text(loaded.cuda as u32),
-            if major >= 13 { String::new() } else { format!("-cu{major}") },
+            ptx::cuda_text(loaded.cuda as u32),
+            pip_package("nvidia-cublas", major),
         ),
     }
     Ok(loaded)
+}
+
+/// The pip package of NVIDIA library `name` for CUDA `major` (`nvidia-cublas-cu12`,
+/// `nvidia-cublas` for CUDA 13 on).
+pub(crate) fn pip_package(name: &str, major: usize) -> String {
+    if major >= UNSUFFIXED_PIP_CUDA {
+        name.to_string()
+    } else {
+        format!("{name}-cu{major}")
+    }
 }
 
 /// `major.minor.patch` of a version counted as `major * 10000 + minor * 100 + patch`.

@@ -15,16 +15,13 @@ mod descriptor;
 mod load;
 
 pub(super) use convs::Convs;
-pub(super) use load::{preflight, Loaded};
+pub(super) use load::{pip_package, preflight, Loaded};
 
 use cudarc::cudnn::result as cr;
 
 use crate::Error;
 
-fn err(msg: String) -> Error {
-    Error(msg)
-}
-
-fn status(what: &str, e: cr::CudnnError) -> Error {
-    err(format!("{what} failed: {:?}", e.0))
+/// A cuDNN error as `what failed: CUDNN_STATUS_...`.
+fn cudnn_failed(what: &str, e: cr::CudnnError) -> Error {
+    Error(format!("{what} failed: {:?}", e.0))
 }

@@ -3,16 +3,27 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{result as dr, sys as ds, CudaGraph};
+use cudarc::driver::{result as dr, sys as ds, CudaGraph, DriverError};
 
 use super::open::nvrtc_version;
-use super::{drv, err, errname, GpuExec, KernelSource, Step};
+use super::{driver_failed, errname, GpuExec, KernelSource, Step};
+use crate::backend::cuda::algos;
 use crate::backend::cuda::launch::{Arg, Exec, Launch};
 use crate::backend::cuda::ptx;
-use crate::backend::cuda::record::{Op, Recorder, Steps};
-use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, Span, View};
-use crate::{bail, Result};
+use crate::backend::cuda::record::{recorded_exec_methods, Op, Recorder, Steps};
+use crate::backend::{ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
+use crate::{bail, Error, Result};
 
+// CUDA's launch limits, the same for every compute capability since 3.0 (the CUDA C++
+// Programming Guide's table of technical specifications).
+/// Most threads in a block.
+const MAX_THREADS: u64 = 1024;
+/// Most threads along a block's z axis.
+const MAX_BLOCK_Z: u32 = 64;
+/// Most blocks along the grid's x axis (2^31 - 1).
+const MAX_GRID_X: u32 = i32::MAX as u32;
+/// Most blocks along the grid's y and z axes.
+const MAX_GRID_YZ: u32 = 65535;
 /// Largest dynamic shared memory a launch may ask for without opting in per kernel.
 const MAX_SHARED: u32 = 48 * 1024;
 
@@ -43,17 +54,16 @@ impl GpuExec {
     }
 
     fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| drv("binding the CUDA context", e))
+        self.ctx.bind_to_thread().map_err(|e| driver_failed("binding the CUDA context", e))
     }
 
     fn sync(&self, what: &str) -> Result<()> {
-        self.stream.synchronize().map_err(|e| drv(what, e))
+        self.stream.synchronize().map_err(|e| driver_failed(what, e))
     }
 
     /// Checks and resolves one convolution call: (x/gx address, w address, y/gy address).
     fn conv_args(&self, x: View, w: Span, y: View, spec: ConvSpec, what: &str) -> Result<(u64, u64, u64)> {
-        let fits = spec.stride > 0 && spec.k > 0 && x.h + 2 * spec.pad >= spec.k && x.w + 2 * spec.pad >= spec.k;
-        if !fits || x.n != y.n || spec.out(x.h) != y.h || spec.out(x.w) != y.w {
+        if !algos::is_convolution(spec, x.h, x.w) || x.n != y.n || spec.out(x.h) != y.h || spec.out(x.w) != y.w {
             bail!("{what}: views {x:?} and {y:?} do not match {spec:?}");
         }
         if w.len != y.c * x.c * spec.k * spec.k {
@@ -61,6 +71,28 @@ impl GpuExec {
         }
         let wx = self.addr(w.off, w.bytes(), what)?;
         Ok((self.view_addr(x, what)?, wx, self.view_addr(y, what)?))
+    }
+
+    /// A copy of `len` bytes between the host and arena byte `off`, outside any step: `copy`
+    /// queues it on the stream given the device address, and the stream is synchronized, so
+    /// that the host side may be released after.
+    fn host_copy(
+        &self,
+        off: usize,
+        len: usize,
+        way: &Way,
+        copy: impl FnOnce(u64, ds::CUstream) -> std::result::Result<(), DriverError>,
+    ) -> Result<()> {
+        let addr = self.addr(off, len, way.what)?;
+        if self.in_step() {
+            bail!("{}", way.in_step);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        copy(addr, self.stream.cu_stream()).map_err(|e| driver_failed(way.doing, e))?;
+        self.sync(&format!("{} (or an earlier kernel failed)", way.doing))
     }
 
     /// Whether a step is being recorded or captured (no copies, allocations or cudnnFind then).
@@ -72,7 +104,7 @@ impl GpuExec {
     fn capture(&mut self, ops: &[Op]) -> Result<Option<CudaGraph>> {
         self.stream
             .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| drv("starting a CUDA graph capture", e))?;
+            .map_err(|e| driver_failed("starting a CUDA graph capture", e))?;
         self.capturing = true;
         let issued = self.issue_ops(ops);
         self.capturing = false;
@@ -82,7 +114,7 @@ impl GpuExec {
         let graph = self.stream.end_capture(ds::CUgraphInstantiate_flags(0));
         issued?;
         graph.map_err(|e| {
-            err(format!(
+            Error(format!(
                 "CUDA graph capture failed ({}): something queued during the capture cannot be captured",
                 errname(e)
             ))
@@ -93,10 +125,10 @@ impl GpuExec {
     fn launch_now(&mut self, l: &Launch) -> Result<()> {
         let Some(k) = self.kernels.get(l.kernel) else { bail!("no kernel named {} in kernels/*.cu", l.kernel) };
         let threads: u64 = l.block.iter().map(|&b| b as u64).product();
-        if threads == 0 || threads > 1024 || l.block[2] > 64 {
-            bail!("{}: block {:?} is not 1 to 1024 threads", l.kernel, l.block);
+        if threads == 0 || threads > MAX_THREADS || l.block[2] > MAX_BLOCK_Z {
+            bail!("{}: block {:?} is not 1 to {MAX_THREADS} threads", l.kernel, l.block);
         }
-        if l.grid.contains(&0) || l.grid[0] > i32::MAX as u32 || l.grid[1] > 65535 || l.grid[2] > 65535 {
+        if l.grid.contains(&0) || l.grid[0] > MAX_GRID_X || l.grid[1] > MAX_GRID_YZ || l.grid[2] > MAX_GRID_YZ {
             bail!("{}: grid {:?} is out of range", l.kernel, l.grid);
         }
         if l.shared > MAX_SHARED {
@@ -134,7 +166,7 @@ impl GpuExec {
                 &mut ptrs,
             )
         }
-        .map_err(|e| err(format!("launching {} failed: {}", l.kernel, errname(e))))
+        .map_err(|e| Error(format!("launching {} failed: {}", l.kernel, errname(e))))
     }
 }
 
@@ -170,7 +202,7 @@ impl Recorder for GpuExec {
 
     fn issue_step(&mut self, step: &Step) -> Result<()> {
         match step {
-            Step::Graph(Some(g)) => g.launch().map_err(|e| drv("launching a CUDA graph", e)),
+            Step::Graph(Some(g)) => g.launch().map_err(|e| driver_failed("launching a CUDA graph", e)),
             Step::Graph(None) => Ok(()),
             Step::Ops(ops) => self.issue_ops(ops),
         }
@@ -181,7 +213,8 @@ impl Drop for GpuExec {
     fn drop(&mut self) {
         let _ = self.bind();
         if self.capturing {
-            // SAFETY: ends the capture this executor began on its own stream.
+            // SAFETY: ends the capture this executor began on its own stream, which is still live
+            // (fields drop after this); the graph it returns is destroyed below.
             if let Ok(g) = unsafe { dr::stream::end_capture(self.stream.cu_stream()) } {
                 if !g.is_null() {
                     // SAFETY: the graph was just returned by the driver and is not used again.
@@ -250,7 +283,7 @@ impl Exec for GpuExec {
         }
         self.bind()?;
         let bytes = self.convs.plan(convs, batch)?;
-        Ok(bytes.next_multiple_of(4))
+        Ok(bytes.next_multiple_of(DType::F32.size()))
     }
 
     fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()> {
@@ -265,11 +298,13 @@ impl Exec for GpuExec {
         }
         self.bind()?;
         let bytes = len.max(1);
-        // SAFETY: a plain device allocation, freed in Drop.
+        // SAFETY: the context is bound (above); the allocation is kept in `self.arena` and freed
+        // once, in Drop.
         let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
-            err(format!(
-                "cannot allocate the {:.1} MiB GPU arena ({}): {:.1} MiB free of {:.1} MiB; use a smaller batch or --memory minimal",
+            Error(format!(
+                "cannot allocate the {:.1} MiB GPU arena ({}): {:.1} MiB free of {:.1} MiB; use a smaller batch or \
+                 --memory minimal",
                 mib(bytes),
                 errname(e),
                 mib(free),
@@ -277,9 +312,9 @@ impl Exec for GpuExec {
             ))
         })?;
         self.arena = Some((ptr, len));
-        // SAFETY: `ptr` holds `bytes` bytes.
+        // SAFETY: `ptr` was just allocated with `bytes` bytes, in the context of this stream.
         unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
-            .map_err(|e| drv("zeroing the arena", e))?;
+            .map_err(|e| driver_failed("zeroing the arena", e))?;
         self.sync("zeroing the arena")?;
         self.convs.set_workspace(ptr + conv_ws.off as u64, conv_ws.bytes());
         Ok(())
@@ -288,35 +323,15 @@ impl Exec for GpuExec {
     fn write(&mut self, off: usize, data: &[u8]) -> Result<()> {
         // The step would replay without this copy: abandon its recording.
         self.steps.abandon();
-        let dst = self.addr(off, data.len(), "write")?;
-        if self.in_step() {
-            bail!("write to the GPU arena during graph capture (copies from host memory cannot be captured)");
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: `dst` holds `data.len()` bytes (checked); the sync below keeps `data` alive
-        // until the copy has finished.
-        unsafe { dr::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
-            .map_err(|e| drv("copying to the GPU", e))?;
-        self.sync("copying to the GPU (or an earlier kernel failed)")
+        // SAFETY: `host_copy` checked that `dst` holds `data.len()` bytes, and waits for the copy
+        // to finish, so `data` outlives it.
+        self.host_copy(off, data.len(), &TO_GPU, |dst, s| unsafe { dr::memcpy_htod_async(dst, data, s) })
     }
 
     fn read_into(&self, off: usize, out: &mut [u8]) -> Result<()> {
-        let src = self.addr(off, out.len(), "read")?;
-        if self.in_step() {
-            bail!("read from the GPU arena during graph capture");
-        }
-        if out.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: `src` holds `out.len()` bytes (checked); the sync below completes the copy
-        // before `out` is released.
-        unsafe { dr::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
-            .map_err(|e| drv("copying from the GPU", e))?;
-        self.sync("copying from the GPU (or an earlier kernel failed)")
+        // SAFETY: `host_copy` checked that `src` holds `out.len()` bytes, and waits for the copy
+        // to finish, so `out` outlives it.
+        self.host_copy(off, out.len(), &FROM_GPU, |src, s| unsafe { dr::memcpy_dtoh_async(out, src, s) })
     }
 
     fn launch(&mut self, l: &Launch) -> Result<()> {
@@ -326,21 +341,7 @@ impl Exec for GpuExec {
         self.submit(Op::launch(l))
     }
 
-    fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
-        self.submit(Op::ConvForward(x, w, y, spec))
-    }
-
-    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()> {
-        self.submit(Op::ConvBackwardData(gy, w, gx, spec))
-    }
-
-    fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()> {
-        self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
-    }
-
-    fn capture_begin(&mut self) -> Result<()> {
-        self.steps.begin()
-    }
+    recorded_exec_methods!();
 
     fn capture_end(&mut self, key: u64) -> Result<Option<String>> {
         let ops = self.steps.end(key)?;
@@ -352,17 +353,34 @@ impl Exec for GpuExec {
         self.steps.store(key, step);
         Ok(fell_back)
     }
-
-    fn replay(&mut self, key: u64) -> Result<bool> {
-        self.replay_stored(key)
-    }
 }
 
-/// Bytes of a kernel parameter.
+/// How the errors of a host copy name it, by the way it goes.
+struct Way {
+    /// The copy, for an arena range error.
+    what: &'static str,
+    /// The copy under way, for a driver error.
+    doing: &'static str,
+    /// The error of a copy inside a step.
+    in_step: &'static str,
+}
+
+/// [`Exec::write`].
+const TO_GPU: Way = Way {
+    what: "write",
+    doing: "copying to the GPU",
+    in_step: "write to the GPU arena during graph capture (copies from host memory cannot be captured)",
+};
+
+/// [`Exec::read_into`].
+const FROM_GPU: Way =
+    Way { what: "read", doing: "copying from the GPU", in_step: "read from the GPU arena during graph capture" };
+
+/// Bytes of a kernel parameter (a buffer is a device address).
 fn arg_size(a: &Arg) -> usize {
     match a {
-        Arg::Buf { .. } | Arg::U64(_) => 8,
-        Arg::I32(_) | Arg::U32(_) | Arg::F32(_) => 4,
+        Arg::Buf(_) | Arg::U64(_) => size_of::<u64>(),
+        Arg::I32(_) | Arg::U32(_) | Arg::F32(_) => size_of::<u32>(),
     }
 }
 

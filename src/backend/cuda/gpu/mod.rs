@@ -102,13 +102,9 @@ struct Kernel {
     params: Option<Vec<usize>>,
 }
 
-fn err(msg: String) -> Error {
-    Error(msg)
-}
-
 /// A driver error as `what failed: CUDA_ERROR_...`.
-fn drv(what: &str, e: DriverError) -> Error {
-    err(format!("{what} failed: {}", errname(e)))
+fn driver_failed(what: &str, e: DriverError) -> Error {
+    Error(format!("{what} failed: {}", errname(e)))
 }
 
 /// The driver's name for an error (`CUDA_ERROR_OUT_OF_MEMORY`).

@@ -9,11 +9,20 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaFunction, DriverError};
 use cudarc::nvrtc;
 
-use super::{drv, err, errname, GpuExec, Kernel, KernelSource};
+use super::{driver_failed, errname, GpuExec, Kernel, KernelSource};
 use crate::backend::cuda::algos::{self, AlgorithmFamily, Math};
 use crate::backend::cuda::record::Steps;
 use crate::backend::cuda::{cudnn, kernels, ptx};
 use crate::{bail, Error, Result};
+
+/// The first driver with `cuFuncGetParamInfo` (CUDA 12.4, as `cuDriverGetVersion` counts it),
+/// through which launches' argument sizes are checked.
+const PARAM_INFO_DRIVER: i32 = 12040;
+/// More parameters than any kernel takes: the driver refuses the index after a kernel's last
+/// one, which ends the count.
+const MAX_PARAMS: usize = 256;
+/// Lines of NVRTC's log an error quotes (its first errors).
+const NVRTC_ERRORS: usize = 8;
 
 impl GpuExec {
     /// Opens GPU `ordinal` with the convolution algorithms `DENSENET_CUDNN_ALGOS` allows (all
@@ -27,14 +36,18 @@ impl GpuExec {
     /// without nvcc, or `DENSENET_FORCE_NVRTC=1`) NVRTC, then loads the kernels. Every failure is
     /// a one-line error that says what is missing and how to provide it.
     pub fn open(ordinal: usize, family: AlgorithmFamily) -> Result<GpuExec> {
-        // SAFETY: only tries to dlopen the library.
+        // SAFETY: only tries to dlopen libcuda; nothing in it is called, a missing one is `false`.
         if !unsafe { ds::is_culib_present() } {
             bail!("no CUDA driver (libcuda.so.1 not found): install the NVIDIA driver, or use --device cpu");
         }
         dr::init().map_err(|e| {
-            err(format!("the CUDA driver failed to start ({}): is a GPU visible here? Or use --device cpu", errname(e)))
+            Error(format!(
+                "the CUDA driver failed to start ({}): is a GPU visible here? Or use --device cpu",
+                errname(e)
+            ))
         })?;
-        let count = dr::device::get_count().map_err(|e| err(format!("cannot count CUDA devices ({})", errname(e))))?;
+        let count =
+            dr::device::get_count().map_err(|e| Error(format!("cannot count CUDA devices ({})", errname(e))))?;
         if count <= 0 {
             bail!("no CUDA GPU found (the driver sees none): use --device cpu");
         }
@@ -43,8 +56,10 @@ impl GpuExec {
         }
         let cudnn = cudnn::preflight()?;
         let mut driver_version = 0;
-        // SAFETY: writes one int.
-        unsafe { ds::cuDriverGetVersion(&mut driver_version) }.result().map_err(|e| drv("cuDriverGetVersion", e))?;
+        // SAFETY: the driver is initialized (`dr::init` above); the call writes one int, a live local.
+        unsafe { ds::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(|e| driver_failed("cuDriverGetVersion", e))?;
         let ptx = kernels::PTX.filter(|_| !std::env::var("DENSENET_FORCE_NVRTC").is_ok_and(|v| v == "1"));
         if ptx.is_none() && !Self::nvrtc_available() {
             bail!(
@@ -53,13 +68,14 @@ impl GpuExec {
             );
         }
 
-        let ctx = CudaContext::new(ordinal).map_err(|e| drv(&format!("opening CUDA device {ordinal}"), e))?;
-        // SAFETY: no CudaSlice is ever created; all work is on one stream, ordered by hand.
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_failed(&format!("opening CUDA device {ordinal}"), e))?;
+        // SAFETY: cudarc's event tracking orders a CudaSlice's uses across streams; no CudaSlice is
+        // ever created and all work is on one stream, ordered by hand, so nothing relies on it.
         unsafe { ctx.disable_event_tracking() };
         let baseline_used = ctx.mem_get_info().map(|(free, total)| total - free).unwrap_or(0);
-        let stream = ctx.new_stream().map_err(|e| drv("creating a CUDA stream", e))?;
-        let cc = ctx.compute_capability().map_err(|e| drv("reading the compute capability", e))?;
-        let name = ctx.name().map_err(|e| drv("reading the device name", e))?;
+        let stream = ctx.new_stream().map_err(|e| driver_failed("creating a CUDA stream", e))?;
+        let cc = ctx.compute_capability().map_err(|e| driver_failed("reading the compute capability", e))?;
+        let name = ctx.name().map_err(|e| driver_failed("reading the device name", e))?;
 
         let arch = (cc.0 * 10 + cc.1) as u32;
         let nvrtc_ptx = || Self::nvrtc_compile(nvrtc_arch(arch)?);
@@ -74,11 +90,11 @@ impl GpuExec {
                 if !Self::nvrtc_available() {
                     bail!("{first}; {}", nvrtc_missing(cudnn, driver_version));
                 }
-                eprintln!("warning: {first}; compiling the kernels with this machine's NVRTC instead");
+                log::warn!("{first}; compiling the kernels with this machine's NVRTC instead");
                 let ptx = nvrtc_ptx()?;
                 kernels_from = KernelSource::NvrtcForOldDriver;
                 ctx.load_module(nvrtc::Ptx::from_src(ptx.clone())).map_err(|e| {
-                    err(format!("{first}; and {}", module_error(e, cc, driver_version, KernelSource::Nvrtc, &ptx)))
+                    Error(format!("{first}; and {}", module_error(e, cc, driver_version, KernelSource::Nvrtc, &ptx)))
                 })?
             }
             r => r.map_err(|e| module_error(e, cc, driver_version, kernels_from, &ptx))?,
@@ -86,9 +102,9 @@ impl GpuExec {
         let mut loaded = HashMap::new();
         for &k in kernels::NAMES {
             let func = module.load_function(k).map_err(|e| {
-                err(format!("kernel {k} is not in the loaded module ({}): kernels must be extern \"C\"", errname(e)))
+                Error(format!("kernel {k} is not in the loaded module ({}): kernels must be extern \"C\"", errname(e)))
             })?;
-            let params = (driver_version >= 12040).then(|| param_sizes(&func)).filter(|p| !p.is_empty());
+            let params = (driver_version >= PARAM_INFO_DRIVER).then(|| param_sizes(&func)).filter(|p| !p.is_empty());
             loaded.insert(k, Kernel { func, params });
         }
         let header = algos::Header {
@@ -119,7 +135,7 @@ impl GpuExec {
     /// Whether the NVRTC library can be loaded (it is looked up as `libnvrtc.so.13` and the
     /// like through the dynamic loader, so `LD_LIBRARY_PATH` decides).
     pub fn nvrtc_available() -> bool {
-        // SAFETY: only tries to dlopen the library.
+        // SAFETY: only tries to dlopen libnvrtc; nothing in it is called, a missing one is `false`.
         unsafe { nvrtc::sys::is_culib_present() }
     }
 
@@ -146,13 +162,13 @@ impl GpuExec {
         let ptx = nvrtc::compile_ptx_with_opts(kernels::SOURCE, opts).map_err(|e| match e {
             nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
                 let log = log.to_string_lossy();
-                let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).take(8).collect();
-                err(format!(
+                let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).take(NVRTC_ERRORS).collect();
+                Error(format!(
                     "NVRTC failed to compile the kernels for compute_{arch} ({nvrtc:?}): {}",
                     errors.join(" | ")
                 ))
             }
-            other => err(format!("NVRTC failed for compute_{arch}: {other:?}")),
+            other => Error(format!("NVRTC failed for compute_{arch}: {other:?}")),
         })?;
         let ptx = ptx.to_src();
         cache.lock().unwrap_or_else(|p| p.into_inner()).insert(arch, ptx.clone());
@@ -186,7 +202,7 @@ fn nvrtc_arch(device: u32) -> Result<u32> {
 /// The parameter sizes of `f` in bytes, as the driver reports them (empty when it cannot).
 fn param_sizes(f: &CudaFunction) -> Vec<usize> {
     let mut sizes = Vec::new();
-    for i in 0..256 {
+    for i in 0..MAX_PARAMS {
         let (mut off, mut size) = (0, 0);
         // SAFETY: `f` is a loaded function; the call writes two integers or fails past the end.
         let r = unsafe { ds::cuFuncGetParamInfo(f.cu_function(), i, &mut off, &mut size) };
@@ -203,9 +219,9 @@ fn module_error(e: DriverError, cc: (i32, i32), driver: i32, source: KernelSourc
     let source = source.text();
     match e.0 {
         ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
-            err(too_new(ptx::isa(ptx_text), driver.max(0) as u32, source))
+            Error(too_new(ptx::isa(ptx_text), driver.max(0) as u32, source))
         }
-        ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU | ds::CUresult::CUDA_ERROR_INVALID_PTX => err(format!(
+        ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU | ds::CUresult::CUDA_ERROR_INVALID_PTX => Error(format!(
             "the kernels' PTX (from {source}) does not run on sm_{}{} ({}): rebuild with DENSENET_CUDA_ARCH unset or \
              set to sm_{}{}",
             cc.0,
@@ -214,7 +230,7 @@ fn module_error(e: DriverError, cc: (i32, i32), driver: i32, source: KernelSourc
             cc.0,
             cc.1
         )),
-        _ => drv("loading the kernels", e),
+        _ => driver_failed("loading the kernels", e),
     }
 }
 
@@ -238,10 +254,10 @@ fn too_new(isa: Option<(u32, u32)>, driver: ptx::CudaVersion, source: &str) -> S
 /// `cuDriverGetVersion` counts it), whose PTX the driver loads.
 fn nvrtc_missing(cudnn: cudnn::Loaded, driver: i32) -> String {
     let major = cudnn.cuda_major();
-    let name = if major >= 13 { "nvidia-cuda-nvrtc".to_string() } else { format!("nvidia-cuda-nvrtc-cu{major}") };
-    let driver = driver.max(0) as usize;
-    let pkg = match driver / 1000 {
-        d if d == major => format!("'{name}=={major}.{}.*'", driver % 1000 / 10),
+    let name = cudnn::pip_package("nvidia-cuda-nvrtc", major);
+    let (driver_major, driver_minor) = ptx::cuda_parts(driver.max(0) as u32);
+    let pkg = match driver_major as usize {
+        d if d == major => format!("'{name}=={major}.{driver_minor}.*'"),
         d if d < major => format!("'{name}=={major}.0.*'"),
         _ => name,
     };
