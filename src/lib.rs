@@ -6,7 +6,6 @@
 //! the three memory modes ([`model::plan::Mode`]) decide which intermediate tensors are kept and
 //! which are recomputed in backward.
 #![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
 pub mod config;
