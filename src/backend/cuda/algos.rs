@@ -321,35 +321,37 @@ pub(super) fn is_convolution(spec: ConvSpec, h: usize, w: usize) -> bool {
 }
 
 /// One entry of a record, checked.
-fn entry(e: &Value, family: AlgorithmFamily) -> std::result::Result<Entry, String> {
-    let num = |k: &str| e.get(k).and_then(Value::as_u64).map(|v| v as usize).ok_or(format!("no {k}"));
+fn entry(e: &Value, family: AlgorithmFamily) -> Result<Entry> {
+    let num = |k: &str| e.get(k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| Error(format!("no {k}")));
     let dir = match e.get("direction").and_then(Value::as_str) {
         Some("forward") => Dir::Forward,
         Some("backward-data") => Dir::Data,
         Some("backward-filter") => Dir::Filter,
-        other => return Err(format!("direction {other:?}")),
+        other => bail!("direction {other:?}"),
     };
     let spec = ConvSpec { k: num("k")?, stride: num("stride")?, pad: num("pad")? };
     let shape = ConvShape { spec, cin: num("cin")?, cout: num("cout")?, h: num("h")?, w: num("w")? };
     let batch = num("batch")?;
     if !is_convolution(spec, shape.h, shape.w) || batch == 0 || shape.cin == 0 || shape.cout == 0 {
-        return Err(format!("{shape:?} at batch {batch} is not a convolution"));
+        bail!("{shape:?} at batch {batch} is not a convolution");
     }
     let dense = (shape.cin * shape.h * shape.w, shape.cout * spec.out(shape.h) * spec.out(shape.w));
     if (num("x_image_stride")?, num("y_image_stride")?) != dense {
-        return Err("image strides are not those of dense tensors".into());
+        bail!("image strides are not those of dense tensors");
     }
-    let Some(list) = e.get("ranked").and_then(Value::as_array) else { return Err("no ranked list".into()) };
+    let Some(list) = e.get("ranked").and_then(Value::as_array) else { bail!("no ranked list") };
     let mut ranked = Vec::new();
     for r in list {
-        let algo = r.get("algo").and_then(Value::as_u64).filter(|&a| a < u32::MAX as u64).ok_or("no algo")? as u32;
-        let time = r.get("time_ms").and_then(Value::as_f64).ok_or("no time_ms")? as f32;
-        let memory = r.get("memory").and_then(Value::as_u64).ok_or("no memory")? as usize;
+        let missing = |k: &str| Error(format!("no {k}"));
+        let algo =
+            r.get("algo").and_then(Value::as_u64).filter(|&a| a < u32::MAX as u64).ok_or(missing("algo"))? as u32;
+        let time = r.get("time_ms").and_then(Value::as_f64).ok_or(missing("time_ms"))? as f32;
+        let memory = r.get("memory").and_then(Value::as_u64).ok_or(missing("memory"))? as usize;
         if !family.allows(dir, algo) || !time.is_finite() || time < 0.0 || memory > WORKSPACE_CAP {
-            return Err(format!("algorithm {algo} ({time} ms, {memory} bytes) cannot have been ranked"));
+            bail!("algorithm {algo} ({time} ms, {memory} bytes) cannot have been ranked");
         }
         if ranked.iter().any(|p: &Ranked| p.algo == algo || p.time > time) {
-            return Err("the ranking repeats an algorithm or is not fastest first".into());
+            bail!("the ranking repeats an algorithm or is not fastest first");
         }
         ranked.push(Ranked { algo, time, memory });
     }
