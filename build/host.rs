@@ -6,7 +6,7 @@
 //! `dn_host_<name>`. It is compiled with `-DDN_HOST` (so `dn.cuh` includes `host/dn_host.h`)
 //! together with the runtime (`kernels/host/dn_host.cpp`) into a static library.
 //! `$OUT_DIR/host_kernels.rs` declares the wrappers and lists them by kernel name; it is
-//! included by `src/backend/cuda/host_layer.rs`.
+//! included by `src/backend/cuda/host_layer/mod.rs`.
 
 use std::fmt::Write as _;
 use std::fs;

@@ -18,7 +18,6 @@ pub use algos::AlgorithmFamily;
 pub use backend::{CudaBackend, FUSED_CHUNK};
 pub use gpu::GpuExec;
 pub use host_device::HostExec;
-pub use host_layer::{host_launch, host_launch_timeout};
 pub use launch::{Arg, Exec, Launch};
 
 /// The kernels as built by build.rs: source, PTX if nvcc was found, and names.

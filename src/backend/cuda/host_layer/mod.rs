@@ -98,16 +98,5 @@ fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Dur
     Err(Error(if msg.is_empty() { format!("kernel `{}`: the host layer failed", l.kernel) } else { msg }))
 }
 
-/// Runs `l` on the host execution layer over `arena` (4-byte words; for tests of the layer
-/// itself; the backend goes through `HostExec`). The time limit is `$DENSENET_HOST_TIMEOUT_S`,
-/// else 20 s.
-#[doc(hidden)]
-pub fn host_launch(arena: &mut [u32], l: &Launch) -> Result<()> {
-    launch_with(arena.as_mut_ptr().cast(), size_of_val(arena), l, None)
-}
-
-/// [`host_launch`] with the time limit `timeout`.
-#[doc(hidden)]
-pub fn host_launch_timeout(arena: &mut [u32], l: &Launch, timeout: Duration) -> Result<()> {
-    launch_with(arena.as_mut_ptr().cast(), size_of_val(arena), l, Some(timeout))
-}
+#[cfg(test)]
+mod tests;
