@@ -14,6 +14,7 @@ pub mod error;
 pub mod input;
 pub mod measure;
 pub mod model;
+pub mod named;
 pub mod rng;
 #[cfg(test)]
 mod testing;

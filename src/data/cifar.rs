@@ -6,6 +6,7 @@
 //! and 3072 pixel bytes; the fine label is used. Pixels are three 32x32 planes, R, G, B, row
 //! by row. Any whole number of records per file is accepted.
 
+use crate::named::Named;
 use crate::{bail, Error, Result};
 use std::fmt;
 use std::fs::File;
@@ -117,23 +118,21 @@ impl Dataset {
     }
 }
 
+impl Named for Dataset {
+    const WHAT: &'static str = "dataset";
+    const NAMES: &'static [(Dataset, &'static str)] = &[(Dataset::Cifar10, "cifar10"), (Dataset::Cifar100, "cifar100")];
+}
+
 impl FromStr for Dataset {
     type Err = Error;
     fn from_str(s: &str) -> Result<Dataset> {
-        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-            "cifar10" => Ok(Dataset::Cifar10),
-            "cifar100" => Ok(Dataset::Cifar100),
-            _ => bail!("unknown dataset '{s}' (cifar10, cifar100)"),
-        }
+        Dataset::from_name(s)
     }
 }
 
 impl fmt::Display for Dataset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Dataset::Cifar10 => "cifar10",
-            Dataset::Cifar100 => "cifar100",
-        })
+        f.write_str(self.name())
     }
 }
 

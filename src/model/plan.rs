@@ -14,6 +14,7 @@
 use super::net::Net;
 use crate::backend::{aligned, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
 use crate::config::{BlockGeom, NetConfig, Stem};
+use crate::named::Named;
 use crate::{bail, Error, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -44,25 +45,22 @@ impl Mode {
     }
 }
 
+impl Named for Mode {
+    const WHAT: &'static str = "memory mode";
+    const NAMES: &'static [(Mode, &'static str)] =
+        &[(Mode::Naive, "naive"), (Mode::Shared, "shared"), (Mode::Minimal, "minimal")];
+}
+
 impl FromStr for Mode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Mode> {
-        match s {
-            "naive" => Ok(Mode::Naive),
-            "shared" => Ok(Mode::Shared),
-            "minimal" => Ok(Mode::Minimal),
-            _ => bail!("unknown memory mode '{s}' (naive, shared, minimal)"),
-        }
+        Mode::from_name(s)
     }
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Naive => "naive",
-            Mode::Shared => "shared",
-            Mode::Minimal => "minimal",
-        })
+        f.write_str(self.name())
     }
 }
 
