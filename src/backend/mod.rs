@@ -275,118 +275,62 @@ pub trait Backend {
     fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span);
 }
 
+/// Forwards each method listed (by receiver) to the backend in the box.
+macro_rules! forward {
+    (&self: $(fn $n:ident($($a:ident: $t:ty),*) $(-> $r:ty)?;)* &mut self: $(fn $m:ident($($b:ident: $u:ty),*) $(-> $s:ty)?;)*) => {
+        $(fn $n(&self, $($a: $t),*) $(-> $r)? {
+            (**self).$n($($a),*)
+        })*
+        $(fn $m(&mut self, $($b: $u),*) $(-> $s)? {
+            (**self).$m($($b),*)
+        })*
+    };
+}
+
 /// A boxed backend is a backend: the commands open one `Box<dyn Backend>` (CPU, host device or
 /// GPU) and are compiled once, not once per backend type. An op is a coarse call (a whole
 /// convolution, a BN over a block), so the virtual call costs nothing measurable. Every method
 /// forwards, the defaulted ones too.
 impl<B: Backend + ?Sized> Backend for Box<B> {
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-    fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
-        (**self).workspace_len(convs, image_len, batch)
-    }
-    fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
-        (**self).allocate(len, workspace, max_batch)
-    }
-    fn device_memory(&self) -> Option<DeviceMemory> {
-        (**self).device_memory()
-    }
-    fn take_error(&self) -> Result<()> {
-        (**self).take_error()
-    }
-    fn step_begin(&mut self, key: u64) -> bool {
-        (**self).step_begin(key)
-    }
-    fn step_end(&mut self, key: u64) {
-        (**self).step_end(key)
-    }
-    fn graphs(&self) -> Option<String> {
-        (**self).graphs()
-    }
-    fn algorithm_record(&self) -> Option<String> {
-        (**self).algorithm_record()
-    }
-    fn reuse_algorithm_record(&mut self, record: &str) -> Result<usize> {
-        (**self).reuse_algorithm_record(record)
-    }
-    fn algorithm_searches(&self) -> usize {
-        (**self).algorithm_searches()
-    }
-    fn libraries(&self) -> Vec<Library> {
-        (**self).libraries()
-    }
-    fn write(&mut self, dst: Span, data: &[f32]) {
-        (**self).write(dst, data)
-    }
-    fn read_into(&self, src: Span, out: &mut [f32]) {
-        (**self).read_into(src, out)
-    }
-    fn read(&self, src: Span) -> Vec<f32> {
-        (**self).read(src)
-    }
-    fn set_labels(&mut self, labels: &[u32]) {
-        (**self).set_labels(labels)
-    }
-    fn copy(&mut self, src: View, dst: View) {
-        (**self).copy(src, dst)
-    }
-    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
-        (**self).augment(bytes, crops, norm, dst)
-    }
-    fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
-        (**self).conv_forward(x, pre, w, y, spec)
-    }
-    fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) {
-        (**self).conv_backward_data(gy, w, gx, spec)
-    }
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
-        (**self).conv_backward_filter(x, pre, gy, gw, spec)
-    }
-    fn bn_stats(&mut self, x: View, out: Moments) {
-        (**self).bn_stats(x, out)
-    }
-    fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
-        (**self).bn_update_running(batch, running, count, momentum, flag)
-    }
-    fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
-        (**self).bn_relu(x, bn, y)
-    }
-    fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
-        (**self).bn_relu_backward(g, x, bn, grad, dx, accumulate)
-    }
-    fn dropout(&mut self, x: View, p: f32, key: u64) {
-        (**self).dropout(x, p, key)
-    }
-    fn avg_pool2(&mut self, x: View, y: View) {
-        (**self).avg_pool2(x, y)
-    }
-    fn avg_pool2_backward(&mut self, gy: View, gx: View) {
-        (**self).avg_pool2_backward(gy, gx)
-    }
-    fn max_pool3(&mut self, x: View, y: View) {
-        (**self).max_pool3(x, y)
-    }
-    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
-        (**self).max_pool3_backward(x, gy, gx)
-    }
-    fn global_avg_pool(&mut self, x: View, y: Matrix) {
-        (**self).global_avg_pool(x, y)
-    }
-    fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
-        (**self).global_avg_pool_backward(gy, gx)
-    }
-    fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {
-        (**self).linear(x, w, b, y)
-    }
-    fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
-        (**self).linear_backward(x, w, gy, gx, gw, gb)
-    }
-    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
-        (**self).softmax_xent(logits, out, glogits)
-    }
-    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
-        (**self).sgd(params, grads, momentum, settings, flag)
+    forward! {
+        &self:
+        fn describe() -> String;
+        fn device_memory() -> Option<DeviceMemory>;
+        fn take_error() -> Result<()>;
+        fn graphs() -> Option<String>;
+        fn algorithm_record() -> Option<String>;
+        fn algorithm_searches() -> usize;
+        fn libraries() -> Vec<Library>;
+        fn read_into(src: Span, out: &mut [f32]);
+        fn read(src: Span) -> Vec<f32>;
+        &mut self:
+        fn workspace_len(convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize>;
+        fn allocate(len: usize, workspace: Span, max_batch: usize) -> Result<()>;
+        fn step_begin(key: u64) -> bool;
+        fn step_end(key: u64);
+        fn reuse_algorithm_record(record: &str) -> Result<usize>;
+        fn write(dst: Span, data: &[f32]);
+        fn set_labels(labels: &[u32]);
+        fn copy(src: View, dst: View);
+        fn augment(bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View);
+        fn conv_forward(x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec);
+        fn conv_backward_data(gy: View, w: Span, gx: View, spec: ConvSpec);
+        fn conv_backward_filter(x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec);
+        fn bn_stats(x: View, out: Moments);
+        fn bn_update_running(batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span);
+        fn bn_relu(x: View, bn: Bn, y: View);
+        fn bn_relu_backward(g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool);
+        fn dropout(x: View, p: f32, key: u64);
+        fn avg_pool2(x: View, y: View);
+        fn avg_pool2_backward(gy: View, gx: View);
+        fn max_pool3(x: View, y: View);
+        fn max_pool3_backward(x: View, gy: View, gx: View);
+        fn global_avg_pool(x: View, y: Matrix);
+        fn global_avg_pool_backward(gy: Matrix, gx: View);
+        fn linear(x: Matrix, w: Matrix, b: Span, y: Matrix);
+        fn linear_backward(x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span);
+        fn softmax_xent(logits: Matrix, out: Span, glogits: Matrix);
+        fn sgd(params: Span, grads: Span, momentum: Span, settings: Span, flag: Span);
     }
 }
 
