@@ -25,6 +25,25 @@ pub trait Named: Copy + PartialEq + 'static {
     }
 }
 
+/// Implements `FromStr` and `Display` for a [`Named`] type: its names, read and written.
+macro_rules! by_name {
+    ($t:ty) => {
+        impl std::str::FromStr for $t {
+            type Err = $crate::Error;
+            fn from_str(s: &str) -> $crate::Result<$t> {
+                <$t as $crate::named::Named>::from_name(s)
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str($crate::named::Named::name(*self))
+            }
+        }
+    };
+}
+pub(crate) use by_name;
+
 #[cfg(test)]
 mod tests {
     use super::Named;

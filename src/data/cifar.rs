@@ -6,13 +6,11 @@
 //! and 3072 pixel bytes; the fine label is used. Pixels are three 32x32 planes, R, G, B, row
 //! by row. Any whole number of records per file is accepted.
 
-use crate::named::Named;
+use crate::named::{by_name, Named};
 use crate::{bail, Error, Result};
-use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 /// Image height and width.
 pub const SIDE: usize = 32;
@@ -123,18 +121,7 @@ impl Named for Dataset {
     const NAMES: &'static [(Dataset, &'static str)] = &[(Dataset::Cifar10, "cifar10"), (Dataset::Cifar100, "cifar100")];
 }
 
-impl FromStr for Dataset {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Dataset> {
-        Dataset::from_name(s)
-    }
-}
-
-impl fmt::Display for Dataset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+by_name!(Dataset);
 
 /// Labeled images kept as bytes: `len()` images of [`IMAGE_BYTES`] (R, G, B planes).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

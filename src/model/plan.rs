@@ -14,10 +14,8 @@
 use super::net::Net;
 use crate::backend::{aligned, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
 use crate::config::{BlockGeom, NetConfig, Stem};
-use crate::named::Named;
-use crate::{bail, Error, Result};
-use std::fmt;
-use std::str::FromStr;
+use crate::named::{by_name, Named};
+use crate::{bail, Result};
 
 /// Which intermediate tensors are kept between forward and backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,18 +49,7 @@ impl Named for Mode {
         &[(Mode::Naive, "naive"), (Mode::Shared, "shared"), (Mode::Minimal, "minimal")];
 }
 
-impl FromStr for Mode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Mode> {
-        Mode::from_name(s)
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+by_name!(Mode);
 
 /// What a region is for, in the memory report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
