@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{cifar, run};
+use common::cifar::{self, Dirs as Setup};
+use common::run;
 
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -20,19 +21,12 @@ const NET: [&str; 10] = ["--layers", "10", "--growth", "4", "--droprate", "0.2",
 /// Training batches per epoch: 85 images in batches of 8 (the last one partial).
 const BATCHES: i64 = 11;
 
-/// Tiny CIFAR-10 data and a runs directory, both temporary.
-struct Setup {
-    data: TempDir,
-    runs: TempDir,
+/// Tiny CIFAR-10 data (85 training and 20 test images) and a runs directory.
+fn setup() -> Setup {
+    Setup::new(&[(cifar::Format::Cifar10, 85, 20)])
 }
 
 impl Setup {
-    fn new() -> Setup {
-        let data = TempDir::new().unwrap();
-        cifar::write(data.path(), cifar::Format::Cifar10, true, 85, 20);
-        Setup { data, runs: TempDir::new().unwrap() }
-    }
-
     /// `densenet train` on the tiny network and data, run `name` in runs directory `runs`, with
     /// extra flags (which replace those of [`NET`]).
     fn command(&self, runs: &Path, name: &str, extra: &[&str]) -> Command {
@@ -194,7 +188,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 #[test]
 fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
-    let s = Setup::new();
+    let s = setup();
     // The uninterrupted run has the same name in another runs directory: the same recipe.
     let other = TempDir::new().unwrap();
     let out = s.command(other.path(), "split", &["--epochs", "2", "--seed", "5"]).output().unwrap();
@@ -266,7 +260,7 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 
 #[test]
 fn a_resume_that_does_not_fit_is_refused_and_changes_nothing() {
-    let s = Setup::new();
+    let s = setup();
     s.train_killed_after_one("r", &["--epochs", "2", "--seed", "3"]);
     let before = snapshot(s.runs.path());
     assert_eq!(before.len(), 2, "{:?}", before.keys());
@@ -340,7 +334,7 @@ fn a_resume_that_does_not_fit_is_refused_and_changes_nothing() {
 /// memory mode, which is not recipe, carries over until changed, with a word on exactness.
 #[test]
 fn recipe_changes_are_printed_and_recorded() {
-    let s = Setup::new();
+    let s = setup();
     s.train_ok("c", &["--epochs", "1"]);
     let run = s.run("c");
     let changed = s.resume_alone(&run, &["--change-recipe", "--epochs", "2", "--lr", "0.05", "--no-augment"]);
@@ -407,7 +401,7 @@ fn recipe_changes_are_printed_and_recorded() {
 /// the recipe from the flags; the run goes on in its directory, now in format 2.
 #[test]
 fn format_1_checkpoints_resume_with_the_flags_recipe() {
-    let s = Setup::new();
+    let s = setup();
     s.train_ok("new", &["--epochs", "1", "--seed", "6"]);
     let new = File::read(&s.checkpoint("new"));
     let recipe = new.recipe();
@@ -440,7 +434,7 @@ fn format_1_checkpoints_resume_with_the_flags_recipe() {
 
 #[test]
 fn damaged_and_foreign_files_are_one_line_errors_naming_them() {
-    let s = Setup::new();
+    let s = setup();
     s.train_ok("src", &["--epochs", "1"]);
     let bytes = std::fs::read(s.checkpoint("src")).unwrap();
     let dir = s.runs.path();
@@ -479,7 +473,7 @@ fn damaged_and_foreign_files_are_one_line_errors_naming_them() {
 
 #[test]
 fn init_weights_load_the_model_tensors_and_name_what_is_missing() {
-    let s = Setup::new();
+    let s = setup();
     s.train_ok("src", &["--epochs", "1", "--seed", "1"]);
     let src = File::read(&s.checkpoint("src"));
 
@@ -568,7 +562,7 @@ fn init_weights_load_the_model_tensors_and_name_what_is_missing() {
 /// file of an uninterrupted run.
 #[test]
 fn a_kill_at_any_write_leaves_a_consistent_best_and_resumes_exactly() {
-    let s = Setup::new();
+    let s = setup();
     s.train_ok("whole", &["--epochs", "3"]);
     let (whole, whole_best) = (File::read(&s.checkpoint("whole")), File::read(&s.best("whole")));
     let epoch = |f: &File, key: &str| f.meta.get(key).map(|v| v.parse::<usize>().unwrap());
@@ -617,7 +611,7 @@ fn a_kill_at_any_write_leaves_a_consistent_best_and_resumes_exactly() {
 /// is read, naming the tensor and the element (ReLU would otherwise hide a NaN weight).
 #[test]
 fn non_finite_weights_are_refused_naming_the_tensor() {
-    let s = Setup::new();
+    let s = setup();
     s.train_ok("n", &["--epochs", "1"]);
     let f = File::read(&s.checkpoint("n"));
     let mut tensors = f.tensors.clone();
@@ -649,7 +643,7 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
 /// best files: the header, metadata included, is in a fixed order.
 #[test]
 fn identical_runs_write_identical_bytes() {
-    let (a, b) = (Setup::new(), Setup::new());
+    let (a, b) = (setup(), setup());
     // The same data in both: the second setup reads the first one's.
     let data = a.data.path().to_str().unwrap().to_string();
     for s in [&a, &b] {

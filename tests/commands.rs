@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{cifar, run};
+use common::cifar::{self, Dirs as Setup};
+use common::run;
 
 use run::{assert_fails, densenet};
 use serde_json::Value;
@@ -41,19 +42,11 @@ fn run_json(args: &[&str]) -> Value {
 
 /// Tiny data sets and a runs directory, all temporary: CIFAR-10 with 80 training and 20 test
 /// records, and CIFAR-100 with 30 and 9 beside it.
-struct Setup {
-    data: TempDir,
-    runs: TempDir,
+fn setup() -> Setup {
+    Setup::new(&[(cifar::Format::Cifar10, 80, 20), (cifar::Format::Cifar100, 30, 9)])
 }
 
 impl Setup {
-    fn new() -> Setup {
-        let data = TempDir::new().unwrap();
-        cifar::write(data.path(), cifar::Format::Cifar10, true, 80, 20);
-        cifar::write(data.path(), cifar::Format::Cifar100, true, 30, 9);
-        Setup { data, runs: TempDir::new().unwrap() }
-    }
-
     fn data(&self) -> &str {
         self.data.path().to_str().unwrap()
     }
@@ -90,7 +83,7 @@ fn word_after<'a>(line: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn eval_reproduces_the_test_precision_of_training() {
-    let s = Setup::new();
+    let s = setup();
     let out = s.train("t", &[]);
     let line = out.lines().find(|l| l.starts_with(" * Epoch [0]")).unwrap_or_else(|| panic!("{out}"));
     let test = &line[line.find("test Loss").unwrap()..];
@@ -133,7 +126,7 @@ fn eval_reproduces_the_test_precision_of_training() {
 
 #[test]
 fn eval_takes_the_dataset_from_the_checkpoint() {
-    let s = Setup::new();
+    let s = setup();
     let out = s.train("c100", &["--dataset", "cifar100"]);
     let ck = s.checkpoint("c100", "model_best.safetensors");
     let text = ok(&s.eval_args(&ck, &["-b", "8", "--json"]));
@@ -151,7 +144,7 @@ fn eval_takes_the_dataset_from_the_checkpoint() {
 
 #[test]
 fn eval_refuses_bad_checkpoints_and_missing_data() {
-    let s = Setup::new();
+    let s = setup();
     s.train("t", &[]);
     let dir = s.runs.path();
     let missing = dir.join("missing.safetensors");
@@ -270,7 +263,7 @@ fn cuda_without_a_usable_gpu_is_a_one_line_error() {
         return;
     };
     // Flags and files are checked first; then the device.
-    let s = Setup::new();
+    let s = setup();
     s.train("t", &[]);
     let ck = s.checkpoint("t", "checkpoint.safetensors");
     for args in [
@@ -382,7 +375,7 @@ fn budget_sizes_take_decimal_and_binary_units() {
 fn a_run_directory_has_one_writer() {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
-    let s = Setup::new();
+    let s = setup();
     let runs = s.runs.path().to_str().unwrap();
     let mut args = vec!["train", "--data-dir", s.data(), "--runs-dir", runs, "--name", "busy", "--device", "cpu"];
     args.extend(TINY);
@@ -431,7 +424,7 @@ fn a_repeated_flag_takes_its_last_value() {
 fn a_closed_stdout_stops_nothing() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let s = Setup::new();
+    let s = setup();
     let runs = s.runs.path().to_str().unwrap();
     let run = |args: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_densenet"))
@@ -468,7 +461,7 @@ fn a_closed_stdout_stops_nothing() {
 fn a_signal_stops_the_run_and_says_how_to_resume() {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
-    let s = Setup::new();
+    let s = setup();
     let runs = s.runs.path().to_str().unwrap();
     for (signal, status) in [("TERM", 143), ("INT", 130)] {
         let name = format!("sig{signal}");

@@ -1,6 +1,7 @@
 //! Tiny data sets in the official CIFAR binary formats, written to a directory.
 
 use std::path::{Path, PathBuf};
+use tempfile::TempDir;
 
 /// Which format to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,4 +72,24 @@ pub fn write(dir: &Path, format: Format, nested: bool, train: usize, test: usize
     }
     std::fs::write(root.join(test_file), records(format, train, test)).unwrap();
     root
+}
+
+/// Tiny data sets and a runs directory, both temporary.
+pub struct Dirs {
+    /// The data directory.
+    pub data: TempDir,
+    /// The runs directory.
+    pub runs: TempDir,
+}
+
+impl Dirs {
+    /// Writes each of `sets`, (format, training records, test records), in its archive's
+    /// folder of a new data directory.
+    pub fn new(sets: &[(Format, usize, usize)]) -> Dirs {
+        let data = TempDir::new().unwrap();
+        for &(format, train, test) in sets {
+            write(data.path(), format, true, train, test);
+        }
+        Dirs { data, runs: TempDir::new().unwrap() }
+    }
 }
