@@ -64,16 +64,24 @@ impl NetConfig {
         drop_rate: f32,
         num_classes: usize,
     ) -> Result<Self> {
-        let (step, kind) = if bottleneck { (6, "6n+4 with bottleneck") } else { (3, "3n+4 without bottleneck") };
-        if depth < 4 + step || !(depth - 4).is_multiple_of(step) {
-            bail!("depth {depth} does not fit the variant: it must be {kind} (n >= 1)");
-        }
-        let n = (depth - 4) / step;
+        const BLOCKS: usize = 3;
+        let (per_layer, fixed) = (weighted_per_layer(bottleneck), weighted_outside_layers(BLOCKS));
+        let step = BLOCKS * per_layer;
+        let Some(n) = depth.checked_sub(fixed).filter(|d| *d >= step && d.is_multiple_of(step)).map(|d| d / step)
+        else {
+            bail!(
+                "depth {depth} does not fit the variant: it must be {step}n+{fixed} {} (n >= 1)",
+                match bottleneck {
+                    true => "with bottleneck",
+                    false => "without bottleneck",
+                }
+            );
+        };
         let cfg = NetConfig {
             stem: Stem::Cifar,
             stem_channels: 2 * growth,
             growth,
-            block_layers: vec![n; 3],
+            block_layers: vec![n; BLOCKS],
             bottleneck,
             reduction,
             drop_rate,
@@ -152,8 +160,8 @@ impl NetConfig {
     /// The depth the conventional name gives: weighted layers (two per bottleneck layer), plus
     /// one per transition, the stem and the classifier (3n+4 or 6n+4 for the CIFAR networks).
     pub fn depth(&self) -> usize {
-        let per_layer = if self.bottleneck { 2 } else { 1 };
-        self.block_layers.iter().sum::<usize>() * per_layer + self.block_layers.len() + 1
+        let layers: usize = self.block_layers.iter().sum();
+        layers * weighted_per_layer(self.bottleneck) + weighted_outside_layers(self.block_layers.len())
     }
 
     /// Output channels of a transition whose input has `c` channels.
@@ -215,6 +223,21 @@ impl NetConfig {
         };
         format!("DenseNet-{tag}{}-{}", self.depth(), self.growth)
     }
+}
+
+/// Weighted layers of one dense layer: two convolutions with a bottleneck, one without.
+fn weighted_per_layer(bottleneck: bool) -> usize {
+    if bottleneck {
+        2
+    } else {
+        1
+    }
+}
+
+/// Weighted layers outside the dense layers of a network of `blocks` blocks: the stem, a
+/// transition between blocks, the classifier.
+fn weighted_outside_layers(blocks: usize) -> usize {
+    1 + (blocks - 1) + 1
 }
 
 /// One dense block's geometry.
