@@ -207,7 +207,7 @@ fn start_ours(s: &Settings) -> Result<Vec<Worker>> {
 }
 
 /// Starts the PyTorch workers, or returns why they were skipped.
-fn start_torch(s: &Settings) -> std::result::Result<Vec<Worker>, String> {
+fn start_torch(s: &Settings) -> Result<Vec<Worker>> {
     TORCH_SIDES
         .iter()
         .map(|&(side, mode)| {
@@ -218,7 +218,7 @@ fn start_torch(s: &Settings) -> std::result::Result<Vec<Worker>, String> {
             {
                 cmd.arg(flag).arg(v.to_string());
             }
-            Worker::start(side, cmd).map_err(|e| e.0)
+            Worker::start(side, cmd)
         })
         .collect()
 }

@@ -12,6 +12,7 @@ use crate::backend::cuda::launch::{Arg, Exec, Launch};
 use crate::backend::cuda::ptx;
 use crate::backend::cuda::record::{recorded_exec_methods, Op, Recorder, Steps};
 use crate::backend::{ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
+use crate::measure::mib;
 use crate::{bail, Error, Result};
 
 // CUDA's launch limits, the same for every compute capability since 3.0 (the CUDA C++
@@ -389,8 +390,4 @@ fn low(b: [u8; 4]) -> u64 {
     let mut s = [0; 8];
     s[..4].copy_from_slice(&b);
     u64::from_ne_bytes(s)
-}
-
-fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1 << 20) as f64
 }
