@@ -235,9 +235,9 @@ fn weighted_per_layer(bottleneck: bool) -> usize {
 }
 
 /// Weighted layers outside the dense layers of a network of `blocks` blocks: the stem, a
-/// transition between blocks, the classifier.
+/// transition between two blocks, the classifier.
 fn weighted_outside_layers(blocks: usize) -> usize {
-    1 + (blocks - 1) + 1
+    blocks + 1
 }
 
 /// One dense block's geometry.

@@ -290,7 +290,8 @@ macro_rules! forward {
 /// A boxed backend is a backend: the commands open one `Box<dyn Backend>` (CPU, host device or
 /// GPU) and are compiled once, not once per backend type. An op is a coarse call (a whole
 /// convolution, a BN over a block), so the virtual call costs nothing measurable. Every method
-/// forwards, the defaulted ones too.
+/// forwards, the defaulted ones too (clippy refuses a missing one).
+#[deny(clippy::missing_trait_methods)]
 impl<B: Backend + ?Sized> Backend for Box<B> {
     forward! {
         &self:

@@ -113,7 +113,8 @@ pub(crate) mod schema {
     }
 
     /// Checks `report` (serialized) against the README's schema of `command` (see the README:
-    /// `?` after a key, present only where said; `|null` after a type or an object's key).
+    /// `?` after a key, present only where said; `|null` after a type or an object's key;
+    /// `<a|b>`, any of those keys).
     pub(crate) fn check(command: &str, report: &impl serde::Serialize) {
         let value = serde_json::to_value(report).unwrap();
         matches(&readme(command), &value, command);
@@ -124,6 +125,14 @@ pub(crate) mod schema {
         let (name, nullable) = name.strip_suffix("|null").map_or((name, false), |n| (n, true));
         let (name, optional) = name.strip_suffix('?').map_or((name, false), |n| (n, true));
         (name, optional, nullable)
+    }
+
+    /// Whether schema key `name` describes the key `got`: the same, or one of `<a|b>`.
+    fn describes(name: &str, got: &str) -> bool {
+        match name.strip_prefix('<').and_then(|n| n.strip_suffix('>')) {
+            Some(any) => any.split('|').any(|k| k == got),
+            None => name == got,
+        }
     }
 
     fn matches(schema: &Value, value: &Value, path: &str) {
@@ -146,7 +155,7 @@ pub(crate) mod schema {
             }
             (Value::Object(fields), Value::Object(got)) => {
                 for (name, v) in got {
-                    let described = fields.iter().find(|(k, _)| key(k).0 == name || key(k).0.starts_with('<'));
+                    let described = fields.iter().find(|(k, _)| describes(key(k).0, name));
                     let (k, s) = described.unwrap_or_else(|| panic!("{path}.{name} is not in the README's schema"));
                     if !(v.is_null() && key(k).2) {
                         matches(s, v, &format!("{path}.{name}"));

@@ -8,7 +8,7 @@ use densenet::train::recipe::{self, MAX_BATCH, MAX_EPOCHS};
 use densenet::{bail, Error, Result};
 
 /// Largest `bench --steps` and `--warmup`.
-pub(crate) const MAX_STEPS: usize = 1_000_000;
+const MAX_STEPS: usize = 1_000_000;
 
 /// A whole number from `min` to `max`.
 pub(crate) fn whole(s: &str, min: usize, max: usize) -> Result<usize> {

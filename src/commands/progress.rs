@@ -36,7 +36,7 @@ fn hide(bar: ProgressBar) {
 
 /// A bar of `len` steps drawn on `target` with `template`.
 fn bar(len: Option<u64>, target: ProgressDrawTarget, template: &str) -> ProgressBar {
-    let style = ProgressStyle::with_template(template).expect("a valid template").progress_chars("=> ");
+    let style = ProgressStyle::with_template(template).expect("a valid template");
     let bar = ProgressBar::with_draw_target(len, target).with_style(style);
     show(&bar);
     bar
@@ -44,7 +44,9 @@ fn bar(len: Option<u64>, target: ProgressDrawTarget, template: &str) -> Progress
 
 /// Batches after which the first epoch of a run estimates the run's training time (the first
 /// batch, a warm-up, is left out of the rate).
-pub(crate) const ESTIMATE_BATCHES: usize = 20;
+const ESTIMATE_BATCHES: usize = 20;
+/// Cells of a pass's bar.
+const CELLS: usize = 10;
 
 /// The passes of training and evaluation on stdout: every `print_freq` batches the reference's
 /// line, or on a terminal one bar per pass, cleared when the pass ends; and after the first
@@ -79,7 +81,8 @@ impl epoch::Progress for Passes {
     fn start(&mut self, title: &str, batches: usize, ahead: Ahead) -> densenet::Result<()> {
         (self.title, self.ahead, self.start, self.warm) = (title.to_string(), ahead, Instant::now(), None);
         if self.terminal {
-            self.bar = Some(bar(Some(batches as u64), ProgressDrawTarget::stdout(), "{prefix} [{bar:10}] {wide_msg}"));
+            // The line is ours (one redraw per batch), cut to the terminal's width.
+            self.bar = Some(bar(Some(batches as u64), ProgressDrawTarget::stdout(), "{wide_msg}"));
         }
         Ok(())
     }
@@ -94,9 +97,7 @@ impl epoch::Progress for Passes {
         let (title, (i, len)) = (&self.title, (d.index, d.batches));
         match self.bar.take() {
             Some(bar) => {
-                bar.set_prefix(format!("{title}[{i}/{len}]"));
-                bar.set_message(bar_message(d, (now - self.start).as_secs_f64(), self.ahead));
-                bar.set_position(i as u64 + 1);
+                bar.set_message(bar_line(title, d, (now - self.start).as_secs_f64(), self.ahead));
                 // Cleared at the end of the pass, before its summary line.
                 if i + 1 == len {
                     hide(bar);
@@ -128,21 +129,35 @@ impl Drop for Passes {
     }
 }
 
-/// The bar's text after batch `d` of a pass that started `secs` seconds ago: running loss and
+/// The bar's line after batch `d` of pass `title`, which started `secs` seconds ago: the
+/// reference's counter (the index of the last batch, from 0), the bar, the running loss and
 /// top-1, the rate, the pass's time left and, with epochs after it, the run's:
-/// `Loss 0.4321 Prec@1 84.123 1234 img/s ETA 0:42 (run 1:02:03)`.
-fn bar_message(d: &BatchDone, secs: f64, ahead: Ahead) -> String {
+/// `Epoch: [3][344/782] [====>     ] Loss 0.4321 Prec@1 84.123 1234 img/s ETA 0:42 (run 1:02:03)`.
+fn bar_line(title: &str, d: &BatchDone, secs: f64, ahead: Ahead) -> String {
     let (done, len) = (d.index + 1, d.batches);
+    let filled = CELLS * done / len.max(1);
+    let cells: String = (0..CELLS)
+        .map(|c| match c.cmp(&filled) {
+            std::cmp::Ordering::Less => '=',
+            std::cmp::Ordering::Equal => '>',
+            std::cmp::Ordering::Greater => ' ',
+        })
+        .collect();
     let per_batch = secs / done as f64;
     let left = per_batch * len.saturating_sub(done) as f64;
     let rate = d.images as f64 / secs.max(1e-9);
-    let mut text = format!("Loss {:.4} Prec@1 {:.3} {rate:.0} img/s ETA {}", d.loss.avg(), d.top1.avg(), clock(left));
+    let (loss, top1) = (d.loss.avg(), d.top1.avg());
+    let mut line = format!(
+        "{title}[{}/{len}] [{cells}] Loss {loss:.4} Prec@1 {top1:.3} {rate:.0} img/s ETA {}",
+        d.index,
+        clock(left)
+    );
     if ahead.epochs > 0 {
         // The epochs after this one: as long as the last whole one, or this one's pace.
         let epoch = ahead.epoch_secs.unwrap_or(per_batch * len as f64);
-        text += &format!(" (run {})", clock(left + epoch * ahead.epochs as f64));
+        line += &format!(" (run {})", clock(left + epoch * ahead.epochs as f64));
     }
-    text
+    line
 }
 
 /// The estimate the first epoch prints: `epochs` epochs of `len` batches at `per_batch`
@@ -175,11 +190,16 @@ const LINE_BYTES: u64 = 64 << 20;
 const LINE_SECS: Duration = Duration::from_secs(30);
 
 /// A download's progress on stderr: a bar on a terminal, otherwise a line now and then; then
-/// `Downloaded 162.2 MiB (170052171 bytes) in 12.3 s`.
+/// the last figures and `Downloaded 162.2 MiB (170052171 bytes) in 12.3 s`, timed from the
+/// first bytes.
 pub(crate) struct Transfer {
     terminal: bool,
-    start: Instant,
+    /// When the first bytes arrived.
+    start: Option<Instant>,
+    /// When the last line was printed (off a terminal).
     last: Instant,
+    /// The size the server announced.
+    total: Option<u64>,
     /// Off a terminal: the next quarter (1..=4), or multiple of [`LINE_BYTES`], that prints.
     next: u64,
     /// Bytes the last line showed.
@@ -194,16 +214,20 @@ impl Transfer {
     }
 
     fn with_terminal(terminal: bool) -> Transfer {
-        let now = Instant::now();
-        Transfer { terminal, start: now, last: now, next: 1, shown: None, bar: None }
+        Transfer { terminal, start: None, last: Instant::now(), total: None, next: 1, shown: None, bar: None }
     }
 
-    /// Prints the line for `done` bytes of `total` off a terminal.
-    fn line(&mut self, done: u64, total: Option<u64>) {
-        let secs = self.start.elapsed().as_secs_f64();
+    /// Seconds since the first bytes arrived.
+    fn secs(&self) -> f64 {
+        self.start.map_or(0.0, |s| s.elapsed().as_secs_f64())
+    }
+
+    /// Prints the figures for `done` bytes.
+    fn line(&mut self, done: u64) {
+        let secs = self.secs();
         // A rate once it means something.
         let rate = if secs >= 1.0 { format!(", {}/s", human((done as f64 / secs) as usize)) } else { String::new() };
-        let line = match total {
+        let line = match self.total {
             Some(t) if t > 0 => {
                 format!("  {} / {} ({}%){rate}", human(done as usize), human(t as usize), done * 100 / t)
             }
@@ -216,6 +240,8 @@ impl Transfer {
 
 impl download::Progress for Transfer {
     fn update(&mut self, done: u64, total: Option<u64>) {
+        self.start.get_or_insert_with(Instant::now);
+        self.total = total;
         if self.terminal {
             let template = match total {
                 Some(_) => "  {bytes} / {total_bytes} ({percent}%), {binary_bytes_per_sec}",
@@ -237,22 +263,18 @@ impl download::Progress for Transfer {
         }
         if reached || self.last.elapsed() >= LINE_SECS {
             self.last = Instant::now();
-            self.line(done, total);
+            self.line(done);
         }
     }
 
     fn finish(&mut self, done: u64) {
-        match self.bar.take() {
-            Some(bar) => {
-                bar.set_position(done);
-                bar.abandon();
-                SHOWN.lock().unwrap_or_else(|e| e.into_inner()).take();
-            }
-            None if self.shown != Some(done) => self.line(done, None),
-            None => {}
+        if let Some(bar) = self.bar.take() {
+            hide(bar);
         }
-        let secs = self.start.elapsed().as_secs_f64();
-        eprintln!("Downloaded {} ({done} bytes) in {secs:.1} s", human(done as usize));
+        if self.shown != Some(done) {
+            self.line(done);
+        }
+        eprintln!("Downloaded {} ({done} bytes) in {:.1} s", human(done as usize), self.secs());
     }
 }
 
@@ -281,12 +303,19 @@ mod tests {
     #[test]
     fn the_bar_shows_progress_rate_and_time_left() {
         let d = batch(390, 782, 391 * 64, 0.43211, 84.1234);
-        assert_eq!(bar_message(&d, 20.0, Ahead::default()), "Loss 0.4321 Prec@1 84.123 1251 img/s ETA 0:20");
+        assert_eq!(
+            bar_line("Epoch: [3]", &d, 20.0, Ahead::default()),
+            "Epoch: [3][390/782] [=====>    ] Loss 0.4321 Prec@1 84.123 1251 img/s ETA 0:20"
+        );
         let done = batch(156, 157, 10_000, 1.0, 50.0);
-        assert_eq!(bar_message(&done, 4.0, Ahead::default()), "Loss 1.0000 Prec@1 50.000 2500 img/s ETA 0:00");
+        assert_eq!(
+            bar_line("Test: ", &done, 4.0, Ahead::default()),
+            "Test: [156/157] [==========] Loss 1.0000 Prec@1 50.000 2500 img/s ETA 0:00"
+        );
+        assert!(bar_line("Test: ", &batch(0, 30, 1, 0.0, 0.0), 0.0, Ahead::default()).contains("[>         ]"));
         // Two more epochs as long as the last whole one (100 s), after this one's 20 s left.
         let ahead = Ahead { epochs: 2, epoch_secs: Some(100.0), first: false };
-        assert!(bar_message(&d, 20.0, ahead).ends_with("ETA 0:20 (run 3:40)"));
+        assert!(bar_line("Epoch: [3]", &d, 20.0, ahead).ends_with("ETA 0:20 (run 3:40)"));
     }
 
     #[test]

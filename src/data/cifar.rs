@@ -22,8 +22,7 @@ pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
 const HOME: &str = "https://www.cs.toronto.edu/~kriz/cifar.html";
 
 /// Which CIFAR dataset (`"cifar10"` or `"cifar100"` in JSON, as on the command line).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dataset {
     /// CIFAR-10: 10 classes.
     Cifar10,
@@ -118,10 +117,18 @@ impl Dataset {
 
 impl Named for Dataset {
     const WHAT: &'static str = "dataset";
-    const NAMES: &'static [(Dataset, &'static str)] = &[(Dataset::Cifar10, "cifar10"), (Dataset::Cifar100, "cifar100")];
+    const VALUES: &'static [Dataset] = &[Dataset::Cifar10, Dataset::Cifar100];
+    const LOOSE: bool = true;
+
+    fn name(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "cifar10",
+            Dataset::Cifar100 => "cifar100",
+        }
+    }
 }
 
-by_name!(Dataset);
+by_name!(Dataset, serde);
 
 /// Labeled images kept as bytes: `len()` images of [`IMAGE_BYTES`] (R, G, B planes).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

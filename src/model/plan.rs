@@ -45,8 +45,15 @@ impl Mode {
 
 impl Named for Mode {
     const WHAT: &'static str = "memory mode";
-    const NAMES: &'static [(Mode, &'static str)] =
-        &[(Mode::Naive, "naive"), (Mode::Shared, "shared"), (Mode::Minimal, "minimal")];
+    const VALUES: &'static [Mode] = &Mode::ALL;
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Naive => "naive",
+            Mode::Shared => "shared",
+            Mode::Minimal => "minimal",
+        }
+    }
 }
 
 by_name!(Mode);

@@ -968,7 +968,7 @@ mod tests {
         assert!(broken(&good, "memory", Some("lots")).contains("'memory' is not valid"));
         assert!(broken(&good, "recipe", None).contains("no 'recipe'"));
         let e = broken(&good, "recipe", Some(&good["recipe"].replace("\"cifar10\"", "\"mnist\"")));
-        assert!(e.contains("'recipe' is not valid: unknown variant `mnist`"), "{e}");
+        assert!(e.contains("'recipe' is not valid: unknown dataset 'mnist' (cifar10, cifar100)"), "{e}");
         assert!(broken(&old, "dataset", Some("cifar100")).contains("predicts 10 classes; CIFAR-100 has 100"));
         assert!(broken(&good, "recipe", Some("[1")).contains("'recipe' is not valid"));
         assert!(broken(&old, "dataset", Some("mnist")).contains("unknown dataset 'mnist'"));

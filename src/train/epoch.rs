@@ -64,8 +64,9 @@ pub fn train<B: Backend>(
     ahead: Ahead,
     progress: &mut dyn Progress,
 ) -> Result<EpochStats> {
-    progress.start(&format!("Epoch: [{epoch}]"), loader.batches(), ahead)?;
-    run(loader, epoch, progress, |i, batch| {
+    let title = format!("Epoch: [{epoch}]");
+    progress.start(&title, loader.batches(), ahead)?;
+    run(loader, epoch, &title, progress, |i, batch| {
         let s = model.train_step_on(batch.input(), batch.labels(), sgd)?;
         if !s.loss.is_finite() {
             bail!("training diverged: the loss is {} at epoch {epoch}, batch {i} (try a lower --lr)", s.loss);
@@ -81,14 +82,15 @@ pub fn evaluate<B: Backend>(
     progress: &mut dyn Progress,
 ) -> Result<EpochStats> {
     progress.start("Test: ", loader.batches(), Ahead::default())?;
-    run(loader, 0, progress, |_, batch| model.evaluate_on(batch.input(), batch.labels()))
+    run(loader, 0, "Test: ", progress, |_, batch| model.evaluate_on(batch.input(), batch.labels()))
 }
 
-/// Runs `step` on every batch of `epoch`, reporting each to `progress`. Stops before the next
-/// batch once a signal asked training to stop ([`super::stop`]).
+/// Runs `step` on every batch of `epoch` (pass `title`), reporting each to `progress`. Stops
+/// before the next batch once a signal asked training to stop ([`super::stop`]).
 fn run(
     loader: &mut Loader,
     epoch: usize,
+    title: &str,
     progress: &mut dyn Progress,
     mut step: impl FnMut(usize, &Batch) -> Result<StepStats>,
 ) -> Result<EpochStats> {
@@ -99,7 +101,7 @@ fn run(
     let (mut index, mut images) = (0, 0);
     while let Some(batch) = pass.next_batch()? {
         if let Some(signal) = super::stop::requested() {
-            bail!("stopped by signal {signal} before batch {index} of {batches}");
+            bail!("stopped by signal {signal} before batch {index} of {title}");
         }
         let s = step(index, batch)?;
         loss.update(s.loss as f64, s.n);

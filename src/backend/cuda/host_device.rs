@@ -57,12 +57,7 @@ impl Recorder for HostExec {
     fn issue(&mut self, op: &Op) -> Result<()> {
         match *op {
             Op::Launch { kernel, grid, block, shared, ref args } => {
-                let arena = self.cpu.bytes_mut();
-                return host_layer::launch(
-                    arena.as_mut_ptr(),
-                    arena.len(),
-                    &Launch { kernel, grid, block, shared, args },
-                );
+                return host_layer::launch(self.cpu.bytes_mut(), &Launch { kernel, grid, block, shared, args });
             }
             Op::ConvForward(x, w, y, spec) => self.cpu.conv_forward(x, None, w, y, spec),
             Op::ConvBackwardData(gy, w, gx, spec) => self.cpu.conv_backward_data(gy, w, gx, spec),

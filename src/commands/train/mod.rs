@@ -246,8 +246,8 @@ fn reuse_algorithms<B: Backend>(be: &mut B, resumed: &Path) -> Option<usize> {
     let path = resumed.with_file_name(checkpoint::ALGORITHMS);
     let reused = match std::fs::read_to_string(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => Err(e.to_string()),
-        Ok(text) => be.reuse_algorithm_record(&text).map_err(|e| e.to_string()),
+        Err(e) => Err(densenet::Error(e.to_string())),
+        Ok(text) => be.reuse_algorithm_record(&text),
     };
     reused
         .map_err(|e| log::warn!("{} not reused ({e}): the convolution algorithms are timed again", path.display()))

@@ -37,7 +37,8 @@ pub(crate) fn catch_signals() -> Result<(), Failure> {
         }
         std::thread::sleep(std::time::Duration::from_secs(STOP_DEADLINE_S));
         let signal = stop::requested().unwrap_or(SIGTERM);
-        eprintln!("error: the current step did not end within {STOP_DEADLINE_S} s of signal {signal}: abandoned");
+        let message = format!("the current step did not end within {STOP_DEADLINE_S} s of signal {signal}: abandoned");
+        crate::commands::progress::suspend(|| eprintln!("error: {message}"));
         std::process::exit(signal_status(signal).into());
     });
     Ok(())

@@ -102,38 +102,86 @@ pub(super) fn execute(
     }
 }
 
-/// One of cuDNN's algorithm enums, to which `algos`' numbers convert by value.
-///
-/// # Safety
-///
-/// The type is a `#[repr(u32)]` enum with a variant of every value below `COUNT`.
-unsafe trait AlgoEnum: Copy {
-    /// The number of algorithms: the enum's `_COUNT` value.
-    const COUNT: u32;
+/// One of cuDNN's algorithm enums: its algorithms in the order of their values, which are
+/// `algos`' numbers.
+trait AlgoEnum: Copy + 'static {
+    /// Algorithm `i` is `ALL[i]`.
+    const ALL: &'static [Self];
 }
 
-// SAFETY: `#[repr(u32)]`, variants 0 to 8 (cudnn_cnn.h through cudarc's bindings).
-unsafe impl AlgoEnum for cs::cudnnConvolutionFwdAlgo_t {
-    const COUNT: u32 = Self::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as u32;
+impl AlgoEnum for cs::cudnnConvolutionFwdAlgo_t {
+    const ALL: &'static [Self] = {
+        use cs::cudnnConvolutionFwdAlgo_t::*;
+        &[
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+        ]
+    };
 }
 
-// SAFETY: `#[repr(u32)]`, variants 0 to 6 (cudnn_cnn.h through cudarc's bindings).
-unsafe impl AlgoEnum for cs::cudnnConvolutionBwdDataAlgo_t {
-    const COUNT: u32 = Self::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as u32;
+impl AlgoEnum for cs::cudnnConvolutionBwdDataAlgo_t {
+    const ALL: &'static [Self] = {
+        use cs::cudnnConvolutionBwdDataAlgo_t::*;
+        &[
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+        ]
+    };
 }
 
-// SAFETY: `#[repr(u32)]`, variants 0 to 7 (cudnn_cnn.h through cudarc's bindings).
-unsafe impl AlgoEnum for cs::cudnnConvolutionBwdFilterAlgo_t {
-    const COUNT: u32 = Self::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as u32;
+impl AlgoEnum for cs::cudnnConvolutionBwdFilterAlgo_t {
+    const ALL: &'static [Self] = {
+        use cs::cudnnConvolutionBwdFilterAlgo_t::*;
+        &[
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+        ]
+    };
 }
 
 /// Algorithm `algo` as enum `A`, or `CUDNN_STATUS_BAD_PARAM` when `A` has no such algorithm.
 fn to_enum<A: AlgoEnum>(algo: u32) -> std::result::Result<A, cr::CudnnError> {
-    const { assert!(std::mem::size_of::<A>() == std::mem::size_of::<u32>()) };
-    if algo >= A::COUNT {
-        return Err(cr::CudnnError(cs::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM));
+    A::ALL.get(algo as usize).copied().ok_or(cr::CudnnError(cs::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_algorithm_number_is_its_enum_value() {
+        macro_rules! check {
+            ($t:ty, $count:expr) => {
+                assert_eq!(<$t>::ALL.len() as u32, $count as u32, stringify!($t));
+                for (i, a) in <$t>::ALL.iter().enumerate() {
+                    assert_eq!(*a as u32, i as u32, "{:?}", a);
+                }
+                assert!(to_enum::<$t>($count as u32).is_err());
+            };
+        }
+        check!(cs::cudnnConvolutionFwdAlgo_t, cs::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT);
+        check!(
+            cs::cudnnConvolutionBwdDataAlgo_t,
+            cs::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
+        );
+        check!(
+            cs::cudnnConvolutionBwdFilterAlgo_t,
+            cs::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
+        );
     }
-    // SAFETY: `A` is a `#[repr(u32)]` enum (4 bytes, asserted above) with a variant of every
-    // value below `COUNT` (`AlgoEnum`'s contract), and `algo` is below it.
-    Ok(unsafe { std::mem::transmute_copy::<u32, A>(&algo) })
 }

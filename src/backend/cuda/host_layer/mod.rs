@@ -50,13 +50,14 @@ type HostFn = unsafe extern "C" fn(*const DnDims, *const DnArg, usize, *mut c_ch
 
 include!(concat!(env!("OUT_DIR"), "/host_kernels.rs"));
 
-/// Runs `l` on the host layer over the arena of `arena_len` bytes at `arena`, which must be
-/// valid for reads and writes of that many bytes for the duration of the call.
-pub(crate) fn launch(arena: *mut u8, arena_len: usize, l: &Launch) -> Result<()> {
-    launch_with(arena, arena_len, l, None)
+/// Runs `l` on the host layer over `arena`.
+pub(crate) fn launch(arena: &mut [u8], l: &Launch) -> Result<()> {
+    launch_with(arena, l, None)
 }
 
-fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Duration>) -> Result<()> {
+/// [`launch`] with a time limit (`None`: `$DENSENET_HOST_TIMEOUT_S`, else the layer's default).
+fn launch_with(arena: &mut [u8], l: &Launch, timeout: Option<Duration>) -> Result<()> {
+    let arena_len = arena.len();
     let Some(&(_, kernel)) = KERNELS.iter().find(|(name, _)| *name == l.kernel) else {
         bail!("kernel `{}`: no such __global__ function in kernels/*.cu (host layer)", l.kernel)
     };
@@ -74,7 +75,8 @@ fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Dur
                         l.kernel
                     )
                 }
-                args.push(DnArg { kind: ArgKind::Buf, pad: 0, bits: 0, ptr: arena.wrapping_add(off).cast(), len });
+                let ptr = arena.as_mut_ptr().wrapping_add(off).cast();
+                args.push(DnArg { kind: ArgKind::Buf, pad: 0, bits: 0, ptr, len });
                 continue;
             }
             Arg::I32(v) => (ArgKind::I32, v as u32 as u64),
@@ -88,7 +90,7 @@ fn launch_with(arena: *mut u8, arena_len: usize, l: &Launch, timeout: Option<Dur
     let dims = DnDims { grid: l.grid, block: l.block, shared: l.shared, timeout_ms };
     let mut message = [0u8; MESSAGE_BYTES];
     // SAFETY: the wrapper reads `dims` and `args.len()` arguments; Buf pointers are inside the
-    // arena (checked above), which the caller guarantees is valid; the wrapper writes at most
+    // arena (checked above), borrowed mutably for the whole call; the wrapper writes at most
     // `message.len()` bytes, NUL included (snprintf).
     let rc = unsafe { kernel(&dims, args.as_ptr(), args.len(), message.as_mut_ptr().cast(), message.len()) };
     if rc == 0 {

@@ -12,12 +12,12 @@ use crate::Result;
 /// Runs `l` on the host execution layer over `arena` (4-byte words). The time limit is
 /// `$DENSENET_HOST_TIMEOUT_S`, else the layer's default.
 fn host_launch(arena: &mut [u32], l: &Launch) -> Result<()> {
-    launch_with(arena.as_mut_ptr().cast(), size_of_val(arena), l, None)
+    launch_with(bytemuck::cast_slice_mut(arena), l, None)
 }
 
 /// [`host_launch`] with the time limit `timeout`.
 fn host_launch_timeout(arena: &mut [u32], l: &Launch, timeout: Duration) -> Result<()> {
-    launch_with(arena.as_mut_ptr().cast(), size_of_val(arena), l, Some(timeout))
+    launch_with(bytemuck::cast_slice_mut(arena), l, Some(timeout))
 }
 
 /// A kernel and the launch configuration a test gives it.
