@@ -9,6 +9,9 @@ pub const PAD: usize = 4;
 /// Channels of an input image (R, G, B planes).
 pub const CHANNELS: usize = 3;
 
+/// Values a stored pixel byte takes: the entries of a channel's normalization table.
+pub const LEVELS: usize = u8::MAX as usize + 1;
+
 /// A batch's images as the model takes them.
 #[derive(Clone, Copy)]
 pub enum Input<'a> {
@@ -29,14 +32,14 @@ pub enum Input<'a> {
 /// Per-channel normalization of 0..255 bytes: `(v / 255 - mean) / std`, as a lookup table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Normalize {
-    table: [[f32; 256]; CHANNELS],
+    table: [[f32; LEVELS]; CHANNELS],
 }
 
 impl Normalize {
     /// Normalization by `mean` and `std` given on the 0..255 scale. Computed in f32 from the
     /// f32 constants, as torchvision's `ToTensor` then `Normalize` do.
     pub fn new(mean: [f64; CHANNELS], std: [f64; CHANNELS]) -> Normalize {
-        let mut table = [[0.0; 256]; CHANNELS];
+        let mut table = [[0.0; LEVELS]; CHANNELS];
         for (c, row) in table.iter_mut().enumerate() {
             let (m, s) = ((mean[c] / 255.0) as f32, (std[c] / 255.0) as f32);
             for (v, x) in row.iter_mut().enumerate() {
@@ -51,7 +54,7 @@ impl Normalize {
         self.table[c][v as usize]
     }
 
-    /// The whole table: entry `256 * c + v` is [`Normalize::value`]`(c, v)`.
+    /// The whole table: entry `LEVELS * c + v` is [`Normalize::value`]`(c, v)`.
     pub fn table(&self) -> &[f32] {
         self.table.as_flattened()
     }

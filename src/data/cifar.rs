@@ -18,6 +18,9 @@ pub const SIDE: usize = 32;
 /// Bytes (and network input floats) per image: 3 planes of 32x32.
 pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
 
+/// Bytes read at a time from a data file.
+const READ_BUFFER: usize = 1 << 20;
+
 /// Where the official archives are published.
 const HOME: &str = "https://www.cs.toronto.edu/~kriz/cifar.html";
 
@@ -177,7 +180,7 @@ impl Images {
         images.labels.reserve_exact(total);
         for (path, records) in files {
             let file = File::open(&path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-            images.append(BufReader::with_capacity(1 << 20, file), records, dataset, &path)?;
+            images.append(BufReader::with_capacity(READ_BUFFER, file), records, dataset, &path)?;
         }
         Ok(images)
     }

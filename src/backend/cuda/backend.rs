@@ -9,7 +9,7 @@
 
 use super::launch::{Arg, Args, Exec, Launch};
 use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, Matrix, Moments, Span, View};
-use crate::input::{Crop, Normalize, CHANNELS, PAD};
+use crate::input::{Crop, Normalize, CHANNELS, LEVELS, PAD};
 use crate::Result;
 use std::cell::RefCell;
 
@@ -27,7 +27,7 @@ const WORD_BYTES: usize = size_of::<u32>();
 const CROP_WORDS: usize = 3;
 /// Staged words of the normalization table: a float per channel and byte value
 /// ([`Normalize::table`]).
-const TABLE_WORDS: usize = CHANNELS * (u8::MAX as usize + 1);
+const TABLE_WORDS: usize = CHANNELS * LEVELS;
 
 /// The CUDA backend over an executor (a GPU or the host device).
 pub struct CudaBackend<E: Exec> {
