@@ -1,6 +1,7 @@
 //! The network description: CIFAR variants (three blocks, 3x3 stem) and the ImageNet presets
 //! (four blocks, 7x7 stride-2 stem and max pool), plus the geometry they imply for an input size.
 
+use crate::named::{by_name, Named};
 use crate::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -44,14 +45,93 @@ pub const MAX_LAYERS: usize = 2000;
 /// Most dense blocks in a network (the references have 3 or 4).
 pub const MAX_BLOCKS: usize = 8;
 
-/// ImageNet presets: (name, growth, layers per block, stem channels).
-const IMAGENET: [(&str, usize, [usize; 4], usize); 5] = [
-    ("densenet121", 32, [6, 12, 24, 16], 64),
-    ("densenet169", 32, [6, 12, 32, 32], 64),
-    ("densenet201", 32, [6, 12, 48, 32], 64),
-    ("densenet161", 48, [6, 12, 36, 24], 96),
-    ("densenet264", 32, [6, 12, 64, 48], 64),
-];
+/// Classes of ImageNet, the presets' default.
+pub const IMAGENET_CLASSES: usize = 1000;
+
+/// An ImageNet architecture of the DenseNet paper, by torchvision's name: four bottleneck
+/// blocks with compression 0.5 behind a 7x7 stride-2 stem of 2k channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// DenseNet-121: k = 32, blocks of 6, 12, 24, 16 layers.
+    Densenet121,
+    /// DenseNet-169: k = 32, blocks of 6, 12, 32, 32 layers.
+    Densenet169,
+    /// DenseNet-201: k = 32, blocks of 6, 12, 48, 32 layers.
+    Densenet201,
+    /// DenseNet-161: k = 48, blocks of 6, 12, 36, 24 layers.
+    Densenet161,
+    /// DenseNet-264: k = 32, blocks of 6, 12, 64, 48 layers (the paper's largest model has k = 48).
+    Densenet264,
+}
+
+impl Named for Arch {
+    const WHAT: &'static str = "architecture";
+    const VALUES: &'static [Arch] =
+        &[Arch::Densenet121, Arch::Densenet169, Arch::Densenet201, Arch::Densenet161, Arch::Densenet264];
+    const LOOSE: bool = true;
+
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Densenet121 => "densenet121",
+            Arch::Densenet169 => "densenet169",
+            Arch::Densenet201 => "densenet201",
+            Arch::Densenet161 => "densenet161",
+            Arch::Densenet264 => "densenet264",
+        }
+    }
+}
+
+by_name!(Arch, serde);
+
+impl Arch {
+    /// The preset's growth rate.
+    pub fn growth(self) -> usize {
+        match self {
+            Arch::Densenet161 => 48,
+            _ => 32,
+        }
+    }
+
+    /// Layers per dense block.
+    fn block_layers(self) -> [usize; 4] {
+        match self {
+            Arch::Densenet121 => [6, 12, 24, 16],
+            Arch::Densenet169 => [6, 12, 32, 32],
+            Arch::Densenet201 => [6, 12, 48, 32],
+            Arch::Densenet161 => [6, 12, 36, 24],
+            Arch::Densenet264 => [6, 12, 64, 48],
+        }
+    }
+
+    /// The network with growth rate `growth` (the preset's is [`Arch::growth`]) and a stem of
+    /// 2k channels, as the paper builds every ImageNet model.
+    pub fn config(self, growth: usize, drop_rate: f32, num_classes: usize) -> Result<NetConfig> {
+        let cfg = NetConfig {
+            stem: Stem::ImageNet,
+            stem_channels: 2 * growth,
+            growth,
+            block_layers: self.block_layers().to_vec(),
+            bottleneck: true,
+            reduction: 0.5,
+            drop_rate,
+            num_classes,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The architecture `cfg` is built as (whatever its growth rate, dropout and classes), if any.
+    pub fn of(cfg: &NetConfig) -> Option<Arch> {
+        let preset = |a: &Arch| {
+            cfg.stem == Stem::ImageNet
+                && cfg.block_layers[..] == a.block_layers()[..]
+                && cfg.stem_channels == 2 * cfg.growth
+                && cfg.bottleneck
+                && cfg.reduction == 0.5
+        };
+        Arch::VALUES.iter().copied().find(preset)
+    }
+}
 
 impl NetConfig {
     /// The reference CIFAR network `DenseNet3(depth, classes, growth, reduction, bottleneck,
@@ -91,24 +171,10 @@ impl NetConfig {
         Ok(cfg)
     }
 
-    /// An ImageNet preset by name: densenet121, densenet169, densenet201, densenet161,
-    /// densenet264 (bottleneck, compression 0.5, 1000 classes unless changed afterwards).
+    /// An ImageNet preset by name ([`Arch`]), with its growth rate, no dropout and 1000 classes.
     pub fn imagenet(name: &str) -> Result<Self> {
-        let key = name.to_ascii_lowercase().replace(['-', '_'], "");
-        let Some(&(_, growth, layers, stem)) = IMAGENET.iter().find(|p| p.0 == key) else {
-            let names: Vec<&str> = IMAGENET.iter().map(|p| p.0).collect();
-            bail!("unknown ImageNet preset '{name}' (known: {})", names.join(", "));
-        };
-        Ok(NetConfig {
-            stem: Stem::ImageNet,
-            stem_channels: stem,
-            growth,
-            block_layers: layers.to_vec(),
-            bottleneck: true,
-            reduction: 0.5,
-            drop_rate: 0.0,
-            num_classes: 1000,
-        })
+        let arch = Arch::from_name(name)?;
+        arch.config(arch.growth(), 0.0, IMAGENET_CLASSES)
     }
 
     /// Checks the values that no constructor can make wrong by itself.
@@ -207,13 +273,12 @@ impl NetConfig {
 
     /// The conventional name, e.g. `DenseNet-BC-100-12`, `DenseNet-40-12`, `DenseNet-121`.
     pub fn name(&self) -> String {
-        if self.stem == Stem::ImageNet {
-            if let Some(p) = IMAGENET
-                .iter()
-                .find(|p| p.1 == self.growth && p.2[..] == self.block_layers[..] && p.3 == self.stem_channels)
-            {
-                return format!("DenseNet-{}", &p.0[8..]);
-            }
+        if let Some(arch) = Arch::of(self) {
+            let number = &arch.name()["densenet".len()..];
+            return match self.growth == arch.growth() {
+                true => format!("DenseNet-{number}"),
+                false => format!("DenseNet-{number} (k={})", self.growth),
+            };
         }
         let tag = match (self.bottleneck, self.reduction < 1.0) {
             (true, true) => "BC-",
@@ -288,5 +353,20 @@ mod tests {
         assert_eq!(i.geometry(224, 224).unwrap()[0].h, 56);
         assert!(i.geometry(200, 224).is_err());
         assert!(NetConfig::imagenet("densenet99").is_err());
+    }
+
+    #[test]
+    fn architectures_are_named_and_recognized() {
+        for &arch in Arch::VALUES {
+            let cfg = arch.config(arch.growth(), 0.1, 10).unwrap();
+            assert_eq!(Arch::of(&cfg), Some(arch));
+            assert_eq!(cfg.name(), format!("DenseNet-{}", &arch.name()[8..]));
+        }
+        let big = Arch::Densenet264.config(48, 0.0, 1000).unwrap();
+        assert_eq!((big.name(), big.stem_channels), ("DenseNet-264 (k=48)".to_string(), 96));
+        assert_eq!(Arch::from_name("DenseNet-121").unwrap(), Arch::Densenet121);
+        assert_eq!(Arch::of(&NetConfig::cifar(100, 12, true, 0.5, 0.0, 10).unwrap()), None);
+        let wide_stem = NetConfig { stem_channels: 65, ..NetConfig::imagenet("densenet121").unwrap() };
+        assert_eq!(Arch::of(&wide_stem), None);
     }
 }

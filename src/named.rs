@@ -63,6 +63,7 @@ pub(crate) use by_name;
 #[cfg(test)]
 mod tests {
     use super::Named;
+    use crate::config::Arch;
     use crate::data::cifar::Dataset;
     use crate::model::plan::Mode;
 
@@ -86,6 +87,10 @@ mod tests {
         reads_back(
             &[Dataset::Cifar10, Dataset::Cifar100],
             &[("CIFAR-100", Dataset::Cifar100), ("Cifar_10", Dataset::Cifar10)],
+        );
+        reads_back(
+            &[Arch::Densenet121, Arch::Densenet169, Arch::Densenet201, Arch::Densenet161, Arch::Densenet264],
+            &[("DenseNet-169", Arch::Densenet169), ("densenet_264", Arch::Densenet264)],
         );
         assert_eq!(Mode::from_name("lots").unwrap_err().0, "unknown memory mode 'lots' (naive, shared, minimal)");
     }

@@ -156,6 +156,10 @@ fn bad_flags_are_one_line_usage_errors() {
         (&["--epoch", "3"], "'--epochs'"),
         (&["--resume", "x", "--init-weights", "y"], "cannot be used with"),
         (&["--name", "a/b"], "plain folder name"),
+        (&["--arch", "densenet121", "--reduce", "1"], "cannot be used with"),
+        (&["--arch", "densenet121", "--num-classes", "100"], "predicts 100 classes; CIFAR-10 has 10"),
+        (&["--arch", "densenet121", "--image-size", "240"], "image size 240 must be a multiple of 32"),
+        (&["--image-size", "36"], "image size 36 must be a multiple of 32"),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["train", "--data-dir", d];
@@ -245,9 +249,50 @@ fn memory_table_has_a_row_per_mode() {
     let out = densenet(&["memory", "--layers", "40", "--no-bottleneck", "--reduce", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.starts_with("DenseNet-40-12 on CIFAR-10, batch 64"), "{text}");
+    assert!(text.starts_with("DenseNet-40-12, 10 classes, batch 64 of 32x32"), "{text}");
     for mode in ["naive", "shared", "minimal"] {
         assert!(text.lines().any(|l| l.starts_with(mode)), "{mode} row missing:\n{text}");
+    }
+}
+
+/// `--arch` on `memory` and `bench`: the presets at their sizes and classes, what fits a budget,
+/// the paper's largest model, and the flags that do not go with an architecture.
+#[test]
+fn architectures_plan_and_bench() {
+    let json = |args: &[&str]| {
+        let out = densenet(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(stdout(&out).lines().last().unwrap()).unwrap()
+    };
+    let j = json(&["memory", "--arch", "densenet264", "-b", "64", "--budget", "16GiB", "--json"]);
+    assert_eq!(
+        (&j["network"], &j["params"], &j["image_size"]),
+        (&"DenseNet-264".into(), &33_337_704.into(), &224.into())
+    );
+    let fits = |mode: &str| j["modes"][mode]["max_batch"].as_u64().unwrap();
+    assert!(fits("naive") < 64 && fits("minimal") > 64 && fits("shared") < fits("minimal"), "{j}");
+    let j = json(&["memory", "--arch", "densenet264", "--growth", "48", "--num-classes", "10", "--json"]);
+    assert_eq!((&j["network"], &j["params"]), (&"DenseNet-264 (k=48)".into(), &68_693_962.into()));
+    let j = json(&["memory", "--arch", "densenet121", "--image-size", "320", "--memory", "minimal", "--json"]);
+    let j2 = json(&["memory", "--arch", "densenet121", "--memory", "minimal", "--json"]);
+    let total = |j: &serde_json::Value| j["modes"]["minimal"]["activations"].as_u64().unwrap();
+    assert!(total(&j) > 2 * total(&j2), "activations grow with the image: {j} {j2}");
+
+    let args = ["bench", "--arch", "densenet121", "--image-size", "64", "-b", "2", "--steps", "1", "--warmup", "0"];
+    let j = json(&[&args[..], &["--device", "cpu", "--json"]].concat());
+    assert_eq!((&j["network"], &j["image_size"], &j["batch"]), (&"DenseNet-121".into(), &64.into(), &2.into()));
+    assert!(j["images_per_s"].as_f64().unwrap() > 0.0);
+
+    for (args, says) in [
+        (&["memory", "--arch", "densenet121", "--layers", "40"][..], "cannot be used with"),
+        (&["memory", "--arch", "densenet121", "--image-size", "100"], "must be a positive multiple of 32"),
+        (&["memory", "--arch", "resnet50"], "unknown architecture 'resnet50'"),
+        (&["bench", "--arch", "densenet121", "--num-classes", "0"], "--num-classes"),
+    ] {
+        let out = densenet(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains(says) && err.trim_end().lines().count() == 1, "{args:?}: {err}");
     }
 }
 
@@ -271,6 +316,9 @@ fn help_lists_the_reference_flags() {
         "--no-augment",
         "--reduce",
         "--no-bottleneck",
+        "--arch densenet264 --growth 48",
+        "--image-size",
+        "--num-classes",
         "--name",
         "--dataset",
         "--data-dir",

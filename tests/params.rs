@@ -2,7 +2,7 @@
 //! names follow the reference state dict, initialization follows the reference.
 
 use densenet::backend::CpuBackend;
-use densenet::config::NetConfig;
+use densenet::config::{Arch, NetConfig};
 use densenet::model::net::Net;
 use densenet::model::params::Init;
 use densenet::model::plan::Mode;
@@ -29,18 +29,26 @@ fn cifar_parameter_counts_match_reference() {
     }
 }
 
+/// Every preset at 1000 classes and at custom class counts, and the paper's largest model
+/// (DenseNet-264 with k = 48), against torchvision's `DenseNet` (counted with torchvision 0.29).
 #[test]
 fn imagenet_parameter_counts_match_reference() {
+    // (architecture, growth, 1000 classes, 10 classes, 100 classes)
     let rows = [
-        ("densenet121", 7_978_856),
-        ("densenet169", 14_149_480),
-        ("densenet201", 20_013_928),
-        ("densenet161", 28_681_000),
-        ("densenet264", 33_337_704),
+        (Arch::Densenet121, 32, 7_978_856, 6_964_106, 7_056_356),
+        (Arch::Densenet169, 32, 14_149_480, 12_501_130, 12_650_980),
+        (Arch::Densenet201, 32, 20_013_928, 18_112_138, 18_285_028),
+        (Arch::Densenet161, 48, 28_681_000, 26_494_090, 26_692_900),
+        (Arch::Densenet264, 32, 33_337_704, 30_675_594, 30_917_604),
+        (Arch::Densenet264, 48, 72_686_632, 68_693_962, 69_056_932),
     ];
-    for (name, want) in rows {
-        assert_eq!(count(&NetConfig::imagenet(name).unwrap()), want, "{name}");
+    for (arch, k, c1000, c10, c100) in rows {
+        for (classes, want) in [(1000, c1000), (10, c10), (100, c100)] {
+            let cfg = arch.config(k, 0.0, classes).unwrap();
+            assert_eq!(count(&cfg), want, "{} with {classes} classes", cfg.name());
+        }
     }
+    assert_eq!(NetConfig::imagenet("densenet161").unwrap(), Arch::Densenet161.config(48, 0.0, 1000).unwrap());
 }
 
 #[test]

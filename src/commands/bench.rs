@@ -8,7 +8,6 @@ use super::{parse, usage, Outcome};
 use clap::Args;
 use densenet::backend::{Backend, Library, Sgd};
 use densenet::config::NetConfig;
-use densenet::data::cifar::SIDE;
 use densenet::measure::{self, mib, Heap};
 use densenet::model::plan::Mode;
 use densenet::model::Model;
@@ -50,6 +49,8 @@ pub(crate) struct BenchReport {
     /// The memory mode.
     memory: String,
     batch: usize,
+    /// The input's height and width.
+    image_size: usize,
     /// Timed steps.
     steps: usize,
     /// Untimed steps before them.
@@ -90,22 +91,24 @@ pub(crate) struct Cudnn {
 
 /// Runs `densenet bench`.
 pub(crate) fn run(a: BenchArgs) -> Outcome {
-    let cfg = a.net.config().map_err(usage)?;
+    let cfg = a.net.config(a.net.free_classes()).map_err(usage)?;
+    let size = a.net.image_size();
+    cfg.geometry(size, size).map_err(usage)?;
     let (be, why) = a.device.open()?;
-    bench(a, cfg, be, &why)
+    bench(a, cfg, size, be, &why)
 }
 
-fn bench(a: BenchArgs, cfg: NetConfig, be: impl Backend, why: &str) -> Outcome {
+fn bench(a: BenchArgs, cfg: NetConfig, size: usize, be: impl Backend, why: &str) -> Outcome {
     let (batch, classes) = (a.net.batch, cfg.num_classes);
-    let Some((images, labels)) = rng::random_batch(SEED, batch, SIDE, SIDE, classes) else {
+    let Some((images, labels)) = rng::random_batch(SEED, batch, size, size, classes) else {
         return Err(super::failure(format!("a random batch of {batch} images does not fit in memory")));
     };
     let heap = Heap::start();
-    let mut model = Model::new(cfg, batch, SIDE, SIDE, a.memory, SEED, be)?;
+    let mut model = Model::new(cfg, batch, size, size, a.memory, SEED, be)?;
     report(format_args!(
-        "{}: training steps on random {}-shaped data (seed {SEED}), batch {batch}, {} parameters",
+        "{}: training steps on random {size}x{size} images of {classes} classes (seed {SEED}), batch {batch}, {} \
+         parameters",
         model.config().name(),
-        a.net.dataset.title(),
         model.layout().len
     ))?;
     report(device::line(model.backend(), why))?;
@@ -174,6 +177,7 @@ fn bench(a: BenchArgs, cfg: NetConfig, be: impl Backend, why: &str) -> Outcome {
             device: model.backend().describe(),
             memory: a.memory.to_string(),
             batch,
+            image_size: size,
             steps: a.steps,
             warmup: a.warmup,
             images_per_s,
@@ -210,6 +214,7 @@ mod tests {
             device: "cpu (2 threads)".into(),
             memory: "minimal".into(),
             batch: 64,
+            image_size: 32,
             steps: 10,
             warmup: 2,
             images_per_s: 80.5,

@@ -7,7 +7,7 @@ use super::{parse, usage, Outcome};
 use clap::Args;
 use densenet::backend::{Backend, CpuBackend};
 use densenet::config::NetConfig;
-use densenet::data::cifar::{IMAGE_BYTES, SIDE};
+use densenet::input::CHANNELS;
 use densenet::measure::{self, mib};
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
@@ -41,6 +41,8 @@ pub(crate) struct MemoryReport {
     params: usize,
     /// The batch planned for.
     batch: usize,
+    /// The input's height and width.
+    image_size: usize,
     /// `--budget`, in bytes (absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     budget_bytes: Option<u64>,
@@ -119,21 +121,23 @@ pub(crate) fn plan_line(plan: &Plan) -> String {
     )
 }
 
-/// The plan of `cfg` (built as `net`) for `batch` images in `mode`, its workspace sized by `be`.
-fn plan(cfg: &NetConfig, net: &Net, be: &mut CpuBackend, batch: usize, mode: Mode) -> densenet::Result<Plan> {
-    Plan::new(cfg, net, batch, SIDE, SIDE, mode, |c| be.workspace_len(c, IMAGE_BYTES, batch))
+/// What is planned for: a network (built as `net`) and its input side.
+struct Planned<'a> {
+    cfg: &'a NetConfig,
+    net: &'a Net,
+    size: usize,
+}
+
+/// The plan of `p` for `batch` images in `mode`, its workspace sized by `be`.
+fn plan(p: &Planned, be: &mut CpuBackend, batch: usize, mode: Mode) -> densenet::Result<Plan> {
+    let image_len = CHANNELS * p.size * p.size;
+    Plan::new(p.cfg, p.net, batch, p.size, p.size, mode, |c| be.workspace_len(c, image_len, batch))
 }
 
 /// The largest batch (up to [`MAX_BATCH`]) whose planned total fits in `budget` bytes, if any
 /// does. The total grows with the batch, so a binary search finds it.
-fn max_batch(
-    cfg: &NetConfig,
-    net: &Net,
-    be: &mut CpuBackend,
-    mode: Mode,
-    budget: u64,
-) -> densenet::Result<Option<usize>> {
-    let mut fits = |batch| plan(cfg, net, be, batch, mode).map(|p| p.total_bytes() as u64 <= budget);
+fn max_batch(p: &Planned, be: &mut CpuBackend, mode: Mode, budget: u64) -> densenet::Result<Option<usize>> {
+    let mut fits = |batch| plan(p, be, batch, mode).map(|p| p.total_bytes() as u64 <= budget);
     if !fits(1)? {
         return Ok(None);
     }
@@ -155,25 +159,29 @@ fn max_batch(
 
 /// Runs `densenet memory`.
 pub(crate) fn run(a: MemoryArgs) -> Outcome {
-    let cfg = a.net.config().map_err(usage)?;
+    let cfg = a.net.config(a.net.free_classes()).map_err(usage)?;
+    let size = a.net.image_size();
+    cfg.geometry(size, size).map_err(usage)?;
     let net = Net::new(&cfg);
+    let planned = Planned { cfg: &cfg, net: &net, size };
     let mut be = CpuBackend::new();
     let batch = a.net.batch;
     let mut plans = Vec::new();
     for &mode in &a.memory.0 {
-        let fit = a.budget.map(|b| max_batch(&cfg, &net, &mut be, mode, b)).transpose()?;
-        plans.push((plan(&cfg, &net, &mut be, batch, mode)?, fit));
+        let fit = a.budget.map(|b| max_batch(&planned, &mut be, mode, b)).transpose()?;
+        plans.push((plan(&planned, &mut be, batch, mode)?, fit));
     }
     let params = net.layout.len;
     if a.json {
         let (budget_bytes, modes) = (a.budget, ModePlans::of(&plans));
-        return Ok(report_json(&MemoryReport { network: cfg.name(), params, batch, budget_bytes, modes })?);
+        let report = MemoryReport { network: cfg.name(), params, batch, image_size: size, budget_bytes, modes };
+        return Ok(report_json(&report)?);
     }
     report(format_args!(
-        "{} on {}, batch {batch} of {SIDE}x{SIDE}, {params} parameters; workspace for {} (the CUDA \
+        "{}, {} classes, batch {batch} of {size}x{size}, {params} parameters; workspace for {} (the CUDA \
          backend's holds the fused-BN scratch and cuDNN's workspace instead: docs/cuda.md)",
         cfg.name(),
-        a.net.dataset.title(),
+        cfg.num_classes,
         be.describe()
     ))?;
     if let Some(b) = a.budget {
@@ -227,6 +235,7 @@ mod tests {
             network: "DenseNet-BC-100-12".into(),
             params: 769_162,
             batch: 64,
+            image_size: 32,
             budget_bytes,
             modes: ModePlans { naive: Some(plan(fit)), shared: None, minimal: Some(plan(fit)) },
         };

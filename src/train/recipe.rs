@@ -1,5 +1,5 @@
-//! A run's recipe: everything that fixes what it computes. The network and data set, the batch
-//! size, the SGD hyper-parameters, the epochs (and so the LR milestones), augmentation, the
+//! A run's recipe: everything that fixes what it computes. The network (and the ImageNet
+//! architecture it is built as), the data set, the image size, the batch size, the SGD hyper-parameters, the epochs (and so the LR milestones), augmentation, the
 //! seed and the run's name. Every checkpoint stores the whole recipe (JSON, with a schema
 //! version), so `densenet train --resume PATH` alone continues a run as it was; a flag that
 //! differs from it is refused unless `--change-recipe` is given, and every change is recorded
@@ -8,17 +8,20 @@
 //! How a run executes is not recipe, and may change on resume: the device, the memory mode,
 //! the data path, the thread count.
 
-use crate::config::NetConfig;
-use crate::data::cifar::Dataset;
+use crate::config::{Arch, NetConfig};
+use crate::data::cifar::{Dataset, SIDE};
 use crate::{bail, Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// The recipe schema this build writes, and the newest it reads.
-pub const SCHEMA: u32 = 1;
+/// The recipe schema this build writes, and the newest it reads. Schema 2 added `arch` and
+/// `image_size`; a schema-1 recipe reads as a CIFAR network on 32x32 images.
+pub const SCHEMA: u32 = 2;
 /// Largest batch accepted (keeps every planned size far from overflow).
 pub const MAX_BATCH: usize = 1 << 24;
 /// Largest number of epochs (keeps the schedule arithmetic far from overflow).
 pub const MAX_EPOCHS: usize = 1_000_000;
+/// Largest image side accepted (keeps every planned size far from overflow).
+pub const MAX_IMAGE_SIZE: usize = 8192;
 
 /// A run's recipe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,6 +35,13 @@ pub struct Recipe {
     pub dataset: Dataset,
     /// The network.
     pub network: NetConfig,
+    /// The ImageNet architecture the network is built as (`--arch`; [`Arch::of`] the network),
+    /// `null` for a CIFAR network.
+    #[serde(default)]
+    pub arch: Option<Arch>,
+    /// The network's input height and width: the stored images upsampled by an integer factor.
+    #[serde(default = "stored_side")]
+    pub image_size: usize,
     /// Images per batch.
     pub batch_size: usize,
     /// Total epochs; the LR milestones are at 50% and 75% of them.
@@ -82,13 +92,19 @@ pub struct Difference {
 /// flags, and in words what no flag sets alone.
 type Aspect = (&'static str, fn(&Recipe) -> String);
 
+/// The image size of a schema-1 recipe: the stored images'.
+fn stored_side() -> usize {
+    SIDE
+}
+
 fn on_off(b: bool) -> String {
     if b { "on" } else { "off" }.to_string()
 }
 
 /// The aspects of the network and its data set, listed first.
-const NETWORK: [Aspect; 5] = [
+const NETWORK: [Aspect; 6] = [
     ("--dataset", |r| r.dataset.to_string()),
+    ("--arch", |r| r.arch.map_or("none".to_string(), |a| a.to_string())),
     ("--layers", |r| r.network.depth().to_string()),
     ("--growth", |r| r.network.growth.to_string()),
     ("bottleneck", |r| on_off(r.network.bottleneck)),
@@ -96,8 +112,9 @@ const NETWORK: [Aspect; 5] = [
 ];
 
 /// The other aspects.
-const TRAINING: [Aspect; 10] = [
+const TRAINING: [Aspect; 11] = [
     ("--droprate", |r| r.network.drop_rate.to_string()),
+    ("--image-size", |r| r.image_size.to_string()),
     ("--name", |r| r.name.clone()),
     ("--batch-size", |r| r.batch_size.to_string()),
     ("--epochs", |r| r.epochs.to_string()),
@@ -111,14 +128,16 @@ const TRAINING: [Aspect; 10] = [
 
 impl Recipe {
     /// The reference recipe (the defaults of the reference `train.py`) for `network` on
-    /// `dataset`: batch 64, 300 epochs, lr 0.1, Nesterov momentum 0.9, weight decay 1e-4,
+    /// `dataset` at its stored image size: batch 64, 300 epochs, lr 0.1, Nesterov momentum 0.9, weight decay 1e-4,
     /// augmentation on.
     pub fn reference(name: &str, dataset: Dataset, network: NetConfig, seed: u64) -> Recipe {
         Recipe {
             schema: SCHEMA,
             name: name.to_string(),
             dataset,
+            arch: Arch::of(&network),
             network,
+            image_size: SIDE,
             batch_size: 64,
             epochs: 300,
             lr: 0.1,
@@ -136,7 +155,8 @@ impl Recipe {
         serde_json::to_string(self).expect("a recipe serializes")
     }
 
-    /// Parses and checks a stored recipe; errors say what is wrong in one line.
+    /// Parses and checks a stored recipe of any schema this build reads (as [`SCHEMA`]); errors
+    /// say what is wrong in one line.
     pub fn from_json(text: &str) -> Result<Recipe> {
         let message = |e: serde_json::Error| Error(crate::error::one_line(&e.to_string()));
         let value: serde_json::Value = serde_json::from_str(text).map_err(message)?;
@@ -145,8 +165,10 @@ impl Recipe {
             Some(v) => bail!("recipe schema {v}; this build reads schemas 1 to {SCHEMA}"),
             None => bail!("no schema version"),
         }
-        let recipe: Recipe = serde_json::from_value(value).map_err(message)?;
+        let mut recipe: Recipe = serde_json::from_value(value).map_err(message)?;
         recipe.validate()?;
+        // Read into this schema's form, it is written back as this schema.
+        recipe.schema = SCHEMA;
         Ok(recipe)
     }
 
@@ -155,6 +177,11 @@ impl Recipe {
     pub fn validate(&self) -> Result<()> {
         self.network.validate()?;
         check_classes(&self.network, self.dataset)?;
+        if self.arch != Arch::of(&self.network) {
+            let named = |a: Option<Arch>| a.map_or("none".to_string(), |a| a.to_string());
+            bail!("'arch' is {}; the network is built as {}", named(self.arch), named(Arch::of(&self.network)));
+        }
+        check_image_size(&self.network, self.image_size)?;
         check_name(&self.name).map_err(|e| Error(format!("name {:?} {e}", self.name)))?;
         let finite = |x: f64| x.is_finite() && x >= 0.0;
         let checks = [
@@ -201,6 +228,18 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `network` takes `size` x `size` images made from the stored ones: a multiple of
+/// their side (each image is upsampled by an integer factor) that the network accepts.
+pub fn check_image_size(network: &NetConfig, size: usize) -> Result<()> {
+    if !(1..=MAX_IMAGE_SIZE).contains(&size) || !size.is_multiple_of(SIDE) {
+        bail!(
+            "image size {size} must be a multiple of {SIDE} up to {MAX_IMAGE_SIZE}: the {SIDE}x{SIDE} images are \
+             upsampled by a whole factor"
+        );
+    }
+    network.geometry(size, size).map(|_| ())
+}
+
 /// Checks that `network` predicts the classes of `dataset`.
 pub fn check_classes(network: &NetConfig, dataset: Dataset) -> Result<()> {
     if network.num_classes != dataset.classes() {
@@ -228,7 +267,7 @@ mod tests {
         let mut r = recipe();
         r.changes.push(Change { epoch: 2, what: "--epochs".into(), from: "300".into(), to: "400".into() });
         let text = r.to_json();
-        assert!(text.starts_with(r#"{"schema":1,"name":"r","dataset":"cifar10","network":{"stem":"cifar","#), "{text}");
+        assert!(text.starts_with(r#"{"schema":2,"name":"r","dataset":"cifar10","network":{"stem":"cifar","#), "{text}");
         assert!(text.contains(r#""drop_rate":0.2,"#), "the f32 as written: {text}");
         assert_eq!(Recipe::from_json(&text).unwrap(), r);
     }
@@ -240,8 +279,12 @@ mod tests {
             assert!(text.contains(from), "{from}");
             Recipe::from_json(&text.replace(from, to)).unwrap_err().0
         };
-        assert!(bad(r#""schema":1"#, r#""schema":2"#).contains("recipe schema 2; this build reads schemas 1 to 1"));
-        assert!(bad(r#""schema":1,"#, "").contains("no schema version"));
+        assert!(bad(r#""schema":2"#, r#""schema":3"#).contains("recipe schema 3; this build reads schemas 1 to 2"));
+        assert!(bad(r#""schema":2,"#, "").contains("no schema version"));
+        assert!(bad(r#""image_size":32"#, r#""image_size":48"#).contains("image size 48 must be a multiple of 32"));
+        assert!(bad(r#""image_size":32"#, r#""image_size":0"#).contains("image size 0"));
+        assert!(bad(r#""arch":null"#, r#""arch":"densenet121""#).contains("'arch' is densenet121; the network is"));
+        assert!(bad(r#""arch":null"#, r#""arch":"resnet""#).contains("unknown architecture 'resnet'"));
         assert!(bad(r#""name":"r""#, r#""name":"../x""#).contains("plain folder name"));
         assert!(bad(r#""epochs":300"#, r#""epochs":0"#).contains("'epochs' is out of range"));
         assert!(bad(r#""momentum":0.9"#, r#""momentum":1.0"#).contains("'momentum'"));
@@ -286,6 +329,30 @@ mod tests {
             }
         }
         crate::testing::Tally { parser: "recipe (checkpoint metadata)", cases: CASES, counts: vec![accepted] }.check();
+    }
+
+    /// A schema-1 recipe (before `arch` and `image_size`) is a CIFAR network on 32x32 images.
+    #[test]
+    fn schema_1_reads_with_the_stored_size() {
+        let text =
+            recipe().to_json().replace(r#""schema":2"#, r#""schema":1"#).replace(r#""arch":null,"image_size":32,"#, "");
+        assert!(!text.contains("image_size"), "{text}");
+        assert_eq!(Recipe::from_json(&text).unwrap(), recipe());
+    }
+
+    #[test]
+    fn architectures_and_image_sizes_are_recipe() {
+        let net = crate::config::Arch::Densenet121.config(32, 0.0, 10).unwrap();
+        let r = Recipe { image_size: 224, ..Recipe::reference("r", Dataset::Cifar10, net, 3) };
+        assert_eq!(r.arch, Some(crate::config::Arch::Densenet121));
+        assert_eq!(Recipe::from_json(&r.to_json()).unwrap(), r);
+        assert!(r.to_json().contains(r#""arch":"densenet121","image_size":224,"#));
+        let d = recipe().differences(&r);
+        assert_eq!(d[0], Difference { what: "--arch", from: "none".into(), to: "densenet121".into() });
+        assert!(d.iter().any(|d| d.what == "--image-size" && d.to == "224"));
+        assert!(!recipe().same_tensors(&r));
+        assert_eq!(Recipe { image_size: 96, ..r.clone() }.validate(), Ok(()));
+        assert!(Recipe { image_size: 200, ..r }.validate().is_err());
     }
 
     #[test]

@@ -134,20 +134,22 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
     let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
     let reused = start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r));
-    let mut model = Model::new(recipe.network.clone(), batch, SIDE, SIDE, start.memory, recipe.seed, be)?;
+    let size = recipe.image_size;
+    let mut model = Model::new(recipe.network.clone(), batch, size, size, start.memory, recipe.seed, be)?;
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
     }
 
     let cfg = model.config();
     report(format_args!(
-        "{} (run {}) on {}: {} training and {} test images from {}",
+        "{} (run {}) on {}: {} training and {} test images from {}{}",
         cfg.name(),
         recipe.name,
         dataset.title(),
         train_set.len(),
         test_set.len(),
-        a.data.data_dir.display()
+        a.data.data_dir.display(),
+        upsampled(size)
     ))?;
     report(format_args!("Number of model parameters: {}", model.layout().len))?;
     report(device::line(model.backend(), why))?;
@@ -252,4 +254,13 @@ fn reuse_algorithms<B: Backend>(be: &mut B, resumed: &Path) -> Option<usize> {
     reused
         .map_err(|e| log::warn!("{} not reused ({e}): the convolution algorithms are timed again", path.display()))
         .ok()
+}
+
+/// How the stored images become `size` x `size` inputs, said after the data line: nothing at
+/// their own size.
+pub(crate) fn upsampled(size: usize) -> String {
+    match size / SIDE {
+        1 => String::new(),
+        s => format!(", upsampled {s}x to {size}x{size}"),
+    }
 }

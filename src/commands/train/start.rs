@@ -3,7 +3,8 @@
 
 use super::TrainArgs;
 use crate::commands::{failure, usage, Failure};
-use densenet::config::NetConfig;
+use densenet::bail;
+use densenet::config::{Arch, NetConfig};
 use densenet::data::download::Source;
 use densenet::model::plan::Mode;
 use densenet::train::checkpoint::{self, Checkpoint, State};
@@ -38,7 +39,11 @@ pub(super) struct Start {
 }
 
 /// The clap ids of the flags that set the network (and its classes).
-const NETWORK_FLAGS: [&str; 6] = ["layers", "growth", "droprate", "reduce", "no_bottleneck", "dataset"];
+const NETWORK_FLAGS: [&str; 8] =
+    ["arch", "layers", "growth", "droprate", "reduce", "no_bottleneck", "dataset", "num_classes"];
+
+/// The clap ids of the flags that shape a CIFAR network only.
+const CIFAR_FLAGS: [&str; 3] = ["layers", "reduce", "no_bottleneck"];
 
 impl Start {
     /// Everything the flags and the files decide, checked before a device is opened or any
@@ -82,7 +87,8 @@ impl Start {
         if let Some(path) = &a.resume {
             return Start::resume(a, path);
         }
-        let recipe = flags_recipe(a, a.net.config().map_err(usage)?);
+        let recipe = flags_recipe(a, a.net.config(a.net.dataset.classes()).map_err(usage)?);
+        recipe.validate().map_err(usage)?;
         let epoch = a.start_epoch.unwrap_or(0);
         if epoch >= recipe.epochs {
             return Err(usage(format!(
@@ -250,6 +256,7 @@ fn flags_recipe(a: &TrainArgs, cfg: NetConfig) -> Recipe {
         momentum: a.momentum,
         weight_decay: a.weight_decay,
         augment: !a.no_augment,
+        image_size: a.net.image_size(),
         ..Recipe::reference(&a.name, a.net.dataset, cfg, a.seed.unwrap_or(0))
     }
 }
@@ -266,21 +273,34 @@ fn flags_over(a: &TrainArgs, stored: &Recipe) -> densenet::Result<Recipe> {
     }
     let (net, dataset) = (&stored.network, pick(given("dataset"), a.net.dataset, stored.dataset));
     let network = if NETWORK_FLAGS.iter().any(|id| given(id)) {
-        NetConfig::cifar(
-            pick(given("layers"), a.net.layers, net.depth()),
-            pick(given("growth"), a.net.growth, net.growth),
-            pick(given("no_bottleneck"), false, net.bottleneck),
-            pick(given("reduce"), a.net.reduce, net.reduction),
-            pick(given("droprate"), a.net.droprate, net.drop_rate),
-            dataset.classes(),
-        )?
+        let classes = a.net.num_classes.unwrap_or(dataset.classes());
+        let drop_rate = pick(given("droprate"), a.net.droprate, net.drop_rate);
+        match pick(given("arch"), a.net.arch, stored.arch) {
+            Some(arch) => {
+                if let Some(flag) = CIFAR_FLAGS.iter().find(|id| given(id)) {
+                    bail!("--{} shapes a CIFAR network; run '{}' is {arch}", flag.replace('_', "-"), stored.name);
+                }
+                let growth = a.net.growth.unwrap_or(if given("arch") { arch.growth() } else { net.growth });
+                arch.config(growth, drop_rate, classes)?
+            }
+            None => NetConfig::cifar(
+                pick(given("layers"), a.net.layers, net.depth()),
+                a.net.growth.unwrap_or(net.growth),
+                pick(given("no_bottleneck"), false, net.bottleneck),
+                pick(given("reduce"), a.net.reduce, net.reduction),
+                drop_rate,
+                classes,
+            )?,
+        }
     } else {
         net.clone()
     };
-    Ok(Recipe {
+    let recipe = Recipe {
         name: pick(given("name"), a.name.clone(), stored.name.clone()),
         dataset,
+        arch: Arch::of(&network),
         network,
+        image_size: a.net.image_size.unwrap_or(stored.image_size),
         batch_size: pick(given("batch"), a.net.batch, stored.batch_size),
         epochs: pick(given("epochs"), a.epochs, stored.epochs),
         lr: pick(given("lr"), a.lr, stored.lr),
@@ -289,7 +309,9 @@ fn flags_over(a: &TrainArgs, stored: &Recipe) -> densenet::Result<Recipe> {
         augment: pick(given("no_augment"), false, stored.augment),
         seed: a.seed.unwrap_or(stored.seed),
         ..stored.clone()
-    })
+    };
+    recipe.validate()?;
+    Ok(recipe)
 }
 
 /// A file's size and modification time (`None` when they cannot be read).
