@@ -503,3 +503,38 @@ fn a_signal_stops_the_run_and_says_how_to_resume() {
         assert!(text.contains(&format!("Resumed from {}: epoch {next}", ck.display())), "{text}");
     }
 }
+
+/// `--arch`: DenseNet-121 trains on the tiny CIFAR-10 at its own 32x32, its checkpoint records
+/// the architecture and image size as recipe, and `eval` gives the training run's test
+/// precision from the checkpoint's metadata and from its weights read by `--arch`.
+#[test]
+fn an_architecture_trains_and_evaluates() {
+    let s = setup();
+    let runs = s.runs.path().to_str().unwrap();
+    let common = ["--data-dir", s.data(), "--runs-dir", runs, "--device", "cpu", "-b", "16"];
+    let out = ok(&[&["train", "--arch", "densenet121", "--image-size", "32", "--epochs", "1"][..], &common].concat());
+    assert!(out.starts_with("DenseNet-121 (run DenseNet_BC_100_12) on CIFAR-10: 80 training"), "{out}");
+    assert!(out.contains("Number of model parameters: 6964106"), "{out}");
+    let line = out.lines().find(|l| l.starts_with(" * Epoch [0]")).unwrap_or_else(|| panic!("{out}"));
+    let top1 = word_after(&line[line.find("test Loss").unwrap()..], "Prec@1 ");
+
+    let ck = s.checkpoint("DenseNet_BC_100_12", "checkpoint.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let recipe: Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["recipe"]).unwrap();
+    assert_eq!((&recipe["arch"], &recipe["image_size"]), (&"densenet121".into(), &32.into()), "{recipe}");
+    assert_eq!(recipe["network"]["num_classes"], 10);
+
+    let from_meta = run_json(&s.eval_args(&ck, &["-b", "16"]));
+    assert_eq!(format!("{:.3}", from_meta["top1"].as_f64().unwrap()), top1);
+    let by_arch = ["--arch", "densenet121", "--image-size", "32", "-b", "16"];
+    let text = ok(&[&s.eval_args(&ck, &by_arch)[..], &["--json"]].concat());
+    assert!(text.starts_with(&format!("DenseNet-121 from {} (weights) on CIFAR-10", ck.display())), "{text}");
+    assert_eq!(last_json(&text), from_meta);
+    assert_fails(
+        &s.eval_args(&ck, &["--arch", "densenet169", "--image-size", "32"]),
+        1,
+        "(the file holds DenseNet-121)",
+    );
+    assert_fails(&s.eval_args(&ck, &["--arch", "densenet121", "--num-classes", "7"]), 2, "predicts 7 classes");
+}
