@@ -18,10 +18,15 @@ pub enum Input<'a> {
     /// Normalized floats [n, 3, h, w].
     Floats(&'a [f32]),
     /// Stored images (bytes [n, 3, h, w]) with their crop windows and normalization, applied
-    /// by the backend (`Backend::augment`: on the device for the CUDA backend).
+    /// by the backend (`Backend::augment`: on the device for the CUDA backend), then upsampled
+    /// to the model's size, a whole multiple of theirs.
     Stored {
         /// The stored bytes.
         bytes: &'a [u8],
+        /// Height of a stored image.
+        h: usize,
+        /// Width of a stored image.
+        w: usize,
         /// One window per image.
         crops: &'a [Crop],
         /// The normalization.
@@ -61,7 +66,8 @@ impl Normalize {
 }
 
 /// Where an image's window lies in the image zero-padded by [`PAD`] (the window has the
-/// image's size), and whether it is mirrored.
+/// image's size), and whether it is mirrored. The window is cut at the stored size, then
+/// upsampled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Crop {
     /// Top row of the window in the padded image, 0..=2*PAD (PAD: centered).
@@ -77,20 +83,27 @@ impl Crop {
     pub const NONE: Crop = Crop { top: PAD, left: PAD, flip: false };
 
     /// Writes image `src` (bytes, [`CHANNELS`] planes of `h` x `w`) through this window,
-    /// normalized, into `dst` (as many floats).
-    pub fn apply(self, src: &[u8], norm: &Normalize, h: usize, w: usize, dst: &mut [f32]) {
-        let plane = h * w;
-        assert!(src.len() == CHANNELS * plane && dst.len() == src.len(), "one 3 x {h} x {w} image");
-        for (c, (src, dst)) in src.chunks_exact(plane).zip(dst.chunks_exact_mut(plane)).enumerate() {
+    /// normalized and upsampled by `scale` (each pixel a `scale` x `scale` square, nearest
+    /// neighbour), into `dst` (`scale`² as many floats).
+    pub fn apply(self, src: &[u8], norm: &Normalize, h: usize, w: usize, scale: usize, dst: &mut [f32]) {
+        let (plane, ow) = (h * w, w * scale);
+        let out_plane = plane * scale * scale;
+        assert!(
+            src.len() == CHANNELS * plane && dst.len() == CHANNELS * out_plane,
+            "one 3 x {h} x {w} image, x{scale}"
+        );
+        for (c, (src, dst)) in src.chunks_exact(plane).zip(dst.chunks_exact_mut(out_plane)).enumerate() {
             let zero = norm.value(c, 0);
-            for (y, out) in dst.chunks_exact_mut(w).enumerate() {
-                // Row y of the window is padded row top + y, source row top + y - PAD.
-                let Some(row) = (y + self.top).checked_sub(PAD).filter(|&r| r < h) else {
+            for (y, out) in dst.chunks_exact_mut(ow).enumerate() {
+                // Row y of the output is row y / scale of the window: padded row top + y / scale,
+                // source row top + y / scale - PAD.
+                let Some(row) = (y / scale + self.top).checked_sub(PAD).filter(|&r| r < h) else {
                     out.fill(zero);
                     continue;
                 };
                 let row = &src[row * w..(row + 1) * w];
                 for (x, o) in out.iter_mut().enumerate() {
+                    let x = x / scale;
                     let col = if self.flip { w - 1 - x } else { x } + self.left;
                     *o = match col.checked_sub(PAD).filter(|&c| c < w) {
                         Some(col) => norm.value(c, row[col]),
@@ -131,7 +144,7 @@ mod tests {
     fn identity_crop_copies() {
         let (src, n) = (gradient(), norm());
         let mut out = vec![0.0; 3072];
-        Crop::NONE.apply(&src, &n, 32, 32, &mut out);
+        Crop::NONE.apply(&src, &n, 32, 32, 1, &mut out);
         let expect: Vec<f32> = src.iter().enumerate().map(|(i, &v)| n.value(i / 1024, v)).collect();
         assert_eq!(out, expect);
     }
@@ -141,7 +154,7 @@ mod tests {
         let (src, n) = (gradient(), norm());
         let mut out = vec![0.0; 3072];
         // Window at the top-left corner of the padded image: shifted down-right by 4.
-        Crop { top: 0, left: 0, flip: false }.apply(&src, &n, 32, 32, &mut out);
+        Crop { top: 0, left: 0, flip: false }.apply(&src, &n, 32, 32, 1, &mut out);
         for c in 0..3 {
             assert_eq!(at(&out, c, 0, 10), n.value(c, 0), "padded row");
             assert_eq!(at(&out, c, 10, 3), n.value(c, 0), "padded column");
@@ -149,7 +162,7 @@ mod tests {
             assert_eq!(at(&out, c, 31, 31), n.value(c, src[c * 1024 + 27 * 32 + 27]));
         }
         // Bottom-right corner: shifted up-left by 4.
-        Crop { top: 8, left: 8, flip: false }.apply(&src, &n, 32, 32, &mut out);
+        Crop { top: 8, left: 8, flip: false }.apply(&src, &n, 32, 32, 1, &mut out);
         assert_eq!(at(&out, 2, 0, 0), n.value(2, src[2 * 1024 + 4 * 32 + 4]));
         assert_eq!(at(&out, 2, 28, 5), n.value(2, 0));
         assert_eq!(at(&out, 2, 5, 28), n.value(2, 0));
@@ -160,8 +173,8 @@ mod tests {
         let (src, n) = (gradient(), norm());
         let (mut plain, mut flipped) = (vec![0.0; 3072], vec![0.0; 3072]);
         let crop = Crop { top: 2, left: 7, flip: false };
-        crop.apply(&src, &n, 32, 32, &mut plain);
-        Crop { flip: true, ..crop }.apply(&src, &n, 32, 32, &mut flipped);
+        crop.apply(&src, &n, 32, 32, 1, &mut plain);
+        Crop { flip: true, ..crop }.apply(&src, &n, 32, 32, 1, &mut flipped);
         for c in 0..3 {
             for y in 0..32 {
                 for x in 0..32 {
@@ -170,7 +183,7 @@ mod tests {
             }
         }
         // Flipping the stored image itself mirrors its columns.
-        Crop { flip: true, ..Crop::NONE }.apply(&src, &n, 32, 32, &mut flipped);
+        Crop { flip: true, ..Crop::NONE }.apply(&src, &n, 32, 32, 1, &mut flipped);
         assert_eq!(at(&flipped, 1, 3, 0), n.value(1, src[1024 + 3 * 32 + 31]));
     }
 
@@ -180,10 +193,36 @@ mod tests {
         let (h, w, n) = (5, 8, norm());
         let src: Vec<u8> = (0..3 * h * w).map(|i| i as u8).collect();
         let mut out = vec![0.0; src.len()];
-        Crop { top: PAD + 1, left: PAD - 2, flip: false }.apply(&src, &n, h, w, &mut out);
+        Crop { top: PAD + 1, left: PAD - 2, flip: false }.apply(&src, &n, h, w, 1, &mut out);
         // Output (y, x) is source (y + 1, x - 2): zero in the last row and first two columns.
         assert_eq!(out[w + 2], n.value(0, src[2 * w]));
         assert_eq!(out[(h - 1) * w + 3], n.value(0, 0));
         assert_eq!(out[2 * h * w + w + 1], n.value(2, 0));
+    }
+
+    /// Upsampling by 3 of a 5 x 7 image, through windows in the corners, the center and off
+    /// it, mirrored or not: output pixel (y, x) is the window's pixel (y / 3, x / 3).
+    #[test]
+    fn upsampling_repeats_each_window_pixel() {
+        let (h, w, s, n) = (5, 7, 3, norm());
+        let src: Vec<u8> = (0..3 * h * w).map(|i| (i * 7 % 251) as u8).collect();
+        let mut out = vec![0.0; src.len() * s * s];
+        for (top, left) in [(0, 0), (PAD, PAD), (2 * PAD, 2 * PAD), (PAD + 2, PAD - 3), (1, 2 * PAD)] {
+            for flip in [false, true] {
+                Crop { top, left, flip }.apply(&src, &n, h, w, s, &mut out);
+                for c in 0..3 {
+                    for y in 0..h * s {
+                        for x in 0..w * s {
+                            let col = if flip { w - 1 - x / s } else { x / s };
+                            let (r, q) = ((top + y / s) as isize - PAD as isize, (left + col) as isize - PAD as isize);
+                            let inside = (0..h as isize).contains(&r) && (0..w as isize).contains(&q);
+                            let v = if inside { src[c * h * w + r as usize * w + q as usize] } else { 0 };
+                            let got = out[(c * h * s + y) * w * s + x];
+                            assert_eq!(got, n.value(c, v), "window ({top}, {left}, {flip}) at ({c}, {y}, {x})");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -230,17 +230,19 @@ fn head<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
 on_devices!(head_matches_the_cpu, head);
 
 fn input_batch<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
-    // CIFAR's 32 x 32, and images that are neither square nor CIFAR-sized.
-    for (n, h, w) in [(1, 32, 32), (5, 32, 32), (3, 12, 20)] {
+    // Stored h x w upsampled by s: CIFAR's 32 x 32 as stored and at ImageNet's 224 x 224, and
+    // images that are neither square nor CIFAR-sized.
+    for (n, h, w, s) in [(1, 32, 32, 1), (5, 32, 32, 1), (3, 12, 20, 1), (1, 32, 32, 7), (5, 5, 7, 3), (2, 12, 20, 2)] {
+        let (oh, ow) = (s * h, s * w);
         let mut l = Layout::default();
-        let dst = View::dense(l.take(n * 3 * h * w).off, n, 3, h, w);
-        let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h, w }], n);
+        let dst = View::dense(l.take(n * 3 * oh * ow).off, n, 3, oh, ow);
+        let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h: oh, w: ow }], n);
         let bytes: Vec<u8> = (0..n * 3 * h * w).map(|i| rng::mix64(i as u64) as u8).collect();
         // Windows in every corner and the center, mirrored or not.
         let crops: Vec<Crop> =
             (0..n).map(|i| Crop { top: [4, 0, 8, 0, 8][i], left: [4, 0, 0, 8, 8][i], flip: i % 2 == 1 }).collect();
         let norm = normalization(Dataset::Cifar100);
-        t.run(&format!("augment n{n} {h}x{w}"), |be| be.augment(&bytes, &crops, &norm, dst));
+        t.run(&format!("augment n{n} {h}x{w} x{s}"), |be| be.augment(&bytes, &crops, &norm, s, dst));
     }
 }
 on_devices!(input_batch_matches_the_cpu, input_batch);

@@ -218,9 +218,9 @@ pub trait Backend {
     /// `dst = src` (same shape).
     fn copy(&mut self, src: View, dst: View);
     /// Writes the network input `dst` (dense [n, 3, h, w]) from stored images (`bytes`, n of
-    /// 3 x h x w, the size `dst` says): image i cut through window `crops[i]` of its
-    /// zero-padded copy and normalized by `norm`, as [`Crop::apply`] does.
-    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View);
+    /// 3 x h / scale x w / scale): image i cut through window `crops[i]` of its zero-padded
+    /// copy, normalized by `norm` and upsampled by `scale`, as [`Crop::apply`] does.
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View);
 
     /// `y = conv(pre(x), w)`; `w` is [cout, cin, k, k]; `pre` = `Some(bn)` applies
     /// `relu(bn(.))` to the input on the fly (the same arithmetic as [`Backend::bn_relu`]),
@@ -313,7 +313,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn write(dst: Span, data: &[f32]);
         fn set_labels(labels: &[u32]);
         fn copy(src: View, dst: View);
-        fn augment(bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View);
+        fn augment(bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View);
         fn conv_forward(x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec);
         fn conv_backward_data(gy: View, w: Span, gx: View, spec: ConvSpec);
         fn conv_backward_filter(x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec);

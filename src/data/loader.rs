@@ -7,7 +7,7 @@
 //! can be regenerated on their own.
 
 use super::augment::{normalization, random_crop};
-use super::cifar::{Dataset, Images, IMAGE_BYTES};
+use super::cifar::{Dataset, Images, IMAGE_BYTES, SIDE};
 use crate::input::{Crop, Input, Normalize};
 use crate::{bail, rng, Error, Result};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -20,7 +20,8 @@ const TAG: u64 = u64::from_be_bytes(*b"shuffle\0");
 const BUFFERS: usize = 2;
 
 /// One batch: stored images [n, 3, 32, 32] with the crop window of each (the backend crops,
-/// flips and normalizes them, on the device for the CUDA backend), and their labels.
+/// flips and normalizes them, and upsamples them to a larger model's size, on the device for
+/// the CUDA backend), and their labels.
 #[derive(Debug)]
 pub struct Batch {
     bytes: Vec<u8>,
@@ -32,7 +33,7 @@ pub struct Batch {
 impl Batch {
     /// The images as the model takes them.
     pub fn input(&self) -> Input<'_> {
-        Input::Stored { bytes: &self.bytes, crops: &self.crops, norm: &self.norm }
+        Input::Stored { bytes: &self.bytes, h: SIDE, w: SIDE, crops: &self.crops, norm: &self.norm }
     }
 
     /// Labels, one per image.

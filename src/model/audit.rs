@@ -112,7 +112,7 @@ impl Backend for Recorder {
         self.push("copy", vec![v(src)], vec![v(dst)]);
     }
 
-    fn augment(&mut self, _bytes: &[u8], _crops: &[Crop], _norm: &Normalize, dst: View) {
+    fn augment(&mut self, _bytes: &[u8], _crops: &[Crop], _norm: &Normalize, _scale: usize, dst: View) {
         self.push("augment", vec![], vec![v(dst)]);
     }
 

@@ -65,8 +65,9 @@ enum Pass {
 }
 
 impl<B: Backend> Model<B> {
-    /// Builds the network, plans its memory for batches of up to `batch` images of `h` x `w`,
-    /// allocates the arena on `be` and initializes the parameters from `seed`.
+    /// Builds the network, plans its memory for batches of up to `batch` images of `h` x `w`
+    /// (stored images may be smaller by a whole factor: [`Input::Stored`]), allocates the arena
+    /// on `be` and initializes the parameters from `seed`.
     pub fn new(cfg: NetConfig, batch: usize, h: usize, w: usize, mode: Mode, seed: u64, mut be: B) -> Result<Self> {
         cfg.validate()?;
         let net = Net::new(&cfg);
@@ -248,28 +249,38 @@ impl<B: Backend> Model<B> {
 
     fn load_batch(&mut self, images: Input, labels: &[u32]) -> Result<usize> {
         let n = labels.len();
-        let per = CHANNELS * self.h * self.w;
         if n == 0 || n > self.plan.batch {
             bail!("batch of {n} images; the plan holds 1 to {}", self.plan.batch);
         }
-        let (len, what) = match images {
-            Input::Floats(f) => (f.len(), "floats"),
-            Input::Stored { bytes, crops, .. } => {
+        let (len, what, h, w) = match images {
+            Input::Floats(f) => (f.len(), "floats", self.h, self.w),
+            Input::Stored { bytes, h, w, crops, .. } => {
                 if crops.len() != n {
                     bail!("{} crop windows for {n} labels", crops.len());
                 }
-                (bytes.len(), "bytes")
+                // The model's size is s times theirs, s a whole number (and so at least 1).
+                if h == 0 || !self.h.is_multiple_of(h) || self.h / h * w != self.w {
+                    bail!(
+                        "stored images of {h} x {w} do not upsample by a whole factor to the model's {} x {}",
+                        self.h,
+                        self.w
+                    );
+                }
+                (bytes.len(), "bytes", h, w)
             }
         };
+        let per = CHANNELS * h * w;
         if len != n * per {
-            bail!("{len} {what} of images for {n} labels; expected {} ({n} x 3 x {} x {})", n * per, self.h, self.w);
+            bail!("{len} {what} of images for {n} labels; expected {} ({n} x 3 x {h} x {w})", n * per);
         }
         if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.cfg.num_classes) {
             bail!("label {l} out of range for {} classes", self.cfg.num_classes);
         }
         match images {
             Input::Floats(f) => self.be.write(self.plan.image.batch(n).span(), f),
-            Input::Stored { bytes, crops, norm } => self.be.augment(bytes, crops, norm, self.plan.image.batch(n)),
+            Input::Stored { bytes, h, crops, norm, .. } => {
+                self.be.augment(bytes, crops, norm, self.h / h, self.plan.image.batch(n))
+            }
         }
         self.be.set_labels(labels);
         Ok(n)

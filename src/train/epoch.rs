@@ -114,3 +114,39 @@ fn run(
     }
     Ok(EpochStats { loss: loss.avg(), top1: top1.avg() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::config::NetConfig;
+    use crate::data::cifar::{Dataset, SIDE};
+    use crate::model::plan::Mode;
+    use crate::testing;
+    use std::sync::Arc;
+
+    struct Quiet;
+
+    impl Progress for Quiet {
+        fn start(&mut self, _: &str, _: usize, _: Ahead) -> Result<()> {
+            Ok(())
+        }
+        fn batch(&mut self, _: &BatchDone) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The loader's 32 x 32 images train and evaluate a model planned at twice their size.
+    #[test]
+    fn a_larger_model_takes_the_stored_images() {
+        let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap();
+        let mut model = Model::new(cfg, 4, 2 * SIDE, 2 * SIDE, Mode::Minimal, 0, CpuBackend::new()).unwrap();
+        let data = Arc::new(testing::images(Dataset::Cifar10, 5));
+        let mut loader = Loader::train(data.clone(), Dataset::Cifar10, 4, 0, true).unwrap();
+        let s = train(&mut model, &mut loader, 0, Sgd::default(), Ahead::default(), &mut Quiet).unwrap();
+        assert!(s.loss.is_finite() && s.loss > 0.0, "training loss {}", s.loss);
+        let mut loader = Loader::test(data, Dataset::Cifar10, 4).unwrap();
+        let s = evaluate(&mut model, &mut loader, &mut Quiet).unwrap();
+        assert!(s.loss.is_finite() && s.loss > 0.0, "test loss {}", s.loss);
+    }
+}

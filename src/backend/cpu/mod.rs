@@ -198,13 +198,20 @@ impl Backend for CpuBackend {
         elementwise::copy(self.ptr(), src, dst);
     }
 
-    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View) {
         self.check(dst);
-        let per = dst.c * dst.hw();
-        assert!(dst.img_stride == per && bytes.len() == crops.len() * per && crops.len() == dst.n, "augment shapes");
+        assert!(
+            scale > 0 && dst.h.is_multiple_of(scale) && dst.w.is_multiple_of(scale),
+            "{dst:?} not upsampled by {scale}"
+        );
+        let (h, w) = (dst.h / scale, dst.w / scale);
+        let (per, stored) = (dst.c * dst.hw(), dst.c * h * w);
+        assert!(dst.img_stride == per && bytes.len() == crops.len() * stored && crops.len() == dst.n, "augment shapes");
         let out = &mut self.arena[dst.index()..dst.index() + dst.numel()];
-        let (h, w) = (dst.h, dst.w);
-        out.par_chunks_mut(per).zip(bytes.par_chunks(per)).zip(crops).for_each(|((d, s), c)| c.apply(s, norm, h, w, d));
+        out.par_chunks_mut(per)
+            .zip(bytes.par_chunks(stored))
+            .zip(crops)
+            .for_each(|((d, s), c)| c.apply(s, norm, h, w, scale, d));
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {

@@ -295,10 +295,17 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.launch_flat("copy_images", src.n * len, args);
     }
 
-    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, dst: View) {
+    fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View) {
         self.check_view(dst);
-        let (n, per) = (dst.n, dst.c * dst.hw());
-        assert!(dst.img_stride == per && bytes.len() == n * per && crops.len() == n, "augment shapes");
+        assert!(
+            scale > 0 && dst.h.is_multiple_of(scale) && dst.w.is_multiple_of(scale),
+            "{dst:?} not upsampled by {scale}"
+        );
+        let (n, h, w) = (dst.n, dst.h / scale, dst.w / scale);
+        assert!(
+            dst.img_stride == dst.c * dst.hw() && bytes.len() == n * dst.c * h * w && crops.len() == n,
+            "augment shapes"
+        );
         assert!(dst.c == CHANNELS, "{} input channels", dst.c);
         // Bytes, crops and the table go to the fused-BN scratch, unused between steps.
         let s = &mut self.staging;
@@ -318,7 +325,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             .words(word(crop_off), table_off - crop_off)
             .words(word(table_off), total - table_off)
             .view_buf(dst)
-            .ints([n, dst.h, dst.w, PAD]);
+            .ints([n, h, w, scale, PAD]);
         self.launch_flat("augment", dst.numel(), args);
     }
 
