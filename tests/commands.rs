@@ -537,4 +537,15 @@ fn an_architecture_trains_and_evaluates() {
         "(the file holds DenseNet-121)",
     );
     assert_fails(&s.eval_args(&ck, &["--arch", "densenet121", "--num-classes", "7"]), 2, "predicts 7 classes");
+
+    // The image size is recipe a resume may change: the images are upsampled 2x from there on,
+    // and the checkpoint's size is the one eval takes.
+    let ck_arg = ck.to_str().unwrap();
+    let resume = ["train", "--resume", ck_arg, "--change-recipe", "--epochs", "2", "--image-size", "64"];
+    let out = ok(&[&resume[..], &common].concat());
+    assert!(out.contains("80 training and 20 test images from") && out.contains(", upsampled 2x to 64x64"), "{out}");
+    assert!(out.contains("Recipe change from epoch 1: --image-size 32 -> 64"), "{out}");
+    let text = ok(&s.eval_args(&ck, &["-b", "16"]));
+    assert!(text.contains(", upsampled 2x to 64x64"), "{text}");
+    assert_fails(&[&resume[..2], &[ck_arg, "--layers", "40"], &common].concat(), 2, "--layers shapes a CIFAR network");
 }
