@@ -64,6 +64,7 @@ pub(crate) use by_name;
 mod tests {
     use super::Named;
     use crate::data::cifar::Dataset;
+    use crate::model::names::Naming;
     use crate::model::plan::Mode;
 
     /// Every value has a name that reads back as it (spelled loosely where the type says so);
@@ -87,6 +88,8 @@ mod tests {
             &[Dataset::Cifar10, Dataset::Cifar100],
             &[("CIFAR-100", Dataset::Cifar100), ("Cifar_10", Dataset::Cifar10)],
         );
+        let namings = [Naming::Densenet, Naming::Torchvision, Naming::TorchvisionLegacy];
+        reads_back(&namings, &[("Torchvision", Naming::Torchvision)]);
         assert_eq!(Mode::from_name("lots").unwrap_err().0, "unknown memory mode 'lots' (naive, shared, minimal)");
     }
 }
