@@ -1,8 +1,9 @@
 //! The `densenet` command line: `train` (the reference `train.py`, flags and defaults kept,
 //! with checkpoints, exact resume and initial weights), `eval` (a checkpoint on the test set),
 //! `memory` (the planned bytes per category for each memory mode, and the largest batch that
-//! fits a budget), `bench` (training steps on random data: speed, planned and measured memory)
-//! and `download` (the CIFAR archive, fetched, checked and extracted).
+//! fits a budget), `bench` (training steps on random data: speed, planned and measured memory),
+//! `download` (the CIFAR archive, fetched, checked and extracted) and `export` (a checkpoint's
+//! weights in our names or torchvision's).
 //!
 //! Every error is one line on stderr starting with `error:`; bad flags exit with 2, failures
 //! while running with 1. With `--json`, `eval`, `memory` and `bench` print one JSON object as
@@ -11,7 +12,7 @@
 mod commands;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use commands::{bench, download, eval, memory, output, train};
+use commands::{bench, download, eval, export, memory, output, train};
 use std::process::ExitCode;
 
 /// Counts the heap for `bench`'s measured peak.
@@ -45,6 +46,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Download the CIFAR binary archive, check its MD5 and extract it into the data directory.
     Download(download::DownloadArgs),
+    /// Write a checkpoint's weights and running statistics as a safetensors file, in our names
+    /// or torchvision's (for torchvision.models.densenet121 and its kin).
+    Export(export::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,5 +67,6 @@ fn main() -> ExitCode {
         Command::Memory(a) => memory::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Download(a) => download::run(a),
+        Command::Export(a) => export::run(a),
     })
 }

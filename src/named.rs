@@ -65,6 +65,7 @@ mod tests {
     use super::Named;
     use crate::config::Arch;
     use crate::data::cifar::Dataset;
+    use crate::model::names::Naming;
     use crate::model::plan::Mode;
 
     /// Every value has a name that reads back as it (spelled loosely where the type says so);
@@ -92,6 +93,8 @@ mod tests {
             &[Arch::Densenet121, Arch::Densenet169, Arch::Densenet201, Arch::Densenet161, Arch::Densenet264],
             &[("DenseNet-169", Arch::Densenet169), ("densenet_264", Arch::Densenet264)],
         );
+        let namings = [Naming::Densenet, Naming::Torchvision, Naming::TorchvisionLegacy];
+        reads_back(&namings, &[("Torchvision", Naming::Torchvision)]);
         assert_eq!(Mode::from_name("lots").unwrap_err().0, "unknown memory mode 'lots' (naive, shared, minimal)");
     }
 }

@@ -1,8 +1,9 @@
 //! End-to-end runs of `densenet eval`, `densenet bench` and `densenet memory --budget` on tiny
 //! CIFAR-format data written by the tests: eval reproduces the test precision the training run
 //! printed, bench reports sane speed and memory (the measured heap at least the plan, and
-//! close to it), the largest batch for a budget is exactly the largest whose plan fits, and
-//! every bad input is a one-line error with a non-zero exit and no panic.
+//! close to it), the largest batch for a budget is exactly the largest whose plan fits, a
+//! fine-tuning start says that its classifier is new, and every bad input is a one-line error
+//! with a non-zero exit and no panic.
 
 mod common;
 
@@ -140,6 +141,17 @@ fn eval_takes_the_dataset_from_the_checkpoint() {
         1,
         "holds DenseNet-BC-10-4 for 100 classes (CIFAR-100); --dataset cifar10 has 10",
     );
+}
+
+/// A fine-tuning start: the weights of a CIFAR-100 run start a CIFAR-10 run, whose classifier
+/// is its own initialization, and the start-up says so.
+#[test]
+fn init_weights_of_another_class_count_start_a_new_classifier() {
+    let s = setup();
+    s.train("c100", &["--dataset", "cifar100"]);
+    let ck = s.checkpoint("c100", "model_best.safetensors");
+    let out = s.train("c10", &["--init-weights", ck.to_str().unwrap()]);
+    assert!(out.contains("\nClassifier re-initialized for 10 classes (the file's has 100)\n"), "{out}");
 }
 
 #[test]
@@ -537,6 +549,8 @@ fn an_architecture_trains_and_evaluates() {
         "(the file holds DenseNet-121)",
     );
     assert_fails(&s.eval_args(&ck, &["--arch", "densenet121", "--num-classes", "7"]), 2, "predicts 7 classes");
+    let other = ["--arch", "densenet121", "--image-size", "32", "--dataset", "cifar100"];
+    assert_fails(&s.eval_args(&ck, &other), 1, "its classifier predicts 10 classes; CIFAR-100 has 100");
 
     // The image size is recipe a resume may change: the images are upsampled 2x from there on,
     // and the checkpoint's size is the one eval takes.

@@ -121,7 +121,17 @@ fn weights(a: &EvalArgs, arch: Arch) -> Result<Evaluated, Failure> {
     let cfg = arch.config(a.growth.unwrap_or(arch.growth()), 0.0, a.num_classes.unwrap_or(dataset.classes()));
     let cfg = cfg.map_err(usage)?;
     check_classes(&cfg, dataset).map_err(usage)?;
-    let state = checkpoint::read_weights(&a.checkpoint, &cfg)?;
+    let weights = checkpoint::read_weights(&a.checkpoint, &cfg, 0)?;
+    if let Some(r) = weights.reset {
+        return Err(failure(format!(
+            "{}: its classifier predicts {} classes; {} has {}",
+            a.checkpoint.display(),
+            r.file_classes,
+            dataset.title(),
+            r.classes
+        )));
+    }
+    let state = weights.state;
     let from = format!("{} (weights)", a.checkpoint.display());
     Ok(Evaluated { cfg, state, from, size: a.image_size.unwrap_or(IMAGENET_SIZE), dataset })
 }

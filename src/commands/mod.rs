@@ -7,6 +7,7 @@ pub(crate) mod bench;
 pub(crate) mod device;
 pub(crate) mod download;
 pub(crate) mod eval;
+pub(crate) mod export;
 pub(crate) mod memory;
 pub(crate) mod output;
 pub(crate) mod parse;

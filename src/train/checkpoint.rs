@@ -26,6 +26,16 @@
 //! Format 1 (still read) had `network`, `dataset` and `seed` in place of `recipe` and
 //! `memory`: a resume of it takes the rest of the recipe from the flags.
 //!
+//! # Weights files
+//!
+//! [`encode_weights`] (`densenet export`) writes the model tensors alone, in any
+//! [`Naming`]: every parameter and running statistic, F32, and every `num_batches_tracked`
+//! (I64, the step counter) where the naming has them; no momentum, no metadata. In
+//! torchvision's naming such a file is a torchvision DenseNet's state dict.
+//! [`read_weights`] (`--init-weights`) reads the model tensors from a checkpoint or a weights
+//! file in any naming, told by the names, and re-initializes a classifier with another class
+//! count (a fine-tuning start).
+//!
 //! # Random state
 //!
 //! Every random number of training comes from the counter-based [`crate::rng`]: the shuffle of
@@ -53,10 +63,12 @@
 use crate::backend::{Backend, DType};
 use crate::config::NetConfig;
 use crate::data::cifar::Dataset;
+use crate::model::names::Naming;
 use crate::model::net::Net;
-use crate::model::params::ParamLayout;
+use crate::model::params::{ParamLayout, Tensor};
 use crate::model::plan::Mode;
 use crate::model::Model;
+use crate::named::Named;
 use crate::train::recipe::{self, Recipe};
 use crate::{bail, Error, Result};
 use safetensors::tensor::TensorView;
@@ -276,31 +288,73 @@ impl State {
 /// The serialized checkpoint of `model` with metadata `meta` (whose step counter goes into
 /// every `num_batches_tracked`).
 pub fn encode<B: Backend>(model: &Model<B>, meta: &Meta) -> Result<Vec<u8>> {
-    let lay = model.layout();
-    let bytes = |v: Vec<f32>| v.into_iter().flat_map(f32::to_le_bytes).collect::<Vec<u8>>();
-    let (params, momentum, running) = (bytes(model.params()), bytes(model.momentum()), bytes(model.running_stats()));
+    let (params, momentum, running) = (model.params(), model.momentum(), model.running_stats());
     // A device error while reading must not replace a good checkpoint with NaN.
     model.backend().take_error()?;
-    let steps = i64::try_from(meta.steps).map_err(|_| Error(format!("step counter {} overflows I64", meta.steps)))?;
-    let steps = steps.to_le_bytes();
+    let buffers = Buffers { params: &params, running: &running, momentum: Some(&momentum), steps: Some(meta.steps) };
+    serialize(model.layout(), Naming::Densenet, buffers, Some(meta.to_map()))
+}
+
+/// The weights file of network `cfg` in state `state`, its tensors named by `naming`: every
+/// parameter and running statistic (F32) and, where the naming has them, every
+/// `num_batches_tracked` (I64, the step counter); no momentum, no metadata. An error when the
+/// naming does not name the network ([`Naming::check`]).
+pub fn encode_weights(cfg: &NetConfig, state: &State, naming: Naming) -> Result<Vec<u8>> {
+    naming.check(cfg)?;
+    let steps = naming.counters().then_some(state.steps);
+    let buffers = Buffers { params: &state.params, running: &state.running, momentum: None, steps };
+    serialize(&Net::new(cfg).layout, naming, buffers, None)
+}
+
+/// The buffers a file is written from.
+struct Buffers<'a> {
+    params: &'a [f32],
+    running: &'a [f32],
+    /// Written as `momentum.<name>` when given.
+    momentum: Option<&'a [f32]>,
+    /// Written as every BN's `num_batches_tracked` when given.
+    steps: Option<u64>,
+}
+
+/// The safetensors file of the tensors of `lay` in `buffers`, named by `naming`, with
+/// `metadata`.
+fn serialize(
+    lay: &ParamLayout,
+    naming: Naming,
+    buffers: Buffers,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (params, running) = (bytes(buffers.params), bytes(buffers.running));
+    let momentum = buffers.momentum.map(bytes);
+    let steps = buffers
+        .steps
+        .map(|s| i64::try_from(s).map_err(|_| Error(format!("step counter {s} overflows I64"))))
+        .transpose()?
+        .map(i64::to_le_bytes);
     let mut tensors = Vec::new();
     for t in &lay.params {
-        tensors.push((t.name.clone(), view(&params, t.off, &t.shape)));
-        tensors.push((format!("{MOMENTUM}{}", t.name), view(&momentum, t.off, &t.shape)));
+        tensors.push((naming.name_of(&t.name)?, view(&params, t.off, &t.shape)));
+        if let Some(m) = &momentum {
+            tensors.push((format!("{MOMENTUM}{}", naming.name_of(&t.name)?), view(m, t.off, &t.shape)));
+        }
     }
     for t in &lay.running {
-        tensors.push((t.name.clone(), view(&running, t.off, &t.shape)));
+        tensors.push((naming.name_of(&t.name)?, view(&running, t.off, &t.shape)));
     }
-    for bn in bn_prefixes(lay) {
-        tensors.push((format!("{bn}{BATCHES_TRACKED}"), TensorView::new(Dtype::I64, vec![], &steps)));
+    if let Some(steps) = &steps {
+        for bn in bn_prefixes(lay) {
+            let name = naming.name_of(&format!("{bn}{BATCHES_TRACKED}"))?;
+            tensors.push((name, TensorView::new(Dtype::I64, vec![], steps)));
+        }
     }
     let tensors = tensors
         .into_iter()
         .map(|(name, v)| v.map(|v| (name, v)))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error(format!("cannot lay out the checkpoint tensors: {e}")))?;
-    let file = safetensors::serialize(tensors, Some(meta.to_map()))
-        .map_err(|e| Error(format!("cannot serialize the checkpoint: {e}")))?;
+        .map_err(|e| Error(format!("cannot lay out the tensors: {e}")))?;
+    let file =
+        safetensors::serialize(tensors, metadata).map_err(|e| Error(format!("cannot serialize the tensors: {e}")))?;
     Ok(canonical(file))
 }
 
@@ -538,12 +592,49 @@ pub fn in_run_dir(path: &Path, first: &str) -> PathBuf {
     }
 }
 
-/// Initial weights for the network `cfg` from a safetensors file with reference names (a
-/// checkpoint, or a converted PyTorch state dict): every parameter and running statistic must
-/// be there, F32, with the network's shape. `momentum.*` and `*.num_batches_tracked` tensors
-/// are ignored; any other tensor is an error. The momentum starts at zero and the step counter
-/// at 0.
-pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
+/// Initial weights read by [`read_weights`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weights {
+    /// The state to start from: the file's parameters and running statistics, momentum zero,
+    /// step counter 0.
+    pub state: State,
+    /// How the file names the tensors.
+    pub naming: Naming,
+    /// Set when the file's classifier has another class count than the network: the classifier
+    /// was initialized from the seed instead.
+    pub reset: Option<ClassifierReset>,
+}
+
+/// A classifier initialized from the seed because the file's has another class count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassifierReset {
+    /// The network's classes.
+    pub classes: usize,
+    /// The file's classes.
+    pub file_classes: usize,
+}
+
+impl Weights {
+    /// What a run starting from these weights says of them, a line each: the naming when it is
+    /// not ours, a re-initialized classifier.
+    pub fn notes(&self) -> Vec<String> {
+        let naming = (self.naming != Naming::Densenet).then(|| format!("Initial weights in {} names", self.naming));
+        let reset = self.reset.map(|r| {
+            format!("Classifier re-initialized for {} classes (the file's has {})", r.classes, r.file_classes)
+        });
+        naming.into_iter().chain(reset).collect()
+    }
+}
+
+/// Initial weights for the network `cfg`, initialized from `seed`, from a safetensors file in
+/// any [`Naming`] that names it (a checkpoint, our export, a converted PyTorch or torchvision
+/// state dict), told by the names; a file mixing namings is an error. Every parameter and
+/// running statistic must be there, F32, with the network's shape, except the classifier: one
+/// with another class count (weight `[n, C]` and bias `[n]`, `C` the network's features) is
+/// replaced by the network's own initialization from `seed`, and [`Weights::reset`] says so.
+/// `momentum.*` and `*.num_batches_tracked` tensors are ignored; any other tensor is an error.
+/// Errors name the tensor as the file does.
+pub fn read_weights(path: &Path, cfg: &NetConfig, seed: u64) -> Result<Weights> {
     let bytes = read_file(path)?;
     let (st, map) = parse(path, &bytes)?;
     // A densenet checkpoint says which network it holds: worth saying when it is another one.
@@ -551,21 +642,102 @@ pub fn read_weights(path: &Path, cfg: &NetConfig) -> Result<State> {
         Ok(m) if !m.config().same_parameters(cfg) => format!(" (the file holds {})", m.config().name()),
         _ => String::new(),
     };
-    let lay = Net::new(cfg).layout;
+    let fail = |e: String| Error(format!("{}: {e}", path.display()));
+    let net = Net::new(cfg);
+    let lay = &net.layout;
+    let tensors: Vec<&Tensor> = lay.params.iter().chain(&lay.running).collect();
+    // Each naming that names the network, with the names of `tensors` (parameters, then
+    // running statistics) in it.
+    let namings = Naming::VALUES
+        .iter()
+        .filter(|n| n.check(cfg).is_ok())
+        .map(|&n| Ok((n, tensors.iter().map(|t| n.name_of(&t.name)).collect::<Result<Vec<_>>>()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let sets: Vec<HashSet<&str>> =
+        namings.iter().map(|(_, names)| names.iter().map(String::as_str).collect()).collect();
+    let mut file_names: Vec<&str> =
+        st.names().into_iter().filter(|n| !n.starts_with(MOMENTUM) && !n.ends_with(BATCHES_TRACKED)).collect();
+    file_names.sort_unstable();
+    // The namings (indices into `namings`) that have each name.
+    let claims = |name: &str| -> Vec<usize> { (0..sets.len()).filter(|&k| sets[k].contains(name)).collect() };
     // Unknown names first: a whole file of them ('module.' prefixes) is one mistake, not a
     // missing tensor.
-    let known = model_names(&lay);
-    let is_known = |n: &str| known.contains(n) || n.starts_with(MOMENTUM) || n.ends_with(BATCHES_TRACKED);
-    if let Some(extra) = first_unknown(st.names().into_iter(), is_known) {
-        let hint = match extra.strip_prefix("module.") {
-            Some(_) => " (strip the 'module.' prefix that DataParallel adds)",
-            None => "",
+    if let Some(extra) = file_names.iter().find(|n| claims(n).is_empty()) {
+        let hint = if extra.starts_with("module.") {
+            " (strip the 'module.' prefix that DataParallel adds)"
+        } else if extra.starts_with("features.") || extra.starts_with("classifier.") {
+            " (torchvision names fit only ImageNet-stem DenseNets with bottleneck layers)"
+        } else {
+            ""
         };
-        return Err(Error(format!("{}: tensor '{extra}' is not part of {}{held}{hint}", path.display(), cfg.name())));
+        return Err(fail(format!("tensor '{extra}' is not part of {}{held}{hint}", cfg.name())));
     }
-    let (params, running) =
-        read_model(&st, &lay).map_err(|e| Error(format!("{}: {e} for {}{held}", path.display(), cfg.name())))?;
-    Ok(State { params, momentum: vec![0.0; lay.len], running, steps: 0 })
+    let Some(k) = (0..namings.len()).find(|&k| file_names.iter().all(|n| sets[k].contains(n))) else {
+        return Err(fail(mixed(&file_names, &claims, |k| namings[k].0)));
+    };
+    let (naming, names) = (namings[k].0, &namings[k].1);
+    let about = |e: Error| fail(format!("{e} for {}{held}", cfg.name()));
+    let reset = classifier_reset(&st, &net, names);
+    let (mut params, mut running) = (vec![0.0; lay.len], vec![0.0; lay.running_len]);
+    let (param_names, running_names) = names.split_at(lay.params.len());
+    for (i, (t, name)) in lay.params.iter().zip(param_names).enumerate() {
+        let out = &mut params[t.off..t.off + t.len()];
+        match reset {
+            Some(_) if t.off == net.fc_w || t.off == net.fc_b => {
+                out.copy_from_slice(&ParamLayout::initial_tensor(t, i, seed))
+            }
+            _ => read_f32(&st, name, &t.shape, out).map_err(about)?,
+        }
+    }
+    for (t, name) in lay.running.iter().zip(running_names) {
+        read_f32(&st, name, &t.shape, &mut running[t.off..t.off + t.len()]).map_err(about)?;
+    }
+    let state = State { params, momentum: vec![0.0; lay.len], running, steps: 0 };
+    Ok(Weights { state, naming, reset })
+}
+
+/// The error of a file whose names (sorted, each in some naming: `claims` gives the indices of
+/// those that have it, `naming` the naming of an index) are in no single naming: two names
+/// that no naming has both.
+fn mixed(names: &[&str], claims: &dyn Fn(&str) -> Vec<usize>, naming: impl Fn(usize) -> Naming) -> String {
+    // The first name of each set of claims; two of them have no naming in common (or one
+    // naming would have every name).
+    let mut firsts: Vec<(Vec<usize>, &str)> = Vec::new();
+    for n in names {
+        let c = claims(n);
+        if !firsts.iter().any(|(f, _)| *f == c) {
+            firsts.push((c, n));
+        }
+    }
+    let pair = firsts.iter().enumerate().find_map(|(i, (a, x))| {
+        firsts[i + 1..].iter().find(|(b, _)| a.iter().all(|k| !b.contains(k))).map(|(b, y)| (a[0], *x, b[0], *y))
+    });
+    match pair {
+        Some((a, x, b, y)) => format!(
+            "mixes namings: tensor '{x}' is a {} name, '{y}' a {} name; a file uses one naming",
+            naming(a),
+            naming(b)
+        ),
+        None => "mixes namings; a file uses one naming".to_string(),
+    }
+}
+
+/// Whether the classifier of the file (whose names for the tensors of `net` are `names`,
+/// parameters then running statistics) is to be re-initialized: its weight is `[n, C]` and its
+/// bias `[n]`, `C` the network's features and `n` another class count than the network's.
+/// Anything else is left to the tensor checks.
+fn classifier_reset(st: &SafeTensors, net: &Net, names: &[String]) -> Option<ClassifierReset> {
+    let lay = &net.layout;
+    let find = |off: usize| lay.params.iter().position(|t| t.off == off).expect("the classifier is in the layout");
+    let (w, b) = (find(net.fc_w), find(net.fc_b));
+    let (classes, features) = (lay.params[w].shape[0], lay.params[w].shape[1]);
+    let shape = |i: usize| st.tensor(&names[i]).ok().map(|t| t.shape().to_vec());
+    match (shape(w).as_deref(), shape(b).as_deref()) {
+        (Some(&[n, c]), Some(&[m])) if c == features && m == n && n != classes => {
+            Some(ClassifierReset { classes, file_classes: n })
+        }
+        _ => None,
+    }
 }
 
 /// Writes a run's checkpoints into its directory: [`CHECKPOINT`] after every epoch, and
@@ -886,7 +1058,7 @@ mod tests {
         write_atomic(&path, &encode(&m, &Meta::of(&m, &recipe(&m, Dataset::Cifar10), 3, 50.0)).unwrap()).unwrap();
         // Another dropout rate is the same tensors.
         let cfg = NetConfig { drop_rate: 0.0, ..cfg() };
-        let state = read_weights(&path, &cfg).unwrap();
+        let state = read_weights(&path, &cfg, 5).unwrap().state;
         let mut fresh = model(&cfg, 5);
         state.apply(&mut fresh).unwrap();
         assert_eq!((fresh.params(), fresh.running_stats()), (m.params(), m.running_stats()));
@@ -894,7 +1066,7 @@ mod tests {
         assert_eq!(fresh.steps(), 0);
 
         let other = NetConfig::cifar(10, 6, true, 0.5, 0.0, 10).unwrap();
-        let e = read_weights(&path, &other).unwrap_err().0;
+        let e = read_weights(&path, &other, 5).unwrap_err().0;
         assert!(
             e.contains("tensor 'conv1.weight' has shape [8, 3, 3, 3]; expected [12, 3, 3, 3] for DenseNet-BC-10-6 (the file holds DenseNet-BC-10-4)"),
             "{e}"

@@ -71,8 +71,9 @@ pub(crate) struct TrainArgs {
     /// tensors cannot change.
     #[arg(long, requires = "resume")]
     change_recipe: bool,
-    /// Start from the weights and running statistics of a safetensors file with reference
-    /// names (a checkpoint, or a converted PyTorch state dict); momentum starts at zero.
+    /// Start from the weights and running statistics of a safetensors file in our names or
+    /// torchvision's (a checkpoint, an export, a converted PyTorch or torchvision state dict);
+    /// a classifier with another class count starts from the seed; momentum starts at zero.
     #[arg(long, value_name = "FILE")]
     init_weights: Option<PathBuf>,
     /// Log train_loss, train_acc, val_loss, val_acc and learning_rate per epoch as TensorBoard

@@ -96,7 +96,8 @@ impl Start {
                 recipe.epochs
             )));
         }
-        let state = a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, &recipe.network)).transpose()?;
+        let weights =
+            a.init_weights.as_deref().map(|p| checkpoint::read_weights(p, &recipe.network, recipe.seed)).transpose()?;
         Ok(Start {
             run_dir: a.runs_dir.join(&recipe.name),
             recipe,
@@ -104,10 +105,10 @@ impl Start {
             epoch,
             best: None,
             best_epoch: None,
-            state,
+            notes: weights.iter().flat_map(|w| w.notes()).collect(),
+            state: weights.map(|w| w.state),
             resumed: None,
             stamp: None,
-            notes: Vec::new(),
         })
     }
 
