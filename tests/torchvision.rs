@@ -9,6 +9,7 @@ mod common;
 use common::{model_on, norm_rel};
 use densenet::backend::{Backend, Sgd};
 use densenet::config::NetConfig;
+use densenet::model::names::Naming;
 use densenet::model::plan::Mode;
 use densenet::rng::{derive, uniform};
 use densenet::train::checkpoint::{read_weights, State};
@@ -95,7 +96,9 @@ fn load(path: &Path, cfg: &NetConfig, tensors: &[(&str, &[usize], Vec<f32>)]) ->
         }
     }
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-    read_weights(path, cfg).unwrap_or_else(|e| panic!("read_weights of torchvision names: {e}"))
+    let w = read_weights(path, cfg, 0).unwrap_or_else(|e| panic!("read_weights of torchvision names: {e}"));
+    assert_eq!((w.naming, w.reset), (Naming::Torchvision, None));
+    w.state
 }
 
 /// Where each element of `stored` (element indices, as f32) came from; each exactly once.
