@@ -20,7 +20,8 @@
 //! - `steps`: the model's step counter;
 //! - `recipe`: the run's whole [`Recipe`] as JSON (schema-versioned), the network in it a JSON
 //!   object of the [`NetConfig`] fields (`stem`, `stem_channels`, `growth`, `block_layers`,
-//!   `bottleneck`, `reduction`, `drop_rate`, `num_classes`);
+//!   `bottleneck`, `reduction`, `drop_rate`, `num_classes`: the class count), beside it `arch`
+//!   (the ImageNet architecture, `null` for a CIFAR network) and `image_size` (schema 2);
 //! - `memory`: the memory mode the run trained in (not recipe: a resume may change it).
 //!
 //! Format 1 (still read) had `network`, `dataset` and `seed` in place of `recipe` and
