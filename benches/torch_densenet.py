@@ -1,4 +1,4 @@
-"""Reference PyTorch DenseNet (CIFAR) and benchmark worker.
+"""Reference PyTorch DenseNet (CIFAR), torchvision's ImageNet DenseNets, and benchmark workers.
 
 The model follows the "DenseNet3" layout of andreasveit/densenet-pytorch:
 conv1 -> block1 -> trans1 -> block2 -> trans2 -> block3 -> bn1 -> relu ->
@@ -7,13 +7,21 @@ concat + bn1 + relu + conv1 under ``torch.utils.checkpoint`` (like
 torchvision's memory-efficient DenseNet), so those activations are recomputed
 in backward instead of stored. State-dict names are the same in both variants.
 
+With ``--arch densenet121`` (or 169, 201, 161, 264) the benchmarks train
+torchvision's ``torchvision.models.<arch>(num_classes=1000)`` instead, on
+``--image-size`` inputs (default 224); mode ``checkpointed`` is its
+``memory_efficient=True``. densenet264, which torchvision does not ship, is
+built as its DenseNet(growth_rate=32, block_config=(6, 12, 64, 48),
+num_init_features=64), the layout of the other presets.
+
 Usage:
     python benches/torch_densenet.py params
     python benches/torch_densenet.py worker --mode naive|checkpointed \
-        --depth 100 --growth 12 --batch 64 --threads 2 [--classes 10]
+        --depth 100 --growth 12 --batch 64 --threads 2 [--classes 10] \
+        [--arch densenet121 [--image-size 224]]
     python benches/torch_densenet.py gpu --mode naive|checkpointed \
         [--depth 100 --growth 12 --batch 64 --steps 20 --warmup 5] \
-        [--deterministic] [--compile]
+        [--arch densenet121 [--image-size 224]] [--deterministic] [--compile]
 
 The worker prints ``ready`` once set up, then reads commands from stdin, one
 per line:
@@ -194,17 +202,33 @@ def print_params():
     print(f"DenseNet-40-12     CIFAR-10: {count_params(basic)} (expected 1059298)")
 
 
+# torchvision's DenseNet arguments of the ImageNet presets it does not ship.
+EXTRA_ARCHS = {"densenet264": {"growth_rate": 32, "block_config": (6, 12, 64, 48),
+                               "num_init_features": 64}}
+
+
+def build_model(args):
+    """The benchmarked model: torchvision's `args.arch`, else the CIFAR DenseNet3."""
+    checkpointed = args.mode == "checkpointed"
+    if args.arch is None:
+        return DenseNet3(args.depth, args.classes, growth_rate=args.growth, reduction=0.5,
+                         bottleneck=True, checkpointed=checkpointed)
+    import torchvision
+    kwargs = {"num_classes": args.classes, "memory_efficient": checkpointed}
+    if args.arch in EXTRA_ARCHS:
+        return torchvision.models.DenseNet(**EXTRA_ARCHS[args.arch], **kwargs)
+    return getattr(torchvision.models, args.arch)(**kwargs)
+
+
 def training_setup(args, device):
     """The benchmarked model (seed 0, training mode) on `device`, its SGD
     optimizer, and one random batch in host memory."""
     torch.manual_seed(0)
-    model = DenseNet3(args.depth, args.classes, growth_rate=args.growth,
-                      reduction=0.5, bottleneck=True,
-                      checkpointed=args.mode == "checkpointed").to(device)
+    model = build_model(args).to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                                 nesterov=True, weight_decay=1e-4)
-    images = torch.randn(args.batch, 3, 32, 32)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.classes, (args.batch,))
     return model, optimizer, images, labels
 
@@ -296,7 +320,8 @@ def run_gpu(args):
     timed_end = time.time()
     median = statistics.median(times)
     print(json.dumps({
-        "mode": args.mode, "depth": args.depth, "growth": args.growth, "batch": args.batch,
+        "mode": args.mode, "arch": args.arch, "depth": args.depth, "growth": args.growth,
+        "image_size": args.image_size, "batch": args.batch,
         "steps": args.steps, "warmup": args.warmup,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "cudnn": {"version": cudnn_version(), "cuda": torch.version.cuda},
@@ -317,10 +342,14 @@ def main():
     # The model and batch of training_setup, for both benchmarks.
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--mode", choices=["naive", "checkpointed"], required=True)
+    model.add_argument("--arch", choices=["densenet121", "densenet169", "densenet201",
+                                          "densenet161", "densenet264"],
+                       help="torchvision's ImageNet DenseNet instead of the CIFAR DenseNet3")
     model.add_argument("--depth", type=int, default=100)
     model.add_argument("--growth", type=int, default=12)
     model.add_argument("--batch", type=int, default=64)
-    model.add_argument("--classes", type=int, default=10)
+    model.add_argument("--classes", type=int, help="default 10, with --arch 1000")
+    model.add_argument("--image-size", type=int, help="default 32, with --arch 224")
     worker = sub.add_parser("worker", parents=[model], help="benchmark worker driven over stdin")
     worker.add_argument("--threads", type=int, default=2)
     gpu = sub.add_parser("gpu", parents=[model], help="training steps on the GPU, one JSON line")
@@ -331,6 +360,12 @@ def main():
     gpu.add_argument("--compile", action="store_true",
                      help='torch.compile(mode="reduce-overhead"): PyTorch\'s CUDA graphs')
     args = parser.parse_args()
+    if args.command != "params":
+        imagenet = args.arch is not None
+        args.classes = args.classes or (1000 if imagenet else 10)
+        args.image_size = args.image_size or (224 if imagenet else 32)
+        if not imagenet and args.image_size != 32:
+            parser.error("the CIFAR DenseNet3 takes 32x32 inputs only (--image-size needs --arch)")
 
     if args.command == "params":
         print_params()

@@ -7,11 +7,21 @@
 //! side in turn, so noise hits all sides alike. The report goes to stdout and, as JSON, to
 //! `target/vs_pytorch.json`.
 //!
-//! Environment: `DENSENET_BENCH_DEPTH` (100), `DENSENET_BENCH_BATCH` (64),
-//! `DENSENET_BENCH_ROUNDS` (5), `DENSENET_BENCH_WARMUP` (1), `DENSENET_TORCH_PYTHON` (python3).
+//! By default the network is DenseNet-BC-`DENSENET_BENCH_DEPTH`-12 on 32x32 CIFAR-10 inputs,
+//! against the worker's reference `DenseNet3` (naive and checkpointed). With
+//! `DENSENET_BENCH_ARCH` set to an ImageNet preset (densenet121, 169, 201, 161 or 264) it is
+//! that preset (1000 classes) on `DENSENET_BENCH_IMAGE_SIZE` inputs (default 224, a multiple of
+//! 32), against torchvision's DenseNet naive and with `memory_efficient=True`.
+//!
+//! Environment: `DENSENET_BENCH_DEPTH` (100), `DENSENET_BENCH_ARCH` (unset: CIFAR),
+//! `DENSENET_BENCH_IMAGE_SIZE` (224, only with an arch), `DENSENET_BENCH_BATCH` (64),
+//! `DENSENET_BENCH_MODES` (our sides' memory modes, comma-separated, possibly none;
+//! naive,shared,minimal), `DENSENET_BENCH_ROUNDS` (5), `DENSENET_BENCH_WARMUP` (1),
+//! `DENSENET_TORCH_PYTHON` (python3). Our workers inherit the environment, hence the settings.
 
 use densenet::backend::{Backend, CpuBackend, Sgd};
 use densenet::config::NetConfig;
+use densenet::input::CHANNELS;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 use densenet::model::Model;
@@ -26,19 +36,23 @@ const WORKER_ENV: &str = "DENSENET_WORKER";
 const TORCH_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_densenet.py");
 /// Where the JSON report goes.
 const JSON_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/vs_pytorch.json");
-/// Growth rate k.
+/// Growth rate k of the CIFAR network.
 const GROWTH: usize = 12;
-/// Input height and width.
-const SIZE: usize = 32;
+/// CIFAR input height and width.
+const CIFAR_SIZE: usize = 32;
 /// CIFAR-10 classes.
 const CLASSES: usize = 10;
-/// The PyTorch sides: (side, worker mode).
-const TORCH_SIDES: [(&str, &str); 2] = [("torch-naive", "naive"), ("torch-checkpointed", "checkpointed")];
 
 /// What to compare, from the environment.
 struct Settings {
+    /// The ImageNet preset, or `None` for the CIFAR network of `depth`.
+    arch: Option<String>,
     depth: usize,
+    /// Input height and width.
+    size: usize,
     batch: usize,
+    /// Our sides' memory modes.
+    modes: Vec<Mode>,
     rounds: usize,
     warmup: usize,
     threads: usize,
@@ -48,9 +62,24 @@ struct Settings {
 impl Settings {
     /// Reads the environment (defaults for unset variables).
     fn from_env() -> Result<Settings> {
+        let arch = std::env::var("DENSENET_BENCH_ARCH").ok();
+        let size = match arch {
+            Some(_) => env_usize("DENSENET_BENCH_IMAGE_SIZE", 224)?,
+            None if std::env::var_os("DENSENET_BENCH_IMAGE_SIZE").is_some() => {
+                bail!("DENSENET_BENCH_IMAGE_SIZE needs DENSENET_BENCH_ARCH (CIFAR inputs are 32x32)")
+            }
+            None => CIFAR_SIZE,
+        };
+        let modes = match std::env::var("DENSENET_BENCH_MODES") {
+            Ok(v) => v.split(',').map(str::trim).filter(|m| !m.is_empty()).map(str::parse).collect::<Result<_>>()?,
+            Err(_) => Mode::ALL.to_vec(),
+        };
         let s = Settings {
+            arch,
             depth: env_usize("DENSENET_BENCH_DEPTH", 100)?,
+            size,
             batch: env_usize("DENSENET_BENCH_BATCH", 64)?,
+            modes,
             rounds: env_usize("DENSENET_BENCH_ROUNDS", 5)?,
             warmup: env_usize("DENSENET_BENCH_WARMUP", 1)?,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -62,9 +91,22 @@ impl Settings {
         Ok(s)
     }
 
-    /// DenseNet-BC-depth-12 for CIFAR-10, as the PyTorch worker builds it.
+    /// The ImageNet preset, or DenseNet-BC-depth-12 for CIFAR-10, as the PyTorch worker builds
+    /// it.
     fn network(&self) -> Result<NetConfig> {
-        NetConfig::cifar(self.depth, GROWTH, true, 0.5, 0.0, CLASSES)
+        match &self.arch {
+            Some(arch) => NetConfig::imagenet(arch),
+            None => NetConfig::cifar(self.depth, GROWTH, true, 0.5, 0.0, CLASSES),
+        }
+    }
+
+    /// The PyTorch sides, (side, worker mode), the naive one first: the reference of the
+    /// comparisons.
+    fn torch_sides(&self) -> [(&'static str, &'static str); 2] {
+        match self.arch {
+            Some(_) => [("torchvision-naive", "naive"), ("torchvision-memory-efficient", "checkpointed")],
+            None => [("torch-naive", "naive"), ("torch-checkpointed", "checkpointed")],
+        }
     }
 }
 
@@ -92,9 +134,11 @@ fn main() {
 /// Our worker: builds the model in `mode`, then answers `step`, `rss` and `quit` on stdin.
 fn serve(mode: &str) -> Result<()> {
     let s = Settings::from_env()?;
-    let mut model = Model::new(s.network()?, s.batch, SIZE, SIZE, mode.parse()?, 0, CpuBackend::new())?;
+    let cfg = s.network()?;
+    let classes = cfg.num_classes;
+    let mut model = Model::new(cfg, s.batch, s.size, s.size, mode.parse()?, 0, CpuBackend::new())?;
     let (images, labels) =
-        rng::random_batch(1, s.batch, SIZE, SIZE, CLASSES).ok_or(Error("no memory for a batch".into()))?;
+        rng::random_batch(1, s.batch, s.size, s.size, classes).ok_or(Error("no memory for a batch".into()))?;
     println!("ready");
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| Error(format!("reading stdin: {e}")))?;
@@ -190,17 +234,14 @@ impl Drop for Worker {
     }
 }
 
-/// Starts our workers, one per memory mode, with as many threads as PyTorch gets.
+/// Starts our workers, one per memory mode asked for, with as many threads as PyTorch gets.
 fn start_ours(s: &Settings) -> Result<Vec<Worker>> {
     let exe = std::env::current_exe().map_err(|e| Error(format!("cannot find this executable: {e}")))?;
-    Mode::ALL
+    s.modes
         .iter()
         .map(|mode| {
             let mut cmd = Command::new(&exe);
-            cmd.env(WORKER_ENV, mode.to_string())
-                .env("DENSENET_BENCH_DEPTH", s.depth.to_string())
-                .env("DENSENET_BENCH_BATCH", s.batch.to_string())
-                .env("RAYON_NUM_THREADS", s.threads.to_string());
+            cmd.env(WORKER_ENV, mode.to_string()).env("RAYON_NUM_THREADS", s.threads.to_string());
             Worker::start(&format!("ours-{mode}"), cmd)
         })
         .collect()
@@ -208,11 +249,14 @@ fn start_ours(s: &Settings) -> Result<Vec<Worker>> {
 
 /// Starts the PyTorch workers, or returns why they were skipped.
 fn start_torch(s: &Settings) -> Result<Vec<Worker>> {
-    TORCH_SIDES
+    s.torch_sides()
         .iter()
         .map(|&(side, mode)| {
             let mut cmd = Command::new(&s.python);
             cmd.arg(TORCH_SCRIPT).arg("worker").args(["--mode", mode]);
+            if let Some(arch) = &s.arch {
+                cmd.args(["--arch", arch, "--image-size", &s.size.to_string()]);
+            }
             for (flag, v) in
                 [("--depth", s.depth), ("--growth", GROWTH), ("--batch", s.batch), ("--threads", s.threads)]
             {
@@ -231,10 +275,12 @@ struct Outcome {
     steps: Vec<f64>,
     median: f64,
     images_per_s: f64,
+    /// Peak RSS once set up, before the first step: the model, its optimizer state and a batch.
+    setup_rss: u64,
     peak_rss: u64,
     /// Ours: planned activations + scratch bytes.
     planned: Option<usize>,
-    /// Ours: images/s relative to torch-naive.
+    /// Ours: images/s relative to the naive PyTorch side.
     vs_torch: Option<f64>,
 }
 
@@ -243,9 +289,11 @@ fn compare() -> Result<()> {
     let s = Settings::from_env()?;
     let cfg = s.network()?;
     println!(
-        "{}, batch {}, {SIZE}x{SIZE}, {} threads, {} warm-up + {} measured rounds",
+        "{}, batch {}, {}x{}, {} threads, {} warm-up + {} measured rounds",
         cfg.name(),
         s.batch,
+        s.size,
+        s.size,
         s.threads,
         s.warmup,
         s.rounds
@@ -262,12 +310,13 @@ fn compare() -> Result<()> {
             Some(note)
         }
     };
+    let setup_rss = workers.iter_mut().map(|w| w.ask_number("rss")).collect::<Result<Vec<u64>>>()?;
     step_rounds(&mut workers, s.warmup, "warm-up")?;
     let steps = step_rounds(&mut workers, s.rounds, "round")?;
     let mut outcomes = workers
         .iter_mut()
-        .zip(steps)
-        .map(|(w, steps)| {
+        .zip(steps.into_iter().zip(setup_rss))
+        .map(|(w, (steps, setup_rss))| {
             let median = median(&steps);
             let planned = w.side.strip_prefix("ours-").map(|m| planned_bytes(&cfg, &s, m)).transpose()?;
             Ok(Outcome {
@@ -275,6 +324,7 @@ fn compare() -> Result<()> {
                 images_per_s: s.batch as f64 / median,
                 median,
                 steps,
+                setup_rss,
                 peak_rss: w.ask_number("rss")?,
                 planned,
                 vs_torch: None,
@@ -282,8 +332,9 @@ fn compare() -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     drop(workers);
-    let rss_ratio = compare_to_torch(&mut outcomes);
-    print_table(&outcomes, rss_ratio);
+    let reference = s.torch_sides()[0].0;
+    let rss_ratio = compare_to_torch(&mut outcomes, reference);
+    print_table(&outcomes, reference, rss_ratio);
     write_json(&s, &cfg, &outcomes, rss_ratio, skipped)
 }
 
@@ -304,8 +355,8 @@ fn step_rounds(workers: &mut [Worker], rounds: usize, label: &str) -> Result<Vec
 
 /// Planned activations + scratch bytes of our side in mode `mode`.
 fn planned_bytes(cfg: &NetConfig, s: &Settings, mode: &str) -> Result<usize> {
-    let workspace = |convs: &[_]| CpuBackend::new().workspace_len(convs, 3 * SIZE * SIZE, 1);
-    let plan = Plan::new(cfg, &Net::new(cfg), s.batch, SIZE, SIZE, mode.parse()?, workspace)?;
+    let workspace = |convs: &[_]| CpuBackend::new().workspace_len(convs, CHANNELS * s.size * s.size, s.batch);
+    let plan = Plan::new(cfg, &Net::new(cfg), s.batch, s.size, s.size, mode.parse()?, workspace)?;
     Ok(plan.bytes(Category::Activations) + plan.bytes(Category::Scratch))
 }
 
@@ -321,11 +372,11 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// Fills each of our sides' speed relative to torch-naive; returns torch-naive peak RSS over
-/// ours-minimal peak RSS (both only when torch-naive ran).
-fn compare_to_torch(outcomes: &mut [Outcome]) -> Option<f64> {
+/// Fills each of our sides' speed relative to the PyTorch side `reference`; returns its peak
+/// RSS over ours-minimal peak RSS (both only when `reference` ran).
+fn compare_to_torch(outcomes: &mut [Outcome], reference: &str) -> Option<f64> {
     let find = |os: &[Outcome], side: &str| os.iter().find(|o| o.side == side).map(|o| (o.images_per_s, o.peak_rss));
-    let (torch_speed, torch_rss) = find(outcomes, "torch-naive")?;
+    let (torch_speed, torch_rss) = find(outcomes, reference)?;
     let rss_ratio = find(outcomes, "ours-minimal").map(|(_, rss)| torch_rss as f64 / rss as f64);
     for o in outcomes.iter_mut().filter(|o| o.side.starts_with("ours-")) {
         o.vs_torch = Some(o.images_per_s / torch_speed);
@@ -333,25 +384,27 @@ fn compare_to_torch(outcomes: &mut [Outcome]) -> Option<f64> {
     rss_ratio
 }
 
-/// Prints the comparison table.
-fn print_table(outcomes: &[Outcome], rss_ratio: Option<f64>) {
+/// Prints the comparison table (speeds relative to the PyTorch side `reference`).
+fn print_table(outcomes: &[Outcome], reference: &str, rss_ratio: Option<f64>) {
     let opt = |v: Option<f64>, suffix: &str| v.map_or("-".into(), |v| format!("{v:.2}{suffix}"));
+    let vs = format!("vs {reference}");
     println!(
-        "\n{:<20} {:>12} {:>10} {:>15} {:>14} {:>24}",
-        "side", "median step", "images/s", "vs torch-naive", "peak RSS MiB", "planned act+scratch MiB"
+        "\n{:<28} {:>12} {:>10} {:>22} {:>16} {:>14} {:>24}",
+        "side", "median step", "images/s", vs, "setup RSS MiB", "peak RSS MiB", "planned act+scratch MiB"
     );
     for o in outcomes {
         println!(
-            "{:<20} {:>11.3}s {:>10.2} {:>15} {:>14.1} {:>24}",
+            "{:<28} {:>11.3}s {:>10.2} {:>22} {:>16.1} {:>14.1} {:>24}",
             o.side,
             o.median,
             o.images_per_s,
             opt(o.vs_torch, "x"),
+            measure::mib(o.setup_rss as usize),
             measure::mib(o.peak_rss as usize),
             opt(o.planned.map(measure::mib), "")
         );
     }
-    println!("torch-naive peak RSS / ours-minimal peak RSS: {}", opt(rss_ratio, "x"));
+    println!("{reference} peak RSS / ours-minimal peak RSS: {}", opt(rss_ratio, "x"));
 }
 
 /// Writes the report as one JSON object to `target/vs_pytorch.json`.
@@ -369,9 +422,10 @@ fn write_json(
                 "side": o.side,
                 "median_step_s": o.median,
                 "images_per_s": o.images_per_s,
+                "setup_rss_bytes": o.setup_rss,
                 "peak_rss_bytes": o.peak_rss,
                 "planned_activations_scratch_bytes": o.planned,
-                "images_per_s_vs_torch_naive": o.vs_torch,
+                "images_per_s_vs_reference": o.vs_torch,
                 "steps_s": o.steps,
             })
         })
@@ -379,13 +433,14 @@ fn write_json(
     let report = serde_json::json!({
         "network": cfg.name(),
         "batch": s.batch,
-        "image_size": SIZE,
+        "image_size": s.size,
         "threads": s.threads,
         "warmup_rounds": s.warmup,
         "rounds": s.rounds,
         "torch_skipped": skipped,
         "sides": sides,
-        "peak_rss_torch_naive_over_ours_minimal": rss_ratio,
+        "reference": s.torch_sides()[0].0,
+        "peak_rss_reference_over_ours_minimal": rss_ratio,
     });
     let path = std::path::Path::new(JSON_PATH);
     let written = std::fs::create_dir_all(path.parent().expect("JSON path has a parent"))

@@ -14,7 +14,7 @@
 #     Needs target/gpu-check/ from `prepare` (or GPU_CHECK_CARRY=DIR), an NVIDIA driver, and a
 #     Python with PyTorch and the pip CUDA libraries (nvidia-cudnn-cu13, nvidia-cublas,
 #     nvidia-cuda-nvrtc): PYTHON=/path/to/python, default python3. No Rust. Smoke first, within
-#     one time budget (GPU_CHECK_BUDGET_S, default 390 s):
+#     one time budget (GPU_CHECK_BUDGET_S, default 480 s):
 #       1. preflight: `densenet bench --device cuda` on a tiny network (opens the GPU, plans,
 #          runs one step); if it fails, the other GPU items are skipped (PyTorch's still run),
 #       2. one op against the CPU (the first GPU test of cuda_ops),
@@ -27,7 +27,10 @@
 #          agreement and the finite differences, on the GPU),
 #       6. the NVRTC tests, and one op test with the kernels compiled by NVRTC,
 #       7. compute-sanitizer memcheck and racecheck over the preflight, where installed,
-#       8. the optional torch.compile row, when 90 s remain.
+#       8. the ImageNet benchmarks, DenseNet-121 at 224x224 and batch 64: ours in each memory
+#          mode; torchvision's densenet121 naive and with memory_efficient=True (each needs 45 s
+#          of the budget left),
+#       9. the optional torch.compile row, when 90 s remain.
 #     Each test runs in its own process (a sticky device fault spoils only its own test), under
 #     DENSENET_REQUIRE_GPU=1 (a GPU test that cannot open the GPU fails instead of skipping).
 #     What the budget no longer allows is skipped and listed; such a skip fails the run only
@@ -38,11 +41,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 CARRY=${GPU_CHECK_CARRY:-target/gpu-check}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-390}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 # The test binaries whose bodies run on every backend (their ::gpu tests run here).
 BACKEND_TESTS="golden modes gradcheck"
-# The benchmarked network and run, for both sides.
+# The benchmarked networks and run, for both sides: the CIFAR one, and the ImageNet preset.
 LAYERS=100 GROWTH=12 BATCH=64 STEPS=20 WARMUP=5
+ARCH=densenet121 IMAGE_SIZE=224
 
 # Sets NVCC and NVCC_FROM to the nvcc to build with; fails when there is none.
 find_nvcc() {
@@ -296,6 +300,20 @@ benchmarks() {
   done
 }
 
+# The ImageNet rows, ours in each memory mode against torchvision naive and memory-efficient
+# (torch_densenet.py's checkpointed mode), each while 45 s of the budget remain.
+imagenet_benchmarks() {
+  local mode ours=("$CARRY/densenet" bench --device cuda --arch "$ARCH" --image-size "$IMAGE_SIZE"
+    --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --json)
+  local torch=("$PYTHON" benches/torch_densenet.py gpu --arch "$ARCH" --image-size "$IMAGE_SIZE"
+    --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP")
+  for mode in naive shared minimal; do
+    check "ours-$ARCH-$mode" "gpu sample need=45" 90 "${ours[@]}" --memory "$mode"
+  done
+  check "torch-$ARCH-naive" "sample need=45" 90 "${torch[@]}" --mode naive
+  check "torch-$ARCH-memory-efficient" "sample need=45" 90 "${torch[@]}" --mode checkpointed
+}
+
 # The optional last row: torch.compile(mode="reduce-overhead"), compiling in its warm-up steps.
 compiled_torch() {
   check torch-naive-compile "sample need=90" 240 "$PYTHON" benches/torch_densenet.py gpu --depth "$LAYERS" \
@@ -316,11 +334,12 @@ find_sanitizer() {
 # Prints the checks and the benchmark table from $OUT (table.txt is written by the caller);
 # exits 1 when a check failed or a smoke item was skipped.
 report() {
-  python3 - "$OUT" "$IDLE_MIB" "$GPU_UUID" "$BATCH" \
-    "DenseNet-BC-$LAYERS-$GROWTH, batch $BATCH: $STEPS timed steps after $WARMUP warm-up" <<'PY'
+  python3 - "$OUT" "$IDLE_MIB" "$GPU_UUID" "$BATCH" "$ARCH" \
+    "DenseNet-BC-$LAYERS-$GROWTH (32x32), batch $BATCH: $STEPS timed steps after $WARMUP warm-up" \
+    "$ARCH ($IMAGE_SIZE""x$IMAGE_SIZE, 1000 classes), batch $BATCH: $STEPS timed steps after $WARMUP warm-up" <<'PY'
 import datetime, json, os, re, sys
 
-out, idle, uuid, batch, title = sys.argv[1:]
+out, idle, uuid, batch, arch, cifar_title, imagenet_title = sys.argv[1:]
 items = os.path.join(out, "items")
 idle = float(idle) if re.fullmatch(r"[0-9.]+", idle) else None
 batch = int(batch)
@@ -394,17 +413,20 @@ def process(name, w):
 def mib(v):
     return f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "-"
 
-rows = [("ours naive", "ours-naive"), ("ours shared", "ours-shared"),
-        ("ours minimal", "ours-minimal"), ("ours minimal --no-graphs", "ours-minimal-eager"),
-        ("torch naive", "torch-naive"), ("torch naive det", "torch-naive-det"),
-        ("torch checkpointed", "torch-checkpointed"),
-        ("torch checkpointed det", "torch-checkpointed-det"),
-        ("torch naive compile (optional)", "torch-naive-compile")]
-results = {item: last_json(item) for _, item in rows}
+cifar = [("ours naive", "ours-naive"), ("ours shared", "ours-shared"),
+         ("ours minimal", "ours-minimal"), ("ours minimal --no-graphs", "ours-minimal-eager"),
+         ("torch naive", "torch-naive"), ("torch naive det", "torch-naive-det"),
+         ("torch checkpointed", "torch-checkpointed"),
+         ("torch checkpointed det", "torch-checkpointed-det"),
+         ("torch naive compile (optional)", "torch-naive-compile")]
+imagenet = [("ours naive", f"ours-{arch}-naive"), ("ours shared", f"ours-{arch}-shared"),
+            ("ours minimal", f"ours-{arch}-minimal"), ("torchvision naive", f"torch-{arch}-naive"),
+            ("torchvision memory_efficient", f"torch-{arch}-memory-efficient")]
+results = {item: last_json(item) for _, item in cifar + imagenet}
 
-print(f"\n== {title}, median step (wall clock)")
+print("\n== benchmarks")
 for side in ("ours", "torch"):
-    j = next((results[i] for _, i in rows if i.startswith(side) and results[i]), None)
+    j = next((results[i] for i in results if i.startswith(side) and results[i]), None)
     if j:
         cudnn = j.get("cudnn") or {}
         extra = f", torch {j['torch']}" if j.get("torch") else ""
@@ -413,19 +435,26 @@ for side in ("ours", "torch"):
               + (f" from {cudnn['path']}" if cudnn.get("path") else ""))
 head = ["images/s", "step ms", "alloc MiB", "GPU used MiB", "process MiB", "after ctx MiB"]
 widths = [len(h) + 2 for h in head]
-print(f"{'row':<30}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths)) + "  graphs")
-for label, item in rows:
-    j = results[item]
-    if not j:
-        print(f"{label:<30}" + "".join(f"{'-':>{w}}" for w in widths) + f"  ({verdicts.get(item, 'not run')})")
-        continue
-    win = window(j)
-    step = j.get("step_ms")
-    alloc = j.get("device_allocated_bytes", j.get("max_memory_allocated_bytes"))
-    cells = [f"{batch * 1e3 / step:.0f}" if step else "-", f"{step:.2f}" if step else "-", mib(alloc),
-             gpu_used(item, win) if win else "?", process(item, win) if win else "?",
-             mib(j.get("device_process_bytes"))]
-    print(f"{label:<30}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + f"  {j.get('graphs') or '-'}")
+
+def table(title, rows):
+    """One benchmark table: a line per (label, item)."""
+    print(f"\n== {title}, median step (wall clock)")
+    print(f"{'row':<30}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths)) + "  graphs")
+    for label, item in rows:
+        j = results[item]
+        if not j:
+            print(f"{label:<30}" + "".join(f"{'-':>{w}}" for w in widths) + f"  ({verdicts.get(item, 'not run')})")
+            continue
+        win = window(j)
+        step = j.get("step_ms")
+        alloc = j.get("device_allocated_bytes", j.get("max_memory_allocated_bytes"))
+        cells = [f"{batch * 1e3 / step:.0f}" if step else "-", f"{step:.2f}" if step else "-", mib(alloc),
+                 gpu_used(item, win) if win else "?", process(item, win) if win else "?",
+                 mib(j.get("device_process_bytes"))]
+        print(f"{label:<30}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + f"  {j.get('graphs') or '-'}")
+
+table(cifar_title, cifar)
+table(imagenet_title, imagenet)
 
 idle_s = f"{idle:.0f} MiB" if idle is not None else "unknown"
 print(f"""
@@ -448,7 +477,9 @@ graphs: ours = how the timed steps ran (replayed: the step's CUDA graph; eager: 
   torch.compile(mode="reduce-overhead"): PyTorch's own CUDA graphs where it can use them (its
   output in items/torch-naive-compile.out says when it cannot); an optional row.
 torch rows: cudnn.benchmark=True; det = also cudnn.deterministic=True (the timed choice among
-  deterministic algorithms only).
+  deterministic algorithms only). torchvision rows: torchvision.models.{arch}(num_classes=1000),
+  naive or memory_efficient=True (its dense layers' concat + BN + ReLU + 1x1 conv recomputed in
+  backward), cudnn.benchmark=True.
 Both sides: TF32 off (NVIDIA_TF32_OVERRIDE=0, torch allow_tf32=False); ours uses only
   deterministic cuDNN algorithms (FMA math). ?: not reported, or no sample inside the timed
   window; -: no result (the item's verdict in parentheses).""")
@@ -534,6 +565,7 @@ run() {
     record compute-sanitizer "skipped: not installed" - 0
   fi
 
+  imagenet_benchmarks
   compiled_torch
 
   report | tee "$OUT/table.txt"

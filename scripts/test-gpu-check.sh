@@ -74,7 +74,7 @@ ok "a failed check makes the exit status non-zero (got $RC)" [ "$RC" -ne 0 ]
 ok "table.txt ends stdout" bash -c "tail -n \$(wc -l <'$T') '$W/stdout' | cmp -s - '$T'"
 ok "the failing test is FAILED" has "$T" '^  cuda_ops pooling_matches_the_cpu::gpu +FAILED \(rc 101\)'
 ok "every other check is ok" [ "$(grep -cE '^  .*  (FAILED|skipped)' "$T")" = 1 ]
-ok "28 checks" [ "$(sed -n '/^== checks/,/^$/p' "$T" | grep -c '^  ')" = 28 ]
+ok "33 checks" [ "$(sed -n '/^== checks/,/^$/p' "$T" | grep -c '^  ')" = 33 ]
 ok "each test in its own process, smoke first, in order" diff -u - <(runs) <<'EOF'
 densenet bench --device cuda --layers 10 --growth 4 --batch-size 2 --steps 1 --warmup 1 --json
 cuda_ops --exact batch_norm_matches_the_cpu::gpu --nocapture --test-threads=1
@@ -104,6 +104,11 @@ compute-sanitizer --tool memcheck --error-exitcode 1
 densenet bench --device cuda --layers 10 --growth 4 --batch-size 2 --steps 1 --warmup 1 --json --no-graphs
 compute-sanitizer --tool racecheck --error-exitcode 1
 densenet bench --device cuda --layers 10 --growth 4 --batch-size 2 --steps 1 --warmup 1 --json --no-graphs
+densenet bench --device cuda --arch densenet121 --image-size 224 --batch-size 64 --steps 20 --warmup 5 --json --memory naive
+densenet bench --device cuda --arch densenet121 --image-size 224 --batch-size 64 --steps 20 --warmup 5 --json --memory shared
+densenet bench --device cuda --arch densenet121 --image-size 224 --batch-size 64 --steps 20 --warmup 5 --json --memory minimal
+torch gpu --arch densenet121 --image-size 224 --batch 64 --steps 20 --warmup 5 --mode naive
+torch gpu --arch densenet121 --image-size 224 --batch 64 --steps 20 --warmup 5 --mode checkpointed
 torch gpu --depth 100 --growth 12 --batch 64 --steps 20 --mode naive --warmup 10 --compile
 EOF
 ok "the items run under the variables both sides need" diff -u - <(grep -v LD_LIBRARY_PATH "$W/state/env") <<'EOF'
@@ -115,7 +120,7 @@ ok "cuDNN, cuBLASLt 13 (not 12) and NVRTC on LD_LIBRARY_PATH" has "$W/state/env"
   "^LD_LIBRARY_PATH=$W/site/nvidia/cu13/lib:$W/site/nvidia/cudnn/lib\$"
 ok "each library's path logged" has "$W/out/gpu-check.log" "^libcublasLt.so.13: $W/site/nvidia/cu13/lib/libcublasLt.so.13\$"
 ok "the preflight's Device line shown" has "$W/stdout" '^Device: NVIDIA Stub GPU'
-ok "the budget shown at the start" has "$W/stdout" 'time budget 390 s'
+ok "the budget shown at the start" has "$W/stdout" 'time budget 480 s'
 # Columns: images/s (64 / step), step ms, alloc, GPU used (1500 - idle 500), process, after
 # ctx, graphs.
 ours=' +300 +1000 +800 +700  +'
@@ -129,6 +134,12 @@ ok "row torch naive det" has "$T" "^torch naive det +2000 +32.00$torch"'eager$'
 ok "row torch checkpointed" has "$T" "^torch checkpointed +1600 +40.00$torch"'eager$'
 ok "row torch checkpointed det" has "$T" "^torch checkpointed det +1524 +42.00$torch"'eager$'
 ok "row torch naive compile" has "$T" "^torch naive compile \(optional\) +4000 +16.00$torch"'torch.compile$'
+ok "the ImageNet table follows" has "$T" '^== densenet121 \(224x224, 1000 classes\), batch 64: 20 timed steps after 5 warm-up'
+imagenet=$(sed -n '/^== densenet121 (224x224/,/^$/p' "$T")
+ok "ImageNet row ours naive" grep -qE "^ours naive +6400 +10.00$ours"'replayed$' <<<"$imagenet"
+ok "ImageNet row ours minimal" grep -qE "^ours minimal +5333 +12.00$ours"'replayed$' <<<"$imagenet"
+ok "ImageNet row torchvision naive" grep -qE "^torchvision naive +2133 +30.00$torch"'eager$' <<<"$imagenet"
+ok "ImageNet row torchvision memory_efficient" grep -qE "^torchvision memory_efficient +1600 +40.00$torch"'eager$' <<<"$imagenet"
 ok "samples outside the timed window were taken" has "$W/out/items/ours-naive.smi" ', 99999$'
 ok "no memory sample from outside the timed window" lacks "$T" '99[0-9]{3}'
 for c in images/s alloc 'GPU used' process 'after ctx' graphs 'torch rows' 'Both sides: TF32 off'; do
@@ -159,8 +170,9 @@ gpu_check STUB_PREFLIGHT_FAIL=1
 T=$W/out/table.txt
 ok "a failed preflight fails the run (got $RC)" [ "$RC" -ne 0 ]
 ok "preflight FAILED" has "$T" '^  preflight +FAILED \(rc 1\)'
-ok "GPU items skipped after it" [ "$(grep -c '^  .*  skipped: the preflight failed' "$T")" = 19 ]
+ok "GPU items skipped after it" [ "$(grep -c '^  .*  skipped: the preflight failed' "$T")" = 22 ]
 ok "PyTorch rows still run" has "$T" "^torch checkpointed det +1524 +42.00$torch"'eager$'
+ok "torchvision rows still run" has "$T" "^torchvision memory_efficient +1600 +40.00$torch"'eager$'
 ok "NVRTC tests still run" has "$T" '^  nvrtc nvrtc_compiles_every_kernel +ok'
 
 if [ "$FAILED" -gt 0 ]; then
