@@ -14,7 +14,7 @@
 #     Needs target/gpu-check/ from `prepare` (or GPU_CHECK_CARRY=DIR), an NVIDIA driver, and a
 #     Python with PyTorch and the pip CUDA libraries (nvidia-cudnn-cu13, nvidia-cublas,
 #     nvidia-cuda-nvrtc): PYTHON=/path/to/python, default python3. No Rust. Smoke first, within
-#     one time budget (GPU_CHECK_BUDGET_S, default 480 s):
+#     one time budget (GPU_CHECK_BUDGET_S, default 450 s):
 #       1. preflight: `densenet bench --device cuda` on a tiny network (opens the GPU, plans,
 #          runs one step); if it fails, the other GPU items are skipped (PyTorch's still run),
 #       2. one op against the CPU (the first GPU test of cuda_ops),
@@ -41,7 +41,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 CARRY=${GPU_CHECK_CARRY:-target/gpu-check}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 # The test binaries whose bodies run on every backend (their ::gpu tests run here).
 BACKEND_TESTS="golden modes gradcheck"
 # The benchmarked networks and run, for both sides: the CIFAR one, and the ImageNet preset.

@@ -120,7 +120,7 @@ ok "cuDNN, cuBLASLt 13 (not 12) and NVRTC on LD_LIBRARY_PATH" has "$W/state/env"
   "^LD_LIBRARY_PATH=$W/site/nvidia/cu13/lib:$W/site/nvidia/cudnn/lib\$"
 ok "each library's path logged" has "$W/out/gpu-check.log" "^libcublasLt.so.13: $W/site/nvidia/cu13/lib/libcublasLt.so.13\$"
 ok "the preflight's Device line shown" has "$W/stdout" '^Device: NVIDIA Stub GPU'
-ok "the budget shown at the start" has "$W/stdout" 'time budget 480 s'
+ok "the budget shown at the start" has "$W/stdout" 'time budget 450 s'
 # Columns: images/s (64 / step), step ms, alloc, GPU used (1500 - idle 500), process, after
 # ctx, graphs.
 ours=' +300 +1000 +800 +700  +'
