@@ -24,7 +24,7 @@ static HEAP: densenet::measure::Counting = densenet::measure::Counting;
     name = "densenet",
     version,
     long_version = densenet::backend::cuda::kernels::VERSION,
-    about = "Memory-efficient DenseNet training on CIFAR",
+    about = "Memory-efficient DenseNet training: the CIFAR networks and the ImageNet architectures",
     // A repeated flag takes its last value, as argparse does, so scripts can append overrides.
     args_override_self = true
 )]
