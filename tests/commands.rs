@@ -562,4 +562,15 @@ fn an_architecture_trains_and_evaluates() {
     let text = ok(&s.eval_args(&ck, &["-b", "16"]));
     assert!(text.contains(", upsampled 2x to 64x64"), "{text}");
     assert_fails(&[&resume[..2], &[ck_arg, "--layers", "40"], &common].concat(), 2, "--layers shapes a CIFAR network");
+
+    // Its weights in torchvision's names start a CIFAR-100 run: every tensor but the classifier.
+    let tv = s.runs.path().join("tv.safetensors");
+    ok(&["export", ck_arg, "-o", tv.to_str().unwrap(), "--torchvision"]);
+    let start = ["train", "--arch", "densenet121", "--image-size", "32", "--dataset", "cifar100", "--name", "c100"];
+    let out = ok(&[&start[..], &["--epochs", "1", "--init-weights", tv.to_str().unwrap()], &common].concat());
+    for line in
+        ["Initial weights in torchvision names", "Classifier re-initialized for 100 classes (the file's has 10)"]
+    {
+        assert!(out.contains(line), "'{line}' missing from:\n{out}");
+    }
 }
