@@ -66,8 +66,7 @@ pub enum Arch {
 
 impl Named for Arch {
     const WHAT: &'static str = "architecture";
-    const VALUES: &'static [Arch] =
-        &[Arch::Densenet121, Arch::Densenet169, Arch::Densenet201, Arch::Densenet161, Arch::Densenet264];
+    const VALUES: &'static [Arch] = &Arch::ALL;
     const LOOSE: bool = true;
 
     fn name(self) -> &'static str {
@@ -84,6 +83,10 @@ impl Named for Arch {
 by_name!(Arch, serde);
 
 impl Arch {
+    /// Every architecture, smallest first as the paper lists them.
+    pub const ALL: [Arch; 5] =
+        [Arch::Densenet121, Arch::Densenet169, Arch::Densenet201, Arch::Densenet161, Arch::Densenet264];
+
     /// The preset's growth rate.
     pub fn growth(self) -> usize {
         match self {

@@ -1,9 +1,10 @@
 //! The planner's totals: linear in depth for `shared` and `minimal`, faster than linear for
-//! `naive` (DenseNet-BC, k = 12, batch 64, depths 40 to 250), and ordered naive > shared >
-//! minimal.
+//! `naive` (DenseNet-BC, k = 12, batch 64, depths 40 to 250), ordered naive > shared >
+//! minimal, and within their ratios to the floor of an exact step.
 
 use densenet::backend::{Backend, CpuBackend};
-use densenet::config::NetConfig;
+use densenet::config::{Arch, NetConfig};
+use densenet::model::floor::floor_bytes;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 
@@ -54,5 +55,39 @@ fn modes_are_ordered_by_memory() {
     for d in DEPTHS {
         let [n, s, m] = Mode::ALL.map(|mode| batch_bytes(d, mode));
         assert!(n > s && s > m, "depth {d}: naive {n}, shared {s}, minimal {m}");
+    }
+}
+
+/// Each mode's plan over the floor of an exact step (`model::floor`), at batch 64: never below
+/// it (no mode recomputes block features), and within today's ratios (a regression bound,
+/// tightened as the plans come down): every DenseNet-BC-k12 depth from 40 to 250, the basic
+/// DenseNet-40-12, and every ImageNet architecture at 224x224.
+#[test]
+fn plans_stay_within_their_ratio_to_the_floor() {
+    let ratios = |cfg: &NetConfig, side: usize| {
+        let floor = floor_bytes(cfg, 64, side, side).unwrap() as f64;
+        let mut be = CpuBackend::new();
+        Mode::ALL.map(|mode| {
+            let image = 3 * side * side;
+            let plan =
+                Plan::new(cfg, &Net::new(cfg), 64, side, side, mode, |c| be.workspace_len(c, image, 64)).unwrap();
+            plan.total_bytes() as f64 / floor
+        })
+    };
+    let check = |name: String, r: [f64; 3], bound: [f64; 3]| {
+        for ((mode, r), bound) in Mode::ALL.iter().zip(r).zip(bound) {
+            assert!((1.0..=bound).contains(&r), "{name} {mode}: {r:.3} x the floor (bound {bound})");
+        }
+    };
+    for d in DEPTHS {
+        let cfg = NetConfig::cifar(d, 12, true, 0.5, 0.0, 10).unwrap();
+        // Naive grows with depth: at most 0.15 x the floor per layer above depth 40.
+        check(cfg.name(), ratios(&cfg, 32), [11.0 + 0.15 * (d - 40) as f64, 4.4, 2.4]);
+    }
+    let basic = NetConfig::cifar(40, 12, false, 1.0, 0.0, 10).unwrap();
+    check(basic.name(), ratios(&basic, 32), [13.7, 2.6, 2.6]);
+    for arch in Arch::ALL {
+        let cfg = arch.config(arch.growth(), 0.0, 1000).unwrap();
+        check(cfg.name(), ratios(&cfg, 224), [19.2, 5.1, 3.0]);
     }
 }

@@ -9,6 +9,7 @@ use densenet::backend::{Backend, CpuBackend};
 use densenet::config::NetConfig;
 use densenet::input::CHANNELS;
 use densenet::measure::{self, mib};
+use densenet::model::floor::floor_bytes;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 use densenet::train::recipe::MAX_BATCH;
@@ -43,6 +44,9 @@ pub(crate) struct MemoryReport {
     batch: usize,
     /// The input's height and width.
     image_size: usize,
+    /// The floor of an exact step (`densenet::model::floor`), which no mode that recomputes
+    /// no block features can go below.
+    floor_bytes: usize,
     /// `--budget`, in bytes (absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     budget_bytes: Option<u64>,
@@ -62,8 +66,8 @@ pub(crate) struct ModePlans {
 }
 
 impl ModePlans {
-    /// The plans of `plans` (each with its budget's answer).
-    fn of(plans: &[(Plan, Option<Option<usize>>)]) -> ModePlans {
+    /// The plans of `plans` (each with its budget's answer), against the floor `floor`.
+    fn of(plans: &[(Plan, Option<Option<usize>>)], floor: usize) -> ModePlans {
         let mut modes = ModePlans::default();
         for (plan, fit) in plans {
             let slot = match plan.mode {
@@ -71,7 +75,7 @@ impl ModePlans {
                 Mode::Shared => &mut modes.shared,
                 Mode::Minimal => &mut modes.minimal,
             };
-            *slot = Some(ModePlan::of(plan, *fit));
+            *slot = Some(ModePlan::of(plan, *fit, floor));
         }
         modes
     }
@@ -81,6 +85,8 @@ impl ModePlans {
 #[derive(Serialize)]
 pub(crate) struct ModePlan {
     total_bytes: usize,
+    /// `total_bytes` over the floor.
+    ratio_to_floor: f64,
     parameters: usize,
     gradients: usize,
     momentum: usize,
@@ -93,11 +99,13 @@ pub(crate) struct ModePlan {
 }
 
 impl ModePlan {
-    /// `plan`'s bytes; `fit`: the budget's answer, when one was asked.
-    fn of(plan: &Plan, fit: Option<Option<usize>>) -> ModePlan {
+    /// `plan`'s bytes; `fit`: the budget's answer, when one was asked; `floor`: the floor's
+    /// bytes.
+    fn of(plan: &Plan, fit: Option<Option<usize>>, floor: usize) -> ModePlan {
         let b = |c| plan.bytes(c);
         ModePlan {
             total_bytes: plan.total_bytes(),
+            ratio_to_floor: plan.total_bytes() as f64 / floor as f64,
             parameters: b(Category::Parameters),
             gradients: b(Category::Gradients),
             momentum: b(Category::Momentum),
@@ -172,9 +180,11 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
         plans.push((plan(&planned, &mut be, batch, mode)?, fit));
     }
     let params = net.layout.len;
+    let floor = floor_bytes(&cfg, batch, size, size)?;
     if a.json {
-        let (budget_bytes, modes) = (a.budget, ModePlans::of(&plans));
-        let report = MemoryReport { network: cfg.name(), params, batch, image_size: size, budget_bytes, modes };
+        let (budget_bytes, modes) = (a.budget, ModePlans::of(&plans, floor));
+        let (network, image_size, floor_bytes) = (cfg.name(), size, floor);
+        let report = MemoryReport { network, params, batch, image_size, floor_bytes, budget_bytes, modes };
         return Ok(report_json(&report)?);
     }
     report(format_args!(
@@ -190,6 +200,11 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
             mib(b as usize)
         ))?;
     }
+    report(format_args!(
+        "Floor of an exact step (parameters, gradients, momentum, running statistics, input, and at the worst \
+         point the features of blocks 1..b with block b's gradient): {:.1} MiB",
+        mib(floor)
+    ))?;
     report("Planned memory per category, in MiB (2^20 bytes; --json gives bytes):")?;
     let cell = |text: &str| format!(" {text:>11}");
     let mut header = format!("{:<8}", "MiB");
@@ -197,6 +212,7 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
         header += &cell(c.name());
     }
     header += &cell("total");
+    header += &cell("x floor");
     if a.budget.is_some() {
         header += &cell("max batch");
     }
@@ -207,6 +223,7 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
             row += &cell(&format!("{:.1}", mib(p.bytes(c))));
         }
         row += &cell(&format!("{:.1}", mib(p.total_bytes())));
+        row += &cell(&format!("{:.2}", p.total_bytes() as f64 / floor as f64));
         if let Some(fit) = fit {
             row += &cell(&fit.map_or("none fits".to_string(), |n| n.to_string()));
         }
@@ -223,6 +240,7 @@ mod tests {
     fn the_report_has_the_readmes_schema() {
         let plan = |max_batch| ModePlan {
             total_bytes: 21,
+            ratio_to_floor: 2.1,
             parameters: 1,
             gradients: 2,
             momentum: 3,
@@ -236,6 +254,7 @@ mod tests {
             params: 769_162,
             batch: 64,
             image_size: 32,
+            floor_bytes: 10,
             budget_bytes,
             modes: ModePlans { naive: Some(plan(fit)), shared: None, minimal: Some(plan(fit)) },
         };

@@ -6,6 +6,7 @@
 //! in forward; recomputation in backward reuses the saved batch statistics.
 
 pub mod audit;
+pub mod floor;
 pub mod names;
 pub mod net;
 pub mod params;
