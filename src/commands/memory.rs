@@ -205,7 +205,10 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
          point the features of blocks 1..b with block b's gradient): {:.1} MiB",
         mib(floor)
     ))?;
-    report("Planned memory per category, in MiB (2^20 bytes; --json gives bytes):")?;
+    report(
+        "Planned memory per category, in MiB (2^20 bytes; --json gives bytes); regions never live at the same \
+         time share bytes, so the categories add up to more than the total:",
+    )?;
     let cell = |text: &str| format!(" {text:>11}");
     let mut header = format!("{:<8}", "MiB");
     for c in Category::ALL {

@@ -10,6 +10,7 @@ pub mod floor;
 pub mod names;
 pub mod net;
 pub mod params;
+mod place;
 pub mod plan;
 
 use crate::backend::{Affine, Backend, Bn, ConvSpec, Moments, Sgd, Span, View};
@@ -74,8 +75,7 @@ impl<B: Backend> Model<B> {
         cfg.validate()?;
         let net = Net::new(&cfg);
         let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?;
-        be.allocate(plan.len, plan.workspace, batch)?;
-        let mut m = Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None };
+        let mut m = Model::on_plan(cfg, net, plan, h, w, seed, be)?;
         let lay = &m.net.layout;
         // One tensor at a time: the host never holds more than the largest tensor.
         for (tensors, base) in [(&lay.params, m.plan.params), (&lay.running, m.plan.running)] {
@@ -85,6 +85,13 @@ impl<B: Backend> Model<B> {
         }
         m.be.take_error()?;
         Ok(m)
+    }
+
+    /// The model of `cfg` (built as `net`) on `plan`, its arena allocated on `be`; parameters
+    /// not yet initialized.
+    fn on_plan(cfg: NetConfig, net: Net, plan: Plan, h: usize, w: usize, seed: u64, mut be: B) -> Result<Self> {
+        be.allocate(plan.len, plan.workspace, plan.batch)?;
+        Ok(Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None })
     }
 
     /// The network description.
@@ -222,18 +229,24 @@ impl<B: Backend> Model<B> {
         }
         let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, sgd.is_some()));
         if !key.is_some_and(|k| self.be.step_begin(k)) {
-            self.forward(n, Pass::Train);
-            self.backward(n);
-            if sgd.is_some() {
-                let p = &self.plan;
-                self.be.sgd(p.params, p.grads, p.momentum, p.head.sgd, p.head.result.at(SGD_FLAG, 1));
-            }
+            self.train_ops(n, sgd.is_some());
             if let Some(k) = key {
                 self.be.step_end(k);
             }
         }
         self.steps += 1;
         self.result(n)
+    }
+
+    /// The ops of a training step on `n` loaded images: forward, backward and, with `update`,
+    /// the SGD update.
+    fn train_ops(&mut self, n: usize, update: bool) {
+        self.forward(n, Pass::Train);
+        self.backward(n);
+        if update {
+            let p = &self.plan;
+            self.be.sgd(p.params, p.grads, p.momentum, p.head.sgd, p.head.result.at(SGD_FLAG, 1));
+        }
     }
 
     /// Loss and top-1 correct count of a batch in evaluation mode (running statistics, no

@@ -116,6 +116,10 @@ pub struct Region {
     /// The tag of the tensor the region holds (a shared scratch region's own tag; the
     /// tensors that share it have theirs).
     pub tag: u32,
+    /// Whether it holds what outlasts a step or a pass (parameters, running statistics,
+    /// gradients, momentum, the logits, the loss, flags and SGD settings, the workspace): it
+    /// shares its bytes with no other region. The others are placed by live range.
+    pub lasting: bool,
 }
 
 /// A planned tensor: what it is, and the region it lies in. Tag `t` (from 1) of a [`View`] is
@@ -281,8 +285,10 @@ pub struct Plan {
 /// a running statistic is not finite.
 pub const RESULT_LEN: usize = 4;
 
-/// Bump allocator over the arena, [`ALIGN`](crate::backend::ALIGN)ed regions.
+/// Allocator over the arena, [`ALIGN`](crate::backend::ALIGN)ed regions: region `i` at `at[i]`
+/// where the placement gives it, else after the regions before it.
 struct Arena {
+    at: Vec<usize>,
     regions: Vec<Region>,
     tags: Vec<Tag>,
     top: usize,
@@ -325,12 +331,22 @@ impl Arena {
         self.tags.len() as u32
     }
 
-    /// A region of `len` f32, tagged as its own tensor.
+    /// A region of `len` f32, tagged as its own tensor, placed by live range.
     fn take(&mut self, name: impl Into<String>, category: Category, len: usize) -> Span {
-        let (off, name, dtype) = (self.top, name.into(), DType::F32);
-        let r = Region { name: name.clone(), category, off, len, dtype, tag: 0 };
-        self.top += aligned(r.bytes());
-        let tag = self.tag(name, self.regions.len());
+        self.region(name.into(), category, len, false)
+    }
+
+    /// A region of `len` f32 that outlasts a step or a pass ([`Region::lasting`]).
+    fn take_lasting(&mut self, name: impl Into<String>, category: Category, len: usize) -> Span {
+        self.region(name.into(), category, len, true)
+    }
+
+    fn region(&mut self, name: String, category: Category, len: usize, lasting: bool) -> Span {
+        let (index, dtype) = (self.regions.len(), DType::F32);
+        let off = self.at.get(index).copied().unwrap_or(self.top);
+        let r = Region { name: name.clone(), category, off, len, dtype, tag: 0, lasting };
+        self.top = self.top.max(off + aligned(r.bytes()));
+        let tag = self.tag(name, index);
         self.regions.push(Region { tag, ..r });
         Span { off, len, dtype, tag }
     }
@@ -397,7 +413,8 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    /// A pass at batch `n` whose shared scratch regions get `sizes` floats.
+    /// A pass at batch `n` whose shared scratch regions get `sizes` floats, its regions at
+    /// `at` (see [`Arena`]).
     fn new(
         cfg: &'a NetConfig,
         net: &'a Net,
@@ -405,8 +422,10 @@ impl<'a> Planner<'a> {
         n: usize,
         mode: Mode,
         sizes: [usize; SLOTS],
+        at: &[usize],
     ) -> Self {
-        let ar = Arena { regions: Vec::new(), tags: Vec::new(), top: 0, slots: [0; SLOTS], need: [0; SLOTS] };
+        let (regions, tags, at) = (Vec::new(), Vec::new(), at.to_vec());
+        let ar = Arena { at, regions, tags, top: 0, slots: [0; SLOTS], need: [0; SLOTS] };
         Planner { cfg, net, geo, n, mode, sizes, ar, convs: Vec::new() }
     }
 
@@ -430,10 +449,10 @@ impl<'a> Planner<'a> {
     /// The whole layout for `h` x `w` inputs, in arena order.
     fn pass(mut self, h: usize, w: usize) -> (Self, Parts) {
         let (n, plen) = (self.n, self.net.layout.len);
-        let params = self.ar.take("parameters", Category::Parameters, plen);
-        let running = self.ar.take("bn running statistics", Category::Parameters, self.net.layout.running_len);
-        let grads = self.ar.take("gradients", Category::Gradients, plen);
-        let momentum = self.ar.take("momentum", Category::Momentum, plen);
+        let params = self.ar.take_lasting("parameters", Category::Parameters, plen);
+        let running = self.ar.take_lasting("bn running statistics", Category::Parameters, self.net.layout.running_len);
+        let grads = self.ar.take_lasting("gradients", Category::Gradients, plen);
+        let momentum = self.ar.take_lasting("momentum", Category::Momentum, plen);
         let image = self.ar.tensor("input images", Category::Activations, n, 3, h, w);
         let mut blocks = Blocks { x: Vec::new(), stats: Vec::new(), g: Vec::new() };
         for (b, g) in self.geo.iter().enumerate() {
@@ -554,11 +573,11 @@ impl<'a> Planner<'a> {
         let c = gl.c_final;
         let a = self.kept_or_slot(Slot::Act, "head a".into(), c, gl.h, gl.w);
         let pooled = self.ar.take("pooled features", Category::Activations, n * c).matrix(n, c);
-        let logits = self.ar.take("logits", Category::Activations, n * classes).matrix(n, classes);
+        let logits = self.ar.take_lasting("logits", Category::Activations, n * classes).matrix(n, classes);
         let g_pooled = self.ar.take("pooled gradient", Category::Scratch, n * c).matrix(n, c);
         let g_logits = self.ar.take("logits gradient", Category::Scratch, n * classes).matrix(n, classes);
         let control = "loss, correct count, non-finite flags and SGD settings";
-        let control = self.ar.take(control, Category::Scratch, RESULT_LEN + Sgd::LEN);
+        let control = self.ar.take_lasting(control, Category::Scratch, RESULT_LEN + Sgd::LEN);
         HeadPlan {
             input: blocks.x[last],
             a,
@@ -574,35 +593,31 @@ impl<'a> Planner<'a> {
     }
 }
 
-impl Plan {
-    /// Plans `net` (built from `cfg`) for batches of up to `batch` images of `h` x `w`;
-    /// `workspace_len` sizes the convolution workspace for the network's shapes.
-    ///
-    /// The layout is one pass over the network, run twice: the first measures what the
-    /// tensors of each shared scratch region need, the second lays the regions out with those
-    /// sizes, so sizes and slots cannot disagree.
-    pub fn new(
-        cfg: &NetConfig,
-        net: &Net,
-        batch: usize,
-        h: usize,
-        w: usize,
-        mode: Mode,
-        workspace_len: impl FnOnce(&[ConvShape]) -> Result<usize>,
-    ) -> Result<Plan> {
-        if batch == 0 {
-            bail!("batch size must be at least 1");
-        }
-        let geo = cfg.geometry(h, w)?;
-        let need = Planner::new(cfg, net, &geo, batch, mode, [0; SLOTS]).pass(h, w).0.ar.need;
-        let (mut p, parts) = Planner::new(cfg, net, &geo, batch, mode, need).pass(h, w);
+/// What a plan is laid out for.
+struct Shape<'a> {
+    cfg: &'a NetConfig,
+    net: &'a Net,
+    geo: &'a [BlockGeom],
+    batch: usize,
+    h: usize,
+    w: usize,
+    mode: Mode,
+}
+
+impl Shape<'_> {
+    /// The layout with region `i` at `at[i]` (one after another where `at` is empty), the
+    /// convolution workspace `workspace_len` bytes for the network's shapes.
+    fn layout(&self, at: &[usize], workspace_len: impl FnOnce(&[ConvShape]) -> Result<usize>) -> Result<Plan> {
+        let pass = |sizes| Planner::new(self.cfg, self.net, self.geo, self.batch, self.mode, sizes, at);
+        let need = pass([0; SLOTS]).pass(self.h, self.w).0.ar.need;
+        let (mut p, parts) = pass(need).pass(self.h, self.w);
         assert_eq!(p.ar.need, need, "the two passes of the layout disagree");
         let ws = workspace_len(&p.convs)?;
         assert!(ws.is_multiple_of(DType::F32.size()), "a workspace of {ws} bytes");
-        let workspace = p.ar.take("convolution workspace", Category::Workspace, ws / DType::F32.size());
+        let workspace = p.ar.take_lasting("convolution workspace", Category::Workspace, ws / DType::F32.size());
         Ok(Plan {
-            mode,
-            batch,
+            mode: self.mode,
+            batch: self.batch,
             len: p.ar.top,
             regions: p.ar.regions,
             tags: p.ar.tags,
@@ -617,8 +632,38 @@ impl Plan {
             head: parts.head,
             workspace,
             convs: p.convs,
-            label_bytes: batch * std::mem::size_of::<u32>(),
+            label_bytes: self.batch * std::mem::size_of::<u32>(),
         })
+    }
+}
+
+impl Plan {
+    /// Plans `net` (built from `cfg`) for batches of up to `batch` images of `h` x `w`;
+    /// `workspace_len` sizes the convolution workspace for the network's shapes.
+    ///
+    /// The layout is one pass over the network, run twice: the first measures what the
+    /// tensors of each shared scratch region need, the second lays the regions out with those
+    /// sizes, so sizes and slots cannot disagree. The regions are then placed by live range
+    /// (`place`: those never live at once share bytes) and the layout laid out again at
+    /// those places.
+    pub fn new(
+        cfg: &NetConfig,
+        net: &Net,
+        batch: usize,
+        h: usize,
+        w: usize,
+        mode: Mode,
+        workspace_len: impl FnOnce(&[ConvShape]) -> Result<usize>,
+    ) -> Result<Plan> {
+        if batch == 0 {
+            bail!("batch size must be at least 1");
+        }
+        let geo = cfg.geometry(h, w)?;
+        let shape = Shape { cfg, net, geo: &geo, batch, h, w, mode };
+        let one_after_another = shape.layout(&[], workspace_len)?;
+        let at = super::place::by_live_range(cfg, net, &one_after_another, h, w)?;
+        let workspace = one_after_another.workspace.len * DType::F32.size();
+        shape.layout(&at, |_| Ok(workspace))
     }
 
     /// Bytes planned for one category (regions rounded to their alignment; the labels count as
