@@ -553,12 +553,44 @@ impl<B: Backend> Model<B> {
                 self.conv_backward(x2, pre2, g_out, *conv2, Some(a2), ConvSpec::SAME3);
                 self.bn_relu_backward(bn2, sz, a2, z, a2, false);
                 self.drop(a2, site);
-                self.conv_backward(x1, pre1, a2, l.conv1, Some(a1), ConvSpec::POINTWISE);
+                self.conv_backward(x1, pre1, a2, l.conv1, None, ConvSpec::POINTWISE);
+                self.input_backward(lp, l, a2, ConvSpec::POINTWISE, n);
             }
-            (None, None) => self.conv_backward(x1, pre1, g_out, l.conv1, Some(a1), ConvSpec::SAME3),
+            (None, None) => {
+                self.conv_backward(x1, pre1, g_out, l.conv1, None, ConvSpec::SAME3);
+                self.input_backward(lp, l, g_out, ConvSpec::SAME3, n);
+            }
             _ => unreachable!("the plan and the network disagree on the bottleneck"),
         }
-        self.bn_relu_backward(&l.bn1, lp.stats_in, a1, input, lp.g_in.batch(n), true);
+    }
+
+    /// The first convolution's data gradient from `gy` and BN1-ReLU's backward, accumulated
+    /// into the block gradient of `[0, C_l)`, [`Plan::chunk`] input channels at a time: each
+    /// channel's BN backward needs only its own gradient, so a chunk of `a1`'s gradient is all
+    /// that lives at once (in `naive`, over the kept `a1`'s channels). Each chunk uses its
+    /// channels of the weight, copied to `weights`.
+    fn input_backward(&mut self, lp: &LayerPlan, l: &Layer, gy: View, spec: ConvSpec, n: usize) {
+        let (c_in, chunk, kk) = (l.c_in, self.plan.chunk, spec.k * spec.k);
+        let (input, g_in, a1) = (lp.input.batch(n), lp.g_in.batch(n), lp.a1.batch(n));
+        let w = self.plan.params.at(l.conv1, gy.c * c_in * kk);
+        for c0 in (0..c_in).step_by(chunk) {
+            let cc = chunk.min(c_in - c0);
+            let g = match self.plan.mode.keeps_bn_outputs() {
+                true => a1.channels(c0, cc),
+                false => a1.channels(0, cc),
+            };
+            let w = match lp.weights {
+                Some(to) => {
+                    let part = View::dense(to.off, gy.c, cc, spec.k, spec.k).tagged(to.tag);
+                    self.be.copy(View::dense(w.off, gy.c, c_in, spec.k, spec.k).tagged(w.tag).channels(c0, cc), part);
+                    part.span()
+                }
+                None => w,
+            };
+            self.be.conv_backward_data(gy, w, g, spec);
+            let (bn, stats) = (l.bn1.channels(c0, cc), lp.stats_in.channels(c0, cc));
+            self.bn_relu_backward(&bn, stats, g, input.channels(c0, cc), g_in.channels(c0, cc), true);
+        }
     }
 
     // ---- transition -------------------------------------------------------------------------
@@ -577,9 +609,12 @@ impl<B: Backend> Model<B> {
         let (x, a, z) = (tp.input.batch(n), tp.a.batch(n), tp.z.batch(n));
         self.be.avg_pool2_backward(tp.g_out.batch(n), z);
         self.drop(z, transition_site(b));
+        // The BN-ReLU gradient lands in the block's gradient, which it then becomes in place
+        // (the transition writes the block's gradient first).
         let (src, pre) = self.bn_relu_input(&t.bn, tp.stats_in, x, a, Pass::Train);
-        self.conv_backward(src, pre, z, t.conv, Some(a), ConvSpec::POINTWISE);
-        self.bn_relu_backward(&t.bn, tp.stats_in, a, x, tp.g_in.batch(n), false);
+        let g_in = tp.g_in.batch(n);
+        self.conv_backward(src, pre, z, t.conv, Some(g_in), ConvSpec::POINTWISE);
+        self.bn_relu_backward(&t.bn, tp.stats_in, g_in, x, g_in, false);
     }
 
     // ---- classifier -------------------------------------------------------------------------
@@ -603,14 +638,15 @@ impl<B: Backend> Model<B> {
     }
 
     fn head_backward(&mut self, head: &HeadPlan, n: usize) {
-        let a = head.a.batch(n);
         let (w, _) = self.classifier(self.plan.params);
         let (gw, gb) = self.classifier(self.plan.grads);
         let (pooled, g_pooled) = (head.pooled.rows(n), head.g_pooled.rows(n));
         self.be.linear_backward(pooled, w, head.g_logits.rows(n), g_pooled, gw, gb);
-        self.be.global_avg_pool_backward(g_pooled, a);
+        // Into the last block's gradient, which it then becomes in place.
+        let g_in = head.g_in.batch(n);
+        self.be.global_avg_pool_backward(g_pooled, g_in);
         let bn = self.net.head_bn;
-        self.bn_relu_backward(&bn, head.stats_in, a, head.input.batch(n), head.g_in.batch(n), false);
+        self.bn_relu_backward(&bn, head.stats_in, g_in, head.input.batch(n), g_in, false);
     }
 }
 

@@ -59,6 +59,21 @@ pub struct BnParams {
     pub running_var: usize,
 }
 
+impl BnParams {
+    /// The same batch norm restricted to channels `[c0, c0 + c)`.
+    pub fn channels(&self, c0: usize, c: usize) -> BnParams {
+        assert!(c0 + c <= self.c, "channels {c0}+{c} of {}", self.c);
+        let at = |off: usize| off + c0;
+        BnParams {
+            c,
+            gamma: at(self.gamma),
+            beta: at(self.beta),
+            running_mean: at(self.running_mean),
+            running_var: at(self.running_var),
+        }
+    }
+}
+
 /// Every tensor of a network, in creation order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParamLayout {

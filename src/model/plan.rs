@@ -151,8 +151,13 @@ pub struct LayerPlan {
     pub input: View,
     /// The block slice `[0, C_l)` (source of the copy; gradient target).
     pub features: View,
-    /// BN1-ReLU output (kept in `naive`), then its gradient.
+    /// BN1-ReLU output (kept in `naive`), then its gradient, [`Plan::chunk`] input channels at
+    /// a time: in `naive` over the kept output's channels, otherwise in a chunk of `act`
+    /// ([n, min(C_l, chunk), H, W]).
     pub a1: View,
+    /// Where a chunk of the first convolution's weight (its input channels) is copied for the
+    /// data gradient, when `C_l` exceeds the chunk (else the weight is used whole).
+    pub weights: Option<Span>,
     /// The bottleneck's tensors (bottleneck layers only).
     pub bottleneck: Option<BottleneckPlan>,
     /// The layer's k output channels in the block buffer.
@@ -183,7 +188,8 @@ pub struct BottleneckPlan {
 pub struct TransitionPlan {
     /// The whole block buffer.
     pub input: View,
-    /// BN-ReLU output (kept in `naive`), then its gradient.
+    /// BN-ReLU output (kept in `naive`; outside it the block's gradient, which its gradient
+    /// becomes in place).
     pub a: View,
     /// Convolution output (after dropout).
     pub z: View,
@@ -274,6 +280,8 @@ pub struct Plan {
     pub head: HeadPlan,
     /// Convolution workspace region.
     pub workspace: Span,
+    /// Input channels per chunk of a dense layer's BN1-ReLU backward (4k).
+    pub chunk: usize,
     /// Every distinct convolution shape, for workspace sizing and algorithm selection.
     pub convs: Vec<ConvShape>,
     /// Bytes kept outside the arena (the labels).
@@ -309,10 +317,12 @@ enum Slot {
     Mid,
     /// The bottleneck's BN-ReLU outputs, then their gradients.
     Mid2,
+    /// A convolution weight's chunk of input channels.
+    Weights,
 }
 
 /// Number of [`Slot`]s.
-const SLOTS: usize = 3;
+const SLOTS: usize = 4;
 
 impl Slot {
     fn name(self) -> &'static str {
@@ -320,6 +330,7 @@ impl Slot {
             Slot::Act => "scratch: BN-ReLU outputs and gradients",
             Slot::Mid => "scratch: conv outputs",
             Slot::Mid2 => "scratch: bottleneck BN-ReLU gradients",
+            Slot::Weights => "scratch: weight chunk",
         }
     }
 }
@@ -358,7 +369,7 @@ impl Arena {
 
     /// Takes the shared scratch regions, `sizes[s]` elements for slot `s`.
     fn scratch(&mut self, sizes: [usize; SLOTS]) {
-        for (i, s) in [Slot::Act, Slot::Mid, Slot::Mid2].into_iter().enumerate() {
+        for (i, s) in [Slot::Act, Slot::Mid, Slot::Mid2, Slot::Weights].into_iter().enumerate() {
             self.take(s.name(), Category::Scratch, sizes[i]);
             self.slots[i] = self.regions.len() - 1;
         }
@@ -516,7 +527,21 @@ impl<'a> Planner<'a> {
                 Mode::Naive => self.ar.tensor(name("concatenated input"), Category::Activations, n, c, g.h, g.w),
                 _ => features,
             };
-            let a1 = self.kept_or_slot(Slot::Act, name("a1"), c, g.h, g.w);
+            let chunk = self.cfg.bottleneck_width();
+            let a1 = match self.mode.keeps_bn_outputs() {
+                true => self.ar.tensor(name("a1"), Category::Activations, n, c, g.h, g.w),
+                false => self.ar.slot(Slot::Act, name("a1 gradient chunk"), n, c.min(chunk), g.h, g.w),
+            };
+            let (cout, spec) = match self.cfg.bottleneck {
+                true => (width, ConvSpec::POINTWISE),
+                false => (k, ConvSpec::SAME3),
+            };
+            let weights = (c > chunk).then(|| {
+                for cc in [chunk, c % chunk].into_iter().filter(|&cc| cc > 0) {
+                    self.conv(spec, cc, cout, g.h, g.w);
+                }
+                self.ar.slot(Slot::Weights, name("conv1 weight chunk"), cout, chunk, spec.k, spec.k).span()
+            });
             let bottleneck = if self.cfg.bottleneck {
                 self.conv(ConvSpec::POINTWISE, c, width, g.h, g.w);
                 self.conv(ConvSpec::SAME3, width, k, g.h, g.w);
@@ -534,6 +559,7 @@ impl<'a> Planner<'a> {
                 input,
                 features,
                 a1,
+                weights,
                 bottleneck,
                 out: x.channels(c, k),
                 g_in: gx.channels(0, c),
@@ -552,7 +578,10 @@ impl<'a> Planner<'a> {
         let (c_in, c_out) = (t.c_in, t.c_out);
         self.conv(ConvSpec::POINTWISE, c_in, c_out, g.h, g.w);
         let name = |what: &str| format!("trans{} {what}", b + 1);
-        let a = self.kept_or_slot(Slot::Act, name("a"), c_in, g.h, g.w);
+        let a = match self.mode.keeps_bn_outputs() {
+            true => self.ar.tensor(name("a"), Category::Activations, self.n, c_in, g.h, g.w),
+            false => blocks.g[b],
+        };
         let z = self.kept_or_slot(Slot::Mid, name("z"), c_out, g.h, g.w);
         TransitionPlan {
             input: blocks.x[b],
@@ -631,6 +660,7 @@ impl Shape<'_> {
             transitions: parts.transitions,
             head: parts.head,
             workspace,
+            chunk: self.cfg.bottleneck_width(),
             convs: p.convs,
             label_bytes: self.batch * std::mem::size_of::<u32>(),
         })
