@@ -58,12 +58,15 @@ fn imagenet_presets_pass_the_audit() {
 #[test]
 fn the_audit_finds_overlapping_live_ranges_and_unwritten_reads() {
     use densenet::model::audit::{Op, Operand};
-    let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap();
+    // With dropout, a transition convolves before it pools, its output in shared scratch.
+    let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap();
     let m = Model::new(cfg, 2, 16, 16, Mode::Minimal, 1, Recorder::new()).unwrap();
     let plan = m.plan();
     // Two tensors of the shared conv-output scratch: a layer's z and a transition's z.
     let z = plan.layers[0][0].bottleneck.unwrap().z;
-    let tz = plan.transitions[0].z;
+    let densenet::model::plan::Order::ConvFirst { z: tz } = plan.transitions[0].order else {
+        panic!("a transition with dropout convolves first")
+    };
     assert!(z.overlaps(&tz) && z.tag != tz.tag);
     let op = |name, reads: &[View], writes: &[View]| Op {
         name,

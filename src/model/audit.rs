@@ -296,7 +296,7 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> Result<Audit> {
 }
 
 /// Records that op `op` wrote `r` as tensor `tag`.
-fn write(owner: &mut BTreeMap<usize, (usize, u32, usize)>, r: Range<usize>, tag: u32, op: usize) {
+pub(super) fn write(owner: &mut BTreeMap<usize, (usize, u32, usize)>, r: Range<usize>, tag: u32, op: usize) {
     if r.is_empty() {
         return;
     }

@@ -19,7 +19,7 @@ use crate::input::{Input, CHANNELS};
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
 use params::{BnParams, ParamLayout};
-use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Plan, TransitionPlan, RESULT_LEN};
+use plan::{BottleneckPlan, HeadPlan, LayerPlan, Mode, Order, Plan, TransitionPlan, RESULT_LEN};
 
 /// BN running-statistics momentum (the reference's).
 pub const BN_MOMENTUM: f32 = 0.1;
@@ -596,24 +596,64 @@ impl<B: Backend> Model<B> {
     // ---- transition -------------------------------------------------------------------------
 
     fn transition_forward(&mut self, tp: &TransitionPlan, t: &Transition, b: usize, n: usize, pass: Pass) {
-        let (x, z) = (tp.input.batch(n), tp.z.batch(n));
-        let (src, pre) = self.bn_relu_forward(&t.bn, tp.stats_in, x, tp.a.batch(n), pass);
-        self.conv(src, pre, t.conv, z, ConvSpec::POINTWISE);
-        if pass == Pass::Train {
-            self.drop(z, transition_site(b));
+        let (x, out) = (tp.input.batch(n), tp.out.batch(n));
+        match tp.order {
+            Order::PoolFirst { pooled } => {
+                if pass == Pass::Train {
+                    self.update_running(&t.bn, tp.stats_in, x.n * x.hw());
+                }
+                self.pool_bn_relu(tp, t, pooled.batch(n), n, pass);
+                self.conv(pooled.batch(n), None, t.conv, out, ConvSpec::POINTWISE);
+            }
+            Order::ConvFirst { z } => {
+                let z = z.batch(n);
+                let (src, pre) = self.bn_relu_forward(&t.bn, tp.stats_in, x, tp.a.batch(n), pass);
+                self.conv(src, pre, t.conv, z, ConvSpec::POINTWISE);
+                if pass == Pass::Train {
+                    self.drop(z, transition_site(b));
+                }
+                self.be.avg_pool2(z, out);
+            }
         }
-        self.be.avg_pool2(z, tp.out.batch(n));
+    }
+
+    /// `pooled = pool(relu(bn(x)))` of a transition's input, [`Plan::chunk`] channels at a time
+    /// through `a` (in `naive`, the kept `a` whole).
+    fn pool_bn_relu(&mut self, tp: &TransitionPlan, t: &Transition, pooled: View, n: usize, pass: Pass) {
+        let (x, a, c) = (tp.input.batch(n), tp.a.batch(n), t.c_in);
+        let chunk = if self.plan.mode.keeps_bn_outputs() { c } else { self.plan.chunk };
+        for c0 in (0..c).step_by(chunk) {
+            let cc = chunk.min(c - c0);
+            let (bn, stats) = (t.bn.channels(c0, cc), tp.stats_in.channels(c0, cc));
+            let y = a.channels(0, cc);
+            let bn = self.bn(&bn, stats, pass);
+            self.be.bn_relu(x.channels(c0, cc), bn, y);
+            self.be.avg_pool2(y, pooled.channels(c0, cc));
+        }
     }
 
     fn transition_backward(&mut self, tp: &TransitionPlan, t: &Transition, b: usize, n: usize) {
-        let (x, a, z) = (tp.input.batch(n), tp.a.batch(n), tp.z.batch(n));
-        self.be.avg_pool2_backward(tp.g_out.batch(n), z);
-        self.drop(z, transition_site(b));
-        // The BN-ReLU gradient lands in the block's gradient, which it then becomes in place
-        // (the transition writes the block's gradient first).
-        let (src, pre) = self.bn_relu_input(&t.bn, tp.stats_in, x, a, Pass::Train);
-        let g_in = tp.g_in.batch(n);
-        self.conv_backward(src, pre, z, t.conv, Some(g_in), ConvSpec::POINTWISE);
+        let (x, a, g_in, g_out) = (tp.input.batch(n), tp.a.batch(n), tp.g_in.batch(n), tp.g_out.batch(n));
+        match tp.order {
+            Order::PoolFirst { pooled } => {
+                let pooled = pooled.batch(n);
+                if !self.plan.mode.keeps_bn_outputs() {
+                    self.pool_bn_relu(tp, t, pooled, n, Pass::Train);
+                }
+                // The pooled input is dead once the weight gradient is taken: its gradient
+                // takes its place, and unpools into the block's gradient (its first write).
+                self.conv_backward(pooled, None, g_out, t.conv, Some(pooled), ConvSpec::POINTWISE);
+                self.be.avg_pool2_backward(pooled, g_in);
+            }
+            Order::ConvFirst { z } => {
+                let z = z.batch(n);
+                self.be.avg_pool2_backward(g_out, z);
+                self.drop(z, transition_site(b));
+                let (src, pre) = self.bn_relu_input(&t.bn, tp.stats_in, x, a, Pass::Train);
+                self.conv_backward(src, pre, z, t.conv, Some(g_in), ConvSpec::POINTWISE);
+            }
+        }
+        // The BN-ReLU gradient is in the block's gradient, which it becomes in place.
         self.bn_relu_backward(&t.bn, tp.stats_in, g_in, x, g_in, false);
     }
 

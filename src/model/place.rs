@@ -1,27 +1,39 @@
 //! Placement by live range: regions that are never live at the same time share bytes.
 //!
 //! A training step and an evaluation are recorded on the plan laid out one region after
-//! another ([`Recorder`]); each region's live range in each pass is the span of ops from the
-//! first that touches it to the last. Two regions may overlap in the arena when their ranges
-//! are disjoint in both passes. A region whose first touch in a pass reads it holds what an
-//! earlier pass or step left there, and is kept apart like the lasting regions (parameters,
+//! another ([`Recorder`]); each tensor's live range in each pass is the span of ops from the
+//! first that touches it to the last, and a region lives in each pass during the ranges of
+//! the tensors it holds (a shared scratch region holds one layer's tensor after another, with
+//! gaps between them). Two regions may overlap in the arena when none of their ranges meet,
+//! in either pass. A tensor whose first touch in a pass reads it holds what an earlier pass
+//! or step left there: its region is kept apart like the lasting regions (parameters,
 //! gradients, momentum, running statistics, the logits and the loss, the workspace). The
 //! regions are then placed largest first, each at the lowest offset clear of every placed
 //! region it may not share with (first fit). The audit (`super::audit`) replays the step on
 //! the placed plan and proves it safe.
 
-use super::audit::{Op, Operand, Recorder};
+use super::audit::{write, Op, Operand, Recorder};
 use super::net::Net;
 use super::plan::{Plan, Region};
 use super::{Model, Pass};
 use crate::backend::{aligned, Backend, Sgd};
 use crate::config::NetConfig;
 use crate::Result;
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 
-/// The offset of every region of `plan` (laid out one after another for `cfg`, built as `net`,
-/// on `h` x `w` inputs) placed by live range, in region order.
-pub(super) fn by_live_range(cfg: &NetConfig, net: &Net, plan: &Plan, h: usize, w: usize) -> Result<Vec<usize>> {
+/// The offset of each of `regions` (a plan's, laid out one after another for `cfg`, built as
+/// `net`, on `h` x `w` inputs) placed by live range, in region order; the lives are traced on
+/// `plan`, the same layout for a batch of one image (the same regions, in the same order).
+pub(super) fn by_live_range(
+    cfg: &NetConfig,
+    net: &Net,
+    plan: &Plan,
+    regions: &[Region],
+    h: usize,
+    w: usize,
+) -> Result<Vec<usize>> {
+    assert_eq!(plan.regions.len(), regions.len(), "the traced layout has the plan's regions");
     // A training step with the SGD update and an evaluation, as `Model::step` and
     // `Model::evaluate_on` issue them.
     let n = plan.batch;
@@ -35,30 +47,30 @@ pub(super) fn by_live_range(cfg: &NetConfig, net: &Net, plan: &Plan, h: usize, w
     m.forward(n, Pass::Eval);
     let ops = m.be.ops();
     let passes = [live(plan, &ops[start..between]), live(plan, &ops[between..])];
-    Ok(first_fit(&plan.regions, |a, b| {
+    Ok(first_fit(regions, |a, b| {
         let apart = |l: &[Live]| match (&l[a], &l[b]) {
             (Live::Carried, _) | (_, Live::Carried) => false,
-            (Live::During(x), Live::During(y)) => x.end() < y.start() || y.end() < x.start(),
-            _ => true,
+            (Live::During(x), Live::During(y)) => {
+                x.iter().all(|x| y.iter().all(|y| x.end() < y.start() || y.end() < x.start()))
+            }
         };
-        !plan.regions[a].lasting && !plan.regions[b].lasting && passes.iter().all(|l| apart(l))
+        !regions[a].lasting && !regions[b].lasting && passes.iter().all(|l| apart(l))
     }))
 }
 
 /// A region's life in one pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Live {
-    /// Untouched.
-    Idle,
-    /// From the first op that touches it (writing) to the last.
-    During(RangeInclusive<usize>),
-    /// Read before the pass writes it: it holds what came before.
+    /// During these op ranges (none: untouched): from each write of some of its bytes to the
+    /// last read of those bytes before they are written again.
+    During(Vec<RangeInclusive<usize>>),
+    /// Some of it is read before the pass writes it: it holds what came before.
     Carried,
 }
 
-/// Each region's life in the pass `ops` of `plan`.
+/// Each region's life in the pass `ops` of `plan`, byte by byte as the audit follows them:
+/// who last wrote each stretch of the arena, and which reads need it.
 fn live(plan: &Plan, ops: &[Op]) -> Vec<Live> {
-    let mut life = vec![Live::Idle; plan.regions.len()];
     let region_of = |o: &Operand| match *o {
         Operand::View(v) => plan.tags[v.tag as usize - 1].region,
         Operand::Span(s) if s.tag != 0 => plan.tags[s.tag as usize - 1].region,
@@ -66,19 +78,57 @@ fn live(plan: &Plan, ops: &[Op]) -> Vec<Live> {
             plan.regions.iter().position(|r| r.off <= s.off && s.end() <= r.end()).expect("in a region")
         }
     };
+    let ranges = |o: &Operand| -> Vec<(usize, usize)> {
+        match o {
+            Operand::View(v) => v.ranges().collect(),
+            Operand::Span(s) => vec![(s.off, s.end())],
+        }
+    };
+    // Who last wrote each stretch: start -> (end, region, op).
+    let mut owner: BTreeMap<usize, (usize, u32, usize)> = BTreeMap::new();
+    let mut spans: Vec<Vec<RangeInclusive<usize>>> = vec![Vec::new(); plan.regions.len()];
+    let mut carried = vec![false; plan.regions.len()];
     for (i, op) in ops.iter().enumerate() {
-        let touched = op.reads.iter().map(|o| (o, true)).chain(op.writes.iter().map(|o| (o, false)));
-        for (o, read) in touched {
+        for o in &op.reads {
+            for (a, b) in ranges(o) {
+                let mut covered = 0;
+                for (&start, &(end, region, writer)) in owner.range(..b).rev() {
+                    if end <= a {
+                        break;
+                    }
+                    spans[region as usize].push(writer..=i);
+                    covered += end.min(b) - start.max(a);
+                }
+                carried[region_of(o)] |= covered < b - a;
+            }
+        }
+        for o in &op.writes {
             let r = region_of(o);
-            life[r] = match &life[r] {
-                Live::Idle if read => Live::Carried,
-                Live::Idle => Live::During(i..=i),
-                Live::During(d) => Live::During(*d.start()..=i),
-                Live::Carried => Live::Carried,
-            };
+            for (a, b) in ranges(o) {
+                write(&mut owner, a..b, r as u32, i);
+            }
+            spans[r].push(i..=i);
         }
     }
-    life
+    spans
+        .into_iter()
+        .zip(carried)
+        .map(|(mut d, carried)| match carried {
+            true => Live::Carried,
+            false => {
+                // Merged, so that comparing two regions' lives is short.
+                d.sort_by_key(|r| *r.start());
+                let mut merged: Vec<RangeInclusive<usize>> = Vec::new();
+                for r in d {
+                    match merged.last_mut() {
+                        Some(m) if *r.start() <= *m.end() + 1 => *m = *m.start()..=(*m.end()).max(*r.end()),
+                        _ => merged.push(r),
+                    }
+                }
+                Live::During(merged)
+            }
+        })
+        .collect()
 }
 
 /// Offsets for `regions`, largest first, each at the lowest offset where it overlaps no placed

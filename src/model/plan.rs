@@ -183,16 +183,35 @@ pub struct BottleneckPlan {
     pub stats: Moments,
 }
 
+/// In which order a transition pools and convolves.
+#[derive(Clone, Copy, Debug)]
+pub enum Order {
+    /// Without dropout: the BN-ReLU output pooled, then convolved at a quarter of the pixels
+    /// (average pooling and a 1x1 convolution commute). `a` holds the BN-ReLU output (kept in
+    /// `naive`; otherwise [`Plan::chunk`] channels of it at a time, in `act`).
+    PoolFirst {
+        /// The pooled BN-ReLU output [n, C, H/2, W/2] (kept in `naive`, recomputed in backward
+        /// otherwise), then its gradient.
+        pooled: View,
+    },
+    /// With dropout (on the full-resolution convolution output, as the reference drops it):
+    /// convolved, dropped, pooled. `a` is the kept BN-ReLU output in `naive`, otherwise the
+    /// block's gradient, which the BN-ReLU gradient becomes in place.
+    ConvFirst {
+        /// Convolution output (after dropout).
+        z: View,
+    },
+}
+
 /// Where a transition's tensors live.
 #[derive(Clone, Copy, Debug)]
 pub struct TransitionPlan {
     /// The whole block buffer.
     pub input: View,
-    /// BN-ReLU output (kept in `naive`; outside it the block's gradient, which its gradient
-    /// becomes in place).
+    /// The BN-ReLU output (see [`Order`]).
     pub a: View,
-    /// Convolution output (after dropout).
-    pub z: View,
+    /// The order of pooling and convolution, and its tensors.
+    pub order: Order,
     /// Channels `[0, c_out)` of the next block buffer.
     pub out: View,
     /// Gradient of the block buffer.
@@ -576,17 +595,30 @@ impl<'a> Planner<'a> {
     fn transition(&mut self, blocks: &Blocks, b: usize) -> TransitionPlan {
         let (g, t) = (self.geo[b], &self.net.transitions[b]);
         let (c_in, c_out) = (t.c_in, t.c_out);
-        self.conv(ConvSpec::POINTWISE, c_in, c_out, g.h, g.w);
         let name = |what: &str| format!("trans{} {what}", b + 1);
-        let a = match self.mode.keeps_bn_outputs() {
-            true => self.ar.tensor(name("a"), Category::Activations, self.n, c_in, g.h, g.w),
-            false => blocks.g[b],
+        let (n, naive) = (self.n, self.mode.keeps_bn_outputs());
+        let (a, order) = if self.cfg.drop_rate == 0.0 {
+            let (h, w) = (g.h / 2, g.w / 2);
+            self.conv(ConvSpec::POINTWISE, c_in, c_out, h, w);
+            let a = match naive {
+                true => self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w),
+                false => self.ar.slot(Slot::Act, name("a chunk"), n, c_in.min(self.cfg.bottleneck_width()), g.h, g.w),
+            };
+            let category = if naive { Category::Activations } else { Category::Scratch };
+            let pooled = self.ar.tensor(name("pooled a, then its gradient"), category, n, c_in, h, w);
+            (a, Order::PoolFirst { pooled })
+        } else {
+            self.conv(ConvSpec::POINTWISE, c_in, c_out, g.h, g.w);
+            let a = match naive {
+                true => self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w),
+                false => blocks.g[b],
+            };
+            (a, Order::ConvFirst { z: self.kept_or_slot(Slot::Mid, name("z"), c_out, g.h, g.w) })
         };
-        let z = self.kept_or_slot(Slot::Mid, name("z"), c_out, g.h, g.w);
         TransitionPlan {
             input: blocks.x[b],
             a,
-            z,
+            order,
             out: blocks.x[b + 1].channels(0, c_out),
             g_in: blocks.g[b],
             g_out: blocks.g[b + 1].channels(0, c_out),
@@ -623,6 +655,7 @@ impl<'a> Planner<'a> {
 }
 
 /// What a plan is laid out for.
+#[derive(Clone, Copy)]
 struct Shape<'a> {
     cfg: &'a NetConfig,
     net: &'a Net,
@@ -691,7 +724,10 @@ impl Plan {
         let geo = cfg.geometry(h, w)?;
         let shape = Shape { cfg, net, geo: &geo, batch, h, w, mode };
         let one_after_another = shape.layout(&[], workspace_len)?;
-        let at = super::place::by_live_range(cfg, net, &one_after_another, h, w)?;
+        // Every batch issues the same ops on the same tensors, image by image: the lives are
+        // those of one image.
+        let traced = Shape { batch: 1, ..shape }.layout(&[], |_| Ok(0))?;
+        let at = super::place::by_live_range(cfg, net, &traced, &one_after_another.regions, h, w)?;
         let workspace = one_after_another.workspace.len * DType::F32.size();
         shape.layout(&at, |_| Ok(workspace))
     }
