@@ -37,7 +37,7 @@ BATCH = 8
 CLASSES = 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 
-# "chunked" and "chunked_basic" have layers of more input channels than 4k, so the engine's
+# "chunked" and "chunked_basic" have layers of more input channels than 2k, so the engine's
 # BN1-ReLU backward runs in several chunks of channels (one of them partial).
 NETS = {
     "bc": dict(seed=1234, depth=16, growth=4, reduction=0.5, bottleneck=True),

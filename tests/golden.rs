@@ -24,7 +24,7 @@ fn basic<B: Backend>(make: &dyn Fn() -> B) {
 }
 on_backends!(basic_matches_pytorch_in_every_mode, basic);
 
-/// Layers of more input channels than 4k: BN1-ReLU's backward runs a chunk of channels at a
+/// Layers of more input channels than 2k: BN1-ReLU's backward runs a chunk of channels at a
 /// time, the last one partial, from copied columns of the weight (1x1 and 3x3).
 fn chunked<B: Backend>(make: &dyn Fn() -> B) {
     for mode in Mode::ALL {

@@ -299,12 +299,20 @@ pub struct Plan {
     pub head: HeadPlan,
     /// Convolution workspace region.
     pub workspace: Span,
-    /// Input channels per chunk of a dense layer's BN1-ReLU backward (4k).
+    /// Channels per chunk of a dense layer's BN1-ReLU backward and a transition's pooled input
+    /// (2k).
     pub chunk: usize,
     /// Every distinct convolution shape, for workspace sizing and algorithm selection.
     pub convs: Vec<ConvShape>,
     /// Bytes kept outside the arena (the labels).
     pub label_bytes: usize,
+}
+
+/// Channels per chunk of a BN-ReLU whose output or gradient is formed a chunk at a time (a
+/// dense layer's BN1 backward, a transition's pooled input): 2k, half the bottleneck's width,
+/// so the chunk is smaller than the slots that hold a bottleneck's 4k channels.
+fn chunk(cfg: &NetConfig) -> usize {
+    2 * cfg.growth
 }
 
 /// Floats of the head's result: the loss, the top-1 correct count, and two flags set (to 1,
@@ -546,7 +554,7 @@ impl<'a> Planner<'a> {
                 Mode::Naive => self.ar.tensor(name("concatenated input"), Category::Activations, n, c, g.h, g.w),
                 _ => features,
             };
-            let chunk = self.cfg.bottleneck_width();
+            let chunk = chunk(self.cfg);
             let a1 = match self.mode.keeps_bn_outputs() {
                 true => self.ar.tensor(name("a1"), Category::Activations, n, c, g.h, g.w),
                 false => self.ar.slot(Slot::Act, name("a1 gradient chunk"), n, c.min(chunk), g.h, g.w),
@@ -602,7 +610,7 @@ impl<'a> Planner<'a> {
             self.conv(ConvSpec::POINTWISE, c_in, c_out, h, w);
             let a = match naive {
                 true => self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w),
-                false => self.ar.slot(Slot::Act, name("a chunk"), n, c_in.min(self.cfg.bottleneck_width()), g.h, g.w),
+                false => self.ar.slot(Slot::Act, name("a chunk"), n, c_in.min(chunk(self.cfg)), g.h, g.w),
             };
             let category = if naive { Category::Activations } else { Category::Scratch };
             let pooled = self.ar.tensor(name("pooled a, then its gradient"), category, n, c_in, h, w);
@@ -693,7 +701,7 @@ impl Shape<'_> {
             transitions: parts.transitions,
             head: parts.head,
             workspace,
-            chunk: self.cfg.bottleneck_width(),
+            chunk: chunk(self.cfg),
             convs: p.convs,
             label_bytes: self.batch * std::mem::size_of::<u32>(),
         })
