@@ -242,33 +242,27 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> Result<Audit> {
             }
         }
     };
-    // Who last wrote each stretch of the arena: start -> (end, tag, op).
-    let mut owner: BTreeMap<usize, (usize, u32, usize)> = BTreeMap::new();
+    let mut owner = Owners::default();
     let mut live: BTreeMap<u32, (usize, Option<usize>)> = BTreeMap::new();
     for (i, op) in ops.iter().enumerate() {
         for o in &op.reads {
             let (tag, ranges) = resolve(i, o)?;
             for (r_start, r_end) in ranges {
                 let r = r_start..r_end;
-                // The stretches are sorted and disjoint: walking back from the range's end,
-                // the first one that ends before its start ends the walk.
                 let mut covered = 0;
-                for (&start, &(end, by, writer)) in owner.range(..r.end).rev() {
-                    if end <= r.start {
-                        break;
-                    }
+                for (part, by, writer) in owner.of(r.clone()) {
                     if by != tag {
                         bail!(
                             "op {i} ({}) reads '{}' at {}, overwritten by op {writer} ({}) as '{}': their live \
                              ranges overlap",
                             op.name,
                             name(tag),
-                            start.max(r.start),
+                            part.start,
                             ops[writer].name,
                             name(by)
                         );
                     }
-                    covered += end.min(r.end) - start.max(r.start);
+                    covered += part.len();
                 }
                 if covered < r.len() {
                     bail!("op {i} ({}) reads '{}' at {}, never written", op.name, name(tag), r.start);
@@ -280,14 +274,14 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> Result<Audit> {
         }
         if op.name == ALLOCATE {
             for r in &plan.regions {
-                write(&mut owner, r.off..r.end(), r.tag, i);
+                owner.write(r.off..r.end(), r.tag, i);
             }
             continue;
         }
         for o in &op.writes {
             let (tag, ranges) = resolve(i, o)?;
             for (start, end) in ranges {
-                write(&mut owner, start..end, tag, i);
+                owner.write(start..end, tag, i);
             }
             live.entry(tag).or_insert((i, None));
         }
@@ -295,28 +289,46 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> Result<Audit> {
     Ok(Audit { live: live.into_iter().map(|(tag, (first, last))| (name(tag), first, last)).collect() })
 }
 
-/// Records that op `op` wrote `r` as tensor `tag`.
-pub(super) fn write(owner: &mut BTreeMap<usize, (usize, u32, usize)>, r: Range<usize>, tag: u32, op: usize) {
-    if r.is_empty() {
-        return;
-    }
-    // A stretch that starts before `r` and reaches into it keeps its head (and its tail, past
-    // `r`); stretches inside `r` go.
-    let before: Option<(usize, (usize, u32, usize))> = owner.range(..r.start).next_back().map(|(&a, &b)| (a, b));
-    if let Some((a, (end, by, w))) = before {
-        if end > r.start {
-            owner.insert(a, (r.start, by, w));
+/// Who last wrote each stretch of the arena, and as which tensor: sorted, disjoint stretches
+/// (the audit's tags, or the placement's regions).
+#[derive(Default)]
+pub(super) struct Owners(BTreeMap<usize, (usize, u32, usize)>);
+
+impl Owners {
+    /// Records that op `op` wrote `r` as tensor `tag`.
+    pub(super) fn write(&mut self, r: Range<usize>, tag: u32, op: usize) {
+        let owner = &mut self.0;
+        if r.is_empty() {
+            return;
+        }
+        // A stretch that starts before `r` and reaches into it keeps its head (and its tail,
+        // past `r`); stretches inside `r` go.
+        let before: Option<(usize, (usize, u32, usize))> = owner.range(..r.start).next_back().map(|(&a, &b)| (a, b));
+        if let Some((a, (end, by, w))) = before {
+            if end > r.start {
+                owner.insert(a, (r.start, by, w));
+                if end > r.end {
+                    owner.insert(r.end, (end, by, w));
+                }
+            }
+        }
+        let inside: Vec<usize> = owner.range(r.start..r.end).map(|(&a, _)| a).collect();
+        for a in inside {
+            let (end, by, w) = owner.remove(&a).expect("listed");
             if end > r.end {
                 owner.insert(r.end, (end, by, w));
             }
         }
+        owner.insert(r.start, (r.end, tag, op));
     }
-    let inside: Vec<usize> = owner.range(r.start..r.end).map(|(&a, _)| a).collect();
-    for a in inside {
-        let (end, by, w) = owner.remove(&a).expect("listed");
-        if end > r.end {
-            owner.insert(r.end, (end, by, w));
-        }
+
+    /// The written parts of `r`, each with its tensor and the op that wrote it (from the end
+    /// of `r` back: the first stretch that ends before its start ends the walk).
+    pub(super) fn of(&self, r: Range<usize>) -> impl Iterator<Item = (Range<usize>, u32, usize)> + '_ {
+        self.0
+            .range(..r.end)
+            .rev()
+            .take_while(move |(_, &(end, _, _))| end > r.start)
+            .map(move |(&start, &(end, by, op))| (start.max(r.start)..end.min(r.end), by, op))
     }
-    owner.insert(r.start, (r.end, tag, op));
 }

@@ -12,14 +12,13 @@
 //! region it may not share with (first fit). The audit (`super::audit`) replays the step on
 //! the placed plan and proves it safe.
 
-use super::audit::{write, Op, Operand, Recorder};
+use super::audit::{Op, Operand, Owners, Recorder};
 use super::net::Net;
 use super::plan::{Plan, Region};
 use super::{Model, Pass};
 use crate::backend::{aligned, Backend, Sgd};
 use crate::config::NetConfig;
 use crate::Result;
-use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 
 /// The offset of each of `regions` (a plan's, laid out one after another for `cfg`, built as
@@ -84,20 +83,17 @@ fn live(plan: &Plan, ops: &[Op]) -> Vec<Live> {
             Operand::Span(s) => vec![(s.off, s.end())],
         }
     };
-    // Who last wrote each stretch: start -> (end, region, op).
-    let mut owner: BTreeMap<usize, (usize, u32, usize)> = BTreeMap::new();
+    // Who last wrote each stretch, by region.
+    let mut owner = Owners::default();
     let mut spans: Vec<Vec<RangeInclusive<usize>>> = vec![Vec::new(); plan.regions.len()];
     let mut carried = vec![false; plan.regions.len()];
     for (i, op) in ops.iter().enumerate() {
         for o in &op.reads {
             for (a, b) in ranges(o) {
                 let mut covered = 0;
-                for (&start, &(end, region, writer)) in owner.range(..b).rev() {
-                    if end <= a {
-                        break;
-                    }
+                for (part, region, writer) in owner.of(a..b) {
                     spans[region as usize].push(writer..=i);
-                    covered += end.min(b) - start.max(a);
+                    covered += part.len();
                 }
                 carried[region_of(o)] |= covered < b - a;
             }
@@ -105,7 +101,7 @@ fn live(plan: &Plan, ops: &[Op]) -> Vec<Live> {
         for o in &op.writes {
             let r = region_of(o);
             for (a, b) in ranges(o) {
-                write(&mut owner, a..b, r as u32, i);
+                owner.write(a..b, r as u32, i);
             }
             spans[r].push(i..=i);
         }

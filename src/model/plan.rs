@@ -478,9 +478,15 @@ impl<'a> Planner<'a> {
     /// A kept tensor named `name` in `naive` (which keeps BN-ReLU outputs), else a tensor of
     /// shared scratch `slot`.
     fn kept_or_slot(&mut self, slot: Slot, name: String, c: usize, h: usize, w: usize) -> View {
+        self.kept_or_chunk(slot, name, c, c, h, w)
+    }
+
+    /// [`Planner::kept_or_slot`] whose scratch tensor holds `chunk` of the `c` channels at a
+    /// time (at most `c`).
+    fn kept_or_chunk(&mut self, slot: Slot, name: String, c: usize, chunk: usize, h: usize, w: usize) -> View {
         match self.mode.keeps_bn_outputs() {
             true => self.ar.tensor(name, Category::Activations, self.n, c, h, w),
-            false => self.ar.slot(slot, name, self.n, c, h, w),
+            false => self.ar.slot(slot, name, self.n, c.min(chunk), h, w),
         }
     }
 
@@ -555,10 +561,7 @@ impl<'a> Planner<'a> {
                 _ => features,
             };
             let chunk = chunk(self.cfg);
-            let a1 = match self.mode.keeps_bn_outputs() {
-                true => self.ar.tensor(name("a1"), Category::Activations, n, c, g.h, g.w),
-                false => self.ar.slot(Slot::Act, name("a1 gradient chunk"), n, c.min(chunk), g.h, g.w),
-            };
+            let a1 = self.kept_or_chunk(Slot::Act, name("a1"), c, chunk, g.h, g.w);
             let (cout, spec) = match self.cfg.bottleneck {
                 true => (width, ConvSpec::POINTWISE),
                 false => (k, ConvSpec::SAME3),
@@ -608,10 +611,7 @@ impl<'a> Planner<'a> {
         let (a, order) = if self.cfg.drop_rate == 0.0 {
             let (h, w) = (g.h / 2, g.w / 2);
             self.conv(ConvSpec::POINTWISE, c_in, c_out, h, w);
-            let a = match naive {
-                true => self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w),
-                false => self.ar.slot(Slot::Act, name("a chunk"), n, c_in.min(chunk(self.cfg)), g.h, g.w),
-            };
+            let a = self.kept_or_chunk(Slot::Act, name("a"), c_in, chunk(self.cfg), g.h, g.w);
             let category = if naive { Category::Activations } else { Category::Scratch };
             let pooled = self.ar.tensor(name("pooled a, then its gradient"), category, n, c_in, h, w);
             (a, Order::PoolFirst { pooled })
