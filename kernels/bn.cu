@@ -4,8 +4,6 @@
 // One block per channel for the reductions; sums are per-thread f32 partials added in f64.
 #include "dn.cuh"
 
-#define DN_BN_EPS 1e-5f
-
 // Channel blockIdx.x of a view: mean and biased variance over n images of hw pixels, as
 // sums of x - shift and (x - shift)^2 with shift the channel's first value.
 extern "C" __global__ void bn_stats(Buf<const float> x, int n, int hw, u64 stride, Buf<float> mean, Buf<float> var) {
@@ -43,14 +41,6 @@ extern "C" __global__ void bn_update_running(Buf<const float> mean, Buf<const fl
     }
 }
 
-// gamma / sqrt(var + eps) and beta - mean * scale of channel c.
-template <class P>
-__device__ void bn_affine(P mean, P var, P gamma, P beta, int c, float& scale, float& shift, float& inv_std) {
-    inv_std = 1.0f / sqrtf(var[c] + DN_BN_EPS);
-    scale = gamma[c] * inv_std;
-    shift = beta[c] - mean[c] * scale;
-}
-
 // y = relu(x * scale + shift) over a view of n images x c channels x hw pixels (flattened).
 extern "C" __global__ void bn_relu(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int hw,
                         Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
@@ -61,7 +51,7 @@ extern "C" __global__ void bn_relu(Buf<const float> x, u64 x_stride, Buf<float> 
     const int ch = (int)(r / hw);
     float scale, shift, inv_std;
     bn_affine(mean, var, gamma, beta, ch, scale, shift, inv_std);
-    y[img * y_stride + r] = fmaxf(x[img * x_stride + r] * scale + shift, 0.0f);
+    y[img * y_stride + r] = dn_bn_relu(x[img * x_stride + r], scale, shift);
 }
 
 // Backward of bn_relu for channel blockIdx.x with batch statistics: gm = g where the forward

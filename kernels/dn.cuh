@@ -43,6 +43,20 @@ __device__ __forceinline__ bool dn_element(int n, int c, int hw, u64& img, u64& 
     return true;
 }
 
+#define DN_BN_EPS 1e-5f
+
+// gamma / sqrt(var + eps) and beta - mean * scale of channel c.
+template <class P>
+__device__ void bn_affine(P mean, P var, P gamma, P beta, int c, float& scale, float& shift, float& inv_std) {
+    inv_std = 1.0f / sqrtf(var[c] + DN_BN_EPS);
+    scale = gamma[c] * inv_std;
+    shift = beta[c] - mean[c] * scale;
+}
+
+// relu(x * scale + shift) with bn_affine's constants: every kernel that applies a BN-ReLU
+// computes it here, so the values are bitwise the bn_relu kernel's wherever they are computed.
+__device__ __forceinline__ float dn_bn_relu(float x, float scale, float shift) { return fmaxf(x * scale + shift, 0.0f); }
+
 // Sums `a` and `b` over the block (blockDim.x a power of two; `s` holds 2 * blockDim.x
 // doubles); every thread gets the totals.
 template <class S>

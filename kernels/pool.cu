@@ -1,6 +1,7 @@
 // Pooling forward and backward: 2x2 average (transitions), 3x3/2 max with padding 1 (the
-// ImageNet stem) and global average (the head). One thread per output element; backward
-// passes gather, so no atomics and bitwise-reproducible results.
+// ImageNet stem, optionally reading the BN-ReLU of its input) and global average (the head).
+// One thread per output element; backward passes gather, so no atomics and
+// bitwise-reproducible results.
 #include "dn.cuh"
 
 // y = mean of each 2x2 window of x (h x w in, h/2 x w/2 out).
@@ -31,15 +32,38 @@ extern "C" __global__ void avg_pool2_backward(Buf<const float> gy, u64 gy_stride
 // Output size of a 3x3/2 window with padding 1 over an input of size h.
 __device__ __forceinline__ int dn_pool3_out(int h) { return (h - 1) / 2 + 1; }
 
+// The values a 3x3 max pool reads from one input plane (at `base` in x): x itself, or with
+// `pre` the BN-ReLU of the plane's channel (dn_bn_relu: the bn_relu kernel's values, not stored).
+template <class P>
+struct DnPoolInput {
+    P x;
+    u64 base;
+    int pre;
+    float scale, shift;
+    __device__ float operator[](int i) const {
+        const float v = x[base + i];
+        return pre ? dn_bn_relu(v, scale, shift) : v;
+    }
+};
+
+// Plane `base` of x, of channel `ch`, through the BN-ReLU of mean, var, gamma, beta when `pre`
+// (which are not read otherwise).
+template <class P>
+__device__ DnPoolInput<P> dn_pool_input(P x, u64 base, int ch, int pre, P mean, P var, P gamma, P beta) {
+    float scale = 1.0f, shift = 0.0f, inv_std;
+    if (pre) bn_affine(mean, var, gamma, beta, ch, scale, shift, inv_std);
+    return DnPoolInput<P>{x, base, pre, scale, shift};
+}
+
 // Flat index (in the plane) of the first maximum of 3x3/2 window (oy, ox), padding 1 (padding
 // never wins; NaN wins as on the CPU).
 template <class P>
-__device__ int dn_argmax3(P x, u64 plane, int h, int w, int oy, int ox) {
+__device__ int dn_argmax3(const DnPoolInput<P>& x, int h, int w, int oy, int ox) {
     float best = -INFINITY;
     int arg = -1;
     for (int iy = max(2 * oy - 1, 0); iy < min(2 * oy + 2, h); iy++) {
         for (int ix = max(2 * ox - 1, 0); ix < min(2 * ox + 2, w); ix++) {
-            const float v = x[plane + (u64)iy * w + ix];
+            const float v = x[iy * w + ix];
             if (v > best || arg < 0 || v != v) {
                 best = v;
                 arg = iy * w + ix;
@@ -49,32 +73,39 @@ __device__ int dn_argmax3(P x, u64 plane, int h, int w, int oy, int ox) {
     return arg;
 }
 
-// y = max over each 3x3/2 window with padding 1.
+// y = max over each 3x3/2 window with padding 1 of x, or of relu(bn(x)) when `pre`.
 extern "C" __global__ void max_pool3(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int h,
-                          int w) {
+                          int w, int pre, Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
+                          Buf<const float> beta) {
     const int oh = dn_pool3_out(h), ow = dn_pool3_out(w);
     u64 img, plane;
     int p;
     if (!dn_element(n, c, oh * ow, img, plane, p)) return;
     const int oy = p / ow, ox = p - oy * ow;
-    const u64 xp = img * x_stride + plane * h * w;
-    y[img * y_stride + plane * oh * ow + p] = x[xp + dn_argmax3(x, xp, h, w, oy, ox)];
+    const DnPoolInput<Buf<const float>> in =
+        dn_pool_input(x, img * x_stride + plane * h * w, (int)plane, pre, mean, var, gamma, beta);
+    y[img * y_stride + plane * oh * ow + p] = in[dn_argmax3(in, h, w, oy, ox)];
 }
 
-// gx[pixel] = sum of gy over the windows whose first maximum is this pixel.
+// gx[pixel] = sum of gy over the windows whose first maximum (of x, or of relu(bn(x)) when
+// `pre`) is this pixel.
 extern "C" __global__ void max_pool3_backward(Buf<const float> x, u64 x_stride, Buf<const float> gy, u64 gy_stride,
-                                   Buf<float> gx, u64 gx_stride, int n, int c, int h, int w) {
+                                   Buf<float> gx, u64 gx_stride, int n, int c, int h, int w, int pre,
+                                   Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
+                                   Buf<const float> beta) {
     const int oh = dn_pool3_out(h), ow = dn_pool3_out(w);
     u64 img, plane;
     int p;
     if (!dn_element(n, c, h * w, img, plane, p)) return;
     const int iy = p / w, ix = p - iy * w;
-    const u64 xp = img * x_stride + plane * h * w, gp = img * gy_stride + plane * oh * ow;
+    const DnPoolInput<Buf<const float>> in =
+        dn_pool_input(x, img * x_stride + plane * h * w, (int)plane, pre, mean, var, gamma, beta);
+    const u64 gp = img * gy_stride + plane * oh * ow;
     float sum = 0.0f;
     // Windows covering row iy: 2 oy - 1 <= iy <= 2 oy + 1.
     for (int oy = iy / 2; oy <= min((iy + 1) / 2, oh - 1); oy++) {
         for (int ox = ix / 2; ox <= min((ix + 1) / 2, ow - 1); ox++) {
-            if (dn_argmax3(x, xp, h, w, oy, ox) == p) sum += gy[gp + (u64)oy * ow + ox];
+            if (dn_argmax3(in, h, w, oy, ox) == p) sum += gy[gp + (u64)oy * ow + ox];
         }
     }
     gx[img * gx_stride + plane * h * w + p] = sum;

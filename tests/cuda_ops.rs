@@ -198,13 +198,19 @@ fn pooling<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let (a, ga, gx) = (l.slice(n, c, h / 2, w / 2), l.slice(n, c, h / 2, w / 2), l.slice(n, c, h, w));
         let (mh, mw) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
         let (m, gm) = (l.slice(n, c, mh, mw), l.slice(n, c, mh, mw));
-        let (pooled, gp) = (l.take(n * c).matrix(n, c), l.take(n * c).matrix(n, c));
+        let (pooled, gp, bn) = (l.take(n * c).matrix(n, c), l.take(n * c).matrix(n, c), l.bn(c));
         let mut t = Twin::new(make, l.len, &[], n);
+        t.positive(bn.stats.var);
         let at = format!("n{n} c{c} {h}x{w}");
         t.run(&format!("avg_pool2 {at}"), |be| be.avg_pool2(x, a));
         t.run(&format!("avg_pool2_backward {at}"), |be| be.avg_pool2_backward(ga, gx));
-        t.run(&format!("max_pool3 {at}"), |be| be.max_pool3(x, m));
-        t.run(&format!("max_pool3_backward {at}"), |be| be.max_pool3_backward(x, gm, gx));
+        // With a BN-ReLU about half the values pooled are zeros: windows tie at zero.
+        for pre in [None, Some(bn)] {
+            t.run(&format!("max_pool3 {at} pre {}", pre.is_some()), |be| be.max_pool3(x, pre, m));
+            t.run(&format!("max_pool3_backward {at} pre {}", pre.is_some()), |be| {
+                be.max_pool3_backward(x, pre, gm, gx)
+            });
+        }
         t.run(&format!("global_avg_pool {at}"), |be| be.global_avg_pool(x, pooled));
         t.run(&format!("global_avg_pool_backward {at}"), |be| be.global_avg_pool_backward(gp, gx));
     }

@@ -2,6 +2,8 @@
 //! channel counts and spatial sizes, activations as channel slices of bigger buffers (so
 //! `img_stride > c * h * w`). Forwards are checked against naive host references, backwards
 //! against central finite differences, and the remaining ops against their written contracts.
+//! The fused max pool's bitwise equality with `bn_relu` then the plain pool runs on every
+//! backend (`on_backends!`: the CUDA backend's host device and GPU too).
 //!
 //! The arena starts filled with NaN, so an op that reads outside its inputs (the channels around
 //! a slice, an output it should overwrite, stale workspace) poisons its result; the channels
@@ -11,6 +13,7 @@
 //! over the largest reference magnitude); a gradient against finite differences,
 //! `norm_rel < FD_TOL = 1e-2` (Euclidean norm of the error over that of the FD gradient).
 
+#[macro_use]
 mod common;
 
 use common::norm_rel;
@@ -67,9 +70,13 @@ impl Layout {
         self.dense(n, PRE + c + POST, h, w).channels(PRE, c)
     }
 
-    /// A backend over this layout plus the workspace for `convs`, every float set to NaN.
+    /// A CPU backend over this layout plus the workspace for `convs`, every float set to NaN.
     fn backend(self, convs: &[ConvShape], max_batch: usize) -> CpuBackend {
-        let mut be = CpuBackend::new();
+        self.on(CpuBackend::new(), convs, max_batch)
+    }
+
+    /// [`Layout::backend`] on `be`.
+    fn on<B: Backend>(self, mut be: B, convs: &[ConvShape], max_batch: usize) -> B {
         let ws = be.workspace_len(convs, 0, max_batch).unwrap() / 4;
         be.allocate(4 * (self.len + ws), Span::f32(4 * self.len, ws), max_batch).unwrap();
         be.write(Span::f32(0, self.len + ws), &vec![f32::NAN; self.len + ws]);
@@ -93,12 +100,12 @@ fn each(s: Span) -> Vec<Span> {
 }
 
 /// A view's elements, dense NCHW.
-fn gather(be: &CpuBackend, v: View) -> Vec<f32> {
+fn gather<B: Backend>(be: &B, v: View) -> Vec<f32> {
     (0..v.n).flat_map(|n| be.read(v.image(n))).collect()
 }
 
 /// Writes dense NCHW `data` into a view.
-fn scatter(be: &mut CpuBackend, v: View, data: &[f32]) {
+fn scatter<B: Backend>(be: &mut B, v: View, data: &[f32]) {
     assert_eq!(data.len(), v.numel());
     for (n, image) in data.chunks(v.c * v.hw()).enumerate() {
         be.write(v.image(n), image);
@@ -590,14 +597,18 @@ fn dropout_mask_is_fixed_by_key_and_shared_with_the_gradient() {
 // Pooling
 
 /// (n, c, h, w) of the pooling inputs.
-const POOLS: [Shape; 2] = [(1, 3, 5, 7), (3, 5, 9, 9)];
+const POOLS: [Shape; 3] = [(1, 3, 5, 7), (3, 5, 9, 9), (2, 4, 6, 8)];
 
-/// A pooling laid out in a fresh arena: `x` from `data`, random `gy`; all channel slices.
+/// A pooling laid out in a fresh arena: `x` from `data`, random `gy`, all channel slices; a BN
+/// of x's channels for the fused max pool (gamma around 1, beta around 0, x's batch statistics).
 struct Pool {
     x: View,
     y: View,
     gy: View,
     gx: View,
+    bn: Bn,
+    /// The gradients of the BN's gamma and beta.
+    grad: Affine,
 }
 
 impl Pool {
@@ -605,22 +616,44 @@ impl Pool {
         let mut l = Layout::new();
         let (x, gx) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
         let (y, gy) = (l.slice(n, c, ho, wo), l.slice(n, c, ho, wo));
+        let (bn, grad) = (Bn { stats: l.moments(c), affine: l.affine(c) }, l.affine(c));
         let mut be = l.backend(&[], n);
         scatter(&mut be, x, &data);
         scatter(&mut be, gy, &randn(17, gy.numel()));
-        (be, Pool { x, y, gy, gx })
+        be.write(bn.affine.gamma, &randn(18, c).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+        be.write(bn.affine.beta, &randn(19, c).iter().map(|v| 0.3 * v).collect::<Vec<_>>());
+        be.bn_stats(x, bn.stats);
+        (be, Pool { x, y, gy, gx, bn, grad })
     }
 
-    /// `sum(gy * pool(x))`.
-    fn loss(&self, be: &mut CpuBackend, pool: fn(&mut CpuBackend, View, View)) -> f64 {
-        pool(be, self.x, self.y);
+    /// `sum(gy * pool(x))`; a pool with a BN-ReLU takes x's batch statistics first, as the
+    /// ImageNet stem does.
+    fn loss(&self, be: &mut CpuBackend, op: &PoolOp) -> f64 {
+        if op.pre {
+            be.bn_stats(self.x, self.bn.stats);
+        }
+        (op.forward)(be, self);
         dot(&gather(be, self.gy), &gather(be, self.y))
+    }
+
+    /// The values `op` pools, in f64: x, or `relu(bn(x))` with the arena's BN.
+    fn input(&self, be: &CpuBackend, op: &PoolOp) -> Vec<f64> {
+        let x = to_f64(&gather(be, self.x));
+        if !op.pre {
+            return x;
+        }
+        let [mean, var, gamma, beta] = self.bn.spans().map(|s| to_f64(&be.read(s)));
+        let c = |i| channel(self.x, i);
+        x.iter()
+            .enumerate()
+            .map(|(i, &x)| ((x - mean[c(i)]) / (var[c(i)] + 1e-5).sqrt() * gamma[c(i)] + beta[c(i)]).max(0.0))
+            .collect()
     }
 }
 
 /// Naive stride-2 pooling of every plane of dense `x` (shape of `v`): `reduce` gets the in-bounds
 /// values of each k x k window, the input padded by `pad`.
-fn naive_pool(x: &[f32], v: View, k: usize, pad: usize, reduce: fn(&[f64]) -> f64) -> Vec<f64> {
+fn naive_pool(x: &[f64], v: View, k: usize, pad: usize, reduce: fn(&[f64]) -> f64) -> Vec<f64> {
     let (ho, wo) = ((v.h + 2 * pad - k) / 2 + 1, (v.w + 2 * pad - k) / 2 + 1);
     let mut y = Vec::new();
     for plane in x.chunks(v.hw()) {
@@ -629,7 +662,7 @@ fn naive_pool(x: &[f32], v: View, k: usize, pad: usize, reduce: fn(&[f64]) -> f6
                 let window: Vec<f64> = (0..k * k)
                     .map(|i| ((2 * oy + i / k).wrapping_sub(pad), (2 * ox + i % k).wrapping_sub(pad)))
                     .filter(|&(iy, ix)| iy < v.h && ix < v.w)
-                    .map(|(iy, ix)| plane[iy * v.w + ix] as f64)
+                    .map(|(iy, ix)| plane[iy * v.w + ix])
                     .collect();
                 y.push(reduce(&window));
             }
@@ -664,45 +697,57 @@ fn numel((n, c, h, w): Shape) -> usize {
 }
 
 /// A stride-2 pooling under test: the backend's forward and backward, its output plane, and
-/// the naive reference's window (`k` x `k`, input padded by `pad`, `reduce`d).
+/// the naive reference's window (`k` x `k`, input padded by `pad`, `reduce`d); `pre`: the op
+/// pools `relu(bn(x))` with the [`Pool`]'s BN, and its backward gives that input's gradient.
 struct PoolOp {
     name: &'static str,
-    forward: fn(&mut CpuBackend, View, View),
+    forward: fn(&mut CpuBackend, &Pool),
     backward: fn(&mut CpuBackend, &Pool),
     out: fn(Shape) -> (usize, usize),
     k: usize,
     pad: usize,
     reduce: fn(&[f64]) -> f64,
+    pre: bool,
 }
 
 const AVG_POOL2: PoolOp = PoolOp {
     name: "avg_pool2",
-    forward: CpuBackend::avg_pool2,
+    forward: |be, p| be.avg_pool2(p.x, p.y),
     backward: |be, p| be.avg_pool2_backward(p.gy, p.gx),
     out: avg2_out,
     k: 2,
     pad: 0,
     reduce: mean_of,
+    pre: false,
 };
 
 const MAX_POOL3: PoolOp = PoolOp {
     name: "max_pool3",
-    forward: CpuBackend::max_pool3,
-    backward: |be, p| be.max_pool3_backward(p.x, p.gy, p.gx),
+    forward: |be, p| be.max_pool3(p.x, None, p.y),
+    backward: |be, p| be.max_pool3_backward(p.x, None, p.gy, p.gx),
     out: max3_out,
     k: 3,
     pad: 1,
     reduce: max_of,
+    pre: false,
+};
+
+const MAX_POOL3_BN_RELU: PoolOp = PoolOp {
+    name: "max_pool3 with a BN-ReLU",
+    forward: |be, p| be.max_pool3(p.x, Some(p.bn), p.y),
+    backward: |be, p| be.max_pool3_backward(p.x, Some(p.bn), p.gy, p.gx),
+    pre: true,
+    ..MAX_POOL3
 };
 
 #[test]
 fn pools_match_naive_and_write_only_their_channel_slice() {
-    for (op, seed) in [(&AVG_POOL2, 18), (&MAX_POOL3, 19)] {
+    for (op, seed) in [(&AVG_POOL2, 18), (&MAX_POOL3, 19), (&MAX_POOL3_BN_RELU, 20)] {
         for shape in POOLS {
             let (mut be, p) = Pool::new(shape, (op.out)(shape), randn(seed, numel(shape)));
             fence(&mut be, p.y);
-            (op.forward)(&mut be, p.x, p.y);
-            assert_ref(op.name, &gather(&be, p.y), &naive_pool(&gather(&be, p.x), p.x, op.k, op.pad, op.reduce));
+            (op.forward)(&mut be, &p);
+            assert_ref(op.name, &gather(&be, p.y), &naive_pool(&p.input(&be, op), p.x, op.k, op.pad, op.reduce));
             assert_fenced(&be, p.y, op.name);
         }
     }
@@ -710,16 +755,33 @@ fn pools_match_naive_and_write_only_their_channel_slice() {
 
 #[test]
 fn pool_backwards_match_finite_differences() {
+    const EPS: f32 = 1e-2;
     for shape in POOLS {
-        // Distinct inputs 0.05 apart for the max: no window has a tie within the ±1e-2 perturbation.
+        // Distinct inputs 0.05 apart for the max: no window has a tie within the ±1e-2
+        // perturbation (a BN scales a channel's values alike, so that holds through it).
         let n = numel(shape);
-        for (op, x) in [(&AVG_POOL2, randn(18, n)), (&MAX_POOL3, distinct(20, n))] {
+        for (op, x) in
+            [(&AVG_POOL2, randn(18, n)), (&MAX_POOL3, distinct(20, n)), (&MAX_POOL3_BN_RELU, distinct(21, n))]
+        {
             let (mut be, p) = Pool::new(shape, (op.out)(shape), x);
             fence(&mut be, p.gx);
             (op.backward)(&mut be, &p);
             assert_fenced(&be, p.gx, &format!("{}_backward", op.name));
+            // Through the BN-ReLU as the stem's backward goes: its backward applies the ReLU
+            // mask, and x's batch statistics depend on x; perturbations that move x across the
+            // ReLU kink are skipped.
+            let mut skip = vec![false; p.x.numel()];
+            if op.pre {
+                be.bn_relu_backward(p.gx, p.x, p.bn, p.grad, p.gx, false);
+                let [mean, var, gamma, beta] = p.bn.spans().map(|s| to_f64(&be.read(s)));
+                let scale: Vec<f64> = gamma.iter().zip(&var).map(|(g, v)| g / (v + 1e-5).sqrt()).collect();
+                for (i, &x) in gather(&be, p.x).iter().enumerate() {
+                    let c = channel(p.x, i);
+                    skip[i] = ((x as f64 - mean[c]) * scale[c] + beta[c]).abs() < 2.0 * EPS as f64 * scale[c].abs();
+                }
+            }
             let grad = gather(&be, p.gx);
-            check_fd(op.name, &mut be, &offsets(p.x), &grad, 1e-2, |_| false, |be| p.loss(be, op.forward));
+            check_fd(op.name, &mut be, &offsets(p.x), &grad, EPS, |i| skip[i], |be| p.loss(be, op));
         }
     }
 }
@@ -727,20 +789,70 @@ fn pool_backwards_match_finite_differences() {
 #[test]
 fn max_pool3_routes_ties_to_the_first_maximum_and_never_to_padding() {
     let shape = POOLS[0];
-    // A constant negative input: every window is a tie, and zero padding would win.
-    let (mut be, p) = Pool::new(shape, max3_out(shape), vec![-1.0; numel(shape)]);
-    be.max_pool3(p.x, p.y);
-    assert!(gather(&be, p.y).iter().all(|&v| v == -1.0), "max_pool3 picked the padding");
-    be.max_pool3_backward(p.x, p.gy, p.gx);
-    let (x, y) = (p.x, p.y);
-    let mut want = vec![0.0; x.numel()];
-    for (i, &g) in gather(&be, p.gy).iter().enumerate() {
-        let (plane, oy, ox) = (i / y.hw(), i / y.w % y.h, i % y.w);
-        // The window's first in-bounds pixel in row-major order.
-        want[plane * x.hw() + (2 * oy).saturating_sub(1) * x.w + (2 * ox).saturating_sub(1)] += g as f64;
+    // A constant negative input: every window is a tie, and zero padding would win. Through a
+    // BN-ReLU with x's statistics, a constant input of zeros (so that the BN is exact) becomes
+    // relu(beta_c) in channel c: a tie again, at zero where beta_c < 0.
+    for (op, value) in [(&MAX_POOL3, -1.0), (&MAX_POOL3_BN_RELU, 0.0)] {
+        let (mut be, p) = Pool::new(shape, max3_out(shape), vec![value; numel(shape)]);
+        let beta = be.read(p.bn.affine.beta);
+        assert!(beta.iter().any(|&b| b < 0.0) && beta.iter().any(|&b| b > 0.0), "zero and positive ties");
+        (op.forward)(&mut be, &p);
+        let input = p.input(&be, op);
+        let (x, y) = (p.x, p.y);
+        let want: Vec<f64> = (0..y.numel()).map(|i| input[i / y.hw() * x.hw()]).collect();
+        assert_ref(&format!("{} on ties", op.name), &gather(&be, y), &want);
+        (op.backward)(&mut be, &p);
+        let mut want = vec![0.0; x.numel()];
+        for (i, &g) in gather(&be, p.gy).iter().enumerate() {
+            let (plane, oy, ox) = (i / y.hw(), i / y.w % y.h, i % y.w);
+            // The window's first in-bounds pixel in row-major order.
+            want[plane * x.hw() + (2 * oy).saturating_sub(1) * x.w + (2 * ox).saturating_sub(1)] += g as f64;
+        }
+        assert_ref(&format!("{}_backward on ties", op.name), &gather(&be, p.gx), &want);
     }
-    assert_ref("max_pool3_backward on ties", &gather(&be, p.gx), &want);
 }
+
+/// The fused max pool and its backward give bitwise what `bn_relu` followed by the plain ones
+/// gives, on every backend: many windows tie at zero, one channel is constant after the BN
+/// (gamma 0), one makes -0 pre-activations (mean, beta -0, gamma < 0, x +0), and a NaN input
+/// becomes 0.
+fn max_pool3_with_a_bn_relu_is_bn_relu_then_max_pool3<B: Backend>(make: &dyn Fn() -> B) {
+    for shape in [(1, 3, 5, 7), (3, 5, 9, 9), (2, 4, 6, 8), (2, 3, 17, 19)] {
+        let ((n, c, h, w), (ho, wo)) = (shape, max3_out(shape));
+        let mut l = Layout::new();
+        let (x, t) = (l.slice(n, c, h, w), l.dense(n, c, h, w));
+        let (y1, y2, gy) = (l.slice(n, c, ho, wo), l.slice(n, c, ho, wo), l.slice(n, c, ho, wo));
+        let (gx1, gx2) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
+        let bn = Bn { stats: l.moments(c), affine: l.affine(c) };
+        let mut be = l.on(make(), &[], n);
+        let mut data = randn(41, x.numel());
+        for i in (0..data.len()).step_by(5) {
+            data[i] = 0.0;
+        }
+        data[7] = f32::NAN;
+        scatter(&mut be, x, &data);
+        scatter(&mut be, gy, &randn(42, gy.numel()));
+        let (mut mean, mut beta) = (randn(43, c), randn(44, c));
+        let mut gamma: Vec<f32> = randn(45, c).iter().map(|v| 1.0 + 0.5 * v).collect();
+        (gamma[0], beta[0]) = (0.0, 0.7);
+        (mean[1], beta[1], gamma[1]) = (-0.0, -0.0, -1.3);
+        be.write(bn.stats.mean, &mean);
+        be.write(bn.stats.var, &(0..c).map(|i| 0.5 + rng::uniform(46, i as u64)).collect::<Vec<_>>());
+        be.write(bn.affine.gamma, &gamma);
+        be.write(bn.affine.beta, &beta);
+        be.bn_relu(x, bn, t);
+        be.max_pool3(t, None, y2);
+        be.max_pool3(x, Some(bn), y1);
+        be.max_pool3_backward(t, None, gy, gx2);
+        be.max_pool3_backward(x, Some(bn), gy, gx1);
+        be.take_error().unwrap();
+        let bits = |v| gather(&be, v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(y1), bits(y2), "{shape:?}: fused forward");
+        assert_eq!(bits(gx1), bits(gx2), "{shape:?}: fused backward");
+        assert!(gather(&be, t).iter().filter(|&&v| v == 0.0).count() > t.numel() / 3, "few zeros to tie");
+    }
+}
+on_backends!(max_pool3_fuses_bn_relu_bitwise, max_pool3_with_a_bn_relu_is_bn_relu_then_max_pool3);
 
 /// Global average pooling of a channel slice into a dense `[n, c]`, random `gy`.
 struct Gap {

@@ -251,10 +251,13 @@ pub trait Backend {
     fn avg_pool2(&mut self, x: View, y: View);
     /// Backward of [`Backend::avg_pool2`] (overwrites gx).
     fn avg_pool2_backward(&mut self, gy: View, gx: View);
-    /// 3x3 max pool, stride 2, pad 1 (padding never wins).
-    fn max_pool3(&mut self, x: View, y: View);
-    /// Backward of [`Backend::max_pool3`]: the first maximum of each window gets the gradient.
-    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View);
+    /// 3x3 max pool, stride 2, pad 1 (padding never wins), of `pre(x)`: `pre` = `Some(bn)`
+    /// pools `relu(bn(x))`, bitwise the values [`Backend::bn_relu`] writes, without storing them.
+    fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View);
+    /// Backward of [`Backend::max_pool3`]: the first maximum of each window of `pre(x)` (NaN
+    /// wins) gets the gradient; `gx` (overwritten) is the gradient of `pre(x)`, so with a `pre`
+    /// it goes on to [`Backend::bn_relu_backward`], which applies the ReLU mask.
+    fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View);
     /// Mean over each channel plane into `y` [n, c].
     fn global_avg_pool(&mut self, x: View, y: Matrix);
     /// Backward of [`Backend::global_avg_pool`] (overwrites gx).
@@ -324,8 +327,8 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn dropout(x: View, p: f32, key: u64);
         fn avg_pool2(x: View, y: View);
         fn avg_pool2_backward(gy: View, gx: View);
-        fn max_pool3(x: View, y: View);
-        fn max_pool3_backward(x: View, gy: View, gx: View);
+        fn max_pool3(x: View, pre: Option<Bn>, y: View);
+        fn max_pool3_backward(x: View, pre: Option<Bn>, gy: View, gx: View);
         fn global_avg_pool(x: View, y: Matrix);
         fn global_avg_pool_backward(gy: Matrix, gx: View);
         fn linear(x: Matrix, w: Matrix, b: Span, y: Matrix);

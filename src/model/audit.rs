@@ -169,12 +169,16 @@ impl Backend for Recorder {
         self.push("avg_pool2_backward", vec![v(gy)], vec![v(gx)]);
     }
 
-    fn max_pool3(&mut self, x: View, y: View) {
-        self.push("max_pool3", vec![v(x)], vec![v(y)]);
+    fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View) {
+        let mut reads = vec![v(x)];
+        reads.extend(pre.into_iter().flat_map(bn));
+        self.push("max_pool3", reads, vec![v(y)]);
     }
 
-    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
-        self.push("max_pool3_backward", vec![v(x), v(gy)], vec![v(gx)]);
+    fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View) {
+        let mut reads = vec![v(x), v(gy)];
+        reads.extend(pre.into_iter().flat_map(bn));
+        self.push("max_pool3_backward", reads, vec![v(gx)]);
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {

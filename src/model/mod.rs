@@ -478,7 +478,7 @@ impl<B: Backend> Model<B> {
                     self.be.bn_stats(s, stats);
                 }
                 self.bn_relu(&bn, stats, s, t.batch(n), pass);
-                self.be.max_pool3(t.batch(n), sp.out.batch(n));
+                self.be.max_pool3(t.batch(n), None, sp.out.batch(n));
             }
             _ => unreachable!("ImageNet stem without BN"),
         }
@@ -498,7 +498,7 @@ impl<B: Backend> Model<B> {
                     let bnp = self.bn(&bn, stats, Pass::Train);
                     self.be.bn_relu(s, bnp, t);
                 }
-                self.be.max_pool3_backward(t, sp.g_out.batch(n), gt);
+                self.be.max_pool3_backward(t, None, sp.g_out.batch(n), gt);
                 self.bn_relu_backward(&bn, stats, gt, s, gt, false);
                 self.conv_backward(image, None, gt, self.net.stem_conv, None, ConvSpec::STEM7);
             }

@@ -40,14 +40,27 @@ pub(super) fn moments(x: &[f32], s: f32) -> (f64, f64) {
     x.iter().fold((0.0, 0.0), |(a, b), &v| (a + (v - s) as f64, b + ((v - s) * (v - s)) as f64))
 }
 
-/// `y = relu(x * scale + shift)`.
+/// `relu(x * scale + shift)` of one value: a multiply then an add (never fused), and the sum
+/// if it is positive, else +0 (NaN and -0 too), which is lane for lane `_mm256_max_ps(v, 0)`.
+/// Every BN-ReLU value of the backend is this one, so they are bitwise equal wherever computed.
+#[inline]
+pub(super) fn bn_relu1(x: f32, scale: f32, shift: f32) -> f32 {
+    let v = x * scale + shift;
+    if v > 0.0 {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// `y = relu(x * scale + shift)` ([`bn_relu1`] of each element).
 pub(super) fn bn_relu(x: &[f32], y: &mut [f32], scale: f32, shift: f32) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { avx2::bn_relu(x, y, scale, shift) };
     }
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x * scale + shift).max(0.0));
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y = bn_relu1(x, scale, shift));
 }
 
 /// `(sum(gm), sum(gm * xhat))` with `gm = g` where the forward output was positive, else 0,
@@ -126,7 +139,7 @@ mod avx2 {
             i += 8;
         }
         for j in i..n {
-            y[j] = (x[j] * scale + shift).max(0.0);
+            y[j] = super::bn_relu1(x[j], scale, shift);
         }
     }
 

@@ -297,19 +297,25 @@ impl Backend for CpuBackend {
         pool::avg2_backward(self.ptr(), gy, gx);
     }
 
-    fn max_pool3(&mut self, x: View, y: View) {
+    fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View) {
         self.check(x);
         self.check(y);
         self.apart("max_pool3", y, &[x]);
-        pool::max3(self.ptr(), x, y);
+        if let Some(bn) = pre {
+            self.check_bn(bn, x.c);
+        }
+        pool::max3(self.ptr(), x, pre, y);
     }
 
-    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
+    fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View) {
         self.check(x);
         self.check(gy);
         self.check(gx);
         self.apart("max_pool3_backward", gx, &[x, gy]);
-        pool::max3_backward(self.ptr(), x, gy, gx);
+        if let Some(bn) = pre {
+            self.check_bn(bn, x.c);
+        }
+        pool::max3_backward(self.ptr(), x, pre, gy, gx);
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {

@@ -1,24 +1,25 @@
 //! Pooling: 2x2 average (transitions), 3x3 stride-2 max (ImageNet stem), global average (head).
 //! Every op is parallel over channel planes; each task writes only its own output plane.
 
-use super::Ptr;
-use crate::backend::View;
+use super::bnvec::{self, Affine};
+use super::{norm, Ptr};
+use crate::backend::{Bn, View};
 use rayon::prelude::*;
 
-/// Runs `f(src_plane, dst_plane)` over every (n, c) plane pair of two views in parallel.
-fn planes(a: Ptr, src: View, dst: View, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+/// Runs `f(channel, src_plane, dst_plane)` over every (n, c) plane pair of two views in parallel.
+fn planes(a: Ptr, src: View, dst: View, f: impl Fn(usize, &[f32], &mut [f32]) + Sync) {
     assert_eq!((src.n, src.c), (dst.n, dst.c), "pool shapes {src:?} -> {dst:?}");
     (0..src.n * src.c).into_par_iter().for_each(|i| {
         let (n, c) = (i / src.c, i % src.c);
         // SAFETY: src and dst do not overlap (trait contract); dst plane i is this task's.
-        unsafe { f(a.get(Ptr::plane_off(src, n, c), src.hw()), a.get_mut(Ptr::plane_off(dst, n, c), dst.hw())) }
+        unsafe { f(c, a.get(Ptr::plane_off(src, n, c), src.hw()), a.get_mut(Ptr::plane_off(dst, n, c), dst.hw())) }
     });
 }
 
 /// 2x2 average pool, stride 2.
 pub(super) fn avg2(a: Ptr, x: View, y: View) {
     assert_eq!((y.h, y.w), (x.h / 2, x.w / 2));
-    planes(a, x, y, |s, d| {
+    planes(a, x, y, |_, s, d| {
         for oy in 0..y.h {
             for ox in 0..y.w {
                 let i = 2 * oy * x.w + 2 * ox;
@@ -30,7 +31,7 @@ pub(super) fn avg2(a: Ptr, x: View, y: View) {
 
 /// Backward of [`avg2`].
 pub(super) fn avg2_backward(a: Ptr, gy: View, gx: View) {
-    planes(a, gy, gx, |s, d| {
+    planes(a, gy, gx, |_, s, d| {
         d.fill(0.0);
         for oy in 0..gy.h {
             for ox in 0..gy.w {
@@ -45,12 +46,36 @@ pub(super) fn avg2_backward(a: Ptr, gy: View, gx: View) {
     });
 }
 
+/// The values a max pool reads from one input plane: the plane itself, or with a BN-ReLU its
+/// [`bnvec::bn_relu1`] values (bitwise what [`norm::bn_relu`] writes), computed on the fly.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    x: &'a [f32],
+    /// The channel's BN-ReLU constants.
+    pre: Option<Affine>,
+}
+
+impl<'a> Input<'a> {
+    /// Plane `x` of channel `c`, through `pre`.
+    fn new(a: Ptr, x: &'a [f32], pre: Option<Bn>, c: usize) -> Self {
+        Input { x, pre: pre.map(|bn| norm::affine(a, bn, c).0) }
+    }
+
+    #[inline]
+    fn at(self, i: usize) -> f32 {
+        match self.pre {
+            Some(f) => bnvec::bn_relu1(self.x[i], f.scale, f.shift),
+            None => self.x[i],
+        }
+    }
+}
+
 /// Index (in the input plane) of the first maximum of output (oy, ox)'s 3x3 window.
-fn argmax3(s: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
+fn argmax3(s: Input, h: usize, w: usize, oy: usize, ox: usize) -> usize {
     let mut best = (f32::NEG_INFINITY, usize::MAX);
     for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
         for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
-            let v = s[iy * w + ix];
+            let v = s.at(iy * w + ix);
             if v > best.0 || best.1 == usize::MAX || v.is_nan() {
                 best = (v, iy * w + ix);
             }
@@ -59,26 +84,28 @@ fn argmax3(s: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
     best.1
 }
 
-/// 3x3 max pool, stride 2, pad 1.
-pub(super) fn max3(a: Ptr, x: View, y: View) {
+/// 3x3 max pool, stride 2, pad 1, of `pre(x)`.
+pub(super) fn max3(a: Ptr, x: View, pre: Option<Bn>, y: View) {
     assert_eq!((y.h, y.w), ((x.h - 1) / 2 + 1, (x.w - 1) / 2 + 1));
-    planes(a, x, y, |s, d| {
+    planes(a, x, y, |c, s, d| {
+        let s = Input::new(a, s, pre, c);
         for oy in 0..y.h {
             for ox in 0..y.w {
-                d[oy * y.w + ox] = s[argmax3(s, x.h, x.w, oy, ox)];
+                d[oy * y.w + ox] = s.at(argmax3(s, x.h, x.w, oy, ox));
             }
         }
     });
 }
 
-/// Backward of [`max3`]: routes each output gradient to its window's first maximum.
-pub(super) fn max3_backward(a: Ptr, x: View, gy: View, gx: View) {
+/// Backward of [`max3`]: routes each output gradient to its window's first maximum of `pre(x)`.
+pub(super) fn max3_backward(a: Ptr, x: View, pre: Option<Bn>, gy: View, gx: View) {
     assert_eq!((x.n, x.c, x.h, x.w), (gx.n, gx.c, gx.h, gx.w));
     (0..x.n * x.c).into_par_iter().for_each(|i| {
         let (n, c) = (i / x.c, i % x.c);
-        // SAFETY: gx plane i is this task's; x and gy are read-only and do not overlap gx.
+        // SAFETY: gx plane i is this task's; x, gy and the BN's spans are read-only and do not
+        // overlap gx.
         unsafe {
-            let s = a.get(Ptr::plane_off(x, n, c), x.hw());
+            let s = Input::new(a, a.get(Ptr::plane_off(x, n, c), x.hw()), pre, c);
             let g = a.get(Ptr::plane_off(gy, n, c), gy.hw());
             let d = a.get_mut(Ptr::plane_off(gx, n, c), gx.hw());
             d.fill(0.0);

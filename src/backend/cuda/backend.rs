@@ -138,15 +138,27 @@ impl<E: Exec> CudaBackend<E> {
         self.launch_flat("bn_relu", x.numel(), args);
     }
 
-    /// A pooling kernel over `threads` elements: each view's buffer and image stride, then the
-    /// sizes `n, c, h, w` of the input side `input`.
-    fn pool(&mut self, kernel: &'static str, views: &[View], input: View, threads: usize) {
+    /// A pooling kernel's arguments: each view's buffer and image stride, then the sizes
+    /// `n, c, h, w` of the input side `input`.
+    fn pool_args(&self, views: &[View], input: View) -> Args {
         let mut args = Args::new();
         for &v in views {
             self.check_view(v);
             args = args.view(v);
         }
-        self.launch_flat(kernel, threads, args.ints([input.n, input.c, input.h, input.w]));
+        args.ints([input.n, input.c, input.h, input.w])
+    }
+
+    /// A max pool over `threads` elements of input `x` (the sides in `views`), reading
+    /// `pre(x)`: `int pre`, then the BN's spans as `bn_relu` takes them (empty, never read,
+    /// without one).
+    fn max_pool(&mut self, kernel: &'static str, views: &[View], x: View, pre: Option<Bn>, threads: usize) {
+        let args = self.pool_args(views, x);
+        let args = match pre {
+            Some(bn) => args.ints([1]).spans(Self::bn_spans(bn, x.c)),
+            None => args.ints([0]).spans([Span::f32(0, 0); 4]),
+        };
+        self.launch_flat(kernel, threads, args);
     }
 
     /// Calls `conv(self, input, first, i, n)` for each chunk of images `[i, i + n)` of `x`:
@@ -404,19 +416,21 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn avg_pool2(&mut self, x: View, y: View) {
-        self.pool("avg_pool2", &[x, y], x, y.numel());
+        let args = self.pool_args(&[x, y], x);
+        self.launch_flat("avg_pool2", y.numel(), args);
     }
 
     fn avg_pool2_backward(&mut self, gy: View, gx: View) {
-        self.pool("avg_pool2_backward", &[gy, gx], gx, gx.numel());
+        let args = self.pool_args(&[gy, gx], gx);
+        self.launch_flat("avg_pool2_backward", gx.numel(), args);
     }
 
-    fn max_pool3(&mut self, x: View, y: View) {
-        self.pool("max_pool3", &[x, y], x, y.numel());
+    fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View) {
+        self.max_pool("max_pool3", &[x, y], x, pre, y.numel());
     }
 
-    fn max_pool3_backward(&mut self, x: View, gy: View, gx: View) {
-        self.pool("max_pool3_backward", &[x, gy, gx], x, x.numel());
+    fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View) {
+        self.max_pool("max_pool3_backward", &[x, gy, gx], x, pre, x.numel());
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {
