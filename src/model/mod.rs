@@ -471,14 +471,14 @@ impl<B: Backend> Model<B> {
         let image = self.plan.image.batch(n);
         match (sp.pool, self.net.stem_bn) {
             (None, _) => self.conv(image, None, self.net.stem_conv, sp.conv_out.batch(n), ConvSpec::SAME3),
-            (Some((stats, t, _)), Some(bn)) => {
+            (Some((stats, a, _)), Some(bn)) => {
                 let s = sp.conv_out.batch(n);
                 self.conv(image, None, self.net.stem_conv, s, ConvSpec::STEM7);
                 if pass == Pass::Train {
                     self.be.bn_stats(s, stats);
                 }
-                self.bn_relu(&bn, stats, s, t.batch(n), pass);
-                self.be.max_pool3(t.batch(n), None, sp.out.batch(n));
+                let (x, pre) = self.bn_relu_forward(&bn, stats, s, a.batch(n), pass);
+                self.be.max_pool3(x, pre, sp.out.batch(n));
             }
             _ => unreachable!("ImageNet stem without BN"),
         }
@@ -492,15 +492,15 @@ impl<B: Backend> Model<B> {
         let image = self.plan.image.batch(n);
         match (sp.pool, self.net.stem_bn) {
             (None, _) => self.conv_backward(image, None, sp.g_out.batch(n), self.net.stem_conv, None, ConvSpec::SAME3),
-            (Some((stats, t, gt)), Some(bn)) => {
-                let (s, t, gt) = (sp.conv_out.batch(n), t.batch(n), gt.batch(n));
-                if !self.plan.mode.keeps_bn_outputs() {
-                    let bnp = self.bn(&bn, stats, Pass::Train);
-                    self.be.bn_relu(s, bnp, t);
+            (Some((stats, a, g)), Some(bn)) => {
+                let (s, g) = (sp.conv_out.batch(n), g.batch(n));
+                if !self.plan.mode.keeps_z() {
+                    self.conv(image, None, self.net.stem_conv, s, ConvSpec::STEM7);
                 }
-                self.be.max_pool3_backward(t, None, sp.g_out.batch(n), gt);
-                self.bn_relu_backward(&bn, stats, gt, s, gt, false);
-                self.conv_backward(image, None, gt, self.net.stem_conv, None, ConvSpec::STEM7);
+                let (x, pre) = self.bn_relu_input(&bn, stats, s, a.batch(n), Pass::Train);
+                self.be.max_pool3_backward(x, pre, sp.g_out.batch(n), g);
+                self.bn_relu_backward(&bn, stats, g, s, g, false);
+                self.conv_backward(image, None, g, self.net.stem_conv, None, ConvSpec::STEM7);
             }
             _ => unreachable!("ImageNet stem without BN"),
         }

@@ -4,12 +4,15 @@
 //! Modes (see `docs/memory.md`):
 //! - `naive` keeps what a framework without sharing keeps: a concatenated copy of every layer's
 //!   input, and every BN-ReLU output (a1, a2) and bottleneck output (z). Quadratic in depth.
-//! - `shared` keeps the block buffers and each bottleneck's z; BN-ReLU outputs are never
-//!   stored (the convolutions apply them to their inputs on the fly). Linear in depth.
-//! - `minimal` keeps only the block buffers and BN statistics; z is recomputed in backward into
-//!   shared scratch. Linear in depth with the smallest constant.
+//! - `shared` keeps the block buffers and each bottleneck's z (and an ImageNet stem's
+//!   convolution output); BN-ReLU outputs are never stored (the convolutions and the stem's max
+//!   pool apply them to their inputs on the fly). Linear in depth.
+//! - `minimal` keeps only the block buffers and BN statistics; z and the stem's convolution
+//!   output are recomputed in backward. Linear in depth with the smallest constant.
 //!
-//! Outside `naive`, the views named for BN-ReLU outputs (a1, a2, a) hold their gradients.
+//! Every tensor is a region of its own, and regions never live at the same time share bytes
+//! (`place`). Outside `naive`, the views named for BN-ReLU outputs (a1, a2, a) hold their
+//! gradients.
 
 use super::net::Net;
 use crate::backend::{aligned, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
@@ -37,7 +40,8 @@ impl Mode {
         self == Mode::Naive
     }
 
-    /// Whether each bottleneck's 1x1 convolution output z is kept.
+    /// Whether each bottleneck's 1x1 convolution output z (and the ImageNet stem's
+    /// convolution output) is kept.
     pub fn keeps_z(self) -> bool {
         self != Mode::Minimal
     }
@@ -70,7 +74,8 @@ pub enum Category {
     /// Tensors kept from forward to backward (input batch, block buffers, statistics, and the
     /// mode's kept intermediates) plus the labels.
     Activations,
-    /// Buffers shared across layers: block gradient buffers and recomputation slots.
+    /// Tensors that live within a pass or a layer: block gradient buffers, recomputed
+    /// tensors and gradients.
     Scratch,
     /// Convolution workspace (im2col columns, per-thread weight-gradient partials).
     Workspace,
@@ -227,7 +232,8 @@ pub struct TransitionPlan {
 /// Where the stem's tensors live.
 #[derive(Clone, Copy, Debug)]
 pub struct StemPlan {
-    /// Convolution output: the first block's `[0, C0)` (CIFAR) or the stem map (ImageNet).
+    /// Convolution output: the first block's `[0, C0)` (CIFAR) or the stem map (ImageNet; kept
+    /// where the mode keeps z, else recomputed in backward).
     pub conv_out: View,
     /// The first block's `[0, C0)`.
     pub out: View,
@@ -235,7 +241,9 @@ pub struct StemPlan {
     pub g_out: View,
     /// Statistics of `out`.
     pub stats_out: Moments,
-    /// ImageNet: (stem BN statistics, BN-ReLU output, gradient slot of that output).
+    /// ImageNet: (BN statistics of the stem map; its BN-ReLU output, kept in `naive`, else the
+    /// max pool reads the map through the BN-ReLU and this is the gradient; the gradient of
+    /// that output, then of the map, in place).
     pub pool: Option<(Moments, View, View)>,
 }
 
@@ -310,7 +318,7 @@ pub struct Plan {
 
 /// Channels per chunk of a BN-ReLU whose output or gradient is formed a chunk at a time (a
 /// dense layer's BN1 backward, a transition's pooled input): 2k, half the bottleneck's width,
-/// so the chunk is smaller than the slots that hold a bottleneck's 4k channels.
+/// so the chunk is smaller than the tensors that hold a bottleneck's 4k channels.
 fn chunk(cfg: &NetConfig) -> usize {
     2 * cfg.growth
 }
@@ -327,39 +335,6 @@ struct Arena {
     regions: Vec<Region>,
     tags: Vec<Tag>,
     top: usize,
-    /// The region index of each shared scratch region ([`Slot`]), and the most elements its
-    /// tensors have asked for.
-    slots: [usize; SLOTS],
-    need: [usize; SLOTS],
-}
-
-/// The shared scratch regions: each holds one tensor at a time, of many layers (the audit
-/// checks that their live ranges are disjoint).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
-    /// BN-ReLU outputs (outside `naive`: their gradients).
-    Act,
-    /// Convolution outputs: the bottleneck's z in `minimal`, the transitions' z, the ImageNet
-    /// stem's gradient.
-    Mid,
-    /// The bottleneck's BN-ReLU outputs, then their gradients.
-    Mid2,
-    /// A convolution weight's chunk of input channels.
-    Weights,
-}
-
-/// Number of [`Slot`]s.
-const SLOTS: usize = 4;
-
-impl Slot {
-    fn name(self) -> &'static str {
-        match self {
-            Slot::Act => "scratch: BN-ReLU outputs and gradients",
-            Slot::Mid => "scratch: conv outputs",
-            Slot::Mid2 => "scratch: bottleneck BN-ReLU gradients",
-            Slot::Weights => "scratch: weight chunk",
-        }
-    }
 }
 
 impl Arena {
@@ -392,23 +367,6 @@ impl Arena {
     fn tensor(&mut self, name: impl Into<String>, category: Category, n: usize, c: usize, h: usize, w: usize) -> View {
         let s = self.take(name, category, n * c * h * w);
         View::dense(s.off, n, c, h, w).tagged(s.tag)
-    }
-
-    /// Takes the shared scratch regions, `sizes[s]` elements for slot `s`.
-    fn scratch(&mut self, sizes: [usize; SLOTS]) {
-        for (i, s) in [Slot::Act, Slot::Mid, Slot::Mid2, Slot::Weights].into_iter().enumerate() {
-            self.take(s.name(), Category::Scratch, sizes[i]);
-            self.slots[i] = self.regions.len() - 1;
-        }
-    }
-
-    /// Tensor `name` [n, c, h, w] at the start of shared scratch region `slot`, with a tag of
-    /// its own; the region must hold it (the measuring pass records what it needs).
-    fn slot(&mut self, slot: Slot, name: String, n: usize, c: usize, h: usize, w: usize) -> View {
-        let region = self.slots[slot as usize];
-        self.need[slot as usize] = self.need[slot as usize].max(n * c * h * w);
-        let tag = self.tag(format!("{name} in {}", self.regions[region].name), region);
-        View::dense(self.regions[region].off, n, c, h, w).tagged(tag)
     }
 
     fn stats(&mut self, name: impl Into<String>, c: usize) -> Moments {
@@ -444,27 +402,17 @@ struct Planner<'a> {
     geo: &'a [BlockGeom],
     n: usize,
     mode: Mode,
-    /// Shared scratch sizes, per [`Slot`].
-    sizes: [usize; SLOTS],
     ar: Arena,
     convs: Vec<ConvShape>,
 }
 
 impl<'a> Planner<'a> {
-    /// A pass at batch `n` whose shared scratch regions get `sizes` floats, its regions at
+    /// A pass at batch `n`, its regions at
     /// `at` (see [`Arena`]).
-    fn new(
-        cfg: &'a NetConfig,
-        net: &'a Net,
-        geo: &'a [BlockGeom],
-        n: usize,
-        mode: Mode,
-        sizes: [usize; SLOTS],
-        at: &[usize],
-    ) -> Self {
+    fn new(cfg: &'a NetConfig, net: &'a Net, geo: &'a [BlockGeom], n: usize, mode: Mode, at: &[usize]) -> Self {
         let (regions, tags, at) = (Vec::new(), Vec::new(), at.to_vec());
-        let ar = Arena { at, regions, tags, top: 0, slots: [0; SLOTS], need: [0; SLOTS] };
-        Planner { cfg, net, geo, n, mode, sizes, ar, convs: Vec::new() }
+        let ar = Arena { at, regions, tags, top: 0 };
+        Planner { cfg, net, geo, n, mode, ar, convs: Vec::new() }
     }
 
     /// Notes a convolution shape (each distinct one once).
@@ -475,18 +423,18 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// A kept tensor named `name` in `naive` (which keeps BN-ReLU outputs), else a tensor of
-    /// shared scratch `slot`.
-    fn kept_or_slot(&mut self, slot: Slot, name: String, c: usize, h: usize, w: usize) -> View {
-        self.kept_or_chunk(slot, name, c, c, h, w)
+    /// A kept tensor named `name` in `naive` (which keeps BN-ReLU outputs), else a scratch
+    /// tensor that lives only while the layer that uses it runs.
+    fn kept_or_scratch(&mut self, name: String, c: usize, h: usize, w: usize) -> View {
+        self.kept_or_chunk(name, c, c, h, w)
     }
 
-    /// [`Planner::kept_or_slot`] whose scratch tensor holds `chunk` of the `c` channels at a
+    /// [`Planner::kept_or_scratch`] whose scratch tensor holds `chunk` of the `c` channels at a
     /// time (at most `c`).
-    fn kept_or_chunk(&mut self, slot: Slot, name: String, c: usize, chunk: usize, h: usize, w: usize) -> View {
+    fn kept_or_chunk(&mut self, name: String, c: usize, chunk: usize, h: usize, w: usize) -> View {
         match self.mode.keeps_bn_outputs() {
             true => self.ar.tensor(name, Category::Activations, self.n, c, h, w),
-            false => self.ar.slot(slot, name, self.n, c.min(chunk), h, w),
+            false => self.ar.tensor(name, Category::Scratch, self.n, c.min(chunk), h, w),
         }
     }
 
@@ -510,7 +458,6 @@ impl<'a> Planner<'a> {
             let gx = self.ar.tensor(format!("block{} gradient", b + 1), Category::Scratch, n, g.c_final, g.h, g.w);
             blocks.g.push(gx);
         }
-        self.ar.scratch(self.sizes);
         let stem = self.stem(&blocks, h, w);
         let (mut layers, mut transitions) = (Vec::new(), Vec::new());
         for b in 0..self.geo.len() {
@@ -538,11 +485,15 @@ impl<'a> Planner<'a> {
             Stem::ImageNet => {
                 self.conv(ConvSpec::STEM7, 3, c0, h, w);
                 let (sh, sw) = (h / 2, w / 2);
-                let conv_out = self.ar.tensor("stem conv output", Category::Activations, n, c0, sh, sw);
+                let category = if self.mode.keeps_z() { Category::Activations } else { Category::Scratch };
+                let conv_out = self.ar.tensor("stem conv output", category, n, c0, sh, sw);
                 let bn_stats = self.ar.stats("stem statistics", c0);
-                let t = self.kept_or_slot(Slot::Act, "stem BN-ReLU output".into(), c0, sh, sw);
-                let g = self.ar.slot(Slot::Mid, "stem BN-ReLU output gradient".into(), n, c0, sh, sw);
-                StemPlan { conv_out, out: first, g_out, stats_out, pool: Some((bn_stats, t, g)) }
+                let g = self.ar.tensor("stem gradient", Category::Scratch, n, c0, sh, sw);
+                let a = match self.mode.keeps_bn_outputs() {
+                    true => self.ar.tensor("stem BN-ReLU output", Category::Activations, n, c0, sh, sw),
+                    false => g,
+                };
+                StemPlan { conv_out, out: first, g_out, stats_out, pool: Some((bn_stats, a, g)) }
             }
         }
     }
@@ -561,7 +512,7 @@ impl<'a> Planner<'a> {
                 _ => features,
             };
             let chunk = chunk(self.cfg);
-            let a1 = self.kept_or_chunk(Slot::Act, name("a1"), c, chunk, g.h, g.w);
+            let a1 = self.kept_or_chunk(name("a1"), c, chunk, g.h, g.w);
             let (cout, spec) = match self.cfg.bottleneck {
                 true => (width, ConvSpec::POINTWISE),
                 false => (k, ConvSpec::SAME3),
@@ -570,16 +521,16 @@ impl<'a> Planner<'a> {
                 for cc in [chunk, c % chunk].into_iter().filter(|&cc| cc > 0) {
                     self.conv(spec, cc, cout, g.h, g.w);
                 }
-                self.ar.slot(Slot::Weights, name("conv1 weight chunk"), cout, chunk, spec.k, spec.k).span()
+                self.ar.take(name("conv1 weight chunk"), Category::Scratch, cout * chunk * spec.k * spec.k)
             });
             let bottleneck = if self.cfg.bottleneck {
                 self.conv(ConvSpec::POINTWISE, c, width, g.h, g.w);
                 self.conv(ConvSpec::SAME3, width, k, g.h, g.w);
                 let z = match self.mode.keeps_z() {
                     true => self.ar.tensor(name("z"), Category::Activations, n, width, g.h, g.w),
-                    false => self.ar.slot(Slot::Mid, name("z"), n, width, g.h, g.w),
+                    false => self.ar.tensor(name("z"), Category::Scratch, n, width, g.h, g.w),
                 };
-                let a2 = self.kept_or_slot(Slot::Mid2, name("a2"), width, g.h, g.w);
+                let a2 = self.kept_or_scratch(name("a2"), width, g.h, g.w);
                 Some(BottleneckPlan { z, a2, stats: self.ar.stats(name("bn2 statistics"), width) })
             } else {
                 self.conv(ConvSpec::SAME3, c, k, g.h, g.w);
@@ -611,7 +562,7 @@ impl<'a> Planner<'a> {
         let (a, order) = if self.cfg.drop_rate == 0.0 {
             let (h, w) = (g.h / 2, g.w / 2);
             self.conv(ConvSpec::POINTWISE, c_in, c_out, h, w);
-            let a = self.kept_or_chunk(Slot::Act, name("a"), c_in, chunk(self.cfg), g.h, g.w);
+            let a = self.kept_or_chunk(name("a"), c_in, chunk(self.cfg), g.h, g.w);
             let category = if naive { Category::Activations } else { Category::Scratch };
             let pooled = self.ar.tensor(name("pooled a, then its gradient"), category, n, c_in, h, w);
             (a, Order::PoolFirst { pooled })
@@ -621,7 +572,7 @@ impl<'a> Planner<'a> {
                 true => self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w),
                 false => blocks.g[b],
             };
-            (a, Order::ConvFirst { z: self.kept_or_slot(Slot::Mid, name("z"), c_out, g.h, g.w) })
+            (a, Order::ConvFirst { z: self.kept_or_scratch(name("z"), c_out, g.h, g.w) })
         };
         TransitionPlan {
             input: blocks.x[b],
@@ -640,7 +591,7 @@ impl<'a> Planner<'a> {
         let last = self.geo.len() - 1;
         let (gl, n, classes) = (self.geo[last], self.n, self.cfg.num_classes);
         let c = gl.c_final;
-        let a = self.kept_or_slot(Slot::Act, "head a".into(), c, gl.h, gl.w);
+        let a = self.kept_or_scratch("head a".into(), c, gl.h, gl.w);
         let pooled = self.ar.take("pooled features", Category::Activations, n * c).matrix(n, c);
         let logits = self.ar.take_lasting("logits", Category::Activations, n * classes).matrix(n, classes);
         let g_pooled = self.ar.take("pooled gradient", Category::Scratch, n * c).matrix(n, c);
@@ -678,10 +629,8 @@ impl Shape<'_> {
     /// The layout with region `i` at `at[i]` (one after another where `at` is empty), the
     /// convolution workspace `workspace_len` bytes for the network's shapes.
     fn layout(&self, at: &[usize], workspace_len: impl FnOnce(&[ConvShape]) -> Result<usize>) -> Result<Plan> {
-        let pass = |sizes| Planner::new(self.cfg, self.net, self.geo, self.batch, self.mode, sizes, at);
-        let need = pass([0; SLOTS]).pass(self.h, self.w).0.ar.need;
-        let (mut p, parts) = pass(need).pass(self.h, self.w);
-        assert_eq!(p.ar.need, need, "the two passes of the layout disagree");
+        let planner = Planner::new(self.cfg, self.net, self.geo, self.batch, self.mode, at);
+        let (mut p, parts) = planner.pass(self.h, self.w);
         let ws = workspace_len(&p.convs)?;
         assert!(ws.is_multiple_of(DType::F32.size()), "a workspace of {ws} bytes");
         let workspace = p.ar.take_lasting("convolution workspace", Category::Workspace, ws / DType::F32.size());
@@ -712,11 +661,9 @@ impl Plan {
     /// Plans `net` (built from `cfg`) for batches of up to `batch` images of `h` x `w`;
     /// `workspace_len` sizes the convolution workspace for the network's shapes.
     ///
-    /// The layout is one pass over the network, run twice: the first measures what the
-    /// tensors of each shared scratch region need, the second lays the regions out with those
-    /// sizes, so sizes and slots cannot disagree. The regions are then placed by live range
-    /// (`place`: those never live at once share bytes) and the layout laid out again at
-    /// those places.
+    /// The layout is one pass over the network, each tensor a region of its own, one after
+    /// another. The regions are then placed by live range (`place`: those never live at once
+    /// share bytes) and the layout laid out again at those places.
     pub fn new(
         cfg: &NetConfig,
         net: &Net,
@@ -740,10 +687,22 @@ impl Plan {
         shape.layout(&at, |_| Ok(workspace))
     }
 
-    /// Bytes planned for one category (regions rounded to their alignment; the labels count as
-    /// activations).
+    /// Bytes of the arena that hold one category at some time in a step (its regions rounded
+    /// to their alignment, the bytes two of them share counted once; the labels count as
+    /// activations). Categories share bytes too, so they add up to more than the total.
     pub fn bytes(&self, category: Category) -> usize {
-        let arena: usize = self.regions.iter().filter(|r| r.category == category).map(|r| aligned(r.bytes())).sum();
+        let mut spans: Vec<(usize, usize)> = self
+            .regions
+            .iter()
+            .filter(|r| r.category == category)
+            .map(|r| (r.off, r.off + aligned(r.bytes())))
+            .collect();
+        spans.sort_unstable();
+        let (mut arena, mut covered) = (0, 0);
+        for (start, end) in spans {
+            arena += end.saturating_sub(start.max(covered));
+            covered = covered.max(end);
+        }
         arena + if category == Category::Activations { self.label_bytes } else { 0 }
     }
 

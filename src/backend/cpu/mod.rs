@@ -163,6 +163,7 @@ impl Backend for CpuBackend {
 
     fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
         assert!(len.is_multiple_of(4), "an arena of {len} bytes does not hold whole f32");
+        release_freed_heap();
         let mut arena = Vec::new();
         if arena.try_reserve_exact(len / 4).is_err() {
             bail!("cannot allocate the {} MiB arena", len >> 20);
@@ -368,5 +369,15 @@ impl Backend for CpuBackend {
         if sgd::sgd(self.ptr(), params.index(), grads.index(), momentum.index(), len, settings) {
             self.arena[flag] = 1.0;
         }
+    }
+}
+
+/// Returns the heap's free pages to the system (glibc keeps what the planner freed, and those
+/// pages would stay resident beside the arena); elsewhere nothing.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; no allocation is borrowed across it.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
