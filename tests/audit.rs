@@ -89,6 +89,15 @@ fn the_audit_finds_overlapping_live_ranges_and_unwritten_reads() {
     );
     let e = audit(plan, &[op("b", &[z], &[])]).unwrap_err().0;
     assert!(e.contains("op 0 (b) reads 'block1.layer.0 z") && e.contains("never written"), "{e}");
+    // The zeroed arena counts as written for the lasting regions only (the momentum's first
+    // step reads its zeros); a scratch tensor must be written in the pass that reads it.
+    use densenet::backend::{DType, Span};
+    let arena = Operand::Span(Span { off: 0, len: plan.len / 4, dtype: DType::F32, tag: 0 });
+    let allocate = || Op { name: "allocate", reads: vec![], writes: vec![arena] };
+    let momentum = Operand::Span(plan.momentum);
+    audit(plan, &[allocate(), Op { name: "sgd", reads: vec![momentum], writes: vec![momentum] }]).unwrap();
+    let e = audit(plan, &[allocate(), op("b", &[z], &[])]).unwrap_err().0;
+    assert!(e.contains("op 1 (b) reads 'block1.layer.0 z") && e.contains("never written"), "{e}");
     // A view that strays out of its region.
     let stray = View { off: z.off + 1, ..z };
     let e = audit(plan, &[op("a", &[], &[stray])]).unwrap_err().0;

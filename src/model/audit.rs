@@ -6,7 +6,8 @@
 //! - every float an op reads was written before, through the tensor the op reads it as: no op
 //!   writes over a tensor that a later op still reads (two tensors that share memory must
 //!   have disjoint live ranges), and nothing is read that was never written (the zeroed
-//!   arena counts as each region's own tensor written: a shared scratch tensor never does);
+//!   arena counts as written for the lasting regions, the state that outlasts a step: every
+//!   other tensor is written in a pass before it is read);
 //! - and it derives each tensor's live range: from its first write to its last read.
 
 use super::plan::{Plan, Region};
@@ -61,8 +62,8 @@ impl Recorder {
     }
 }
 
-/// The name of the op that allocates the zeroed arena: every region holds zeros of its own
-/// tensor.
+/// The name of the op that allocates the zeroed arena: every lasting region holds zeros of its
+/// own tensor.
 const ALLOCATE: &str = "allocate";
 
 fn v(view: View) -> Operand {
@@ -277,7 +278,7 @@ pub fn audit(plan: &Plan, ops: &[Op]) -> Result<Audit> {
             }
         }
         if op.name == ALLOCATE {
-            for r in &plan.regions {
+            for r in plan.regions.iter().filter(|r| r.lasting) {
                 owner.write(r.off..r.end(), r.tag, i);
             }
             continue;

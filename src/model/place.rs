@@ -1,10 +1,9 @@
 //! Placement by live range: regions that are never live at the same time share bytes.
 //!
 //! A training step and an evaluation are recorded on the plan laid out one region after
-//! another ([`Recorder`]); each tensor's live range in each pass is the span of ops from the
-//! first that touches it to the last, and a region lives in each pass during the ranges of
-//! the tensors it holds (a shared scratch region holds one layer's tensor after another, with
-//! gaps between them). Two regions may overlap in the arena when none of their ranges meet,
+//! another ([`Recorder`]); a region (one tensor) lives in each pass from each write of some of
+//! its bytes to the last read of those bytes (a layer's scratch tensor lives while the layer
+//! runs in forward and again in backward, and not between). Two regions may overlap in the arena when none of their ranges meet,
 //! in either pass. A tensor whose first touch in a pass reads it holds what an earlier pass
 //! or step left there: its region is kept apart like the lasting regions (parameters,
 //! gradients, momentum, running statistics, the logits and the loss, the workspace). The

@@ -118,8 +118,7 @@ pub struct Region {
     pub len: usize,
     /// Element type.
     pub dtype: DType,
-    /// The tag of the tensor the region holds (a shared scratch region's own tag; the
-    /// tensors that share it have theirs).
+    /// The tag of the tensor the region holds.
     pub tag: u32,
     /// Whether it holds what outlasts a step or a pass (parameters, running statistics,
     /// gradients, momentum, the logits, the loss, flags and SGD settings, the workspace): it

@@ -164,11 +164,9 @@ impl Backend for CpuBackend {
     fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
         assert!(len.is_multiple_of(4), "an arena of {len} bytes does not hold whole f32");
         release_freed_heap();
-        let mut arena = Vec::new();
-        if arena.try_reserve_exact(len / 4).is_err() {
+        let Some(arena) = zeroed(len / 4) else {
             bail!("cannot allocate the {} MiB arena", len >> 20);
-        }
-        arena.resize(len / 4, 0.0);
+        };
         self.arena = arena;
         self.labels = Vec::with_capacity(max_batch);
         let ws = self.workspace.len();
@@ -380,4 +378,20 @@ fn release_freed_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// `n` zeroed f32, or `None` when the allocation fails. The allocator zeroes them (a large
+/// arena gets fresh pages from the system), so the pages that the steps never write are never
+/// made resident.
+fn zeroed(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // SAFETY: the layout's size is not zero.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
+    // SAFETY: `p` comes from the global allocator with f32's alignment and room for `n` f32
+    // (the layout a `Vec<f32>` of capacity `n` has), and all `n` are initialized (zero bits are
+    // 0.0).
+    (!p.is_null()).then(|| unsafe { Vec::from_raw_parts(p, n, n) })
 }
