@@ -156,8 +156,8 @@ pub struct LayerPlan {
     /// The block slice `[0, C_l)` (source of the copy; gradient target).
     pub features: View,
     /// BN1-ReLU output (kept in `naive`), then its gradient, [`Plan::chunk`] input channels at
-    /// a time: in `naive` over the kept output's channels, otherwise in a chunk of `act`
-    /// ([n, min(C_l, chunk), H, W]).
+    /// a time: in `naive` over the kept output's channels, otherwise in a scratch tensor of one
+    /// chunk ([n, min(C_l, chunk), H, W]).
     pub a1: View,
     /// Where a chunk of the first convolution's weight (its input channels) is copied for the
     /// data gradient, when `C_l` exceeds the chunk (else the weight is used whole).
@@ -192,7 +192,7 @@ pub struct BottleneckPlan {
 pub enum Order {
     /// Without dropout: the BN-ReLU output pooled, then convolved at a quarter of the pixels
     /// (average pooling and a 1x1 convolution commute). `a` holds the BN-ReLU output (kept in
-    /// `naive`; otherwise [`Plan::chunk`] channels of it at a time, in `act`).
+    /// `naive`; otherwise [`Plan::chunk`] channels of it at a time, in a scratch tensor).
     PoolFirst {
         /// The pooled BN-ReLU output [n, C, H/2, W/2] (kept in `naive`, recomputed in backward
         /// otherwise), then its gradient.
