@@ -19,7 +19,14 @@ pub fn derive(key: u64, tag: u64) -> u64 {
 /// Uniform in [0, 1) with 24 bits of precision: element `index` of stream `key`.
 #[inline]
 pub fn uniform(key: u64, index: u64) -> f32 {
-    (mix64(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    (mix64(skip(key, index)) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
+/// Stream `key` from element `by` on: `uniform(skip(key, by), i) == uniform(key, by + i)`, so a
+/// part of a tensor draws the values the whole would (dropout on a chunk of images).
+#[inline]
+pub fn skip(key: u64, by: u64) -> u64 {
+    key.wrapping_add(by.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// Standard normal sample `index` of stream `key` (Box-Muller on two uniforms).
@@ -56,6 +63,16 @@ mod tests {
         assert!(xs.iter().all(|&x| (0.0..1.0).contains(&x)));
         assert_eq!(uniform(42, 7), xs[7]);
         assert_ne!(uniform(43, 7), xs[7]);
+    }
+
+    #[test]
+    fn skip_continues_the_stream() {
+        for (key, by) in [(42, 0), (42, 1000), (7, u64::MAX - 3), (u64::MAX, 1 << 40)] {
+            for i in [0, 1, 17, 1 << 33] {
+                assert_eq!(uniform(skip(key, by), i), uniform(key, by.wrapping_add(i)), "key {key} by {by} i {i}");
+            }
+        }
+        assert_ne!(uniform(skip(42, 1), 0), uniform(42, 0));
     }
 
     #[test]

@@ -51,6 +51,13 @@ fn imagenet_presets_pass_the_audit() {
             }
         }
     }
+    // With dropout, the transitions convolve first, a chunk of images at a time.
+    let cfg = NetConfig { drop_rate: 0.2, ..NetConfig::imagenet("densenet121").unwrap() };
+    for mode in Mode::ALL {
+        for n in [1, 2, 3, 64] {
+            check(&cfg, n, 224, mode);
+        }
+    }
 }
 
 /// The audit fails where it must: a tensor read after another one that shares its memory
@@ -65,7 +72,7 @@ fn the_audit_finds_overlapping_live_ranges_and_unwritten_reads() {
     // Two scratch tensors placed in the same bytes (never live at once): a layer's z and a
     // transition's z.
     let z = plan.layers[0][0].bottleneck.unwrap().z;
-    let densenet::model::plan::Order::ConvFirst { z: tz } = plan.transitions[0].order else {
+    let densenet::model::plan::Order::ConvFirst { z: tz, .. } = plan.transitions[0].order else {
         panic!("a transition with dropout convolves first")
     };
     assert!(z.overlaps(&tz) && z.tag != tz.tag);

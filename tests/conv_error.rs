@@ -97,7 +97,7 @@ fn errors(label: &str, make: &mut dyn FnMut() -> Box<dyn Backend>) -> Vec<(Strin
         let (gyv, gxv) = (View::dense(sgy.off, N, cout, oh, ow), View::dense(sgx.off, N, cin, h, w));
         be.conv_forward(xv, None, sw, yv, spec);
         be.conv_backward_data(gyv, sw, gxv, spec);
-        be.conv_backward_filter(xv, None, gyv, sgw, spec);
+        be.conv_backward_filter(xv, None, gyv, sgw, spec, false);
         be.take_error().unwrap_or_else(|e| panic!("{label} {name}: {e}"));
         for (dir, span, want) in
             [("forward", sy, &want[0]), ("backward-data", sgx, &want[1]), ("backward-filter", sgw, &want[2])]

@@ -131,9 +131,11 @@ fn convolutions<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let at = format!("{spec:?} n{n} {cin}->{cout} {h}x{w}");
         for pre in [None, Some(bn)] {
             t.run(&format!("conv_forward {at} pre {}", pre.is_some()), |be| be.conv_forward(x, pre, wt, y, spec));
-            t.run(&format!("conv_backward_filter {at} pre {}", pre.is_some()), |be| {
-                be.conv_backward_filter(x, pre, gy, gw, spec)
-            });
+            for acc in [false, true] {
+                t.run(&format!("conv_backward_filter {at} pre {} accumulate {acc}", pre.is_some()), |be| {
+                    be.conv_backward_filter(x, pre, gy, gw, spec, acc)
+                });
+            }
         }
         t.run(&format!("conv_backward_data {at}"), |be| be.conv_backward_data(gy, wt, gx, spec));
     }

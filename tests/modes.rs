@@ -8,7 +8,7 @@ mod common;
 
 use densenet::backend::{Backend, Sgd};
 use densenet::config::NetConfig;
-use densenet::model::plan::Mode;
+use densenet::model::plan::{Mode, Order};
 
 fn compare<B: Backend>(make: &dyn Fn() -> B, cfg: NetConfig, h: usize, n: usize) {
     let (images, labels) = common::batch(7, n, h, h, cfg.num_classes);
@@ -49,8 +49,14 @@ fn bottleneck<B: Backend>(make: &dyn Fn() -> B) {
 }
 on_backends!(bottleneck_modes_agree, bottleneck);
 
+/// Transitions of 10 and 11 output channels with dropout: outside `naive`, two chunks of
+/// images each (a chunk's z holds at most 2k = 8 of the input's channels' worth).
+fn dropout_chunks() -> NetConfig {
+    NetConfig::cifar(22, 4, true, 0.5, 0.2, 10).unwrap()
+}
+
 fn bottleneck_dropout<B: Backend>(make: &dyn Fn() -> B) {
-    compare(make, NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap(), 16, 4);
+    compare(make, dropout_chunks(), 16, 4);
 }
 on_backends!(bottleneck_modes_agree_with_dropout, bottleneck_dropout);
 
@@ -66,12 +72,14 @@ on_backends!(imagenet_stem_modes_agree, imagenet_stem);
 
 fn partial_batch<B: Backend>(make: &dyn Fn() -> B) {
     // The last batch of an epoch is smaller than the planned batch: every op must take the
-    // actual image count from its views.
-    let cfg = NetConfig::cifar(16, 4, true, 0.5, 0.2, 10).unwrap();
+    // actual image count from its views (a transition's chunks of images included: 2 and 1).
+    let cfg = dropout_chunks();
     let (images, labels) = common::batch(3, 3, 16, 16, 10);
     for mode in Mode::ALL {
         let mut big = common::model_on(make, &cfg, 5, 16, 16, mode, 4);
         let mut exact = common::model_on(make, &cfg, 3, 16, 16, mode, 4);
+        let Order::ConvFirst { chunks, .. } = big.plan().transitions[0].order else { panic!("dropout pools last") };
+        assert_eq!(chunks, if mode == Mode::Naive { 1 } else { 2 }, "{mode}");
         for m in [&mut big, &mut exact] {
             m.train_step(&images, &labels, Sgd::default()).unwrap();
         }

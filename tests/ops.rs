@@ -306,11 +306,41 @@ fn conv_backward_data_matches_finite_differences() {
 fn conv_backward_filter_matches_finite_differences() {
     for case in CONVS {
         let (mut be, c) = Conv::new(case);
-        be.conv_backward_filter(c.x, None, c.gy, c.gw, c.spec);
+        be.conv_backward_filter(c.x, None, c.gy, c.gw, c.spec, false);
         let grad = be.read(c.gw);
         check_fd(&c.name(), &mut be, &each(c.w), &grad, 1e-2, |_| false, |be| c.loss(be));
     }
 }
+
+/// The filter gradient with `accumulate` adds to what `gw` held: a batch split in two (the
+/// second half accumulated onto the first) gives the whole batch's gradient.
+fn conv_backward_filter_accumulates<B: Backend>(make: &dyn Fn() -> B) {
+    for (spec, n, cin, cout, h, w) in CONVS.into_iter().filter(|c| c.1 > 1) {
+        let (ho, wo) = (spec.out(h), spec.out(w));
+        let mut l = Layout::new();
+        let (x, gy) = (l.slice(n, cin, h, w), l.slice(n, cout, ho, wo));
+        let wlen = cout * cin * spec.k * spec.k;
+        let (whole, split) = (l.take(wlen), l.take(wlen));
+        let bn = Bn { stats: l.moments(cin), affine: l.affine(cin) };
+        let mut be = l.on(make(), &[ConvShape { spec, cin, cout, h, w }], n);
+        scatter(&mut be, x, &randn(1, x.numel()));
+        scatter(&mut be, gy, &randn(2, gy.numel()));
+        be.write(bn.affine.gamma, &randn(4, cin).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+        be.write(bn.affine.beta, &randn(5, cin).iter().map(|v| 0.3 * v).collect::<Vec<_>>());
+        be.bn_stats(x, bn.stats);
+        let name = format!("{:?} n {n} cin {cin} cout {cout} {h}x{w}", spec);
+        for pre in [None, Some(bn)] {
+            be.conv_backward_filter(x, pre, gy, whole, spec, false);
+            let first = n / 2;
+            be.conv_backward_filter(x.images(0, first), pre, gy.images(0, first), split, spec, false);
+            be.conv_backward_filter(x.images(first, n - first), pre, gy.images(first, n - first), split, spec, true);
+            be.take_error().unwrap();
+            let err = norm_rel(&be.read(split), &be.read(whole));
+            assert!(err < 1e-6, "{name} pre {}: split batch off by {err:e}", pre.is_some());
+        }
+    }
+}
+on_backends!(conv_backward_filter_accumulate, conv_backward_filter_accumulates);
 
 #[test]
 fn conv_with_fused_bn_relu_equals_bn_relu_then_conv() {
@@ -336,8 +366,8 @@ fn conv_with_fused_bn_relu_equals_bn_relu_then_conv() {
         be.conv_forward(x, Some(bn), wt, y1, spec);
         be.conv_forward(a, None, wt, y2, spec);
         assert_eq!(gather(&be, y1), gather(&be, y2), "{name}: fused forward");
-        be.conv_backward_filter(x, Some(bn), gy, gw1, spec);
-        be.conv_backward_filter(a, None, gy, gw2, spec);
+        be.conv_backward_filter(x, Some(bn), gy, gw1, spec, false);
+        be.conv_backward_filter(a, None, gy, gw2, spec, false);
         assert_eq!(be.read(gw1), be.read(gw2), "{name}: fused weight gradient");
     }
 }

@@ -228,9 +228,9 @@ pub trait Backend {
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec);
     /// `gx = conv_transpose(gy, w)` (overwrites gx).
     fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec);
-    /// `gw = dL/dw` summed over the batch (overwrites gw), for the input `pre(x)` as in
-    /// [`Backend::conv_forward`].
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec);
+    /// `gw = dL/dw` summed over the batch (`gw +=` when `accumulate`, else overwritten), for
+    /// the input `pre(x)` as in [`Backend::conv_forward`].
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec, accumulate: bool);
 
     /// Per-channel batch mean and biased variance of `x` into `out`.
     fn bn_stats(&mut self, x: View, out: Moments);
@@ -319,7 +319,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn augment(bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View);
         fn conv_forward(x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec);
         fn conv_backward_data(gy: View, w: Span, gx: View, spec: ConvSpec);
-        fn conv_backward_filter(x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec);
+        fn conv_backward_filter(x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec, accumulate: bool);
         fn bn_stats(x: View, out: Moments);
         fn bn_update_running(batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span);
         fn bn_relu(x: View, bn: Bn, y: View);

@@ -127,9 +127,18 @@ impl Backend for Recorder {
         self.push("conv_backward_data", vec![v(gy), s(w)], vec![v(gx)]);
     }
 
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, _spec: ConvSpec) {
+    fn conv_backward_filter(
+        &mut self,
+        x: View,
+        pre: Option<Bn>,
+        gy: View,
+        gw: Span,
+        _spec: ConvSpec,
+        accumulate: bool,
+    ) {
         let mut reads = vec![v(x), v(gy)];
         reads.extend(pre.into_iter().flat_map(bn));
+        reads.extend(accumulate.then(|| s(gw)));
         self.push("conv_backward_filter", reads, vec![s(gw)]);
     }
 

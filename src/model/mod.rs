@@ -339,8 +339,14 @@ impl<B: Backend> Model<B> {
     }
 
     fn drop(&mut self, v: View, site: u64) {
+        self.drop_images(v, site, 0);
+    }
+
+    /// Dropout of `v`, images `[first, first + v.n)` of the site's tensor: the masks are those
+    /// of the whole tensor, however it is split into chunks of images.
+    fn drop_images(&mut self, v: View, site: u64, first: usize) {
         if self.cfg.drop_rate > 0.0 {
-            let key = self.drop_key(site);
+            let key = rng::skip(self.drop_key(site), (first * v.c * v.hw()) as u64);
             self.be.dropout(v, self.cfg.drop_rate, key);
         }
     }
@@ -398,7 +404,7 @@ impl<B: Backend> Model<B> {
     /// (with respect to `pre(x)`).
     fn conv_backward(&mut self, x: View, pre: Option<Bn>, gy: View, w: usize, gx: Option<View>, spec: ConvSpec) {
         let len = gy.c * x.c * spec.k * spec.k;
-        self.be.conv_backward_filter(x, pre, gy, self.plan.grads.at(w, len), spec);
+        self.be.conv_backward_filter(x, pre, gy, self.plan.grads.at(w, len), spec, false);
         if let Some(gx) = gx {
             self.be.conv_backward_data(gy, self.plan.params.at(w, len), gx, spec);
         }
@@ -605,14 +611,18 @@ impl<B: Backend> Model<B> {
                 self.pool_bn_relu(tp, t, pooled.batch(n), n, pass);
                 self.conv(pooled.batch(n), None, t.conv, out, ConvSpec::POINTWISE);
             }
-            Order::ConvFirst { z } => {
-                let z = z.batch(n);
+            Order::ConvFirst { z, chunks, .. } => {
                 let (src, pre) = self.bn_relu_forward(&t.bn, tp.stats_in, x, tp.a.batch(n), pass);
-                self.conv(src, pre, t.conv, z, ConvSpec::POINTWISE);
-                if pass == Pass::Train {
-                    self.drop(z, transition_site(b));
+                let images = n.div_ceil(chunks);
+                for i in (0..n).step_by(images) {
+                    let m = images.min(n - i);
+                    let z = z.batch(m);
+                    self.conv(src.images(i, m), pre, t.conv, z, ConvSpec::POINTWISE);
+                    if pass == Pass::Train {
+                        self.drop_images(z, transition_site(b), i);
+                    }
+                    self.be.avg_pool2(z, out.images(i, m));
                 }
-                self.be.avg_pool2(z, out);
             }
         }
     }
@@ -645,12 +655,28 @@ impl<B: Backend> Model<B> {
                 self.conv_backward(pooled, None, g_out, t.conv, Some(pooled), ConvSpec::POINTWISE);
                 self.be.avg_pool2_backward(pooled, g_in);
             }
-            Order::ConvFirst { z } => {
-                let z = z.batch(n);
-                self.be.avg_pool2_backward(g_out, z);
-                self.drop(z, transition_site(b));
+            Order::ConvFirst { z, chunks, g_out: copy } => {
+                // A chunk of images at a time: the weight gradient sums over the chunks, and
+                // each chunk's data gradient is its images' BN-ReLU gradient.
+                let g_out = match copy {
+                    Some(to) => {
+                        self.be.copy(g_out, to.batch(n));
+                        to.batch(n)
+                    }
+                    None => g_out,
+                };
                 let (src, pre) = self.bn_relu_input(&t.bn, tp.stats_in, x, a, Pass::Train);
-                self.conv_backward(src, pre, z, t.conv, Some(g_in), ConvSpec::POINTWISE);
+                let len = t.c_out * t.c_in;
+                let (w, gw) = (self.plan.params.at(t.conv, len), self.plan.grads.at(t.conv, len));
+                let images = n.div_ceil(chunks);
+                for i in (0..n).step_by(images) {
+                    let m = images.min(n - i);
+                    let z = z.batch(m);
+                    self.be.avg_pool2_backward(g_out.images(i, m), z);
+                    self.drop_images(z, transition_site(b), i);
+                    self.be.conv_backward_filter(src.images(i, m), pre, z, gw, ConvSpec::POINTWISE, i > 0);
+                    self.be.conv_backward_data(z, w, g_in.images(i, m), ConvSpec::POINTWISE);
+                }
             }
         }
         // The BN-ReLU gradient is in the block's gradient, which it becomes in place.

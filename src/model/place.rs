@@ -22,7 +22,7 @@ use std::ops::RangeInclusive;
 
 /// The offset of each of `regions` (a plan's, laid out one after another for `cfg`, built as
 /// `net`, on `h` x `w` inputs) placed by live range, in region order; the lives are traced on
-/// `plan`, the same layout for a batch of one image (the same regions, in the same order).
+/// `plan`, the same layout for a smaller batch (the same regions, in the same order).
 pub(super) fn by_live_range(
     cfg: &NetConfig,
     net: &Net,

@@ -199,11 +199,20 @@ pub enum Order {
         pooled: View,
     },
     /// With dropout (on the full-resolution convolution output, as the reference drops it):
-    /// convolved, dropped, pooled. `a` is the kept BN-ReLU output in `naive`, otherwise the
-    /// block's gradient, which the BN-ReLU gradient becomes in place.
+    /// convolved, dropped, pooled, the batch in `chunks` chunks of images. `a` is the kept
+    /// BN-ReLU output in `naive`, otherwise the block's gradient, which the BN-ReLU gradient
+    /// becomes in place.
     ConvFirst {
-        /// Convolution output (after dropout).
+        /// Convolution output (after dropout), then its gradient, for a chunk of images.
         z: View,
+        /// Chunks of a batch (their images: the batch's count over `chunks`, rounded up): one
+        /// in `naive`, otherwise as many as make `z` no larger than a [`Plan::chunk`] of the
+        /// input's channels. A count, not a size, so that a batch is split the same way in a
+        /// plan of any batch size.
+        chunks: usize,
+        /// Outside `naive`, where the output's gradient is copied before the first chunk, so
+        /// that the next block's gradient is dead while this block's is written.
+        g_out: Option<View>,
     },
 }
 
@@ -567,11 +576,14 @@ impl<'a> Planner<'a> {
             (a, Order::PoolFirst { pooled })
         } else {
             self.conv(ConvSpec::POINTWISE, c_in, c_out, g.h, g.w);
-            let a = match naive {
-                true => self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w),
-                false => blocks.g[b],
+            let (a, chunks, category) = match naive {
+                true => (self.ar.tensor(name("a"), Category::Activations, n, c_in, g.h, g.w), 1, Category::Activations),
+                false => (blocks.g[b], c_out.div_ceil(chunk(self.cfg)), Category::Scratch),
             };
-            (a, Order::ConvFirst { z: self.kept_or_scratch(name("z"), c_out, g.h, g.w) })
+            let g_out = (!naive)
+                .then(|| self.ar.tensor(name("output gradient"), Category::Scratch, n, c_out, g.h / 2, g.w / 2));
+            let z = self.ar.tensor(name("z"), category, n.div_ceil(chunks), c_out, g.h, g.w);
+            (a, Order::ConvFirst { z, chunks, g_out })
         };
         TransitionPlan {
             input: blocks.x[b],
@@ -678,9 +690,11 @@ impl Plan {
         let geo = cfg.geometry(h, w)?;
         let shape = Shape { cfg, net, geo: &geo, batch, h, w, mode };
         let one_after_another = shape.layout(&[], workspace_len)?;
-        // Every batch issues the same ops on the same tensors, image by image: the lives are
-        // those of one image.
-        let traced = Shape { batch: 1, ..shape }.layout(&[], |_| Ok(0))?;
+        // Every batch issues the same ops on the same tensors, image by image, except that a
+        // transition with dropout splits a batch into chunks of images: the lives are those
+        // of two images (one if the plan has one), the fewest that make two chunks. With two
+        // chunks or more, every tensor that the chunks use lives through all of them.
+        let traced = Shape { batch: batch.min(2), ..shape }.layout(&[], |_| Ok(0))?;
         let at = super::place::by_live_range(cfg, net, &traced, &one_after_another.regions, h, w)?;
         let workspace = one_after_another.workspace.len * DType::F32.size();
         shape.layout(&at, |_| Ok(workspace))

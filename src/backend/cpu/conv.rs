@@ -375,8 +375,16 @@ pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View
 
 /// `gw = sum over images of gy[n] * im2col(pre(x[n]))^T`. Each thread sums its chunk of
 /// images into its slot's weight area; the areas are then added in thread order
-/// (deterministic).
-pub(super) fn backward_filter(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, gy: View, gw: usize, spec: ConvSpec) {
+/// (deterministic), into `gw.0`, or onto what it holds when `gw.1` (accumulate).
+pub(super) fn backward_filter(
+    a: Ptr,
+    ws: &Workspace,
+    x: View,
+    bn: Option<Bn>,
+    gy: View,
+    gw: (usize, bool),
+    spec: ConvSpec,
+) {
     let g = Geo::new(x, gy, spec);
     let (wlen, plen) = (g.cout * g.r, pack_len(&g));
     let pre = ws.pre(a, bn, x.c);
@@ -417,10 +425,11 @@ pub(super) fn backward_filter(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, g
     });
     // SAFETY: gw does not overlap the workspace; the parallel section has ended.
     unsafe {
+        let (gw, accumulate) = gw;
         let out = a.get_mut(gw, wlen);
         for t in 0..used {
             let part = std::slice::from_raw_parts(ws.slot(a, t, wlen, plen).2, wlen);
-            if t == 0 {
+            if t == 0 && !accumulate {
                 out.copy_from_slice(part);
             } else {
                 out.iter_mut().zip(part).for_each(|(o, p)| *o += p);

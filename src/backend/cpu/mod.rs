@@ -228,12 +228,12 @@ impl Backend for CpuBackend {
         conv::backward_data(self.ptr(), &self.workspace, gy, w.index(), gx, spec);
     }
 
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) {
         self.check_conv(x, gw, gy, spec);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, gw.index(), spec);
+        conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, (gw.index(), accumulate), spec);
     }
 
     fn bn_stats(&mut self, x: View, out: Moments) {

@@ -357,11 +357,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.keep_error(r);
     }
 
-    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec) {
+    fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) {
         self.check_view(x);
         self.check_view(gy);
         self.chunks(x, pre, |be, input, first, i, n| {
-            let r = be.exec.conv_backward_filter(input, gy.images(i, n), gw, spec, !first);
+            let r = be.exec.conv_backward_filter(input, gy.images(i, n), gw, spec, accumulate || !first);
             be.keep_error(r);
         });
     }

@@ -18,14 +18,12 @@ pub struct HostExec {
     steps: Steps<Vec<Op>>,
     /// Bytes of the emulated device allocation.
     len: usize,
-    /// Bytes after it (host only): a weight gradient, for accumulating filter gradients.
-    spare: usize,
 }
 
 impl HostExec {
     /// A host device over rayon's global pool (for the convolutions).
     pub fn new() -> Self {
-        HostExec { cpu: CpuBackend::new(), steps: Steps::new(), len: 0, spare: 0 }
+        HostExec { cpu: CpuBackend::new(), steps: Steps::new(), len: 0 }
     }
 
     /// An error when a step is being recorded: `what` cannot be part of it.
@@ -61,13 +59,8 @@ impl Recorder for HostExec {
             }
             Op::ConvForward(x, w, y, spec) => self.cpu.conv_forward(x, None, w, y, spec),
             Op::ConvBackwardData(gy, w, gx, spec) => self.cpu.conv_backward_data(gy, w, gx, spec),
-            Op::ConvBackwardFilter(x, gy, gw, spec, false) => self.cpu.conv_backward_filter(x, None, gy, gw, spec),
-            Op::ConvBackwardFilter(x, gy, gw, spec, true) => {
-                // cuDNN's beta = 1: the CPU backend overwrites, so go through the spare area.
-                let spare = Span { off: self.len, ..gw };
-                self.cpu.conv_backward_filter(x, None, gy, spare, spec);
-                let sum: Vec<f32> = self.cpu.read(gw).iter().zip(self.cpu.read(spare)).map(|(a, b)| a + b).collect();
-                self.cpu.write(gw, &sum);
+            Op::ConvBackwardFilter(x, gy, gw, spec, accumulate) => {
+                self.cpu.conv_backward_filter(x, None, gy, gw, spec, accumulate)
             }
         }
         Ok(())
@@ -90,14 +83,13 @@ impl Exec for HostExec {
     }
 
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
-        self.spare = DType::F32.size() * convs.iter().map(|s| s.cout * s.cin * s.spec.k * s.spec.k).max().unwrap_or(0);
         self.cpu.workspace_len(convs, 0, batch)
     }
 
     fn allocate(&mut self, len: usize, conv_ws: Span) -> Result<()> {
         // Whole f32 for the CPU backend's arena (the labels' words may round it).
         self.len = len.next_multiple_of(DType::F32.size());
-        self.cpu.allocate(self.len + self.spare, conv_ws, 0)
+        self.cpu.allocate(self.len, conv_ws, 0)
     }
 
     fn memory(&self) -> DeviceMemory {
