@@ -1,6 +1,7 @@
 //! The network description: CIFAR variants (three blocks, 3x3 stem) and the ImageNet presets
 //! (four blocks, 7x7 stride-2 stem and max pool), plus the geometry they imply for an input size.
 
+use crate::backend::DType;
 use crate::named::{by_name, Named};
 use crate::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,58 @@ pub struct NetConfig {
     pub drop_rate: f32,
     /// Output classes.
     pub num_classes: usize,
+    /// How the large tensors are stored. Absent in JSON when `f32`, as before there was a
+    /// choice, so an f32 checkpoint reads in every version.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// How the large tensors are stored (docs/precision.md): the block buffers, their gradients,
+/// the tensors a layer uses while it runs, kept activations and the input batch. Parameters,
+/// gradients, momentum, statistics, logits and the loss are f32 in every precision, and all
+/// arithmetic is f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything in f32: the reference-exact recipe.
+    #[default]
+    F32,
+    /// bfloat16 storage (round to nearest even).
+    Bf16,
+    /// IEEE half storage, with loss scaling.
+    Fp16,
+}
+
+impl Named for Precision {
+    const WHAT: &'static str = "precision";
+    const VALUES: &'static [Precision] = &Precision::ALL;
+
+    fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+}
+by_name!(Precision, serde);
+
+impl Precision {
+    /// Every precision, widest first.
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::Fp16];
+
+    /// Whether this is f32, the reference-exact recipe.
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// The element type of the large tensors.
+    pub fn storage(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Fp16 => DType::F16,
+        }
+    }
 }
 
 /// Largest growth rate accepted (BC-190-40 uses 40).
@@ -118,6 +171,7 @@ impl Arch {
             reduction: 0.5,
             drop_rate,
             num_classes,
+            precision: Precision::F32,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -169,6 +223,7 @@ impl NetConfig {
             reduction,
             drop_rate,
             num_classes,
+            precision: Precision::F32,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -326,6 +381,26 @@ pub struct BlockGeom {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The precision is recorded with the network, except f32, which reads from a file that
+    /// does not say it (written before there was a choice) and is not written, so that every
+    /// version reads an f32 checkpoint.
+    #[test]
+    fn the_precision_is_recorded_unless_f32() {
+        let f32 = NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap();
+        let text = serde_json::to_string(&f32).unwrap();
+        assert!(!text.contains("precision"), "{text}");
+        assert_eq!(serde_json::from_str::<NetConfig>(&text).unwrap(), f32);
+        for precision in [Precision::Bf16, Precision::Fp16] {
+            let cfg = NetConfig { precision, ..f32.clone() };
+            let text = serde_json::to_string(&cfg).unwrap();
+            assert!(text.contains(&format!(r#""precision":"{precision}""#)), "{text}");
+            assert_eq!(serde_json::from_str::<NetConfig>(&text).unwrap(), cfg);
+        }
+        let fp8 = text.replace("}", r#","precision":"fp8"}"#);
+        let e = serde_json::from_str::<NetConfig>(&fp8).unwrap_err().to_string();
+        assert!(e.contains("unknown precision 'fp8' (f32, bf16, fp16)"), "{e}");
+    }
 
     #[test]
     fn depth_must_fit_variant() {

@@ -63,7 +63,7 @@ pub(crate) use by_name;
 #[cfg(test)]
 mod tests {
     use super::Named;
-    use crate::config::Arch;
+    use crate::config::{Arch, Precision};
     use crate::data::cifar::Dataset;
     use crate::model::names::Naming;
     use crate::model::plan::Mode;
@@ -93,6 +93,7 @@ mod tests {
             &[Arch::Densenet121, Arch::Densenet169, Arch::Densenet201, Arch::Densenet161, Arch::Densenet264],
             &[("DenseNet-169", Arch::Densenet169), ("densenet_264", Arch::Densenet264)],
         );
+        reads_back(&Precision::ALL, &[("BF16", Precision::Bf16)]);
         let namings = [Naming::Densenet, Naming::Torchvision, Naming::TorchvisionLegacy];
         reads_back(&namings, &[("Torchvision", Naming::Torchvision)]);
         assert_eq!(Mode::from_name("lots").unwrap_err().0, "unknown memory mode 'lots' (naive, shared, minimal)");

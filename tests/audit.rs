@@ -5,7 +5,7 @@
 //! it, nothing read that was never written.
 
 use densenet::backend::Sgd;
-use densenet::config::NetConfig;
+use densenet::config::{NetConfig, Precision};
 use densenet::model::audit::{audit, Recorder};
 use densenet::model::plan::Mode;
 use densenet::model::Model;
@@ -56,6 +56,23 @@ fn imagenet_presets_pass_the_audit() {
     for mode in Mode::ALL {
         for n in [1, 2, 3, 64] {
             check(&cfg, n, 224, mode);
+        }
+    }
+}
+
+/// 16-bit plans (tensors of two bytes, spans of four): a CIFAR network with dropout and an
+/// ImageNet preset, every mode.
+#[test]
+fn sixteen_bit_plans_pass_the_audit() {
+    let cifar = NetConfig::cifar(100, 12, true, 0.5, 0.2, 10).unwrap();
+    for (cfg, side) in [(cifar, 32), (NetConfig::imagenet("densenet121").unwrap(), 224)] {
+        for precision in [Precision::Bf16, Precision::Fp16] {
+            let cfg = NetConfig { precision, ..cfg.clone() };
+            for mode in Mode::ALL {
+                for n in [1, 3, 64] {
+                    check(&cfg, n, side, mode);
+                }
+            }
         }
     }
 }

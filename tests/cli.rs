@@ -58,7 +58,7 @@ fn trains_two_epochs_on_cifar10() {
         "DenseNet-BC-10-4 (run DenseNet_BC_100_12) on CIFAR-10: 80 training and 20 test images",
         "Number of model parameters: 2666",
         "Device: cpu (",
-        "Memory plan (minimal, batch 16): ",
+        "Memory plan (minimal, f32, batch 16): ",
         "Epoch: [0][0/5]  Time ",
         "Epoch: [0][4/5]",
         "Epoch: [1][2/5]",
@@ -126,7 +126,7 @@ fn trains_on_cifar100_files_given_directly() {
     cifar::write(dir.path(), Format::Cifar100, false, 30, 9);
     let out = train(dir.path(), "7", &["--dataset", "cifar100", "--epochs", "1", "--memory", "naive", "--no-augment"]);
     assert!(out.contains("on CIFAR-100: 30 training and 9 test images"), "{out}");
-    assert!(out.contains("Memory plan (naive, batch 7)"), "{out}");
+    assert!(out.contains("Memory plan (naive, f32, batch 7)"), "{out}");
     assert!(out.contains("Epoch: [0][0/5]") && out.contains("Test: [0/2]"), "{out}");
     assert!(out.lines().last().unwrap().starts_with("Best accuracy: "), "{out}");
 }
@@ -247,6 +247,31 @@ fn memory_json_orders_the_modes() {
     let json: serde_json::Value = serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
     assert_eq!(json["params"], 800_032);
     assert_eq!(json["modes"].as_object().unwrap().keys().collect::<Vec<_>>(), ["shared"]);
+}
+
+/// `--precision`: one precision's plans at the top level, `all` of them side by side.
+#[test]
+fn memory_plans_each_precision() {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = densenet(args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap()
+    };
+    let one = json(&["memory", "--json", "--precision", "bf16"]);
+    assert_eq!(one["precision"], "bf16", "{one}");
+    let all = json(&["memory", "--json", "--precision", "all", "--memory", "minimal"]);
+    assert!(all.get("modes").is_none() && all.get("floor_bytes").is_none(), "{all}");
+    let each = all["precisions"].as_object().unwrap();
+    assert_eq!(each.keys().collect::<Vec<_>>(), ["bf16", "f32", "fp16"]);
+    assert_eq!(each["bf16"]["modes"]["minimal"], one["modes"]["minimal"]);
+    let total = |p: &str| each[p]["modes"]["minimal"]["total_bytes"].as_f64().unwrap();
+    assert!(total("bf16") < 0.55 * total("f32") && total("fp16") == total("bf16"), "{all}");
+    let out = densenet(&["memory", "--precision", "all", "--memory", "minimal"]);
+    let text = stdout(&out);
+    for p in ["f32", "bf16", "fp16"] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("minimal {p} "))), "{p} row missing:\n{text}");
+    }
+    assert_fails(&["memory", "--precision", "fp8"], 2, "expected f32, bf16, fp16 or all");
 }
 
 #[test]

@@ -7,7 +7,7 @@
 mod common;
 
 use densenet::backend::{Backend, Sgd};
-use densenet::config::NetConfig;
+use densenet::config::{NetConfig, Precision};
 use densenet::model::plan::{Mode, Order};
 
 fn compare<B: Backend>(make: &dyn Fn() -> B, cfg: NetConfig, h: usize, n: usize) {
@@ -90,3 +90,14 @@ fn partial_batch<B: Backend>(make: &dyn Fn() -> B) {
     }
 }
 on_backends!(partial_batch_equals_a_plan_of_its_size, partial_batch);
+
+/// A backend whose ops do not take 16-bit tensors refuses a 16-bit plan with an error (not a
+/// panic in its first op).
+#[test]
+fn a_backend_refuses_a_precision_it_does_not_store() {
+    let cfg = NetConfig { precision: Precision::Bf16, ..NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap() };
+    let e = densenet::model::Model::new(cfg, 2, 16, 16, Mode::Minimal, 1, densenet::backend::CpuBackend::new())
+        .err()
+        .expect("refused");
+    assert!(e.0.starts_with("bf16 storage is not available on the cpu"), "{e}");
+}

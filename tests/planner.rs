@@ -2,8 +2,9 @@
 //! `naive` (DenseNet-BC, k = 12, batch 64, depths 40 to 250), ordered naive > shared >
 //! minimal, and within their ratios to the floor of an exact step.
 
+use densenet::backend::DType;
 use densenet::backend::{Backend, CpuBackend};
-use densenet::config::{Arch, NetConfig};
+use densenet::config::{Arch, NetConfig, Precision};
 use densenet::model::floor::floor_bytes;
 use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
@@ -94,4 +95,45 @@ fn plans_stay_within_their_ratio_to_the_floor() {
         let cfg = arch.config(arch.growth(), 0.0, 1000).unwrap();
         check(cfg.name(), ratios(&cfg, 224), [18.0, 3.5, 1.45]);
     }
+}
+
+/// The plan of `cfg` in `precision` at batch 64 of 32x32, in `mode`.
+fn plan_in(cfg: &NetConfig, precision: Precision, mode: Mode) -> Plan {
+    let cfg = NetConfig { precision, ..cfg.clone() };
+    let mut be = CpuBackend::new();
+    Plan::new(&cfg, &Net::new(&cfg), 64, 32, 32, mode, |c| be.workspace_len(c, 3 * 32 * 32, 64)).unwrap()
+}
+
+/// 16-bit storage (docs/precision.md): every tensor in 16 bits, every span (parameters,
+/// gradients, momentum, statistics, the pooled features, logits, the loss, the workspace) in
+/// f32; and issue 15's targets: BC-100-12 `minimal` in bf16 at most 0.55x f32, BC-190-40 at
+/// most 0.8 GB.
+#[test]
+fn sixteen_bit_plans_store_the_tensors_in_half_the_bytes() {
+    let bc100 = NetConfig::cifar(100, 12, true, 0.5, 0.2, 10).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        for mode in Mode::ALL {
+            let (half, full) = (plan_in(&bc100, precision, mode), plan_in(&bc100, Precision::F32, mode));
+            assert_eq!(half.precision, precision);
+            for r in &half.regions {
+                let state = [Category::Parameters, Category::Gradients, Category::Momentum, Category::Workspace];
+                let f32_part = state.contains(&r.category)
+                    || ["statistics", "pooled features", "logits", "loss"].iter().any(|s| r.name.contains(s));
+                let want: &[DType] = if f32_part { &[DType::F32] } else { &[DType::F32, precision.storage()] };
+                assert!(want.contains(&r.dtype), "{precision} {mode}: {} is {:?}", r.name, r.dtype);
+            }
+            let l = half.layers[0][1];
+            for v in [half.image, half.head.input, half.head.a, l.input, l.a1, l.g_in, l.bottleneck.unwrap().z] {
+                assert_eq!(v.dtype, precision.storage(), "{precision} {mode}: {v:?}");
+            }
+            let ratio = half.total_bytes() as f64 / full.total_bytes() as f64;
+            assert!((0.45..0.6).contains(&ratio), "{precision} {mode}: {ratio:.3} of f32");
+            if mode == Mode::Minimal {
+                assert!(ratio <= 0.55, "{precision} minimal: {ratio:.3} of f32 (issue 15: at most 0.55)");
+            }
+        }
+    }
+    let bc190 = NetConfig::cifar(190, 40, true, 0.5, 0.0, 10).unwrap();
+    let total = plan_in(&bc190, Precision::Bf16, Mode::Minimal).total_bytes();
+    assert!(total <= 800_000_000, "BC-190-40 minimal bf16: {total} bytes (issue 15: at most 0.8 GB)");
 }

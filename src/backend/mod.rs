@@ -137,6 +137,10 @@ impl Library {
 pub trait Backend {
     /// What runs the ops, for messages ("cpu (2 threads)").
     fn describe(&self) -> String;
+    /// Whether the ops take tensors ([`View`]s) of `dtype` (docs/precision.md); spans are f32.
+    fn stores(&self, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
     /// Lays out the workspace for these convolution shapes at batches of up to `batch` input
     /// images of `image_len` elements each, and returns its length in bytes (the layout is
     /// remembered for [`Backend::allocate`]).
@@ -299,6 +303,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     forward! {
         &self:
         fn describe() -> String;
+        fn stores(dtype: DType) -> bool;
         fn device_memory() -> Option<DeviceMemory>;
         fn take_error() -> Result<()>;
         fn graphs() -> Option<String>;

@@ -10,6 +10,10 @@ pub enum DType {
     /// IEEE 754 single precision.
     #[default]
     F32,
+    /// bfloat16: f32's sign and exponent, 7 bits of mantissa.
+    BF16,
+    /// IEEE 754 half precision.
+    F16,
 }
 
 impl DType {
@@ -17,6 +21,7 @@ impl DType {
     pub const fn size(self) -> usize {
         match self {
             DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
         }
     }
 }

@@ -6,7 +6,7 @@ use super::output::{report, report_json};
 use super::{parse, usage, Outcome};
 use clap::Args;
 use densenet::backend::{Backend, CpuBackend};
-use densenet::config::NetConfig;
+use densenet::config::{NetConfig, Precision};
 use densenet::input::CHANNELS;
 use densenet::measure::{self, mib};
 use densenet::model::floor::floor_bytes;
@@ -14,6 +14,7 @@ use densenet::model::net::Net;
 use densenet::model::plan::{Category, Mode, Plan};
 use densenet::train::recipe::MAX_BATCH;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// The flags of `densenet memory`.
 #[derive(Args)]
@@ -21,8 +22,12 @@ pub(crate) struct MemoryArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Memory mode: naive, shared, minimal, or all.
-    #[arg(long, value_name = "MODE", default_value = "all", value_parser = parse::modes)]
-    memory: parse::Modes,
+    #[arg(long, value_name = "MODE", default_value = "all", value_parser = parse::one_or_all::<Mode>)]
+    memory: parse::OneOrAll<Mode>,
+    /// Storage precision of the large tensors: f32, bf16, fp16, or all (side by side;
+    /// docs/precision.md).
+    #[arg(long, value_name = "P", default_value = "f32", value_parser = parse::one_or_all::<Precision>)]
+    precision: parse::OneOrAll<Precision>,
     /// For each mode, also find the largest batch whose planned total fits in SIZE: bytes, or a
     /// number with a unit, B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of
     /// 1024), e.g. 4GiB, 512MB, 1.5GB.
@@ -33,7 +38,7 @@ pub(crate) struct MemoryArgs {
     json: bool,
 }
 
-/// `memory --json`: the plan of each mode asked for.
+/// `memory --json`: the plan of each mode asked for, in each precision asked for.
 #[derive(Serialize)]
 pub(crate) struct MemoryReport {
     /// The network's conventional name.
@@ -44,12 +49,29 @@ pub(crate) struct MemoryReport {
     batch: usize,
     /// The input's height and width.
     image_size: usize,
-    /// The floor of an exact step (`densenet::model::floor`), which no mode that recomputes
-    /// no block features can go below.
-    floor_bytes: usize,
     /// `--budget`, in bytes (absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     budget_bytes: Option<u64>,
+    /// One precision's plans beside the fields above, or several by name.
+    #[serde(flatten)]
+    plans: Precisions,
+}
+
+/// The plans of a [`MemoryReport`]: of one precision, or of several (`--precision all`).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Precisions {
+    One(Box<PrecisionPlans>),
+    Several { precisions: BTreeMap<String, PrecisionPlans> },
+}
+
+/// One precision's plans in a [`MemoryReport`].
+#[derive(Serialize)]
+struct PrecisionPlans {
+    precision: Precision,
+    /// The floor of an exact step (`densenet::model::floor`), which no mode that recomputes
+    /// no block features can go below.
+    floor_bytes: usize,
     /// The plan of each mode asked for.
     modes: ModePlans,
 }
@@ -121,8 +143,9 @@ impl ModePlan {
 pub(crate) fn plan_line(plan: &Plan) -> String {
     let parts: Vec<String> = Category::ALL.iter().map(|&c| format!("{} {:.1}", c.name(), mib(plan.bytes(c)))).collect();
     format!(
-        "Memory plan ({}, batch {}): {:.1} MiB = {} MiB",
+        "Memory plan ({}, {}, batch {}): {:.1} MiB = {} MiB",
         plan.mode,
+        plan.precision,
         plan.batch,
         mib(plan.total_bytes()),
         parts.join(" + ")
@@ -171,20 +194,34 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
     let size = a.net.image_size();
     cfg.geometry(size, size).map_err(usage)?;
     let net = Net::new(&cfg);
-    let planned = Planned { cfg: &cfg, net: &net, size };
     let mut be = CpuBackend::new();
     let batch = a.net.batch;
-    let mut plans = Vec::new();
-    for &mode in &a.memory.0 {
-        let fit = a.budget.map(|b| max_batch(&planned, &mut be, mode, b)).transpose()?;
-        plans.push((plan(&planned, &mut be, batch, mode)?, fit));
+    // Each precision asked for: its floor and the plan of each mode, with its budget's answer.
+    let mut all = Vec::new();
+    for &precision in &a.precision.0 {
+        let cfg = NetConfig { precision, ..cfg.clone() };
+        let planned = Planned { cfg: &cfg, net: &net, size };
+        let mut plans = Vec::new();
+        for &mode in &a.memory.0 {
+            let fit = a.budget.map(|b| max_batch(&planned, &mut be, mode, b)).transpose()?;
+            plans.push((plan(&planned, &mut be, batch, mode)?, fit));
+        }
+        all.push((precision, floor_bytes(&cfg, batch, size, size)?, plans));
     }
     let params = net.layout.len;
-    let floor = floor_bytes(&cfg, batch, size, size)?;
     if a.json {
-        let (budget_bytes, modes) = (a.budget, ModePlans::of(&plans, floor));
-        let (network, image_size, floor_bytes) = (cfg.name(), size, floor);
-        let report = MemoryReport { network, params, batch, image_size, floor_bytes, budget_bytes, modes };
+        let mut each = all.iter().map(|(precision, floor, plans)| {
+            (
+                precision.to_string(),
+                PrecisionPlans { precision: *precision, floor_bytes: *floor, modes: ModePlans::of(plans, *floor) },
+            )
+        });
+        let plans = match all.len() {
+            1 => Precisions::One(Box::new(each.next().expect("one").1)),
+            _ => Precisions::Several { precisions: each.collect() },
+        };
+        let report =
+            MemoryReport { network: cfg.name(), params, batch, image_size: size, budget_bytes: a.budget, plans };
         return Ok(report_json(&report)?);
     }
     report(format_args!(
@@ -200,17 +237,18 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
             mib(b as usize)
         ))?;
     }
+    let floors: Vec<String> = all.iter().map(|(p, floor, _)| format!("{:.1} MiB in {p}", mib(*floor))).collect();
     report(format_args!(
         "Floor of an exact step (parameters, gradients, momentum, running statistics, input, and at the worst \
-         point the features of blocks 1..b with block b's gradient): {:.1} MiB",
-        mib(floor)
+         point the features of blocks 1..b with block b's gradient): {}",
+        floors.join(", ")
     ))?;
     report(
         "Planned memory per category, in MiB (2^20 bytes; --json gives bytes); regions never live at the same \
          time share bytes, so the categories add up to more than the total:",
     )?;
     let cell = |text: &str| format!(" {text:>11}");
-    let mut header = format!("{:<8}", "MiB");
+    let mut header = format!("{:<13}", "MiB");
     for c in Category::ALL {
         header += &cell(c.name());
     }
@@ -220,17 +258,19 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
         header += &cell("max batch");
     }
     report(header)?;
-    for (p, fit) in &plans {
-        let mut row = format!("{:<8}", p.mode.to_string());
-        for c in Category::ALL {
-            row += &cell(&format!("{:.1}", mib(p.bytes(c))));
+    for (precision, floor, plans) in &all {
+        for (p, fit) in plans {
+            let mut row = format!("{:<13}", format!("{} {precision}", p.mode));
+            for c in Category::ALL {
+                row += &cell(&format!("{:.1}", mib(p.bytes(c))));
+            }
+            row += &cell(&format!("{:.1}", mib(p.total_bytes())));
+            row += &cell(&format!("{:.2}", p.total_bytes() as f64 / *floor as f64));
+            if let Some(fit) = fit {
+                row += &cell(&fit.map_or("none fits".to_string(), |n| n.to_string()));
+            }
+            report(row)?;
         }
-        row += &cell(&format!("{:.1}", mib(p.total_bytes())));
-        row += &cell(&format!("{:.2}", p.total_bytes() as f64 / floor as f64));
-        if let Some(fit) = fit {
-            row += &cell(&fit.map_or("none fits".to_string(), |n| n.to_string()));
-        }
-        report(row)?;
     }
     Ok(())
 }
@@ -252,17 +292,32 @@ mod tests {
             workspace: 6,
             max_batch,
         };
-        let report = |budget_bytes, fit: Option<Option<usize>>| MemoryReport {
+        let one = |precision, fit: Option<Option<usize>>| PrecisionPlans {
+            precision,
+            floor_bytes: 10,
+            modes: ModePlans { naive: Some(plan(fit)), shared: None, minimal: Some(plan(fit)) },
+        };
+        let report = |budget_bytes, fit: Option<Option<usize>>, several: bool| MemoryReport {
             network: "DenseNet-BC-100-12".into(),
             params: 769_162,
             batch: 64,
             image_size: 32,
-            floor_bytes: 10,
             budget_bytes,
-            modes: ModePlans { naive: Some(plan(fit)), shared: None, minimal: Some(plan(fit)) },
+            plans: match several {
+                false => Precisions::One(Box::new(one(Precision::Bf16, fit))),
+                true => Precisions::Several {
+                    precisions: Precision::ALL.iter().map(|&p| (p.to_string(), one(p, fit))).collect(),
+                },
+            },
         };
-        for r in [report(None, None), report(Some(1 << 30), Some(Some(128))), report(Some(1), Some(None))] {
-            crate::commands::output::schema::check("densenet memory --json", &r);
+        for several in [false, true] {
+            for r in [
+                report(None, None, several),
+                report(Some(1 << 30), Some(Some(128)), several),
+                report(Some(1), Some(None), several),
+            ] {
+                crate::commands::output::schema::check("densenet memory --json", &r);
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! [`densenet::measure::parse_size`]).
 
 use super::device::Device;
-use densenet::model::plan::Mode;
+use densenet::named::Named;
 use densenet::train::recipe::{self, MAX_BATCH, MAX_EPOCHS};
 use densenet::{bail, Error, Result};
 
@@ -66,16 +66,19 @@ pub(crate) fn run_name(s: &str) -> Result<String> {
     recipe::check_name(s).map(|()| s.to_string())
 }
 
-/// The memory modes `memory --memory` asks for.
+/// The values of a named enum that a flag asks for (`memory --memory`, `--precision`).
 #[derive(Clone, Debug)]
-pub(crate) struct Modes(pub(crate) Vec<Mode>);
+pub(crate) struct OneOrAll<T>(pub(crate) Vec<T>);
 
-/// `memory --memory`: one mode, or `all` of them.
-pub(crate) fn modes(s: &str) -> Result<Modes> {
+/// One value by name, or `all` of them.
+pub(crate) fn one_or_all<T: Named>(s: &str) -> Result<OneOrAll<T>> {
     if s == "all" {
-        return Ok(Modes(Mode::ALL.to_vec()));
+        return Ok(OneOrAll(T::VALUES.to_vec()));
     }
-    s.parse().map(|m| Modes(vec![m])).map_err(|_| Error("expected naive, shared, minimal or all".into()))
+    T::from_name(s).map(|v| OneOrAll(vec![v])).map_err(|_| {
+        let names: Vec<&str> = T::VALUES.iter().map(|v| v.name()).collect();
+        Error(format!("expected {} or all", names.join(", ")))
+    })
 }
 
 /// `--device`.

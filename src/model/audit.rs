@@ -88,6 +88,10 @@ impl Backend for Recorder {
         "recorder (the plan audit)".into()
     }
 
+    fn stores(&self, _: DType) -> bool {
+        true
+    }
+
     fn workspace_len(&mut self, _convs: &[ConvShape], _image_len: usize, _batch: usize) -> Result<usize> {
         Ok(0)
     }

@@ -19,23 +19,23 @@ use crate::config::{NetConfig, Stem};
 use crate::input::CHANNELS;
 use crate::Result;
 
-/// The floor in bytes of an exact f32 training step of `cfg` on batches of `batch` images of
-/// `h` x `w`.
+/// The floor in bytes of an exact training step of `cfg` on batches of `batch` images of
+/// `h` x `w`: the state in f32, the input and the block tensors in the precision's storage.
 pub fn floor_bytes(cfg: &NetConfig, batch: usize, h: usize, w: usize) -> Result<usize> {
     let geo = cfg.geometry(h, w)?;
     let layout = Net::new(cfg).layout;
-    let floats = |n: usize| n * DType::F32.size();
-    let state = floats(3 * layout.len + layout.running_len);
-    let input = floats(batch * CHANNELS * h * w);
+    let state = DType::F32.size() * (3 * layout.len + layout.running_len);
+    let stored = |n: usize| n * cfg.precision.storage().size();
+    let input = stored(batch * CHANNELS * h * w);
     let mut features = 0;
     let mut worst = 0;
     for g in &geo {
-        let block = floats(batch * g.c_final * g.h * g.w);
+        let block = stored(batch * g.c_final * g.h * g.w);
         features += block;
         worst = worst.max(features + block);
     }
     if cfg.stem == Stem::ImageNet {
-        worst = worst.max(2 * floats(batch * cfg.stem_channels * (h / 2) * (w / 2)));
+        worst = worst.max(2 * stored(batch * cfg.stem_channels * (h / 2) * (w / 2)));
     }
     Ok(state + input + worst)
 }
@@ -43,6 +43,7 @@ pub fn floor_bytes(cfg: &NetConfig, batch: usize, h: usize, w: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Precision;
 
     /// DenseNet-BC-100-12 at batch 64 by hand: 769,162 parameters three times and 2 x 3,248
     /// running statistics; the 32x32 input; block 1's 216 channels at 32x32, twice.
@@ -53,6 +54,11 @@ mod tests {
         let by_hand = 4 * (3 * 769_162 + running + 64 * 3 * 32 * 32 + 2 * 64 * 216 * 32 * 32);
         assert_eq!(floor_bytes(&cfg, 64, 32, 32).unwrap(), by_hand);
         assert!((122e6..124e6).contains(&(by_hand as f64)), "about 123 MB: {by_hand}");
+        // In 16 bits, the input and the block tensors take half.
+        for precision in [Precision::Bf16, Precision::Fp16] {
+            let half = 4 * (3 * 769_162 + running) + 2 * (64 * 3 * 32 * 32 + 2 * 64 * 216 * 32 * 32);
+            assert_eq!(floor_bytes(&NetConfig { precision, ..cfg.clone() }, 64, 32, 32).unwrap(), half);
+        }
     }
 
     /// DenseNet-121 at 224x224: block 1 (256 channels at 56x56, twice) outweighs the stem

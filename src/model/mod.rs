@@ -90,6 +90,9 @@ impl<B: Backend> Model<B> {
     /// The model of `cfg` (built as `net`) on `plan`, its arena allocated on `be`; parameters
     /// not yet initialized.
     fn on_plan(cfg: NetConfig, net: Net, plan: Plan, h: usize, w: usize, seed: u64, mut be: B) -> Result<Self> {
+        if !be.stores(cfg.precision.storage()) {
+            bail!("{} storage is not available on the {} (docs/precision.md)", cfg.precision, be.describe());
+        }
         be.allocate(plan.len, plan.workspace, plan.batch)?;
         Ok(Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None })
     }

@@ -16,7 +16,7 @@
 
 use super::net::Net;
 use crate::backend::{aligned, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
-use crate::config::{BlockGeom, NetConfig, Stem};
+use crate::config::{BlockGeom, NetConfig, Precision, Stem};
 use crate::named::{by_name, Named};
 use crate::{bail, Result};
 
@@ -286,6 +286,8 @@ pub struct HeadPlan {
 pub struct Plan {
     /// Memory mode.
     pub mode: Mode,
+    /// The storage precision of its tensors ([`View`]s; its spans are f32).
+    pub precision: Precision,
     /// Largest batch the plan holds.
     pub batch: usize,
     /// Every region, in arena order.
@@ -343,6 +345,8 @@ struct Arena {
     regions: Vec<Region>,
     tags: Vec<Tag>,
     top: usize,
+    /// The element type of the [`Arena::tensor`]s (the precision's storage).
+    storage: DType,
 }
 
 impl Arena {
@@ -354,16 +358,16 @@ impl Arena {
 
     /// A region of `len` f32, tagged as its own tensor, placed by live range.
     fn take(&mut self, name: impl Into<String>, category: Category, len: usize) -> Span {
-        self.region(name.into(), category, len, false)
+        self.region(name.into(), category, len, DType::F32, false)
     }
 
     /// A region of `len` f32 that outlasts a step or a pass ([`Region::lasting`]).
     fn take_lasting(&mut self, name: impl Into<String>, category: Category, len: usize) -> Span {
-        self.region(name.into(), category, len, true)
+        self.region(name.into(), category, len, DType::F32, true)
     }
 
-    fn region(&mut self, name: String, category: Category, len: usize, lasting: bool) -> Span {
-        let (index, dtype) = (self.regions.len(), DType::F32);
+    fn region(&mut self, name: String, category: Category, len: usize, dtype: DType, lasting: bool) -> Span {
+        let index = self.regions.len();
         let off = self.at.get(index).copied().unwrap_or(self.top);
         let r = Region { name: name.clone(), category, off, len, dtype, tag: 0, lasting };
         self.top = self.top.max(off + aligned(r.bytes()));
@@ -372,9 +376,10 @@ impl Arena {
         Span { off, len, dtype, tag }
     }
 
+    /// A region holding a [n, c, h, w] tensor of the storage type.
     fn tensor(&mut self, name: impl Into<String>, category: Category, n: usize, c: usize, h: usize, w: usize) -> View {
-        let s = self.take(name, category, n * c * h * w);
-        View::dense(s.off, n, c, h, w).tagged(s.tag)
+        let s = self.region(name.into(), category, n * c * h * w, self.storage, false);
+        View { dtype: s.dtype, ..View::dense(s.off, n, c, h, w) }.tagged(s.tag)
     }
 
     fn stats(&mut self, name: impl Into<String>, c: usize) -> Moments {
@@ -419,7 +424,7 @@ impl<'a> Planner<'a> {
     /// `at` (see [`Arena`]).
     fn new(cfg: &'a NetConfig, net: &'a Net, geo: &'a [BlockGeom], n: usize, mode: Mode, at: &[usize]) -> Self {
         let (regions, tags, at) = (Vec::new(), Vec::new(), at.to_vec());
-        let ar = Arena { at, regions, tags, top: 0 };
+        let ar = Arena { at, regions, tags, top: 0, storage: cfg.precision.storage() };
         Planner { cfg, net, geo, n, mode, ar, convs: Vec::new() }
     }
 
@@ -647,6 +652,7 @@ impl Shape<'_> {
         let workspace = p.ar.take_lasting("convolution workspace", Category::Workspace, ws / DType::F32.size());
         Ok(Plan {
             mode: self.mode,
+            precision: self.cfg.precision,
             batch: self.batch,
             len: p.ar.top,
             regions: p.ar.regions,
