@@ -5,6 +5,7 @@ pub mod cifar;
 #[macro_use]
 pub mod devices;
 pub mod golden;
+pub mod precision;
 pub mod run;
 
 use densenet::backend::{Backend, CpuBackend};

@@ -9,13 +9,16 @@
 //! has them); the first two fall back to the `gemm` crate elsewhere, and the direct forms are
 //! only called when [`simd`] is true (the caller uses im2col otherwise).
 
-/// Whether the AVX2+FMA kernels run: the CPU has them and `DENSENET_NO_SIMD` is not set in the
-/// environment (it forces the portable path, for testing it). Decided once per process.
+/// Whether the AVX2+FMA kernels run: the CPU has them (and F16C, for 16-bit tensors: every
+/// AVX2 CPU has it) and `DENSENET_NO_SIMD` is not set in the environment (it forces the
+/// portable path, for testing it). Decided once per process.
 pub(super) fn simd() -> bool {
     static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SIMD.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let cpu = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
         #[cfg(not(target_arch = "x86_64"))]
         let cpu = false;
         cpu && std::env::var_os("DENSENET_NO_SIMD").is_none()

@@ -1,4 +1,5 @@
-//! The CPU backend: f32, rayon over images or channels, AVX2+FMA kernels for convolutions and
+//! The CPU backend: f32 arithmetic on tensors stored in f32 (or, for the ops converted so far,
+//! bf16 and f16: `elem`), rayon over images or channels, AVX2+FMA kernels for convolutions and
 //! batch norm (the `gemm` crate and plain loops on other CPUs). It is the numerical reference
 //! every other backend is checked against.
 //!
@@ -7,6 +8,7 @@
 
 mod bnvec;
 mod conv;
+mod elem;
 mod elementwise;
 mod linear;
 mod loss;
@@ -56,7 +58,27 @@ impl Ptr {
         std::slice::from_raw_parts_mut(self.at(off), len)
     }
 
-    /// Arena index of channel plane (n, c) of a view.
+    /// Shared slice of `len` elements of type `T` at element `off` of an arena of `T` (a
+    /// tensor's: [`Ptr::plane_off`] counts in its elements).
+    ///
+    /// # Safety
+    /// No live mutable slice may overlap it; `T` is the type of the elements there.
+    #[inline]
+    pub(crate) unsafe fn elems<'a, T>(self, off: usize, len: usize) -> &'a [T] {
+        std::slice::from_raw_parts(self.0.cast::<T>().wrapping_add(off), len)
+    }
+
+    /// Mutable slice of `len` elements of type `T` at element `off` of an arena of `T`.
+    ///
+    /// # Safety
+    /// No other live slice may overlap it; `T` is the type of the elements there.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn elems_mut<'a, T>(self, off: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.cast::<T>().wrapping_add(off), len)
+    }
+
+    /// Arena index of channel plane (n, c) of a view (in the view's elements).
     #[inline]
     pub(crate) fn plane_off(v: View, n: usize, c: usize) -> usize {
         v.index() + n * v.img_stride + c * v.hw()
@@ -103,10 +125,26 @@ impl CpuBackend {
     /// inside the arena with non-overlapping images, offset ranges inside the arena, and
     /// convolutions within the workspace laid out for them.
     fn check(&self, v: View) {
-        assert_eq!(v.dtype, DType::F32, "the CPU backend holds f32: {v:?}");
-        assert!(v.off.is_multiple_of(4), "view {v:?} not aligned to its elements");
+        assert!(v.off.is_multiple_of(v.dtype.size()), "view {v:?} not aligned to its elements");
         assert!(v.end() <= self.arena.len() * 4, "view {v:?} outside the arena ({} bytes)", self.arena.len() * 4);
         assert!(v.n <= 1 || v.img_stride >= v.c * v.hw(), "view {v:?} has overlapping images");
+    }
+
+    /// [`CpuBackend::check`] of the views of one op, which must share their element type (the
+    /// op's kernels take one); returns it.
+    fn check_all(&self, op: &str, views: &[View]) -> DType {
+        let dtype = views[0].dtype;
+        for &v in views {
+            self.check(v);
+            assert_eq!(v.dtype, dtype, "{op}: {v:?} is not {dtype:?} like {:?}", views[0]);
+        }
+        dtype
+    }
+
+    /// [`CpuBackend::check`] of a view of an op whose kernels take f32 only.
+    fn check_f32(&self, v: View) {
+        self.check(v);
+        assert_eq!(v.dtype, DType::F32, "the CPU backend's convolutions and input take f32: {v:?}");
     }
 
     /// Asserts that output `out` of op `op` shares no float with an input its contract keeps
@@ -118,7 +156,18 @@ impl CpuBackend {
         }
     }
 
-    /// Checks a span of `len` elements inside the arena and returns its first index.
+    /// Checks a span of `len` elements of any type inside the arena and returns its first
+    /// index (in its elements).
+    fn elements(&self, s: Span, len: usize) -> usize {
+        assert_eq!(s.len, len, "span {s:?}: expected {len} elements");
+        assert!(
+            s.off.is_multiple_of(s.dtype.size()) && s.end() <= self.arena.len() * 4,
+            "span {s:?} outside the arena"
+        );
+        s.index()
+    }
+
+    /// Checks a span of `len` f32 inside the arena and returns its first index.
     fn span(&self, s: Span, len: usize) -> usize {
         assert_eq!((s.dtype, s.len), (DType::F32, len), "span {s:?}: expected {len} f32");
         assert!(s.off.is_multiple_of(4) && s.end() <= self.arena.len() * 4, "span {s:?} outside the arena");
@@ -137,8 +186,8 @@ impl CpuBackend {
     }
 
     fn check_conv(&self, x: View, w: Span, y: View, spec: ConvSpec) {
-        self.check(x);
-        self.check(y);
+        self.check_f32(x);
+        self.check_f32(y);
         self.span(w, y.c * x.c * spec.k * spec.k);
         let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w };
         assert!(self.workspace.fits(&shape), "{shape:?} was not given to workspace_len");
@@ -175,13 +224,14 @@ impl Backend for CpuBackend {
     }
 
     fn write(&mut self, dst: Span, data: &[f32]) {
-        let i = self.span(dst, data.len());
-        self.arena[i..i + data.len()].copy_from_slice(data);
+        let i = self.elements(dst, data.len());
+        elem::by_dtype!(dst.dtype, elementwise::write(self.ptr(), i, data));
     }
 
     fn read_into(&self, src: Span, out: &mut [f32]) {
-        let i = self.span(src, out.len());
-        out.copy_from_slice(&self.arena[i..i + out.len()]);
+        let i = self.elements(src, out.len());
+        let a = Ptr(self.arena.as_ptr().cast_mut());
+        elem::by_dtype!(src.dtype, elementwise::read(a, i, out));
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
@@ -191,14 +241,13 @@ impl Backend for CpuBackend {
     }
 
     fn copy(&mut self, src: View, dst: View) {
-        self.check(src);
-        self.check(dst);
+        let dtype = self.check_all("copy", &[src, dst]);
         self.apart("copy", dst, &[src]);
-        elementwise::copy(self.ptr(), src, dst);
+        elem::by_dtype!(dtype, elementwise::copy(self.ptr(), src, dst));
     }
 
     fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View) {
-        self.check(dst);
+        self.check_f32(dst);
         assert!(
             scale > 0 && dst.h.is_multiple_of(scale) && dst.w.is_multiple_of(scale),
             "{dst:?} not upsampled by {scale}"
@@ -240,7 +289,7 @@ impl Backend for CpuBackend {
         self.check(x);
         self.span(out.mean, x.c);
         self.span(out.var, x.c);
-        norm::stats(self.ptr(), x, out);
+        elem::by_dtype!(x.dtype, norm::stats(self.ptr(), x, out));
     }
 
     fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
@@ -257,76 +306,68 @@ impl Backend for CpuBackend {
     }
 
     fn bn_relu(&mut self, x: View, bn: Bn, y: View) {
-        self.check(x);
-        self.check(y);
+        let dtype = self.check_all("bn_relu", &[x, y]);
         self.check_bn(bn, x.c);
         self.apart("bn_relu", y, &[x]);
-        norm::bn_relu(self.ptr(), x, bn, y);
+        elem::by_dtype!(dtype, norm::bn_relu(self.ptr(), x, bn, y));
     }
 
     fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
-        self.check(g);
-        self.check(x);
-        self.check(dx);
+        let dtype = self.check_all("bn_relu_backward", &[g, x, dx]);
         self.check_bn(bn, x.c);
         // dx may be g itself (in place), and else overlaps neither input.
         let ins = [x, g];
         self.apart("bn_relu_backward", dx, &ins[..if dx == g { 1 } else { 2 }]);
         self.span(grad.gamma, x.c);
         self.span(grad.beta, x.c);
-        norm::bn_relu_backward(self.ptr(), g, x, bn, grad, dx, accumulate);
+        elem::by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, grad, dx, accumulate));
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
         self.check(x);
-        elementwise::dropout(self.ptr(), x, p, key);
+        elem::by_dtype!(x.dtype, elementwise::dropout(self.ptr(), x, p, key));
     }
 
     fn avg_pool2(&mut self, x: View, y: View) {
-        self.check(x);
-        self.check(y);
+        let dtype = self.check_all("avg_pool2", &[x, y]);
         self.apart("avg_pool2", y, &[x]);
-        pool::avg2(self.ptr(), x, y);
+        elem::by_dtype!(dtype, pool::avg2(self.ptr(), x, y));
     }
 
     fn avg_pool2_backward(&mut self, gy: View, gx: View) {
-        self.check(gy);
-        self.check(gx);
+        let dtype = self.check_all("avg_pool2_backward", &[gy, gx]);
         self.apart("avg_pool2_backward", gx, &[gy]);
-        pool::avg2_backward(self.ptr(), gy, gx);
+        elem::by_dtype!(dtype, pool::avg2_backward(self.ptr(), gy, gx));
     }
 
     fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View) {
-        self.check(x);
-        self.check(y);
+        let dtype = self.check_all("max_pool3", &[x, y]);
         self.apart("max_pool3", y, &[x]);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        pool::max3(self.ptr(), x, pre, y);
+        elem::by_dtype!(dtype, pool::max3(self.ptr(), x, pre, y));
     }
 
     fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View) {
-        self.check(x);
-        self.check(gy);
-        self.check(gx);
+        let dtype = self.check_all("max_pool3_backward", &[x, gy, gx]);
         self.apart("max_pool3_backward", gx, &[x, gy]);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        pool::max3_backward(self.ptr(), x, pre, gy, gx);
+        elem::by_dtype!(dtype, pool::max3_backward(self.ptr(), x, pre, gy, gx));
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {
         self.check(x);
         self.check_matrix(y, x.n, x.c);
-        pool::global_avg(self.ptr(), x, y.data.index());
+        elem::by_dtype!(x.dtype, pool::global_avg(self.ptr(), x, y.data.index()));
     }
 
     fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         self.check(gx);
         self.check_matrix(gy, gx.n, gx.c);
-        pool::global_avg_backward(self.ptr(), gy.data.index(), gx);
+        elem::by_dtype!(gx.dtype, pool::global_avg_backward(self.ptr(), gy.data.index(), gx));
     }
 
     fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {

@@ -3,6 +3,7 @@
 //! two passes of the backward); plane loops are in [`super::bnvec`].
 
 use super::bnvec::{self, Affine};
+use super::elem::Elem;
 use super::Ptr;
 use crate::backend::{Affine as Params, Bn, Moments, View, BN_EPS};
 use rayon::prelude::*;
@@ -24,17 +25,17 @@ pub(super) fn affine(a: Ptr, bn: Bn, c: usize) -> (Affine, f32) {
 /// Per-channel mean and biased variance, in one pass: sums of x - s and (x - s)^2 with the
 /// shift s = the channel's first value (keeps the subtraction well conditioned); planes are
 /// summed in f32 lanes and added in f64.
-pub(super) fn stats(a: Ptr, x: View, out: Moments) {
+pub(super) fn stats<T: Elem>(a: Ptr, x: View, out: Moments) {
     let (mean, var) = (out.mean.index(), out.var.index());
     let hw = x.hw();
     let count = (x.n * hw) as f64;
     (0..x.c).into_par_iter().for_each(|c| {
         // SAFETY: read-only planes; each task writes its own mean[c], var[c].
         unsafe {
-            let shift = *a.at(Ptr::plane_off(x, 0, c));
+            let shift = a.elems::<T>(Ptr::plane_off(x, 0, c), 1)[0].get();
             let (mut s1, mut s2) = (0.0f64, 0.0f64);
             for n in 0..x.n {
-                let (u, v) = bnvec::moments(a.get(Ptr::plane_off(x, n, c), hw), shift);
+                let (u, v) = bnvec::moments(a.elems::<T>(Ptr::plane_off(x, n, c), hw), shift);
                 s1 += u;
                 s2 += v;
             }
@@ -57,21 +58,21 @@ pub(super) fn update_running(arena: &mut [f32], batch: Moments, running: Moments
 }
 
 /// `y = relu(bn(x))`.
-pub(super) fn bn_relu(a: Ptr, x: View, bn: Bn, y: View) {
+pub(super) fn bn_relu<T: Elem>(a: Ptr, x: View, bn: Bn, y: View) {
     let hw = x.hw();
     (0..x.n * x.c).into_par_iter().for_each(|i| {
         let (n, c) = (i / x.c, i % x.c);
         // SAFETY: x and y do not overlap; each task writes its own plane of y.
         unsafe {
-            let dst = a.get_mut(Ptr::plane_off(y, n, c), hw);
+            let dst = a.elems_mut::<T>(Ptr::plane_off(y, n, c), hw);
             let f = affine(a, bn, c).0;
-            bnvec::bn_relu(a.get(Ptr::plane_off(x, n, c), hw), dst, f.scale, f.shift);
+            bnvec::bn_relu(a.elems::<T>(Ptr::plane_off(x, n, c), hw), dst, f.scale, f.shift);
         }
     });
 }
 
 /// Backward of `relu(bn(x))` with batch statistics, mask recomputed from x.
-pub(super) fn bn_relu_backward(a: Ptr, g: View, x: View, bn: Bn, grad: Params, dx: View, accumulate: bool) {
+pub(super) fn bn_relu_backward<T: Elem>(a: Ptr, g: View, x: View, bn: Bn, grad: Params, dx: View, accumulate: bool) {
     let (dgamma, dbeta) = (grad.gamma.index(), grad.beta.index());
     let hw = x.hw();
     let count = (x.n * hw) as f64;
@@ -84,8 +85,8 @@ pub(super) fn bn_relu_backward(a: Ptr, g: View, x: View, bn: Bn, grad: Params, d
         unsafe {
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
             for n in 0..x.n {
-                let (u, v) =
-                    bnvec::grad_sums(a.get(Ptr::plane_off(g, n, c), hw), a.get(Ptr::plane_off(x, n, c), hw), f);
+                let (g, x) = (a.elems::<T>(Ptr::plane_off(g, n, c), hw), a.elems::<T>(Ptr::plane_off(x, n, c), hw));
+                let (u, v) = bnvec::grad_sums(g, x, f);
                 sg += u;
                 sgx += v;
             }
@@ -94,9 +95,9 @@ pub(super) fn bn_relu_backward(a: Ptr, g: View, x: View, bn: Bn, grad: Params, d
             let k =
                 bnvec::Grad { k: gamma * f.inv_std, mg: (sg / count) as f32, mgx: (sgx / count) as f32, accumulate };
             for n in 0..x.n {
-                let xp = a.get(Ptr::plane_off(x, n, c), hw);
-                let dp = a.get_mut(Ptr::plane_off(dx, n, c), hw);
-                let gp = if in_place { None } else { Some(a.get(Ptr::plane_off(g, n, c), hw)) };
+                let xp = a.elems::<T>(Ptr::plane_off(x, n, c), hw);
+                let dp = a.elems_mut::<T>(Ptr::plane_off(dx, n, c), hw);
+                let gp = if in_place { None } else { Some(a.elems::<T>(Ptr::plane_off(g, n, c), hw)) };
                 bnvec::grad(dp, gp, xp, f, k);
             }
         }

@@ -1,0 +1,246 @@
+//! The element types a tensor is stored in (docs/precision.md): f32, bf16 and f16. Kernels load
+//! elements widened to f32 (exactly) and store results rounded once to the nearest, ties to
+//! even (a NaN stays a quiet NaN), 8 lanes at a time with AVX2 (bf16 by shifts, f16 with F16C)
+//! or one at a time through the `half` crate, bit for bit the same.
+
+use half::{bf16, f16};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// An element type of the arena's tensors.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// The value, widened to f32 (exact).
+    fn get(self) -> f32;
+
+    /// `v` rounded to this type.
+    fn put(v: f32) -> Self;
+
+    /// Loads 8 elements at `p`, widened.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `p` points at 8 readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> __m256;
+
+    /// Stores the 8 lanes of `v` at `p`, each rounded as [`Elem::put`] rounds it.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `p` points at 8 writable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store8(p: *mut Self, v: __m256);
+}
+
+impl Elem for f32 {
+    #[inline]
+    fn get(self) -> f32 {
+        self
+    }
+
+    #[inline]
+    fn put(v: f32) -> Self {
+        v
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn store8(p: *mut Self, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[inline]
+    fn put(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // bf16 is the top half of an f32.
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())), 16))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn store8(p: *mut Self, v: __m256) {
+        let bits = _mm256_castps_si256(v);
+        // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the top half
+        // (carries into the exponent round up to the next binade, or to infinity).
+        let odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        let rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+        // A NaN keeps its sign and top payload bits and becomes quiet.
+        let quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        let halves = _mm256_blendv_epi8(rounded, quiet, nan);
+        // 8 x 32 bits (each below 2^16) to 8 x 16: packed within each 128-bit lane, then the
+        // two lanes' low quadwords joined.
+        let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0b00_00_10_00);
+        _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(packed));
+    }
+}
+
+impl Elem for f16 {
+    #[inline]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[inline]
+    fn put(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn store8(p: *mut Self, v: __m256) {
+        _mm_storeu_si128(p.cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+    }
+}
+
+/// Calls the generic function `$f::<T>($args)` with `T` the element type of `$dtype` (f32,
+/// bf16 or f16).
+macro_rules! by_dtype {
+    ($dtype:expr, $($f:ident)::+($($args:expr),*)) => {
+        match $dtype {
+            $crate::backend::DType::F32 => $($f)::+::<f32>($($args),*),
+            $crate::backend::DType::BF16 => $($f)::+::<half::bf16>($($args),*),
+            $crate::backend::DType::F16 => $($f)::+::<half::f16>($($args),*),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::matmul::simd;
+
+    /// f32 values that round every way: ties to even up and down, values just off a tie, the
+    /// largest finite values and past them, subnormals of each type, zeros, infinities, NaNs
+    /// with payloads, and random bit patterns.
+    fn awkward() -> Vec<f32> {
+        let mut bits: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0xffc0_0001,
+            0x7f80_0001,
+            0x7fbf_ffff,
+            1,
+            0x8000_0001,
+            0x0080_0000,
+            0x007f_ffff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f7f_8000,
+            0x7f7f_7fff,
+            0x477f_e000,
+            0x477f_f000,
+            0x477f_efff,
+            0x3380_0000,
+            0x3300_0000,
+            0x3380_0001,
+            0x387f_c000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3f80_7fff,
+            0xbf80_8000,
+            0xbf81_8000,
+            0x3f80_1000,
+            0x3f80_3000,
+            0x3f80_2fff,
+        ];
+        let mut s = 0x9e37_79b9u32;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            bits.push(s);
+        }
+        bits.into_iter().map(f32::from_bits).collect()
+    }
+
+    /// The AVX2 path loads and stores what the portable one does, bit for bit (any NaN for a
+    /// NaN), for every 16-bit pattern and for [`awkward`] values.
+    fn lanes_match_scalar<T: Elem + PartialEq + std::fmt::Debug>(from_bits: fn(u16) -> T) {
+        if !simd() {
+            return;
+        }
+        let all: Vec<T> = (0..=u16::MAX).map(from_bits).collect();
+        for chunk in all.chunks_exact(8) {
+            let mut out = [0.0f32; 8];
+            // SAFETY: simd() says the CPU has AVX2 and F16C; 8 elements each side.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), T::load8(chunk.as_ptr())) };
+            for (o, &v) in out.iter().zip(chunk) {
+                assert!(o.to_bits() == v.get().to_bits() || (o.is_nan() && v.get().is_nan()), "{v:?}: {o}");
+            }
+        }
+        for chunk in awkward().chunks_exact(8) {
+            let mut out = [T::put(0.0); 8];
+            // SAFETY: as above.
+            unsafe { T::store8(out.as_mut_ptr(), _mm256_loadu_ps(chunk.as_ptr())) };
+            for (&o, &v) in out.iter().zip(chunk) {
+                let want = T::put(v);
+                assert!(o == want || (o.get().is_nan() && want.get().is_nan()), "{v:e} ({:#x}): {o:?}", v.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_lanes_match_scalar() {
+        lanes_match_scalar(bf16::from_bits);
+    }
+
+    #[test]
+    fn f16_lanes_match_scalar() {
+        lanes_match_scalar(f16::from_bits);
+    }
+
+    /// Rounding to nearest, ties to even, on the values [`awkward`] lists by hand.
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        let bf = |b: u32| bf16::put(f32::from_bits(b)).to_bits();
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: even (1). 1 + 3 * 2^-8: even (1 + 2^-6).
+        assert_eq!(
+            (bf(0x3f80_8000), bf(0x3f81_8000), bf(0x3f80_8001), bf(0x3f80_7fff)),
+            (0x3f80, 0x3f82, 0x3f81, 0x3f80)
+        );
+        // Past the largest finite bf16: infinity. NaN stays NaN, infinities stay.
+        assert_eq!((bf(0x7f7f_8000), bf(0x7f7f_7fff), bf(0x7f80_0000)), (0x7f80, 0x7f7f, 0x7f80));
+        assert!(bf16::from_bits(bf(0x7f80_0001)).is_nan());
+        let h = |b: u32| f16::put(f32::from_bits(b)).to_bits();
+        // 1 + 2^-11 ties to 1; 1 + 3 * 2^-11 to 1 + 2^-9; 65520 overflows to infinity.
+        assert_eq!((h(0x3f80_1000), h(0x3f80_3000), h(0x3f80_2fff), h(0x477f_f000)), (0x3c00, 0x3c02, 0x3c01, 0x7c00));
+        assert_eq!(h(0x477f_efff), 0x7bff);
+        // 2^-25 ties to 0 (even); a bit above it rounds to the smallest subnormal.
+        assert_eq!((h(0x3300_0000), h(0x3300_0001)), (0, 1));
+    }
+}
