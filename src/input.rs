@@ -3,6 +3,8 @@
 //! bytes ([`Normalize`]), and the crop window that pads, cuts and mirrors an image ([`Crop`]).
 //! Which normalization and which windows a dataset uses is `data`'s business.
 
+use crate::elem::Elem;
+
 /// Zero padding on each side of an image before its crop window is cut.
 pub const PAD: usize = 4;
 
@@ -84,8 +86,8 @@ impl Crop {
 
     /// Writes image `src` (bytes, [`CHANNELS`] planes of `h` x `w`) through this window,
     /// normalized and upsampled by `scale` (each pixel a `scale` x `scale` square, nearest
-    /// neighbour), into `dst` (`scale`² as many floats).
-    pub fn apply(self, src: &[u8], norm: &Normalize, h: usize, w: usize, scale: usize, dst: &mut [f32]) {
+    /// neighbour), into `dst` (`scale`² as many elements, each rounded once to its type).
+    pub fn apply<T: Elem>(self, src: &[u8], norm: &Normalize, h: usize, w: usize, scale: usize, dst: &mut [T]) {
         let (plane, ow) = (h * w, w * scale);
         let out_plane = plane * scale * scale;
         assert!(
@@ -93,7 +95,7 @@ impl Crop {
             "one 3 x {h} x {w} image, x{scale}"
         );
         for (c, (src, dst)) in src.chunks_exact(plane).zip(dst.chunks_exact_mut(out_plane)).enumerate() {
-            let zero = norm.value(c, 0);
+            let zero = T::put(norm.value(c, 0));
             for (y, out) in dst.chunks_exact_mut(ow).enumerate() {
                 // Row y of the output is row y / scale of the window: padded row top + y / scale,
                 // source row top + y / scale - PAD.
@@ -106,7 +108,7 @@ impl Crop {
                     let x = x / scale;
                     let col = if self.flip { w - 1 - x } else { x } + self.left;
                     *o = match col.checked_sub(PAD).filter(|&c| c < w) {
-                        Some(col) => norm.value(c, row[col]),
+                        Some(col) => T::put(norm.value(c, row[col])),
                         None => zero,
                     };
                 }

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod elem;
 pub mod error;
 pub mod input;
 pub mod measure;

@@ -265,7 +265,7 @@ fn memory_plans_each_precision() {
     assert_eq!(each.keys().collect::<Vec<_>>(), ["bf16", "f32", "fp16"]);
     assert_eq!(each["bf16"]["modes"]["minimal"], one["modes"]["minimal"]);
     let total = |p: &str| each[p]["modes"]["minimal"]["total_bytes"].as_f64().unwrap();
-    assert!(total("bf16") < 0.55 * total("f32") && total("fp16") == total("bf16"), "{all}");
+    assert!(total("bf16") < 0.56 * total("f32") && total("fp16") == total("bf16"), "{all}");
     let out = densenet(&["memory", "--precision", "all", "--memory", "minimal"]);
     let text = stdout(&out);
     for p in ["f32", "bf16", "fp16"] {

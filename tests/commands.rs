@@ -241,6 +241,28 @@ fn bench_reports_speed_and_memory() {
     }
 }
 
+/// `bench --precision`: the CPU backend runs a 16-bit plan, which `memory` gives for that
+/// precision; the CUDA backend refuses it with a one-line error.
+#[test]
+fn bench_runs_sixteen_bit_plans_on_the_cpu() {
+    let mut args = vec!["bench", "--steps", "2", "--warmup", "1", "--device", "cpu", "--precision", "bf16"];
+    args.extend(TINY);
+    args.push("--json");
+    let text = ok(&args);
+    assert!(text.contains("Memory plan (minimal, bf16, batch 8)"), "{text}");
+    let j = last_json(&text);
+    let planned = j["planned_peak_bytes"].as_u64().unwrap();
+    assert_eq!(Some(planned), memory(&["--precision", "bf16"])["modes"]["minimal"]["total_bytes"].as_u64(), "{j}");
+    let f32 = memory(&[])["modes"]["minimal"]["total_bytes"].as_u64().unwrap();
+    // The tiny network's parameters (f32 in every precision) weigh more than its tensors.
+    assert!(planned < f32 * 8 / 10, "bf16 plans {planned} bytes against f32's {f32}");
+    assert!(j["images_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    let mut host = vec!["bench", "--steps", "1", "--warmup", "0", "--device", "host", "--precision", "fp16"];
+    host.extend(TINY);
+    assert_fails(&host, 1, "fp16 storage is not available on the host device");
+    assert_fails(&["bench", "--precision", "fp8"], 2, "unknown precision 'fp8' (f32, bf16, fp16)");
+}
+
 #[test]
 fn bench_refuses_bad_flags() {
     assert_fails(&["bench", "--steps", "0"], 2, "--steps");

@@ -10,7 +10,7 @@
 mod common;
 
 use densenet::backend::cuda::{AlgorithmFamily, CudaBackend, GpuExec};
-use densenet::backend::{Backend, ConvShape, ConvSpec, CpuBackend, Span, View};
+use densenet::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DType, Span, View};
 use densenet::rng;
 
 /// Largest relative error (in norm) any backend may show here: the whole-step tests' tolerance.
@@ -88,7 +88,7 @@ fn errors(label: &str, make: &mut dyn FnMut() -> Box<dyn Backend>) -> Vec<(Strin
         };
         let (sx, sy, sgy, sgx, sw, sgw) = (take(xl), take(yl), take(yl), take(xl), take(wl), take(wl));
         let mut be = make();
-        let ws = be.workspace_len(&[ConvShape { spec, cin, cout, h, w }], 0, N).unwrap();
+        let ws = be.workspace_len(&[ConvShape { spec, cin, cout, h, w, dtype: DType::F32 }], 0, N).unwrap();
         be.allocate(top + ws, Span::f32(top, ws / 4), N).unwrap();
         be.write(sx, &x);
         be.write(sw, &wt);

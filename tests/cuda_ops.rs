@@ -9,7 +9,7 @@
 mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
-use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, Moments, Sgd, Span, View};
+use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, Moments, Sgd, Span, View};
 use densenet::data::augment::normalization;
 use densenet::data::cifar::Dataset;
 use densenet::input::Crop;
@@ -125,7 +125,7 @@ fn convolutions<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let (x, y, gy, gx) =
             (l.slice(n, cin, h, w), l.slice(n, cout, oh, ow), l.slice(n, cout, oh, ow), l.slice(n, cin, h, w));
         let (wt, gw, bn) = (l.take(cout * cin * spec.k * spec.k), l.take(cout * cin * spec.k * spec.k), l.bn(cin));
-        let shape = ConvShape { spec, cin, cout, h, w };
+        let shape = ConvShape { spec, cin, cout, h, w, dtype: DType::F32 };
         let mut t = Twin::new(make, l.len, &[shape], n);
         t.positive(bn.stats.var);
         let at = format!("{spec:?} n{n} {cin}->{cout} {h}x{w}");
@@ -244,7 +244,12 @@ fn input_batch<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let (oh, ow) = (s * h, s * w);
         let mut l = Layout::default();
         let dst = View::dense(l.take(n * 3 * oh * ow).off, n, 3, oh, ow);
-        let mut t = Twin::new(make, l.len, &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h: oh, w: ow }], n);
+        let mut t = Twin::new(
+            make,
+            l.len,
+            &[ConvShape { spec: ConvSpec::SAME3, cin: 3, cout: 4, h: oh, w: ow, dtype: DType::F32 }],
+            n,
+        );
         let bytes: Vec<u8> = (0..n * 3 * h * w).map(|i| rng::mix64(i as u64) as u8).collect();
         // Windows in every corner and the center, mirrored or not.
         let crops: Vec<Crop> =

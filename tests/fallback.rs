@@ -18,4 +18,5 @@ fn portable_kernels_match_pytorch() {
     common::precision::elementwise_and_pooling_ops_round_the_f32_result();
     common::precision::batch_norm_ops_round_the_f32_result();
     common::precision::max_pool_rounds_its_fused_bn_relu_as_stored();
+    common::precision::convolutions_round_the_f32_result();
 }

@@ -91,13 +91,27 @@ fn partial_batch<B: Backend>(make: &dyn Fn() -> B) {
 }
 on_backends!(partial_batch_equals_a_plan_of_its_size, partial_batch);
 
-/// A backend whose ops do not take 16-bit tensors refuses a 16-bit plan with an error (not a
-/// panic in its first op).
+/// In 16 bits the modes round at the same points (docs/precision.md, rule 4): every value
+/// `naive` stores in 16 bits is rounded where `shared` and `minimal` compute it, the fused
+/// BN-ReLU inputs included, so they agree within the f32 tolerance.
+fn sixteen_bit<B: Backend>(make: &dyn Fn() -> B) {
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        compare(make, NetConfig { precision, ..dropout_chunks() }, 16, 4);
+        compare(make, NetConfig { precision, ..common::tiny_imagenet([2, 1, 1, 2], 5) }, 32, 2);
+    }
+}
+#[test]
+fn sixteen_bit_modes_agree() {
+    sixteen_bit(&densenet::backend::CpuBackend::new);
+}
+
+/// A backend whose ops do not take 16-bit tensors (the CUDA backend, so far) refuses a 16-bit
+/// plan with an error, not a panic in its first op.
 #[test]
 fn a_backend_refuses_a_precision_it_does_not_store() {
     let cfg = NetConfig { precision: Precision::Bf16, ..NetConfig::cifar(16, 4, true, 0.5, 0.0, 10).unwrap() };
-    let e = densenet::model::Model::new(cfg, 2, 16, 16, Mode::Minimal, 1, densenet::backend::CpuBackend::new())
-        .err()
-        .expect("refused");
-    assert!(e.0.starts_with("bf16 storage is not available on the cpu"), "{e}");
+    common::devices::on_host(|make| {
+        let e = densenet::model::Model::new(cfg, 2, 16, 16, Mode::Minimal, 1, make()).err().expect("refused");
+        assert!(e.0.starts_with("bf16 storage is not available on the host device"), "{e}");
+    });
 }

@@ -17,7 +17,9 @@
 mod common;
 
 use common::norm_rel;
-use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, Matrix, Moments, Sgd, Span, View};
+use densenet::backend::{
+    Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, Matrix, Moments, Sgd, Span, View,
+};
 use densenet::rng;
 
 /// Forward-vs-reference tolerance (`rel_inf`).
@@ -229,7 +231,7 @@ impl Conv {
         let gx = l.slice(n, cin, h, w);
         let wlen = cout * cin * spec.k * spec.k;
         let (wt, gw) = (l.take(wlen), l.take(wlen));
-        let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w }], n);
+        let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w, dtype: DType::F32 }], n);
         scatter(&mut be, x, &randn(1, x.numel()));
         scatter(&mut be, gy, &randn(2, gy.numel()));
         be.write(wt, &randn(3, wlen));
@@ -322,7 +324,7 @@ fn conv_backward_filter_accumulates<B: Backend>(make: &dyn Fn() -> B) {
         let wlen = cout * cin * spec.k * spec.k;
         let (whole, split) = (l.take(wlen), l.take(wlen));
         let bn = Bn { stats: l.moments(cin), affine: l.affine(cin) };
-        let mut be = l.on(make(), &[ConvShape { spec, cin, cout, h, w }], n);
+        let mut be = l.on(make(), &[ConvShape { spec, cin, cout, h, w, dtype: DType::F32 }], n);
         scatter(&mut be, x, &randn(1, x.numel()));
         scatter(&mut be, gy, &randn(2, gy.numel()));
         be.write(bn.affine.gamma, &randn(4, cin).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
@@ -354,7 +356,7 @@ fn conv_with_fused_bn_relu_equals_bn_relu_then_conv() {
         let wlen = cout * cin * spec.k * spec.k;
         let (wt, gw1, gw2) = (l.take(wlen), l.take(wlen), l.take(wlen));
         let bn = Bn { stats: l.moments(cin), affine: l.affine(cin) };
-        let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w }], n);
+        let mut be = l.backend(&[ConvShape { spec, cin, cout, h, w, dtype: DType::F32 }], n);
         scatter(&mut be, x, &randn(1, x.numel()));
         scatter(&mut be, gy, &randn(2, gy.numel()));
         be.write(wt, &randn(3, wlen));

@@ -57,6 +57,8 @@ pub struct ConvShape {
     pub h: usize,
     /// Input width.
     pub w: usize,
+    /// Element type of its input and output tensors (its weights are f32).
+    pub dtype: DType,
 }
 
 /// Batch-norm epsilon, as the reference.

@@ -7,7 +7,7 @@ use super::output::{report, report_json};
 use super::{parse, usage, Outcome};
 use clap::Args;
 use densenet::backend::{Backend, Library, Sgd};
-use densenet::config::NetConfig;
+use densenet::config::{NetConfig, Precision};
 use densenet::measure::{self, mib, Heap};
 use densenet::model::plan::Mode;
 use densenet::model::Model;
@@ -34,6 +34,10 @@ pub(crate) struct BenchArgs {
     /// Memory mode: naive, shared or minimal.
     #[arg(long, value_name = "MODE", default_value = "minimal")]
     memory: Mode,
+    /// Storage precision of the large tensors: f32, bf16 or fp16 (docs/precision.md; the CPU
+    /// backend only so far).
+    #[arg(long, value_name = "P", default_value = "f32")]
+    precision: Precision,
     /// Also print the result as one JSON object, the last line.
     #[arg(long)]
     json: bool,
@@ -91,7 +95,7 @@ pub(crate) struct Cudnn {
 
 /// Runs `densenet bench`.
 pub(crate) fn run(a: BenchArgs) -> Outcome {
-    let cfg = a.net.config(a.net.free_classes()).map_err(usage)?;
+    let cfg = NetConfig { precision: a.precision, ..a.net.config(a.net.free_classes()).map_err(usage)? };
     let size = a.net.image_size();
     cfg.geometry(size, size).map_err(usage)?;
     let (be, why) = a.device.open()?;

@@ -430,7 +430,7 @@ impl<'a> Planner<'a> {
 
     /// Notes a convolution shape (each distinct one once).
     fn conv(&mut self, spec: ConvSpec, cin: usize, cout: usize, h: usize, w: usize) {
-        let s = ConvShape { spec, cin, cout, h, w };
+        let s = ConvShape { spec, cin, cout, h, w, dtype: self.ar.storage };
         if !self.convs.contains(&s) {
             self.convs.push(s);
         }

@@ -7,11 +7,14 @@
 //! shapes), and the max pool's fused BN-ReLU rounds each BN-ReLU value to 16 bits, as a stored
 //! BN-ReLU output holds it (bit for bit the pool of `bn_relu` written in 16 bits).
 //!
+//! A convolution widens its 16-bit operands into f32 and runs the f32 kernels on them: its
+//! output is the f32 op's rounded, its weight gradient the f32 op's, bit for bit; with a fused
+//! BN-ReLU, the f32 op's on the BN-ReLU output stored in 16 bits.
+//!
 //! Shapes are awkward (planes of 63 and 323 elements: the 8-lane loops' tails), and the tensors
-//! channel slices of larger buffers (image strides above `c * h * w`). The convolutions and the
-//! input batch take f32 only so far: the CPU backend does not store 16-bit plans yet.
+//! channel slices of larger buffers (image strides above `c * h * w`).
 
-use densenet::backend::{Affine, Backend, Bn, CpuBackend, DType, Matrix, Moments, Span, View};
+use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, Matrix, Moments, Span, View};
 use densenet::rng;
 
 /// (n, c, h, w).
@@ -58,8 +61,13 @@ impl Layout {
     }
 
     fn backend(self) -> CpuBackend {
+        self.backend_for(&[])
+    }
+
+    /// A backend with the workspace for these convolutions.
+    fn backend_for(self, convs: &[ConvShape]) -> CpuBackend {
         let mut be = CpuBackend::new();
-        let ws = be.workspace_len(&[], 0, 1).unwrap();
+        let ws = be.workspace_len(convs, 0, 1).unwrap();
         let at = self.len;
         be.allocate(at + ws, Span::f32(at, ws / 4), 1).unwrap();
         be
@@ -278,6 +286,65 @@ pub fn max_pool_rounds_its_fused_bn_relu_as_stored() {
                 err <= 8.0 * ulp * gmax,
                 "{dtype:?} {shape:?}: backward off f32 by {err} (largest gradient {gmax})"
             );
+        }
+    }
+}
+
+/// Convolutions of each kind (1x1, 3x3 "same", 7x7 stride 2), forward, data gradient and
+/// weight gradient, with and without a fused BN-ReLU.
+pub fn convolutions_round_the_f32_result() {
+    for dtype in HALVES {
+        for (spec, n, cin, cout, h, w) in
+            [(ConvSpec::POINTWISE, 3, 5, 4, 7, 9), (ConvSpec::SAME3, 2, 3, 5, 9, 7), (ConvSpec::STEM7, 2, 3, 4, 13, 11)]
+        {
+            let (ho, wo) = (spec.out(h), spec.out(w));
+            let mut l = Layout::default();
+            let (x, a, gx) = (
+                Twin::new(&mut l, dtype, (n, cin, h, w)),
+                Twin::new(&mut l, dtype, (n, cin, h, w)),
+                Twin::new(&mut l, dtype, (n, cin, h, w)),
+            );
+            let (y, y_pre, gy) = (
+                Twin::new(&mut l, dtype, (n, cout, ho, wo)),
+                Twin::new(&mut l, dtype, (n, cout, ho, wo)),
+                Twin::new(&mut l, dtype, (n, cout, ho, wo)),
+            );
+            let wlen = cout * cin * spec.k * spec.k;
+            let (wt, gw) = (l.span(wlen), [l.span(wlen), l.span(wlen), l.span(wlen), l.span(wlen)]);
+            let layout_bn = l.bn(cin);
+            let shapes = [DType::F32, dtype].map(|dtype| ConvShape { spec, cin, cout, h, w, dtype });
+            let mut be = l.backend_for(&shapes);
+            let bn = bn(&mut be, layout_bn, cin, 4);
+            let what = |op: &str| format!("{op} {spec:?} {cin}->{cout} {h}x{w}");
+            x.fill(&mut be, 1, 1.0);
+            gy.fill(&mut be, 2, 1.0);
+            be.write(wt, &(0..wlen).map(|i| rng::normal(3, i as u64) as f32).collect::<Vec<_>>());
+            // The BN-ReLU output as stored in 16 bits, in both.
+            be.bn_relu(x.h, bn, a.h);
+            let stored = gather(&be, a.h);
+            let per = cin * h * w;
+            for i in 0..n {
+                be.write(a.f.image(i), &stored[i * per..(i + 1) * per]);
+            }
+            be.conv_forward(x.f, None, wt, y.f, spec);
+            be.conv_forward(x.h, None, wt, y.h, spec);
+            y.rounded(&be, &what("conv_forward"));
+            if spec.stride == 1 {
+                be.conv_forward(a.f, None, wt, y_pre.f, spec);
+                be.conv_forward(x.h, Some(bn), wt, y_pre.h, spec);
+                y_pre.rounded(&be, &what("conv_forward with a BN-ReLU"));
+            }
+            be.conv_backward_data(gy.f, wt, gx.f, spec);
+            be.conv_backward_data(gy.h, wt, gx.h, spec);
+            gx.rounded(&be, &what("conv_backward_data"));
+            be.conv_backward_filter(x.f, None, gy.f, gw[0], spec, false);
+            be.conv_backward_filter(x.h, None, gy.h, gw[1], spec, false);
+            assert_eq!(be.read(gw[0]), be.read(gw[1]), "{}", what("conv_backward_filter"));
+            if spec.stride == 1 {
+                be.conv_backward_filter(a.f, None, gy.f, gw[2], spec, false);
+                be.conv_backward_filter(x.h, Some(bn), gy.h, gw[3], spec, false);
+                assert_eq!(be.read(gw[2]), be.read(gw[3]), "{}", what("conv_backward_filter with a BN-ReLU"));
+            }
         }
     }
 }

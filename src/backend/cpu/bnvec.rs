@@ -3,8 +3,8 @@
 //! arithmetic and its order are the same in both versions, lane for lane. Planes hold any
 //! [`Elem`] type: values are widened on load and results rounded once on store.
 
-use super::elem::Elem;
 use super::matmul::simd;
+use crate::elem::Elem;
 
 /// Per-channel constants of `y = relu(x * scale + shift)` and its backward.
 #[derive(Clone, Copy)]
@@ -66,6 +66,17 @@ pub(super) fn bn_relu<T: Elem>(x: &[T], y: &mut [T], scale: f32, shift: f32) {
         return unsafe { avx2::bn_relu(x, y, scale, shift) };
     }
     y.iter_mut().zip(x).for_each(|(y, &x)| *y = T::put(bn_relu1(x.get(), scale, shift)));
+}
+
+/// `y = relu(x * scale + shift)` rounded to `T`, as a stored BN-ReLU output holds it, and
+/// widened: what a convolution reads from a stored BN-ReLU output.
+pub(super) fn bn_relu_widened<T: Elem>(x: &[T], y: &mut [f32], scale: f32, shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { avx2::bn_relu_widened(x, y, scale, shift) };
+    }
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y = T::put(bn_relu1(x.get(), scale, shift)).get());
 }
 
 /// `(sum(gm), sum(gm * xhat))` with `gm = g` where the forward output was positive, else 0,
@@ -147,6 +158,23 @@ mod avx2 {
         }
         for j in i..n {
             y[j] = T::put(super::bn_relu1(x[j].get(), scale, shift));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn bn_relu_widened<T: Elem>(x: &[T], y: &mut [f32], scale: f32, shift: f32) {
+        let (sc, sh, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift), _mm256_setzero_ps());
+        let n = x.len().min(y.len());
+        let mut rounded = [T::put(0.0); 8];
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_add_ps(_mm256_mul_ps(T::load8(x.as_ptr().add(i)), sc), sh);
+            T::store8(rounded.as_mut_ptr(), _mm256_max_ps(v, z));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), T::load8(rounded.as_ptr()));
+            i += 8;
+        }
+        for j in i..n {
+            y[j] = T::put(super::bn_relu1(x[j].get(), scale, shift)).get();
         }
     }
 

@@ -9,12 +9,18 @@
 //! A BN-ReLU on the input (`pre`) is applied where the input is copied anyway: while packing
 //! B panels, while padding the image, while packing weight-gradient rows. Without AVX2 the
 //! transformed image is written to the slot's input area first.
+//!
+//! 16-bit tensors (docs/precision.md): each image's operands are widened into the slot's input
+//! and staged areas (the BN-ReLU applied and each value rounded to 16 bits, as a stored
+//! BN-ReLU output holds it), the f32 kernels run on them, and an output is rounded into its
+//! tensor from the staged area. Weights and weight gradients are f32.
 
-use super::bnvec;
+use super::elementwise::{narrow, widen};
 use super::matmul::{self, matmul, matmul_nt, pack, Dims, Dst, Pre, Shifted, Src};
 use super::norm::affine;
-use super::{image_chunk, Ptr};
-use crate::backend::{Bn, ConvShape, ConvSpec, View};
+use super::{bnvec, image_chunk, Ptr};
+use crate::backend::{Bn, ConvShape, ConvSpec, DType, View};
+use crate::elem::Elem;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -22,10 +28,12 @@ use std::ops::Range;
 const TILE_FLOATS: usize = 1 << 16;
 
 /// The convolution workspace: per-channel BN-ReLU constants (scale, shift) shared by all
-/// threads, then one slot per thread: `[input area | image area | .. | weight area | pack area]`.
-/// The input area holds a BN-ReLU'd image (only without AVX2), the image area the padded image
-/// or an im2col tile, the weight area the packed weight or a weight-gradient partial, the pack
-/// area the weight-gradient product's packed rows.
+/// threads, then one slot per thread:
+/// `[input area | staged area | image area | .. | weight area | pack area]`. The input area
+/// holds a BN-ReLU'd image (without AVX2) or, for 16-bit tensors, the input side in f32 (x
+/// widened, or the data gradient before it is rounded), the staged area the output side (y
+/// before it is rounded, or the output gradient widened), the image area the padded image or an im2col tile, the weight area the packed
+/// weight or a weight-gradient partial, the pack area the weight-gradient product's packed rows.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Workspace {
     /// Arena offset.
@@ -34,6 +42,8 @@ pub(super) struct Workspace {
     affine: usize,
     /// Floats of the input area of a slot.
     input: usize,
+    /// Floats of the staged area of a slot.
+    staged: usize,
     /// Floats of one slot.
     slot: usize,
     /// Slots.
@@ -44,7 +54,11 @@ impl Workspace {
     /// The layout for these convolutions and threads (at offset 0 until allocated).
     pub(super) fn new(convs: &[ConvShape], threads: usize) -> Workspace {
         let max = |f: &dyn Fn(&ConvShape) -> usize| convs.iter().map(f).max().unwrap_or(0);
-        let input = max(&|s| if fuses(s.spec) { 0 } else { s.cin * s.h * s.w });
+        // A 16-bit convolution stages its input side (x or its gradient) in the input area and
+        // its output side (y or its gradient) in the staged area.
+        let half = |s: &ConvShape| s.dtype != DType::F32;
+        let input = max(&|s| if half(s) || !fuses(s.spec) { s.cin * s.h * s.w } else { 0 });
+        let staged = max(&|s| if half(s) { s.cout * Geo::of(s).p() } else { 0 });
         let image = max(&|s| {
             let g = Geo::of(s);
             let padded = if same(s.spec) { s.cin.max(s.cout) * g.padded_plane() } else { 0 };
@@ -56,7 +70,8 @@ impl Workspace {
         });
         let weight = max(&|s| s.cout * s.cin * s.spec.k * s.spec.k);
         let pack = max(&|s| pack_len(&Geo::of(s)));
-        Workspace { off: 0, affine: 2 * max(&|s| s.cin), input, slot: input + image + weight + pack, threads }
+        let slot = input + staged + image + weight + pack;
+        Workspace { off: 0, affine: 2 * max(&|s| s.cin), input, staged, slot, threads }
     }
 
     /// Total floats.
@@ -70,12 +85,18 @@ impl Workspace {
         self.threads > 0 && need.slot <= self.slot && need.affine <= self.affine
     }
 
-    /// Thread `t`'s slot: (input area, image area, `wlen` floats of weight area and `plen`
-    /// floats of pack area at the slot's end).
-    fn slot(&self, a: Ptr, t: usize, wlen: usize, plen: usize) -> (Ptr, Ptr, *mut f32, *mut f32) {
+    /// Thread `t`'s slot: its areas ([`Slot`]), with `wlen` floats of weight area and `plen`
+    /// floats of pack area at the slot's end.
+    fn slot(&self, a: Ptr, t: usize, wlen: usize, plen: usize) -> Slot {
         let base = self.off + self.affine + t * self.slot;
         let end = base + self.slot;
-        (Ptr(a.at(base)), Ptr(a.at(base + self.input)), a.at(end - plen - wlen), a.at(end - plen))
+        Slot {
+            input: Ptr(a.at(base)),
+            staged: Ptr(a.at(base + self.input)),
+            area: Ptr(a.at(base + self.input + self.staged)),
+            weight: a.at(end - plen - wlen),
+            pack: a.at(end - plen),
+        }
     }
 
     /// Writes the per-channel constants of `bn` over `c` channels; the [`Pre`] reading them.
@@ -92,6 +113,15 @@ impl Workspace {
         }
         Some(Pre { scale, shift })
     }
+}
+
+/// One thread's areas of the [`Workspace`].
+struct Slot {
+    input: Ptr,
+    staged: Ptr,
+    area: Ptr,
+    weight: *mut f32,
+    pack: *mut f32,
 }
 
 /// Floats of packed B rows the weight-gradient product of this convolution needs.
@@ -133,7 +163,7 @@ struct Geo {
 
 impl Geo {
     fn new(x: View, y: View, spec: ConvSpec) -> Geo {
-        let g = Geo::of(&ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w });
+        let g = Geo::of(&ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w, dtype: x.dtype });
         assert_eq!((y.h, y.w, x.n), (g.ho, g.wo, y.n), "conv shapes {x:?} -> {y:?}");
         g
     }
@@ -286,6 +316,62 @@ unsafe fn source<'a>(x: &'a [f32], pre: Option<Pre>, input: Ptr, g: &Geo) -> (&'
     }
 }
 
+/// Image `n` of `v` as the kernels read it, in f32: the arena's own elements when they are f32
+/// (`pre` left to the kernels, or applied into `stage` where they cannot: [`source`]), else
+/// widened into `stage`, through `pre` with each BN-ReLU value rounded to `T` as a stored
+/// BN-ReLU output holds it.
+///
+/// # Safety
+/// `stage` is this task's, with room for the image; nothing writes the image meanwhile.
+unsafe fn operand<'a, T: Elem>(
+    a: Ptr,
+    v: View,
+    n: usize,
+    pre: Option<Pre>,
+    stage: Ptr,
+    g: &Geo,
+) -> (&'a [f32], Option<Pre>) {
+    let (hw, len) = (v.hw(), v.c * v.hw());
+    let x = a.elems::<T>(Ptr::plane_off(v, n, 0), len);
+    if let Some(x) = T::as_f32(x) {
+        return source(x, pre, stage, g);
+    }
+    let dst = stage.get_mut(0, len);
+    for c in 0..v.c {
+        let (s, d) = (&x[c * hw..(c + 1) * hw], &mut dst[c * hw..(c + 1) * hw]);
+        match pre {
+            Some(f) => bnvec::bn_relu_widened(s, d, *f.scale.add(c), *f.shift.add(c)),
+            None => widen(s, d),
+        }
+    }
+    (dst, None)
+}
+
+/// Where the kernels write image `n` of `v`: in place when its elements are f32, else `stage`
+/// (then [`store`]).
+///
+/// # Safety
+/// Image `n` of `v` and `stage` are this task's.
+unsafe fn output<T: Elem>(a: Ptr, v: View, n: usize, stage: Ptr) -> *mut f32 {
+    match T::as_f32_mut(a.elems_mut::<T>(Ptr::plane_off(v, n, 0), v.c * v.hw())) {
+        Some(y) => y.as_mut_ptr(),
+        None => stage.at(0),
+    }
+}
+
+/// Rounds image `n` of `v` from `stage`, where [`output`] put it (nothing when its elements
+/// are f32: the kernels wrote them).
+///
+/// # Safety
+/// As for [`output`].
+unsafe fn store<T: Elem>(a: Ptr, v: View, n: usize, stage: Ptr) {
+    let len = v.c * v.hw();
+    let y = a.elems_mut::<T>(Ptr::plane_off(v, n, 0), len);
+    if T::as_f32(y).is_none() {
+        narrow(stage.get(0, len), y);
+    }
+}
+
 /// One image: `y = conv(pre(x), w)`; `x` is the image, `w` a row-major [cout, r] matrix.
 ///
 /// # Safety
@@ -315,29 +401,31 @@ unsafe fn image_forward(x: &[f32], pre: Option<Pre>, w: *const f32, y: *mut f32,
 }
 
 /// `y = conv(pre(x), w)`.
-pub(super) fn forward(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
+pub(super) fn forward<T: Elem>(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, w: usize, y: View, spec: ConvSpec) {
     let g = Geo::new(x, y, spec);
     let pre = ws.pre(a, bn, x.c);
     (0..ws.threads).into_par_iter().for_each(|t| {
-        let (input, area, _, _) = ws.slot(a, t, 0, 0);
+        let s = ws.slot(a, t, 0, 0);
         for n in image_chunk(x.n, ws.threads, t) {
-            // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y.
+            // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y;
+            // the slot is this task's.
             unsafe {
-                let (xs, pre) = source(a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w), pre, input, &g);
-                image_forward(xs, pre, a.at(w), a.at(Ptr::plane_off(y, n, 0)), &g, area)
+                let (xs, pre) = operand::<T>(a, x, n, pre, s.input, &g);
+                image_forward(xs, pre, a.at(w), output::<T>(a, y, n, s.staged), &g, s.area);
+                store::<T>(a, y, n, s.staged);
             }
         }
     });
 }
 
 /// `gx = conv_transpose(gy, w)`.
-pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View, spec: ConvSpec) {
+pub(super) fn backward_data<T: Elem>(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View, spec: ConvSpec) {
     let g = Geo::new(gx, gy, spec);
     let (k2, wlen) = (spec.k * spec.k, g.cout * g.r);
     // The weight as the left operand, packed once into thread 0's weight area (read-only
     // afterwards): flipped and transposed wf[ci][co][r] = w[co][ci][k2-1-r] for stride-1 "same"
     // convolutions, else the transpose w^T [cin*k2, cout].
-    let (_, _, wt, _) = ws.slot(a, 0, wlen, 0);
+    let wt = ws.slot(a, 0, wlen, 0).weight;
     // SAFETY: the weight area is inside the workspace and no task runs yet; w is read-only.
     unsafe {
         let dst = std::slice::from_raw_parts_mut(wt, wlen);
@@ -350,24 +438,26 @@ pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View
     }
     let (flipped, wt) = (g.flipped(), Ptr(wt));
     (0..ws.threads).into_par_iter().for_each(|t| {
-        let (_, area, _, _) = ws.slot(a, t, wlen, 0);
+        let s = ws.slot(a, t, wlen, 0);
         for n in image_chunk(gy.n, ws.threads, t) {
-            let (gyo, gxo) = (Ptr::plane_off(gy, n, 0), Ptr::plane_off(gx, n, 0));
-            // SAFETY: image n of gx is this task's; gy and wt are read-only; area is this task's.
+            // SAFETY: image n of gx is this task's; gy and wt are read-only; the slot is this
+            // task's.
             unsafe {
+                let gys = operand::<T>(a, gy, n, None, s.staged, &flipped).0;
+                let gxo = output::<T>(a, gx, n, s.input);
                 if same(spec) {
-                    image_forward(a.get(gyo, g.cout * g.p()), None, wt.at(0), a.at(gxo), &flipped, area);
+                    image_forward(gys, None, wt.at(0), gxo, &flipped, s.area);
                 } else if is_pointwise(spec) {
-                    let (d, dst) =
-                        (Dims { m: g.cin, n: g.p(), k: g.cout }, Dst { ptr: a.at(gxo), ld: g.p(), acc: false });
-                    matmul(d, dst, wt.at(0), Src { ptr: a.at(gyo), ld: g.p() }, None);
+                    let (d, dst) = (Dims { m: g.cin, n: g.p(), k: g.cout }, Dst { ptr: gxo, ld: g.p(), acc: false });
+                    matmul(d, dst, wt.at(0), Src { ptr: gys.as_ptr(), ld: g.p() }, None);
                 } else {
-                    let cols = area.get_mut(0, g.r * g.p());
+                    let cols = s.area.get_mut(0, g.r * g.p());
                     let d = Dims { m: g.r, n: g.p(), k: g.cout };
                     let dst = Dst { ptr: cols.as_mut_ptr(), ld: g.p(), acc: false };
-                    matmul(d, dst, wt.at(0), Src { ptr: a.at(gyo), ld: g.p() }, None);
-                    col2im(cols, a.get_mut(gxo, g.cin * g.h * g.w), &g);
+                    matmul(d, dst, wt.at(0), Src { ptr: gys.as_ptr(), ld: g.p() }, None);
+                    col2im(cols, std::slice::from_raw_parts_mut(gxo, g.cin * g.h * g.w), &g);
                 }
+                store::<T>(a, gx, n, s.input);
             }
         }
     });
@@ -376,7 +466,7 @@ pub(super) fn backward_data(a: Ptr, ws: &Workspace, gy: View, w: usize, gx: View
 /// `gw = sum over images of gy[n] * im2col(pre(x[n]))^T`. Each thread sums its chunk of
 /// images into its slot's weight area; the areas are then added in thread order
 /// (deterministic), into `gw.0`, or onto what it holds when `gw.1` (accumulate).
-pub(super) fn backward_filter(
+pub(super) fn backward_filter<T: Elem>(
     a: Ptr,
     ws: &Workspace,
     x: View,
@@ -390,12 +480,12 @@ pub(super) fn backward_filter(
     let pre = ws.pre(a, bn, x.c);
     let used = (0..ws.threads).filter(|&t| !image_chunk(x.n, ws.threads, t).is_empty()).count();
     (0..ws.threads).into_par_iter().for_each(|t| {
-        let (input, area, dw, pack) = ws.slot(a, t, wlen, plen);
+        let Slot { input, staged, area, weight: dw, pack } = ws.slot(a, t, wlen, plen);
         for (i, n) in image_chunk(x.n, ws.threads, t).enumerate() {
-            let gyp = a.at(Ptr::plane_off(gy, n, 0)) as *const f32;
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
-                let (xs, pre) = source(a.get(Ptr::plane_off(x, n, 0), g.cin * g.h * g.w), pre, input, &g);
+                let (xs, pre) = operand::<T>(a, x, n, pre, input, &g);
+                let gyp = operand::<T>(a, gy, n, None, staged, &g).0.as_ptr();
                 let gys = Src { ptr: gyp, ld: g.p() };
                 if is_pointwise(spec) {
                     let (d, dst) = (Dims { m: g.cout, n: g.cin, k: g.p() }, Dst { ptr: dw, ld: g.cin, acc: i > 0 });
@@ -428,7 +518,7 @@ pub(super) fn backward_filter(
         let (gw, accumulate) = gw;
         let out = a.get_mut(gw, wlen);
         for t in 0..used {
-            let part = std::slice::from_raw_parts(ws.slot(a, t, wlen, plen).2, wlen);
+            let part = std::slice::from_raw_parts(ws.slot(a, t, wlen, plen).weight, wlen);
             if t == 0 && !accumulate {
                 out.copy_from_slice(part);
             } else {

@@ -8,7 +8,6 @@
 
 mod bnvec;
 mod conv;
-mod elem;
 mod elementwise;
 mod linear;
 mod loss;
@@ -18,10 +17,10 @@ mod pool;
 mod sgd;
 
 use super::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
+use crate::elem::by_dtype;
 use crate::input::{Crop, Normalize};
 use crate::{bail, Result};
 use conv::Workspace;
-use rayon::prelude::*;
 
 /// Raw arena pointer shared by rayon tasks. Every op documents which regions it writes; tasks
 /// write disjoint planes, channels or chunks.
@@ -141,12 +140,6 @@ impl CpuBackend {
         dtype
     }
 
-    /// [`CpuBackend::check`] of a view of an op whose kernels take f32 only.
-    fn check_f32(&self, v: View) {
-        self.check(v);
-        assert_eq!(v.dtype, DType::F32, "the CPU backend's convolutions and input take f32: {v:?}");
-    }
-
     /// Asserts that output `out` of op `op` shares no float with an input its contract keeps
     /// apart from it (in release builds too: a planner bug is an error, not a data race
     /// behind the arena pointer).
@@ -185,12 +178,14 @@ impl CpuBackend {
         self.span(m.data, rows * cols);
     }
 
-    fn check_conv(&self, x: View, w: Span, y: View, spec: ConvSpec) {
-        self.check_f32(x);
-        self.check_f32(y);
+    /// Checks a convolution's operands (`x` its input side, `y` its output side); returns
+    /// their element type.
+    fn check_conv(&self, x: View, w: Span, y: View, spec: ConvSpec) -> DType {
+        let dtype = self.check_all("convolution", &[x, y]);
         self.span(w, y.c * x.c * spec.k * spec.k);
-        let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w };
+        let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w, dtype };
         assert!(self.workspace.fits(&shape), "{shape:?} was not given to workspace_len");
+        dtype
     }
 }
 
@@ -203,6 +198,10 @@ impl Default for CpuBackend {
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
         format!("cpu ({} threads)", self.threads)
+    }
+
+    fn stores(&self, _: DType) -> bool {
+        true
     }
 
     fn workspace_len(&mut self, convs: &[ConvShape], _image_len: usize, _batch: usize) -> Result<usize> {
@@ -225,13 +224,13 @@ impl Backend for CpuBackend {
 
     fn write(&mut self, dst: Span, data: &[f32]) {
         let i = self.elements(dst, data.len());
-        elem::by_dtype!(dst.dtype, elementwise::write(self.ptr(), i, data));
+        by_dtype!(dst.dtype, elementwise::write(self.ptr(), i, data));
     }
 
     fn read_into(&self, src: Span, out: &mut [f32]) {
         let i = self.elements(src, out.len());
         let a = Ptr(self.arena.as_ptr().cast_mut());
-        elem::by_dtype!(src.dtype, elementwise::read(a, i, out));
+        by_dtype!(src.dtype, elementwise::read(a, i, out));
     }
 
     fn set_labels(&mut self, labels: &[u32]) {
@@ -243,53 +242,52 @@ impl Backend for CpuBackend {
     fn copy(&mut self, src: View, dst: View) {
         let dtype = self.check_all("copy", &[src, dst]);
         self.apart("copy", dst, &[src]);
-        elem::by_dtype!(dtype, elementwise::copy(self.ptr(), src, dst));
+        by_dtype!(dtype, elementwise::copy(self.ptr(), src, dst));
     }
 
     fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View) {
-        self.check_f32(dst);
+        self.check(dst);
         assert!(
             scale > 0 && dst.h.is_multiple_of(scale) && dst.w.is_multiple_of(scale),
             "{dst:?} not upsampled by {scale}"
         );
-        let (h, w) = (dst.h / scale, dst.w / scale);
-        let (per, stored) = (dst.c * dst.hw(), dst.c * h * w);
+        let stored = dst.c * (dst.h / scale) * (dst.w / scale);
+        let per = dst.c * dst.hw();
         assert!(dst.img_stride == per && bytes.len() == crops.len() * stored && crops.len() == dst.n, "augment shapes");
-        let out = &mut self.arena[dst.index()..dst.index() + dst.numel()];
-        out.par_chunks_mut(per)
-            .zip(bytes.par_chunks(stored))
-            .zip(crops)
-            .for_each(|((d, s), c)| c.apply(s, norm, h, w, scale, d));
+        by_dtype!(dst.dtype, elementwise::augment(self.ptr(), bytes, crops, norm, scale, dst));
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
-        self.check_conv(x, w, y, spec);
+        let dtype = self.check_conv(x, w, y, spec);
         self.apart("conv_forward", y, &[x]);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        conv::forward(self.ptr(), &self.workspace, x, pre, w.index(), y, spec);
+        by_dtype!(dtype, conv::forward(self.ptr(), &self.workspace, x, pre, w.index(), y, spec));
     }
 
     fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) {
-        self.check_conv(gx, w, gy, spec);
+        let dtype = self.check_conv(gx, w, gy, spec);
         self.apart("conv_backward_data", gx, &[gy]);
-        conv::backward_data(self.ptr(), &self.workspace, gy, w.index(), gx, spec);
+        by_dtype!(dtype, conv::backward_data(self.ptr(), &self.workspace, gy, w.index(), gx, spec));
     }
 
     fn conv_backward_filter(&mut self, x: View, pre: Option<Bn>, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) {
-        self.check_conv(x, gw, gy, spec);
+        let dtype = self.check_conv(x, gw, gy, spec);
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, (gw.index(), accumulate), spec);
+        by_dtype!(
+            dtype,
+            conv::backward_filter(self.ptr(), &self.workspace, x, pre, gy, (gw.index(), accumulate), spec)
+        );
     }
 
     fn bn_stats(&mut self, x: View, out: Moments) {
         self.check(x);
         self.span(out.mean, x.c);
         self.span(out.var, x.c);
-        elem::by_dtype!(x.dtype, norm::stats(self.ptr(), x, out));
+        by_dtype!(x.dtype, norm::stats(self.ptr(), x, out));
     }
 
     fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
@@ -309,7 +307,7 @@ impl Backend for CpuBackend {
         let dtype = self.check_all("bn_relu", &[x, y]);
         self.check_bn(bn, x.c);
         self.apart("bn_relu", y, &[x]);
-        elem::by_dtype!(dtype, norm::bn_relu(self.ptr(), x, bn, y));
+        by_dtype!(dtype, norm::bn_relu(self.ptr(), x, bn, y));
     }
 
     fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
@@ -320,24 +318,24 @@ impl Backend for CpuBackend {
         self.apart("bn_relu_backward", dx, &ins[..if dx == g { 1 } else { 2 }]);
         self.span(grad.gamma, x.c);
         self.span(grad.beta, x.c);
-        elem::by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, grad, dx, accumulate));
+        by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, grad, dx, accumulate));
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
         self.check(x);
-        elem::by_dtype!(x.dtype, elementwise::dropout(self.ptr(), x, p, key));
+        by_dtype!(x.dtype, elementwise::dropout(self.ptr(), x, p, key));
     }
 
     fn avg_pool2(&mut self, x: View, y: View) {
         let dtype = self.check_all("avg_pool2", &[x, y]);
         self.apart("avg_pool2", y, &[x]);
-        elem::by_dtype!(dtype, pool::avg2(self.ptr(), x, y));
+        by_dtype!(dtype, pool::avg2(self.ptr(), x, y));
     }
 
     fn avg_pool2_backward(&mut self, gy: View, gx: View) {
         let dtype = self.check_all("avg_pool2_backward", &[gy, gx]);
         self.apart("avg_pool2_backward", gx, &[gy]);
-        elem::by_dtype!(dtype, pool::avg2_backward(self.ptr(), gy, gx));
+        by_dtype!(dtype, pool::avg2_backward(self.ptr(), gy, gx));
     }
 
     fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View) {
@@ -346,7 +344,7 @@ impl Backend for CpuBackend {
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        elem::by_dtype!(dtype, pool::max3(self.ptr(), x, pre, y));
+        by_dtype!(dtype, pool::max3(self.ptr(), x, pre, y));
     }
 
     fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View) {
@@ -355,19 +353,19 @@ impl Backend for CpuBackend {
         if let Some(bn) = pre {
             self.check_bn(bn, x.c);
         }
-        elem::by_dtype!(dtype, pool::max3_backward(self.ptr(), x, pre, gy, gx));
+        by_dtype!(dtype, pool::max3_backward(self.ptr(), x, pre, gy, gx));
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {
         self.check(x);
         self.check_matrix(y, x.n, x.c);
-        elem::by_dtype!(x.dtype, pool::global_avg(self.ptr(), x, y.data.index()));
+        by_dtype!(x.dtype, pool::global_avg(self.ptr(), x, y.data.index()));
     }
 
     fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         self.check(gx);
         self.check_matrix(gy, gx.n, gx.c);
-        elem::by_dtype!(gx.dtype, pool::global_avg_backward(self.ptr(), gy.data.index(), gx));
+        by_dtype!(gx.dtype, pool::global_avg_backward(self.ptr(), gy.data.index(), gx));
     }
 
     fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {

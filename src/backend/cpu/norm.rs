@@ -3,9 +3,9 @@
 //! two passes of the backward); plane loops are in [`super::bnvec`].
 
 use super::bnvec::{self, Affine};
-use super::elem::Elem;
 use super::Ptr;
 use crate::backend::{Affine as Params, Bn, Moments, View, BN_EPS};
+use crate::elem::Elem;
 use rayon::prelude::*;
 
 /// Channel `c`'s constants; forward and backward share this, so the recomputed ReLU mask is

@@ -2,9 +2,9 @@
 //! Every op is parallel over channel planes; each task writes only its own output plane.
 
 use super::bnvec::{self, Affine};
-use super::elem::Elem;
 use super::{norm, Ptr};
 use crate::backend::{Bn, View};
+use crate::elem::Elem;
 use rayon::prelude::*;
 
 /// Runs `f(channel, src_plane, dst_plane)` over every (n, c) plane pair of two views in parallel.

@@ -9,7 +9,7 @@ use std::ffi::c_int;
 use cudarc::cudnn::sys as cs;
 use serde_json::{json, Value};
 
-use crate::backend::{ConvShape, ConvSpec};
+use crate::backend::{ConvShape, ConvSpec, DType};
 use crate::{bail, Error, Result};
 
 /// Most workspace bytes one convolution algorithm may use.
@@ -330,7 +330,8 @@ fn entry(e: &Value, family: AlgorithmFamily) -> Result<Entry> {
         other => bail!("direction {other:?}"),
     };
     let spec = ConvSpec { k: num("k")?, stride: num("stride")?, pad: num("pad")? };
-    let shape = ConvShape { spec, cin: num("cin")?, cout: num("cout")?, h: num("h")?, w: num("w")? };
+    // The record is of f32 convolutions (the only type the CUDA backend stores).
+    let shape = ConvShape { spec, cin: num("cin")?, cout: num("cout")?, h: num("h")?, w: num("w")?, dtype: DType::F32 };
     let batch = num("batch")?;
     if !is_convolution(spec, shape.h, shape.w) || batch == 0 || shape.cin == 0 || shape.cout == 0 {
         bail!("{shape:?} at batch {batch} is not a convolution");
@@ -444,7 +445,7 @@ mod tests {
     }
 
     fn entries() -> Vec<Entry> {
-        let shape = ConvShape { spec: ConvSpec::SAME3, cin: 24, cout: 12, h: 32, w: 32 };
+        let shape = ConvShape { spec: ConvSpec::SAME3, cin: 24, cout: 12, h: 32, w: 32, dtype: DType::F32 };
         let ranked = vec![Ranked { algo: 1, time: 0.25, memory: 0 }, Ranked { algo: 6, time: 0.5, memory: 4096 }];
         vec![
             Entry { shape, batch: 64, dir: Dir::Forward, ranked: ranked.clone() },

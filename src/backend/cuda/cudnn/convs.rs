@@ -276,7 +276,7 @@ impl Convs {
         if x.n == 0 || x.c == 0 || y.c == 0 {
             return Ok(());
         }
-        let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w };
+        let shape = ConvShape { spec, cin: x.c, cout: y.c, h: x.h, w: x.w, dtype: x.dtype };
         // One image: its stride is meaningless (and may be anything), so describe it as dense.
         let stride = |v: View| if v.n > 1 { v.img_stride } else { v.c * v.h * v.w };
         let g = Geometry { shape, n: x.n, x_stride: stride(x), y_stride: stride(y) };

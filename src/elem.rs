@@ -1,7 +1,8 @@
 //! The element types a tensor is stored in (docs/precision.md): f32, bf16 and f16. Kernels load
 //! elements widened to f32 (exactly) and store results rounded once to the nearest, ties to
 //! even (a NaN stays a quiet NaN), 8 lanes at a time with AVX2 (bf16 by shifts, f16 with F16C)
-//! or one at a time through the `half` crate, bit for bit the same.
+//! or one at a time through the `half` crate, bit for bit the same. Below `backend` and
+//! `input`, which both store elements.
 
 use half::{bf16, f16};
 
@@ -9,12 +10,24 @@ use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 /// An element type of the arena's tensors.
-pub(crate) trait Elem: Copy + Send + Sync + 'static {
+pub trait Elem: Copy + Send + Sync + 'static {
     /// The value, widened to f32 (exact).
     fn get(self) -> f32;
 
     /// `v` rounded to this type.
     fn put(v: f32) -> Self;
+
+    /// The elements as f32, when they are (the kernels then read the arena in place).
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
+
+    /// The elements as f32 to write, when they are.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
 
     /// Loads 8 elements at `p`, widened.
     ///
@@ -40,6 +53,14 @@ impl Elem for f32 {
     #[inline]
     fn put(v: f32) -> Self {
         v
+    }
+
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -138,7 +159,6 @@ pub(crate) use by_dtype;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::matmul::simd;
 
     /// f32 values that round every way: ties to even up and down, values just off a tie, the
     /// largest finite values and past them, subnormals of each type, zeros, infinities, NaNs
@@ -190,14 +210,15 @@ mod tests {
 
     /// The AVX2 path loads and stores what the portable one does, bit for bit (any NaN for a
     /// NaN), for every 16-bit pattern and for [`awkward`] values.
+    #[cfg(target_arch = "x86_64")]
     fn lanes_match_scalar<T: Elem + PartialEq + std::fmt::Debug>(from_bits: fn(u16) -> T) {
-        if !simd() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
             return;
         }
         let all: Vec<T> = (0..=u16::MAX).map(from_bits).collect();
         for chunk in all.chunks_exact(8) {
             let mut out = [0.0f32; 8];
-            // SAFETY: simd() says the CPU has AVX2 and F16C; 8 elements each side.
+            // SAFETY: the CPU has AVX2 and F16C; 8 elements each side.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), T::load8(chunk.as_ptr())) };
             for (o, &v) in out.iter().zip(chunk) {
                 assert!(o.to_bits() == v.get().to_bits() || (o.is_nan() && v.get().is_nan()), "{v:?}: {o}");
@@ -214,11 +235,13 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn bf16_lanes_match_scalar() {
         lanes_match_scalar(bf16::from_bits);
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn f16_lanes_match_scalar() {
         lanes_match_scalar(f16::from_bits);
