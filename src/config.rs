@@ -276,9 +276,10 @@ impl NetConfig {
     }
 
     /// Whether `other` has the same parameters (every tensor's name and shape): it may differ
-    /// in its dropout rate only.
+    /// in its dropout rate and its precision only.
     pub fn same_parameters(&self, other: &NetConfig) -> bool {
-        NetConfig { drop_rate: 0.0, ..self.clone() } == NetConfig { drop_rate: 0.0, ..other.clone() }
+        let tensors = |c: &NetConfig| NetConfig { drop_rate: 0.0, precision: Precision::F32, ..c.clone() };
+        tensors(self) == tensors(other)
     }
 
     /// The depth the conventional name gives: weighted layers (two per bottleneck layer), plus

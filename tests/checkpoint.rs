@@ -258,6 +258,36 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(ck.recipe()["changes"], serde_json::json!([{"epoch": 2, "what": "--epochs", "from": "2", "to": "3"}]));
 }
 
+/// A bf16 run (docs/precision.md): the precision is recorded in the recipe, and 1 epoch plus
+/// a resume is the 2-epoch run bit for bit; another precision on resume is a recipe change.
+/// fp16 trains only with loss scaling, not built yet: refused.
+#[test]
+fn a_bf16_run_resumes_bit_for_bit() {
+    let s = setup();
+    let other = TempDir::new().unwrap();
+    let flags = ["--epochs", "2", "--precision", "bf16"];
+    let out = s.command(other.path(), "half", &flags).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Memory plan (minimal, bf16, batch 8)"), "{out:?}");
+    s.train_killed_after_one("half", &flags);
+    let out = s.resume_alone(&s.checkpoint("half"), &[]);
+    assert!(out.status.success(), "{out:?}");
+    let (whole, split) =
+        (File::read(&other.path().join("half/checkpoint.safetensors")), File::read(&s.checkpoint("half")));
+    assert_eq!(whole.recipe()["network"]["precision"], "bf16");
+    assert_eq!(whole.tensors, split.tensors);
+    assert_eq!(whole.meta, split.meta);
+    let needles = ["--precision bf16 in the checkpoint, f32 here", "add --change-recipe"];
+    run::assert_one_line_error(
+        &s.resume_alone(&s.run("half"), &["--epochs", "3", "--precision", "f32"]),
+        1,
+        &needles,
+        "f32",
+    );
+    let needles = ["fp16 training needs loss scaling, which is not built yet"];
+    run::assert_one_line_error(&s.train("fp16", &["--precision", "fp16"]), 2, &needles, "fp16");
+}
+
 #[test]
 fn a_resume_that_does_not_fit_is_refused_and_changes_nothing() {
     let s = setup();

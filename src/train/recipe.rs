@@ -112,8 +112,9 @@ const NETWORK: [Aspect; 6] = [
 ];
 
 /// The other aspects.
-const TRAINING: [Aspect; 11] = [
+const TRAINING: [Aspect; 12] = [
     ("--droprate", |r| r.network.drop_rate.to_string()),
+    ("--precision", |r| r.network.precision.to_string()),
     ("--image-size", |r| r.image_size.to_string()),
     ("--name", |r| r.name.clone()),
     ("--batch-size", |r| r.batch_size.to_string()),
@@ -372,6 +373,12 @@ mod tests {
         let dropout = Recipe { network: NetConfig { drop_rate: 0.0, ..a.network.clone() }, ..a.clone() };
         assert_eq!(a.differences(&dropout)[0].what, "--droprate");
         assert!(a.same_tensors(&dropout));
+        let half = Recipe {
+            network: NetConfig { precision: crate::config::Precision::Bf16, ..a.network.clone() },
+            ..a.clone()
+        };
+        assert_eq!(a.differences(&half)[0], Difference { what: "--precision", from: "f32".into(), to: "bf16".into() });
+        assert!(a.same_tensors(&half));
         let wider = Recipe { network: NetConfig::cifar(10, 8, true, 0.5, 0.2, 10).unwrap(), ..a.clone() };
         assert_eq!(a.differences(&wider)[0], Difference { what: "--growth", from: "4".into(), to: "8".into() });
         assert!(!a.same_tensors(&wider));

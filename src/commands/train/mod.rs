@@ -14,6 +14,7 @@ use super::{parse, Outcome};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use densenet::backend::Backend;
+use densenet::config::Precision;
 use densenet::data::cifar::{Images, Split, SIDE};
 use densenet::data::download::{self, Source};
 use densenet::data::loader::Loader;
@@ -90,6 +91,10 @@ pub(crate) struct TrainArgs {
     /// Memory mode: naive, shared or minimal [with --resume: the run's unless given].
     #[arg(long, value_name = "MODE", default_value = "minimal")]
     memory: Mode,
+    /// Storage precision of the large tensors: f32 or bf16 (docs/precision.md; fp16 needs the
+    /// loss scaling still to be built) [with --resume: the run's].
+    #[arg(long, value_name = "P", default_value = "f32", value_parser = parse::trained_precision)]
+    precision: Precision,
     /// Seed of the initialization, the shuffles, the augmentation and dropout [default: 0; with
     /// --resume: the run's, which an explicit value must equal unless --change-recipe].
     #[arg(long, value_name = "N")]

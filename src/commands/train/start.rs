@@ -87,7 +87,8 @@ impl Start {
         if let Some(path) = &a.resume {
             return Start::resume(a, path);
         }
-        let recipe = flags_recipe(a, a.net.config(a.net.dataset.classes()).map_err(usage)?);
+        let network = NetConfig { precision: a.precision, ..a.net.config(a.net.dataset.classes()).map_err(usage)? };
+        let recipe = flags_recipe(a, network);
         recipe.validate().map_err(usage)?;
         let epoch = a.start_epoch.unwrap_or(0);
         if epoch >= recipe.epochs {
@@ -296,6 +297,7 @@ fn flags_over(a: &TrainArgs, stored: &Recipe) -> densenet::Result<Recipe> {
     } else {
         net.clone()
     };
+    let network = NetConfig { precision: pick(given("precision"), a.precision, net.precision), ..network };
     let recipe = Recipe {
         name: pick(given("name"), a.name.clone(), stored.name.clone()),
         dataset,
