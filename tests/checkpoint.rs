@@ -277,6 +277,16 @@ fn a_bf16_run_resumes_bit_for_bit() {
     assert_eq!(whole.recipe()["network"]["precision"], "bf16");
     assert_eq!(whole.tensors, split.tensors);
     assert_eq!(whole.meta, split.meta);
+    // `eval` builds the checkpoint's network in its precision: the CPU runs it, the CUDA
+    // backend refuses it.
+    let (ck, data) = (s.checkpoint("half"), s.data.path().to_str().unwrap().to_string());
+    let eval = |device| {
+        run::densenet(&["eval", "--checkpoint", ck.to_str().unwrap(), "--data-dir", &data, "--device", device])
+    };
+    let out = eval("cpu");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(" * Test Loss "), "{out:?}");
+    run::assert_one_line_error(&eval("host"), 1, &["bf16 storage is not available on the host device"], "eval");
     let needles = ["--precision bf16 in the checkpoint, f32 here", "add --change-recipe"];
     run::assert_one_line_error(
         &s.resume_alone(&s.run("half"), &["--epochs", "3", "--precision", "f32"]),
