@@ -616,9 +616,7 @@ impl<B: Backend> Model<B> {
             }
             Order::ConvFirst { z, chunks, .. } => {
                 let (src, pre) = self.bn_relu_forward(&t.bn, tp.stats_in, x, tp.a.batch(n), pass);
-                let images = n.div_ceil(chunks);
-                for i in (0..n).step_by(images) {
-                    let m = images.min(n - i);
+                for (i, m) in image_chunks(n, chunks) {
                     let z = z.batch(m);
                     self.conv(src.images(i, m), pre, t.conv, z, ConvSpec::POINTWISE);
                     if pass == Pass::Train {
@@ -671,9 +669,7 @@ impl<B: Backend> Model<B> {
                 let (src, pre) = self.bn_relu_input(&t.bn, tp.stats_in, x, a, Pass::Train);
                 let len = t.c_out * t.c_in;
                 let (w, gw) = (self.plan.params.at(t.conv, len), self.plan.grads.at(t.conv, len));
-                let images = n.div_ceil(chunks);
-                for i in (0..n).step_by(images) {
-                    let m = images.min(n - i);
+                for (i, m) in image_chunks(n, chunks) {
                     let z = z.batch(m);
                     self.be.avg_pool2_backward(g_out.images(i, m), z);
                     self.drop_images(z, transition_site(b), i);
@@ -717,6 +713,13 @@ impl<B: Backend> Model<B> {
         let bn = self.net.head_bn;
         self.bn_relu_backward(&bn, head.stats_in, g_in, head.input.batch(n), g_in, false);
     }
+}
+
+/// `n` images in `chunks` chunks (fewer when `n` is small) of `ceil(n / chunks)` images, the
+/// last one the rest: (first image, images) of each.
+fn image_chunks(n: usize, chunks: usize) -> impl Iterator<Item = (usize, usize)> {
+    let per = n.div_ceil(chunks);
+    (0..n).step_by(per).map(move |i| (i, per.min(n - i)))
 }
 
 /// What a recorded step depends on besides the arena (the batch, the labels and the SGD

@@ -32,8 +32,9 @@ const TILE_FLOATS: usize = 1 << 16;
 /// `[input area | staged area | image area | .. | weight area | pack area]`. The input area
 /// holds a BN-ReLU'd image (without AVX2) or, for 16-bit tensors, the input side in f32 (x
 /// widened, or the data gradient before it is rounded), the staged area the output side (y
-/// before it is rounded, or the output gradient widened), the image area the padded image or an im2col tile, the weight area the packed
-/// weight or a weight-gradient partial, the pack area the weight-gradient product's packed rows.
+/// before it is rounded, or the output gradient widened), the image area the padded image or
+/// an im2col tile, the weight area the packed weight or a weight-gradient partial, the pack
+/// area the weight-gradient product's packed rows.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Workspace {
     /// Arena offset.

@@ -11,15 +11,13 @@ use rayon::prelude::*;
 /// `data`, rounded to `T`, into the `data.len()` elements at element `at`.
 pub(super) fn write<T: Elem>(a: Ptr, at: usize, data: &[f32]) {
     // SAFETY: the caller checked the span; the host's write is the only access.
-    let d = unsafe { a.elems_mut::<T>(at, data.len()) };
-    d.iter_mut().zip(data).for_each(|(d, &v)| *d = T::put(v));
+    narrow(data, unsafe { a.elems_mut::<T>(at, data.len()) });
 }
 
 /// The `out.len()` elements at element `at`, widened, into `out`.
 pub(super) fn read<T: Elem>(a: Ptr, at: usize, out: &mut [f32]) {
     // SAFETY: the caller checked the span; nothing writes it while the host reads.
-    let s = unsafe { a.elems::<T>(at, out.len()) };
-    out.iter_mut().zip(s).for_each(|(o, v)| *o = v.get());
+    widen(unsafe { a.elems::<T>(at, out.len()) }, out);
 }
 
 /// `dst = src`, plane by plane.
