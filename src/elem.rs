@@ -11,6 +11,9 @@ use std::arch::x86_64::*;
 
 /// An element type of the arena's tensors.
 pub trait Elem: Copy + Send + Sync + 'static {
+    /// Whether this is f32 (a pointer to it may be cast to one to f32).
+    const F32: bool = false;
+
     /// The value, widened to f32 (exact).
     fn get(self) -> f32;
 
@@ -42,9 +45,55 @@ pub trait Elem: Copy + Send + Sync + 'static {
     /// The CPU has AVX2 and F16C; `p` points at 8 writable elements.
     #[cfg(target_arch = "x86_64")]
     unsafe fn store8(p: *mut Self, v: __m256);
+
+    /// Loads the first `n` (at most 8) elements at `p`, widened, the other lanes zero; `mask`
+    /// selects the same lanes (f32 loads through it).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `p` points at `n` readable elements.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load_part(p: *const Self, mask: __m256i, n: usize) -> __m256 {
+        let _ = mask;
+        let mut lanes = [Self::put(0.0); 8];
+        std::ptr::copy_nonoverlapping(p, lanes.as_mut_ptr(), n);
+        Self::load8(lanes.as_ptr())
+    }
+
+    /// Stores the first `n` (at most 8) lanes of `v` at `p`, rounded; `mask` selects the same
+    /// lanes (f32 stores through it).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `p` points at `n` writable elements.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn store_part(p: *mut Self, mask: __m256i, n: usize, v: __m256) {
+        let _ = mask;
+        let mut lanes = [Self::put(0.0); 8];
+        Self::store8(lanes.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(lanes.as_ptr(), p, n);
+    }
+
+    /// The lanes of `v` rounded to this type and widened back: the values a store and a load
+    /// would give.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn round8(v: __m256) -> __m256 {
+        let mut lanes = [Self::put(0.0); 8];
+        Self::store8(lanes.as_mut_ptr(), v);
+        Self::load8(lanes.as_ptr())
+    }
 }
 
 impl Elem for f32 {
+    const F32: bool = true;
+
     #[inline]
     fn get(self) -> f32 {
         self
@@ -76,6 +125,27 @@ impl Elem for f32 {
     unsafe fn store8(p: *mut Self, v: __m256) {
         _mm256_storeu_ps(p, v)
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load_part(p: *const Self, mask: __m256i, _: usize) -> __m256 {
+        _mm256_maskload_ps(p, mask)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn store_part(p: *mut Self, mask: __m256i, _: usize, v: __m256) {
+        _mm256_maskstore_ps(p, mask, v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn round8(v: __m256) -> __m256 {
+        v
+    }
 }
 
 impl Elem for bf16 {
@@ -93,8 +163,15 @@ impl Elem for bf16 {
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn load8(p: *const Self) -> __m256 {
-        // bf16 is the top half of an f32.
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())), 16))
+        // bf16 is the top half of an f32: each lane's two bytes moved to the top of a 32-bit
+        // lane by one byte shuffle of the 8 elements loaded into both 128-bit halves (bytes
+        // from index -1 are zero).
+        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+        let at = _mm256_setr_epi8(
+            -1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1,
+            -1, 14, 15,
+        );
+        _mm256_castsi256_ps(_mm256_shuffle_epi8(both, at))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -114,6 +191,19 @@ impl Elem for bf16 {
         // two lanes' low quadwords joined.
         let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0b00_00_10_00);
         _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(packed));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn round8(v: __m256) -> __m256 {
+        // As `store8` rounds, kept in the top half of each lane (no trip through memory).
+        let (bits, top) = (_mm256_castps_si256(v), _mm256_set1_epi32(-0x1_0000));
+        let odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        let rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
+        let quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x40_0000));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm256_castsi256_ps(_mm256_and_si256(_mm256_blendv_epi8(rounded, quiet, nan), top))
     }
 }
 
@@ -208,8 +298,9 @@ mod tests {
         bits.into_iter().map(f32::from_bits).collect()
     }
 
-    /// The AVX2 path loads and stores what the portable one does, bit for bit (any NaN for a
-    /// NaN), for every 16-bit pattern and for [`awkward`] values.
+    /// The AVX2 path loads, stores and rounds what the portable one does, bit for bit (any NaN
+    /// for a NaN), for every 16-bit pattern and for [`awkward`] values; partial loads and
+    /// stores touch their `n` lanes only.
     #[cfg(target_arch = "x86_64")]
     fn lanes_match_scalar<T: Elem + PartialEq + std::fmt::Debug>(from_bits: fn(u16) -> T) {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
@@ -232,7 +323,38 @@ mod tests {
                 let want = T::put(v);
                 assert!(o == want || (o.get().is_nan() && want.get().is_nan()), "{v:e} ({:#x}): {o:?}", v.to_bits());
             }
+            let mut round = [0.0f32; 8];
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(round.as_mut_ptr(), T::round8(_mm256_loadu_ps(chunk.as_ptr()))) };
+            for (&o, &v) in round.iter().zip(chunk) {
+                let want = T::put(v).get();
+                assert!(o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()), "round8 {v:e}: {o:e}");
+            }
         }
+        let src: Vec<T> = (1..=8).map(|i| T::put(i as f32)).collect();
+        for n in 0..=8 {
+            let mask = std::array::from_fn::<i32, 8, _>(|i| if i < n { -1 } else { 0 });
+            let mut lanes = [0.0f32; 8];
+            let mut dst = [T::put(-1.0); 8];
+            // SAFETY: as above; the mask selects the first n lanes.
+            unsafe {
+                let mask = _mm256_loadu_si256(mask.as_ptr().cast());
+                let v = T::load_part(src.as_ptr(), mask, n);
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                T::store_part(dst.as_mut_ptr(), mask, n, v);
+            }
+            for i in 0..8 {
+                assert_eq!(lanes[i], if i < n { (i + 1) as f32 } else { 0.0 }, "load_part {n}");
+                assert_eq!(dst[i].get(), if i < n { (i + 1) as f32 } else { -1.0 }, "store_part {n}");
+            }
+        }
+    }
+
+    /// f32 loads, stores and rounds through the same methods (the kernels are generic).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f32_lanes_match_scalar() {
+        lanes_match_scalar(|b: u16| f32::from_bits(u32::from(b) << 16));
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -291,12 +291,17 @@ pub fn max_pool_rounds_its_fused_bn_relu_as_stored() {
 }
 
 /// Convolutions of each kind (1x1, 3x3 "same", 7x7 stride 2), forward, data gradient and
-/// weight gradient, with and without a fused BN-ReLU.
+/// weight gradient, with and without a fused BN-ReLU; the larger shapes sum over more than one
+/// packed panel of depth (128) and have edge tiles of columns.
 pub fn convolutions_round_the_f32_result() {
     for dtype in HALVES {
-        for (spec, n, cin, cout, h, w) in
-            [(ConvSpec::POINTWISE, 3, 5, 4, 7, 9), (ConvSpec::SAME3, 2, 3, 5, 9, 7), (ConvSpec::STEM7, 2, 3, 4, 13, 11)]
-        {
+        for (spec, n, cin, cout, h, w) in [
+            (ConvSpec::POINTWISE, 3, 5, 4, 7, 9),
+            (ConvSpec::SAME3, 2, 3, 5, 9, 7),
+            (ConvSpec::STEM7, 2, 3, 4, 13, 11),
+            (ConvSpec::POINTWISE, 2, 133, 131, 9, 11),
+            (ConvSpec::SAME3, 1, 15, 17, 10, 21),
+        ] {
             let (ho, wo) = (spec.out(h), spec.out(w));
             let mut l = Layout::default();
             let (x, a, gx) = (

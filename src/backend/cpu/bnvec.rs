@@ -165,12 +165,10 @@ mod avx2 {
     pub(super) unsafe fn bn_relu_widened<T: Elem>(x: &[T], y: &mut [f32], scale: f32, shift: f32) {
         let (sc, sh, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift), _mm256_setzero_ps());
         let n = x.len().min(y.len());
-        let mut rounded = [T::put(0.0); 8];
         let mut i = 0;
         while i + 8 <= n {
             let v = _mm256_add_ps(_mm256_mul_ps(T::load8(x.as_ptr().add(i)), sc), sh);
-            T::store8(rounded.as_mut_ptr(), _mm256_max_ps(v, z));
-            _mm256_storeu_ps(y.as_mut_ptr().add(i), T::load8(rounded.as_ptr()));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), T::round8(_mm256_max_ps(v, z)));
             i += 8;
         }
         for j in i..n {

@@ -7,13 +7,15 @@
 //! - otherwise (7x7 stride 2, or no AVX2): explicit im2col in row tiles.
 //!
 //! A BN-ReLU on the input (`pre`) is applied where the input is copied anyway: while packing
-//! B panels, while padding the image, while packing weight-gradient rows. Without AVX2 the
-//! transformed image is written to the slot's input area first.
+//! B panels, while padding the image, while writing im2col rows, while packing weight-gradient
+//! rows. Without AVX2 the transformed image is written to the slot's input area first.
 //!
-//! 16-bit tensors (docs/precision.md): each image's operands are widened into the slot's input
-//! and staged areas (the BN-ReLU applied and each value rounded to 16 bits, as a stored
-//! BN-ReLU output holds it), the f32 kernels run on them, and an output is rounded into its
-//! tensor from the staged area. Weights and weight gradients are f32.
+//! 16-bit tensors (docs/precision.md): with AVX2 the kernels read and write the arena's
+//! elements in place, widening them where they copy them anyway (packing, padding, im2col) or
+//! load them (a weight-gradient row), rounding a fused BN-ReLU value as a stored one is, and
+//! rounding each output once. Without AVX2 each image's operands are widened into the slot's
+//! input and staged areas, the f32 kernels run on them, and an output is rounded into its
+//! tensor from there. Weights and weight gradients are f32.
 
 use super::elementwise::{narrow, widen};
 use super::matmul::{self, matmul, matmul_nt, pack, Dims, Dst, Pre, Shifted, Src};
@@ -29,12 +31,13 @@ const TILE_FLOATS: usize = 1 << 16;
 
 /// The convolution workspace: per-channel BN-ReLU constants (scale, shift) shared by all
 /// threads, then one slot per thread:
-/// `[input area | staged area | image area | .. | weight area | pack area]`. The input area
-/// holds a BN-ReLU'd image (without AVX2) or, for 16-bit tensors, the input side in f32 (x
-/// widened, or the data gradient before it is rounded), the staged area the output side (y
-/// before it is rounded, or the output gradient widened), the image area the padded image or
-/// an im2col tile, the weight area the packed weight or a weight-gradient partial, the pack
-/// area the weight-gradient product's packed rows.
+/// `[input area | staged area | image area | .. | weight area | pack area]`. Without AVX2 the
+/// input area holds the input side in f32 (the BN-ReLU'd image, x widened, or the data
+/// gradient before it is rounded) and the staged area the output side of a 16-bit convolution
+/// (y before it is rounded, or the output gradient widened); with AVX2 the input area is empty
+/// and the staged area holds a 16-bit product's partial sums. The image area holds the padded
+/// image or an im2col tile, the weight area the packed weight or a weight-gradient partial,
+/// the pack area the weight-gradient product's packed rows.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Workspace {
     /// Arena offset.
@@ -55,11 +58,13 @@ impl Workspace {
     /// The layout for these convolutions and threads (at offset 0 until allocated).
     pub(super) fn new(convs: &[ConvShape], threads: usize) -> Workspace {
         let max = |f: &dyn Fn(&ConvShape) -> usize| convs.iter().map(f).max().unwrap_or(0);
-        // A 16-bit convolution stages its input side (x or its gradient) in the input area and
-        // its output side (y or its gradient) in the staged area.
-        let half = |s: &ConvShape| s.dtype != DType::F32;
-        let input = max(&|s| if half(s) || !fuses(s.spec) { s.cin * s.h * s.w } else { 0 });
-        let staged = max(&|s| if half(s) { s.cout * Geo::of(s).p() } else { 0 });
+        let (simd, half) = (matmul::simd(), |s: &ConvShape| s.dtype != DType::F32);
+        let input = if simd { 0 } else { max(&|s| s.cin * s.h * s.w) };
+        let staged = max(&|s| match (half(s), simd) {
+            (false, _) => 0,
+            (true, false) => s.cout * Geo::of(s).p(),
+            (true, true) => matmul::sums_len(s.cin.max(s.cout)),
+        });
         let image = max(&|s| {
             let g = Geo::of(s);
             let padded = if same(s.spec) { s.cin.max(s.cout) * g.padded_plane() } else { 0 };
@@ -144,11 +149,6 @@ fn direct(s: ConvSpec) -> bool {
     same(s) && s.k <= 7 && matmul::simd()
 }
 
-/// Whether the kernels apply a BN-ReLU on the input themselves.
-fn fuses(s: ConvSpec) -> bool {
-    matmul::simd() && (is_pointwise(s) || direct(s))
-}
-
 /// Geometry shared by the three passes.
 struct Geo {
     cin: usize,
@@ -197,10 +197,16 @@ impl Geo {
         (0..ho).step_by(rows).map(move |r| r..(r + rows).min(ho))
     }
 
-    /// Copies `pre(x)` (image [cin, h, w]) into `dst` with `pad` zeros around every plane
-    /// (zeros after the BN-ReLU, as the convolution pads its input) and returns the
+    /// Copies `pre(x)` (image [cin, h, w]) into `dst`, widened, with `pad` zeros around every
+    /// plane (zeros after the BN-ReLU, as the convolution pads its input) and returns the
     /// shifted-rows view of it; `offs` receives the k*k tap offsets.
-    fn padded<'a>(&self, x: &[f32], pre: Option<Pre>, dst: &mut [f32], offs: &'a mut [usize; 49]) -> Shifted<'a> {
+    fn padded<'a, X: Elem>(
+        &self,
+        x: &[X],
+        pre: Option<Pre>,
+        dst: &mut [f32],
+        offs: &'a mut [usize; 49],
+    ) -> Shifted<'a> {
         let (k, p) = (self.spec.k, self.spec.pad);
         let ld = self.w + 2 * p;
         let plane = self.padded_plane();
@@ -213,9 +219,9 @@ impl Geo {
                 match pre {
                     // SAFETY: the constants cover cin channels (Workspace::pre).
                     Some(f) => unsafe {
-                        bnvec::bn_relu(src, &mut row[p..p + self.w], *f.scale.add(c), *f.shift.add(c))
+                        bnvec::bn_relu_widened(src, &mut row[p..p + self.w], *f.scale.add(c), *f.shift.add(c))
                     },
-                    None => row[p..p + self.w].copy_from_slice(src),
+                    None => widen(src, &mut row[p..p + self.w]),
                 }
                 row[p + self.w..].fill(0.0);
             }
@@ -228,13 +234,22 @@ impl Geo {
 }
 
 /// Fills `col` [r, rows.len()*wo] with output rows `rows` of the im2col matrix of one image
-/// `x` [cin, h, w] (zero padding). Each run is a slice of an input row (stride 1) or a strided
-/// gather, with zeros at the edges.
-fn im2col(x: &[f32], col: &mut [f32], g: &Geo, rows: Range<usize>) {
+/// `pre(x)` [cin, h, w] (zero padding), widened, each BN-ReLU value rounded to `X` as a stored
+/// one is. Each run is a slice of an input row (stride 1) or a strided gather, with zeros at
+/// the edges.
+///
+/// # Safety
+/// `pre`'s constants cover cin channels.
+unsafe fn im2col<X: Elem>(x: &[X], pre: Option<Pre>, col: &mut [f32], g: &Geo, rows: Range<usize>) {
     let (k, s, pad) = (g.spec.k, g.spec.stride, g.spec.pad);
     let p = rows.len() * g.wo;
     for ci in 0..g.cin {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        let f = pre.map(|f| (*f.scale.add(ci), *f.shift.add(ci)));
+        let value = |v: X| match f {
+            None => v.get(),
+            Some((scale, shift)) => X::put(bnvec::bn_relu1(v.get(), scale, shift)).get(),
+        };
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * p..][..p];
@@ -253,10 +268,14 @@ fn im2col(x: &[f32], col: &mut [f32], g: &Geo, rows: Range<usize>) {
                     out[hi..].fill(0.0);
                     let first = lo * s + kx - pad;
                     if s == 1 {
-                        out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        let (out, src) = (&mut out[lo..hi], &src[first..first + hi - lo]);
+                        match (f, X::as_f32(src)) {
+                            (None, Some(src)) => out.copy_from_slice(src),
+                            _ => out.iter_mut().zip(src).for_each(|(o, &v)| *o = value(v)),
+                        }
                     } else {
                         for (o, ix) in out[lo..hi].iter_mut().zip((first..).step_by(s)) {
-                            *o = src[ix];
+                            *o = value(src[ix]);
                         }
                     }
                 }
@@ -265,79 +284,61 @@ fn im2col(x: &[f32], col: &mut [f32], g: &Geo, rows: Range<usize>) {
     }
 }
 
-/// Accumulates `col` [r, ho*wo] back into one image `gx` [cin, h, w] (zeroed first).
-fn col2im(col: &[f32], gx: &mut [f32], g: &Geo) {
-    let (k, s, pad) = (g.spec.k, g.spec.stride, g.spec.pad as isize);
+/// Sums `col` [r, ho*wo] back into one image `gx` [cin, h, w]: each pixel's terms in tap
+/// order (the order scattering them would add them in), rounded once.
+fn col2im<Y: Elem>(col: &[f32], gx: &mut [Y], g: &Geo) {
+    let (k, s, pad) = (g.spec.k, g.spec.stride, g.spec.pad);
     let p = g.p();
-    gx.fill(0.0);
-    for ci in 0..g.cin {
-        let plane = &mut gx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &col[((ci * k + ky) * k + kx) * p..][..p];
-                for oy in 0..g.ho {
-                    let iy = (oy * s) as isize + ky as isize - pad;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for (ox, &v) in row[oy * g.wo..(oy + 1) * g.wo].iter().enumerate() {
-                        let ix = (ox * s) as isize + kx as isize - pad;
-                        if ix >= 0 && ix < g.w as isize {
-                            dst[ix as usize] += v;
-                        }
+    // The output position (oy or ox) tap `t` reads input position `i` at, if any.
+    let at = |i: usize, t: usize, n: usize| {
+        let o = (i + pad).checked_sub(t).filter(|o| o % s == 0)? / s;
+        (o < n).then_some(o)
+    };
+    for (ci, plane) in gx.chunks_exact_mut(g.h * g.w).enumerate().take(g.cin) {
+        for (i, v) in plane.iter_mut().enumerate() {
+            let (iy, ix) = (i / g.w, i % g.w);
+            let mut sum = 0.0f32;
+            for ky in 0..k {
+                let Some(oy) = at(iy, ky, g.ho) else { continue };
+                for kx in 0..k {
+                    if let Some(ox) = at(ix, kx, g.wo) {
+                        sum += col[((ci * k + ky) * k + kx) * p + oy * g.wo + ox];
                     }
                 }
             }
+            *v = Y::put(sum);
         }
     }
 }
 
-/// Image `x` [cin, h, w] as the convolution's input: itself, or `pre(x)` written to `input`
-/// when the kernels cannot apply `pre` themselves (no AVX2, or a strided kernel).
+/// Image `n` of `v`, in the arena's elements.
 ///
 /// # Safety
-/// `input` is this task's, with room for the image.
-unsafe fn source<'a>(x: &'a [f32], pre: Option<Pre>, input: Ptr, g: &Geo) -> (&'a [f32], Option<Pre>) {
-    match pre {
-        Some(f) if !fuses(g.spec) => {
-            let hw = g.h * g.w;
-            let dst = input.get_mut(0, g.cin * hw);
-            for c in 0..g.cin {
-                bnvec::bn_relu(
-                    &x[c * hw..(c + 1) * hw],
-                    &mut dst[c * hw..(c + 1) * hw],
-                    *f.scale.add(c),
-                    *f.shift.add(c),
-                );
-            }
-            (dst, None)
-        }
-        _ => (x, pre),
-    }
+/// Nothing writes the image meanwhile; `T` is its element type.
+unsafe fn image<'a, T>(a: Ptr, v: View, n: usize) -> &'a [T] {
+    a.elems::<T>(Ptr::plane_off(v, n, 0), v.c * v.hw())
 }
 
-/// Image `n` of `v` as the kernels read it, in f32: the arena's own elements when they are f32
-/// (`pre` left to the kernels, or applied into `stage` where they cannot: [`source`]), else
-/// widened into `stage`, through `pre` with each BN-ReLU value rounded to `T` as a stored
-/// BN-ReLU output holds it.
+/// Image `n` of `v`, to write in the arena's elements.
+///
+/// # Safety
+/// The image is this task's; `T` is its element type.
+unsafe fn image_mut<T>(a: Ptr, v: View, n: usize) -> *mut T {
+    a.elems_mut::<T>(Ptr::plane_off(v, n, 0), v.c * v.hw()).as_mut_ptr()
+}
+
+/// Without AVX2: image `n` of `v` in f32, as the portable kernels read it: the arena's own
+/// elements when they are f32 and there is no `pre`, else written into `stage` (widened,
+/// through `pre` with each value rounded to `T` as a stored BN-ReLU output holds it).
 ///
 /// # Safety
 /// `stage` is this task's, with room for the image; nothing writes the image meanwhile.
-unsafe fn operand<'a, T: Elem>(
-    a: Ptr,
-    v: View,
-    n: usize,
-    pre: Option<Pre>,
-    stage: Ptr,
-    g: &Geo,
-) -> (&'a [f32], Option<Pre>) {
-    let (hw, len) = (v.hw(), v.c * v.hw());
-    let x = a.elems::<T>(Ptr::plane_off(v, n, 0), len);
-    if let Some(x) = T::as_f32(x) {
-        return source(x, pre, stage, g);
+unsafe fn operand<'a, T: Elem>(a: Ptr, v: View, n: usize, pre: Option<Pre>, stage: Ptr) -> &'a [f32] {
+    let (hw, x) = (v.hw(), image::<T>(a, v, n));
+    if let (Some(x), None) = (T::as_f32(x), pre) {
+        return x;
     }
-    let dst = stage.get_mut(0, len);
+    let dst = stage.get_mut(0, x.len());
     for c in 0..v.c {
         let (s, d) = (&x[c * hw..(c + 1) * hw], &mut dst[c * hw..(c + 1) * hw]);
         match pre {
@@ -345,18 +346,19 @@ unsafe fn operand<'a, T: Elem>(
             None => widen(s, d),
         }
     }
-    (dst, None)
+    dst
 }
 
-/// Where the kernels write image `n` of `v`: in place when its elements are f32, else `stage`
-/// (then [`store`]).
+/// Without AVX2: where the portable kernels write image `n` of `v`: in place when its
+/// elements are f32, else `stage` (then [`store`]).
 ///
 /// # Safety
 /// Image `n` of `v` and `stage` are this task's.
 unsafe fn output<T: Elem>(a: Ptr, v: View, n: usize, stage: Ptr) -> *mut f32 {
-    match T::as_f32_mut(a.elems_mut::<T>(Ptr::plane_off(v, n, 0), v.c * v.hw())) {
-        Some(y) => y.as_mut_ptr(),
-        None => stage.at(0),
+    if T::F32 {
+        image_mut::<T>(a, v, n).cast()
+    } else {
+        stage.at(0)
     }
 }
 
@@ -366,37 +368,36 @@ unsafe fn output<T: Elem>(a: Ptr, v: View, n: usize, stage: Ptr) -> *mut f32 {
 /// # Safety
 /// As for [`output`].
 unsafe fn store<T: Elem>(a: Ptr, v: View, n: usize, stage: Ptr) {
-    let len = v.c * v.hw();
-    let y = a.elems_mut::<T>(Ptr::plane_off(v, n, 0), len);
-    if T::as_f32(y).is_none() {
-        narrow(stage.get(0, len), y);
+    if !T::F32 {
+        let len = v.c * v.hw();
+        narrow(stage.get(0, len), a.elems_mut::<T>(Ptr::plane_off(v, n, 0), len));
     }
 }
 
 /// One image: `y = conv(pre(x), w)`; `x` is the image, `w` a row-major [cout, r] matrix.
 ///
 /// # Safety
-/// `y` is this task's and overlaps neither `x`, `w` nor `area`; `pre` only if [`fuses`].
-unsafe fn image_forward(x: &[f32], pre: Option<Pre>, w: *const f32, y: *mut f32, g: &Geo, area: Ptr) {
+/// `y` is this task's and overlaps neither `x`, `w` nor the slot; `pre` and 16-bit types only
+/// with AVX2.
+unsafe fn image_forward<X: Elem, Y: Elem>(x: &[X], pre: Option<Pre>, w: *const f32, y: *mut Y, g: &Geo, s: &Slot) {
+    let sums = s.staged.at(0);
     if is_pointwise(g.spec) {
         let d = Dims { m: g.cout, n: g.p(), k: g.cin };
-        matmul(d, Dst { ptr: y, ld: g.p(), acc: false }, w, Src { ptr: x.as_ptr(), ld: g.p() }, pre);
+        matmul(d, Dst::to(y, g.p()), w, Src { ptr: x.as_ptr(), ld: g.p() }, pre, sums);
     } else if direct(g.spec) {
         #[cfg(target_arch = "x86_64")]
         {
             let mut offs = [0; 49];
-            let xs = g.padded(x, pre, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
-            matmul::conv_direct(g.cout, g.r, w, xs, (g.ho, g.wo), Dst { ptr: y, ld: g.p(), acc: false });
+            let xs = g.padded(x, pre, s.area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
+            matmul::conv_direct(g.cout, g.r, w, xs, (g.ho, g.wo), Dst::to(y, g.p()));
         }
     } else {
-        assert!(pre.is_none(), "im2col path without fused BN-ReLU");
         for rows in g.tiles() {
-            let tp = rows.len() * g.wo;
-            let cols = area.get_mut(0, g.r * tp);
-            let y = y.add(rows.start * g.wo);
-            im2col(x, cols, g, rows);
+            let (tp, y) = (rows.len() * g.wo, y.add(rows.start * g.wo));
+            let cols = s.area.get_mut(0, g.r * tp);
+            im2col(x, pre, cols, g, rows);
             let d = Dims { m: g.cout, n: tp, k: g.r };
-            matmul(d, Dst { ptr: y, ld: g.p(), acc: false }, w, Src { ptr: cols.as_ptr(), ld: tp }, None);
+            matmul(d, Dst::to(y, g.p()), w, Src { ptr: cols.as_ptr(), ld: tp }, None, sums);
         }
     }
 }
@@ -411,12 +412,34 @@ pub(super) fn forward<T: Elem>(a: Ptr, ws: &Workspace, x: View, bn: Option<Bn>, 
             // SAFETY: image n of y is this task's; x and w are read-only and do not overlap y;
             // the slot is this task's.
             unsafe {
-                let (xs, pre) = operand::<T>(a, x, n, pre, s.input, &g);
-                image_forward(xs, pre, a.at(w), output::<T>(a, y, n, s.staged), &g, s.area);
-                store::<T>(a, y, n, s.staged);
+                if matmul::simd() {
+                    image_forward(image::<T>(a, x, n), pre, a.at(w), image_mut::<T>(a, y, n), &g, &s);
+                } else {
+                    let xs = operand::<T>(a, x, n, pre, s.input);
+                    image_forward(xs, None, a.at(w), output::<T>(a, y, n, s.staged), &g, &s);
+                    store::<T>(a, y, n, s.staged);
+                }
             }
         }
     });
+}
+
+/// One image: `gx = conv_transpose(gy, wt)`, `wt` the weight packed by [`backward_data`].
+///
+/// # Safety
+/// As for [`image_forward`].
+unsafe fn image_backward_data<X: Elem, Y: Elem>(gy: &[X], wt: *const f32, gx: *mut Y, g: &Geo, s: &Slot) {
+    let src = Src { ptr: gy.as_ptr(), ld: g.p() };
+    if same(g.spec) {
+        image_forward(gy, None, wt, gx, &g.flipped(), s);
+    } else if is_pointwise(g.spec) {
+        matmul(Dims { m: g.cin, n: g.p(), k: g.cout }, Dst::to(gx, g.p()), wt, src, None, s.staged.at(0));
+    } else {
+        let cols = s.area.get_mut(0, g.r * g.p());
+        let d = Dims { m: g.r, n: g.p(), k: g.cout };
+        matmul(d, Dst::to(cols.as_mut_ptr(), g.p()), wt, src, None, std::ptr::null_mut());
+        col2im(cols, std::slice::from_raw_parts_mut(gx, g.cin * g.h * g.w), g);
+    }
 }
 
 /// `gx = conv_transpose(gy, w)`.
@@ -437,31 +460,52 @@ pub(super) fn backward_data<T: Elem>(a: Ptr, ws: &Workspace, gy: View, w: usize,
             pack(g.r, g.cout, dst, |i, co| wv[co * g.r + i]);
         }
     }
-    let (flipped, wt) = (g.flipped(), Ptr(wt));
+    let wt = Ptr(wt);
     (0..ws.threads).into_par_iter().for_each(|t| {
         let s = ws.slot(a, t, wlen, 0);
         for n in image_chunk(gy.n, ws.threads, t) {
             // SAFETY: image n of gx is this task's; gy and wt are read-only; the slot is this
             // task's.
             unsafe {
-                let gys = operand::<T>(a, gy, n, None, s.staged, &flipped).0;
-                let gxo = output::<T>(a, gx, n, s.input);
-                if same(spec) {
-                    image_forward(gys, None, wt.at(0), gxo, &flipped, s.area);
-                } else if is_pointwise(spec) {
-                    let (d, dst) = (Dims { m: g.cin, n: g.p(), k: g.cout }, Dst { ptr: gxo, ld: g.p(), acc: false });
-                    matmul(d, dst, wt.at(0), Src { ptr: gys.as_ptr(), ld: g.p() }, None);
+                if matmul::simd() {
+                    image_backward_data(image::<T>(a, gy, n), wt.at(0), image_mut::<T>(a, gx, n), &g, &s);
                 } else {
-                    let cols = s.area.get_mut(0, g.r * g.p());
-                    let d = Dims { m: g.r, n: g.p(), k: g.cout };
-                    let dst = Dst { ptr: cols.as_mut_ptr(), ld: g.p(), acc: false };
-                    matmul(d, dst, wt.at(0), Src { ptr: gys.as_ptr(), ld: g.p() }, None);
-                    col2im(cols, std::slice::from_raw_parts_mut(gxo, g.cin * g.h * g.w), &g);
+                    let gys = operand::<T>(a, gy, n, None, s.staged);
+                    image_backward_data(gys, wt.at(0), output::<T>(a, gx, n, s.input), &g, &s);
+                    store::<T>(a, gx, n, s.input);
                 }
-                store::<T>(a, gx, n, s.input);
             }
         }
     });
+}
+
+/// One image's weight gradient `gy * im2col(pre(x))^T` into `dw` (added to it when `acc`).
+///
+/// # Safety
+/// As for [`image_forward`]; `dw` is the slot's weight area.
+unsafe fn image_backward_filter<X: Elem, G: Elem>(x: &[X], pre: Option<Pre>, gy: &[G], acc: bool, g: &Geo, s: &Slot) {
+    let (gys, dw) = (Src { ptr: gy.as_ptr(), ld: g.p() }, s.weight);
+    if is_pointwise(g.spec) {
+        let d = Dims { m: g.cout, n: g.cin, k: g.p() };
+        matmul_nt(d, Dst::f32(dw, g.cin, acc), gys, Src { ptr: x.as_ptr(), ld: g.p() }, s.pack, pre);
+    } else if direct(g.spec) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut offs = [0; 49];
+            let shifted = g.padded(x, pre, s.area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
+            let dst = Dst::f32(dw, g.r, acc);
+            matmul::conv_direct_filter((g.cout, g.r), gys, shifted, (g.ho, g.wo), dst, s.pack);
+        }
+    } else {
+        for rows in g.tiles() {
+            let (tp, first) = (rows.len() * g.wo, rows.start == 0);
+            let cols = s.area.get_mut(0, g.r * tp);
+            let gyt = Src { ptr: gys.ptr.add(rows.start * g.wo), ld: g.p() };
+            im2col(x, pre, cols, g, rows);
+            let (d, dst) = (Dims { m: g.cout, n: g.r, k: tp }, Dst::f32(dw, g.r, acc || !first));
+            matmul_nt(d, dst, gyt, Src { ptr: cols.as_ptr(), ld: tp }, s.pack, None);
+        }
+    }
 }
 
 /// `gw = sum over images of gy[n] * im2col(pre(x[n]))^T`. Each thread sums its chunk of
@@ -481,35 +525,15 @@ pub(super) fn backward_filter<T: Elem>(
     let pre = ws.pre(a, bn, x.c);
     let used = (0..ws.threads).filter(|&t| !image_chunk(x.n, ws.threads, t).is_empty()).count();
     (0..ws.threads).into_par_iter().for_each(|t| {
-        let Slot { input, staged, area, weight: dw, pack } = ws.slot(a, t, wlen, plen);
+        let s = ws.slot(a, t, wlen, plen);
         for (i, n) in image_chunk(x.n, ws.threads, t).enumerate() {
             // SAFETY: the slot is this task's; x and gy are read-only.
             unsafe {
-                let (xs, pre) = operand::<T>(a, x, n, pre, input, &g);
-                let gyp = operand::<T>(a, gy, n, None, staged, &g).0.as_ptr();
-                let gys = Src { ptr: gyp, ld: g.p() };
-                if is_pointwise(spec) {
-                    let (d, dst) = (Dims { m: g.cout, n: g.cin, k: g.p() }, Dst { ptr: dw, ld: g.cin, acc: i > 0 });
-                    matmul_nt(d, dst, gys, Src { ptr: xs.as_ptr(), ld: g.p() }, pack, pre);
-                } else if direct(spec) {
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        let mut offs = [0; 49];
-                        let shifted = g.padded(xs, pre, area.get_mut(0, g.cin * g.padded_plane()), &mut offs);
-                        let dst = Dst { ptr: dw, ld: g.r, acc: i > 0 };
-                        matmul::conv_direct_filter((g.cout, g.r), gys, shifted, (g.ho, g.wo), dst, pack);
-                    }
+                if matmul::simd() {
+                    image_backward_filter(image::<T>(a, x, n), pre, image::<T>(a, gy, n), i > 0, &g, &s);
                 } else {
-                    assert!(pre.is_none(), "im2col path without fused BN-ReLU");
-                    for rows in g.tiles() {
-                        let (tp, first) = (rows.len() * g.wo, rows.start == 0);
-                        let cols = area.get_mut(0, g.r * tp);
-                        let gyt = Src { ptr: gyp.add(rows.start * g.wo), ld: g.p() };
-                        im2col(xs, cols, &g, rows);
-                        let (d, dst) =
-                            (Dims { m: g.cout, n: g.r, k: tp }, Dst { ptr: dw, ld: g.r, acc: i > 0 || !first });
-                        matmul_nt(d, dst, gyt, Src { ptr: cols.as_ptr(), ld: tp }, pack, None);
-                    }
+                    let (xs, gys) = (operand::<T>(a, x, n, pre, s.input), operand::<T>(a, gy, n, None, s.staged));
+                    image_backward_filter(xs, None, gys, i > 0, &g, &s);
                 }
             }
         }
