@@ -258,44 +258,50 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(ck.recipe()["changes"], serde_json::json!([{"epoch": 2, "what": "--epochs", "from": "2", "to": "3"}]));
 }
 
-/// A bf16 run (docs/precision.md): the precision is recorded in the recipe, and 1 epoch plus
-/// a resume is the 2-epoch run bit for bit; another precision on resume is a recipe change.
-/// fp16 trains only with loss scaling, not built yet: refused.
+/// A 16-bit run (docs/precision.md): the precision is recorded in the recipe, and 1 epoch plus
+/// a resume is the 2-epoch run bit for bit (in fp16 with the loss scaler's state, which the
+/// metadata holds); another precision on resume is a recipe change.
 #[test]
-fn a_bf16_run_resumes_bit_for_bit() {
+fn a_sixteen_bit_run_resumes_bit_for_bit() {
     let s = setup();
-    let other = TempDir::new().unwrap();
-    let flags = ["--epochs", "2", "--precision", "bf16"];
-    let out = s.command(other.path(), "half", &flags).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("Memory plan (minimal, bf16, batch 8)"), "{out:?}");
-    s.train_killed_after_one("half", &flags);
-    let out = s.resume_alone(&s.checkpoint("half"), &[]);
-    assert!(out.status.success(), "{out:?}");
-    let (whole, split) =
-        (File::read(&other.path().join("half/checkpoint.safetensors")), File::read(&s.checkpoint("half")));
-    assert_eq!(whole.recipe()["network"]["precision"], "bf16");
-    assert_eq!(whole.tensors, split.tensors);
-    assert_eq!(whole.meta, split.meta);
-    // `eval` builds the checkpoint's network in its precision: the CPU runs it, the CUDA
-    // backend refuses it.
-    let (ck, data) = (s.checkpoint("half"), s.data.path().to_str().unwrap().to_string());
-    let eval = |device| {
-        run::densenet(&["eval", "--checkpoint", ck.to_str().unwrap(), "--data-dir", &data, "--device", device])
-    };
-    let out = eval("cpu");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains(" * Test Loss "), "{out:?}");
-    run::assert_one_line_error(&eval("host"), 1, &["bf16 storage is not available on the host device"], "eval");
-    let needles = ["--precision bf16 in the checkpoint, f32 here", "add --change-recipe"];
-    run::assert_one_line_error(
-        &s.resume_alone(&s.run("half"), &["--epochs", "3", "--precision", "f32"]),
-        1,
-        &needles,
-        "f32",
-    );
-    let needles = ["fp16 training needs loss scaling, which is not built yet"];
-    run::assert_one_line_error(&s.train("fp16", &["--precision", "fp16"]), 2, &needles, "fp16");
+    for precision in ["bf16", "fp16"] {
+        let other = TempDir::new().unwrap();
+        let flags = ["--epochs", "2", "--precision", precision];
+        let out = s.command(other.path(), precision, &flags).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let plan = format!("Memory plan (minimal, {precision}, batch 8)");
+        assert!(out.status.success() && text.contains(&plan), "{out:?}");
+        s.train_killed_after_one(precision, &flags);
+        let out = s.resume_alone(&s.checkpoint(precision), &[]);
+        assert!(out.status.success(), "{out:?}");
+        let (whole, split) = (
+            File::read(&other.path().join(precision).join("checkpoint.safetensors")),
+            File::read(&s.checkpoint(precision)),
+        );
+        assert_eq!(whole.recipe()["network"]["precision"], precision);
+        assert_eq!(whole.tensors, split.tensors);
+        assert_eq!(whole.meta, split.meta);
+        let scaled = ["loss_scale", "loss_scale_good_steps"].map(|k| whole.meta.contains_key(k));
+        assert_eq!(scaled, [precision == "fp16"; 2], "{:?}", whole.meta);
+        // `eval` builds the checkpoint's network in its precision: the CPU runs it, the CUDA
+        // backend refuses it.
+        let (ck, data) = (s.checkpoint(precision), s.data.path().to_str().unwrap().to_string());
+        let eval = |device| {
+            run::densenet(&["eval", "--checkpoint", ck.to_str().unwrap(), "--data-dir", &data, "--device", device])
+        };
+        let out = eval("cpu");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(" * Test Loss "), "{out:?}");
+        let refused = format!("{precision} storage is not available on the host device");
+        run::assert_one_line_error(&eval("host"), 1, &[&refused], "eval");
+        let change = format!("--precision {precision} in the checkpoint, f32 here");
+        run::assert_one_line_error(
+            &s.resume_alone(&s.run(precision), &["--epochs", "3", "--precision", "f32"]),
+            1,
+            &[&change, "add --change-recipe"],
+            "f32",
+        );
+    }
 }
 
 #[test]

@@ -9,7 +9,9 @@
 mod common;
 
 use densenet::backend::cuda::{CudaBackend, Exec, FUSED_CHUNK};
-use densenet::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, Moments, Sgd, Span, View};
+use densenet::backend::{
+    Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, LossScale, Moments, Sgd, Span, View,
+};
 use densenet::data::augment::normalization;
 use densenet::data::cifar::Dataset;
 use densenet::input::Crop;
@@ -176,19 +178,32 @@ fn elementwise<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let (x, y) = (l.slice(n, c, h, w), l.slice(n, c, h, w));
         let len = 1000 + n * c * h * w;
         let (p, g, m, flag, settings) = (l.take(len), l.take(len), l.take(len), l.take(1), l.take(Sgd::LEN));
+        let scaler = l.take(LossScale::LEN);
         let mut t = Twin::new(make, l.len, &[], n);
         let at = format!("n{n} c{c} {h}x{w}");
         t.run(&format!("copy {at}"), |be| be.copy(x, y));
         t.run(&format!("dropout {at}"), |be| be.dropout(x, 0.3, 0xfeed + n as u64));
         for nesterov in [true, false] {
             t.write(settings, &Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3, nesterov }.floats());
-            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| be.sgd(p, g, m, settings, flag));
+            t.run(&format!("sgd {len} nesterov {nesterov}"), |be| be.sgd(p, g, m, settings, scaler.at(0, 1), flag));
         }
-        // A NaN gradient raises the flag on both, and makes the same parameters NaN.
-        t.write(flag, &[0.0]);
+        // Loss scaling: scaled, unscaled (found clear), the scale's update at the growth step.
+        t.write(scaler, &LossScale { scale: 4096.0, good_steps: LossScale::GROWTH_INTERVAL - 1 }.floats());
+        t.run(&format!("scale_loss_grad {len}"), |be| {
+            be.scale_loss_grad(g.at(0, len / 7 * 7).matrix(len / 7, 7), scaler)
+        });
+        t.run(&format!("unscale_grads {len}"), |be| be.unscale_grads(g, scaler));
+        t.run("update_scale at the growth step", |be| be.update_scale(scaler));
+        // A NaN gradient: found on both, the update skipped, the scale halved.
         t.write(g.at(len / 2, 1), &[f32::NAN]);
+        t.run(&format!("unscale_grads {len} with a NaN gradient"), |be| be.unscale_grads(g, scaler));
+        t.run(&format!("sgd {len} skipped"), |be| be.sgd(p, g, m, settings, scaler.at(0, 1), flag));
+        t.run("update_scale after a NaN", |be| be.update_scale(scaler));
+        // Not skipped, a NaN gradient raises the flag on both, and makes the same parameters NaN.
+        t.write(flag, &[0.0]);
+        t.write(scaler, &LossScale::INITIAL.floats());
         t.write(settings, &Sgd::default().floats());
-        t.run(&format!("sgd {len} with a NaN gradient"), |be| be.sgd(p, g, m, settings, flag));
+        t.run(&format!("sgd {len} with a NaN gradient"), |be| be.sgd(p, g, m, settings, scaler.at(0, 1), flag));
     }
 }
 on_devices!(elementwise_ops_match_the_cpu, elementwise);

@@ -18,7 +18,7 @@ mod common;
 
 use common::norm_rel;
 use densenet::backend::{
-    Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, Matrix, Moments, Sgd, Span, View,
+    Affine, Backend, Bn, ConvShape, ConvSpec, CpuBackend, DType, LossScale, Matrix, Moments, Sgd, Span, View,
 };
 use densenet::rng;
 
@@ -1085,17 +1085,19 @@ fn sgd_matches_torch_formulas_over_two_steps() {
         let (lr, m, wd) = (hp.lr as f64, hp.momentum as f64, hp.weight_decay as f64);
         let mut l = Layout::new();
         let (params, grads, momentum, flag, settings) = (l.take(len), l.take(len), l.take(len), l.take(1), l.take(4));
+        let skip = l.take(1);
         let mut be = l.backend(&[], 1);
         be.write(settings, &hp.floats());
         let p0 = randn(28, len);
         be.write(params, &p0);
         be.write(momentum, &vec![0.0; len]);
         be.write(flag, &[0.0]);
+        be.write(skip, &[0.0]);
         let (mut p, mut buf) = (to_f64(&p0), vec![0.0; len]);
         for step in 0..2 {
             let g = randn(29 + step, len);
             be.write(grads, &g);
-            be.sgd(params, grads, momentum, settings, flag);
+            be.sgd(params, grads, momentum, settings, skip, flag);
             assert_eq!(be.read(flag), [0.0], "finite values raised the flag");
             // torch.optim.SGD: d = g + wd p; buf = m buf + d; d = d + m buf (Nesterov) or buf; p -= lr d.
             for ((p, b), &g) in p.iter_mut().zip(&mut buf).zip(&g) {
@@ -1112,11 +1114,68 @@ fn sgd_matches_torch_formulas_over_two_steps() {
         let mut g = randn(40, len);
         g[len - 3] = f32::NAN;
         be.write(grads, &g);
-        be.sgd(params, grads, momentum, settings, flag);
+        // Skipped (a loss-scaled step that overflowed): nothing changes, the flag stays down.
+        let momentum_before = be.read(momentum);
+        be.write(skip, &[1.0]);
+        be.sgd(params, grads, momentum, settings, skip, flag);
+        assert_eq!((be.read(params), be.read(momentum), be.read(flag)), (before.clone(), momentum_before, vec![0.0]));
+        be.write(skip, &[0.0]);
+        be.sgd(params, grads, momentum, settings, skip, flag);
         assert_eq!(be.read(flag), [1.0], "a NaN parameter left the flag down");
         let after = be.read(params);
         assert!(after[len - 3].is_nan() && after[..len - 3].iter().zip(&before).all(|(a, b)| a != b));
     }
+}
+
+/// fp16 loss scaling as `torch.amp.GradScaler` does it by default: the loss gradient scaled,
+/// the weight gradients unscaled by the f64 reciprocal with `found` set by any value that is
+/// not finite (in any chunk), and the scale's update (halved on `found`, doubled at the 2000th
+/// finite step in a row, kept when the double overflows).
+#[test]
+fn loss_scaling_follows_grad_scaler() {
+    let len = 20_011;
+    let mut l = Layout::new();
+    let (grads, scaler, logits) = (l.take(len), l.take(LossScale::LEN), l.take(6));
+    let mut be = l.backend(&[], 1);
+    let g = randn(41, len);
+    let scale = LossScale { scale: 1024.0, good_steps: 7 };
+    be.write(scaler, &scale.floats());
+    be.write(logits, &g[..6]);
+    be.scale_loss_grad(logits.matrix(2, 3), scaler);
+    assert_eq!(be.read(logits), g[..6].iter().map(|v| v * 1024.0).collect::<Vec<_>>());
+    be.write(grads, &g);
+    be.write(scaler, &[1.0, 1024.0, 7.0]);
+    be.unscale_grads(grads, scaler);
+    assert_eq!(be.read(grads), g.iter().map(|v| v * (1.0 / 1024.0f64) as f32).collect::<Vec<_>>());
+    assert_eq!(be.read(scaler), [0.0, 1024.0, 7.0], "finite gradients leave found clear");
+    be.update_scale(scaler);
+    assert_eq!(be.read(scaler), [0.0, 1024.0, 8.0]);
+    for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        let mut g = g.clone();
+        g[len - 2] = bad;
+        be.write(grads, &g);
+        be.write(scaler, &scale.floats());
+        be.unscale_grads(grads, scaler);
+        assert_eq!(be.read(scaler)[0], 1.0, "{bad} in the last chunk");
+        be.update_scale(scaler);
+        assert_eq!(be.read(scaler), [1.0, 512.0, 0.0], "{bad}: halved, the count reset");
+    }
+    for (state, found, next) in [
+        (LossScale { scale: 65536.0, good_steps: 1999 }, false, LossScale { scale: 131072.0, good_steps: 0 }),
+        (LossScale { scale: 65536.0, good_steps: 1998 }, false, LossScale { scale: 65536.0, good_steps: 1999 }),
+        (LossScale { scale: 65536.0, good_steps: 1999 }, true, LossScale { scale: 32768.0, good_steps: 0 }),
+        (LossScale { scale: f32::MAX, good_steps: 1999 }, false, LossScale { scale: f32::MAX, good_steps: 0 }),
+    ] {
+        assert_eq!(state.next(found), next);
+        let mut f = state.floats();
+        f[0] = found as u8 as f32;
+        be.write(scaler, &f);
+        be.update_scale(scaler);
+        let (got, kept) = LossScale::from_floats(be.read(scaler).try_into().unwrap());
+        assert_eq!((got, kept), (next, found), "update_scale of {state:?}, found {found}");
+    }
+    assert_eq!(LossScale::INITIAL, LossScale { scale: 65536.0, good_steps: 0 });
+    assert_eq!(LossScale::GROWTH_INTERVAL, 2000);
 }
 
 #[test]

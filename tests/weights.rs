@@ -42,7 +42,13 @@ fn scrambled(cfg: &NetConfig) -> Model<CpuBackend> {
 
 /// The state of a model.
 fn state(m: &Model<CpuBackend>) -> State {
-    State { params: m.params(), momentum: m.momentum(), running: m.running_stats(), steps: m.steps() }
+    State {
+        params: m.params(),
+        momentum: m.momentum(),
+        running: m.running_stats(),
+        steps: m.steps(),
+        loss_scale: m.loss_scale(),
+    }
 }
 
 /// A file's tensors by name: dtype, shape, bytes.

@@ -99,6 +99,53 @@ impl Sgd {
     }
 }
 
+/// fp16 loss scaling as PyTorch's `GradScaler` does by default (docs/precision.md, rule 5): the
+/// loss's gradient is multiplied by `scale` before backward and the weight gradients divided by
+/// it after; a step whose gradients are not all finite is skipped and halves the scale, and
+/// [`LossScale::GROWTH_INTERVAL`] finite steps in a row double it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScale {
+    /// The factor.
+    pub scale: f32,
+    /// Finite steps since the scale last changed or a step was skipped.
+    pub good_steps: u32,
+}
+
+impl LossScale {
+    /// `GradScaler`'s initial state: scale 2^16.
+    pub const INITIAL: LossScale = LossScale { scale: 65536.0, good_steps: 0 };
+    /// Finite steps in a row that double the scale.
+    pub const GROWTH_INTERVAL: u32 = 2000;
+    /// Arena floats of a scaler, as [`LossScale::floats`] lays them out.
+    pub const LEN: usize = 3;
+
+    /// The state after a step: `found` (a gradient not finite: the step is skipped) halves the
+    /// scale; otherwise the step counts, and the [`LossScale::GROWTH_INTERVAL`]th doubles the
+    /// scale (kept when the double is not finite).
+    pub fn next(self, found: bool) -> LossScale {
+        let good_steps = self.good_steps + 1;
+        match (found, good_steps == Self::GROWTH_INTERVAL) {
+            (true, _) => LossScale { scale: self.scale * 0.5, good_steps: 0 },
+            (false, true) => LossScale {
+                scale: Some(self.scale * 2.0).filter(|s| s.is_finite()).unwrap_or(self.scale),
+                good_steps: 0,
+            },
+            (false, false) => LossScale { good_steps, ..self },
+        }
+    }
+
+    /// The scaler as the arena holds it: `[found, scale, good steps]`, `found` (the last
+    /// step's gradients were not all finite) clear.
+    pub fn floats(self) -> [f32; LossScale::LEN] {
+        [0.0, self.scale, self.good_steps as f32]
+    }
+
+    /// The state and `found` from a scaler's arena floats ([`LossScale::floats`]).
+    pub fn from_floats(f: [f32; LossScale::LEN]) -> (LossScale, bool) {
+        (LossScale { scale: f[1], good_steps: f[2] as u32 }, f[0] != 0.0)
+    }
+}
+
 /// Memory of a backend with a device of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
@@ -277,11 +324,20 @@ pub trait Backend {
     /// batch: writes `out` (two elements) = [loss, top-1 correct count], and `glogits` =
     /// dloss/dlogits.
     fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix);
+    /// Loss scaling ([`LossScale`]): `g *= scale`, the scale read from `scaler`
+    /// ([`LossScale::floats`]).
+    fn scale_loss_grad(&mut self, g: Matrix, scaler: Span);
+    /// `grads *= 1 / scale` (the reciprocal taken in f64, as `GradScaler` takes it); the
+    /// scaler's `found` becomes 1 when a gradient is not finite, else 0.
+    fn unscale_grads(&mut self, grads: Span, scaler: Span);
+    /// The scaler's next state, [`LossScale::next`] of its `found` (which it leaves).
+    fn update_scale(&mut self, scaler: Span);
     /// One SGD step over `params` with its gradients and momentum (spans of the same length),
     /// by the settings the arena holds at `settings` ([`Sgd::floats`], written before the step,
-    /// so a recorded step follows changes); sets `flag` (one element) to 1 when an updated
-    /// parameter or momentum value is not finite (never clears it).
-    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span);
+    /// so a recorded step follows changes), unless `skip` (one element: a scaler's `found`)
+    /// is not zero; sets `flag` (one element) to 1 when an updated parameter or momentum value
+    /// is not finite (never clears it).
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, skip: Span, flag: Span);
 }
 
 /// Forwards each method listed (by receiver) to the backend in the box.
@@ -341,7 +397,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn linear(x: Matrix, w: Matrix, b: Span, y: Matrix);
         fn linear_backward(x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span);
         fn softmax_xent(logits: Matrix, out: Span, glogits: Matrix);
-        fn sgd(params: Span, grads: Span, momentum: Span, settings: Span, flag: Span);
+        fn scale_loss_grad(g: Matrix, scaler: Span);
+        fn unscale_grads(grads: Span, scaler: Span);
+        fn update_scale(scaler: Span);
+        fn sgd(params: Span, grads: Span, momentum: Span, settings: Span, skip: Span, flag: Span);
     }
 }
 

@@ -3,7 +3,6 @@
 //! [`densenet::measure::parse_size`]).
 
 use super::device::Device;
-use densenet::config::Precision;
 use densenet::named::Named;
 use densenet::train::recipe::{self, MAX_BATCH, MAX_EPOCHS};
 use densenet::{bail, Error, Result};
@@ -65,14 +64,6 @@ pub(crate) fn momentum(s: &str) -> Result<f32> {
 /// `--name`: one folder under the runs directory.
 pub(crate) fn run_name(s: &str) -> Result<String> {
     recipe::check_name(s).map(|()| s.to_string())
-}
-
-/// `train --precision`: f32 or bf16; fp16 trains with loss scaling, not built yet.
-pub(crate) fn trained_precision(s: &str) -> Result<Precision> {
-    match s.parse()? {
-        Precision::Fp16 => bail!("fp16 training needs loss scaling, which is not built yet: use bf16"),
-        p => Ok(p),
-    }
 }
 
 /// The values of a named enum that a flag asks for (`memory --memory`, `--precision`).

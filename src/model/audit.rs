@@ -215,9 +215,22 @@ impl Backend for Recorder {
         self.push("softmax_xent", vec![m(logits)], vec![s(out), m(glogits)]);
     }
 
-    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
+    fn scale_loss_grad(&mut self, g: Matrix, scaler: Span) {
+        self.push("scale_loss_grad", vec![m(g), s(scaler)], vec![m(g)]);
+    }
+
+    fn unscale_grads(&mut self, grads: Span, scaler: Span) {
+        self.push("unscale_grads", vec![s(grads), s(scaler)], vec![s(grads), s(scaler)]);
+    }
+
+    fn update_scale(&mut self, scaler: Span) {
+        self.push("update_scale", vec![s(scaler)], vec![s(scaler)]);
+    }
+
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, skip: Span, flag: Span) {
         // The flag is set or left: a write, not a read.
-        self.push("sgd", vec![s(grads), s(params), s(momentum), s(settings)], vec![s(params), s(momentum), s(flag)]);
+        let reads = vec![s(grads), s(params), s(momentum), s(settings), s(skip)];
+        self.push("sgd", reads, vec![s(params), s(momentum), s(flag)]);
     }
 }
 

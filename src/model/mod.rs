@@ -13,8 +13,8 @@ pub mod params;
 mod place;
 pub mod plan;
 
-use crate::backend::{Affine, Backend, Bn, ConvSpec, Moments, Sgd, Span, View};
-use crate::config::NetConfig;
+use crate::backend::{Affine, Backend, Bn, ConvSpec, LossScale, Moments, Sgd, Span, View};
+use crate::config::{NetConfig, Precision};
 use crate::input::{Input, CHANNELS};
 use crate::{bail, rng, Result};
 use net::{Layer, Net, Transition};
@@ -33,6 +33,9 @@ pub struct StepStats {
     pub correct: usize,
     /// Images in the batch.
     pub n: usize,
+    /// fp16 loss scaling found a gradient that is not finite: the step's update was skipped
+    /// and the scale halved ([`LossScale`]). Always false in f32 and bf16.
+    pub overflow: bool,
 }
 
 /// A DenseNet with its planned arena on a backend.
@@ -59,6 +62,8 @@ const CORRECT: usize = 1;
 const SGD_FLAG: usize = 2;
 /// The element of the head's result that the running-statistics update sets likewise.
 const RUNNING_FLAG: usize = 3;
+/// The first element of the head's result that is the loss scaler: its `found`.
+const FOUND: usize = 4;
 
 /// Whether a pass trains (batch statistics, dropout) or evaluates (running statistics).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -94,6 +99,7 @@ impl<B: Backend> Model<B> {
             bail!("{} storage is not available on the {} (docs/precision.md)", cfg.precision, be.describe());
         }
         be.allocate(plan.len, plan.workspace, plan.batch)?;
+        be.write(plan.head.scaler, &LossScale::INITIAL.floats());
         Ok(Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None })
     }
 
@@ -130,6 +136,27 @@ impl<B: Backend> Model<B> {
     /// Sets the step counter (restoring a checkpoint).
     pub fn set_steps(&mut self, steps: u64) {
         self.steps = steps;
+    }
+
+    /// Whether the steps scale the loss: fp16 storage ([`LossScale`]).
+    fn scales_loss(&self) -> bool {
+        self.cfg.precision == Precision::Fp16
+    }
+
+    /// The loss scaler's state, in fp16 (`None` otherwise).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        let mut f = [0.0; LossScale::LEN];
+        self.be.read_into(self.plan.head.scaler, &mut f);
+        self.scales_loss().then_some(LossScale::from_floats(f).0)
+    }
+
+    /// Sets the loss scaler's state (restoring a checkpoint); an error outside fp16.
+    pub fn set_loss_scale(&mut self, state: LossScale) -> Result<()> {
+        if !self.scales_loss() {
+            bail!("{} training has no loss scale (fp16 has)", self.cfg.precision);
+        }
+        self.be.write(self.plan.head.scaler, &state.floats());
+        self.be.take_error()
     }
 
     /// The flat parameter buffer.
@@ -243,12 +270,21 @@ impl<B: Backend> Model<B> {
 
     /// The ops of a training step on `n` loaded images: forward, backward and, with `update`,
     /// the SGD update.
+    /// With loss scaling, the weight gradients are unscaled, and the update is skipped (the
+    /// scale halved) when one is not finite.
     fn train_ops(&mut self, n: usize, update: bool) {
         self.forward(n, Pass::Train);
         self.backward(n);
+        let (p, scales) = (&self.plan, self.scales_loss());
+        if scales {
+            self.be.unscale_grads(p.grads, p.head.scaler);
+        }
         if update {
-            let p = &self.plan;
-            self.be.sgd(p.params, p.grads, p.momentum, p.head.sgd, p.head.result.at(SGD_FLAG, 1));
+            let (skip, flag) = (p.head.scaler.at(0, 1), p.head.result.at(SGD_FLAG, 1));
+            self.be.sgd(p.params, p.grads, p.momentum, p.head.sgd, skip, flag);
+            if scales {
+                self.be.update_scale(p.head.scaler);
+            }
         }
     }
 
@@ -314,7 +350,8 @@ impl<B: Backend> Model<B> {
         if r[SGD_FLAG] != 0.0 || r[RUNNING_FLAG] != 0.0 {
             bail!("training stopped at step {}: {}", self.steps, self.non_finite());
         }
-        Ok(StepStats { loss: r[LOSS], correct: r[CORRECT] as usize, n })
+        let overflow = self.scales_loss() && r[FOUND] != 0.0;
+        Ok(StepStats { loss: r[LOSS], correct: r[CORRECT] as usize, n, overflow })
     }
 
     /// Where the first value that is not finite is: the tensor (of the parameters, momentum or
@@ -703,6 +740,9 @@ impl<B: Backend> Model<B> {
     }
 
     fn head_backward(&mut self, head: &HeadPlan, n: usize) {
+        if self.scales_loss() {
+            self.be.scale_loss_grad(head.g_logits.rows(n), head.scaler);
+        }
         let (w, _) = self.classifier(self.plan.params);
         let (gw, gb) = self.classifier(self.plan.grads);
         let (pooled, g_pooled) = (head.pooled.rows(n), head.g_pooled.rows(n));

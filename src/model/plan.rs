@@ -15,7 +15,7 @@
 //! gradients.
 
 use super::net::Net;
-use crate::backend::{aligned, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
+use crate::backend::{aligned, ConvShape, ConvSpec, DType, LossScale, Matrix, Moments, Sgd, Span, View};
 use crate::config::{BlockGeom, NetConfig, Precision, Stem};
 use crate::named::{by_name, Named};
 use crate::{bail, Result};
@@ -274,9 +274,11 @@ pub struct HeadPlan {
     pub logits: Matrix,
     /// Gradient of the logits.
     pub g_logits: Matrix,
-    /// `[loss, correct, SGD non-finite flag, running-statistics non-finite flag]`
+    /// `[loss, correct, SGD non-finite flag, running-statistics non-finite flag, scaler..]`
     /// ([`RESULT_LEN`] floats).
     pub result: Span,
+    /// The loss scaler inside the result ([`LossScale::floats`]).
+    pub scaler: Span,
     /// The SGD settings the step's update reads ([`Sgd::floats`]).
     pub sgd: Span,
 }
@@ -333,10 +335,11 @@ fn chunk(cfg: &NetConfig) -> usize {
     2 * cfg.growth
 }
 
-/// Floats of the head's result: the loss, the top-1 correct count, and two flags set (to 1,
-/// never cleared) when SGD leaves a parameter or momentum value that is not finite, and when
-/// a running statistic is not finite.
-pub const RESULT_LEN: usize = 4;
+/// Floats of the head's result: the loss, the top-1 correct count, two flags set (to 1, never
+/// cleared) when SGD leaves a parameter or momentum value that is not finite and when a
+/// running statistic is not finite, then the loss scaler ([`LossScale::floats`]; used in fp16
+/// only), all read after every step.
+pub const RESULT_LEN: usize = 4 + LossScale::LEN;
 
 /// Allocator over the arena, [`ALIGN`](crate::backend::ALIGN)ed regions: region `i` at `at[i]`
 /// where the placement gives it, else after the regions before it.
@@ -612,7 +615,7 @@ impl<'a> Planner<'a> {
         let logits = self.ar.take_lasting("logits", Category::Activations, n * classes).matrix(n, classes);
         let g_pooled = self.ar.take("pooled gradient", Category::Scratch, n * c).matrix(n, c);
         let g_logits = self.ar.take("logits gradient", Category::Scratch, n * classes).matrix(n, classes);
-        let control = "loss, correct count, non-finite flags and SGD settings";
+        let control = "loss, correct count, non-finite flags, loss scaler and SGD settings";
         let control = self.ar.take_lasting(control, Category::Scratch, RESULT_LEN + Sgd::LEN);
         HeadPlan {
             input: blocks.x[last],
@@ -624,6 +627,7 @@ impl<'a> Planner<'a> {
             g_pooled,
             g_logits,
             result: control.at(0, RESULT_LEN),
+            scaler: control.at(RESULT_LEN - LossScale::LEN, LossScale::LEN),
             sgd: control.at(RESULT_LEN, Sgd::LEN),
         }
     }

@@ -22,7 +22,9 @@
 //!   object of the [`NetConfig`] fields (`stem`, `stem_channels`, `growth`, `block_layers`,
 //!   `bottleneck`, `reduction`, `drop_rate`, `num_classes`: the class count), beside it `arch`
 //!   (the ImageNet architecture, `null` for a CIFAR network) and `image_size` (schema 2);
-//! - `memory`: the memory mode the run trained in (not recipe: a resume may change it).
+//! - `memory`: the memory mode the run trained in (not recipe: a resume may change it);
+//! - `loss_scale` and `loss_scale_good_steps`, in fp16 runs only: the loss scaler's state
+//!   ([`LossScale`]), so that a resume scales and skips exactly as the run would have.
 //!
 //! Format 1 (still read) had `network`, `dataset` and `seed` in place of `recipe` and
 //! `memory`: a resume of it takes the rest of the recipe from the flags.
@@ -61,7 +63,7 @@
 //! best file. `DENSENET_FAULT_AT=N` (for tests) aborts the process at the N-th step of a write
 //! (temporary file written, flushed, renamed, directory flushed), as a `kill -9` there would.
 
-use crate::backend::{Backend, DType};
+use crate::backend::{Backend, DType, LossScale};
 use crate::config::NetConfig;
 use crate::data::cifar::Dataset;
 use crate::model::names::Naming;
@@ -112,6 +114,8 @@ pub struct Meta {
     pub recorded: Recorded,
     /// The memory mode the run trained in (`None` in format 1).
     pub memory: Option<Mode>,
+    /// The loss scaler's state (fp16 runs only).
+    pub loss_scale: Option<LossScale>,
 }
 
 /// A run's recipe as its checkpoint records it.
@@ -153,6 +157,7 @@ impl Meta {
             steps: model.steps(),
             recorded: Recorded::Whole(recipe.clone()),
             memory: Some(model.plan().mode),
+            loss_scale: model.loss_scale(),
         }
     }
 
@@ -208,6 +213,10 @@ impl Meta {
         if let Some(m) = self.memory {
             put("memory", m.to_string());
         }
+        if let Some(s) = self.loss_scale {
+            put("loss_scale", s.scale.to_string());
+            put("loss_scale_good_steps", s.good_steps.to_string());
+        }
         match &self.recorded {
             Recorded::Whole(r) => put("recipe", r.to_json()),
             Recorded::Partial { config, dataset, seed } => {
@@ -258,9 +267,32 @@ impl Meta {
             best_epoch: map.get("best_epoch").map(|v| parse("best_epoch", v)).transpose()?,
             steps: parse("steps", get("steps")?)?,
             memory: map.get("memory").map(|v| parse("memory", v)).transpose()?,
+            loss_scale: loss_scale(map)?,
             recorded,
         })
     }
+}
+
+/// The loss scaler's state in `map`, when it has one: a positive, finite scale and fewer good
+/// steps than [`LossScale::GROWTH_INTERVAL`].
+fn loss_scale(map: &HashMap<String, String>) -> Result<Option<LossScale>> {
+    let (Some(scale), Some(good)) = (map.get("loss_scale"), map.get("loss_scale_good_steps")) else {
+        if map.contains_key("loss_scale") || map.contains_key("loss_scale_good_steps") {
+            bail!("the checkpoint metadata has one of 'loss_scale' and 'loss_scale_good_steps' without the other");
+        }
+        return Ok(None);
+    };
+    let scale: f32 = scale.parse().ok().filter(|s: &f32| s.is_finite() && *s > 0.0).ok_or_else(|| {
+        Error(format!("the checkpoint metadata 'loss_scale' is not a positive number: '{}'", scale.escape_debug()))
+    })?;
+    let good_steps: u32 = good.parse().ok().filter(|&g| g < LossScale::GROWTH_INTERVAL).ok_or_else(|| {
+        Error(format!(
+            "the checkpoint metadata 'loss_scale_good_steps' is not a count below {}: '{}'",
+            LossScale::GROWTH_INTERVAL,
+            good.escape_debug()
+        ))
+    })?;
+    Ok(Some(LossScale { scale, good_steps }))
 }
 
 /// The whole state a run resumes from or starts with, laid out for one network: its flat
@@ -275,13 +307,19 @@ pub struct State {
     pub running: Vec<f32>,
     /// Training steps taken.
     pub steps: u64,
+    /// The loss scaler's state (fp16 runs only).
+    pub loss_scale: Option<LossScale>,
 }
 
 impl State {
-    /// Overwrites the model's parameters, momentum, running statistics and step counter.
+    /// Overwrites the model's parameters, momentum, running statistics, step counter and loss
+    /// scaler.
     pub fn apply<B: Backend>(&self, model: &mut Model<B>) -> Result<()> {
         model.load(&self.params, &self.momentum, &self.running)?;
         model.set_steps(self.steps);
+        if let Some(s) = self.loss_scale {
+            model.set_loss_scale(s)?;
+        }
         Ok(())
     }
 }
@@ -576,7 +614,7 @@ impl Checkpoint {
         if let Some(extra) = first_unknown(st.names().into_iter(), is_known) {
             bail!("tensor '{extra}' is not part of {name}");
         }
-        Ok(State { params, momentum, running, steps })
+        Ok(State { params, momentum, running, steps, loss_scale: self.meta.loss_scale })
     }
 }
 
@@ -693,7 +731,7 @@ pub fn read_weights(path: &Path, cfg: &NetConfig, seed: u64) -> Result<Weights> 
     for (t, name) in lay.running.iter().zip(running_names) {
         read_f32(&st, name, &t.shape, &mut running[t.off..t.off + t.len()]).map_err(about)?;
     }
-    let state = State { params, momentum: vec![0.0; lay.len], running, steps: 0 };
+    let state = State { params, momentum: vec![0.0; lay.len], running, steps: 0, loss_scale: None };
     Ok(Weights { state, naming, reset })
 }
 
@@ -969,7 +1007,13 @@ mod tests {
         let state = ck.state().unwrap();
         assert_eq!(
             state,
-            State { params: m.params(), momentum: m.momentum(), running: m.running_stats(), steps: 12345 }
+            State {
+                params: m.params(),
+                momentum: m.momentum(),
+                running: m.running_stats(),
+                steps: 12345,
+                loss_scale: None
+            }
         );
         let mut fresh = model(&cfg, 99);
         state.apply(&mut fresh).unwrap();

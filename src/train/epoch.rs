@@ -16,6 +16,8 @@ pub struct EpochStats {
     pub loss: f64,
     /// Top-1 precision, percent.
     pub top1: f64,
+    /// Steps whose update fp16 loss scaling skipped ([`StepStats::overflow`]).
+    pub skipped: usize,
 }
 
 /// What the run has left after the epoch being trained, for a progress display's estimates.
@@ -98,7 +100,7 @@ fn run(
     let batches = loader.batches();
     let mut pass = loader.epoch(epoch as u64)?;
     let mut end = Instant::now();
-    let (mut index, mut images) = (0, 0);
+    let (mut index, mut images, mut skipped) = (0, 0, 0);
     while let Some(batch) = pass.next_batch()? {
         if let Some(signal) = super::stop::requested() {
             bail!("stopped by signal {signal} before batch {index} of {title}");
@@ -109,10 +111,11 @@ fn run(
         time.update(end.elapsed().as_secs_f64(), 1);
         end = Instant::now();
         images += s.n;
+        skipped += s.overflow as usize;
         progress.batch(&BatchDone { index, batches, images, time, loss, top1 })?;
         index += 1;
     }
-    Ok(EpochStats { loss: loss.avg(), top1: top1.avg() })
+    Ok(EpochStats { loss: loss.avg(), top1: top1.avg(), skipped })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ mod norm;
 mod pool;
 mod sgd;
 
-use super::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, Matrix, Moments, Sgd, Span, View};
+use super::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, LossScale, Matrix, Moments, Sgd, Span, View};
 use crate::elem::by_dtype;
 use crate::input::{Crop, Normalize};
 use crate::{bail, Result};
@@ -395,7 +395,30 @@ impl Backend for CpuBackend {
         loss::softmax_xent(&mut self.arena, &self.labels, logits, out, glogits);
     }
 
-    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
+    fn scale_loss_grad(&mut self, g: Matrix, scaler: Span) {
+        self.check_matrix(g, g.rows, g.cols);
+        let scale = self.arena[self.span(scaler, LossScale::LEN) + 1];
+        let at = g.data.index();
+        self.arena[at..at + g.rows * g.cols].iter_mut().for_each(|v| *v *= scale);
+    }
+
+    fn unscale_grads(&mut self, grads: Span, scaler: Span) {
+        let (at, s) = (self.span(grads, grads.len), self.span(scaler, LossScale::LEN));
+        let found = sgd::unscale(self.ptr(), at, grads.len, self.arena[s + 1]);
+        self.arena[s] = found as u8 as f32;
+    }
+
+    fn update_scale(&mut self, scaler: Span) {
+        let s = self.span(scaler, LossScale::LEN);
+        let (state, found) = LossScale::from_floats(self.arena[s..s + LossScale::LEN].try_into().expect("3 floats"));
+        let next = state.next(found).floats();
+        self.arena[s + 1..s + LossScale::LEN].copy_from_slice(&next[1..]);
+    }
+
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, skip: Span, flag: Span) {
+        if self.arena[self.span(skip, 1)] != 0.0 {
+            return;
+        }
         let len = params.len;
         let mut spans = [params, grads, momentum].map(|s| (self.span(s, len), s));
         spans.sort_unstable_by_key(|s| s.0);

@@ -8,7 +8,9 @@
 //! convolution workspace.
 
 use super::launch::{Arg, Args, Exec, Launch};
-use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, Matrix, Moments, Span, View};
+use crate::backend::{
+    Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, LossScale, Matrix, Moments, Span, View,
+};
 use crate::input::{Crop, Normalize, CHANNELS, LEVELS, PAD};
 use crate::Result;
 use std::cell::RefCell;
@@ -466,11 +468,27 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.launch("softmax_xent", [1, 1, 1], REDUCE_SHARED, args);
     }
 
-    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, flag: Span) {
-        // The kernel reads the settings from the arena, so a recorded step follows changes.
+    fn scale_loss_grad(&mut self, g: Matrix, scaler: Span) {
+        let len = g.rows * g.cols;
+        self.launch_flat("scale_loss_grad", len, Args::new().spans([g.data]).u64(len).spans([scaler]));
+    }
+
+    fn unscale_grads(&mut self, grads: Span, scaler: Span) {
+        self.launch("clear_found", [1, 1, 1], 0, Args::new().spans([scaler]));
+        self.launch_flat("unscale_grads", grads.len, Args::new().spans([grads]).u64(grads.len).spans([scaler]));
+    }
+
+    fn update_scale(&mut self, scaler: Span) {
+        let interval = LossScale::GROWTH_INTERVAL as usize;
+        self.launch("update_scale", [1, 1, 1], 0, Args::new().spans([scaler]).ints([interval]));
+    }
+
+    fn sgd(&mut self, params: Span, grads: Span, momentum: Span, settings: Span, skip: Span, flag: Span) {
+        // The kernel reads the settings and `skip` from the arena, so a recorded step follows
+        // changes.
         let len = params.len;
         assert!(grads.len == len && momentum.len == len, "SGD spans of different lengths");
-        let args = Args::new().spans([params, grads, momentum]).u64(len).spans([settings, flag]);
+        let args = Args::new().spans([params, grads, momentum]).u64(len).spans([settings, skip, flag]);
         self.launch_flat("sgd", len, args);
     }
 }

@@ -91,9 +91,9 @@ pub(crate) struct TrainArgs {
     /// Memory mode: naive, shared or minimal [with --resume: the run's unless given].
     #[arg(long, value_name = "MODE", default_value = "minimal")]
     memory: Mode,
-    /// Storage precision of the large tensors: f32 or bf16 (docs/precision.md; fp16 needs the
-    /// loss scaling still to be built) [with --resume: the run's].
-    #[arg(long, value_name = "P", default_value = "f32", value_parser = parse::trained_precision)]
+    /// Storage precision of the large tensors: f32, bf16 or fp16 (with loss scaling;
+    /// docs/precision.md) [with --resume: the run's].
+    #[arg(long, value_name = "P", default_value = "f32")]
     precision: Precision,
     /// Seed of the initialization, the shuffles, the augmentation and dropout [default: 0; with
     /// --resume: the run's, which an explicit value must equal unless --change-recipe].
@@ -220,8 +220,13 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
         (Passes::new(a.progress.print_freq), train::FitFrom { epoch: start.epoch, best: start.best });
     let best = train::fit(&mut model, &mut train_loader, &mut test_loader, recipe, from, &mut passes, |m, end| {
         let (e, t, v) = (end.epoch, end.train, end.test);
+        let scale = m.loss_scale();
+        let scaling = match scale {
+            Some(s) => format!("  loss scale {} ({} steps skipped)", s.scale, t.skipped),
+            None => String::new(),
+        };
         report(format_args!(
-            " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}  ({:.1} s)",
+            " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}{scaling}  ({:.1} s)",
             end.lr, t.loss, t.top1, v.loss, v.top1, end.secs
         ))?;
         saver.save(m, e + 1, end.best, end.improved)?;
@@ -234,6 +239,9 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
                 ("learning_rate", end.lr.into()),
             ] {
                 w.scalar(tag, value as f32, e as i64)?;
+            }
+            if let Some(s) = scale {
+                w.scalar("loss_scale", s.scale, e as i64)?;
             }
             w.flush()?;
         }
