@@ -102,3 +102,20 @@ fn fp16_loss_scaling_skips_an_overflowing_step_and_backs_off() {
         assert!(err.contains("has no loss scale"), "{err}");
     }
 }
+
+/// One training step in bf16 and in fp16 against PyTorch's float64 step with the engine's
+/// rounding points emulated (tests/gen_golden16.py), in every memory mode.
+#[test]
+fn a_sixteen_bit_step_matches_pytorch_with_the_same_rounding_points() {
+    use common::golden::check_rounded;
+    use densenet::backend::CpuBackend;
+    use densenet::config::Precision;
+    use densenet::model::plan::Mode;
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        for net in ["bc", "basic"] {
+            for mode in Mode::ALL {
+                check_rounded(&CpuBackend::new, net, mode, precision);
+            }
+        }
+    }
+}
