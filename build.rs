@@ -80,17 +80,31 @@ fn concatenate(dir: &Path) -> String {
     src
 }
 
-/// Names of the `__global__ void name(` functions in `src`, in order, outside comments.
+/// Names of the kernels in `src`, in order, outside comments and macro definitions: each
+/// `__global__ void name(` function, and the three instances `name_f32`, `name_bf16` and
+/// `name_f16` of each `DN_STORAGE_KERNELS(name, ...)` (kernels/dn.cuh).
 fn kernel_names(src: &str) -> Vec<String> {
-    strip_comments(src)
-        .split("__global__")
-        .skip(1)
-        .filter_map(|rest| {
-            let rest = rest.trim_start().strip_prefix("void")?.trim_start();
-            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
-            Some(rest[..end].to_string())
-        })
-        .collect()
+    let ident = |rest: &str| {
+        let rest = rest.trim_start();
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+        Some(rest[..end].to_string())
+    };
+    let mut names = Vec::new();
+    let mut in_define = false;
+    for line in strip_comments(src).lines() {
+        let defining = in_define || line.trim_start().starts_with("#define");
+        in_define = defining && line.trim_end().ends_with('\\');
+        if defining {
+            continue;
+        }
+        if let Some(name) = line.split_once("__global__").and_then(|(_, r)| ident(r.trim_start().strip_prefix("void")?))
+        {
+            names.push(name);
+        } else if let Some(name) = line.split_once("DN_STORAGE_KERNELS(").and_then(|(_, r)| ident(r)) {
+            names.extend(["f32", "bf16", "f16"].map(|t| format!("{name}_{t}")));
+        }
+    }
+    names
 }
 
 /// `src` without its `//` and `/* */` comments (string literals are not special-cased: kernels

@@ -2,30 +2,34 @@
 // later layer's BN), the running-statistics update, BN-apply + ReLU, and the fused backward
 // (ReLU mask recomputed from x, BN backward, accumulation into the block gradient buffer).
 // One block per channel for the reductions; sums are per-thread f32 partials added in f64.
+// Views hold any storage type T (DN_STORAGE_KERNELS); statistics and parameters are f32.
 #include "dn.cuh"
 
 // Channel blockIdx.x of a view: mean and biased variance over n images of hw pixels, as
 // sums of x - shift and (x - shift)^2 with shift the channel's first value.
-extern "C" __global__ void bn_stats(Buf<const float> x, int n, int hw, u64 stride, Buf<float> mean, Buf<float> var) {
-    DN_SHARED(double, s);
+template <class T>
+__device__ void bn_stats(Buf<const T> x, int n, int hw, u64 stride, Buf<float> mean, Buf<float> var) {
+    DN_SHARED(double, sums);
     const int c = blockIdx.x;
     const u64 base = (u64)c * hw, count = (u64)n * hw;
-    const float shift = x[base];
+    const float shift = dn_get(x[base]);
     float s1 = 0.0f, s2 = 0.0f;
     for (u64 j = threadIdx.x; j < count; j += blockDim.x) {
         const u64 img = j / hw;
-        const float d = x[base + img * stride + (j - img * hw)] - shift;
+        const float d = dn_get(x[base + img * stride + (j - img * hw)]) - shift;
         s1 += d;
         s2 += d * d;
     }
     double a = s1, b = s2;
-    block_sum2(s, a, b);
+    block_sum2(sums, a, b);
     if (threadIdx.x == 0) {
         const double m = a / (double)count;
         mean[c] = (float)((double)shift + m);
         var[c] = (float)fmax(b / (double)count - m * m, 0.0);
     }
 }
+DN_STORAGE_KERNELS(bn_stats, (Buf<const T> x, int n, int hw, u64 stride, Buf<float> mean, Buf<float> var),
+                   (x, n, hw, stride, mean, var))
 
 // running = (1 - m) running + m batch, the variance scaled by `unbias` = count / (count - 1);
 // flag[0] = 1 when an updated value is not finite (every writer stores the same value).
@@ -42,7 +46,8 @@ extern "C" __global__ void bn_update_running(Buf<const float> mean, Buf<const fl
 }
 
 // y = relu(x * scale + shift) over a view of n images x c channels x hw pixels (flattened).
-extern "C" __global__ void bn_relu(Buf<const float> x, u64 x_stride, Buf<float> y, u64 y_stride, int n, int c, int hw,
+template <class T>
+__device__ void bn_relu(Buf<const T> x, u64 x_stride, Buf<T> y, u64 y_stride, int n, int c, int hw,
                         Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
                         Buf<const float> beta) {
     const u64 i = dn_index(), chw = (u64)c * hw;
@@ -51,17 +56,22 @@ extern "C" __global__ void bn_relu(Buf<const float> x, u64 x_stride, Buf<float> 
     const int ch = (int)(r / hw);
     float scale, shift, inv_std;
     bn_affine(mean, var, gamma, beta, ch, scale, shift, inv_std);
-    y[img * y_stride + r] = dn_bn_relu(x[img * x_stride + r], scale, shift);
+    y[img * y_stride + r] = dn_put<T>(dn_bn_relu(dn_get(x[img * x_stride + r]), scale, shift));
 }
+DN_STORAGE_KERNELS(bn_relu,
+                   (Buf<const T> x, u64 x_stride, Buf<T> y, u64 y_stride, int n, int c, int hw, Buf<const float> mean,
+                    Buf<const float> var, Buf<const float> gamma, Buf<const float> beta),
+                   (x, x_stride, y, y_stride, n, c, hw, mean, var, gamma, beta))
 
 // Backward of bn_relu for channel blockIdx.x with batch statistics: gm = g where the forward
 // output was positive; dbeta = sum gm, dgamma = sum gm * xhat; dx = gamma inv_std (gm -
 // mean(gm) - xhat mean(gm xhat)), written or added to dx. dx may be g itself (in place).
-extern "C" __global__ void bn_relu_backward(Buf<const float> g, u64 g_stride, Buf<const float> x, u64 x_stride,
-                                 Buf<float> dx, u64 dx_stride, int n, int hw, Buf<const float> mean,
-                                 Buf<const float> var, Buf<const float> gamma, Buf<const float> beta,
-                                 Buf<float> dgamma, Buf<float> dbeta, int accumulate) {
-    DN_SHARED(double, s);
+template <class T>
+__device__ void bn_relu_backward(Buf<const T> g, u64 g_stride, Buf<const T> x, u64 x_stride, Buf<T> dx,
+                                 u64 dx_stride, int n, int hw, Buf<const float> mean, Buf<const float> var,
+                                 Buf<const float> gamma, Buf<const float> beta, Buf<float> dgamma,
+                                 Buf<float> dbeta, int accumulate) {
+    DN_SHARED(double, sums);
     const int c = blockIdx.x;
     const u64 base = (u64)c * hw, count = (u64)n * hw;
     float scale, shift, inv_std;
@@ -70,13 +80,13 @@ extern "C" __global__ void bn_relu_backward(Buf<const float> g, u64 g_stride, Bu
     float s1 = 0.0f, s2 = 0.0f;
     for (u64 j = threadIdx.x; j < count; j += blockDim.x) {
         const u64 img = j / hw, p = base + (j - img * hw);
-        const float xv = x[img * x_stride + p];
-        const float gm = xv * scale + shift > 0.0f ? g[img * g_stride + p] : 0.0f;
+        const float xv = dn_get(x[img * x_stride + p]);
+        const float gm = xv * scale + shift > 0.0f ? dn_get(g[img * g_stride + p]) : 0.0f;
         s1 += gm;
         s2 += gm * ((xv - mu) * inv_std);
     }
     double a = s1, b = s2;
-    block_sum2(s, a, b);
+    block_sum2(sums, a, b);
     if (threadIdx.x == 0) {
         dbeta[c] = (float)a;
         dgamma[c] = (float)b;
@@ -84,10 +94,16 @@ extern "C" __global__ void bn_relu_backward(Buf<const float> g, u64 g_stride, Bu
     const float mg = (float)(a / (double)count), mgx = (float)(b / (double)count), k = gamma[c] * inv_std;
     for (u64 j = threadIdx.x; j < count; j += blockDim.x) {
         const u64 img = j / hw, p = base + (j - img * hw);
-        const float xv = x[img * x_stride + p];
-        const float gm = xv * scale + shift > 0.0f ? g[img * g_stride + p] : 0.0f;
+        const float xv = dn_get(x[img * x_stride + p]);
+        const float gm = xv * scale + shift > 0.0f ? dn_get(g[img * g_stride + p]) : 0.0f;
         const float v = k * (gm - mg - (xv - mu) * inv_std * mgx);
         const u64 o = img * dx_stride + p;
-        dx[o] = accumulate ? dx[o] + v : v;
+        dx[o] = dn_put<T>(accumulate ? dn_get(dx[o]) + v : v);
     }
 }
+DN_STORAGE_KERNELS(bn_relu_backward,
+                   (Buf<const T> g, u64 g_stride, Buf<const T> x, u64 x_stride, Buf<T> dx, u64 dx_stride, int n,
+                    int hw, Buf<const float> mean, Buf<const float> var, Buf<const float> gamma,
+                    Buf<const float> beta, Buf<float> dgamma, Buf<float> dbeta, int accumulate),
+                   (g, g_stride, x, x_stride, dx, dx_stride, n, hw, mean, var, gamma, beta, dgamma, dbeta,
+                    accumulate))

@@ -78,3 +78,75 @@ __device__ void block_sum2(S s, double& a, double& b) {
     __syncthreads();
 }
 
+
+// ---- storage types (docs/precision.md) ----
+// A tensor ([`View`]) holds f32, bf16 or IEEE half; spans are f32. The 16-bit types are their
+// bits, widened exactly on load (dn_get) and rounded to nearest, ties to even, on store
+// (dn_put: a NaN stays a quiet NaN with its sign and top payload bits), by integer arithmetic
+// that is the same code on the GPU and on the host layer, and bit for bit the CPU backend's
+// (crate::elem). CUDA's __nv_bfloat16 and __half are not used: NVRTC has no cuda_bf16.h or
+// cuda_fp16.h unless a CUDA toolkit's include directory is found.
+struct dn_bf16 {
+    unsigned short bits;
+};
+struct dn_f16 {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float dn_get(float v) { return v; }
+__device__ __forceinline__ float dn_get(dn_bf16 v) { return __uint_as_float((unsigned)v.bits << 16); }
+__device__ __forceinline__ float dn_get(dn_f16 v) {
+    const unsigned sign = (unsigned)(v.bits & 0x8000u) << 16, e = (v.bits >> 10) & 0x1fu, m = v.bits & 0x3ffu;
+    if (e == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    if (e != 0) return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+    // Zero or subnormal: m 2^-24, exact.
+    const float s = (float)m * 5.9604644775390625e-8f;
+    return sign ? -s : s;
+}
+
+// `v` rounded to T.
+template <class T>
+__device__ T dn_put(float v);
+template <>
+__device__ __forceinline__ float dn_put<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ dn_bf16 dn_put<dn_bf16>(float v) {
+    const unsigned x = __float_as_uint(v);
+    if (v != v) return dn_bf16{(unsigned short)((x >> 16) | 0x40u)};
+    return dn_bf16{(unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
+}
+template <>
+__device__ __forceinline__ dn_f16 dn_put<dn_f16>(float v) {
+    const unsigned x = __float_as_uint(v), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return dn_f16{(unsigned short)(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
+    if (a >= 0x477ff000u) return dn_f16{(unsigned short)(sign | 0x7c00u)};  // 65520 and up: infinity
+    if (a >= 0x38800000u) {  // a normal half: rebias the exponent, round 13 bits off
+        const unsigned r = a - 0x38000000u;
+        return dn_f16{(unsigned short)(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13))};
+    }
+    if (a <= 0x33000000u) return dn_f16{(unsigned short)sign};  // 2^-25 and below: zero
+    // A subnormal half m 2^-24: the significand shifted right by 126 - e (14 to 24) and rounded.
+    const unsigned shift = 126u - (a >> 23), m = (a & 0x7fffffu) | 0x800000u;
+    const unsigned q = m >> shift, rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    return dn_f16{(unsigned short)(sign | (q + (rest > half || (rest == half && (q & 1u)))))};
+}
+
+// `v` as a T holds it: rounded and widened again.
+template <class T>
+__device__ __forceinline__ float dn_round(float v) {
+    return dn_get(dn_put<T>(v));
+}
+
+// DN_STORAGE_KERNELS(name, (params), (args)): the kernels name_f32, name_bf16 and name_f16,
+// each calling the template `name<T>(args)` with its storage type T, which `params` may name
+// (each is declared in a namespace of its own that defines T; build.rs lists them).
+#define DN_KERNEL_AS(name, suffix, Elem, params, args)                    \
+    namespace dn_##name##_##suffix {                                      \
+    typedef Elem T;                                                       \
+    extern "C" __global__ void name##_##suffix params { ::name<T> args; } \
+    }                                                                     \
+    using dn_##name##_##suffix::name##_##suffix;
+#define DN_STORAGE_KERNELS(name, params, args)             \
+    DN_KERNEL_AS(name, f32, float, params, args)           \
+    DN_KERNEL_AS(name, bf16, dn_bf16, params, args)        \
+    DN_KERNEL_AS(name, f16, dn_f16, params, args)

@@ -1,14 +1,18 @@
 // Elementwise ops: view copies, dropout with the counter-based RNG of src/rng.rs, and the SGD
-// update over the flat parameter buffer. One thread per element, 1-D grids.
+// update over the flat parameter buffer. One thread per element, 1-D grids. Views hold any
+// storage type T (DN_STORAGE_KERNELS).
 #include "dn.cuh"
 
-// dst = src for n images of `len` contiguous floats each.
-extern "C" __global__ void copy_images(Buf<const float> src, u64 src_stride, Buf<float> dst, u64 dst_stride, int n, u64 len) {
+// dst = src for n images of `len` contiguous elements each.
+template <class T>
+__device__ void copy_images(Buf<const T> src, u64 src_stride, Buf<T> dst, u64 dst_stride, int n, u64 len) {
     const u64 i = dn_index();
     if (i >= (u64)n * len) return;
     const u64 img = i / len, r = i - img * len;
     dst[img * dst_stride + r] = src[img * src_stride + r];
 }
+DN_STORAGE_KERNELS(copy_images, (Buf<const T> src, u64 src_stride, Buf<T> dst, u64 dst_stride, int n, u64 len),
+                   (src, src_stride, dst, dst_stride, n, len))
 
 // SplitMix64's finalizer (rng::mix64).
 __device__ __forceinline__ u64 dn_mix64(u64 z) {
@@ -23,13 +27,16 @@ __device__ __forceinline__ float dn_uniform(u64 key, u64 index) {
 }
 
 // In place: x = 0 where uniform(key, i) < p, else x * keep; i is the logical NCHW index over
-// n images of `len` floats.
-extern "C" __global__ void dropout(Buf<float> x, u64 stride, int n, u64 len, float p, float keep, u64 key) {
+// n images of `len` elements.
+template <class T>
+__device__ void dropout(Buf<T> x, u64 stride, int n, u64 len, float p, float keep, u64 key) {
     const u64 i = dn_index();
     if (i >= (u64)n * len) return;
     const u64 img = i / len, o = img * stride + (i - img * len);
-    x[o] = dn_uniform(key, i) < p ? 0.0f : x[o] * keep;
+    x[o] = dn_put<T>(dn_uniform(key, i) < p ? 0.0f : dn_get(x[o]) * keep);
 }
+DN_STORAGE_KERNELS(dropout, (Buf<T> x, u64 stride, int n, u64 len, float p, float keep, u64 key),
+                   (x, stride, n, len, p, keep, key))
 
 // torch.optim.SGD: d = g + wd p; m = mu m + d; p -= lr (nesterov ? d + mu m : m), with
 // hp = {lr, mu, wd, nesterov (0 or 1)} read from the arena (a recorded step follows changes);

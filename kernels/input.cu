@@ -11,9 +11,10 @@
 // (y / scale, x / scale) (window at (top, left) of the image zero-padded by `pad`, mirrored when
 // flip), 0 in the padding: each window pixel becomes a scale x scale square of dst, which holds
 // n images of 3 x scale h x scale w. `bytes` packs n images of 3 x h x w bytes 4 per word,
-// little-endian; crops[DN_CROP_WORDS img ..] = top, left, flip.
-extern "C" __global__ void augment(Buf<const unsigned> bytes, Buf<const int> crops, Buf<const float> table,
-                                   Buf<float> dst, int n, int h, int w, int scale, int pad) {
+// little-endian; crops[DN_CROP_WORDS img ..] = top, left, flip. dst holds storage type T.
+template <class T>
+__device__ void augment(Buf<const unsigned> bytes, Buf<const int> crops, Buf<const float> table, Buf<T> dst, int n,
+                        int h, int w, int scale, int pad) {
     const int ow = w * scale;
     const u64 plane = (u64)h * w, out_plane = plane * scale * scale, per = DN_CHANNELS * out_plane;
     const u64 i = dn_index();
@@ -28,5 +29,9 @@ extern "C" __global__ void augment(Buf<const unsigned> bytes, Buf<const int> cro
         const u64 b = (img * DN_CHANNELS + c) * plane + (u64)row * w + col;
         v = (bytes[b / 4] >> (8 * (b % 4))) & 0xffu;
     }
-    dst[i] = table[c * DN_LEVELS + v];
+    dst[i] = dn_put<T>(table[c * DN_LEVELS + v]);
 }
+DN_STORAGE_KERNELS(augment,
+                   (Buf<const unsigned> bytes, Buf<const int> crops, Buf<const float> table, Buf<T> dst, int n, int h,
+                    int w, int scale, int pad),
+                   (bytes, crops, table, dst, n, h, w, scale, pad))

@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 /// An element type of the arena's tensors.
-pub trait Elem: Copy + Send + Sync + 'static {
+pub trait Elem: bytemuck::Pod + Send + Sync + 'static {
     /// Whether this is f32 (a pointer to it may be cast to one to f32).
     const F32: bool = false;
 
@@ -247,56 +247,62 @@ macro_rules! by_dtype {
 pub(crate) use by_dtype;
 
 #[cfg(test)]
+/// f32 values that round every way: ties to even up and down, values just off a tie, the
+/// largest finite values and past them, subnormals of each type, zeros, infinities, NaNs
+/// with payloads, and random bit patterns.
+pub(crate) fn awkward() -> Vec<f32> {
+    let mut bits: Vec<u32> = vec![
+        0,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0xffc0_0001,
+        0x7f80_0001,
+        0x7fbf_ffff,
+        1,
+        0x8000_0001,
+        0x0080_0000,
+        0x007f_ffff,
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0x7f7f_8000,
+        0x7f7f_7fff,
+        0x477f_e000,
+        0x477f_f000,
+        0x477f_efff,
+        0x3380_0000,
+        0x3300_0000,
+        0x3380_0001,
+        0x387f_c000,
+        0x3f80_8000,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x3f80_7fff,
+        0xbf80_8000,
+        0xbf81_8000,
+        0x3f80_1000,
+        0x3f80_3000,
+        0x3f80_2fff,
+        0x3300_0001,
+        0xb300_0001,
+        0x3400_0000,
+        0x387f_f000,
+        0x3880_0000,
+    ];
+    let mut s = 0x9e37_79b9u32;
+    for _ in 0..200_000 {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        bits.push(s);
+    }
+    bits.into_iter().map(f32::from_bits).collect()
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    /// f32 values that round every way: ties to even up and down, values just off a tie, the
-    /// largest finite values and past them, subnormals of each type, zeros, infinities, NaNs
-    /// with payloads, and random bit patterns.
-    fn awkward() -> Vec<f32> {
-        let mut bits: Vec<u32> = vec![
-            0,
-            0x8000_0000,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0000,
-            0xffc0_0001,
-            0x7f80_0001,
-            0x7fbf_ffff,
-            1,
-            0x8000_0001,
-            0x0080_0000,
-            0x007f_ffff,
-            0x7f7f_ffff,
-            0xff7f_ffff,
-            0x7f7f_8000,
-            0x7f7f_7fff,
-            0x477f_e000,
-            0x477f_f000,
-            0x477f_efff,
-            0x3380_0000,
-            0x3300_0000,
-            0x3380_0001,
-            0x387f_c000,
-            0x3f80_8000,
-            0x3f81_8000,
-            0x3f80_8001,
-            0x3f80_7fff,
-            0xbf80_8000,
-            0xbf81_8000,
-            0x3f80_1000,
-            0x3f80_3000,
-            0x3f80_2fff,
-        ];
-        let mut s = 0x9e37_79b9u32;
-        for _ in 0..200_000 {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            bits.push(s);
-        }
-        bits.into_iter().map(f32::from_bits).collect()
-    }
 
     /// The AVX2 path loads, stores and rounds what the portable one does, bit for bit (any NaN
     /// for a NaN), for every 16-bit pattern and for [`awkward`] values; partial loads and

@@ -108,6 +108,123 @@ impl Layout {
     }
 }
 
+impl<E: Exec> Twin<E> {
+    /// A channel slice of a fresh region of `dtype` elements (2 channels before, 1 after), its
+    /// whole region filled with the same random values on both backends (rounded to `dtype`).
+    fn slice_of(&mut self, l: &mut Layout, dtype: DType, (n, c, h, w): (usize, usize, usize, usize)) -> View {
+        let len = n * (c + 3) * h * w;
+        let region = l.take(len.div_ceil(2));
+        self.seed += 1;
+        let values: Vec<f32> = (0..len).map(|i| rng::normal(self.seed, i as u64) as f32).collect();
+        self.write(Span { len, dtype, ..region }, &values);
+        View { dtype, ..View::dense(region.off, n, c + 3, h, w) }.channels(2, c)
+    }
+
+    /// Runs `op` on both backends: each image of each of `views` within `ulps` units in the
+    /// last place of its type, relative to the CPU's value or `floor` below it; each of `spans`
+    /// (f32) within TOL.
+    fn check(
+        &mut self,
+        what: &str,
+        op: impl Fn(&mut dyn Backend),
+        views: &[View],
+        spans: &[Span],
+        (ulps, floor): (f32, f32),
+    ) {
+        op(&mut self.cpu);
+        op(&mut self.dev);
+        self.dev.take_error().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let outputs = views.iter().flat_map(|v| (0..v.n).map(|i| (v.image(i), ulps * ulp(v.dtype), floor)));
+        for (span, tol, floor) in outputs.chain(spans.iter().map(|&s| (s, TOL, FLOOR))) {
+            let (a, b) = (self.dev.read(span), self.cpu.read(span));
+            for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+                let e = (x - y).abs() / y.abs().max(floor);
+                assert!(e <= tol || (x.is_nan() && y.is_nan()), "{what}: {span:?}[{i}]: cuda {x} vs cpu {y}");
+            }
+        }
+    }
+}
+
+/// Bit for bit (the floor is irrelevant).
+const EXACT: (f32, f32) = (0.0, FLOOR);
+
+/// A unit in the last place of 1 in `dtype`.
+fn ulp(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => f32::EPSILON,
+        DType::BF16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+    }
+}
+
+/// The kernels on bf16 and f16 tensors (kernels/dn.cuh's storage types) against the CPU
+/// backend's ops: bit for bit where both round the same f32 value (copies, dropout, BN-ReLU,
+/// the pools' forwards, the average pool's backward, the head's broadcast), within one unit in
+/// the last place where a BN backward's sums run in another order, and within 8 of the
+/// gradients' magnitude (about 1 here) for the max pool's backward, which sums in f32 where the
+/// CPU adds each window in 16 bits (the CPU's own bound, docs/precision.md); statistics and
+/// parameter gradients (f32) within TOL.
+fn sixteen_bit<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
+    for dtype in [DType::BF16, DType::F16] {
+        for (n, c, h, w) in SHAPES {
+            let (half, (mh, mw)) = ((n, c, h / 2, w / 2), ((h - 1) / 2 + 1, (w - 1) / 2 + 1));
+            let mut l = Layout::default();
+            let (bn, grad, pooled, gp) = (l.bn(c), l.affine(c), l.take(n * c).matrix(n, c), l.take(n * c).matrix(n, c));
+            let mut t = Twin::new(make, 8 * l.len + 8 * n * (c + 3) * h * w, &[], n);
+            let mut views = |t: &mut Twin<E>, shape, k: usize| -> Vec<View> {
+                (0..k).map(|_| t.slice_of(&mut l, dtype, shape)).collect()
+            };
+            let [x, y, g, dx, gx] = views(&mut t, (n, c, h, w), 5)[..] else { unreachable!() };
+            let [a, ga] = views(&mut t, half, 2)[..] else { unreachable!() };
+            let [m, gm] = views(&mut t, (n, c, mh, mw), 2)[..] else { unreachable!() };
+            t.positive(bn.stats.var);
+            let at = format!("{dtype:?} n{n} c{c} {h}x{w}");
+            t.check(&format!("copy {at}"), |be| be.copy(x, y), &[y], &[], EXACT);
+            t.check(&format!("dropout {at}"), |be| be.dropout(y, 0.3, 0xfeed), &[y], &[], EXACT);
+            t.check(
+                &format!("bn_stats {at}"),
+                |be| be.bn_stats(x, bn.stats),
+                &[],
+                &[bn.stats.mean, bn.stats.var],
+                EXACT,
+            );
+            t.positive(bn.stats.var);
+            t.check(&format!("bn_relu {at}"), |be| be.bn_relu(x, bn, y), &[y], &[], EXACT);
+            for accumulate in [false, true] {
+                let what = format!("bn_relu_backward {at} accumulate {accumulate}");
+                t.check(
+                    &what,
+                    |be| be.bn_relu_backward(g, x, bn, grad, dx, accumulate),
+                    &[dx],
+                    &[grad.gamma, grad.beta],
+                    (1.0, FLOOR),
+                );
+            }
+            t.check(&format!("avg_pool2 {at}"), |be| be.avg_pool2(x, a), &[a], &[], EXACT);
+            t.check(&format!("avg_pool2_backward {at}"), |be| be.avg_pool2_backward(ga, gx), &[gx], &[], EXACT);
+            for pre in [None, Some(bn)] {
+                let p = pre.is_some();
+                t.check(&format!("max_pool3 {at} pre {p}"), |be| be.max_pool3(x, pre, m), &[m], &[], EXACT);
+                let what = format!("max_pool3_backward {at} pre {p}");
+                t.check(&what, |be| be.max_pool3_backward(x, pre, gm, gx), &[gx], &[], (8.0, 1.0));
+            }
+            t.check(&format!("global_avg_pool {at}"), |be| be.global_avg_pool(x, pooled), &[], &[pooled.data], EXACT);
+            let what = format!("global_avg_pool_backward {at}");
+            t.check(&what, |be| be.global_avg_pool_backward(gp, gx), &[gx], &[], EXACT);
+            let input = View { dtype, ..View::dense(l.take(n * 3 * h * w).off, n, 3, h, w) };
+            let bytes: Vec<u8> = (0..n * 3 * h * w).map(|i| rng::mix64(i as u64) as u8).collect();
+            let crops: Vec<Crop> = (0..n).map(|i| Crop { top: 4 + i, left: 8 - 2 * i, flip: i % 2 == 1 }).collect();
+            let norm = normalization(Dataset::Cifar10);
+            t.check(&format!("augment {at}"), |be| be.augment(&bytes, &crops, &norm, 1, input), &[input], &[], EXACT);
+        }
+    }
+}
+
+#[test]
+fn sixteen_bit_kernels_match_the_cpu() {
+    common::devices::on_host(sixteen_bit);
+}
+
 /// Shapes (n, c, h, w) the elementwise and pooling ops run at.
 const SHAPES: [(usize, usize, usize, usize); 3] = [(1, 5, 7, 9), (3, 7, 5, 5), (2, 3, 17, 19)];
 

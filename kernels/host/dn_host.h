@@ -49,7 +49,8 @@ constexpr int warpSize = 32;
 // aborted, by another thread's error or the time limit, stops this thread).
 template <class T>
 struct Buf {
-  static_assert(sizeof(T) == 4, "Buf<T>: arena elements are 4 bytes (float, int, unsigned)");
+  static_assert(sizeof(T) == 4 || sizeof(T) == 2,
+                "Buf<T>: arena elements are 4 bytes (float, int, unsigned) or 2 (dn_bf16, dn_f16)");
   T* ptr;
   size_t len;
   size_t off;  // offset of this view in the launch argument (after `buf + n`)

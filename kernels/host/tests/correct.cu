@@ -85,3 +85,20 @@ __global__ void hosttest_grid2d(Buf<float> y, int width, int height) {
   int row = (int)(blockIdx.y * blockDim.y + threadIdx.y);
   if (col < width && row < height) y[row * width + col] = (float)(row * 1000 + col);
 }
+
+// The storage types (kernels/dn.cuh): widened[i] = dn_get(bits[i]) for i < n_bits, and for
+// i < n_values narrowed[i] = dn_put<T>(values[i]), rounded[i] = dn_round<T>(values[i]).
+template <class T>
+__device__ void hosttest_storage(Buf<const T> bits, Buf<float> widened, int n_bits, Buf<const float> values,
+                                 Buf<T> narrowed, Buf<float> rounded, int n_values) {
+  int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n_bits) widened[i] = dn_get(bits[i]);
+  if (i < n_values) {
+    narrowed[i] = dn_put<T>(values[i]);
+    rounded[i] = dn_round<T>(values[i]);
+  }
+}
+DN_STORAGE_KERNELS(hosttest_storage,
+                   (Buf<const T> bits, Buf<float> widened, int n_bits, Buf<const float> values, Buf<T> narrowed,
+                    Buf<float> rounded, int n_values),
+                   (bits, widened, n_bits, values, narrowed, rounded, n_values))

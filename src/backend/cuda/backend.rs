@@ -11,6 +11,7 @@ use super::launch::{Arg, Args, Exec, Launch};
 use crate::backend::{
     Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, LossScale, Matrix, Moments, Span, View,
 };
+use crate::elem::{by_dtype, Elem};
 use crate::input::{Crop, Normalize, CHANNELS, LEVELS, PAD};
 use crate::Result;
 use std::cell::RefCell;
@@ -66,6 +67,37 @@ enum GraphState {
     Replayed,
     /// Recording or capturing failed: steps run op by op; why.
     FellBack(String),
+}
+
+/// The instance of kernel `$base` (a `DN_STORAGE_KERNELS` template, kernels/dn.cuh) for
+/// tensors of element type `$dtype`.
+macro_rules! typed {
+    ($base:literal, $dtype:expr) => {
+        match $dtype {
+            DType::F32 => concat!($base, "_f32"),
+            DType::BF16 => concat!($base, "_bf16"),
+            DType::F16 => concat!($base, "_f16"),
+        }
+    };
+}
+
+/// Writes `data` to the device at byte `off` as elements of `T` (rounded).
+fn write_elems<T: Elem>(exec: &mut impl Exec, off: usize, data: &[f32]) -> Result<()> {
+    match T::F32 {
+        true => exec.write(off, bytemuck::cast_slice(data)),
+        false => exec.write(off, bytemuck::cast_slice(&data.iter().map(|&v| T::put(v)).collect::<Vec<T>>())),
+    }
+}
+
+/// Reads `out.len()` elements of `T` at byte `off` of the device into `out`, widened.
+fn read_elems<T: Elem>(exec: &impl Exec, off: usize, out: &mut [f32]) -> Result<()> {
+    if T::F32 {
+        return exec.read_into(off, bytemuck::cast_slice_mut(out));
+    }
+    let mut elems = vec![T::put(0.0); out.len()];
+    exec.read_into(off, bytemuck::cast_slice_mut(&mut elems))?;
+    out.iter_mut().zip(&elems).for_each(|(o, e)| *o = e.get());
+    Ok(())
 }
 
 /// A 1-D launch configuration covering `total` threads.
@@ -137,7 +169,7 @@ impl<E: Exec> CudaBackend<E> {
     /// `relu(bn(x))` into `y`.
     fn launch_bn_relu(&mut self, x: View, bn: Bn, y: View) {
         let args = Args::new().view(x).view(y).ints([x.n, x.c, x.hw()]).spans(Self::bn_spans(bn, x.c));
-        self.launch_flat("bn_relu", x.numel(), args);
+        self.launch_flat(typed!("bn_relu", x.dtype), x.numel(), args);
     }
 
     /// A pooling kernel's arguments: each view's buffer and image stride, then the sizes
@@ -172,7 +204,7 @@ impl<E: Exec> CudaBackend<E> {
             let n = FUSED_CHUNK.min(x.n - i);
             let xs = x.images(i, n);
             assert!(xs.numel() <= self.pre_len, "fused input {xs:?} larger than the scratch");
-            let scratch = View::dense(self.pre, n, x.c, x.h, x.w);
+            let scratch = View { dtype: x.dtype, ..View::dense(self.pre, n, x.c, x.h, x.w) };
             self.launch_bn_relu(xs, bn, scratch);
             conv(self, scratch, i == 0, i, n);
         }
@@ -182,6 +214,10 @@ impl<E: Exec> CudaBackend<E> {
 impl<E: Exec> Backend for CudaBackend<E> {
     fn describe(&self) -> String {
         self.exec.describe()
+    }
+
+    fn stores(&self, dtype: DType) -> bool {
+        self.exec.stores(dtype)
     }
 
     fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
@@ -279,14 +315,14 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn write(&mut self, dst: Span, data: &[f32]) {
-        assert_eq!((dst.dtype, dst.len), (DType::F32, data.len()), "a write of {} f32 to {dst:?}", data.len());
-        let r = self.exec.write(dst.off, bytemuck::cast_slice(data));
+        assert_eq!(dst.len, data.len(), "a write of {} values to {dst:?}", data.len());
+        let r = by_dtype!(dst.dtype, write_elems(&mut self.exec, dst.off, data));
         self.keep_error(r);
     }
 
     fn read_into(&self, src: Span, out: &mut [f32]) {
-        assert_eq!((src.dtype, src.len), (DType::F32, out.len()), "a read of {} f32 from {src:?}", out.len());
-        let r = self.exec.read_into(src.off, bytemuck::cast_slice_mut(out));
+        assert_eq!(src.len, out.len(), "a read of {} values from {src:?}", out.len());
+        let r = by_dtype!(src.dtype, read_elems(&self.exec, src.off, out));
         if r.is_err() {
             out.fill(f32::NAN);
         }
@@ -306,7 +342,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(dst);
         let len = src.c * src.hw();
         let args = Args::new().view(src).view(dst).ints([src.n]).u64(len);
-        self.launch_flat("copy_images", src.n * len, args);
+        self.launch_flat(typed!("copy_images", src.dtype), src.n * len, args);
     }
 
     fn augment(&mut self, bytes: &[u8], crops: &[Crop], norm: &Normalize, scale: usize, dst: View) {
@@ -340,7 +376,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             .words(word(table_off), total - table_off)
             .view_buf(dst)
             .ints([n, h, w, scale, PAD]);
-        self.launch_flat("augment", dst.numel(), args);
+        self.launch_flat(typed!("augment", dst.dtype), dst.numel(), args);
     }
 
     fn conv_forward(&mut self, x: View, pre: Option<Bn>, w: Span, y: View, spec: ConvSpec) {
@@ -372,7 +408,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.check_view(x);
         assert!(out.mean.len == x.c && out.var.len == x.c, "{} channels into {out:?}", x.c);
         let args = Args::new().view_buf(x).ints([x.n, x.hw()]).u64(x.img_stride).spans([out.mean, out.var]);
-        self.launch("bn_stats", [x.c as u32, 1, 1], REDUCE_SHARED, args);
+        self.launch(typed!("bn_stats", x.dtype), [x.c as u32, 1, 1], REDUCE_SHARED, args);
     }
 
     fn bn_update_running(&mut self, batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span) {
@@ -406,7 +442,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             .spans(Self::bn_spans(bn, x.c))
             .spans([grad.gamma, grad.beta])
             .arg(Arg::I32(accumulate as i32));
-        self.launch("bn_relu_backward", [x.c as u32, 1, 1], REDUCE_SHARED, args);
+        self.launch(typed!("bn_relu_backward", x.dtype), [x.c as u32, 1, 1], REDUCE_SHARED, args);
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
@@ -414,37 +450,37 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let len = x.c * x.hw();
         let keep = 1.0 / (1.0 - p);
         let args = Args::new().view(x).ints([x.n]).u64(len).f32(p).f32(keep).arg(Arg::U64(key));
-        self.launch_flat("dropout", x.n * len, args);
+        self.launch_flat(typed!("dropout", x.dtype), x.n * len, args);
     }
 
     fn avg_pool2(&mut self, x: View, y: View) {
         let args = self.pool_args(&[x, y], x);
-        self.launch_flat("avg_pool2", y.numel(), args);
+        self.launch_flat(typed!("avg_pool2", x.dtype), y.numel(), args);
     }
 
     fn avg_pool2_backward(&mut self, gy: View, gx: View) {
         let args = self.pool_args(&[gy, gx], gx);
-        self.launch_flat("avg_pool2_backward", gx.numel(), args);
+        self.launch_flat(typed!("avg_pool2_backward", gx.dtype), gx.numel(), args);
     }
 
     fn max_pool3(&mut self, x: View, pre: Option<Bn>, y: View) {
-        self.max_pool("max_pool3", &[x, y], x, pre, y.numel());
+        self.max_pool(typed!("max_pool3", x.dtype), &[x, y], x, pre, y.numel());
     }
 
     fn max_pool3_backward(&mut self, x: View, pre: Option<Bn>, gy: View, gx: View) {
-        self.max_pool("max_pool3_backward", &[x, gy, gx], x, pre, x.numel());
+        self.max_pool(typed!("max_pool3_backward", x.dtype), &[x, gy, gx], x, pre, x.numel());
     }
 
     fn global_avg_pool(&mut self, x: View, y: Matrix) {
         self.check_view(x);
         let args = Args::new().view(x).spans([y.data]).ints([x.n, x.c, x.hw()]);
-        self.launch_flat("global_avg_pool", x.n * x.c, args);
+        self.launch_flat(typed!("global_avg_pool", x.dtype), x.n * x.c, args);
     }
 
     fn global_avg_pool_backward(&mut self, gy: Matrix, gx: View) {
         self.check_view(gx);
         let args = Args::new().spans([gy.data]).view(gx).ints([gx.n, gx.c, gx.hw()]);
-        self.launch_flat("global_avg_pool_backward", gx.numel(), args);
+        self.launch_flat(typed!("global_avg_pool_backward", gx.dtype), gx.numel(), args);
     }
 
     fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix) {

@@ -82,6 +82,10 @@ impl Exec for HostExec {
         format!("host device (CUDA kernels on the host layer, convolutions on the {})", self.cpu.describe())
     }
 
+    fn stores(&self, _: DType) -> bool {
+        true
+    }
+
     fn conv_workspace_len(&mut self, convs: &[ConvShape], batch: usize) -> Result<usize> {
         self.cpu.workspace_len(convs, 0, batch)
     }

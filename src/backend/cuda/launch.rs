@@ -1,7 +1,7 @@
 //! One launch description for both ways a kernel runs: the real GPU (cudarc) and the host
 //! execution layer (`kernels/host/`), so the configuration the GPU gets is the one tested.
 
-use crate::backend::{ConvShape, ConvSpec, DeviceMemory, Library, Span, View};
+use crate::backend::{ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
 use crate::Result;
 
 /// A kernel argument, in the kernel's parameter order.
@@ -95,6 +95,10 @@ pub struct Launch<'a> {
 pub trait Exec {
     /// What runs the work, for messages.
     fn describe(&self) -> String;
+    /// Whether the convolutions take tensors of `dtype` (the kernels take every storage type).
+    fn stores(&self, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
     /// The run-time libraries it loaded (none on the host device).
     fn libraries(&self) -> Vec<Library> {
         Vec::new()

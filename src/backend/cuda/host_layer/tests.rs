@@ -326,3 +326,57 @@ fn launch_configuration_limits() {
         Kernel { name: "hosttest_block_sum", grid, block, shared }.error(4096, &args, want);
     }
 }
+
+/// The kernels' 16-bit storage types (kernels/dn.cuh) widen every bf16 and f16 pattern and
+/// round f32 values (`crate::elem::awkward`: ties both ways, subnormals, overflow, NaN,
+/// random bits) as the `half` crate does, bit for bit (any NaN for a NaN): the values the CPU
+/// backend stores.
+#[test]
+fn storage_types_convert_as_the_cpu_does() {
+    use crate::backend::DType;
+    use crate::elem::Elem;
+    fn check<T: Elem + PartialEq + std::fmt::Debug>(kernel: &'static str, dtype: DType, from_bits: fn(u16) -> T) {
+        let values = crate::elem::awkward();
+        let (n_bits, n) = (1usize << 16, values.len());
+        // Words: the patterns (two a word), their widening, the values, their narrowing, their rounding.
+        let (widened, at_values) = (n_bits / 2, n_bits / 2 + n_bits);
+        let (narrowed, rounded) = (at_values + n, at_values + n + n.div_ceil(2));
+        let mut arena = vec![0u32; rounded + n];
+        for (i, w) in arena[..n_bits / 2].iter_mut().enumerate() {
+            *w = (2 * i as u32) | ((2 * i as u32 + 1) << 16);
+        }
+        for (w, v) in arena[at_values..].iter_mut().zip(&values) {
+            *w = v.to_bits();
+        }
+        let half = |off: usize, len: usize| Arg::Buf(Span { off: 4 * off, len, dtype, tag: 0 });
+        let threads = 256;
+        let k = Kernel {
+            name: kernel,
+            grid: [n_bits.max(n).div_ceil(threads) as u32, 1, 1],
+            block: [threads as u32, 1, 1],
+            shared: 0,
+        };
+        let args = [
+            half(0, n_bits),
+            buf(widened, n_bits),
+            Arg::I32(n_bits as i32),
+            buf(at_values, n),
+            half(narrowed, n),
+            buf(rounded, n),
+            Arg::I32(n as i32),
+        ];
+        k.run(&mut arena, &args).unwrap();
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for (b, &got) in floats(&arena[widened..widened + n_bits]).iter().enumerate() {
+            assert!(same(got, from_bits(b as u16).get()), "{kernel}: {b:#06x} widens to {got:e}");
+        }
+        let stored: &[T] = &bytemuck::cast_slice(&arena[narrowed..rounded])[..n];
+        for ((&v, &got), &round) in values.iter().zip(stored).zip(&floats(&arena[rounded..rounded + n])) {
+            let want = T::put(v);
+            assert!(got == want || (got.get().is_nan() && want.get().is_nan()), "{kernel}: {v:e} stores {got:?}");
+            assert!(same(round, want.get()), "{kernel}: {v:e} rounds to {round:e}");
+        }
+    }
+    check("hosttest_storage_bf16", DType::BF16, half::bf16::from_bits);
+    check("hosttest_storage_f16", DType::F16, half::f16::from_bits);
+}
