@@ -37,9 +37,9 @@ pub struct CudaBackend<E: Exec> {
     exec: E,
     /// Bytes of the plan's arena.
     len: usize,
-    /// Floats of the fused-BN scratch: the largest convolution input of [`FUSED_CHUNK`]
-    /// images, or the staged input batch if larger.
-    pre_len: usize,
+    /// Bytes of the fused-BN scratch: the largest convolution input of [`FUSED_CHUNK`]
+    /// images (in its storage type), or the staged input batch if larger.
+    pre_bytes: usize,
     /// Bytes of the executor's convolution workspace.
     conv_len: usize,
     /// Byte offsets of the scratch and of the labels, after the plan's arena (set by
@@ -117,7 +117,7 @@ impl<E: Exec> CudaBackend<E> {
         CudaBackend {
             exec,
             len: 0,
-            pre_len: 0,
+            pre_bytes: 0,
             conv_len: 0,
             pre: 0,
             labels: 0,
@@ -203,7 +203,7 @@ impl<E: Exec> CudaBackend<E> {
         for i in (0..x.n).step_by(FUSED_CHUNK) {
             let n = FUSED_CHUNK.min(x.n - i);
             let xs = x.images(i, n);
-            assert!(xs.numel() <= self.pre_len, "fused input {xs:?} larger than the scratch");
+            assert!(xs.numel() * x.dtype.size() <= self.pre_bytes, "fused input {xs:?} larger than the scratch");
             let scratch = View { dtype: x.dtype, ..View::dense(self.pre, n, x.c, x.h, x.w) };
             self.launch_bn_relu(xs, bn, scratch);
             conv(self, scratch, i == 0, i, n);
@@ -222,14 +222,16 @@ impl<E: Exec> Backend for CudaBackend<E> {
 
     fn workspace_len(&mut self, convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize> {
         // Fused inputs, FUSED_CHUNK images at a time; the input batch is staged here too.
-        let fused = FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w).max().unwrap_or(0);
-        self.pre_len = fused.max(staged_words(batch, image_len));
+        let fused =
+            FUSED_CHUNK.min(batch) * convs.iter().map(|s| s.cin * s.h * s.w * s.dtype.size()).max().unwrap_or(0);
+        // Whole words, so that the convolution workspace after it stays f32-aligned.
+        self.pre_bytes = fused.max(staged_words(batch, image_len) * WORD_BYTES).next_multiple_of(WORD_BYTES);
         self.conv_len = self.exec.conv_workspace_len(convs, batch)?;
-        Ok(self.pre_len * DType::F32.size() + self.conv_len)
+        Ok(self.pre_bytes + self.conv_len)
     }
 
     fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
-        let pre_bytes = self.pre_len * DType::F32.size();
+        let pre_bytes = self.pre_bytes;
         assert_eq!(workspace.bytes(), pre_bytes + self.conv_len, "workspace not laid out by workspace_len");
         self.pre = workspace.off;
         self.labels = len;
@@ -366,7 +368,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let table_off = s.len();
         s.extend(norm.table().iter().map(|v| v.to_bits()));
         let total = s.len();
-        assert!(total <= self.pre_len, "the input batch does not fit the scratch");
+        assert!(total * WORD_BYTES <= self.pre_bytes, "the input batch does not fit the scratch");
         let r = self.exec.write(self.pre, bytemuck::cast_slice(&self.staging));
         self.keep_error(r);
         let word = |i: usize| self.pre + i * WORD_BYTES;
