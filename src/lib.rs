@@ -13,6 +13,7 @@ pub mod data;
 pub mod elem;
 pub mod error;
 pub mod input;
+pub mod launch;
 pub mod measure;
 pub mod model;
 pub mod named;

@@ -363,3 +363,33 @@ fn help_lists_the_reference_flags() {
         assert!(text.contains(flag), "{flag} missing from help:\n{text}");
     }
 }
+
+/// Started by torchrun or srun as one of several ranks, `train` refuses with a one-line error
+/// before it touches the runs directory (each rank would train the whole job); a job of one
+/// rank trains as a plain run (docs/launch.md).
+#[test]
+fn a_rank_of_several_is_refused() {
+    let (data, runs) = (cifar10(), TempDir::new().unwrap());
+    let run = |env: &[(&str, &str)]| {
+        let mut args = vec!["train", "--data-dir", data.path().to_str().unwrap(), "--device", "cpu"];
+        args.extend(["--runs-dir", runs.path().to_str().unwrap(), "--epochs", "1", "-b", "8"]);
+        args.extend(TINY);
+        std::process::Command::new(env!("CARGO_BIN_EXE_densenet"))
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let torchrun = [("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("LOCAL_RANK", "1")];
+    let srun = [("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_JOB_NODELIST", "gpu[1-2]")];
+    for (env, needle) in [
+        ([&torchrun[..], &[("RANK", "1"), ("WORLD_SIZE", "2")]].concat(), "rank 1 of 2 started by torchrun"),
+        (srun.to_vec(), "rank 0 of 4 started by srun"),
+        ([&torchrun[..], &[("RANK", "0"), ("WORLD_SIZE", "two")]].concat(), "WORLD_SIZE=two is not a whole number"),
+    ] {
+        run::assert_one_line_error(&run(&env), 1, &[needle], needle);
+        assert_eq!(std::fs::read_dir(runs.path()).unwrap().count(), 0, "{needle}: the runs directory was touched");
+    }
+    let out = run(&[&torchrun[..], &[("RANK", "0"), ("WORLD_SIZE", "1")]].concat());
+    assert!(out.status.success(), "a job of one rank: {}", stderr(&out));
+}

@@ -18,6 +18,7 @@ use densenet::config::Precision;
 use densenet::data::cifar::{Images, Split, SIDE};
 use densenet::data::download::{self, Source};
 use densenet::data::loader::Loader;
+use densenet::launch::Rank;
 use densenet::model::plan::Mode;
 use densenet::model::Model;
 use densenet::train::checkpoint::{self, Saver};
@@ -114,6 +115,16 @@ pub(crate) fn run(mut a: TrainArgs, matches: &ArgMatches) -> Outcome {
         .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
         .map(|id| id.to_string())
         .collect();
+    // One process only: several ranks would each train the whole job (docs/launch.md). Checked
+    // before any of them takes the run's lock.
+    if let Some(r) = Rank::of_process()?.filter(|r| r.world > 1) {
+        return Err(densenet::Error(format!(
+            "this process is rank {} of {} started by {}, and data-parallel training is not built yet: start one \
+             process (docs/launch.md)",
+            r.rank, r.world, r.launcher
+        ))
+        .into());
+    }
     // Flags and files first: a usage error is reported as such whatever the device.
     let (start, source, _lock) = Start::checked(&a)?;
     let run_dir = start.run_dir.clone();
