@@ -301,6 +301,11 @@ fn a_sixteen_bit_run_resumes_bit_for_bit() {
             &[&change, "add --change-recipe"],
             "f32",
         );
+        // With it the run goes on in f32 (an fp16 run's loss scale is left behind).
+        let out = s.resume_alone(&s.run(precision), &["--epochs", "3", "--precision", "f32", "--change-recipe"]);
+        assert!(out.status.success(), "{precision} -> f32: {}", String::from_utf8_lossy(&out.stderr));
+        let ck = File::read(&s.checkpoint(precision));
+        assert!(!ck.meta.contains_key("loss_scale") && ck.recipe()["network"].get("precision").is_none());
     }
 }
 

@@ -312,12 +312,13 @@ pub struct State {
 }
 
 impl State {
-    /// Overwrites the model's parameters, momentum, running statistics, step counter and loss
-    /// scaler.
+    /// Overwrites the model's parameters, momentum, running statistics, step counter and, when
+    /// both scale the loss (fp16), its loss scaler (a resume into another precision, a recipe
+    /// change, starts another precision's state: fp16 from the initial scale).
     pub fn apply<B: Backend>(&self, model: &mut Model<B>) -> Result<()> {
         model.load(&self.params, &self.momentum, &self.running)?;
         model.set_steps(self.steps);
-        if let Some(s) = self.loss_scale {
+        if let (Some(s), Some(_)) = (self.loss_scale, model.loss_scale()) {
             model.set_loss_scale(s)?;
         }
         Ok(())
