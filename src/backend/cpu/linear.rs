@@ -16,7 +16,7 @@ pub(super) fn linear(arena: &mut [f32], x: Matrix, w: Matrix, b: Span, y: Matrix
     }
 }
 
-/// Backward of [`linear`]: overwrites gx [n, cin], gw [cout, cin], gb [cout].
+/// Backward of [`linear`]: overwrites gx `[n, cin]`, gw `[cout, cin]`, gb `[cout]`.
 pub(super) fn linear_backward(arena: &mut [f32], x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span) {
     let (n, cin, cout) = (x.rows, x.cols, w.rows);
     let (x, w, gy) = (x.data.index(), w.data.index(), gy.data.index());
