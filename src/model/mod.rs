@@ -145,9 +145,12 @@ impl<B: Backend> Model<B> {
 
     /// The loss scaler's state, in fp16 (`None` otherwise).
     pub fn loss_scale(&self) -> Option<LossScale> {
+        if !self.scales_loss() {
+            return None;
+        }
         let mut f = [0.0; LossScale::LEN];
         self.be.read_into(self.plan.head.scaler, &mut f);
-        self.scales_loss().then_some(LossScale::from_floats(f).0)
+        Some(LossScale::from_floats(f).0)
     }
 
     /// Sets the loss scaler's state (restoring a checkpoint); an error outside fp16.

@@ -231,13 +231,12 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn allocate(&mut self, len: usize, workspace: Span, max_batch: usize) -> Result<()> {
-        let pre_bytes = self.pre_bytes;
-        assert_eq!(workspace.bytes(), pre_bytes + self.conv_len, "workspace not laid out by workspace_len");
+        assert_eq!(workspace.bytes(), self.pre_bytes + self.conv_len, "workspace not laid out by workspace_len");
         self.pre = workspace.off;
         self.labels = len;
         self.max_batch = max_batch;
         self.len = len;
-        let conv_ws = Span::f32(self.pre + pre_bytes, self.conv_len / DType::F32.size());
+        let conv_ws = Span::f32(self.pre + self.pre_bytes, self.conv_len / DType::F32.size());
         self.exec.allocate(len + max_batch * std::mem::size_of::<u32>(), conv_ws)
     }
 
