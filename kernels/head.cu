@@ -45,10 +45,11 @@ extern "C" __global__ void linear_backward_data(Buf<const float> w, Buf<const fl
 }
 
 // One block: row i (thread i, i + blockDim.x, ...) gets softmax, loss and argmax; glogits =
-// (p - onehot) / n; out[0] = mean loss, out[1] = rows whose first maximum is the label.
+// (p - onehot) / total; out[0] = the loss summed over the rows / total (total = n, or a
+// data-parallel job's global batch), out[1] = rows whose first maximum is the label.
 // blockDim.x is a power of two and `s` holds 2 * blockDim.x doubles.
 extern "C" __global__ void softmax_xent(Buf<const float> logits, Buf<const unsigned> labels, Buf<float> out,
-                             Buf<float> glogits, int n, int k) {
+                             Buf<float> glogits, int n, int k, int total) {
     DN_SHARED(double, s);
     double loss = 0.0, correct = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -68,12 +69,12 @@ extern "C" __global__ void softmax_xent(Buf<const float> logits, Buf<const unsig
         correct += arg == label ? 1.0 : 0.0;
         for (int j = 0; j < k; j++) {
             const double p = exp((double)(logits[i * k + j] - mx)) / sum;
-            glogits[i * k + j] = (float)((p - (j == label ? 1.0 : 0.0)) / (double)n);
+            glogits[i * k + j] = (float)((p - (j == label ? 1.0 : 0.0)) / (double)total);
         }
     }
     block_sum2(s, loss, correct);
     if (threadIdx.x == 0) {
-        out[0] = (float)(loss / (double)n);
+        out[0] = (float)(loss / (double)total);
         out[1] = (float)correct;
     }
 }

@@ -36,6 +36,27 @@ pub enum Input<'a> {
     },
 }
 
+impl<'a> Input<'a> {
+    /// Images `range` of a batch of `n` (a data-parallel rank's shard); the whole input when
+    /// its length is not `n` images' or its crop windows not `n` (the model then reports it).
+    pub fn images(self, range: std::ops::Range<usize>, n: usize) -> Input<'a> {
+        let (len, windows) = match self {
+            Input::Floats(f) => (f.len(), n),
+            Input::Stored { bytes, crops, .. } => (bytes.len(), crops.len()),
+        };
+        if n == 0 || !len.is_multiple_of(n) || windows != n {
+            return self;
+        }
+        let cut = (len / n) * range.start..(len / n) * range.end;
+        match self {
+            Input::Floats(f) => Input::Floats(&f[cut]),
+            Input::Stored { bytes, h, w, crops, norm } => {
+                Input::Stored { bytes: &bytes[cut], h, w, crops: &crops[range], norm }
+            }
+        }
+    }
+}
+
 /// Per-channel normalization of 0..255 bytes: `(v / 255 - mean) / std`, as a lookup table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Normalize {

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod comm;
 pub mod config;
 pub mod data;
 pub mod elem;

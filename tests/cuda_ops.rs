@@ -266,6 +266,8 @@ fn batch_norm<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let mut l = Layout::default();
         let (x, y, g) = (l.slice(n, c, h, w), l.slice(n, c, h, w), l.slice(n, c, h, w));
         let (bn, running, grad, flag) = (l.bn(c), l.moments(c), l.affine(c), l.take(1));
+        // A data-parallel job's: BN backward sums, and 3 ranks' statistics.
+        let (sums, parts) = (l.take(2 * c), l.take(3 * 2 * c));
         let mut t = Twin::new(make, l.len, &[], n);
         t.positive(running.var);
         let at = format!("n{n} c{c} {h}x{w}");
@@ -285,6 +287,13 @@ fn batch_norm<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
             });
         }
         t.run(&format!("bn_relu_backward {at} in place"), |be| be.bn_relu_backward(g, x, bn, grad, g, false));
+        t.run(&format!("bn_relu_backward_sums {at}"), |be| be.bn_relu_backward_sums(g, x, bn, grad, sums));
+        for accumulate in [false, true] {
+            t.run(&format!("bn_relu_backward_data {at} accumulate {accumulate}"), |be| {
+                be.bn_relu_backward_data(g, x, bn, (sums, 3 * n * h * w), y, accumulate)
+            });
+        }
+        t.run(&format!("bn_stats_combine {at}"), |be| be.bn_stats_combine(parts, 3 * n + 1, h * w, bn.stats));
     }
 }
 on_devices!(batch_norm_matches_the_cpu, batch_norm);
@@ -364,7 +373,8 @@ fn head<E: Exec>(make: &dyn Fn() -> CudaBackend<E>) {
         let at = format!("n{n} {cin}->{k}");
         t.run(&format!("linear {at}"), |be| be.linear(x, w, b, y));
         t.run(&format!("linear_backward {at}"), |be| be.linear_backward(x, w, gy, gx, gw, gb));
-        t.run(&format!("softmax_xent {at}"), |be| be.softmax_xent(y, out, gy));
+        t.run(&format!("softmax_xent {at}"), |be| be.softmax_xent(y, n, out, gy));
+        t.run(&format!("softmax_xent {at} of {}", 3 * n), |be| be.softmax_xent(y, 3 * n, out, gy));
     }
 }
 on_devices!(head_matches_the_cpu, head);

@@ -1036,24 +1036,27 @@ impl Xent {
 
     /// The mean loss.
     fn loss(&self, be: &mut CpuBackend) -> f64 {
-        be.softmax_xent(self.logits, self.out, self.glogits);
+        be.softmax_xent(self.logits, self.logits.rows, self.out, self.glogits);
         be.read(self.out)[0] as f64
     }
 }
 
 #[test]
 fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
-    for n in [1, 3] {
+    // A data-parallel rank's rows are a share of a larger batch: sums over `total` images.
+    for (n, total) in [(1, 1), (3, 3), (3, 7)] {
         let (mut be, s) = Xent::new(n, 5);
-        be.softmax_xent(s.logits, s.out, s.glogits);
+        be.softmax_xent(s.logits, total, s.out, s.glogits);
         let z = to_f64(&be.read(s.logits.data));
         let (mut loss, mut correct, mut grad) = (0.0, 0, Vec::new());
         for (row, &label) in z.chunks(s.k).zip(&s.labels) {
             let label = label as usize;
             let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
-            loss += (lse - row[label]) / n as f64;
+            loss += (lse - row[label]) / total as f64;
             correct += (max_of(row) == row[label]) as usize;
-            grad.extend(row.iter().enumerate().map(|(j, v)| ((v - lse).exp() - (j == label) as u8 as f64) / n as f64));
+            grad.extend(
+                row.iter().enumerate().map(|(j, v)| ((v - lse).exp() - (j == label) as u8 as f64) / total as f64),
+            );
         }
         assert_eq!(correct, n.div_ceil(2), "labels are built so that even rows are correct");
         let out = be.read(s.out);
@@ -1067,7 +1070,7 @@ fn softmax_xent_matches_naive_loss_correct_count_and_gradient() {
 fn softmax_xent_gradient_matches_finite_differences() {
     for n in [1, 3] {
         let (mut be, s) = Xent::new(n, 5);
-        be.softmax_xent(s.logits, s.out, s.glogits);
+        be.softmax_xent(s.logits, n, s.out, s.glogits);
         let grad = be.read(s.glogits.data);
         check_fd("softmax_xent", &mut be, &each(s.logits.data), &grad, 1e-2, |_| false, |be| s.loss(be));
     }

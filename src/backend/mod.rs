@@ -16,8 +16,10 @@ pub mod operand;
 pub use cpu::CpuBackend;
 pub use operand::{aligned, Affine, Bn, DType, Matrix, Moments, Span, View, ALIGN};
 
+use crate::comm::rendezvous::Links;
+use crate::comm::Group;
 use crate::input::{Crop, Normalize};
-use crate::Result;
+use crate::{bail, Result};
 
 /// A square convolution without bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,6 +148,28 @@ impl LossScale {
     }
 }
 
+/// A collective over the ranks of a data-parallel job, on f32 spans of the arena, with NCCL's
+/// semantics: every rank issues the same ones in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collective {
+    /// `dst` = the sum over the ranks of `src` (the same length; the same span or disjoint).
+    AllReduce {
+        /// Each rank's part.
+        src: Span,
+        /// The sum.
+        dst: Span,
+    },
+    /// `dst` = every rank's `src`, in rank order (`world` times as long; disjoint).
+    AllGather {
+        /// Each rank's part.
+        src: Span,
+        /// The parts.
+        dst: Span,
+    },
+    /// The span = rank 0's.
+    Broadcast(Span),
+}
+
 /// Memory of a backend with a device of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
@@ -256,6 +280,17 @@ pub trait Backend {
         Vec::new()
     }
 
+    /// Joins a data-parallel job through the connections of its rendezvous, after which
+    /// [`Backend::collective`] spans its ranks; an error where the backend cannot.
+    fn join(&mut self, _links: Links) -> Result<()> {
+        bail!("the {} cannot train as one rank of several", self.describe())
+    }
+
+    /// The job the backend's collectives span ([`Group::SOLO`] until [`Backend::join`]).
+    fn group(&self) -> Group {
+        Group::SOLO
+    }
+
     /// Copies host values into `dst` (`data.len()` is its length).
     fn write(&mut self, dst: Span, data: &[f32]);
     /// Copies `src` into `out` (`out.len()` is its length).
@@ -296,6 +331,23 @@ pub trait Backend {
     /// from `x`; writes the affine parameters' gradients `grad`; `dx = ...` or `dx += ...`
     /// when `accumulate`. `dx` may be the same view as `g` (in place); otherwise no overlap.
     fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool);
+    /// The first half of [`Backend::bn_relu_backward`], for a data-parallel job's synchronized
+    /// BN: this rank's sums (Σ g·x̂ and Σ g over the ReLU mask) into `grad`, as that op writes
+    /// them, and into `sums` (`2 * c` floats: the Σ g·x̂ then the Σ g), which the job
+    /// all-reduces for [`Backend::bn_relu_backward_data`].
+    fn bn_relu_backward_sums(&mut self, g: View, x: View, bn: Bn, grad: Affine, sums: Span);
+    /// The second half of [`Backend::bn_relu_backward`]: `dx` (written, or added to when
+    /// `accumulate`) from `(sums, count)`: the whole batch's sums (laid out as
+    /// [`Backend::bn_relu_backward_sums`] writes them) over `count` values per channel.
+    fn bn_relu_backward_data(&mut self, g: View, x: View, bn: Bn, sums: (Span, usize), dx: View, accumulate: bool);
+    /// A data-parallel job's batch statistics from every rank's: `parts` holds, rank after
+    /// rank, each one's mean of `c` channels then its biased variance ([`Backend::bn_stats`]
+    /// of its shard, [`crate::comm::Group::shard`] of `batch` images of `hw` pixels), combined
+    /// in f64 in rank order into the whole batch's mean and biased variance `out`.
+    fn bn_stats_combine(&mut self, parts: Span, batch: usize, hw: usize, out: Moments);
+    /// A collective of the data-parallel job the backend joined ([`Backend::join`]); a failure
+    /// (a rank gone, the watchdog's timeout) is the next [`Backend::take_error`].
+    fn collective(&mut self, op: Collective);
     /// In place: `x *= mask / (1 - p)` with the mask from stream `key` (element index is the
     /// logical NCHW index in the view). The same call is its own backward.
     fn dropout(&mut self, x: View, p: f32, key: u64);
@@ -320,10 +372,10 @@ pub trait Backend {
     fn linear(&mut self, x: Matrix, w: Matrix, b: Span, y: Matrix);
     /// Backward of [`Backend::linear`]: overwrites gx, gw, gb.
     fn linear_backward(&mut self, x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span);
-    /// Softmax cross-entropy of `logits` [n, k] against the current labels, mean over the
-    /// batch: writes `out` (two elements) = [loss, top-1 correct count], and `glogits` =
-    /// dloss/dlogits.
-    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix);
+    /// Softmax cross-entropy of `logits` [n, k] against the current labels, summed and divided
+    /// by `total` (`n`, or a data-parallel job's global batch): writes `out` (two elements) =
+    /// [loss, top-1 correct count], and `glogits` = dloss/dlogits.
+    fn softmax_xent(&mut self, logits: Matrix, total: usize, out: Span, glogits: Matrix);
     /// Loss scaling ([`LossScale`]): `g *= scale`, the scale read from `scaler`
     /// ([`LossScale::floats`]).
     fn scale_loss_grad(&mut self, g: Matrix, scaler: Span);
@@ -370,12 +422,14 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn libraries() -> Vec<Library>;
         fn read_into(src: Span, out: &mut [f32]);
         fn read(src: Span) -> Vec<f32>;
+        fn group() -> Group;
         &mut self:
         fn workspace_len(convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize>;
         fn allocate(len: usize, workspace: Span, max_batch: usize) -> Result<()>;
         fn step_begin(key: u64) -> bool;
         fn step_end(key: u64);
         fn reuse_algorithm_record(record: &str) -> Result<usize>;
+        fn join(links: Links) -> Result<()>;
         fn write(dst: Span, data: &[f32]);
         fn set_labels(labels: &[u32]);
         fn copy(src: View, dst: View);
@@ -387,6 +441,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn bn_update_running(batch: Moments, running: Moments, count: usize, momentum: f32, flag: Span);
         fn bn_relu(x: View, bn: Bn, y: View);
         fn bn_relu_backward(g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool);
+        fn bn_relu_backward_sums(g: View, x: View, bn: Bn, grad: Affine, sums: Span);
+        fn bn_relu_backward_data(g: View, x: View, bn: Bn, sums: (Span, usize), dx: View, accumulate: bool);
+        fn bn_stats_combine(parts: Span, batch: usize, hw: usize, out: Moments);
+        fn collective(op: Collective);
         fn dropout(x: View, p: f32, key: u64);
         fn avg_pool2(x: View, y: View);
         fn avg_pool2_backward(gy: View, gx: View);
@@ -396,7 +454,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn global_avg_pool_backward(gy: Matrix, gx: View);
         fn linear(x: Matrix, w: Matrix, b: Span, y: Matrix);
         fn linear_backward(x: Matrix, w: Matrix, gy: Matrix, gx: Matrix, gw: Matrix, gb: Span);
-        fn softmax_xent(logits: Matrix, out: Span, glogits: Matrix);
+        fn softmax_xent(logits: Matrix, total: usize, out: Span, glogits: Matrix);
         fn scale_loss_grad(g: Matrix, scaler: Span);
         fn unscale_grads(grads: Span, scaler: Span);
         fn update_scale(scaler: Span);

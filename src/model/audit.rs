@@ -11,7 +11,7 @@
 //! - and it derives each tensor's live range: from its first write to its last read.
 
 use super::plan::{Plan, Region};
-use crate::backend::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, Matrix, Moments, Span, View};
+use crate::backend::{Affine, Backend, Bn, Collective, ConvShape, ConvSpec, DType, Matrix, Moments, Span, View};
 use crate::input::{Crop, Normalize};
 use crate::{bail, Error, Result};
 use std::cell::RefCell;
@@ -171,6 +171,34 @@ impl Backend for Recorder {
         self.push("bn_relu_backward", reads, vec![s(grad.gamma), s(grad.beta), v(dx)]);
     }
 
+    fn bn_relu_backward_sums(&mut self, g: View, x: View, b: Bn, grad: Affine, sums: Span) {
+        let mut reads = vec![v(g), v(x)];
+        reads.extend(bn(b));
+        self.push("bn_relu_backward_sums", reads, vec![s(grad.gamma), s(grad.beta), s(sums)]);
+    }
+
+    fn bn_relu_backward_data(&mut self, g: View, x: View, b: Bn, (sums, _): (Span, usize), dx: View, accumulate: bool) {
+        let mut reads = vec![v(g), v(x), s(sums)];
+        reads.extend(bn(b));
+        if accumulate {
+            reads.push(v(dx));
+        }
+        self.push("bn_relu_backward_data", reads, vec![v(dx)]);
+    }
+
+    fn bn_stats_combine(&mut self, parts: Span, _batch: usize, _hw: usize, out: Moments) {
+        self.push("bn_stats_combine", vec![s(parts)], vec![s(out.mean), s(out.var)]);
+    }
+
+    fn collective(&mut self, op: Collective) {
+        match op {
+            Collective::AllReduce { src, dst } | Collective::AllGather { src, dst } => {
+                self.push("collective", vec![s(src)], vec![s(dst)])
+            }
+            Collective::Broadcast(span) => self.push("collective", vec![s(span)], vec![s(span)]),
+        }
+    }
+
     fn dropout(&mut self, x: View, _p: f32, _key: u64) {
         self.push("dropout", vec![v(x)], vec![v(x)]);
     }
@@ -211,7 +239,7 @@ impl Backend for Recorder {
         self.push("linear_backward", vec![m(x), m(w), m(gy)], vec![m(gx), m(gw), s(gb)]);
     }
 
-    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+    fn softmax_xent(&mut self, logits: Matrix, _total: usize, out: Span, glogits: Matrix) {
         self.push("softmax_xent", vec![m(logits)], vec![s(out), m(glogits)]);
     }
 

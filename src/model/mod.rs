@@ -13,7 +13,8 @@ pub mod params;
 mod place;
 pub mod plan;
 
-use crate::backend::{Affine, Backend, Bn, ConvSpec, LossScale, Moments, Sgd, Span, View};
+use crate::backend::{Affine, Backend, Bn, Collective, ConvSpec, LossScale, Moments, Sgd, Span, View};
+use crate::comm::{self, BnMode, Group};
 use crate::config::{NetConfig, Precision};
 use crate::input::{Input, CHANNELS};
 use crate::{bail, rng, Result};
@@ -51,6 +52,21 @@ pub struct Model<B: Backend> {
     /// The SGD settings last written to the arena (written again only when they change: a
     /// copy to a device waits for it).
     sgd: Option<Sgd>,
+    /// The data-parallel job (rank 0 of 1 alone) and this rank's share of the current batch.
+    job: Job,
+}
+
+/// A rank's view of its data-parallel job ([`crate::comm`]).
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    /// This rank and the job's size (the backend's [`Backend::group`]).
+    group: Group,
+    /// How BN treats the shards.
+    bn: BnMode,
+    /// Images in the current global batch.
+    total: usize,
+    /// This rank's first image of it.
+    first: usize,
 }
 
 /// The elements of the head's result that `softmax_xent` writes: the batch's mean loss, then
@@ -79,7 +95,12 @@ impl<B: Backend> Model<B> {
     pub fn new(cfg: NetConfig, batch: usize, h: usize, w: usize, mode: Mode, seed: u64, mut be: B) -> Result<Self> {
         cfg.validate()?;
         let net = Net::new(&cfg);
-        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?;
+        // A rank plans for its share of the global batch: the first shard is the longest.
+        let group = be.group();
+        let batch = comm::shard(batch, group.world, 0).len().max(1);
+        let widest = net.layout.running.iter().map(|t| t.len()).max().unwrap_or(0);
+        let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?
+            .for_job(group.world, widest);
         let mut m = Model::on_plan(cfg, net, plan, h, w, seed, be)?;
         let lay = &m.net.layout;
         // One tensor at a time: the host never holds more than the largest tensor.
@@ -100,7 +121,8 @@ impl<B: Backend> Model<B> {
         }
         be.allocate(plan.len, plan.workspace, plan.batch)?;
         be.write(plan.head.scaler, &LossScale::INITIAL.floats());
-        Ok(Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None })
+        let job = Job { group: be.group(), bn: BnMode::Sync, total: 0, first: 0 };
+        Ok(Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None, job })
     }
 
     /// The network description.
@@ -136,6 +158,40 @@ impl<B: Backend> Model<B> {
     /// Sets the step counter (restoring a checkpoint).
     pub fn set_steps(&mut self, steps: u64) {
         self.steps = steps;
+    }
+
+    /// The data-parallel job the backend joined ([`Group::SOLO`] alone).
+    pub fn group(&self) -> Group {
+        self.job.group
+    }
+
+    /// How batch norm treats the shards of a data-parallel job ([`BnMode::Sync`] unless set).
+    pub fn set_bn_mode(&mut self, bn: BnMode) {
+        self.job.bn = bn;
+    }
+
+    /// Makes every rank's running statistics rank 0's (in a job with [`BnMode::Local`], where
+    /// each rank's follow its own shards): before an evaluation, so that every rank evaluates
+    /// the network rank 0 saves.
+    pub fn share_running_stats(&mut self) -> Result<()> {
+        if self.job.group.world > 1 && self.job.bn == BnMode::Local {
+            self.be.collective(Collective::Broadcast(self.plan.running));
+        }
+        self.be.take_error()
+    }
+
+    /// Whether batch statistics and their backward sums span the job's ranks.
+    fn sync_bn(&self) -> bool {
+        self.job.group.world > 1 && self.job.bn == BnMode::Sync
+    }
+
+    /// Values per channel a BN's statistics count for `x` (this rank's images): the whole
+    /// batch's with synchronized BN.
+    fn count(&self, x: View) -> usize {
+        match self.sync_bn() {
+            true => self.job.total * x.hw(),
+            false => x.n * x.hw(),
+        }
     }
 
     /// Whether the steps scale the loss: fp16 storage ([`LossScale`]).
@@ -250,17 +306,30 @@ impl<B: Backend> Model<B> {
     /// change every step) the backend may record the step once per batch size and
     /// hyper-parameters and replay it ([`Backend::step_begin`]: a CUDA graph).
     fn step(&mut self, images: Input, labels: &[u32], sgd: Option<Sgd>) -> Result<StepStats> {
-        // The smallest feature map is the last block's; training BN needs two values per channel.
-        let hw = self.plan.head.input.hw();
-        if labels.len() * hw < 2 {
-            bail!("training needs at least 2 values per channel for batch statistics: {} image(s) of a {hw}-pixel final map", labels.len());
+        let Group { rank, world } = self.job.group;
+        if world > 1 && labels.len() < world {
+            bail!(
+                "a batch of {} images leaves rank {} of {world} without one (each rank needs one)",
+                labels.len(),
+                world - 1
+            );
         }
-        let n = self.load_batch(images, labels)?;
+        // The smallest feature map is the last block's; training BN needs two values per channel
+        // (over the batch with synchronized BN, else over the smallest shard).
+        let hw = self.plan.head.input.hw();
+        let least = if self.sync_bn() { labels.len() } else { comm::shard(labels.len(), world, world - 1).len() };
+        if least * hw < 2 {
+            bail!("training needs at least 2 values per channel for batch statistics: {least} image(s) of a {hw}-pixel final map");
+        }
+        let shard = comm::shard(labels.len(), world, rank);
+        self.job.total = labels.len();
+        self.job.first = shard.start;
+        let n = self.load_batch(images.images(shard.clone(), labels.len()), &labels[shard])?;
         if let Some(settings) = sgd.filter(|&s| self.sgd != Some(s)) {
             self.be.write(self.plan.head.sgd, &settings.floats());
             self.sgd = Some(settings);
         }
-        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(n, sgd.is_some()));
+        let key = (self.cfg.drop_rate == 0.0).then(|| step_key(self.job.total, sgd.is_some()));
         if !key.is_some_and(|k| self.be.step_begin(k)) {
             self.train_ops(n, sgd.is_some());
             if let Some(k) = key {
@@ -268,7 +337,7 @@ impl<B: Backend> Model<B> {
             }
         }
         self.steps += 1;
-        self.result(n)
+        self.result(self.job.total)
     }
 
     /// The ops of a training step on `n` loaded images: forward, backward and, with `update`,
@@ -279,6 +348,9 @@ impl<B: Backend> Model<B> {
         self.forward(n, Pass::Train);
         self.backward(n);
         let (p, scales) = (&self.plan, self.scales_loss());
+        if self.job.group.world > 1 {
+            self.be.collective(Collective::AllReduce { src: p.grads, dst: p.grads });
+        }
         if scales {
             self.be.unscale_grads(p.grads, p.head.scaler);
         }
@@ -288,6 +360,17 @@ impl<B: Backend> Model<B> {
             if scales {
                 self.be.update_scale(p.head.scaler);
             }
+        }
+        self.share_result();
+    }
+
+    /// In a data-parallel job, the batch's loss and correct count (each rank's share: its sum
+    /// over the global batch's size) summed over the ranks, and the non-finite flags set on
+    /// any rank set on every one.
+    fn share_result(&mut self) {
+        if self.job.group.world > 1 {
+            let r = self.plan.head.result.at(LOSS, RUNNING_FLAG + 1);
+            self.be.collective(Collective::AllReduce { src: r, dst: r });
         }
     }
 
@@ -299,9 +382,21 @@ impl<B: Backend> Model<B> {
 
     /// [`Model::evaluate`] on images in either [`Input`] form.
     pub fn evaluate_on(&mut self, images: Input, labels: &[u32]) -> Result<StepStats> {
-        let n = self.load_batch(images, labels)?;
-        self.forward(n, Pass::Eval);
-        self.result(n)
+        let Group { rank, world } = self.job.group;
+        if labels.is_empty() {
+            bail!("a batch of no images");
+        }
+        let shard = comm::shard(labels.len(), world, rank);
+        (self.job.total, self.job.first) = (labels.len(), shard.start);
+        if shard.is_empty() {
+            // A batch smaller than the job: this rank's share of the sums is nothing.
+            self.be.write(self.plan.head.result.at(LOSS, 2), &[0.0; 2]);
+        } else {
+            let n = self.load_batch(images.images(shard.clone(), labels.len()), &labels[shard])?;
+            self.forward(n, Pass::Eval);
+        }
+        self.share_result();
+        self.result(labels.len())
     }
 
     fn load_batch(&mut self, images: Input, labels: &[u32]) -> Result<usize> {
@@ -385,11 +480,13 @@ impl<B: Backend> Model<B> {
         self.drop_images(v, site, 0);
     }
 
-    /// Dropout of `v`, images `[first, first + v.n)` of the site's tensor: the masks are those
-    /// of the whole tensor, however it is split into chunks of images.
+    /// Dropout of `v`, images `[first, first + v.n)` of this rank's part of the site's tensor:
+    /// the masks are those of the whole tensor, however it is split into chunks of images.
+    /// The masks are keyed by the image's place in the global batch, so a step's are the same
+    /// on any number of ranks.
     fn drop_images(&mut self, v: View, site: u64, first: usize) {
         if self.cfg.drop_rate > 0.0 {
-            let key = rng::skip(self.drop_key(site), (first * v.c * v.hw()) as u64);
+            let key = rng::skip(self.drop_key(site), ((self.job.first + first) * v.c * v.hw()) as u64);
             self.be.dropout(v, self.cfg.drop_rate, key);
         }
     }
@@ -423,7 +520,7 @@ impl<B: Backend> Model<B> {
     /// `relu(bn(x)) -> y`, updating running statistics when training and not recomputing.
     fn bn_relu(&mut self, p: &BnParams, batch: Moments, x: View, y: View, pass: Pass) {
         if pass == Pass::Train {
-            self.update_running(p, batch, x.n * x.hw());
+            self.update_running(p, batch, self.count(x));
         }
         let bn = self.bn(p, batch, pass);
         self.be.bn_relu(x, bn, y);
@@ -431,9 +528,40 @@ impl<B: Backend> Model<B> {
 
     /// Backward of `relu(bn(x))` into `dx` (accumulated or in place), writing the BN's
     /// parameter gradients.
+    /// With synchronized BN, the sums it needs are the whole batch's: this rank's, all-reduced.
     fn bn_relu_backward(&mut self, p: &BnParams, batch: Moments, g: View, x: View, dx: View, accumulate: bool) {
-        let bn = self.bn(p, batch, Pass::Train);
-        self.be.bn_relu_backward(g, x, bn, Self::affine(p, self.plan.grads), dx, accumulate);
+        let (bn, grad) = (self.bn(p, batch, Pass::Train), Self::affine(p, self.plan.grads));
+        match self.collectives(2 * x.c) {
+            Some((mine, all)) if self.sync_bn() => {
+                self.be.bn_relu_backward_sums(g, x, bn, grad, mine);
+                let sums = all.at(0, 2 * x.c);
+                self.be.collective(Collective::AllReduce { src: mine, dst: sums });
+                self.be.bn_relu_backward_data(g, x, bn, (sums, self.count(x)), dx, accumulate);
+            }
+            _ => self.be.bn_relu_backward(g, x, bn, grad, dx, accumulate),
+        }
+    }
+
+    /// Per-channel batch statistics of `x` into `out`: with synchronized BN, the whole batch's,
+    /// from every rank's (all-gathered and combined).
+    fn stats(&mut self, x: View, out: Moments) {
+        let world = self.job.group.world;
+        match self.collectives(2 * x.c) {
+            Some((mine, all)) if self.sync_bn() => {
+                self.be.bn_stats(x, Moments { mean: mine.at(0, x.c), var: mine.at(x.c, x.c) });
+                let parts = all.at(0, world * 2 * x.c);
+                self.be.collective(Collective::AllGather { src: mine, dst: parts });
+                self.be.bn_stats_combine(parts, self.job.total, x.hw(), out);
+            }
+            _ => self.be.bn_stats(x, out),
+        }
+    }
+
+    /// The collectives' scratch ([`Plan::for_job`]): this rank's `len` floats, and the rest.
+    fn collectives(&self, len: usize) -> Option<(Span, Span)> {
+        let s = self.plan.collectives?;
+        let mine = s.len / (self.job.group.world + 1);
+        Some((s.at(0, len), s.at(mine, s.len - mine)))
     }
 
     /// `y = conv(pre(x), w)` (`pre`: a BN-ReLU fused into the convolution's input; `w`: the
@@ -469,7 +597,7 @@ impl<B: Backend> Model<B> {
         if self.plan.mode.keeps_bn_outputs() {
             self.bn_relu(p, batch, x, kept, pass);
         } else if pass == Pass::Train {
-            self.update_running(p, batch, x.n * x.hw());
+            self.update_running(p, batch, self.count(x));
         }
         self.bn_relu_input(p, batch, x, kept, pass)
     }
@@ -482,14 +610,14 @@ impl<B: Backend> Model<B> {
                 let (lp, layer) = (self.plan.layers[b][i], self.net.blocks[b][i]);
                 self.layer_forward(&lp, &layer, site(b, i), n, pass);
                 if train {
-                    self.be.bn_stats(lp.out.batch(n), lp.stats_out);
+                    self.stats(lp.out.batch(n), lp.stats_out);
                 }
             }
             if b < self.plan.transitions.len() {
                 let (tp, t) = (self.plan.transitions[b], self.net.transitions[b]);
                 self.transition_forward(&tp, &t, b, n, pass);
                 if train {
-                    self.be.bn_stats(tp.out.batch(n), tp.stats_out);
+                    self.stats(tp.out.batch(n), tp.stats_out);
                 }
             }
         }
@@ -524,7 +652,7 @@ impl<B: Backend> Model<B> {
                 let s = sp.conv_out.batch(n);
                 self.conv(image, None, self.net.stem_conv, s, ConvSpec::STEM7);
                 if pass == Pass::Train {
-                    self.be.bn_stats(s, stats);
+                    self.stats(s, stats);
                 }
                 let (x, pre) = self.bn_relu_forward(&bn, stats, s, a.batch(n), pass);
                 self.be.max_pool3(x, pre, sp.out.batch(n));
@@ -532,7 +660,7 @@ impl<B: Backend> Model<B> {
             _ => unreachable!("ImageNet stem without BN"),
         }
         if pass == Pass::Train {
-            self.be.bn_stats(sp.out.batch(n), sp.stats_out);
+            self.stats(sp.out.batch(n), sp.stats_out);
         }
     }
 
@@ -571,7 +699,7 @@ impl<B: Backend> Model<B> {
                 self.conv(x1, pre1, l.conv1, z, ConvSpec::POINTWISE);
                 if pass == Pass::Train {
                     self.drop(z, site);
-                    self.be.bn_stats(z, sz);
+                    self.stats(z, sz);
                 }
                 let (x2, pre2) = self.bn_relu_forward(bn2, sz, z, a2.batch(n), pass);
                 self.conv(x2, pre2, *conv2, out, ConvSpec::SAME3);
@@ -649,7 +777,7 @@ impl<B: Backend> Model<B> {
         match tp.order {
             Order::PoolFirst { pooled } => {
                 if pass == Pass::Train {
-                    self.update_running(&t.bn, tp.stats_in, x.n * x.hw());
+                    self.update_running(&t.bn, tp.stats_in, self.count(x));
                 }
                 self.pool_bn_relu(tp, t, pooled.batch(n), n, pass);
                 self.conv(pooled.batch(n), None, t.conv, out, ConvSpec::POINTWISE);
@@ -739,7 +867,7 @@ impl<B: Backend> Model<B> {
         self.be.global_avg_pool(a, pooled);
         let (w, b) = self.classifier(self.plan.params);
         self.be.linear(pooled, w, b, logits);
-        self.be.softmax_xent(logits, head.result.at(LOSS, 2), head.g_logits.rows(n));
+        self.be.softmax_xent(logits, self.job.total, head.result.at(LOSS, 2), head.g_logits.rows(n));
     }
 
     fn head_backward(&mut self, head: &HeadPlan, n: usize) {

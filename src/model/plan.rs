@@ -326,6 +326,8 @@ pub struct Plan {
     pub convs: Vec<ConvShape>,
     /// Bytes kept outside the arena (the labels).
     pub label_bytes: usize,
+    /// The scratch of a data-parallel job's collectives ([`Plan::for_job`]; `None` alone).
+    pub collectives: Option<Span>,
 }
 
 /// Channels per chunk of a BN-ReLU whose output or gradient is formed a chunk at a time (a
@@ -674,6 +676,7 @@ impl Shape<'_> {
             chunk: chunk(self.cfg),
             convs: p.convs,
             label_bytes: self.batch * std::mem::size_of::<u32>(),
+            collectives: None,
         })
     }
 }
@@ -708,6 +711,24 @@ impl Plan {
         let at = super::place::by_live_range(cfg, net, &traced, &one_after_another.regions, h, w)?;
         let workspace = one_after_another.workspace.len * DType::F32.size();
         shape.layout(&at, |_| Ok(workspace))
+    }
+
+    /// The plan of one rank of a data-parallel job of `world` ranks: with several, a scratch
+    /// for the collectives at the arena's end (it lasts the whole step), `world + 1` times two
+    /// floats per channel of the widest BN (`widest` channels): this rank's statistics or BN
+    /// backward sums, then every rank's statistics (all-gathered), or the sums all-reduced.
+    pub fn for_job(mut self, world: usize, widest: usize) -> Plan {
+        if world > 1 {
+            let (len, off, region) = ((world + 1) * 2 * widest, self.len, self.regions.len());
+            let name = "collectives: statistics and BN backward sums of the ranks".to_string();
+            self.tags.push(Tag { name: name.clone(), region });
+            let tag = self.tags.len() as u32;
+            let r = Region { name, category: Category::Scratch, off, len, dtype: DType::F32, tag, lasting: true };
+            self.len += aligned(r.bytes());
+            self.regions.push(r);
+            self.collectives = Some(Span { off, len, dtype: DType::F32, tag });
+        }
+        self
     }
 
     /// Bytes of the arena that hold one category at some time in a step (its regions rounded

@@ -2,9 +2,17 @@
 
 use crate::backend::{Matrix, Span};
 
-/// Mean softmax cross-entropy, top-1 correct count and dloss/dlogits.
-pub(super) fn softmax_xent(arena: &mut [f32], labels: &[u32], logits: Matrix, out: Span, glogits: Matrix) {
-    let (n, k) = (logits.rows, logits.cols);
+/// Softmax cross-entropy summed over the rows and divided by `total`, top-1 correct count and
+/// dloss/dlogits.
+pub(super) fn softmax_xent(
+    arena: &mut [f32],
+    labels: &[u32],
+    logits: Matrix,
+    total: usize,
+    out: Span,
+    glogits: Matrix,
+) {
+    let k = logits.cols;
     let (logits, out, glogits) = (logits.data.index(), out.index(), glogits.data.index());
     let (mut loss, mut correct) = (0.0f64, 0usize);
     for (i, &label) in labels.iter().enumerate() {
@@ -18,9 +26,9 @@ pub(super) fn softmax_xent(arena: &mut [f32], labels: &[u32], logits: Matrix, ou
         correct += (arg == label) as usize;
         for j in 0..k {
             let p = ((arena[logits + i * k + j] - max) as f64).exp() / sum;
-            arena[glogits + i * k + j] = ((p - (j == label) as u8 as f64) / n as f64) as f32;
+            arena[glogits + i * k + j] = ((p - (j == label) as u8 as f64) / total as f64) as f32;
         }
     }
-    arena[out] = (loss / n as f64) as f32;
+    arena[out] = (loss / total as f64) as f32;
     arena[out + 1] = correct as f32;
 }

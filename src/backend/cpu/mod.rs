@@ -16,11 +16,17 @@ mod norm;
 mod pool;
 mod sgd;
 
+use super::Collective;
 use super::{Affine, Backend, Bn, ConvShape, ConvSpec, DType, LossScale, Matrix, Moments, Sgd, Span, View};
+use crate::comm::host::HostComm;
+use crate::comm::rendezvous::Links;
+use crate::comm::Group;
 use crate::elem::by_dtype;
 use crate::input::{Crop, Normalize};
-use crate::{bail, Result};
+use crate::{bail, Error, Result};
 use conv::Workspace;
+use norm::Sums;
+use std::cell::Cell;
 
 /// Raw arena pointer shared by rayon tasks. Every op documents which regions it writes; tasks
 /// write disjoint planes, channels or chunks.
@@ -97,13 +103,68 @@ pub struct CpuBackend {
     labels: Vec<u32>,
     workspace: Workspace,
     threads: usize,
+    /// The collectives of the data-parallel job it joined.
+    comm: Option<HostComm>,
+    /// The first failed collective's error, for [`Backend::take_error`].
+    error: Cell<Option<Error>>,
 }
 
 impl CpuBackend {
     /// A backend using rayon's global pool (its size fixes the workspace and the work split).
     pub fn new() -> Self {
         let threads = rayon::current_num_threads();
-        CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: Workspace::default(), threads }
+        let (comm, error) = (None, Cell::new(None));
+        CpuBackend { arena: Vec::new(), labels: Vec::new(), workspace: Workspace::default(), threads, comm, error }
+    }
+
+    /// Joins a data-parallel job: its collectives go through the host communicator.
+    pub(crate) fn join_host(&mut self, links: Links) {
+        self.comm = Some(HostComm::new(links));
+    }
+
+    /// The job joined ([`Group::SOLO`] before).
+    pub(crate) fn host_group(&self) -> Group {
+        self.comm.as_ref().map_or(Group::SOLO, HostComm::group)
+    }
+
+    /// Runs a collective on the arena (alone: an all-reduce or all-gather copies, a broadcast
+    /// does nothing).
+    pub(crate) fn run_collective(&mut self, op: Collective) -> Result<()> {
+        let world = self.host_group().world;
+        let span = |s: Span| {
+            assert!(s.dtype == DType::F32 && s.index() + s.len <= self.arena.len(), "collective on {s:?}");
+            s.index()..s.index() + s.len
+        };
+        match op {
+            Collective::AllReduce { src, dst } => {
+                let (src, dst) = (span(src), span(dst));
+                assert!(src.len() == dst.len() && (src == dst || src.end <= dst.start || dst.end <= src.start));
+                self.arena.copy_within(src, dst.start);
+                match &mut self.comm {
+                    Some(c) => c.all_reduce(&mut self.arena[dst]),
+                    None => Ok(()),
+                }
+            }
+            Collective::AllGather { src, dst } => {
+                let (src, dst) = (span(src), span(dst));
+                assert!(dst.len() == src.len() * world && (src.end <= dst.start || dst.end <= src.start));
+                let part = self.arena[src].to_vec();
+                match &mut self.comm {
+                    Some(c) => c.all_gather(&part, &mut self.arena[dst]),
+                    None => {
+                        self.arena[dst].copy_from_slice(&part);
+                        Ok(())
+                    }
+                }
+            }
+            Collective::Broadcast(s) => {
+                let s = span(s);
+                match &mut self.comm {
+                    Some(c) => c.broadcast(&mut self.arena[s]),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 
     /// The arena's bytes (the host device's memory).
@@ -318,7 +379,62 @@ impl Backend for CpuBackend {
         self.apart("bn_relu_backward", dx, &ins[..if dx == g { 1 } else { 2 }]);
         self.span(grad.gamma, x.c);
         self.span(grad.beta, x.c);
-        by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, grad, dx, accumulate));
+        by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, Sums::Into(grad), Some((dx, accumulate))));
+    }
+
+    fn bn_relu_backward_sums(&mut self, g: View, x: View, bn: Bn, grad: Affine, sums: Span) {
+        let dtype = self.check_all("bn_relu_backward_sums", &[g, x]);
+        self.check_bn(bn, x.c);
+        self.span(grad.gamma, x.c);
+        self.span(grad.beta, x.c);
+        let at = self.span(sums, 2 * x.c);
+        by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, Sums::Shared(grad, at), None));
+    }
+
+    fn bn_relu_backward_data(
+        &mut self,
+        g: View,
+        x: View,
+        bn: Bn,
+        (sums, count): (Span, usize),
+        dx: View,
+        accumulate: bool,
+    ) {
+        let dtype = self.check_all("bn_relu_backward_data", &[g, x, dx]);
+        self.check_bn(bn, x.c);
+        let ins = [x, g];
+        self.apart("bn_relu_backward_data", dx, &ins[..if dx == g { 1 } else { 2 }]);
+        let at = self.span(sums, 2 * x.c);
+        by_dtype!(dtype, norm::bn_relu_backward(self.ptr(), g, x, bn, Sums::Given(at, count), Some((dx, accumulate))));
+    }
+
+    fn bn_stats_combine(&mut self, parts: Span, batch: usize, hw: usize, out: Moments) {
+        let c = out.mean.len;
+        self.span(parts, parts.len);
+        assert!(c > 0 && parts.len.is_multiple_of(2 * c) && out.var.len == c, "combining {parts:?} into {out:?}");
+        self.span(out.mean, c);
+        self.span(out.var, c);
+        norm::stats_combine(&mut self.arena, parts, batch, hw, out);
+    }
+
+    fn collective(&mut self, op: Collective) {
+        if let Err(e) = self.run_collective(op) {
+            let first = self.error.take().unwrap_or(e);
+            self.error.set(Some(first));
+        }
+    }
+
+    fn join(&mut self, links: Links) -> Result<()> {
+        self.join_host(links);
+        Ok(())
+    }
+
+    fn group(&self) -> Group {
+        self.host_group()
+    }
+
+    fn take_error(&self) -> Result<()> {
+        self.error.take().map_or(Ok(()), Err)
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
@@ -386,13 +502,13 @@ impl Backend for CpuBackend {
         linear::linear_backward(&mut self.arena, x, w, gy, gx, gw, gb);
     }
 
-    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+    fn softmax_xent(&mut self, logits: Matrix, total: usize, out: Span, glogits: Matrix) {
         let (n, k) = (logits.rows, logits.cols);
         assert_eq!(self.labels.len(), n, "labels for {} images, batch of {n}", self.labels.len());
         self.check_matrix(logits, n, k);
         self.check_matrix(glogits, n, k);
         self.span(out, 2);
-        loss::softmax_xent(&mut self.arena, &self.labels, logits, out, glogits);
+        loss::softmax_xent(&mut self.arena, &self.labels, logits, total, out, glogits);
     }
 
     fn scale_loss_grad(&mut self, g: Matrix, scaler: Span) {

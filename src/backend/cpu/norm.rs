@@ -4,7 +4,7 @@
 
 use super::bnvec::{self, Affine};
 use super::Ptr;
-use crate::backend::{Affine as Params, Bn, Moments, View, BN_EPS};
+use crate::backend::{Affine as Params, Bn, Moments, Span, View, BN_EPS};
 use crate::elem::Elem;
 use rayon::prelude::*;
 
@@ -71,27 +71,54 @@ pub(super) fn bn_relu<T: Elem>(a: Ptr, x: View, bn: Bn, y: View) {
     });
 }
 
-/// Backward of `relu(bn(x))` with batch statistics, mask recomputed from x.
-pub(super) fn bn_relu_backward<T: Elem>(a: Ptr, g: View, x: View, bn: Bn, grad: Params, dx: View, accumulate: bool) {
-    let (dgamma, dbeta) = (grad.gamma.index(), grad.beta.index());
+/// Where a BN-ReLU backward's sums go or come from: Σ g·x̂ and Σ g over the ReLU mask.
+#[derive(Clone, Copy)]
+pub(super) enum Sums {
+    /// Computed over this batch and written to the parameters' gradients (as `gamma`, `beta`).
+    Into(Params),
+    /// Computed and written there, and to the `2 * c` floats at this index (the Σ g·x̂, then
+    /// the Σ g), for a data-parallel job's all-reduce.
+    Shared(Params, usize),
+    /// Read from the `2 * c` floats at this index, laid out as [`Sums::Shared`] writes them:
+    /// the sums over `count` values (a data-parallel job's whole batch).
+    Given(usize, usize),
+}
+
+/// Backward of `relu(bn(x))` with batch statistics, mask recomputed from x: the sums as `sums`
+/// says, then with `out` = (dx, accumulate), `dx` written or added to.
+pub(super) fn bn_relu_backward<T: Elem>(a: Ptr, g: View, x: View, bn: Bn, sums: Sums, out: Option<(View, bool)>) {
     let hw = x.hw();
-    let count = (x.n * hw) as f64;
-    let in_place = dx.off == g.off;
-    assert!(!(in_place && accumulate), "in-place BN backward cannot accumulate");
+    let count = match sums {
+        Sums::Given(_, count) => count,
+        _ => x.n * hw,
+    } as f64;
+    let in_place = out.is_some_and(|(dx, _)| dx.off == g.off);
+    assert!(!(in_place && out.is_some_and(|o| o.1)), "in-place BN backward cannot accumulate");
     (0..x.c).into_par_iter().for_each(|c| {
         let (f, gamma) = affine(a, bn, c);
-        // SAFETY: channel c of g, x, dx belongs to this task; x does not overlap g or dx; when
-        // dx is g (in place) only one mutable slice of it is made.
+        // SAFETY: channel c of g, x, dx and of the sums belongs to this task; x does not
+        // overlap g or dx; when dx is g (in place) only one mutable slice of it is made.
         unsafe {
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for n in 0..x.n {
-                let (g, x) = (a.elems::<T>(Ptr::plane_off(g, n, c), hw), a.elems::<T>(Ptr::plane_off(x, n, c), hw));
-                let (u, v) = bnvec::grad_sums(g, x, f);
-                sg += u;
-                sgx += v;
-            }
-            *a.at(dgamma + c) = sgx as f32;
-            *a.at(dbeta + c) = sg as f32;
+            let (sgx, sg) = match sums {
+                Sums::Given(at, _) => (*a.at(at + c) as f64, *a.at(at + x.c + c) as f64),
+                Sums::Into(grad) | Sums::Shared(grad, _) => {
+                    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                    for n in 0..x.n {
+                        let g = a.elems::<T>(Ptr::plane_off(g, n, c), hw);
+                        let (u, v) = bnvec::grad_sums(g, a.elems::<T>(Ptr::plane_off(x, n, c), hw), f);
+                        sg += u;
+                        sgx += v;
+                    }
+                    *a.at(grad.gamma.index() + c) = sgx as f32;
+                    *a.at(grad.beta.index() + c) = sg as f32;
+                    if let Sums::Shared(_, at) = sums {
+                        *a.at(at + c) = sgx as f32;
+                        *a.at(at + x.c + c) = sg as f32;
+                    }
+                    (sgx, sg)
+                }
+            };
+            let Some((dx, accumulate)) = out else { return };
             let k =
                 bnvec::Grad { k: gamma * f.inv_std, mg: (sg / count) as f32, mgx: (sgx / count) as f32, accumulate };
             for n in 0..x.n {
@@ -102,4 +129,22 @@ pub(super) fn bn_relu_backward<T: Elem>(a: Ptr, g: View, x: View, bn: Bn, grad: 
             }
         }
     });
+}
+
+/// A data-parallel job's batch statistics from every rank's (`Backend::bn_stats_combine`):
+/// `parts` holds each rank's `c` means then `c` variances over its shard of `batch` images of
+/// `hw` pixels.
+pub(super) fn stats_combine(arena: &mut [f32], parts: Span, batch: usize, hw: usize, out: Moments) {
+    let c = out.mean.len;
+    let world = parts.len / (2 * c);
+    let total = (batch * hw) as f64;
+    let (p, mean, var) = (parts.index(), out.mean.index(), out.var.index());
+    let weight = |r: usize| (crate::comm::shard(batch, world, r).len() * hw) as f64;
+    for i in 0..c {
+        let part = |r: usize, j: usize| arena[p + r * 2 * c + j * c + i] as f64;
+        let m = (0..world).map(|r| weight(r) * part(r, 0)).sum::<f64>() / total;
+        let v = (0..world).map(|r| weight(r) * (part(r, 1) + (part(r, 0) - m).powi(2))).sum::<f64>() / total;
+        arena[mean + i] = m as f32;
+        arena[var + i] = v as f32;
+    }
 }

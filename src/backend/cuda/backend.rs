@@ -9,8 +9,10 @@
 
 use super::launch::{Arg, Args, Exec, Launch};
 use crate::backend::{
-    Affine, Backend, Bn, ConvShape, ConvSpec, DType, DeviceMemory, LossScale, Matrix, Moments, Span, View,
+    Affine, Backend, Bn, Collective, ConvShape, ConvSpec, DType, DeviceMemory, LossScale, Matrix, Moments, Span, View,
 };
+use crate::comm::rendezvous::Links;
+use crate::comm::Group;
 use crate::elem::{by_dtype, Elem};
 use crate::input::{Crop, Normalize, CHANNELS, LEVELS, PAD};
 use crate::Result;
@@ -170,6 +172,36 @@ impl<E: Exec> CudaBackend<E> {
     fn launch_bn_relu(&mut self, x: View, bn: Bn, y: View) {
         let args = Args::new().view(x).view(y).ints([x.n, x.c, x.hw()]).spans(Self::bn_spans(bn, x.c));
         self.launch_flat(typed!("bn_relu", x.dtype), x.numel(), args);
+    }
+
+    /// BN-ReLU backward (`kernels/bn.cu`) in `mode`: 0 the sums into `grad`, then dx; 1 the
+    /// sums into `grad` and `sums`; 2 dx from `sums`, the sums over `count` values; with `out`
+    /// = (dx, accumulate).
+    fn launch_bn_backward(
+        &mut self,
+        g: View,
+        x: View,
+        bn: Bn,
+        (mode, grad, sums): (usize, Affine, Option<(Span, usize)>),
+        out: Option<(View, bool)>,
+    ) {
+        // Without `out`, dx is never written: g stands in for it; without `sums`, `grad`.
+        let (dx, accumulate) = out.unwrap_or((g, false));
+        let (sums, count) = sums.unwrap_or((grad.gamma, 0));
+        for v in [g, x, dx] {
+            self.check_view(v);
+        }
+        assert!(!(dx.off == g.off && accumulate), "in-place BN backward cannot accumulate");
+        let args = Args::new()
+            .view(g)
+            .view(x)
+            .view(dx)
+            .ints([x.n, x.hw()])
+            .spans(Self::bn_spans(bn, x.c))
+            .spans([grad.gamma, grad.beta, sums])
+            .ints([accumulate as usize, mode])
+            .u64(count);
+        self.launch(typed!("bn_relu_backward", x.dtype), [x.c as u32, 1, 1], REDUCE_SHARED, args);
     }
 
     /// A pooling kernel's arguments: each view's buffer and image stride, then the sizes
@@ -431,19 +463,46 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 
     fn bn_relu_backward(&mut self, g: View, x: View, bn: Bn, grad: Affine, dx: View, accumulate: bool) {
-        self.check_view(g);
-        self.check_view(x);
-        self.check_view(dx);
-        assert!(!(dx.off == g.off && accumulate), "in-place BN backward cannot accumulate");
-        let args = Args::new()
-            .view(g)
-            .view(x)
-            .view(dx)
-            .ints([x.n, x.hw()])
-            .spans(Self::bn_spans(bn, x.c))
-            .spans([grad.gamma, grad.beta])
-            .arg(Arg::I32(accumulate as i32));
-        self.launch(typed!("bn_relu_backward", x.dtype), [x.c as u32, 1, 1], REDUCE_SHARED, args);
+        self.launch_bn_backward(g, x, bn, (0, grad, None), Some((dx, accumulate)));
+    }
+
+    fn bn_relu_backward_sums(&mut self, g: View, x: View, bn: Bn, grad: Affine, sums: Span) {
+        self.launch_bn_backward(g, x, bn, (1, grad, Some((sums, 0))), None);
+    }
+
+    fn bn_relu_backward_data(
+        &mut self,
+        g: View,
+        x: View,
+        bn: Bn,
+        (sums, count): (Span, usize),
+        dx: View,
+        accumulate: bool,
+    ) {
+        // The sums are read, the parameters' gradients not touched: `sums` stands in for them.
+        let unused = Affine { gamma: sums.at(0, x.c), beta: sums.at(x.c, x.c) };
+        self.launch_bn_backward(g, x, bn, (2, unused, Some((sums, count))), Some((dx, accumulate)));
+    }
+
+    fn bn_stats_combine(&mut self, parts: Span, batch: usize, hw: usize, out: Moments) {
+        let c = out.mean.len;
+        assert!(c > 0 && parts.len.is_multiple_of(2 * c) && out.var.len == c, "combining {parts:?} into {out:?}");
+        let world = parts.len / (2 * c);
+        let args = Args::new().spans([parts]).ints([c, world, batch, hw]).spans([out.mean, out.var]);
+        self.launch_flat("bn_stats_combine", c, args);
+    }
+
+    fn collective(&mut self, op: Collective) {
+        let r = self.exec.collective(op);
+        self.keep_error(r);
+    }
+
+    fn join(&mut self, links: Links) -> Result<()> {
+        self.exec.join(links)
+    }
+
+    fn group(&self) -> Group {
+        self.exec.group()
     }
 
     fn dropout(&mut self, x: View, p: f32, key: u64) {
@@ -498,10 +557,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.launch_flat("linear_backward_data", n * cin, args);
     }
 
-    fn softmax_xent(&mut self, logits: Matrix, out: Span, glogits: Matrix) {
+    fn softmax_xent(&mut self, logits: Matrix, total: usize, out: Span, glogits: Matrix) {
         let (n, k) = (logits.rows, logits.cols);
         assert_eq!(self.n_labels, n, "labels for {} images, batch of {n}", self.n_labels);
-        let args = Args::new().spans([logits.data]).words(self.labels, n).spans([out, glogits.data]).ints([n, k]);
+        let args =
+            Args::new().spans([logits.data]).words(self.labels, n).spans([out, glogits.data]).ints([n, k, total]);
         self.launch("softmax_xent", [1, 1, 1], REDUCE_SHARED, args);
     }
 

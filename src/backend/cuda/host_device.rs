@@ -8,7 +8,9 @@ use std::ops::Range;
 use super::host_layer;
 use super::launch::{Exec, Launch};
 use super::record::{recorded_exec_methods, Op, Recorder, Steps};
-use crate::backend::{Backend, ConvShape, ConvSpec, CpuBackend, DType, DeviceMemory, Span, View};
+use crate::backend::{Backend, Collective, ConvShape, ConvSpec, CpuBackend, DType, DeviceMemory, Span, View};
+use crate::comm::rendezvous::Links;
+use crate::comm::Group;
 use crate::{bail, Result};
 
 /// Runs the CUDA backend on the CPU (see the module docs).
@@ -62,6 +64,7 @@ impl Recorder for HostExec {
             Op::ConvBackwardFilter(x, gy, gw, spec, accumulate) => {
                 self.cpu.conv_backward_filter(x, None, gy, gw, spec, accumulate)
             }
+            Op::Collective(c) => return self.cpu.run_collective(c),
         }
         Ok(())
     }
@@ -114,6 +117,15 @@ impl Exec for HostExec {
 
     fn launch(&mut self, l: &Launch) -> Result<()> {
         self.submit(Op::launch(l))
+    }
+
+    fn join(&mut self, links: Links) -> Result<()> {
+        self.cpu.join_host(links);
+        Ok(())
+    }
+
+    fn group(&self) -> Group {
+        self.cpu.host_group()
     }
 
     recorded_exec_methods!();

@@ -1,8 +1,10 @@
 //! One launch description for both ways a kernel runs: the real GPU (cudarc) and the host
 //! execution layer (`kernels/host/`), so the configuration the GPU gets is the one tested.
 
-use crate::backend::{ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
-use crate::Result;
+use crate::backend::{Collective, ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
+use crate::comm::rendezvous::Links;
+use crate::comm::Group;
+use crate::{bail, Result};
 
 /// A kernel argument, in the kernel's parameter order.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -138,6 +140,19 @@ pub trait Exec {
     fn conv_backward_data(&mut self, gy: View, w: Span, gx: View, spec: ConvSpec) -> Result<()>;
     /// `gw = dL/dw` summed over the batch, or `gw += ...` when `accumulate`.
     fn conv_backward_filter(&mut self, x: View, gy: View, gw: Span, spec: ConvSpec, accumulate: bool) -> Result<()>;
+    /// Joins a data-parallel job through its rendezvous's connections; an error where this
+    /// executor cannot.
+    fn join(&mut self, _links: Links) -> Result<()> {
+        bail!("the {} cannot train as one rank of several", self.describe())
+    }
+    /// The job joined ([`Group::SOLO`] before).
+    fn group(&self) -> Group {
+        Group::SOLO
+    }
+    /// Queues a collective of the job joined.
+    fn collective(&mut self, _op: Collective) -> Result<()> {
+        bail!("a collective on the {}, which has joined no job", self.describe())
+    }
     /// Starts recording the work queued from now on as a graph; the work still runs as it is
     /// queued (that run is the warm-up of what the graph will replay).
     fn capture_begin(&mut self) -> Result<()>;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::launch::{Arg, Launch};
-use crate::backend::{ConvSpec, Span, View};
+use crate::backend::{Collective, ConvSpec, Span, View};
 use crate::{bail, Result};
 
 /// One unit of an executor's work, owned: what a recorded step keeps.
@@ -21,6 +21,8 @@ pub(super) enum Op {
     /// [`Exec::conv_backward_filter`](super::Exec::conv_backward_filter)`(x, gy, gw, spec,
     /// accumulate)`.
     ConvBackwardFilter(View, View, Span, ConvSpec, bool),
+    /// [`Exec::collective`](super::Exec::collective).
+    Collective(Collective),
 }
 
 impl Op {
@@ -135,8 +137,8 @@ pub(super) trait Recorder {
 
 /// The [`Exec`](super::Exec) methods both executors implement alike, through [`Recorder`]:
 /// each convolution is submitted as an [`Op`], and steps begin and replay in [`Steps`].
-/// Expanded inside each executor's `impl Exec`, where `View`, `Span`, `ConvSpec`, `Op` and
-/// `Result` are in scope.
+/// Expanded inside each executor's `impl Exec`, where `View`, `Span`, `ConvSpec`,
+/// `Collective`, `Op` and `Result` are in scope.
 macro_rules! recorded_exec_methods {
     () => {
         fn conv_forward(&mut self, x: View, w: Span, y: View, spec: ConvSpec) -> Result<()> {
@@ -156,6 +158,10 @@ macro_rules! recorded_exec_methods {
             accumulate: bool,
         ) -> Result<()> {
             self.submit(Op::ConvBackwardFilter(x, gy, gw, spec, accumulate))
+        }
+
+        fn collective(&mut self, op: Collective) -> Result<()> {
+            self.submit(Op::Collective(op))
         }
 
         fn capture_begin(&mut self) -> Result<()> {

@@ -11,7 +11,8 @@ use crate::backend::cuda::algos;
 use crate::backend::cuda::launch::{Arg, Exec, Launch};
 use crate::backend::cuda::ptx;
 use crate::backend::cuda::record::{recorded_exec_methods, Op, Recorder, Steps};
-use crate::backend::{ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
+use crate::backend::{Collective, ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
+use crate::comm::rendezvous::Links;
 use crate::measure::mib;
 use crate::{bail, Error, Result};
 
@@ -198,6 +199,7 @@ impl Recorder for GpuExec {
                 self.bind()?;
                 self.convs.backward_filter((x, px), pw, (gy, py), spec, accumulate)
             }
+            Op::Collective(_) => bail!("a collective on a GPU that has not joined a job"),
         }
     }
 
@@ -340,6 +342,10 @@ impl Exec for GpuExec {
             return self.launch_now(l);
         }
         self.submit(Op::launch(l))
+    }
+
+    fn join(&mut self, _links: Links) -> Result<()> {
+        bail!("data-parallel training on a GPU needs NCCL, which this build does not use yet")
     }
 
     recorded_exec_methods!();
