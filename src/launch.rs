@@ -43,7 +43,15 @@ pub struct Rank {
     /// Port of torchrun's store on the master host (`MASTER_PORT`; none under srun unless
     /// given).
     pub master_port: Option<u16>,
+    /// The port rank 0 listens on for the job's rendezvous ([`crate::comm::rendezvous`]):
+    /// `DENSENET_PORT` if given; else under torchrun the port after `MASTER_PORT` (torchrun's
+    /// store holds that one); else `MASTER_PORT`, or [`DEFAULT_PORT`].
+    pub port: u16,
 }
+
+/// The rendezvous port under srun when neither `DENSENET_PORT` nor `MASTER_PORT` is given
+/// (PyTorch's default `MASTER_PORT`).
+pub const DEFAULT_PORT: u16 = 29500;
 
 impl Rank {
     /// The rank the launcher's variables describe (read through `var`), or `None` when no
@@ -83,7 +91,21 @@ impl Rank {
         if world == 0 || rank >= world {
             bail!("rank {rank} of {world}: the launcher's variables do not describe a rank of the job");
         }
-        Ok(Some(Rank { launcher, rank, world, local_rank, master_addr, master_port }))
+        let given = var("DENSENET_PORT").map(|v| {
+            v.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| Error(format!("DENSENET_PORT={v} is not a port")))
+        });
+        let port = match (given.transpose()?, launcher, master_port) {
+            (Some(p), _, _) => p,
+            (None, Launcher::Torchrun, Some(p)) => p
+                .checked_add(1)
+                .ok_or_else(|| Error("MASTER_PORT=65535 leaves no port after it: set DENSENET_PORT".into()))?,
+            (None, _, p) => p.unwrap_or(DEFAULT_PORT),
+        };
+        Ok(Some(Rank { launcher, rank, world, local_rank, master_addr, master_port, port }))
     }
 
     /// The rank of this process, from its environment.
@@ -169,6 +191,7 @@ mod tests {
             local_rank: 3,
             master_addr: "10.0.0.1".into(),
             master_port: Some(29500),
+            port: 29501,
         };
         assert_eq!(rank(&torchrun).unwrap(), Some(want.clone()));
         // torchrun's variables win over srun's (torchrun started under srun).
@@ -189,7 +212,13 @@ mod tests {
         let mut given = srun.to_vec();
         given.extend([("MASTER_ADDR", "head"), ("MASTER_PORT", "1234")]);
         let got = rank(&given).unwrap().unwrap();
-        assert_eq!((got.master_addr.as_str(), got.master_port), ("head", Some(1234)));
+        assert_eq!((got.master_addr.as_str(), got.master_port, got.port), ("head", Some(1234), 1234));
+        assert_eq!(rank(&srun).unwrap().unwrap().port, DEFAULT_PORT);
+        given.push(("DENSENET_PORT", "4000"));
+        assert_eq!(rank(&given).unwrap().unwrap().port, 4000);
+        let mut torchrun = torchrun.to_vec();
+        torchrun.push(("DENSENET_PORT", "4001"));
+        assert_eq!(rank(&torchrun).unwrap().unwrap().port, 4001);
     }
 
     #[test]
@@ -211,6 +240,18 @@ mod tests {
         let e =
             rank(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")]).unwrap_err();
         assert!(e.0.contains("MASTER_PORT=70000 is not a port"), "{e}");
+        let e =
+            rank(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "65535")]).unwrap_err();
+        assert!(e.0.contains("leaves no port after it"), "{e}");
+        let e = rank(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+            ("DENSENET_PORT", "0"),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("DENSENET_PORT=0 is not a port"), "{e}");
         let e = rank(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "2")]).unwrap_err();
         assert!(e.0.contains("srun set no SLURM_JOB_NODELIST"), "{e}");
     }

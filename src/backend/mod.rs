@@ -286,9 +286,10 @@ pub trait Backend {
         bail!("the {} cannot train as one rank of several", self.describe())
     }
 
-    /// The job the backend's collectives span ([`Group::SOLO`] until [`Backend::join`]).
-    fn group(&self) -> Group {
-        Group::SOLO
+    /// The job the backend's collectives span, once it has joined one ([`Backend::join`]; a
+    /// job of one rank runs the collectives too, each a copy).
+    fn group(&self) -> Option<Group> {
+        None
     }
 
     /// Copies host values into `dst` (`data.len()` is its length).
@@ -422,7 +423,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         fn libraries() -> Vec<Library>;
         fn read_into(src: Span, out: &mut [f32]);
         fn read(src: Span) -> Vec<f32>;
-        fn group() -> Group;
+        fn group() -> Option<Group>;
         &mut self:
         fn workspace_len(convs: &[ConvShape], image_len: usize, batch: usize) -> Result<usize>;
         fn allocate(len: usize, workspace: Span, max_batch: usize) -> Result<()>;

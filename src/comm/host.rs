@@ -6,7 +6,7 @@
 //! naming it, which rank 0 forwards to every rank still waiting. After an error every later
 //! collective fails at once with it, so no rank blocks on a job that has stopped.
 
-use super::rendezvous::{receive_head, send, Kind, Links};
+use super::rendezvous::{patience, receive_head, send, Kind, Links};
 use super::Group;
 use crate::{Error, Result};
 use std::io::{ErrorKind, Read};
@@ -117,8 +117,17 @@ impl HostComm {
         &mut self.links.peers[i]
     }
 
+    /// This rank and how long it waits for a peer: the watchdog's timeout on rank 0,
+    /// [`patience`] on the others.
+    fn waits(&self) -> (usize, std::time::Duration) {
+        match self.links.group.rank {
+            0 => (0, self.links.timeout),
+            r => (r, patience(self.links.timeout)),
+        }
+    }
+
     fn send_to(&mut self, r: usize, kind: Kind, bytes: &[u8], what: &str) -> Result<()> {
-        let (rank, timeout) = (self.links.group.rank, self.links.timeout);
+        let (rank, timeout) = self.waits();
         send(self.peer(r), kind, bytes).map_err(|e| lost(rank, r, what, &e, timeout))
     }
 
@@ -130,7 +139,7 @@ impl HostComm {
     /// Reads rank `r`'s next frame into `out`, which it must fill exactly; rank 0's abort
     /// becomes this rank's error.
     fn receive_into(&mut self, r: usize, out: &mut [u8], what: &str) -> Result<()> {
-        let (rank, timeout) = (self.links.group.rank, self.links.timeout);
+        let (rank, timeout) = self.waits();
         let peer = self.peer(r);
         let (kind, len) = receive_head(peer).map_err(|e| lost(rank, r, what, &e, timeout))?;
         if kind == Kind::Abort {

@@ -148,8 +148,15 @@ fn connect(group: Group, host: &str, port: u16, timeout: Duration, deadline: Ins
     if kind == Kind::Abort {
         bail!("rank 0 refused rank {rank}: {}", String::from_utf8_lossy(&why));
     }
-    stream.set_read_timeout(Some(timeout)).map_err(|e| gone(&e))?;
+    stream.set_read_timeout(Some(patience(timeout))).map_err(|e| gone(&e))?;
     Ok(stream)
+}
+
+/// How long a rank other than 0 waits for rank 0 in a collective: longer than the watchdog's
+/// `timeout`, which rank 0 keeps for every rank and whose reason it sends to all, so that a
+/// rank that did not take part is named by rank 0 rather than rank 0 by the others.
+pub(crate) fn patience(timeout: Duration) -> Duration {
+    2 * timeout + Duration::from_secs(5)
 }
 
 /// Blocking, with `timeout` on reads and writes, no Nagle delay (collectives are small).

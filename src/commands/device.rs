@@ -1,7 +1,7 @@
 //! `--device`: which backend runs the model, opened before any data is loaded so that a
 //! missing GPU fails fast, with one line saying what is missing.
 
-use super::{parse, Failure};
+use super::{parse, usage, Failure};
 use clap::Args;
 use densenet::backend::cuda::{CudaBackend, Exec, GpuExec, HostExec};
 use densenet::backend::{Backend, CpuBackend};
@@ -20,7 +20,7 @@ pub(crate) enum Device {
 }
 
 /// Where the model runs.
-#[derive(Args)]
+#[derive(Args, Clone, Copy)]
 pub(crate) struct DeviceArgs {
     /// Device: auto (GPU 0 when it works, else the CPU), cpu, cuda, cuda:N, or host (the CUDA
     /// backend with its kernels run on the CPU: slow, for debugging).
@@ -36,8 +36,45 @@ pub(crate) struct DeviceArgs {
 }
 
 impl DeviceArgs {
+    /// Whether `auto` chooses the device.
+    pub(crate) fn is_auto(&self) -> bool {
+        self.device == Device::Auto
+    }
+
+    /// Whether the model runs on a GPU (when one works, for `auto`).
+    pub(crate) fn wants_gpu(&self) -> bool {
+        matches!(self.device, Device::Auto | Device::Cuda(_))
+    }
+
+    /// Opens the backend of a rank whose local rank is `local` (docs/launch.md): on a GPU, the
+    /// one it sees when it sees one (`CUDA_VISIBLE_DEVICES`), else GPU `local`.
+    pub(crate) fn open_rank(&self, local: usize) -> Result<(Box<dyn Backend>, String), Failure> {
+        match self.device {
+            Device::Cuda(n) if n > 0 => {
+                Err(usage(format!("--device cuda:{n} names one GPU; a rank uses its own: give --device cuda")))
+            }
+            Device::Auto | Device::Cuda(_) => {
+                let gpu = match GpuExec::count() {
+                    Ok(1) => 0,
+                    _ => local,
+                };
+                let device = match self.device {
+                    Device::Auto => Device::Auto,
+                    _ => Device::Cuda(gpu),
+                };
+                DeviceArgs { device, ..*self }.open_at(gpu)
+            }
+            _ => self.open(),
+        }
+    }
+
     /// Opens the backend, and says why when `auto` chose it.
     pub(crate) fn open(&self) -> Result<(Box<dyn Backend>, String), Failure> {
+        self.open_at(0)
+    }
+
+    /// [`DeviceArgs::open`], `auto` trying GPU `auto_gpu`.
+    fn open_at(&self, auto_gpu: usize) -> Result<(Box<dyn Backend>, String), Failure> {
         fn cuda<E: Exec + 'static>(exec: E, graphs: bool) -> Box<dyn Backend> {
             let mut be = CudaBackend::new(exec);
             be.set_graphs(graphs);
@@ -49,7 +86,7 @@ impl DeviceArgs {
             Device::Cpu => (cpu(), String::new()),
             Device::Host => (cuda(HostExec::new(), graphs), String::new()),
             Device::Cuda(n) => (cuda(GpuExec::new(n)?, graphs), String::new()),
-            Device::Auto => match GpuExec::new(0) {
+            Device::Auto => match GpuExec::new(auto_gpu) {
                 Ok(exec) => (cuda(exec, graphs), " (auto)".into()),
                 Err(e) if self.verbose => (cpu(), format!(" (auto, no usable GPU: {e})")),
                 Err(_) => (cpu(), " (auto: no usable GPU; -v says why)".into()),

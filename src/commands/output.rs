@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// (`densenet train | head`), the lines are dropped and the work goes on: a run keeps training
 /// and checkpointing, `eval | head -1` ends quietly. Any other failure to write is an error.
 pub(crate) fn report(line: impl fmt::Display) -> densenet::Result<()> {
-    static CLOSED: AtomicBool = AtomicBool::new(false);
     if CLOSED.load(Ordering::Relaxed) {
         return Ok(());
     }
@@ -24,6 +23,15 @@ pub(crate) fn report(line: impl fmt::Display) -> densenet::Result<()> {
         }
         r => r.map_err(|e| densenet::Error(format!("cannot write to stdout: {e}"))),
     }
+}
+
+/// Set once stdout is closed (a broken pipe), or this process's reports are silenced.
+static CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Silences [`report`] from now on: a data-parallel rank other than rank 0, which reports the
+/// job (errors and warnings still go to stderr).
+pub(crate) fn quiet() {
+    CLOSED.store(true, Ordering::Relaxed);
 }
 
 /// Prints `value` as one line of JSON (a `--json` report: its type is the documented schema).

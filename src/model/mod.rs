@@ -59,8 +59,10 @@ pub struct Model<B: Backend> {
 /// A rank's view of its data-parallel job ([`crate::comm`]).
 #[derive(Clone, Copy, Debug)]
 struct Job {
-    /// This rank and the job's size (the backend's [`Backend::group`]).
+    /// This rank and the job's size (the backend's [`Backend::group`]; [`Group::SOLO`] alone).
     group: Group,
+    /// Whether the backend joined a job (of one rank or more): the steps issue collectives.
+    joined: bool,
     /// How BN treats the shards.
     bn: BnMode,
     /// Images in the current global batch.
@@ -96,11 +98,11 @@ impl<B: Backend> Model<B> {
         cfg.validate()?;
         let net = Net::new(&cfg);
         // A rank plans for its share of the global batch: the first shard is the longest.
-        let group = be.group();
-        let batch = comm::shard(batch, group.world, 0).len().max(1);
+        let world = be.group().map_or(1, |g| g.world);
+        let batch = comm::shard(batch, world, 0).len().max(1);
         let widest = net.layout.running.iter().map(|t| t.len()).max().unwrap_or(0);
         let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?
-            .for_job(group.world, widest);
+            .for_job(be.group().is_some().then_some(world), widest);
         let mut m = Model::on_plan(cfg, net, plan, h, w, seed, be)?;
         let lay = &m.net.layout;
         // One tensor at a time: the host never holds more than the largest tensor.
@@ -121,7 +123,8 @@ impl<B: Backend> Model<B> {
         }
         be.allocate(plan.len, plan.workspace, plan.batch)?;
         be.write(plan.head.scaler, &LossScale::INITIAL.floats());
-        let job = Job { group: be.group(), bn: BnMode::Sync, total: 0, first: 0 };
+        let (joined, group) = (be.group().is_some(), be.group().unwrap_or(Group::SOLO));
+        let job = Job { group, joined, bn: BnMode::Sync, total: 0, first: 0 };
         Ok(Model { cfg, net, plan, be, seed, steps: 0, h, w, sgd: None, job })
     }
 
@@ -174,7 +177,7 @@ impl<B: Backend> Model<B> {
     /// each rank's follow its own shards): before an evaluation, so that every rank evaluates
     /// the network rank 0 saves.
     pub fn share_running_stats(&mut self) -> Result<()> {
-        if self.job.group.world > 1 && self.job.bn == BnMode::Local {
+        if self.job.joined && self.job.bn == BnMode::Local {
             self.be.collective(Collective::Broadcast(self.plan.running));
         }
         self.be.take_error()
@@ -182,7 +185,7 @@ impl<B: Backend> Model<B> {
 
     /// Whether batch statistics and their backward sums span the job's ranks.
     fn sync_bn(&self) -> bool {
-        self.job.group.world > 1 && self.job.bn == BnMode::Sync
+        self.job.joined && self.job.bn == BnMode::Sync
     }
 
     /// Values per channel a BN's statistics count for `x` (this rank's images): the whole
@@ -348,7 +351,7 @@ impl<B: Backend> Model<B> {
         self.forward(n, Pass::Train);
         self.backward(n);
         let (p, scales) = (&self.plan, self.scales_loss());
-        if self.job.group.world > 1 {
+        if self.job.joined {
             self.be.collective(Collective::AllReduce { src: p.grads, dst: p.grads });
         }
         if scales {
@@ -368,7 +371,7 @@ impl<B: Backend> Model<B> {
     /// over the global batch's size) summed over the ranks, and the non-finite flags set on
     /// any rank set on every one.
     fn share_result(&mut self) {
-        if self.job.group.world > 1 {
+        if self.job.joined {
             let r = self.plan.head.result.at(LOSS, RUNNING_FLAG + 1);
             self.be.collective(Collective::AllReduce { src: r, dst: r });
         }

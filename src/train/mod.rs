@@ -69,6 +69,8 @@ pub fn fit<B: Backend>(
         let sgd = Sgd { lr: lr as f32, momentum, weight_decay, nesterov };
         let ahead = epoch::Ahead { epochs: recipe.epochs - e - 1, epoch_secs: last, first: e == from.epoch };
         let t = epoch::train(model, train, e, sgd, ahead, progress)?;
+        // With local BN, every rank evaluates rank 0's running statistics (those saved).
+        model.share_running_stats()?;
         let v = epoch::evaluate(model, test, progress)?;
         let improved = best.is_none_or(|b| v.top1 > b);
         let top = best.map_or(v.top1, |b| b.max(v.top1));

@@ -122,15 +122,15 @@ impl CpuBackend {
         self.comm = Some(HostComm::new(links));
     }
 
-    /// The job joined ([`Group::SOLO`] before).
-    pub(crate) fn host_group(&self) -> Group {
-        self.comm.as_ref().map_or(Group::SOLO, HostComm::group)
+    /// The job joined, if any.
+    pub(crate) fn host_group(&self) -> Option<Group> {
+        self.comm.as_ref().map(HostComm::group)
     }
 
     /// Runs a collective on the arena (alone: an all-reduce or all-gather copies, a broadcast
     /// does nothing).
     pub(crate) fn run_collective(&mut self, op: Collective) -> Result<()> {
-        let world = self.host_group().world;
+        let world = self.host_group().map_or(1, |g| g.world);
         let span = |s: Span| {
             assert!(s.dtype == DType::F32 && s.index() + s.len <= self.arena.len(), "collective on {s:?}");
             s.index()..s.index() + s.len
@@ -429,7 +429,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn group(&self) -> Group {
+    fn group(&self) -> Option<Group> {
         self.host_group()
     }
 

@@ -501,7 +501,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         self.exec.join(links)
     }
 
-    fn group(&self) -> Group {
+    fn group(&self) -> Option<Group> {
         self.exec.group()
     }
 

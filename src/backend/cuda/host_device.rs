@@ -124,7 +124,7 @@ impl Exec for HostExec {
         Ok(())
     }
 
-    fn group(&self) -> Group {
+    fn group(&self) -> Option<Group> {
         self.cpu.host_group()
     }
 

@@ -145,9 +145,9 @@ pub trait Exec {
     fn join(&mut self, _links: Links) -> Result<()> {
         bail!("the {} cannot train as one rank of several", self.describe())
     }
-    /// The job joined ([`Group::SOLO`] before).
-    fn group(&self) -> Group {
-        Group::SOLO
+    /// The job joined, if any.
+    fn group(&self) -> Option<Group> {
+        None
     }
     /// Queues a collective of the job joined.
     fn collective(&mut self, _op: Collective) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `densenet train`: the reference recipe with checkpoints, resume, initial weights and
 //! TensorBoard logs.
 
+mod job;
 mod signals;
 mod start;
 
@@ -8,9 +9,9 @@ use super::args::{DataArgs, NetArgs, ProgressArgs, SourceArgs};
 use super::device::{self, DeviceArgs};
 use super::download::report_fetched;
 use super::memory::plan_line;
-use super::output::report;
+use super::output::{self, report};
 use super::progress::{Passes, Transfer};
-use super::{parse, Outcome};
+use super::{parse, usage, Failure, Outcome};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use densenet::backend::Backend;
@@ -22,8 +23,10 @@ use densenet::launch::Rank;
 use densenet::model::plan::Mode;
 use densenet::model::Model;
 use densenet::train::checkpoint::{self, Saver};
+use densenet::train::epoch::{Ahead, BatchDone, Progress};
 use densenet::train::tensorboard::EventWriter;
 use densenet::train::{self, schedule, stop};
+use job::{JobArgs, Role};
 use start::Start;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -102,6 +105,8 @@ pub(crate) struct TrainArgs {
     seed: Option<u64>,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    job: JobArgs,
     /// The flags given on the command line (their clap ids): a resumed run takes the others
     /// from its recipe.
     #[arg(skip)]
@@ -115,30 +120,51 @@ pub(crate) fn run(mut a: TrainArgs, matches: &ArgMatches) -> Outcome {
         .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
         .map(|id| id.to_string())
         .collect();
-    // One process only: several ranks would each train the whole job (docs/launch.md). Checked
-    // before any of them takes the run's lock.
-    if let Some(r) = Rank::of_process()?.filter(|r| r.world > 1) {
-        return Err(densenet::Error(format!(
-            "this process is rank {} of {} started by {}, and data-parallel training is not built yet: start one \
-             process (docs/launch.md)",
-            r.rank, r.world, r.launcher
-        ))
-        .into());
+    match a.job.role()? {
+        Role::Starter(n) => job::start(n, &a.device),
+        Role::Alone => run_as(&a, None),
+        Role::Rank(r) => {
+            run_as(&a, Some(&r)).map_err(|f| Failure { message: format!("rank {}: {}", r.rank, f.message), ..f })
+        }
+    }
+}
+
+/// Trains alone, or as `rank` of a data-parallel job: the ranks meet first (one that fails
+/// early then stops the job instead of leaving the others waiting); rank 0 alone takes the
+/// run's lock, prints and writes the run's files.
+fn run_as(a: &TrainArgs, rank: Option<&Rank>) -> Outcome {
+    if rank.is_some() && a.download {
+        return Err(usage("--download in a job of several ranks: run `densenet download` first, then start the job"));
+    }
+    let links = rank.map(|r| a.job.meet(r)).transpose()?;
+    let lead = rank.is_none_or(|r| r.rank == 0);
+    if !lead {
+        output::quiet();
     }
     // Flags and files first: a usage error is reported as such whatever the device.
-    let (start, source, _lock) = Start::checked(&a)?;
+    let (start, source, _lock) = match lead {
+        true => Start::checked(a).map(|(s, source, lock)| (s, source, Some(lock)))?,
+        false => Start::read(a).map(|(s, source)| (s, source, None))?,
+    };
     let run_dir = start.run_dir.clone();
-    let (be, why) = a.device.open()?;
+    let (mut be, why) = match rank {
+        Some(r) => a.device.open_rank(r.local_rank)?,
+        None => a.device.open()?,
+    };
+    if let Some(links) = links {
+        be.join(links)?;
+    }
     signals::catch_signals()?;
-    let done = train(&a, start, source, be, &why);
+    let done = train(a, start, source, be, &why, rank);
     match (done, stop::requested()) {
         (Err(_), Some(signal)) => Err(signals::interrupted(signal, &run_dir)),
         (done, _) => done,
     }
 }
 
-fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why: &str) -> Outcome {
+fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why: &str, rank: Option<&Rank>) -> Outcome {
     let (recipe, run_dir) = (&start.recipe, start.run_dir.as_path());
+    let lead = rank.is_none_or(|r| r.rank == 0);
     let (dataset, batch) = (recipe.dataset, recipe.batch_size);
     if a.download {
         // As `densenet download` does: fetch what is missing, check what is there (and say
@@ -149,10 +175,25 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
         }
     }
     let train_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Train)?);
+    if let Some(r) = rank {
+        // Each rank trains on a shard of every batch: none may be empty.
+        let last = train_set.len() % batch;
+        let fewest = if last == 0 { batch } else { batch.min(last) };
+        if fewest < r.world {
+            return Err(usage(format!(
+                "{} ranks and batches of {batch} of {} training images: the last batch of an epoch has {last}, which \
+                 leaves a rank without one (choose -b so that every batch has at least {} images)",
+                r.world,
+                train_set.len(),
+                r.world
+            )));
+        }
+    }
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
     let reused = start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r));
     let size = recipe.image_size;
     let mut model = Model::new(recipe.network.clone(), batch, size, size, start.memory, recipe.seed, be)?;
+    model.set_bn_mode(a.job.bn);
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
     }
@@ -170,6 +211,14 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
     ))?;
     report(format_args!("Number of model parameters: {}", model.layout().len))?;
     report(device::line(model.backend(), why))?;
+    if let Some(r) = rank {
+        let shard = densenet::comm::shard(batch, r.world, 0).len();
+        report(format_args!(
+            "Data parallel (experimental): {} ranks started by {}, met at {}:{}; each trains a shard of every batch \
+             of {batch} (at most {shard} images), BN {}",
+            r.world, r.launcher, r.master_addr, r.port, a.job.bn
+        ))?;
+    }
     report(plan_line(model.plan()))?;
     match (&start.resumed, &a.init_weights) {
         (Some(path), _) => report(format_args!(
@@ -204,13 +253,16 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
 
     let mut train_loader = Loader::train(train_set, dataset, batch, recipe.seed, recipe.augment)?;
     let mut test_loader = Loader::test(test_set, dataset, batch)?;
-    let saver = Saver::create(run_dir, recipe.clone(), start.best_epoch)?;
-    report(format_args!(
-        "Checkpoints: {} every epoch, {} on a new best test Prec@1",
-        saver.checkpoint().display(),
-        checkpoint::BEST
-    ))?;
-    if let Some(record) = model.backend().algorithm_record() {
+    // Rank 0 writes the run's files; the other ranks hold the same state.
+    let saver = lead.then(|| Saver::create(run_dir, recipe.clone(), start.best_epoch)).transpose()?;
+    if let Some(saver) = &saver {
+        report(format_args!(
+            "Checkpoints: {} every epoch, {} on a new best test Prec@1",
+            saver.checkpoint().display(),
+            checkpoint::BEST
+        ))?;
+    }
+    if let Some(record) = model.backend().algorithm_record().filter(|_| lead) {
         let path = run_dir.join(checkpoint::ALGORITHMS);
         checkpoint::write_atomic(&path, record.as_bytes())?;
         let searches = model.backend().algorithm_searches();
@@ -223,13 +275,16 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
             }
         ))?;
     }
-    let mut events = if a.tensorboard { Some(EventWriter::create(run_dir)?) } else { None };
+    let mut events = if a.tensorboard && lead { Some(EventWriter::create(run_dir)?) } else { None };
     if let Some(w) = &events {
         report(format_args!("TensorBoard: {}", w.path().display()))?;
     }
-    let (mut passes, from) =
-        (Passes::new(a.progress.print_freq), train::FitFrom { epoch: start.epoch, best: start.best });
-    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, recipe, from, &mut passes, |m, end| {
+    let from = train::FitFrom { epoch: start.epoch, best: start.best };
+    let mut passes: Box<dyn Progress> = match lead {
+        true => Box::new(Passes::new(a.progress.print_freq)),
+        false => Box::new(Silent),
+    };
+    let best = train::fit(&mut model, &mut train_loader, &mut test_loader, recipe, from, &mut *passes, |m, end| {
         let (e, t, v) = (end.epoch, end.train, end.test);
         let scale = m.loss_scale();
         let scaling = match scale {
@@ -240,7 +295,9 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
             " * Epoch [{e}]  lr {}  train Loss {:.4}  Prec@1 {:.3}  test Loss {:.4}  Prec@1 {:.3}{scaling}  ({:.1} s)",
             end.lr, t.loss, t.top1, v.loss, v.top1, end.secs
         ))?;
-        saver.save(m, e + 1, end.best, end.improved)?;
+        if let Some(saver) = &saver {
+            saver.save(m, e + 1, end.best, end.improved)?;
+        }
         if let Some(w) = events.as_mut() {
             for (tag, value) in [
                 ("train_loss", t.loss),
@@ -264,6 +321,18 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
     })?;
     report(format_args!("Best accuracy: {:.3}", best.unwrap_or(0.0)))?;
     Ok(())
+}
+
+/// The passes of a rank other than rank 0: rank 0 shows the job's.
+struct Silent;
+
+impl Progress for Silent {
+    fn start(&mut self, _: &str, _: usize, _: Ahead) -> densenet::Result<()> {
+        Ok(())
+    }
+    fn batch(&mut self, _: &BatchDone) -> densenet::Result<()> {
+        Ok(())
+    }
 }
 
 /// Hands the backend the algorithm record beside the checkpoint `resumed` from, if there is

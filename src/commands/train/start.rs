@@ -49,11 +49,7 @@ impl Start {
     /// Everything the flags and the files decide, checked before a device is opened or any
     /// data loaded or file written; with the run directory's lock, held until the run ends.
     pub(super) fn checked(a: &TrainArgs) -> Result<(Start, Source, RunLock), Failure> {
-        let source = a.source.source();
-        if source != Source::Official && !a.download {
-            return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
-        }
-        let mut start = Start::new(a)?;
+        let (mut start, source) = Start::read(a)?;
         let (run_dir, name) = (&start.run_dir, &start.recipe.name);
         // Under the lock, so that no other process can start or resume this run meanwhile.
         let lock = RunLock::take(run_dir, name)?;
@@ -80,6 +76,16 @@ impl Start {
             }
         }
         Ok((start, source, lock))
+    }
+
+    /// The flags and the files they name, without the run directory (a data-parallel rank
+    /// other than rank 0 leaves it to rank 0: [`Start::checked`]).
+    pub(super) fn read(a: &TrainArgs) -> Result<(Start, Source), Failure> {
+        let source = a.source.source();
+        if source != Source::Official && !a.download {
+            return Err(usage("--url and --archive say where --download fetches the dataset from: add --download"));
+        }
+        Ok((Start::new(a)?, source))
     }
 
     /// Reads and checks the flags, and `--resume` or `--init-weights`.

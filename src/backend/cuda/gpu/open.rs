@@ -31,11 +31,9 @@ impl GpuExec {
         Self::open(ordinal, AlgorithmFamily::from_env()?)
     }
 
-    /// Opens GPU `ordinal`, choosing among the convolution algorithms of `family`: checks the
-    /// driver, the device, cuDNN with the cuBLASLt it loads and (when the kernels were built
-    /// without nvcc, or `DENSENET_FORCE_NVRTC=1`) NVRTC, then loads the kernels. Every failure is
-    /// a one-line error that says what is missing and how to provide it.
-    pub fn open(ordinal: usize, family: AlgorithmFamily) -> Result<GpuExec> {
+    /// The GPUs the driver sees (those `CUDA_VISIBLE_DEVICES` shows); an error when there is
+    /// no driver or it cannot start.
+    pub fn count() -> Result<usize> {
         // SAFETY: only tries to dlopen libcuda; nothing in it is called, a missing one is `false`.
         if !unsafe { ds::is_culib_present() } {
             bail!("no CUDA driver (libcuda.so.1 not found): install the NVIDIA driver, or use --device cpu");
@@ -48,10 +46,19 @@ impl GpuExec {
         })?;
         let count =
             dr::device::get_count().map_err(|e| Error(format!("cannot count CUDA devices ({})", errname(e))))?;
-        if count <= 0 {
+        Ok(count.max(0) as usize)
+    }
+
+    /// Opens GPU `ordinal`, choosing among the convolution algorithms of `family`: checks the
+    /// driver, the device, cuDNN with the cuBLASLt it loads and (when the kernels were built
+    /// without nvcc, or `DENSENET_FORCE_NVRTC=1`) NVRTC, then loads the kernels. Every failure is
+    /// a one-line error that says what is missing and how to provide it.
+    pub fn open(ordinal: usize, family: AlgorithmFamily) -> Result<GpuExec> {
+        let count = Self::count()?;
+        if count == 0 {
             bail!("no CUDA GPU found (the driver sees none): use --device cpu");
         }
-        if ordinal >= count as usize {
+        if ordinal >= count {
             bail!("no CUDA device {ordinal}: the driver sees {count} (cuda:0 to cuda:{})", count - 1);
         }
         let cudnn = cudnn::preflight()?;
