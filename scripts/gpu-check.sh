@@ -12,7 +12,7 @@
 #
 #   bash scripts/gpu-check.sh run       # on a GPU machine, from the repository root
 #     Needs target/gpu-check/ from `prepare` (or GPU_CHECK_CARRY=DIR), an NVIDIA driver, and a
-#     Python with PyTorch and the pip CUDA libraries (nvidia-cudnn-cu13, nvidia-cublas,
+#     Python with PyTorch and the pip CUDA libraries (nvidia-cudnn-cu13, nvidia-cublas, nvidia-nccl-cu13,
 #     nvidia-cuda-nvrtc): PYTHON=/path/to/python, default python3. No Rust. Smoke first, within
 #     one time budget (GPU_CHECK_BUDGET_S, default 450 s):
 #       1. preflight: `densenet bench --device cuda` on a tiny network (opens the GPU, plans,
@@ -80,7 +80,7 @@ prepare() {
   echo "DENSENET_CUDA_ARCH=${DENSENET_CUDA_ARCH:-(unset: the oldest PTX nvcc offers)}"
   cargo build --release --bin densenet
   local tests=() t json
-  for t in cuda_ops cuda_step conv_error nvrtc $BACKEND_TESTS; do
+  for t in cuda_ops cuda_step conv_error nvrtc data_parallel $BACKEND_TESTS; do
     [ -f "tests/$t.rs" ] && tests+=(--test "$t")
   done
   json=$(cargo test --release --no-run --message-format=json "${tests[@]}")
@@ -203,7 +203,7 @@ list_tests() {
 # ("not a dynamic executable" is fine); records the check "carried binaries".
 check_carried() {
   local bin missing list problems=()
-  for bin in densenet cuda_ops cuda_step conv_error nvrtc $BACKEND_TESTS; do
+  for bin in densenet cuda_ops cuda_step conv_error nvrtc data_parallel $BACKEND_TESTS; do
     if [ ! -f "$CARRY/$bin" ]; then
       problems+=("$bin is missing")
       continue
@@ -270,6 +270,8 @@ environment() {
   # cuDNN's legacy convolutions load cuBLASLt at run time.
   add_lib libcublasLt.so.13 libcublasLt.so.12
   add_lib libnvrtc.so.13 libnvrtc.so.12
+  # Data-parallel jobs on GPUs load NCCL at run time (PyTorch's pip NCCL).
+  add_lib libnccl.so.2
   local line
   line=$(nvidia-smi -i "$GPU" --query-gpu=name,uuid,memory.total,memory.used,driver_version \
     --format=csv,noheader,nounits 2>&1 | head -n 1)
@@ -541,6 +543,8 @@ run() {
   # A GPU-only test with no host twin (it reruns itself in two processes).
   run_test cuda_step algorithm_record_is_reused_across_processes gpu
   for t in "${error_tests[@]}"; do run_test conv_error "$t" gpu; done
+  # NCCL at world size 1 (a job of one rank) equals the plain single-GPU step.
+  run_test data_parallel nccl_at_world_size_one_gpu gpu
   # The test bodies every backend runs (PyTorch golden data, modes, finite differences).
   for bin in $BACKEND_TESTS; do
     mapfile -t backend_tests < <(list_tests "$bin" | grep '::gpu$')

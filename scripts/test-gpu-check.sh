@@ -33,14 +33,17 @@ lacks() { ! grep -qE -- "$2" "$1"; }
 world() {
   W=$TMP/$1
   mkdir -p "$W/bin" "$W/carry" "$W/state" "$W/out" "$W/site/nvidia/cudnn/lib" \
-    "$W/site/nvidia/cu13/lib" "$W/site/nvidia/cublas/lib"
+    "$W/site/nvidia/cu13/lib" "$W/site/nvidia/cublas/lib" "$W/site/nvidia/nccl/lib"
   cp "$STUBS/nvidia-smi" "$STUBS/compute-sanitizer" "$STUBS/python" "$W/bin/"
   cp "$STUBS/densenet" "$W/carry/"
   local t
-  for t in cuda_ops cuda_step conv_error nvrtc golden modes gradcheck; do cp "$STUBS/libtest" "$W/carry/$t"; done
+  for t in cuda_ops cuda_step conv_error nvrtc data_parallel golden modes gradcheck; do
+    cp "$STUBS/libtest" "$W/carry/$t"
+  done
   chmod +x "$W/bin/"*
   touch "$W/site/nvidia/cudnn/lib/libcudnn.so.9" "$W/site/nvidia/cu13/lib/libcublasLt.so.13" \
-    "$W/site/nvidia/cu13/lib/libnvrtc.so.13" "$W/site/nvidia/cublas/lib/libcublasLt.so.12"
+    "$W/site/nvidia/cu13/lib/libnvrtc.so.13" "$W/site/nvidia/cublas/lib/libcublasLt.so.12" \
+    "$W/site/nvidia/nccl/lib/libnccl.so.2"
 }
 
 # gpu_check [VAR=VALUE...]: `gpu-check.sh run` in the world W, with the variables; its stdout
@@ -74,7 +77,7 @@ ok "a failed check makes the exit status non-zero (got $RC)" [ "$RC" -ne 0 ]
 ok "table.txt ends stdout" bash -c "tail -n \$(wc -l <'$T') '$W/stdout' | cmp -s - '$T'"
 ok "the failing test is FAILED" has "$T" '^  cuda_ops pooling_matches_the_cpu::gpu +FAILED \(rc 101\)'
 ok "every other check is ok" [ "$(grep -cE '^  .*  (FAILED|skipped)' "$T")" = 1 ]
-ok "33 checks" [ "$(sed -n '/^== checks/,/^$/p' "$T" | grep -c '^  ')" = 33 ]
+ok "34 checks" [ "$(sed -n '/^== checks/,/^$/p' "$T" | grep -c '^  ')" = 34 ]
 ok "each test in its own process, smoke first, in order" diff -u - <(runs) <<'EOF'
 densenet bench --device cuda --layers 10 --growth 4 --batch-size 2 --steps 1 --warmup 1 --json
 cuda_ops --exact batch_norm_matches_the_cpu::gpu --nocapture --test-threads=1
@@ -93,6 +96,7 @@ cuda_step --exact device_allocation_is_the_plan::gpu --nocapture --test-threads=
 cuda_step --exact two_runs_are_bitwise_identical::gpu --nocapture --test-threads=1
 cuda_step --exact algorithm_record_is_reused_across_processes --nocapture --test-threads=1
 conv_error --exact by_family::gpu --nocapture --test-threads=1
+data_parallel --exact nccl_at_world_size_one_gpu --nocapture --test-threads=1
 golden --exact bottleneck_matches_pytorch_in_every_mode::gpu --nocapture --test-threads=1
 modes --exact bottleneck_modes_agree::gpu --nocapture --test-threads=1
 modes --exact partial_batch_equals_a_plan_of_its_size::gpu --nocapture --test-threads=1
@@ -116,8 +120,8 @@ DENSENET_REQUIRE_GPU=1
 NVIDIA_TF32_OVERRIDE=0
 RUST_BACKTRACE=1
 EOF
-ok "cuDNN, cuBLASLt 13 (not 12) and NVRTC on LD_LIBRARY_PATH" has "$W/state/env" \
-  "^LD_LIBRARY_PATH=$W/site/nvidia/cu13/lib:$W/site/nvidia/cudnn/lib\$"
+ok "cuDNN, cuBLASLt 13 (not 12), NVRTC and NCCL on LD_LIBRARY_PATH" has "$W/state/env" \
+  "^LD_LIBRARY_PATH=$W/site/nvidia/nccl/lib:$W/site/nvidia/cu13/lib:$W/site/nvidia/cudnn/lib\$"
 ok "each library's path logged" has "$W/out/gpu-check.log" "^libcublasLt.so.13: $W/site/nvidia/cu13/lib/libcublasLt.so.13\$"
 ok "the preflight's Device line shown" has "$W/stdout" '^Device: NVIDIA Stub GPU'
 ok "the budget shown at the start" has "$W/stdout" 'time budget 450 s'
@@ -170,7 +174,7 @@ gpu_check STUB_PREFLIGHT_FAIL=1
 T=$W/out/table.txt
 ok "a failed preflight fails the run (got $RC)" [ "$RC" -ne 0 ]
 ok "preflight FAILED" has "$T" '^  preflight +FAILED \(rc 1\)'
-ok "GPU items skipped after it" [ "$(grep -c '^  .*  skipped: the preflight failed' "$T")" = 22 ]
+ok "GPU items skipped after it" [ "$(grep -c '^  .*  skipped: the preflight failed' "$T")" = 23 ]
 ok "PyTorch rows still run" has "$T" "^torch checkpointed det +1524 +42.00$torch"'eager$'
 ok "torchvision rows still run" has "$T" "^torchvision memory_efficient +1600 +40.00$torch"'eager$'
 ok "NVRTC tests still run" has "$T" '^  nvrtc nvrtc_compiles_every_kernel +ok'

@@ -199,3 +199,28 @@ fn small_batches_on_the_cpu() {
 fn small_batches_on_the_host_device() {
     a_batch_smaller_than_the_job(host);
 }
+
+/// With one GPU, the NCCL path at world size 1 (a job of one rank: every collective issued,
+/// through NCCL) equals the plain single-GPU step (`scripts/gpu-check.sh` runs it; skipped
+/// without a GPU).
+#[test]
+fn nccl_at_world_size_one_gpu() {
+    common::devices::on_gpu("nccl_at_world_size_one", |make| {
+        let batch = 7;
+        for drop in [0.0, 0.2] {
+            let cfg = net(drop);
+            let want = train(&mut Model::new(cfg.clone(), batch, SIDE, SIDE, Mode::Minimal, 3, make()).unwrap(), batch);
+            let mut be = make();
+            let links = rendezvous(Group::SOLO, "127.0.0.1", free_port(), Duration::from_secs(60)).unwrap();
+            be.join(links).unwrap();
+            assert_eq!(be.group(), Some(Group::SOLO));
+            assert!(be.libraries().iter().any(|l| l.name == "nccl"), "NCCL is reported");
+            let got = train(&mut Model::new(cfg, batch, SIDE, SIDE, Mode::Minimal, 3, be).unwrap(), batch);
+            let at = format!("drop {drop}, NCCL at world size 1");
+            assert_close(&format!("{at}: losses"), &got.losses, &want.losses);
+            assert_close(&format!("{at}: parameters"), &got.params, &want.params);
+            assert_close(&format!("{at}: momentum"), &got.momentum, &want.momentum);
+            assert_close(&format!("{at}: running statistics"), &got.running, &want.running);
+        }
+    });
+}

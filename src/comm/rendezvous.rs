@@ -34,6 +34,26 @@ pub struct Links {
     pub timeout: Duration,
 }
 
+impl Links {
+    /// Rank 0's `data` on every rank, sent over the connections (NCCL's unique id).
+    pub fn share(&mut self, data: &mut Vec<u8>) -> Result<()> {
+        if self.group.rank == 0 {
+            for (r, p) in self.peers.iter_mut().enumerate() {
+                send(p, Kind::Data, data)
+                    .map_err(|e| Error(format!("rank {} left during the start-up: {e}", r + 1)))?;
+            }
+            return Ok(());
+        }
+        let (kind, payload) =
+            receive(&mut self.peers[0]).map_err(|e| Error(format!("rank 0 left during the start-up: {e}")))?;
+        if kind == Kind::Abort {
+            bail!("the job stopped: {}", String::from_utf8_lossy(&payload));
+        }
+        *data = payload;
+        Ok(())
+    }
+}
+
 /// Meets the other ranks of `group`: rank 0 listens on `port` of every interface of its host,
 /// the others connect to `host:port`, retrying until `timeout` has passed. An error says which
 /// ranks did not come, or that rank 0 could not be reached.

@@ -6,13 +6,14 @@ use std::ffi::c_void;
 use cudarc::driver::{result as dr, sys as ds, CudaGraph, DriverError};
 
 use super::open::nvrtc_version;
-use super::{driver_failed, errname, GpuExec, KernelSource, Step};
+use super::{driver_failed, errname, nccl, GpuExec, KernelSource, Step};
 use crate::backend::cuda::algos;
 use crate::backend::cuda::launch::{Arg, Exec, Launch};
 use crate::backend::cuda::ptx;
 use crate::backend::cuda::record::{recorded_exec_methods, Op, Recorder, Steps};
 use crate::backend::{Collective, ConvShape, ConvSpec, DType, DeviceMemory, Library, Span, View};
 use crate::comm::rendezvous::Links;
+use crate::comm::Group;
 use crate::measure::mib;
 use crate::{bail, Error, Result};
 
@@ -59,8 +60,13 @@ impl GpuExec {
         self.ctx.bind_to_thread().map_err(|e| driver_failed("binding the CUDA context", e))
     }
 
+    /// Waits for the stream (under NCCL's watchdog in a job).
     fn sync(&self, what: &str) -> Result<()> {
-        self.stream.synchronize().map_err(|e| driver_failed(what, e))
+        let wait = || self.stream.synchronize().map_err(|e| driver_failed(what, e));
+        match &self.nccl {
+            Some(n) => n.watched(wait),
+            None => wait(),
+        }
     }
 
     /// Checks and resolves one convolution call: (x/gx address, w address, y/gy address).
@@ -102,8 +108,13 @@ impl GpuExec {
         self.steps.recording() || self.capturing
     }
 
-    /// Issues `ops` under stream capture (nothing runs) and instantiates the graph.
+    /// Issues `ops` under stream capture (nothing runs) and instantiates the graph. A step with
+    /// NCCL collectives is not captured (replayed op by op), until captured ones are measured
+    /// on a GPU.
     fn capture(&mut self, ops: &[Op]) -> Result<Option<CudaGraph>> {
+        if ops.iter().any(|op| matches!(op, Op::Collective(_))) {
+            bail!("a step with NCCL collectives is issued op by op, not captured");
+        }
         self.stream
             .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver_failed("starting a CUDA graph capture", e))?;
@@ -199,7 +210,19 @@ impl Recorder for GpuExec {
                 self.bind()?;
                 self.convs.backward_filter((x, px), pw, (gy, py), spec, accumulate)
             }
-            Op::Collective(_) => bail!("a collective on a GPU that has not joined a job"),
+            Op::Collective(c) => {
+                let Some(nccl) = &self.nccl else { bail!("a collective on a GPU that has not joined a job") };
+                let spans = match c {
+                    Collective::AllReduce { src, dst } | Collective::AllGather { src, dst } => [src, dst],
+                    Collective::Broadcast(s) => [s, s],
+                };
+                for s in spans {
+                    self.addr(s.off, s.bytes(), "a collective")?;
+                }
+                let base = self.addr(0, 0, "a collective")?;
+                self.bind()?;
+                nccl.issue(c, base, self.stream.cu_stream() as cudarc::nccl::sys::cudaStream_t)
+            }
         }
     }
 
@@ -225,7 +248,8 @@ impl Drop for GpuExec {
                 }
             }
         }
-        let _ = self.stream.synchronize();
+        // Under NCCL's watchdog: a job whose collectives hang ends here too.
+        let _ = self.sync("finishing the GPU's work");
         if let Some((ptr, _)) = self.arena.take() {
             // SAFETY: allocated by `allocate`, all work that used it has finished.
             let _ = unsafe { dr::free_sync(ptr) };
@@ -263,6 +287,9 @@ impl Exec for GpuExec {
         ];
         if self.kernels_from != KernelSource::Nvcc {
             libs.push(Library::loaded("nvrtc", nvrtc_version().unwrap_or_default(), None, "libnvrtc.so"));
+        }
+        if self.nccl.is_some() {
+            libs.extend(nccl::api().ok().map(|api| api.library()));
         }
         libs
     }
@@ -344,8 +371,18 @@ impl Exec for GpuExec {
         self.submit(Op::launch(l))
     }
 
-    fn join(&mut self, _links: Links) -> Result<()> {
-        bail!("data-parallel training on a GPU needs NCCL, which this build does not use yet")
+    fn join(&mut self, links: Links) -> Result<()> {
+        if self.nccl.is_some() {
+            bail!("this GPU has joined a job already");
+        }
+        let api = nccl::api()?;
+        self.bind()?;
+        self.nccl = Some(nccl::Nccl::join(api, links)?);
+        Ok(())
+    }
+
+    fn group(&self) -> Option<Group> {
+        self.nccl.as_ref().map(nccl::Nccl::group)
     }
 
     recorded_exec_methods!();

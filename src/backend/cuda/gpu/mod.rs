@@ -23,6 +23,7 @@
 //! arena, and recorded steps as CUDA graphs.
 
 mod exec;
+mod nccl;
 mod open;
 
 use std::collections::HashMap;
@@ -45,8 +46,10 @@ pub(super) enum Step {
 
 /// Runs the CUDA backend on a GPU.
 pub struct GpuExec {
-    // Fields drop in this order after `Drop::drop` synchronized and freed the arena: the steps
-    // (and their graphs), cuDNN, kernels (and with them the module), stream, context.
+    // Fields drop in this order after `Drop::drop` synchronized and freed the arena: NCCL, the
+    // steps (and their graphs), cuDNN, kernels (and with them the module), stream, context.
+    /// The data-parallel job's communicator, once joined.
+    nccl: Option<nccl::Nccl>,
     steps: Steps<Step>,
     /// Boxed: the cuDNN side is most of the executor's size.
     convs: Box<cudnn::Convs>,

@@ -123,6 +123,7 @@ impl GpuExec {
         };
         let convs = Box::new(cudnn::Convs::new(&stream, ordinal, header)?);
         Ok(GpuExec {
+            nccl: None,
             steps: Steps::new(),
             convs,
             kernels: loaded,
