@@ -8,7 +8,7 @@
 use super::Group;
 use crate::{bail, Error, Result};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// A rank's first words: the protocol's magic, its rank and the job's size.
@@ -35,7 +35,16 @@ pub struct Links {
 }
 
 impl Links {
-    /// Rank 0's `data` on every rank, sent over the connections (NCCL's unique id).
+    /// Another handle on the same connections, to [`Links::share`] on before the collectives
+    /// start (rank 0's convolution algorithms) while the backend holds these.
+    pub fn try_clone(&self) -> Result<Links> {
+        let peers = self.peers.iter().map(TcpStream::try_clone).collect::<std::io::Result<_>>();
+        let peers = peers.map_err(|e| Error(format!("cannot share the connections between ranks: {e}")))?;
+        Ok(Links { group: self.group, peers, timeout: self.timeout })
+    }
+
+    /// Rank 0's `data` on every rank, sent over the connections (NCCL's unique id, rank 0's
+    /// convolution algorithms).
     pub fn share(&mut self, data: &mut Vec<u8>) -> Result<()> {
         if self.group.rank == 0 {
             for (r, p) in self.peers.iter_mut().enumerate() {
@@ -217,12 +226,4 @@ fn receive(stream: &mut TcpStream) -> std::io::Result<(Kind, Vec<u8>)> {
     let mut payload = vec![0; len];
     stream.read_exact(&mut payload)?;
     Ok((kind, payload))
-}
-
-impl Drop for Links {
-    fn drop(&mut self) {
-        for p in &self.peers {
-            let _ = p.shutdown(Shutdown::Both);
-        }
-    }
 }

@@ -84,13 +84,7 @@ impl JobArgs {
 /// group, so that a terminal's Ctrl-C reaches them once).
 pub(crate) fn start(n: usize, device: &DeviceArgs) -> Outcome {
     if device.wants_gpu() {
-        match GpuExec::count() {
-            Ok(gpus) if gpus > 0 && n > gpus => {
-                return Err(failure(format!("--nproc {n} starts one rank per GPU, and {gpus} GPU(s) are visible")))
-            }
-            Err(e) if !device.is_auto() => return Err(e.into()),
-            _ => {}
-        }
+        enough_gpus(n, GpuExec::count(), device.is_auto())?;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -169,10 +163,46 @@ pub(crate) fn start(n: usize, device: &DeviceArgs) -> Outcome {
     }
 }
 
+/// Whether `n` ranks, one per GPU, fit the `gpus` the driver sees (or why it sees none): more
+/// ranks than GPUs is an error, and so is no GPU unless `auto` (which then runs on the CPU).
+fn enough_gpus(n: usize, gpus: densenet::Result<usize>, auto: bool) -> Result<(), Failure> {
+    match gpus {
+        Ok(gpus) if gpus > 0 && n > gpus => {
+            Err(failure(format!("--nproc {n} starts one rank per GPU, and {gpus} GPU(s) are visible")))
+        }
+        Ok(0) if !auto => Err(failure("--nproc on --device cuda: the driver sees no GPU (use --device cpu or host)")),
+        Err(e) if !auto => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Sends `signal` to every rank still running.
 fn stop_all(ranks: &mut [Option<Child>], signal: i32) {
     for child in ranks.iter().flatten() {
         // SAFETY: kill(2) on a child's pid, which is not reaped before its slot is cleared.
         unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::enough_gpus;
+
+    #[test]
+    fn nproc_needs_a_gpu_per_rank() {
+        let message = |r: Result<(), crate::commands::Failure>| r.err().map(|f| f.message);
+        assert_eq!(message(enough_gpus(2, Ok(2), false)), None);
+        assert_eq!(
+            message(enough_gpus(3, Ok(2), true)).as_deref(),
+            Some("--nproc 3 starts one rank per GPU, and 2 GPU(s) are visible")
+        );
+        assert!(message(enough_gpus(2, Ok(0), false)).is_some_and(|m| m.contains("sees no GPU")));
+        // auto without a GPU: the ranks run on the CPU.
+        assert_eq!(message(enough_gpus(2, Ok(0), true)), None);
+        assert_eq!(message(enough_gpus(2, Err(densenet::Error("no driver".into())), true)), None);
+        assert_eq!(
+            message(enough_gpus(2, Err(densenet::Error("no driver".into())), false)).as_deref(),
+            Some("no driver")
+        );
     }
 }

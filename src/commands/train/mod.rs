@@ -15,6 +15,7 @@ use super::{parse, usage, Failure, Outcome};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use densenet::backend::Backend;
+use densenet::comm::rendezvous::Links;
 use densenet::config::Precision;
 use densenet::data::cifar::{Images, Split, SIDE};
 use densenet::data::download::{self, Source};
@@ -151,19 +152,30 @@ fn run_as(a: &TrainArgs, rank: Option<&Rank>) -> Outcome {
         Some(r) => a.device.open_rank(r.local_rank)?,
         None => a.device.open()?,
     };
+    // A second handle on the connections: rank 0 sends its convolution algorithms over it.
+    let agree = links.as_ref().map(Links::try_clone).transpose()?;
     if let Some(links) = links {
         be.join(links)?;
     }
     signals::catch_signals()?;
-    let done = train(a, start, source, be, &why, rank);
+    let done = train(a, start, source, be, &why, rank.zip(agree));
     match (done, stop::requested()) {
         (Err(_), Some(signal)) => Err(signals::interrupted(signal, &run_dir)),
         (done, _) => done,
     }
 }
 
-fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why: &str, rank: Option<&Rank>) -> Outcome {
+/// Trains alone, or as `job`'s rank (with a handle on the connections to its ranks).
+fn train(
+    a: &TrainArgs,
+    start: Start,
+    source: Source,
+    mut be: impl Backend,
+    why: &str,
+    job: Option<(&Rank, Links)>,
+) -> Outcome {
     let (recipe, run_dir) = (&start.recipe, start.run_dir.as_path());
+    let (rank, mut agree) = job.unzip();
     let lead = rank.is_none_or(|r| r.rank == 0);
     let (dataset, batch) = (recipe.dataset, recipe.batch_size);
     if a.download {
@@ -190,9 +202,18 @@ fn train(a: &TrainArgs, start: Start, source: Source, mut be: impl Backend, why:
         }
     }
     let test_set = Arc::new(Images::load(&a.data.data_dir, dataset, Split::Test)?);
-    let reused = start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r));
+    // In a job, rank 0 chooses the convolution algorithms and the other ranks take its choices,
+    // so that every rank computes alike.
+    let reused = match agree.as_mut() {
+        Some(links) if !lead => take_algorithms(&mut be, links)?,
+        _ => start.resumed.as_deref().and_then(|r| reuse_algorithms(&mut be, r)),
+    };
     let size = recipe.image_size;
     let mut model = Model::new(recipe.network.clone(), batch, size, size, start.memory, recipe.seed, be)?;
+    if let Some(links) = agree.as_mut().filter(|_| lead) {
+        links.share(&mut model.backend().algorithm_record().unwrap_or_default().into_bytes())?;
+    }
+    drop(agree);
     model.set_bn_mode(a.job.bn);
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
@@ -333,6 +354,18 @@ impl Progress for Silent {
     fn batch(&mut self, _: &BatchDone) -> densenet::Result<()> {
         Ok(())
     }
+}
+
+/// Takes rank 0's convolution algorithms (none where nothing is timed): the rankings reused,
+/// or `None` when rank 0's record is refused here (a warning: this rank times its own).
+fn take_algorithms<B: Backend>(be: &mut B, links: &mut Links) -> densenet::Result<Option<usize>> {
+    let mut record = Vec::new();
+    links.share(&mut record)?;
+    if record.is_empty() {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&record);
+    Ok(be.reuse_algorithm_record(&text).map_err(|e| log::warn!("rank 0's convolution algorithms not taken ({e})")).ok())
 }
 
 /// Hands the backend the algorithm record beside the checkpoint `resumed` from, if there is
