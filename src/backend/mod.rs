@@ -170,6 +170,24 @@ pub enum Collective {
     Broadcast(Span),
 }
 
+impl Collective {
+    /// Checks the spans of a collective of a job of `world` ranks: f32, of equal lengths (an
+    /// all-gather's `dst` `world` times its `src`), the same span or disjoint (an all-gather's
+    /// always disjoint); the error says which is not.
+    pub fn check(&self, world: usize) -> std::result::Result<(), String> {
+        let apart = |a: Span, b: Span| a.off + a.bytes() <= b.off || b.off + b.bytes() <= a.off;
+        let (spans, fits) = match *self {
+            Collective::AllReduce { src, dst } => ([src, dst], src.len == dst.len && (src == dst || apart(src, dst))),
+            Collective::AllGather { src, dst } => ([src, dst], dst.len == world * src.len && apart(src, dst)),
+            Collective::Broadcast(s) => ([s, s], true),
+        };
+        match spans.iter().all(|s| s.dtype == DType::F32) && fits {
+            true => Ok(()),
+            false => Err(format!("{self:?} does not fit a job of {world}")),
+        }
+    }
+}
+
 /// Memory of a backend with a device of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
@@ -465,7 +483,25 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::Library;
+    use super::{Collective, DType, Library, Span};
+
+    #[test]
+    fn collectives_check_their_spans() {
+        let (a, b, c) = (Span::f32(0, 4), Span::f32(16, 4), Span::f32(32, 12));
+        assert_eq!(Collective::AllReduce { src: a, dst: a }.check(3), Ok(()));
+        assert_eq!(Collective::AllReduce { src: a, dst: b }.check(3), Ok(()));
+        assert_eq!(Collective::AllGather { src: a, dst: c }.check(3), Ok(()));
+        assert_eq!(Collective::Broadcast(c).check(2), Ok(()));
+        for bad in [
+            Collective::AllReduce { src: a, dst: c },
+            Collective::AllReduce { src: a, dst: Span::f32(8, 4) },
+            Collective::AllGather { src: a, dst: c.at(0, 8) },
+            Collective::AllGather { src: Span::f32(40, 4), dst: c },
+            Collective::Broadcast(Span { dtype: DType::BF16, ..a }),
+        ] {
+            assert!(bad.check(3).is_err_and(|e| e.contains("does not fit a job of 3")), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_loaded_library_is_found_by_its_file_name() {

@@ -212,6 +212,7 @@ impl Recorder for GpuExec {
             }
             Op::Collective(c) => {
                 let Some(nccl) = &self.nccl else { bail!("a collective on a GPU that has not joined a job") };
+                c.check(nccl.group().world).map_err(Error)?;
                 let spans = match c {
                     Collective::AllReduce { src, dst } | Collective::AllGather { src, dst } => [src, dst],
                     Collective::Broadcast(s) => [s, s],

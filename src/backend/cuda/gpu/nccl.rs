@@ -8,10 +8,12 @@
 //! then joins the communicator on its GPU. The collectives go on the executor's one stream, in
 //! the order the model issues them, the same on every rank.
 //!
-//! The watchdog: a thread that, while the executor waits for its stream with collectives
-//! queued, aborts the communicator when the wait outlasts the timeout or NCCL reports an
-//! error (a rank gone), so that the wait ends and the rank stops with the watchdog's reason
-//! instead of hanging.
+//! The watchdog: a thread that aborts the communicator when collectives queued have not been
+//! seen to finish within the timeout, or NCCL reports an error (a rank gone), so that whatever
+//! the executor waits in ends and the rank stops with the watchdog's reason instead of
+//! hanging. A rank stuck inside a call into NCCL, where the communicator cannot be freed under
+//! it, ends its process with the reason (as PyTorch's watchdog does); so does one whose
+//! communicator is not created within the timeout.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,7 +36,6 @@ pub(super) struct Api {
     get_version: unsafe extern "C" fn(*mut c_int) -> c_int,
     get_unique_id: unsafe extern "C" fn(*mut ncclUniqueId) -> c_int,
     comm_init_rank: unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int,
-    comm_destroy: unsafe extern "C" fn(ncclComm_t) -> c_int,
     comm_abort: unsafe extern "C" fn(ncclComm_t) -> c_int,
     comm_get_async_error: unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int,
     get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
@@ -101,7 +102,6 @@ fn load() -> std::result::Result<Api, String> {
         get_version: bind!("ncclGetVersion"),
         get_unique_id: bind!("ncclGetUniqueId"),
         comm_init_rank: bind!("ncclCommInitRank"),
-        comm_destroy: bind!("ncclCommDestroy"),
         comm_abort: bind!("ncclCommAbort"),
         comm_get_async_error: bind!("ncclCommGetAsyncError"),
         get_error_string: bind!("ncclGetErrorString"),
@@ -143,21 +143,21 @@ struct Handle(ncclComm_t);
 // polls the asynchronous error and aborts, both documented as callable while operations run.
 unsafe impl Send for Handle {}
 
-/// What the watchdog watches, under one lock.
+/// What the watchdog watches, under one lock (never held across a call into NCCL or CUDA).
 #[derive(Default)]
 struct Watch {
-    /// When the executor began waiting on its stream, with collectives queued.
-    waiting: Option<Instant>,
+    /// Since when collectives have been queued that no finished wait for the stream covers.
+    pending: Option<Instant>,
+    /// Since when the executor has been inside a call into NCCL (queueing a collective).
+    calling: Option<Instant>,
     /// The last collective queued, for messages.
     last: String,
+    /// Collectives queued in all, for messages.
+    issued: u64,
     /// Why the watchdog aborted the communicator (then it is gone).
     aborted: Option<String>,
     /// Whether the executor is closing (the watchdog ends).
     closing: bool,
-    /// Collectives queued since the stream was last waited for.
-    queued: usize,
-    /// Collectives queued in all, for messages.
-    issued: u64,
 }
 
 /// A rank's NCCL communicator and its watchdog.
@@ -169,11 +169,36 @@ pub(super) struct Nccl {
     watchdog: Option<JoinHandle<()>>,
 }
 
+/// Ends the process with `why` when `done` is not set within `timeout`: for a call into NCCL
+/// that cannot be aborted (a communicator being created, or in use by the calling thread).
+fn deadline(why: String, timeout: Duration) -> impl FnOnce() {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = done.clone();
+    let start = Instant::now();
+    let _ = std::thread::Builder::new().name("nccl deadline".into()).spawn(move || {
+        while !watching.load(std::sync::atomic::Ordering::Relaxed) {
+            if start.elapsed() > timeout {
+                give_up(&why);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    move || done.store(true, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Ends the process with `why` (one line on stderr, exit status 1): a rank stuck inside NCCL
+/// cannot return an error, and PyTorch's watchdog does the same.
+fn give_up(why: &str) -> ! {
+    eprintln!("error: {why}");
+    std::process::exit(1)
+}
+
 impl Nccl {
     /// Joins the job of `links` on the current GPU (the caller bound its context): rank 0's
-    /// unique id is shared over the connections, then every rank creates its communicator.
+    /// unique id is shared over the connections, then every rank creates its communicator
+    /// (within the timeout, or the process ends saying so).
     pub(super) fn join(api: &'static Api, mut links: Links) -> Result<Nccl> {
-        let group = links.group;
+        let (group, timeout) = (links.group, links.timeout);
         let mut id = ncclUniqueId { internal: [0; 128] };
         let mut bytes = Vec::new();
         if group.rank == 0 {
@@ -187,15 +212,35 @@ impl Nccl {
         }
         id.internal.iter_mut().zip(&bytes).for_each(|(c, &b)| *c = b as c_char);
         let mut comm: ncclComm_t = std::ptr::null_mut();
-        let what = format!("ncclCommInitRank (rank {} of {})", group.rank, group.world);
+        let what = format!("rank {}: ncclCommInitRank (rank {} of {})", group.rank, group.rank, group.world);
+        let done = deadline(format!("{what} did not finish within {} s (--timeout)", timeout.as_secs()), timeout);
         // SAFETY: writes the communicator; blocks until every rank has called it.
-        api.check(unsafe { (api.comm_init_rank)(&mut comm, group.world as c_int, id, group.rank as c_int) }, &what)?;
-        let (watch, handle) = (Arc::new(Mutex::new(Watch::default())), Handle(comm));
-        let watchdog = {
-            let watch = watch.clone();
-            std::thread::spawn(move || watchdog(api, handle, &watch, links.timeout))
+        let status = unsafe { (api.comm_init_rank)(&mut comm, group.world as c_int, id, group.rank as c_int) };
+        done();
+        let created = match status {
+            IN_PROGRESS => Err(Error(format!("{what}: NCCL_COMM_BLOCKING=0 is not supported: unset it"))),
+            _ => api.check(status, &what),
         };
-        Ok(Nccl { api, comm: handle, group, watch, watchdog: Some(watchdog) })
+        if let Err(e) = created {
+            if !comm.is_null() {
+                // SAFETY: frees the communicator NCCL allocated before its creation failed.
+                unsafe { (api.comm_abort)(comm) };
+            }
+            return Err(e);
+        }
+        let (watch, handle) = (Arc::new(Mutex::new(Watch::default())), Handle(comm));
+        let watching = watch.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nccl watchdog".into())
+            .spawn(move || watchdog(api, handle, &watching, timeout));
+        match spawned {
+            Ok(watchdog) => Ok(Nccl { api, comm: handle, group, watch, watchdog: Some(watchdog) }),
+            Err(e) => {
+                // SAFETY: the communicator was just created and is not used again.
+                unsafe { (api.comm_abort)(comm) };
+                bail!("cannot start NCCL's watchdog: {e}")
+            }
+        }
     }
 
     /// The job.
@@ -203,55 +248,54 @@ impl Nccl {
         self.group
     }
 
-    /// Queues `op` on `stream`, the arena at device address `base`.
+    /// Queues `op` on `stream`, the arena at device address `base`; `op`'s spans are checked
+    /// by the caller ([`Collective::check`], inside the arena).
     pub(super) fn issue(&self, op: Collective, base: u64, stream: cudaStream_t) -> Result<()> {
-        let mut watch = self.lock();
-        if let Some(why) = &watch.aborted {
-            bail!("{why}");
-        }
         let ptr = |s: crate::backend::Span| (base + s.off as u64) as *mut c_void;
         let (f32s, api, comm) = (ncclDataType_t::ncclFloat32, self.api, self.comm.0);
-        watch.issued += 1;
-        let (status, what) = match op {
-            Collective::AllReduce { src, dst } => (
-                // SAFETY: both spans are inside the arena (checked by the backend), on this GPU.
-                unsafe { (api.all_reduce)(ptr(src), ptr(dst), src.len, f32s, ncclRedOp_t::ncclSum, comm, stream) },
-                format!("all-reduce of {} values", src.len),
-            ),
-            Collective::AllGather { src, dst } => (
-                // SAFETY: as above; `dst` holds `world` times `src`.
-                unsafe { (api.all_gather)(ptr(src), ptr(dst), src.len, f32s, comm, stream) },
-                format!("all-gather of {} values", dst.len),
-            ),
-            Collective::Broadcast(s) => (
-                // SAFETY: as above, in place from rank 0.
-                unsafe { (api.broadcast)(ptr(s), ptr(s), s.len, f32s, 0, comm, stream) },
-                format!("broadcast of {} values", s.len),
-            ),
+        let what = match op {
+            Collective::AllReduce { src, .. } => format!("all-reduce of {} values", src.len),
+            Collective::AllGather { dst, .. } => format!("all-gather of {} values", dst.len),
+            Collective::Broadcast(s) => format!("broadcast of {} values", s.len),
         };
-        let what = format!("collective {} ({what})", watch.issued);
-        watch.queued += 1;
-        watch.last = what.clone();
+        let what = {
+            let mut w = self.lock();
+            if let Some(why) = &w.aborted {
+                bail!("{why}");
+            }
+            w.issued += 1;
+            w.last = format!("collective {} ({what})", w.issued);
+            let now = Instant::now();
+            w.calling = Some(now);
+            w.pending.get_or_insert(now);
+            w.last.clone()
+        };
+        // SAFETY: the spans are f32 and inside the arena, on this GPU (checked by the caller);
+        // all-gather's `dst` holds `world` times `src`; broadcast is in place from rank 0. The
+        // watchdog does not abort the communicator while `calling` is set.
+        let status = unsafe {
+            match op {
+                Collective::AllReduce { src, dst } => {
+                    (api.all_reduce)(ptr(src), ptr(dst), src.len, f32s, ncclRedOp_t::ncclSum, comm, stream)
+                }
+                Collective::AllGather { src, dst } => (api.all_gather)(ptr(src), ptr(dst), src.len, f32s, comm, stream),
+                Collective::Broadcast(s) => (api.broadcast)(ptr(s), ptr(s), s.len, f32s, 0, comm, stream),
+            }
+        };
+        self.lock().calling = None;
         api.check(status, &what)
     }
 
-    /// Runs `wait` (a wait for the stream) under the watchdog when collectives are queued; the
-    /// watchdog's reason when it aborted the communicator meanwhile.
+    /// Runs `wait` (a wait for the stream); the watchdog's reason when it aborted the
+    /// communicator meanwhile. A finished wait covers every collective queued before it.
     pub(super) fn watched<T>(&self, wait: impl FnOnce() -> Result<T>) -> Result<T> {
-        {
-            let mut watch = self.lock();
-            if watch.queued > 0 {
-                watch.waiting = Some(Instant::now());
-            }
-        }
         let r = wait();
-        let mut watch = self.lock();
-        watch.waiting = None;
-        if let Some(why) = &watch.aborted {
+        let mut w = self.lock();
+        if let Some(why) = &w.aborted {
             bail!("{why}");
         }
         if r.is_ok() {
-            watch.queued = 0;
+            w.pending = None;
         }
         r
     }
@@ -261,8 +305,11 @@ impl Nccl {
     }
 }
 
-/// Every 100 ms: a queued collective waited for longer than `timeout`, or an error NCCL reports
-/// (a rank gone), aborts the communicator with the reason.
+/// Every 100 ms: collectives queued longer than `timeout` ago that no wait has seen finish, or
+/// an error NCCL reports (a rank gone), abort the communicator with the reason, which the
+/// executor's next collective or wait returns; the queued work then ends, whatever the
+/// executor's thread is waiting in (the stream, a kernel launch). While that thread is inside
+/// a call into NCCL the communicator cannot be freed under it: the process ends instead.
 fn watchdog(api: &'static Api, comm: Handle, watch: &Mutex<Watch>, timeout: Duration) {
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -271,13 +318,14 @@ fn watchdog(api: &'static Api, comm: Handle, watch: &Mutex<Watch>, timeout: Dura
             return;
         }
         let mut status = SUCCESS;
-        // SAFETY: polls the communicator, which stays alive until `closing` is set under this lock.
+        // SAFETY: polls the communicator (atomic loads only), which stays alive until
+        // `closing` is set under this lock.
         let polled = unsafe { (api.comm_get_async_error)(comm.0, &mut status) };
         let why = if polled == SUCCESS && status != SUCCESS && status != IN_PROGRESS {
             api.check(status, &format!("NCCL, after {}", w.last))
                 .err()
                 .map(|e| format!("{e} (did a rank leave the job?)"))
-        } else if w.waiting.is_some_and(|t| t.elapsed() > timeout) {
+        } else if w.pending.is_some_and(|t| t.elapsed() > timeout) {
             Some(format!(
                 "{} did not finish within {} s: a rank did not take part (the watchdog's timeout, --timeout)",
                 w.last,
@@ -286,12 +334,16 @@ fn watchdog(api: &'static Api, comm: Handle, watch: &Mutex<Watch>, timeout: Dura
         } else {
             None
         };
-        if let Some(why) = why {
-            // SAFETY: aborts the communicator, ending the work queued on it; it is not used again.
-            unsafe { (api.comm_abort)(comm.0) };
-            w.aborted = Some(why);
-            return;
+        let Some(why) = why else { continue };
+        if w.calling.is_some() {
+            give_up(&why);
         }
+        // SAFETY: aborts the communicator, ending the work queued on it; the executor's thread
+        // is not inside NCCL (`calling` is clear under this lock) and sees `aborted` before any
+        // further use.
+        unsafe { (api.comm_abort)(comm.0) };
+        w.aborted = Some(why);
+        return;
     }
 }
 
@@ -306,8 +358,10 @@ impl Drop for Nccl {
             let _ = t.join();
         }
         if !aborted {
-            // SAFETY: the communicator is alive (not aborted) and no longer used.
-            unsafe { (self.api.comm_destroy)(self.comm.0) };
+            // SAFETY: the communicator is alive and no longer used. Abort, not destroy: after
+            // a finished wait it is the same, and after a failed one it cannot block on work
+            // that never ends.
+            unsafe { (self.api.comm_abort)(self.comm.0) };
         }
     }
 }
