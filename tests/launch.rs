@@ -110,14 +110,24 @@ fn a_job_resumes_on_any_rank_count() {
     let second = run(train_cmd(data.path(), job.path(), &resume));
     assert!(second.status.success(), "{}", text(&second.stderr));
     assert_close("2 ranks, then 3", &state(job.path()), &state(one.path()));
+    // The BN mode is recipe: a resume keeps it, and changing it needs --change-recipe.
     let local = TempDir::new().unwrap();
-    let out = run(train_cmd(
-        data.path(),
-        local.path(),
-        &[&flags[..], &["--epochs", "1", "--nproc", "2", "--bn", "local"]].concat(),
-    ));
+    let first = [&flags[..], &["--epochs", "1", "--nproc", "2", "--bn", "local"]].concat();
+    let out = run(train_cmd(data.path(), local.path(), &first));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("BN local"), "{}", text(&out.stdout));
+    let ck = local.path().join("r/checkpoint.safetensors");
+    let resume = ["--resume", ck.to_str().unwrap(), "--change-recipe", "--epochs", "2", "--nproc", "2"];
+    let out = run(train_cmd(data.path(), local.path(), &resume));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("BN local"), "{}", text(&out.stdout));
+    let out = run(train_cmd(data.path(), local.path(), &["--resume", ck.to_str().unwrap(), "--bn", "sync"]));
+    common::run::assert_one_line_error(
+        &out,
+        1,
+        &["--bn local in the checkpoint, sync here", "--change-recipe"],
+        "--bn",
+    );
 }
 
 /// A port no one listens on now.

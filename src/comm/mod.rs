@@ -65,7 +65,7 @@ impl Named for BnMode {
         }
     }
 }
-by_name!(BnMode);
+by_name!(BnMode, serde);
 
 /// How long a rank waits for the others, at the rendezvous and in every collective, before it
 /// gives up with an error naming what it waited for (the watchdog).

@@ -8,14 +8,16 @@
 //! How a run executes is not recipe, and may change on resume: the device, the memory mode,
 //! the data path, the thread count.
 
+use crate::comm::BnMode;
 use crate::config::{Arch, NetConfig};
 use crate::data::cifar::{Dataset, SIDE};
 use crate::{bail, Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// The recipe schema this build writes, and the newest it reads. Schema 2 added `arch` and
-/// `image_size`; a schema-1 recipe reads as a CIFAR network on 32x32 images.
-pub const SCHEMA: u32 = 2;
+/// `image_size` (a schema-1 recipe reads as a CIFAR network on 32x32 images); schema 3 added
+/// `bn` (an older recipe reads as `sync`, which a run of one process is).
+pub const SCHEMA: u32 = 3;
 /// Largest batch accepted (keeps every planned size far from overflow).
 pub const MAX_BATCH: usize = 1 << 24;
 /// Largest number of epochs (keeps the schedule arithmetic far from overflow).
@@ -56,6 +58,10 @@ pub struct Recipe {
     pub nesterov: bool,
     /// Random crops and flips of the training images.
     pub augment: bool,
+    /// How batch norm treats a data-parallel job's shards (`--bn`; the same step in one
+    /// process either way).
+    #[serde(default)]
+    pub bn: BnMode,
     /// The seed of every random stream.
     pub seed: u64,
     /// The changes `--change-recipe` made, oldest first.
@@ -112,7 +118,7 @@ const NETWORK: [Aspect; 6] = [
 ];
 
 /// The other aspects.
-const TRAINING: [Aspect; 12] = [
+const TRAINING: [Aspect; 13] = [
     ("--droprate", |r| r.network.drop_rate.to_string()),
     ("--precision", |r| r.network.precision.to_string()),
     ("--image-size", |r| r.image_size.to_string()),
@@ -124,6 +130,7 @@ const TRAINING: [Aspect; 12] = [
     ("--weight-decay", |r| r.weight_decay.to_string()),
     ("Nesterov", |r| on_off(r.nesterov)),
     ("augmentation", |r| on_off(r.augment)),
+    ("--bn", |r| r.bn.to_string()),
     ("--seed", |r| r.seed.to_string()),
 ];
 
@@ -146,6 +153,7 @@ impl Recipe {
             weight_decay: 1e-4,
             nesterov: true,
             augment: true,
+            bn: BnMode::Sync,
             seed,
             changes: Vec::new(),
         }
@@ -268,7 +276,8 @@ mod tests {
         let mut r = recipe();
         r.changes.push(Change { epoch: 2, what: "--epochs".into(), from: "300".into(), to: "400".into() });
         let text = r.to_json();
-        assert!(text.starts_with(r#"{"schema":2,"name":"r","dataset":"cifar10","network":{"stem":"cifar","#), "{text}");
+        assert!(text.starts_with(r#"{"schema":3,"name":"r","dataset":"cifar10","network":{"stem":"cifar","#), "{text}");
+        assert!(text.contains(r#""augment":true,"bn":"sync","seed":3,"#), "{text}");
         assert!(text.contains(r#""drop_rate":0.2,"#), "the f32 as written: {text}");
         assert_eq!(Recipe::from_json(&text).unwrap(), r);
     }
@@ -280,8 +289,9 @@ mod tests {
             assert!(text.contains(from), "{from}");
             Recipe::from_json(&text.replace(from, to)).unwrap_err().0
         };
-        assert!(bad(r#""schema":2"#, r#""schema":3"#).contains("recipe schema 3; this build reads schemas 1 to 2"));
-        assert!(bad(r#""schema":2,"#, "").contains("no schema version"));
+        assert!(bad(r#""schema":3"#, r#""schema":4"#).contains("recipe schema 4; this build reads schemas 1 to 3"));
+        assert!(bad(r#""schema":3,"#, "").contains("no schema version"));
+        assert!(bad(r#""bn":"sync""#, r#""bn":"both""#).contains("unknown batch-norm mode 'both'"));
         assert!(bad(r#""image_size":32"#, r#""image_size":48"#).contains("image size 48 must be a multiple of 32"));
         assert!(bad(r#""image_size":32"#, r#""image_size":0"#).contains("image size 0"));
         assert!(bad(r#""arch":null"#, r#""arch":"densenet121""#).contains("'arch' is densenet121; the network is"));
@@ -332,13 +342,16 @@ mod tests {
         crate::testing::Tally { parser: "recipe (checkpoint metadata)", cases: CASES, counts: vec![accepted] }.check();
     }
 
-    /// A schema-1 recipe (before `arch` and `image_size`) is a CIFAR network on 32x32 images.
+    /// A schema-1 recipe (before `arch` and `image_size`) is a CIFAR network on 32x32 images;
+    /// a schema-2 one (before `bn`) synchronizes BN.
     #[test]
-    fn schema_1_reads_with_the_stored_size() {
-        let text =
-            recipe().to_json().replace(r#""schema":2"#, r#""schema":1"#).replace(r#""arch":null,"image_size":32,"#, "");
-        assert!(!text.contains("image_size"), "{text}");
-        assert_eq!(Recipe::from_json(&text).unwrap(), recipe());
+    fn older_schemas_read_with_their_defaults() {
+        let two = recipe().to_json().replace(r#""schema":3"#, r#""schema":2"#).replace(r#""bn":"sync","#, "");
+        assert!(!two.contains("bn"), "{two}");
+        assert_eq!(Recipe::from_json(&two).unwrap(), recipe());
+        let one = two.replace(r#""schema":2"#, r#""schema":1"#).replace(r#""arch":null,"image_size":32,"#, "");
+        assert!(!one.contains("image_size"), "{one}");
+        assert_eq!(Recipe::from_json(&one).unwrap(), recipe());
     }
 
     #[test]

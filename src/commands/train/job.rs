@@ -33,7 +33,8 @@ pub(crate) struct JobArgs {
     #[arg(long, value_name = "N", value_parser = parse::positive)]
     nproc: Option<usize>,
     /// Batch norm across ranks: sync (statistics of the global batch: the single-device step)
-    /// or local (each rank's shard, as PyTorch's DDP; rank 0's running statistics are saved).
+    /// or local (each rank's shard, as PyTorch's DDP; rank 0's running statistics are saved)
+    /// [with --resume: the run's].
     #[arg(long, value_name = "MODE", default_value = "sync")]
     pub(crate) bn: BnMode,
     /// Seconds a rank waits for the others, at start-up and in every collective, before the

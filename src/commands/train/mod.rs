@@ -214,7 +214,7 @@ fn train(
         links.share(&mut model.backend().algorithm_record().unwrap_or_default().into_bytes())?;
     }
     drop(agree);
-    model.set_bn_mode(a.job.bn);
+    model.set_bn_mode(recipe.bn);
     if let Some(state) = &start.state {
         state.apply(&mut model)?;
     }
@@ -237,7 +237,7 @@ fn train(
         report(format_args!(
             "Data parallel (experimental): {} ranks started by {}, met at {}:{}; each trains a shard of every batch \
              of {batch} (at most {shard} images), BN {}",
-            r.world, r.launcher, r.master_addr, r.port, a.job.bn
+            r.world, r.launcher, r.master_addr, r.port, recipe.bn
         ))?;
     }
     report(plan_line(model.plan()))?;

@@ -264,6 +264,7 @@ fn flags_recipe(a: &TrainArgs, cfg: NetConfig) -> Recipe {
         momentum: a.momentum,
         weight_decay: a.weight_decay,
         augment: !a.no_augment,
+        bn: a.job.bn,
         image_size: a.net.image_size(),
         ..Recipe::reference(&a.name, a.net.dataset, cfg, a.seed.unwrap_or(0))
     }
@@ -316,6 +317,7 @@ fn flags_over(a: &TrainArgs, stored: &Recipe) -> densenet::Result<Recipe> {
         momentum: pick(given("momentum"), a.momentum, stored.momentum),
         weight_decay: pick(given("weight_decay"), a.weight_decay, stored.weight_decay),
         augment: pick(given("no_augment"), false, stored.augment),
+        bn: pick(given("bn"), a.job.bn, stored.bn),
         seed: a.seed.unwrap_or(stored.seed),
         ..stored.clone()
     };
