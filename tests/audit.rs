@@ -5,6 +5,7 @@
 //! it, nothing read that was never written.
 
 use densenet::backend::Sgd;
+use densenet::comm::Group;
 use densenet::config::{NetConfig, Precision};
 use densenet::model::audit::{audit, Recorder};
 use densenet::model::plan::Mode;
@@ -12,7 +13,12 @@ use densenet::model::Model;
 
 /// Audits one training step and one evaluation of `cfg` at batch `n` on `side` x `side`.
 fn check(cfg: &NetConfig, n: usize, side: usize, mode: Mode) {
-    let mut m = Model::new(cfg.clone(), n, side, side, mode, 1, Recorder::new()).unwrap();
+    check_on(Recorder::new(), cfg, n, side, mode);
+}
+
+/// [`check`] on `recorder` (alone, or a rank of a job).
+fn check_on(recorder: Recorder, cfg: &NetConfig, n: usize, side: usize, mode: Mode) {
+    let mut m = Model::new(cfg.clone(), n, side, side, mode, 1, recorder).unwrap();
     let images = vec![0.5; n * 3 * side * side];
     let labels: Vec<u32> = (0..n as u32).map(|i| i % cfg.num_classes as u32).collect();
     // Twice: what one step or pass leaves for the next (momentum, parameters, running
@@ -56,6 +62,21 @@ fn imagenet_presets_pass_the_audit() {
     for mode in Mode::ALL {
         for n in [1, 2, 3, 64] {
             check(&cfg, n, 224, mode);
+        }
+    }
+}
+
+/// A rank of a data-parallel job with synchronized BN (its collectives' scratch at the arena's
+/// end, the statistics gathered into it, the BN backward sums reduced through it; each
+/// collective's spans checked), every mode, uneven shards.
+#[test]
+fn ranks_of_a_job_pass_the_audit() {
+    let cifar = NetConfig::cifar(100, 12, true, 0.5, 0.2, 10).unwrap();
+    for (cfg, side) in [(cifar, 32), (NetConfig::imagenet("densenet121").unwrap(), 224)] {
+        for mode in Mode::ALL {
+            for (rank, world) in [(0, 1), (0, 3), (2, 3)] {
+                check_on(Recorder::in_job(Group { rank, world }), &cfg, 7, side, mode);
+            }
         }
     }
 }

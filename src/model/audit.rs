@@ -12,6 +12,7 @@
 
 use super::plan::{Plan, Region};
 use crate::backend::{Affine, Backend, Bn, Collective, ConvShape, ConvSpec, DType, Matrix, Moments, Span, View};
+use crate::comm::Group;
 use crate::input::{Crop, Normalize};
 use crate::{bail, Error, Result};
 use std::cell::RefCell;
@@ -44,12 +45,20 @@ pub struct Op {
 #[derive(Default)]
 pub struct Recorder {
     ops: RefCell<Vec<Op>>,
+    /// The data-parallel job it acts as a rank of, if any.
+    group: Option<Group>,
 }
 
 impl Recorder {
     /// A recorder with an empty trace.
     pub fn new() -> Recorder {
         Recorder::default()
+    }
+
+    /// A recorder acting as rank `group.rank` of a data-parallel job (its collectives recorded,
+    /// its plan with the collectives' scratch).
+    pub fn in_job(group: Group) -> Recorder {
+        Recorder { group: Some(group), ..Recorder::default() }
     }
 
     /// The ops recorded so far.
@@ -190,7 +199,13 @@ impl Backend for Recorder {
         self.push("bn_stats_combine", vec![s(parts)], vec![s(out.mean), s(out.var)]);
     }
 
+    fn group(&self) -> Option<Group> {
+        self.group
+    }
+
     fn collective(&mut self, op: Collective) {
+        // A collective's spans must fit it whatever their live ranges (a bug, not a plan's).
+        op.check(self.group.map_or(1, |g| g.world)).unwrap_or_else(|e| panic!("{e}"));
         match op {
             Collective::AllReduce { src, dst } | Collective::AllGather { src, dst } => {
                 self.push("collective", vec![s(src)], vec![s(dst)])
