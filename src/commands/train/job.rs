@@ -79,14 +79,21 @@ impl JobArgs {
     }
 }
 
-/// Starts `n` ranks of this command on this machine with torchrun's variables, and waits for
-/// them; when one fails, the others have [`GRACE`] to stop and are then killed, and the error
+/// Starts `n` ranks of this command on this machine with torchrun's variables (ranks on the
+/// CPU with an equal share of its cores each), and waits for them; when one fails, the others have [`GRACE`] to stop and are then killed, and the error
 /// names the rank. SIGINT and SIGTERM are passed on to every rank (each in its own process
 /// group, so that a terminal's Ctrl-C reaches them once).
 pub(crate) fn start(n: usize, device: &DeviceArgs) -> Outcome {
-    if device.wants_gpu() {
-        enough_gpus(n, GpuExec::count(), device.is_auto())?;
+    let gpus = device.wants_gpu().then(GpuExec::count);
+    if let Some(gpus) = &gpus {
+        enough_gpus(n, gpus.clone(), device.is_auto())?;
     }
+    // Ranks on the CPU share its cores (rayon's pool in each), unless RAYON_NUM_THREADS says.
+    let on_cpu = !matches!(gpus, Some(Ok(g)) if g > 0);
+    let threads = (on_cpu && std::env::var_os("RAYON_NUM_THREADS").is_none()).then(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        (cores / n).max(1).to_string()
+    });
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| failure(format!("cannot find a free port for the ranks to meet on: {e}")))?
@@ -107,6 +114,7 @@ pub(crate) fn start(n: usize, device: &DeviceArgs) -> Outcome {
             )
             .envs([("MASTER_ADDR", "127.0.0.1".to_string()), ("MASTER_PORT", port.to_string())])
             .envs([("DENSENET_PORT", port.to_string()), (STARTED_BY, n.to_string())])
+            .envs(threads.iter().map(|t| ("RAYON_NUM_THREADS", t)))
             .process_group(0)
             .spawn();
         match child {
