@@ -160,7 +160,9 @@ fn run_as(a: &TrainArgs, rank: Option<&Rank>) -> Outcome {
     signals::catch_signals()?;
     let done = train(a, start, source, be, &why, rank.zip(agree));
     match (done, stop::requested()) {
-        (Err(_), Some(signal)) => Err(signals::interrupted(signal, &run_dir)),
+        // Rank 0 says how to resume; the other ranks only that they stopped.
+        (Err(_), Some(signal)) if lead => Err(signals::interrupted(signal, &run_dir)),
+        (Err(_), Some(signal)) => Err(signals::stopped(signal)),
         (done, _) => done,
     }
 }

@@ -70,6 +70,11 @@ pub(crate) fn interrupted(signal: i32, run_dir: &Path) -> Failure {
     Failure { code: signal_status(signal), message }
 }
 
+/// The error of a rank other than 0 stopped by `signal` (rank 0 says how to resume).
+pub(crate) fn stopped(signal: i32) -> Failure {
+    Failure { code: signal_status(signal), message: format!("stopped by signal {signal} (rank 0 says how to resume)") }
+}
+
 /// The command that resumes the run of command line `args` from its checkpoint `ck`: the same
 /// command (its recipe flags agree with the run's recipe) without what only starts a run
 /// (`--init-weights`, `--start-epoch`), with `--resume ck` appended (a repeated flag takes
