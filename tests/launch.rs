@@ -197,8 +197,8 @@ fn ranks_started_by_hand_meet_and_fail_together() {
     }
 }
 
-/// `--nproc`: a rank killed mid-run stops the job, which names it; errors before training are
-/// one line each.
+/// `--nproc`: a rank killed mid-run stops the job, which names it; a signal stops every rank;
+/// errors before training are one line each.
 #[test]
 fn nproc_stops_the_job_when_a_rank_fails() {
     let data = data();
@@ -219,6 +219,20 @@ fn nproc_stops_the_job_when_a_rank_fails() {
         "{err}"
     );
     assert!(err.contains("error: rank 0: rank 1 left the job"), "{err}");
+
+    // SIGINT to the starter reaches every rank once: rank 0 says how to resume, the others
+    // that they stopped, and the job ends as a signal's.
+    let runs = TempDir::new().unwrap();
+    let mut parent =
+        train_cmd(data.path(), runs.path(), &long).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_progress(&mut parent);
+    assert!(Command::new("kill").args(["-INT", &parent.id().to_string()]).status().unwrap().success());
+    let out = parent.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert_eq!(err.matches("interrupted by SIGINT").count(), 1, "{err}");
+    assert!(err.contains("error: rank 0: interrupted by SIGINT") && err.contains("--nproc 2"), "{err}");
+    assert!(err.contains("error: rank 1: stopped by signal 2"), "{err}");
 
     // Refused before any rank starts, or by every rank before it trains.
     let refused = [

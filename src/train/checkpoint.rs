@@ -1051,9 +1051,10 @@ mod tests {
         );
         assert_eq!(
             (stored["dataset"].as_str(), stored["seed"].as_u64(), stored["schema"].as_u64()),
-            (Some("cifar100"), Some(7), Some(2))
+            (Some("cifar100"), Some(7), Some(3))
         );
         assert_eq!((&stored["arch"], &stored["image_size"]), (&Value::Null, &serde_json::json!(32)));
+        assert_eq!(stored["bn"], serde_json::json!("sync"));
         assert_eq!((map["format"].as_str(), map["format_version"].as_str()), (FORMAT, "2"));
         assert_eq!(
             (map["epoch"].as_str(), map["best_prec1"].as_str(), map["memory"].as_str()),
