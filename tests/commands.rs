@@ -372,6 +372,27 @@ fn the_budget_gives_the_largest_batch_that_fits() {
     assert!(memory(&[])["modes"]["minimal"].get("max_batch").is_none());
 }
 
+/// `--nproc N` plans one rank: its shard of the global batch and the collectives' scratch
+/// ((N + 1) x 2 floats per channel of the widest BN); the budget's batch is global.
+#[test]
+fn memory_plans_one_rank_of_a_job() {
+    let total = |j: &Value| j["modes"]["minimal"]["total_bytes"].as_u64().unwrap();
+    let (one, rank) = (memory(&["-b", "4"]), memory(&["-b", "7", "--nproc", "2"]));
+    assert_eq!(
+        (rank["ranks"].as_u64(), rank["batch"].as_u64(), memory(&[])["ranks"].as_u64()),
+        (Some(2), Some(7), Some(1))
+    );
+    let scratch = total(&rank) - total(&one);
+    assert!(scratch > 0 && scratch < 64 << 10, "{scratch} bytes of scratch");
+    let per = memory(&["--budget", "10MB"])["modes"]["minimal"]["max_batch"].as_u64().unwrap();
+    let global = memory(&["--budget", "10MB", "--nproc", "3"])["modes"]["minimal"]["max_batch"].as_u64().unwrap();
+    assert!(
+        global.is_multiple_of(3) && global / 3 <= per && global / 3 + 1 >= per,
+        "{global} over 3 ranks, {per} alone"
+    );
+    assert_fails(&["memory", "-b", "2", "--nproc", "3"], 2, "a batch of 2 leaves a rank of 3 without an image");
+}
+
 #[test]
 fn budget_sizes_take_decimal_and_binary_units() {
     let cases: [(&str, u64); 12] = [

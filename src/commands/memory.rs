@@ -33,6 +33,11 @@ pub(crate) struct MemoryArgs {
     /// 1024), e.g. 4GiB, 512MB, 1.5GB.
     #[arg(long, value_name = "SIZE", value_parser = measure::parse_size, allow_hyphen_values = true)]
     budget: Option<u64>,
+    /// Plan one rank of a data-parallel job of N ranks (`train --nproc N`, docs/launch.md): its
+    /// shard of the global batch (the longest, ceil(B/N) images) and the collectives' scratch;
+    /// with --budget, the largest global batch whose ranks fit.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse::positive)]
+    nproc: usize,
     /// Print one JSON object as the last line instead of the table.
     #[arg(long)]
     json: bool,
@@ -45,8 +50,11 @@ pub(crate) struct MemoryReport {
     network: String,
     /// Trainable parameters.
     params: usize,
-    /// The batch planned for.
+    /// The (global) batch planned for.
     batch: usize,
+    /// Ranks of the data-parallel job planned for (`--nproc`); the plans are one rank's, for
+    /// its shard of `batch`.
+    ranks: usize,
     /// The input's height and width.
     image_size: usize,
     /// `--budget`, in bytes (absent without it).
@@ -115,7 +123,8 @@ pub(crate) struct ModePlan {
     activations: usize,
     scratch: usize,
     workspace: usize,
-    /// With `--budget`: the largest batch that fits, `null` when not even one image does.
+    /// With `--budget`: the largest (global) batch that fits, `null` when not even one image
+    /// per rank does.
     #[serde(skip_serializing_if = "Option::is_none")]
     max_batch: Option<Option<usize>>,
 }
@@ -152,21 +161,23 @@ pub(crate) fn plan_line(plan: &Plan) -> String {
     )
 }
 
-/// What is planned for: a network (built as `net`) and its input side.
+/// What is planned for: a network (built as `net`), its input side, and the ranks of the job.
 struct Planned<'a> {
     cfg: &'a NetConfig,
     net: &'a Net,
     size: usize,
+    ranks: usize,
 }
 
-/// The plan of `p` for `batch` images in `mode`, its workspace sized by `be`.
+/// The plan of `p` for `batch` images per rank in `mode`, its workspace sized by `be`.
 fn plan(p: &Planned, be: &mut CpuBackend, batch: usize, mode: Mode) -> densenet::Result<Plan> {
     let image_len = CHANNELS * p.size * p.size;
-    Plan::new(p.cfg, p.net, batch, p.size, p.size, mode, |c| be.workspace_len(c, image_len, batch))
+    let plan = Plan::new(p.cfg, p.net, batch, p.size, p.size, mode, |c| be.workspace_len(c, image_len, batch))?;
+    Ok(plan.for_job((p.ranks > 1).then_some(p.ranks), p.net))
 }
 
-/// The largest batch (up to [`MAX_BATCH`]) whose planned total fits in `budget` bytes, if any
-/// does. The total grows with the batch, so a binary search finds it.
+/// The largest batch per rank (up to [`MAX_BATCH`]) whose planned total fits in `budget`
+/// bytes, if any does. The total grows with the batch, so a binary search finds it.
 fn max_batch(p: &Planned, be: &mut CpuBackend, mode: Mode, budget: u64) -> densenet::Result<Option<usize>> {
     let mut fits = |batch| plan(p, be, batch, mode).map(|p| p.total_bytes() as u64 <= budget);
     if !fits(1)? {
@@ -195,18 +206,25 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
     cfg.geometry(size, size).map_err(usage)?;
     let net = Net::new(&cfg);
     let mut be = CpuBackend::new();
-    let batch = a.net.batch;
-    // Each precision asked for: its floor and the plan of each mode, with its budget's answer.
+    let (batch, ranks) = (a.net.batch, a.nproc);
+    if batch < ranks {
+        return Err(usage(format!("a batch of {batch} leaves a rank of {ranks} without an image")));
+    }
+    // One rank's shard: the longest.
+    let shard = densenet::comm::shard(batch, ranks, 0).len();
+    // Each precision asked for: its floor and the plan of each mode, with its budget's answer
+    // (a global batch: every rank takes as many images).
     let mut all = Vec::new();
     for &precision in &a.precision.0 {
         let cfg = NetConfig { precision, ..cfg.clone() };
-        let planned = Planned { cfg: &cfg, net: &net, size };
+        let planned = Planned { cfg: &cfg, net: &net, size, ranks };
         let mut plans = Vec::new();
         for &mode in &a.memory.0 {
             let fit = a.budget.map(|b| max_batch(&planned, &mut be, mode, b)).transpose()?;
-            plans.push((plan(&planned, &mut be, batch, mode)?, fit));
+            let fit = fit.map(|f| f.map(|per| per.saturating_mul(ranks)));
+            plans.push((plan(&planned, &mut be, shard, mode)?, fit));
         }
-        all.push((precision, floor_bytes(&cfg, batch, size, size)?, plans));
+        all.push((precision, floor_bytes(&cfg, shard, size, size)?, plans));
     }
     let params = net.layout.len;
     if a.json {
@@ -221,7 +239,7 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
             _ => Precisions::Several { precisions: each.collect() },
         };
         let report =
-            MemoryReport { network: cfg.name(), params, batch, image_size: size, budget_bytes: a.budget, plans };
+            MemoryReport { network: cfg.name(), params, batch, ranks, image_size: size, budget_bytes: a.budget, plans };
         return Ok(report_json(&report)?);
     }
     report(format_args!(
@@ -231,6 +249,12 @@ pub(crate) fn run(a: MemoryArgs) -> Outcome {
         cfg.num_classes,
         be.describe()
     ))?;
+    if ranks > 1 {
+        report(format_args!(
+            "One rank of {ranks} (--nproc): its shard of {shard} images, and the collectives' scratch; max batch is \
+             the global batch"
+        ))?;
+    }
     if let Some(b) = a.budget {
         report(format_args!(
             "Budget {b} bytes ({:.1} MiB): max batch is the largest batch whose planned total fits",
@@ -301,6 +325,7 @@ mod tests {
             network: "DenseNet-BC-100-12".into(),
             params: 769_162,
             batch: 64,
+            ranks: 1,
             image_size: 32,
             budget_bytes,
             plans: match several {

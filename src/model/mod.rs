@@ -100,9 +100,8 @@ impl<B: Backend> Model<B> {
         // A rank plans for its share of the global batch: the first shard is the longest.
         let world = be.group().map_or(1, |g| g.world);
         let batch = comm::shard(batch, world, 0).len().max(1);
-        let widest = net.layout.running.iter().map(|t| t.len()).max().unwrap_or(0);
         let plan = Plan::new(&cfg, &net, batch, h, w, mode, |convs| be.workspace_len(convs, CHANNELS * h * w, batch))?
-            .for_job(be.group().is_some().then_some(world), widest);
+            .for_job(be.group().is_some().then_some(world), &net);
         let mut m = Model::on_plan(cfg, net, plan, h, w, seed, be)?;
         let lay = &m.net.layout;
         // One tensor at a time: the host never holds more than the largest tensor.

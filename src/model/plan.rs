@@ -713,12 +713,14 @@ impl Plan {
         shape.layout(&at, |_| Ok(workspace))
     }
 
-    /// The plan of one rank of a data-parallel job of `world` ranks (`None`: alone): a scratch
-    /// for the collectives at the arena's end (it lasts the whole step), `world + 1` times two
-    /// floats per channel of the widest BN (`widest` channels): this rank's statistics or BN
-    /// backward sums, then every rank's statistics (all-gathered), or the sums all-reduced.
-    pub fn for_job(mut self, world: Option<usize>, widest: usize) -> Plan {
+    /// The plan of one rank of a data-parallel job of `world` ranks (`None`: alone) of the
+    /// network `net`: a scratch for the collectives at the arena's end (it lasts the whole
+    /// step), `world + 1` times two floats per channel of the widest BN: this rank's statistics
+    /// or BN backward sums, then every rank's statistics (all-gathered), or the sums
+    /// all-reduced.
+    pub fn for_job(mut self, world: Option<usize>, net: &Net) -> Plan {
         if let Some(world) = world {
+            let widest = net.layout.running.iter().map(|t| t.len()).max().unwrap_or(0);
             let (len, off, region) = ((world + 1) * 2 * widest, self.len, self.regions.len());
             let name = "collectives: statistics and BN backward sums of the ranks".to_string();
             self.tags.push(Tag { name: name.clone(), region });
