@@ -126,7 +126,7 @@ DN_STORAGE_KERNELS(bn_relu_backward,
 
 // A data-parallel job's batch statistics of channel i from every rank's: parts holds, rank after
 // rank, c means then c biased variances, each rank's over its shard of `batch` images of hw
-// pixels (the first batch % world shards one image longer, as Group::shard cuts them); the
+// pixels (the first batch % world shards one image longer, as comm::shard cuts them); the
 // whole batch's mean and biased variance, combined in double in rank order.
 extern "C" __global__ void bn_stats_combine(Buf<const float> parts, int c, int world, int batch, int hw,
                                             Buf<float> mean, Buf<float> var) {

@@ -361,7 +361,7 @@ pub trait Backend {
     fn bn_relu_backward_data(&mut self, g: View, x: View, bn: Bn, sums: (Span, usize), dx: View, accumulate: bool);
     /// A data-parallel job's batch statistics from every rank's: `parts` holds, rank after
     /// rank, each one's mean of `c` channels then its biased variance ([`Backend::bn_stats`]
-    /// of its shard, [`crate::comm::Group::shard`] of `batch` images of `hw` pixels), combined
+    /// of its shard, [`crate::comm::shard`] of `batch` images of `hw` pixels), combined
     /// in f64 in rank order into the whole batch's mean and biased variance `out`.
     fn bn_stats_combine(&mut self, parts: Span, batch: usize, hw: usize, out: Moments);
     /// A collective of the data-parallel job the backend joined ([`Backend::join`]); a failure

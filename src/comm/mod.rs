@@ -26,16 +26,11 @@ pub struct Group {
 impl Group {
     /// A process alone: rank 0 of 1.
     pub const SOLO: Group = Group { rank: 0, world: 1 };
-
-    /// The images of a global batch of `batch` this rank takes: the batch cut in `world`
-    /// consecutive shards, the first `batch % world` one image longer. Every rank computes
-    /// every rank's shard the same way (the CUDA kernel `bn_stats_combine` too).
-    pub fn shard(&self, batch: usize) -> Range<usize> {
-        shard(batch, self.world, self.rank)
-    }
 }
 
-/// Shard `rank` of `batch` images over `world` ranks ([`Group::shard`]).
+/// The images of a global batch of `batch` that rank `rank` of `world` takes: the batch cut in
+/// `world` consecutive shards, the first `batch % world` one image longer. Every rank computes
+/// every rank's shard the same way (the CUDA kernel `bn_stats_combine` too).
 pub fn shard(batch: usize, world: usize, rank: usize) -> Range<usize> {
     let (per, extra) = (batch / world, batch % world);
     let first = rank * per + rank.min(extra);
@@ -68,7 +63,8 @@ impl Named for BnMode {
 by_name!(BnMode, serde);
 
 /// How long a rank waits for the others, at the rendezvous and in every collective, before it
-/// gives up with an error naming what it waited for (the watchdog).
+/// gives up with an error naming what it waited for (the watchdog; `train --timeout`'s
+/// default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[cfg(test)]

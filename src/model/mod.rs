@@ -162,11 +162,6 @@ impl<B: Backend> Model<B> {
         self.steps = steps;
     }
 
-    /// The data-parallel job the backend joined ([`Group::SOLO`] alone).
-    pub fn group(&self) -> Group {
-        self.job.group
-    }
-
     /// How batch norm treats the shards of a data-parallel job ([`BnMode::Sync`] unless set).
     pub fn set_bn_mode(&mut self, bn: BnMode) {
         self.job.bn = bn;

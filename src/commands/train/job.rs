@@ -8,7 +8,7 @@ use crate::commands::{failure, parse, usage, Failure, Outcome};
 use clap::Args;
 use densenet::backend::cuda::GpuExec;
 use densenet::comm::rendezvous::{rendezvous, Links};
-use densenet::comm::{BnMode, Group};
+use densenet::comm::{BnMode, Group, DEFAULT_TIMEOUT};
 use densenet::launch::Rank;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
@@ -39,7 +39,7 @@ pub(crate) struct JobArgs {
     pub(crate) bn: BnMode,
     /// Seconds a rank waits for the others, at start-up and in every collective, before the
     /// job stops with an error naming what it waited for.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = parse::positive)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT.as_secs() as usize, value_parser = parse::positive)]
     timeout: usize,
 }
 

@@ -290,7 +290,7 @@ impl Exec for GpuExec {
             libs.push(Library::loaded("nvrtc", nvrtc_version().unwrap_or_default(), None, "libnvrtc.so"));
         }
         if self.nccl.is_some() {
-            libs.extend(nccl::api().ok().map(|api| api.library()));
+            libs.extend(nccl::api().ok().map(|api| api.loaded()));
         }
         libs
     }

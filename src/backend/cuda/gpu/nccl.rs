@@ -124,7 +124,7 @@ impl Api {
     }
 
     /// NCCL's version, for reports.
-    pub(super) fn library(&self) -> Library {
+    pub(super) fn loaded(&self) -> Library {
         let mut v = 0;
         // SAFETY: writes one int.
         let version = match unsafe { (self.get_version)(&mut v) } {
@@ -373,7 +373,7 @@ mod tests {
     #[test]
     fn nccl_loads_or_says_how_to_install_it() {
         match super::api() {
-            Ok(api) => assert!(api.library().version.contains('.')),
+            Ok(api) => assert!(api.loaded().version.contains('.')),
             Err(e) => {
                 assert!(e.0.starts_with("NCCL not found (libnccl.so.2): "), "{e}");
                 assert!(e.0.contains("pip install nvidia-nccl-cu13") && !e.0.contains('\n'), "{e}");
